@@ -1,0 +1,286 @@
+//! Batches: consecutive tasks that travel and run together, seen by backends only through the
+//! type-erased [`ErasedBatch`].
+//!
+//! A backend either runs a batch on one of its threads ([`ErasedBatch::run_here`]) or sends it
+//! elsewhere: [`ErasedBatch::encode_tasks`] writes a frame, the other side hands it to the
+//! batch's [`RemoteEntry`], and [`ErasedBatch::decode_outcomes`] takes the answer back. Either
+//! way every task ends with exactly one outcome, pushed in input order; the dispatcher, which
+//! knows the types, takes them out.
+//!
+//! Frames are sequences of records `[tag: u8][len: u32 LE][len bytes]`; on the way out the tag
+//! says whether the arguments could be encoded, on the way back whether the call returned,
+//! panicked, or returned a value that could not be encoded.
+
+use std::any::{Any, type_name};
+use std::ops::Range;
+
+use crate::codec;
+use crate::worker::catch_task;
+use crate::{Error, RunControl, Task};
+
+const TAG_OK: u8 = 0;
+const TAG_PANICKED: u8 = 1;
+const TAG_NOT_ENCODED: u8 = 2;
+
+/// The function a worker process calls to run one encoded batch of one task type.
+///
+/// `frame` holds the tasks written by [`ErasedBatch::encode_tasks`]; the outcomes are appended
+/// to `out` for [`ErasedBatch::decode_outcomes`]; `on_start(i)` is called before the `i`-th
+/// task of the frame starts, so that a watchdog can tell which task hung or crashed.
+pub type RemoteEntry = fn(frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn FnMut(usize));
+
+/// A batch of tasks of one (erased) type, with the outcomes gathered so far.
+pub trait ErasedBatch: Send {
+    /// Input position of the first task.
+    fn first_index(&self) -> usize;
+    /// Number of tasks.
+    fn len(&self) -> usize;
+    /// Whether the batch has no tasks.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of outcomes gathered so far.
+    fn outcomes_len(&self) -> usize;
+    /// Runs the not yet run tasks on this thread, one after another, catching panics. Stops
+    /// early (leaving tasks without outcome) once `control` is cancelled.
+    fn run_here(&mut self, control: &RunControl);
+    /// The entry a worker process calls for this batch's task type.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the task's function is not a zero-sized `fn` item or
+    /// non-capturing closure, which another process could not call.
+    fn remote_entry(&self) -> Result<RemoteEntry, Error>;
+    /// Appends the frame of tasks `range` (positions within the batch) to `out`.
+    fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>);
+    /// Decodes the outcomes a remote entry wrote, appending them in order. Returns how many
+    /// outcomes it read.
+    fn decode_outcomes(&mut self, bytes: &[u8]) -> usize;
+    /// Records `error` as the outcome of the next task without one.
+    fn push_failure(&mut self, error: Error);
+    /// Gives the batch to the dispatcher, which knows its concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+/// The concrete batch the dispatcher makes.
+///
+/// Outcomes are kept as the values that came back plus the failures with their positions, so
+/// that a batch without failures is already the output chunk (no per-task `Result` to unwrap,
+/// which would multiply the memory traffic of tiny tasks by the size of `Error`).
+pub(crate) struct TypedBatch<T: Task> {
+    pub(crate) first_index: usize,
+    len: usize,
+    tasks: Vec<T>,
+    pub(crate) values: Vec<T::Output>,
+    /// Position within the batch and error, in increasing position.
+    pub(crate) failures: Vec<(usize, Error)>,
+}
+
+impl<T: Task> TypedBatch<T> {
+    pub(crate) fn new(first_index: usize, tasks: Vec<T>) -> Self {
+        TypedBatch {
+            first_index,
+            len: tasks.len(),
+            values: Vec::with_capacity(tasks.len()),
+            failures: Vec::new(),
+            tasks,
+        }
+    }
+
+    fn done(&self) -> usize {
+        self.values.len() + self.failures.len()
+    }
+
+    fn next_index(&self) -> usize {
+        self.first_index + self.done()
+    }
+
+    fn push_outcome(&mut self, outcome: Result<T::Output, Error>) {
+        match outcome {
+            Ok(value) => self.values.push(value),
+            Err(error) => self.failures.push((self.done(), error)),
+        }
+    }
+}
+
+impl<T: Task> ErasedBatch for TypedBatch<T> {
+    fn first_index(&self) -> usize {
+        self.first_index
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn outcomes_len(&self) -> usize {
+        self.done()
+    }
+
+    fn run_here(&mut self, control: &RunControl) {
+        let skip = self.done();
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter().skip(skip);
+        loop {
+            let values = &mut self.values;
+            // One catch_unwind per batch keeps the loop tight; after a panic the loop resumes
+            // with the next task.
+            let finished = catch_task(|| {
+                for task in tasks.by_ref() {
+                    if control.is_cancelled() {
+                        return;
+                    }
+                    values.push(task.call());
+                }
+            });
+            match finished {
+                Ok(()) => return,
+                Err(message) => {
+                    let index = self.next_index();
+                    self.push_outcome(Err(Error::TaskPanicked { index, message }));
+                }
+            }
+        }
+    }
+
+    fn remote_entry(&self) -> Result<RemoteEntry, Error> {
+        if std::mem::size_of::<T::Func>() != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "the task function `{}` cannot run in another process: it is a function \
+                 pointer or a closure that captures state; use a plain `fn` item or a \
+                 closure that captures nothing",
+                type_name::<T::Func>()
+            )));
+        }
+        Ok(remote_entry::<T>)
+    }
+
+    fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        for task in &self.tasks[range] {
+            write_record(out, |buf, start| {
+                match codec::encode_into(task.args(), buf) {
+                    Ok(()) => TAG_OK,
+                    Err(message) => {
+                        buf.truncate(start);
+                        buf.extend_from_slice(message.as_bytes());
+                        TAG_NOT_ENCODED
+                    }
+                }
+            });
+        }
+    }
+
+    fn decode_outcomes(&mut self, mut bytes: &[u8]) -> usize {
+        let before = self.done();
+        while let Some((tag, payload, rest)) = read_record(bytes) {
+            bytes = rest;
+            let index = self.next_index();
+            let outcome = match tag {
+                TAG_OK => codec::decode_prefix::<T::Output>(payload)
+                    .map(|(value, _)| value)
+                    .map_err(|message| Error::Codec {
+                        index,
+                        action: "decode",
+                        type_name: type_name::<T::Output>(),
+                        message,
+                    }),
+                TAG_PANICKED => Err(Error::TaskPanicked {
+                    index,
+                    message: String::from_utf8_lossy(payload).into_owned(),
+                }),
+                _ => Err(codec_failure::<T>(index, payload)),
+            };
+            self.push_outcome(outcome);
+        }
+        self.done() - before
+    }
+
+    fn push_failure(&mut self, error: Error) {
+        self.push_outcome(Err(error));
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// Turns a `TAG_NOT_ENCODED` record (`"<side>:<type>:<message>"`) back into an error.
+fn codec_failure<T: Task>(index: usize, payload: &[u8]) -> Error {
+    let text = String::from_utf8_lossy(payload);
+    let (action, type_name, message) = match text.split_once('\u{0}') {
+        Some(("result", message)) => ("encode", type_name::<T::Output>(), message),
+        Some(("decode", message)) => ("decode", type_name::<T::Args>(), message),
+        _ => ("encode", type_name::<T::Args>(), text.as_ref()),
+    };
+    Error::Codec {
+        index,
+        action,
+        type_name,
+        message: message.to_string(),
+    }
+}
+
+/// Runs one frame of `T` tasks in a worker process: see [`RemoteEntry`].
+fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn FnMut(usize)) {
+    let mut position = 0;
+    while let Some((tag, payload, rest)) = read_record(frame) {
+        frame = rest;
+        on_start(position);
+        position += 1;
+        if tag != TAG_OK {
+            // The driver could not encode these arguments; pass its message back.
+            write_record(out, |buf, _| {
+                buf.extend_from_slice(payload);
+                TAG_NOT_ENCODED
+            });
+            continue;
+        }
+        let args = match codec::decode_prefix::<T::Args>(payload) {
+            Ok((args, _)) => args,
+            Err(message) => {
+                write_record(out, |buf, _| {
+                    buf.extend_from_slice(b"decode\0");
+                    buf.extend_from_slice(message.as_bytes());
+                    TAG_NOT_ENCODED
+                });
+                continue;
+            }
+        };
+        // SAFETY: `remote_entry` is only handed out by `TypedBatch::remote_entry`, which checks
+        // that `T::Func` is zero-sized. A zero-sized `fn` item or non-capturing closure type
+        // has exactly one value and no bytes, so conjuring it creates that value.
+        let func: T::Func = unsafe { std::mem::zeroed() };
+        let outcome = catch_task(|| T::call_with(func, args));
+        write_record(out, |buf, start| match outcome {
+            Ok(value) => match codec::encode_into(&value, buf) {
+                Ok(()) => TAG_OK,
+                Err(message) => {
+                    buf.truncate(start);
+                    buf.extend_from_slice(b"result\0");
+                    buf.extend_from_slice(message.as_bytes());
+                    TAG_NOT_ENCODED
+                }
+            },
+            Err(message) => {
+                buf.extend_from_slice(message.as_bytes());
+                TAG_PANICKED
+            }
+        });
+    }
+}
+
+/// Appends one record. `fill(out, start)` appends the payload (which begins at `start`; it may
+/// truncate back to `start` to start over) and returns the tag.
+fn write_record(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>, usize) -> u8) {
+    let header_at = out.len();
+    out.extend_from_slice(&[0; 5]);
+    let start = out.len();
+    let tag = fill(out, start);
+    let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
+    out[header_at] = tag;
+    out[header_at + 1..start].copy_from_slice(&len.to_le_bytes());
+}
+
+fn read_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let payload = rest.get(4..4 + len)?;
+    Some((tag, payload, &rest[4 + len..]))
+}

@@ -1,0 +1,559 @@
+//! The dispatcher: pulls tasks lazily from the user's iterator, groups them into batches,
+//! keeps a bounded number in flight on a [`Pool`], and hands finished batches to the three
+//! ways of consuming a run ([`run`], [`RunIter`], [`RunUnordered`]).
+//!
+//! Data flows one way: user iterator -> batches -> pool -> completions -> reorder -> user.
+//! The user's iterator never leaves the calling thread, so it may borrow local data.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
+
+use crate::batch::TypedBatch;
+use crate::batching::{BatchSize, Sizer};
+use crate::pool::{Completion, Job, Pool, RunControl};
+use crate::progress::Reporter;
+use crate::{Error, Task};
+
+/// How one run is carried out: everything `Parallel`'s builder sets apart from the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// `n_jobs` as the user gave it, for verbose lines.
+    pub n_jobs: i32,
+    /// How tasks are grouped.
+    pub batch_size: BatchSize,
+    /// At most this many batches in flight; `None` for twice the number of workers.
+    pub pre_dispatch: Option<usize>,
+    /// Per-task timeout.
+    pub timeout: Option<Duration>,
+    /// joblib's verbosity level: 0 is silent, above 10 reports every batch.
+    pub verbose: u32,
+    /// Whether to draw a progress bar on stderr (only drawn on a terminal).
+    pub progress: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            n_jobs: 1,
+            batch_size: BatchSize::Auto,
+            pre_dispatch: None,
+            timeout: None,
+            verbose: 0,
+            progress: false,
+        }
+    }
+}
+
+/// One finished batch, types restored.
+pub(crate) struct Finished<R> {
+    pub(crate) seq: u64,
+    pub(crate) first_index: usize,
+    pub(crate) len: usize,
+    pub(crate) values: Vec<R>,
+    /// Position within the batch and error, by increasing position.
+    pub(crate) failures: Vec<(usize, Error)>,
+}
+
+impl<R> Finished<R> {
+    /// Every task's outcome with its input index, in input order.
+    pub(crate) fn into_outcomes(self) -> FinishedIter<R> {
+        FinishedIter {
+            next_index: self.first_index,
+            end: self.first_index + self.len,
+            first_index: self.first_index,
+            values: self.values.into_iter(),
+            failures: self.failures.into_iter().peekable(),
+        }
+    }
+}
+
+pub(crate) struct FinishedIter<R> {
+    next_index: usize,
+    end: usize,
+    first_index: usize,
+    values: std::vec::IntoIter<R>,
+    failures: std::iter::Peekable<std::vec::IntoIter<(usize, Error)>>,
+}
+
+impl<R> Iterator for FinishedIter<R> {
+    type Item = (usize, Result<R, Error>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next_index >= self.end {
+            return None;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let position = index - self.first_index;
+        if self.failures.peek().is_some_and(|(p, _)| *p == position) {
+            let (_, error) = self.failures.next()?;
+            return Some((index, Err(error)));
+        }
+        // Tasks without an outcome were never run: the run was cancelled first.
+        Some((index, self.values.next().ok_or(Error::Cancelled { index })))
+    }
+}
+
+/// A batch running under a timeout the dispatcher watches itself.
+struct Watched {
+    seq: u64,
+    first_index: usize,
+    started: Arc<AtomicU64>,
+}
+
+pub(crate) struct Dispatcher<I, T: Task> {
+    tasks: I,
+    exhausted: bool,
+    next_index: usize,
+    next_seq: u64,
+    pool: Arc<dyn Pool>,
+    control: Arc<RunControl>,
+    reply: Sender<Completion>,
+    completions: Receiver<Completion>,
+    /// Batches submitted and neither completed nor abandoned.
+    running: usize,
+    max_in_flight: usize,
+    watched: Vec<Watched>,
+    abandoned: HashSet<u64>,
+    sizer: Sizer,
+    reporter: Reporter,
+    marker: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<I, T> Dispatcher<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    pub(crate) fn new(pool: Arc<dyn Pool>, tasks: I, options: &RunOptions) -> Self {
+        let workers = pool.workers().max(1);
+        let watch_timeouts = options.timeout.is_some() && !pool.enforces_timeout();
+        // A thread cannot be stopped, so a timed-out batch is abandoned whole: keep batches to
+        // one task so that a timeout abandons only the task that caused it.
+        let batch_size = if watch_timeouts {
+            BatchSize::Fixed(1)
+        } else {
+            options.batch_size
+        };
+        let (reply, completions) = mpsc::channel();
+        let total_hint = match tasks.size_hint() {
+            (low, Some(high)) if low == high => Some(low),
+            _ => None,
+        };
+        let max_in_flight = options.pre_dispatch.unwrap_or(2 * workers).max(1);
+        let mut reporter = Reporter::new(
+            options.n_jobs,
+            options.verbose,
+            options.progress,
+            total_hint,
+            max_in_flight,
+        );
+        reporter.started(pool.verbose_name(), workers);
+        Dispatcher {
+            tasks,
+            exhausted: false,
+            next_index: 0,
+            next_seq: 0,
+            sizer: Sizer::new(batch_size, pool.target_batch_duration(), workers),
+            control: Arc::new(RunControl::new(options.timeout)),
+            pool,
+            reply,
+            completions,
+            running: 0,
+            max_in_flight,
+            watched: Vec::new(),
+            abandoned: HashSet::new(),
+            reporter,
+            marker: std::marker::PhantomData,
+        }
+    }
+
+    pub(crate) fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Batches handed out so far (their `seq` values are `0..dispatched()`).
+    pub(crate) fn dispatched(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub(crate) fn cancel(&mut self) {
+        self.control.cancel();
+    }
+
+    fn watches_timeouts(&self) -> bool {
+        self.control.timeout().is_some() && !self.pool.enforces_timeout()
+    }
+
+    /// Pulls the next batch from the input and submits it. `false` once the input is empty.
+    pub(crate) fn dispatch_one(&mut self) -> bool {
+        if self.exhausted || self.control.is_cancelled() {
+            return false;
+        }
+        let size = self.sizer.next_size(self.tasks.size_hint().0);
+        let mut tasks = Vec::with_capacity(size);
+        tasks.extend(self.tasks.by_ref().take(size));
+        if tasks.len() < size {
+            self.exhausted = true;
+        }
+        if tasks.is_empty() {
+            self.reporter.exhausted();
+            return false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let first_index = self.next_index;
+        self.next_index += tasks.len();
+        self.reporter.dispatched(tasks.len());
+        if self.exhausted {
+            self.reporter.exhausted();
+        }
+        let started = self.watches_timeouts().then(|| {
+            let started = Arc::new(AtomicU64::new(0));
+            self.watched.push(Watched {
+                seq,
+                first_index,
+                started: Arc::clone(&started),
+            });
+            started
+        });
+        let batch = Box::new(TypedBatch::new(first_index, tasks));
+        let job = Job::new(
+            seq,
+            batch,
+            Arc::clone(&self.control),
+            started,
+            self.reply.clone(),
+        );
+        self.running += 1;
+        self.pool.submit(job);
+        true
+    }
+
+    /// Waits for the next finished batch; `None` when none is running.
+    pub(crate) fn wait(&mut self) -> Option<Finished<T::Output>> {
+        while self.running > 0 {
+            let completion = if self.watches_timeouts() {
+                match self.completions.recv_timeout(self.next_timeout_check()) {
+                    Ok(completion) => completion,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(finished) = self.abandon_timed_out() {
+                            return Some(finished);
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                }
+            } else {
+                // The dispatcher holds a sender itself, so this only fails if a pool dropped
+                // a job without completing it while nothing else runs: treat as no work.
+                self.completions.recv().ok()?
+            };
+            if self.abandoned.remove(&completion.seq) {
+                continue;
+            }
+            self.running -= 1;
+            self.watched.retain(|w| w.seq != completion.seq);
+            return Some(self.restore(completion));
+        }
+        None
+    }
+
+    fn restore(&mut self, completion: Completion) -> Finished<T::Output> {
+        let len = completion.batch.len();
+        self.sizer
+            .observe(completion.batch.outcomes_len(), completion.busy);
+        let batch = completion
+            .batch
+            .into_any()
+            .downcast::<TypedBatch<T>>()
+            .expect("a pool returns the batch the dispatcher gave it, so the type matches");
+        self.reporter.completed(len);
+        Finished {
+            seq: completion.seq,
+            first_index: batch.first_index,
+            len,
+            values: batch.values,
+            failures: batch.failures,
+        }
+    }
+
+    /// How long to wait before looking for timed-out tasks again.
+    fn next_timeout_check(&self) -> Duration {
+        let timeout = self.control.timeout().unwrap_or(Duration::from_secs(1));
+        let now = self.control_nanos();
+        let soonest = self
+            .watched
+            .iter()
+            .filter_map(|w| match w.started.load(Ordering::Acquire) {
+                0 => None,
+                started => Some((started - 1).saturating_add(timeout.as_nanos() as u64)),
+            })
+            .min();
+        let poll = timeout
+            .min(Duration::from_millis(50))
+            .max(Duration::from_millis(1));
+        match soonest {
+            Some(deadline) => Duration::from_nanos(deadline.saturating_sub(now)).min(poll),
+            None => poll,
+        }
+    }
+
+    /// Now, on the clock `Job::mark_started` uses.
+    fn control_nanos(&self) -> u64 {
+        self.control.nanos_since_start()
+    }
+
+    fn abandon_timed_out(&mut self) -> Option<Finished<T::Output>> {
+        let timeout = self.control.timeout()?;
+        let now = self.control_nanos();
+        let position = self.watched.iter().position(|w| {
+            let started = w.started.load(Ordering::Acquire);
+            started != 0 && now.saturating_sub(started - 1) >= timeout.as_nanos() as u64
+        })?;
+        let watched = self.watched.swap_remove(position);
+        self.abandoned.insert(watched.seq);
+        self.running -= 1;
+        self.reporter.completed(1);
+        Some(Finished {
+            seq: watched.seq,
+            first_index: watched.first_index,
+            len: 1,
+            values: Vec::new(),
+            failures: vec![(
+                0,
+                Error::Timeout {
+                    index: watched.first_index,
+                    after: timeout,
+                    killed: false,
+                },
+            )],
+        })
+    }
+
+    /// Lets running batches finish (cancelled ones stop at their next task), except those
+    /// abandoned after a timeout.
+    pub(crate) fn drain(&mut self) {
+        while self.wait().is_some() {}
+    }
+
+    pub(crate) fn finish_report(&mut self, ok: bool) {
+        self.reporter.finished(ok);
+    }
+}
+
+/// Runs every task and returns the results in input order, or the first failure.
+///
+/// On the first failure no new task is dispatched, tasks already queued are skipped, running
+/// ones finish (or, after a timeout on threads, are left behind), and the error is returned.
+pub fn run<I, T>(
+    pool: Arc<dyn Pool>,
+    tasks: I,
+    options: &RunOptions,
+) -> Result<Vec<T::Output>, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Task,
+{
+    let tasks = tasks.into_iter();
+    let mut out = Vec::with_capacity(tasks.size_hint().0.min(1 << 24));
+    let mut dispatcher = Dispatcher::new(pool, tasks, options);
+    let mut waiting: BTreeMap<u64, Vec<T::Output>> = BTreeMap::new();
+    let mut next_seq = 0;
+    loop {
+        while dispatcher.running() < dispatcher.max_in_flight() && dispatcher.dispatch_one() {}
+        let Some(mut finished) = dispatcher.wait() else {
+            break;
+        };
+        if !finished.failures.is_empty() || finished.values.len() < finished.len {
+            let error = finished
+                .into_outcomes()
+                .find_map(|(_, outcome)| outcome.err())
+                .expect("a batch with fewer values than tasks has a failure or a cancelled task");
+            dispatcher.cancel();
+            if !matches!(error, Error::Timeout { killed: false, .. }) {
+                dispatcher.drain();
+            }
+            dispatcher.finish_report(false);
+            return Err(error);
+        }
+        if finished.seq == next_seq {
+            out.append(&mut finished.values);
+            next_seq += 1;
+            while let Some(mut values) = waiting.remove(&next_seq) {
+                out.append(&mut values);
+                next_seq += 1;
+            }
+        } else {
+            waiting.insert(finished.seq, finished.values);
+        }
+    }
+    dispatcher.finish_report(true);
+    Ok(out)
+}
+
+/// The results of a run in input order, each as soon as it and all before it are done:
+/// joblib's `return_as="generator"`. Made by `Parallel::run_iter`.
+///
+/// A failed task yields its `Err` and the run goes on. Dropping the iterator stops pulling
+/// tasks from the input and skips the queued ones.
+pub struct RunIter<I, T: Task> {
+    dispatcher: Dispatcher<I, T>,
+    ready: BTreeMap<u64, Finished<T::Output>>,
+    next_seq: u64,
+    current: Option<FinishedIter<T::Output>>,
+    done: bool,
+}
+
+impl<I, T> RunIter<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    /// Starts a run on `pool`.
+    pub fn new(
+        pool: Arc<dyn Pool>,
+        tasks: impl IntoIterator<IntoIter = I>,
+        options: &RunOptions,
+    ) -> Self {
+        let mut iter = RunIter {
+            dispatcher: Dispatcher::new(pool, tasks.into_iter(), options),
+            ready: BTreeMap::new(),
+            next_seq: 0,
+            current: None,
+            done: false,
+        };
+        iter.top_up();
+        iter
+    }
+
+    /// Keeps `max_in_flight` batches dispatched but not yet yielded.
+    fn top_up(&mut self) {
+        let max = self.dispatcher.max_in_flight() as u64;
+        while self.dispatcher.dispatched() - self.next_seq < max && self.dispatcher.dispatch_one() {
+        }
+    }
+}
+
+impl<I, T> Iterator for RunIter<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((_, outcome)) = self.current.as_mut().and_then(Iterator::next) {
+                return Some(outcome);
+            }
+            self.current = None;
+            if let Some(finished) = self.ready.remove(&self.next_seq) {
+                self.next_seq += 1;
+                self.current = Some(finished.into_outcomes());
+                self.top_up();
+                continue;
+            }
+            if self.done {
+                return None;
+            }
+            self.top_up();
+            match self.dispatcher.wait() {
+                Some(finished) => {
+                    self.ready.insert(finished.seq, finished);
+                }
+                None => {
+                    self.done = true;
+                    self.dispatcher.finish_report(true);
+                    if self.ready.is_empty() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<I, T: Task> Drop for RunIter<I, T> {
+    fn drop(&mut self) {
+        self.dispatcher.control.cancel();
+    }
+}
+
+/// The results of a run as `(input index, result)` in completion order. Made by
+/// `Parallel::run_unordered`.
+pub struct RunUnordered<I, T: Task> {
+    dispatcher: Dispatcher<I, T>,
+    current: Option<FinishedIter<T::Output>>,
+    done: bool,
+}
+
+impl<I, T> RunUnordered<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    /// Starts a run on `pool`.
+    pub fn new(
+        pool: Arc<dyn Pool>,
+        tasks: impl IntoIterator<IntoIter = I>,
+        options: &RunOptions,
+    ) -> Self {
+        let mut iter = RunUnordered {
+            dispatcher: Dispatcher::new(pool, tasks.into_iter(), options),
+            current: None,
+            done: false,
+        };
+        iter.top_up();
+        iter
+    }
+
+    fn top_up(&mut self) {
+        while self.dispatcher.running() < self.dispatcher.max_in_flight()
+            && self.dispatcher.dispatch_one()
+        {}
+    }
+}
+
+impl<I, T> Iterator for RunUnordered<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    type Item = (usize, Result<T::Output, Error>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.current.as_mut().and_then(Iterator::next) {
+                return Some(item);
+            }
+            if self.done {
+                return None;
+            }
+            self.top_up();
+            match self.dispatcher.wait() {
+                Some(finished) => {
+                    self.current = Some(finished.into_outcomes());
+                    self.top_up();
+                }
+                None => {
+                    self.done = true;
+                    self.dispatcher.finish_report(true);
+                }
+            }
+        }
+    }
+}
+
+impl<I, T: Task> Drop for RunUnordered<I, T> {
+    fn drop(&mut self) {
+        self.dispatcher.control.cancel();
+    }
+}

@@ -1,0 +1,137 @@
+//! The one error type every backend reports through.
+
+use std::time::Duration;
+
+use crate::Backend;
+
+/// Everything that can go wrong in a parjob run.
+///
+/// Task failures name the task as `task <index>`, the position of the task in the input
+/// iterator (counting from 0). Process-backend failures also name the worker's pid and how it
+/// ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The task's function panicked; the worker that ran it is still usable.
+    #[error("task {index} panicked: {message}")]
+    TaskPanicked {
+        /// Position of the task in the input.
+        index: usize,
+        /// The panic message and, when known, its location.
+        message: String,
+    },
+
+    /// The worker process running the task died (abort, signal, `exit`) before answering.
+    #[error("task {index}: worker {worker} (pid {pid}) crashed: {status}")]
+    WorkerCrashed {
+        /// Position of the task in the input.
+        index: usize,
+        /// Index of the worker in its pool.
+        worker: usize,
+        /// Process id of the worker.
+        pid: u32,
+        /// How it ended, e.g. `killed by signal 6 (SIGABRT)` or `exit status 3`.
+        status: String,
+    },
+
+    /// The task ran longer than the `timeout` set on the `Parallel`.
+    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (the thread running it could not be stopped and finishes in the background)" })]
+    Timeout {
+        /// Position of the task in the input.
+        index: usize,
+        /// The timeout that was exceeded.
+        after: Duration,
+        /// Whether the worker running it was killed (process backend) or left running (threads).
+        killed: bool,
+    },
+
+    /// `n_jobs` was 0 (or otherwise unusable).
+    #[error(
+        "invalid n_jobs {value}{source_note}: use n > 0 for n workers, -1 for all CPUs, or -k for all CPUs but k-1 (0 is not allowed)"
+    )]
+    InvalidNJobs {
+        /// The value given.
+        value: i64,
+        /// Where it came from, e.g. ` (from PARJOB_N_JOBS)`, or empty.
+        source_note: String,
+    },
+
+    /// A backend name that parjob does not know.
+    #[error(
+        "unknown backend {name:?}{source_note}: valid names are sequential, threading (alias threads), process (aliases processes, loky, multiprocessing)"
+    )]
+    UnknownBackend {
+        /// The name given.
+        name: String,
+        /// Where it came from, e.g. ` (from PARJOB_BACKEND)`, or empty.
+        source_note: String,
+    },
+
+    /// An environment variable parjob reads holds a value it cannot use.
+    #[error("environment variable {var}={value:?} is invalid: {reason}")]
+    InvalidEnv {
+        /// The variable's name.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// The backend asked for is not available in this build or on this platform.
+    #[error("the {backend} backend is not available: {reason}")]
+    BackendUnavailable {
+        /// The backend asked for.
+        backend: Backend,
+        /// Why, and what to do about it.
+        reason: String,
+    },
+
+    /// A configuration value that cannot work (e.g. a batch size of 0).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A task's input or result could not be encoded or decoded for another process.
+    #[error("task {index}: cannot {action} {type_name}: {message}")]
+    Codec {
+        /// Position of the task in the input.
+        index: usize,
+        /// `encode` or `decode`.
+        action: &'static str,
+        /// The Rust type that failed, e.g. `(u64, alloc::string::String)`.
+        type_name: &'static str,
+        /// What the codec said.
+        message: String,
+    },
+
+    /// A worker process could not be started or refused to work with this driver.
+    #[error("worker {worker}: {message}")]
+    Worker {
+        /// Index of the worker in its pool.
+        worker: usize,
+        /// What went wrong, naming the executables involved where it matters.
+        message: String,
+    },
+
+    /// The task was not run because the run was stopped first (an earlier task failed, or
+    /// the consumer of `run_iter` went away).
+    #[error("task {index} was cancelled before it ran")]
+    Cancelled {
+        /// Position of the task in the input.
+        index: usize,
+    },
+}
+
+impl Error {
+    /// The input position of the task this error is about, if it is about one task.
+    pub fn task_index(&self) -> Option<usize> {
+        match self {
+            Error::TaskPanicked { index, .. }
+            | Error::WorkerCrashed { index, .. }
+            | Error::Timeout { index, .. }
+            | Error::Codec { index, .. }
+            | Error::Cancelled { index } => Some(*index),
+            _ => None,
+        }
+    }
+}

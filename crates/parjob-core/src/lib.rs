@@ -1,0 +1,47 @@
+//! The core of [parjob](https://docs.rs/parjob): tasks, the dispatcher, errors, `n_jobs` rules
+//! and the sequential backend. Users depend on the `parjob` crate, which re-exports what they
+//! need from here; backend crates implement [`Pool`].
+//!
+//! - [`delayed`] captures a call as a [`Task`] ([`Delayed`]).
+//! - [`run`], [`RunIter`] and [`RunUnordered`] drive a run on any [`Pool`], configured by
+//!   [`RunOptions`].
+//! - [`Error`] is every failure; [`Backend`] names where tasks run.
+//! - [`cpu_count`], [`effective_n_jobs`] and [`worker_info`] answer questions about the machine
+//!   and the worker.
+//!
+//! This crate depends on no backend: threads and processes live in their own crates.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use parjob_core::{delayed, run, RunOptions, SequentialPool};
+//!
+//! fn square(x: u64) -> u64 { x * x }
+//! let out = run(Arc::new(SequentialPool), (0..10u64).map(|i| delayed(square, i)), &RunOptions::default())?;
+//! assert_eq!(out[3], 9);
+//! # Ok::<(), parjob_core::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod backend;
+mod batch;
+mod batching;
+pub mod codec;
+mod dispatch;
+mod env;
+mod error;
+mod n_jobs;
+mod pool;
+mod progress;
+mod task;
+mod worker;
+
+pub use backend::Backend;
+pub use batch::{ErasedBatch, RemoteEntry};
+pub use batching::BatchSize;
+pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
+pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
+pub use error::Error;
+pub use n_jobs::{cpu_count, effective_n_jobs};
+pub use pool::{Job, Pool, RunControl, SequentialPool};
+pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
+pub use worker::{WorkerInfo, set_worker_identity, worker_info};

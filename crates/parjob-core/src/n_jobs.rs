@@ -1,0 +1,180 @@
+//! joblib's `n_jobs` rules and a CPU count that honours cgroup quotas and affinity.
+
+use crate::Error;
+
+/// The number of CPUs this process may use.
+///
+/// The smallest of: the CPUs in this thread's affinity mask, and the cgroup CPU quota
+/// (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded up. Always at
+/// least 1. This is what `n_jobs = -1` means.
+pub fn cpu_count() -> usize {
+    let affinity = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match cgroup_quota_cpus() {
+        Some(quota) => affinity.min(quota).max(1),
+        None => affinity.max(1),
+    }
+}
+
+/// How many workers `n_jobs` means, by joblib's rules: `n > 0` is `n`; `-1` is
+/// [`cpu_count()`]; `-k` is `cpu_count() + 1 - k`, at least 1.
+///
+/// # Errors
+/// `n_jobs == 0` is [`Error::InvalidNJobs`].
+///
+/// ```
+/// use parjob_core::{cpu_count, effective_n_jobs};
+/// assert_eq!(effective_n_jobs(3).unwrap(), 3);
+/// assert_eq!(effective_n_jobs(-1).unwrap(), cpu_count());
+/// assert!(effective_n_jobs(0).is_err());
+/// ```
+pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
+    resolve_n_jobs(n_jobs, cpu_count(), "")
+}
+
+pub(crate) fn resolve_n_jobs(n_jobs: i32, cpus: usize, source_note: &str) -> Result<usize, Error> {
+    match n_jobs {
+        0 => Err(Error::InvalidNJobs {
+            value: 0,
+            source_note: source_note.to_string(),
+        }),
+        n if n > 0 => Ok(n as usize),
+        n => {
+            let k = n.unsigned_abs() as usize;
+            Ok((cpus + 1).saturating_sub(k).max(1))
+        }
+    }
+}
+
+/// CPUs allowed by the cgroup this process is in, if it sets a quota.
+fn cgroup_quota_cpus() -> Option<usize> {
+    let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in self_cgroup.lines() {
+        // cgroup v2: "0::/path"; v1: "N:cpu,cpuacct:/path".
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(path);
+            if let Some(n) = read_quota_v2(&dir) {
+                return Some(n);
+            }
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            for mount in ["/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"] {
+                let dir = std::path::Path::new(mount).join(path);
+                if let Some(n) = read_quota_v1(&dir) {
+                    return Some(n);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn read_quota_v2(dir: &std::path::Path) -> Option<usize> {
+    // The quota may be set on this group or any ancestor; the tightest one counts.
+    let mut best: Option<usize> = None;
+    let mut dir = Some(dir);
+    while let Some(d) = dir {
+        if let Ok(text) = std::fs::read_to_string(d.join("cpu.max")) {
+            if let Some(n) = parse_cgroup_v2_cpu_max(&text) {
+                best = Some(best.map_or(n, |b| b.min(n)));
+            }
+        }
+        if d == std::path::Path::new("/sys/fs/cgroup") {
+            break;
+        }
+        dir = d.parent();
+    }
+    best
+}
+
+fn read_quota_v1(dir: &std::path::Path) -> Option<usize> {
+    let quota = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).ok()?;
+    let period = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?;
+    parse_cgroup_v1_quota(&quota, &period)
+}
+
+/// Parses cgroup v2's `cpu.max` (`"max 100000"` or `"150000 100000"`) into whole CPUs,
+/// rounding up.
+pub(crate) fn parse_cgroup_v2_cpu_max(text: &str) -> Option<usize> {
+    let mut fields = text.split_whitespace();
+    let quota = fields.next()?;
+    let period: u64 = fields.next().map_or(Some(100_000), |p| p.parse().ok())?;
+    if quota == "max" {
+        return None;
+    }
+    quota_to_cpus(quota.parse().ok()?, period)
+}
+
+/// Parses cgroup v1's `cpu.cfs_quota_us` (`-1` for none) and `cpu.cfs_period_us`.
+pub(crate) fn parse_cgroup_v1_quota(quota: &str, period: &str) -> Option<usize> {
+    let quota: i64 = quota.trim().parse().ok()?;
+    let period: u64 = period.trim().parse().ok()?;
+    if quota <= 0 {
+        return None;
+    }
+    quota_to_cpus(quota as u64, period)
+}
+
+fn quota_to_cpus(quota: u64, period: u64) -> Option<usize> {
+    if period == 0 {
+        return None;
+    }
+    Some((quota.div_ceil(period) as usize).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positive_n_jobs_is_taken_as_is() {
+        assert_eq!(resolve_n_jobs(7, 2, ""), Ok(7));
+    }
+
+    #[test]
+    fn minus_one_is_all_cpus() {
+        assert_eq!(resolve_n_jobs(-1, 8, ""), Ok(8));
+    }
+
+    #[test]
+    fn minus_k_leaves_k_minus_one_cpus_free_but_at_least_one_worker() {
+        assert_eq!(resolve_n_jobs(-2, 8, ""), Ok(7));
+        assert_eq!(resolve_n_jobs(-2, 2, ""), Ok(1));
+        assert_eq!(resolve_n_jobs(-10, 2, ""), Ok(1));
+        assert_eq!(resolve_n_jobs(i32::MIN, 2, ""), Ok(1));
+    }
+
+    #[test]
+    fn zero_is_an_error_that_explains_the_rules() {
+        let err = resolve_n_jobs(0, 2, "").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid n_jobs 0") && text.contains("-1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cgroup_v2_quota_rounds_up() {
+        assert_eq!(parse_cgroup_v2_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cgroup_v2_cpu_max("200000 100000\n"), Some(2));
+        assert_eq!(parse_cgroup_v2_cpu_max("150000 100000"), Some(2));
+        assert_eq!(parse_cgroup_v2_cpu_max("50000 100000"), Some(1));
+        assert_eq!(parse_cgroup_v2_cpu_max("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_v1_quota_minus_one_means_unlimited() {
+        assert_eq!(parse_cgroup_v1_quota("-1\n", "100000\n"), None);
+        assert_eq!(parse_cgroup_v1_quota("300000\n", "100000\n"), Some(3));
+        assert_eq!(parse_cgroup_v1_quota("1\n", "0\n"), None);
+    }
+
+    #[test]
+    fn cpu_count_is_at_most_available_parallelism() {
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = cpu_count();
+        assert!(n >= 1 && n <= available, "{n} vs {available}");
+    }
+}

@@ -1,0 +1,173 @@
+//! The backend-side contract: a [`Pool`] takes [`Job`]s (one batch each) and answers every one
+//! with exactly one completion. The sequential pool lives here too.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use crate::Backend;
+use crate::batch::ErasedBatch;
+use crate::worker::set_worker_identity;
+
+/// What every batch of one run shares: the cancel flag and the per-task timeout.
+#[derive(Debug)]
+pub struct RunControl {
+    cancelled: AtomicBool,
+    epoch: Instant,
+    timeout: Option<Duration>,
+}
+
+impl RunControl {
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        RunControl {
+            cancelled: AtomicBool::new(false),
+            epoch: Instant::now(),
+            timeout,
+        }
+    }
+
+    /// Whether the run was stopped: tasks not yet started should not start.
+    #[inline]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// The per-task timeout, if the user set one.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    pub(crate) fn nanos_since_start(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// One batch to run, and where to report when it is done.
+pub struct Job {
+    /// The tasks, and the outcomes once they are known.
+    pub batch: Box<dyn ErasedBatch>,
+    /// The run this batch belongs to.
+    pub control: Arc<RunControl>,
+    seq: u64,
+    started: Option<Arc<AtomicU64>>,
+    reply: Sender<Completion>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("seq", &self.seq)
+            .field("first_index", &self.batch.first_index())
+            .field("len", &self.batch.len())
+            .finish()
+    }
+}
+
+/// A finished job as the dispatcher receives it.
+pub(crate) struct Completion {
+    pub(crate) seq: u64,
+    pub(crate) batch: Box<dyn ErasedBatch>,
+    pub(crate) busy: Duration,
+}
+
+impl Job {
+    pub(crate) fn new(
+        seq: u64,
+        batch: Box<dyn ErasedBatch>,
+        control: Arc<RunControl>,
+        started: Option<Arc<AtomicU64>>,
+        reply: Sender<Completion>,
+    ) -> Self {
+        Job {
+            batch,
+            control,
+            seq,
+            started,
+            reply,
+        }
+    }
+
+    /// Notes that the batch has started running, for timeouts the dispatcher watches itself.
+    pub fn mark_started(&self) {
+        if let Some(started) = &self.started {
+            // Stored as nanos since the run began, plus one so that 0 means "not started".
+            started.store(self.control.nanos_since_start() + 1, Ordering::Release);
+        }
+    }
+
+    /// Runs the whole batch on the current thread and reports it done: what an in-process
+    /// backend does with a job.
+    pub fn run_here(mut self) {
+        self.mark_started();
+        let began = Instant::now();
+        self.batch.run_here(&self.control);
+        self.complete(began.elapsed());
+    }
+
+    /// Reports the job done, `busy` being how long its tasks ran (it steers auto batching).
+    /// Tasks left without an outcome count as cancelled.
+    pub fn complete(self, busy: Duration) {
+        // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.
+        let _ = self.reply.send(Completion {
+            seq: self.seq,
+            batch: self.batch,
+            busy,
+        });
+    }
+}
+
+/// A set of workers that runs jobs: what each backend provides.
+///
+/// Implementations must answer every submitted job with exactly one [`Job::complete`] (or
+/// [`Job::run_here`]), even when the worker running it dies: a job that is never completed
+/// hangs the run.
+pub trait Pool: Send + Sync {
+    /// The backend this pool implements.
+    fn backend(&self) -> Backend;
+    /// How many jobs run at once.
+    fn workers(&self) -> usize;
+    /// Queues `job` to run as soon as a worker is free.
+    fn submit(&self, job: Job);
+    /// How long auto batching should aim for one batch to run: long enough to hide the cost
+    /// of dispatching it, short enough to balance the load.
+    fn target_batch_duration(&self) -> Duration {
+        Duration::from_millis(2)
+    }
+    /// Whether the pool enforces `RunControl::timeout` itself, killing the task; otherwise
+    /// the dispatcher watches the time and reports the task as timed out while it finishes
+    /// in the background.
+    fn enforces_timeout(&self) -> bool {
+        false
+    }
+    /// The name joblib-style verbose lines give it, e.g. `ThreadingBackend`.
+    fn verbose_name(&self) -> &'static str;
+}
+
+/// Runs each job on the calling thread as it is submitted.
+#[derive(Debug, Default)]
+pub struct SequentialPool;
+
+impl Pool for SequentialPool {
+    fn backend(&self) -> Backend {
+        Backend::Sequential
+    }
+
+    fn workers(&self) -> usize {
+        1
+    }
+
+    fn submit(&self, job: Job) {
+        let previous = set_worker_identity(Some((Backend::Sequential, 0)));
+        job.run_here();
+        set_worker_identity(previous);
+    }
+
+    fn verbose_name(&self) -> &'static str {
+        "SequentialBackend"
+    }
+}

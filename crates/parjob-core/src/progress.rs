@@ -1,0 +1,265 @@
+//! Progress reporting: joblib-style verbose lines and an indicatif bar, both on stderr.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Where verbose lines go: stderr, or a buffer in tests.
+pub(crate) type Sink = Box<dyn Write + Send>;
+
+/// Follows one run and prints what the user asked for.
+pub(crate) struct Reporter {
+    verbose: u32,
+    prefix: String,
+    began: Instant,
+    sink: Sink,
+    bar: Option<ProgressBar>,
+    dispatched_batches: usize,
+    dispatched_tasks: usize,
+    /// Known once the input iterator is exhausted.
+    total: Option<usize>,
+    completed: usize,
+    pre_dispatch_tasks: usize,
+}
+
+impl Reporter {
+    /// `pre_dispatch` is how many tasks may be in flight; joblib's line spacing uses it.
+    pub(crate) fn new(
+        n_jobs: i32,
+        verbose: u32,
+        progress: bool,
+        total_hint: Option<usize>,
+        pre_dispatch: usize,
+    ) -> Self {
+        let sink = Box::new(std::io::stderr());
+        Self::with_sink(n_jobs, verbose, progress, total_hint, pre_dispatch, sink)
+    }
+
+    pub(crate) fn with_sink(
+        n_jobs: i32,
+        verbose: u32,
+        progress: bool,
+        total_hint: Option<usize>,
+        pre_dispatch: usize,
+        sink: Sink,
+    ) -> Self {
+        let bar = progress.then(|| {
+            // indicatif draws nothing when stderr is not a terminal.
+            let bar = ProgressBar::with_draw_target(
+                total_hint.map(|n| n as u64),
+                ProgressDrawTarget::stderr(),
+            );
+            let style = ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks ({per_sec}, eta {eta})",
+            );
+            if let Ok(style) = style {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Reporter {
+            verbose,
+            prefix: format!("[Parallel(n_jobs={n_jobs})]: "),
+            began: Instant::now(),
+            sink,
+            bar,
+            dispatched_batches: 0,
+            dispatched_tasks: 0,
+            total: None,
+            completed: 0,
+            pre_dispatch_tasks: pre_dispatch,
+        }
+    }
+
+    fn line(&mut self, text: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.sink, "{}{}", self.prefix, text);
+    }
+
+    pub(crate) fn started(&mut self, backend_name: &str, workers: usize) {
+        if self.verbose > 0 {
+            self.line(format_args!(
+                "Using backend {backend_name} with {workers} concurrent workers."
+            ));
+        }
+    }
+
+    pub(crate) fn dispatched(&mut self, tasks: usize) {
+        self.dispatched_batches += 1;
+        self.dispatched_tasks += tasks;
+    }
+
+    pub(crate) fn exhausted(&mut self) {
+        if self.total.is_none() {
+            self.total = Some(self.dispatched_tasks);
+            if let Some(bar) = &self.bar {
+                bar.set_length(self.dispatched_tasks as u64);
+            }
+        }
+    }
+
+    /// `tasks` more tasks are done. Mirrors joblib's `print_progress`: while the input is
+    /// still being read, lines come at increasingly spaced batch counts; once its length is
+    /// known, about `verbose` lines over the rest, with an estimate of the time remaining.
+    pub(crate) fn completed(&mut self, tasks: usize) {
+        self.completed += tasks;
+        if let Some(bar) = &self.bar {
+            bar.inc(tasks as u64);
+        }
+        if self.verbose == 0 {
+            return;
+        }
+        let elapsed = self.began.elapsed();
+        match self.total {
+            Some(total) if self.completed >= total => {}
+            None => {
+                if !verbosity_filter(self.dispatched_batches, self.verbose) {
+                    let done = self.completed;
+                    self.line(format_args!(
+                        "Done {done:3} tasks      | elapsed: {}",
+                        short_format_time(elapsed)
+                    ));
+                }
+            }
+            Some(total) => {
+                let index = self.completed;
+                let cursor = total as i64 + 1 - index as i64 - self.pre_dispatch_tasks as i64;
+                let frequency = (total / self.verbose as usize + 1) as i64;
+                let is_last = index + 1 == total;
+                if is_last || cursor.rem_euclid(frequency) != 0 {
+                    return;
+                }
+                let remaining = elapsed.mul_f64((total - index) as f64 / index.max(1) as f64);
+                self.line(format_args!(
+                    "Done {index:3} out of {total:3} | elapsed: {} remaining: {}",
+                    short_format_time(elapsed),
+                    short_format_time(remaining)
+                ));
+            }
+        }
+    }
+
+    /// The run is over: `ok` tells whether it finished or stopped on an error.
+    pub(crate) fn finished(&mut self, ok: bool) {
+        if let Some(bar) = self.bar.take() {
+            if ok {
+                bar.finish();
+            } else {
+                bar.abandon();
+            }
+        }
+        if self.verbose > 0 && ok {
+            let done = self.completed;
+            let elapsed = short_format_time(self.began.elapsed());
+            self.line(format_args!(
+                "Done {done:3} out of {done:3} | elapsed: {elapsed} finished"
+            ));
+        }
+    }
+}
+
+/// joblib's `_verbosity_filter`: `true` to skip the line for batch `index`.
+fn verbosity_filter(index: usize, verbose: u32) -> bool {
+    if verbose > 10 || index == 0 {
+        return false;
+    }
+    let scale_base = 0.5 * f64::from(11 - verbose).powi(2);
+    let scale = (index as f64 / scale_base).sqrt();
+    let next_scale = ((index + 1) as f64 / scale_base).sqrt();
+    scale.trunc() == next_scale.trunc()
+}
+
+/// joblib's `short_format_time`: `"  0.5s"` style under a minute, `" 1.5min"` above.
+fn short_format_time(t: Duration) -> String {
+    let secs = t.as_secs_f64();
+    if secs > 60.0 {
+        format!("{:4.1}min", secs / 60.0)
+    } else {
+        format!(" {secs:5.1}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(shared: &Shared) -> Vec<String> {
+        let text = String::from_utf8(shared.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn time_format_matches_joblib() {
+        assert_eq!(short_format_time(Duration::from_millis(500)), "   0.5s");
+        assert_eq!(short_format_time(Duration::from_secs(90)), " 1.5min");
+    }
+
+    #[test]
+    fn verbose_run_prints_joblib_lines() {
+        let shared = Shared::default();
+        let mut reporter = Reporter::with_sink(2, 5, false, None, 4, Box::new(shared.clone()));
+        reporter.started("ThreadingBackend", 2);
+        for _ in 0..100 {
+            reporter.dispatched(1);
+        }
+        reporter.exhausted();
+        for _ in 0..100 {
+            reporter.completed(1);
+        }
+        reporter.finished(true);
+        let lines = lines(&shared);
+        assert_eq!(
+            lines[0],
+            "[Parallel(n_jobs=2)]: Using backend ThreadingBackend with 2 concurrent workers."
+        );
+        let last = lines.last().unwrap();
+        assert!(
+            last.starts_with("[Parallel(n_jobs=2)]: Done 100 out of 100 | elapsed: ")
+                && last.ends_with("s finished"),
+            "{last}"
+        );
+        let middle: Vec<_> = lines[1..lines.len() - 1].iter().collect();
+        // joblib prints about `verbose` lines once the total is known: here at 13, 34, .. 97.
+        assert_eq!(middle.len(), 5, "{middle:?}");
+        assert!(
+            middle
+                .iter()
+                .all(|l| l.contains(" out of 100 | elapsed: ") && l.contains("remaining:"))
+        );
+    }
+
+    #[test]
+    fn quiet_run_prints_nothing() {
+        let shared = Shared::default();
+        let mut reporter = Reporter::with_sink(4, 0, false, None, 8, Box::new(shared.clone()));
+        reporter.started("ThreadingBackend", 4);
+        reporter.dispatched(3);
+        reporter.exhausted();
+        reporter.completed(3);
+        reporter.finished(true);
+        assert!(lines(&shared).is_empty());
+    }
+
+    #[test]
+    fn lines_while_reading_input_are_increasingly_spaced() {
+        let printed: Vec<usize> = (0..200).filter(|&i| !verbosity_filter(i, 5)).collect();
+        assert_eq!(printed[0], 0);
+        let gaps: Vec<usize> = printed.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
+        assert!((0..50).all(|i| !verbosity_filter(i, 11)));
+    }
+}

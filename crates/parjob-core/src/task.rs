@@ -1,0 +1,196 @@
+//! Tasks: a function and its arguments, captured by [`delayed`] and called later, anywhere.
+
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Marker for a function of one parameter that receives the whole argument value.
+#[derive(Debug)]
+pub enum Whole {}
+
+/// Marker for a function of `N` parameters that receives a tuple spread over them.
+#[derive(Debug)]
+pub enum Spread<const N: usize> {}
+
+/// A function that [`delayed`] can call with `Args`.
+///
+/// Implemented for every `Fn` of 0 to 8 parameters that is `Copy + Send + Sync + 'static`
+/// (plain `fn` items and non-capturing closures): a one-parameter function takes its argument
+/// whole (`delayed(square, 3)`), a function of `N` parameters takes an `N`-tuple spread over
+/// them (`delayed(add, (1, 2))`). `Marker` only tells the two apart; it is inferred.
+pub trait TaskFn<Args, Marker>: Copy + Send + Sync + 'static {
+    /// What the function returns.
+    type Output;
+    /// Calls the function with `args`.
+    fn call_with(self, args: Args) -> Self::Output;
+}
+
+impl<F, A, R> TaskFn<A, Whole> for F
+where
+    F: Fn(A) -> R + Copy + Send + Sync + 'static,
+{
+    type Output = R;
+    #[inline]
+    fn call_with(self, args: A) -> R {
+        self(args)
+    }
+}
+
+macro_rules! spread_impl {
+    ($n:literal; $($arg:ident),*) => {
+        impl<F, R, $($arg),*> TaskFn<($($arg,)*), Spread<$n>> for F
+        where
+            F: Fn($($arg),*) -> R + Copy + Send + Sync + 'static,
+        {
+            type Output = R;
+            #[inline]
+            #[allow(non_snake_case, clippy::unused_unit)]
+            fn call_with(self, args: ($($arg,)*)) -> R {
+                let ($($arg,)*) = args;
+                self($($arg),*)
+            }
+        }
+    };
+}
+
+spread_impl!(0;);
+spread_impl!(1; A1);
+spread_impl!(2; A1, A2);
+spread_impl!(3; A1, A2, A3);
+spread_impl!(4; A1, A2, A3, A4);
+spread_impl!(5; A1, A2, A3, A4, A5);
+spread_impl!(6; A1, A2, A3, A4, A5, A6);
+spread_impl!(7; A1, A2, A3, A4, A5, A6, A7);
+spread_impl!(8; A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// One call waiting to happen: what [`Parallel::run`](crate) and friends consume.
+///
+/// Every backend can run a `Task`: its arguments and output are `serde` types so that the
+/// process backend can send them to another process.
+pub trait Task: Send + 'static {
+    /// The function type: a zero-sized `fn` item or non-capturing closure for the process
+    /// backend; any `Copy` function for the others.
+    type Func: Copy + Send + Sync + 'static;
+    /// The argument value as given to [`delayed`].
+    type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// What the call returns.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Calls the function on the arguments.
+    fn call(self) -> Self::Output;
+    /// The arguments, for encoding.
+    fn args(&self) -> &Self::Args;
+    /// Calls `func` on `args`: how a worker process runs a decoded task.
+    fn call_with(func: Self::Func, args: Self::Args) -> Self::Output;
+}
+
+/// A function and its arguments, made by [`delayed`].
+pub struct Delayed<F, A, M> {
+    func: F,
+    args: A,
+    marker: PhantomData<fn() -> M>,
+}
+
+impl<F: Copy, A: Clone, M> Clone for Delayed<F, A, M> {
+    fn clone(&self) -> Self {
+        Delayed {
+            func: self.func,
+            args: self.args.clone(),
+            marker: PhantomData,
+        }
+    }
+}
+
+impl<F, A: std::fmt::Debug, M> std::fmt::Debug for Delayed<F, A, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delayed")
+            .field("func", &std::any::type_name::<F>())
+            .field("args", &self.args)
+            .finish()
+    }
+}
+
+/// Captures a call of `func` on `args` to run later, joblib's `delayed(f)(x)`.
+///
+/// A one-parameter function takes `args` whole; a function of several parameters takes a
+/// tuple spread over them; a function of none takes `()`.
+///
+/// ```
+/// use parjob_core::{delayed, Task};
+/// fn square(x: u64) -> u64 { x * x }
+/// fn add(a: i32, b: i32) -> i32 { a + b }
+/// fn answer() -> u8 { 42 }
+/// assert_eq!(delayed(square, 3).call(), 9);
+/// assert_eq!(delayed(add, (1, 2)).call(), 3);
+/// assert_eq!(delayed(answer, ()).call(), 42);
+/// ```
+pub fn delayed<F, A, M>(func: F, args: A) -> Delayed<F, A, M>
+where
+    F: TaskFn<A, M>,
+{
+    Delayed {
+        func,
+        args,
+        marker: PhantomData,
+    }
+}
+
+impl<F, A, M> Task for Delayed<F, A, M>
+where
+    F: TaskFn<A, M>,
+    A: Serialize + DeserializeOwned + Send + 'static,
+    F::Output: Serialize + DeserializeOwned + Send + 'static,
+    M: 'static,
+{
+    type Func = F;
+    type Args = A;
+    type Output = F::Output;
+
+    #[inline]
+    fn call(self) -> F::Output {
+        self.func.call_with(self.args)
+    }
+
+    fn args(&self) -> &A {
+        &self.args
+    }
+
+    #[inline]
+    fn call_with(func: F, args: A) -> F::Output {
+        func.call_with(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn square(x: u64) -> u64 {
+        x * x
+    }
+    fn takes_pair(p: (u32, u32)) -> u32 {
+        p.0 * p.1
+    }
+    fn eight(a: u8, b: u8, c: u8, d: u8, e: u8, f: u8, g: u8, h: u8) -> u32 {
+        [a, b, c, d, e, f, g, h].iter().map(|&x| u32::from(x)).sum()
+    }
+
+    #[test]
+    fn one_parameter_takes_the_value_whole() {
+        assert_eq!(delayed(square, 12).call(), 144);
+        assert_eq!(delayed(takes_pair, (3, 4)).call(), 12);
+    }
+
+    #[test]
+    fn tuples_spread_over_up_to_eight_parameters() {
+        assert_eq!(delayed(eight, (1, 2, 3, 4, 5, 6, 7, 8)).call(), 36);
+        assert_eq!(delayed(|a: u8| a + 1, (1,)).call(), 2);
+    }
+
+    #[test]
+    fn non_capturing_closures_are_tasks() {
+        let task = delayed(|s: String, n: usize| s.repeat(n), ("ab".to_string(), 3));
+        assert_eq!(task.call(), "ababab");
+    }
+}
