@@ -1,1 +1,15 @@
-//! placeholder
+//! parjob's integration tests: one binary, one module per topic.
+#![allow(clippy::unwrap_used)] // a failed unwrap is how a test states a broken expectation
+
+// n_jobs rules, backend names and aliases, environment overrides.
+mod config;
+// Results in input order, completion order, every task exactly once, 10^6 tasks.
+mod ordering;
+// Lazy pulling from the input, bounded look-ahead, endless iterators.
+mod laziness;
+// Panics, timeouts, cancellation after a failure, reuse after an error.
+mod failures;
+// Threading backend: pool size, thread names, overlapping I/O-bound tasks.
+mod threading;
+// delayed(): arities, closures; verbose lines.
+mod api;

@@ -1,1 +1,57 @@
-fn main() {}
+//! parjob's project chores, run as `cargo xtask <command>`.
+//!
+//! - `cargo xtask ci`: what CI runs (format check, clippy with warnings denied, the tests).
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "parjob's project chores")]
+struct Cli {
+    #[command(subcommand)]
+    command: Chore,
+}
+
+#[derive(Subcommand)]
+enum Chore {
+    /// Runs what CI runs: cargo fmt --check, clippy -D warnings, the test suite.
+    Ci,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Chore::Ci => ci(),
+    }
+}
+
+fn ci() -> ExitCode {
+    let steps: [&[&str]; 3] = [
+        &["fmt", "--all", "--", "--check"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &["test", "--workspace"],
+    ];
+    for args in steps {
+        eprintln!("xtask ci: cargo {}", args.join(" "));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        match Command::new(cargo).args(args).status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                eprintln!("xtask ci: cargo {} failed ({status})", args.join(" "));
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("xtask ci: cannot run cargo: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

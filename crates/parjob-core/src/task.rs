@@ -172,6 +172,7 @@ mod tests {
     fn takes_pair(p: (u32, u32)) -> u32 {
         p.0 * p.1
     }
+    #[allow(clippy::too_many_arguments)] // the largest arity delayed() spreads
     fn eight(a: u8, b: u8, c: u8, d: u8, e: u8, f: u8, g: u8, h: u8) -> u32 {
         [a, b, c, d, e, f, g, h].iter().map(|&x| u32::from(x)).sum()
     }

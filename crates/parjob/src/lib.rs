@@ -1,1 +1,48 @@
-//! placeholder
+//! # parjob: joblib-style parallel map for Rust
+//!
+//! Write plain functions, wrap each call in [`delayed`], and hand the calls to a
+//! [`Parallel`]: they run on a pool of threads, or one after another, switched by one
+//! [`Backend`] value that a `--backend` flag can parse, with no change to the tasks.
+//!
+//! ```
+//! fn square(x: u64) -> u64 { x * x }
+//!
+//! fn main() -> Result<(), parjob::Error> {
+//!     parjob::init(); // first line of main: turns a re-executed worker process into a worker
+//!     let backend: parjob::Backend = "threading".parse()?;
+//!     let out: Vec<u64> = parjob::Parallel::new(4)
+//!         .backend(backend)
+//!         .run((0..1000u64).map(|i| parjob::delayed(square, i)))?;
+//!     assert_eq!(out[3], 9);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! - [`Parallel`]: configure (`n_jobs`, backend, batching, timeout, progress) and run.
+//! - [`delayed`]: `delayed(f, x)` calls `f(x)`; `delayed(f, (a, b))` calls `f(a, b)`.
+//! - [`Backend`]: `sequential`, `threading` (alias `threads`), `process` (aliases
+//!   `processes`, `loky`, `multiprocessing`; not built in this version yet).
+//! - [`Error`]: every failure, naming the task (`task 7 panicked: ...`).
+//! - [`cpu_count`], [`effective_n_jobs`], [`worker_info`].
+//!
+//! A task function is a plain `fn` item or a closure that captures nothing, whose arguments
+//! and result are `serde` types: the same `delayed(...)` then runs on every backend.
+//!
+//! `PARJOB_BACKEND` and `PARJOB_N_JOBS` set defaults from the environment (for
+//! [`Parallel::default`] and a `Parallel` without `.backend(..)`); explicit calls win.
+#![deny(missing_docs)]
+
+mod iter;
+mod parallel;
+
+pub use iter::{RunIter, RunUnordered};
+pub use parallel::Parallel;
+pub use parjob_core::{
+    Backend, BatchSize, Delayed, Error, Task, WorkerInfo, cpu_count, delayed, effective_n_jobs,
+    worker_info,
+};
+
+/// Call first thing in `main`. In the program that drives a run it does nothing; in a worker
+/// process started by the process backend it runs the worker loop and never returns. Calling
+/// it now keeps a program ready for the process backend when it is built in.
+pub fn init() {}

@@ -1,0 +1,247 @@
+//! [`Parallel`]: the builder users configure once and run many times.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use parjob_core::{
+    Backend, BatchSize, Error, Pool, RunOptions, SequentialPool, Task, backend_from_env,
+    n_jobs_from_env, resolve_workers,
+};
+
+use crate::iter::{RunIter, RunUnordered};
+
+/// Runs many tasks in parallel, joblib's `Parallel(n_jobs, backend=...)`.
+///
+/// Configure it with the builder methods, then call [`run`](Parallel::run),
+/// [`run_iter`](Parallel::run_iter) or [`run_unordered`](Parallel::run_unordered) as often as
+/// you like: the workers start on the first run and are kept until the `Parallel` is dropped.
+///
+/// ```
+/// use parjob::{delayed, Backend, Parallel};
+///
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// let parallel = Parallel::new(2).backend(Backend::Threading);
+/// let out: Vec<u64> = parallel.run((0..10u64).map(|i| delayed(square, i)))?;
+/// assert_eq!(out, [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]);
+/// # Ok::<(), parjob::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Parallel {
+    n_jobs: i32,
+    n_jobs_from_env: bool,
+    /// A value of `PARJOB_N_JOBS` that could not be read, reported by `run`.
+    env_error: Option<Error>,
+    backend: Option<Backend>,
+    options: RunOptions,
+    pool: Mutex<Option<CachedPool>>,
+}
+
+struct CachedPool {
+    backend: Backend,
+    workers: usize,
+    pool: Arc<dyn Pool>,
+}
+
+impl std::fmt::Debug for CachedPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedPool")
+            .field("backend", &self.backend)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Default for Parallel {
+    /// `n_jobs` from `PARJOB_N_JOBS`, or `-1` (all CPUs) when it is not set.
+    fn default() -> Self {
+        let (n_jobs, env_error) = match n_jobs_from_env() {
+            Ok(n) => (n.unwrap_or(-1), None),
+            Err(e) => (-1, Some(e)),
+        };
+        let mut parallel = Parallel::new(n_jobs);
+        parallel.n_jobs_from_env = true;
+        parallel.env_error = env_error;
+        parallel
+    }
+}
+
+impl Parallel {
+    /// A `Parallel` with `n_jobs` workers, by joblib's rules: `n > 0` workers, `-1` for all
+    /// CPUs ([`cpu_count`](crate::cpu_count)), `-k` for all but `k - 1`. Never panics: an
+    /// invalid `n_jobs` (0) is reported by the first run.
+    pub fn new(n_jobs: i32) -> Parallel {
+        Parallel {
+            n_jobs,
+            n_jobs_from_env: false,
+            env_error: None,
+            backend: None,
+            options: RunOptions {
+                n_jobs,
+                ..RunOptions::default()
+            },
+            pool: Mutex::new(None),
+        }
+    }
+
+    /// Where the tasks run. Without this call, `PARJOB_BACKEND` decides, and without that,
+    /// [`Backend::Threading`].
+    pub fn backend(mut self, backend: Backend) -> Parallel {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// How tasks are grouped into batches: [`BatchSize::Auto`] (the default) adapts to
+    /// measured task durations.
+    pub fn batch_size(mut self, batch_size: BatchSize) -> Parallel {
+        self.options.batch_size = batch_size;
+        self
+    }
+
+    /// At most `batches` batches dispatched ahead of the results (default: twice the number of
+    /// workers). Bounds the memory a run over a huge or endless iterator needs.
+    pub fn pre_dispatch(mut self, batches: usize) -> Parallel {
+        self.options.pre_dispatch = Some(batches.max(1));
+        self
+    }
+
+    /// A per-task time limit. A task over it fails with [`Error::Timeout`]. Threads cannot be
+    /// stopped, so on the threading and sequential backends the task is reported and left to
+    /// finish in the background; the process backend kills its worker.
+    pub fn timeout(mut self, timeout: Duration) -> Parallel {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// joblib-style progress lines on stderr: 0 (the default) prints nothing, 1 to 10 print
+    /// more and more often, above 10 every batch.
+    pub fn verbose(mut self, level: u32) -> Parallel {
+        self.options.verbose = level;
+        self
+    }
+
+    /// Draws a progress bar on stderr when it is a terminal.
+    pub fn progress(mut self, enabled: bool) -> Parallel {
+        self.options.progress = enabled;
+        self
+    }
+
+    /// The backend runs use: the explicit one, else `PARJOB_BACKEND`, else threading.
+    ///
+    /// # Errors
+    /// An unknown name in `PARJOB_BACKEND`.
+    pub fn effective_backend(&self) -> Result<Backend, Error> {
+        match self.backend {
+            Some(backend) => Ok(backend),
+            None => Ok(backend_from_env()?.unwrap_or(Backend::Threading)),
+        }
+    }
+
+    /// How many workers runs use.
+    ///
+    /// # Errors
+    /// An invalid `n_jobs`.
+    pub fn effective_n_jobs(&self) -> Result<usize, Error> {
+        if let Some(error) = &self.env_error {
+            return Err(error.clone());
+        }
+        resolve_workers(self.n_jobs, self.n_jobs_from_env)
+    }
+
+    /// The pool for the current configuration, started on first use and kept.
+    fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
+        let backend = self.effective_backend()?;
+        let workers = match backend {
+            Backend::Sequential => 1,
+            _ => self.effective_n_jobs()?,
+        };
+        // A poisoned lock only means another run panicked while holding it; the cache is
+        // still a valid Option.
+        let mut cached = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = cached
+            .as_ref()
+            .filter(|c| c.backend == backend && c.workers == workers)
+        {
+            return Ok(Arc::clone(&c.pool));
+        }
+        let pool = start_pool(backend, workers)?;
+        *cached = Some(CachedPool {
+            backend,
+            workers,
+            pool: Arc::clone(&pool),
+        });
+        Ok(pool)
+    }
+
+    /// Runs every task and returns the results in input order.
+    ///
+    /// Tasks are pulled from `tasks` lazily, as workers free up.
+    ///
+    /// # Errors
+    /// The first task failure ([`Error::TaskPanicked`], [`Error::Timeout`], ...): no new task
+    /// is dispatched after it, and running ones finish before it is returned. Also an invalid
+    /// configuration (`n_jobs` of 0, an unknown `PARJOB_BACKEND`, a backend not built in).
+    pub fn run<I, T>(&self, tasks: I) -> Result<Vec<T::Output>, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        let pool = self.pool()?;
+        parjob_core::run(pool, tasks, &self.options)
+    }
+
+    /// Yields each task's result in input order, as soon as it and those before it are done
+    /// (joblib's `return_as="generator"`). A failed task yields its `Err` and the run goes on.
+    /// Dropping the iterator stops the run. An invalid configuration is yielded as the only
+    /// item.
+    pub fn run_iter<I, T>(&self, tasks: I) -> RunIter<I::IntoIter, T>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        match self.pool() {
+            Ok(pool) => RunIter::started(parjob_core::RunIter::new(pool, tasks, &self.options)),
+            Err(error) => RunIter::failed(error),
+        }
+    }
+
+    /// Yields `(input index, result)` pairs in the order tasks finish. A failed task yields
+    /// its `Err` and the run goes on; an invalid configuration is yielded as the only item,
+    /// with index 0.
+    pub fn run_unordered<I, T>(&self, tasks: I) -> RunUnordered<I::IntoIter, T>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        match self.pool() {
+            Ok(pool) => {
+                RunUnordered::started(parjob_core::RunUnordered::new(pool, tasks, &self.options))
+            }
+            Err(error) => RunUnordered::failed(error),
+        }
+    }
+}
+
+fn start_pool(backend: Backend, workers: usize) -> Result<Arc<dyn Pool>, Error> {
+    match backend {
+        Backend::Sequential => Ok(Arc::new(SequentialPool)),
+        #[cfg(feature = "threading")]
+        Backend::Threading => Ok(Arc::new(parjob_threading::ThreadPool::new(workers)?)),
+        #[cfg(not(feature = "threading"))]
+        Backend::Threading => Err(Error::BackendUnavailable {
+            backend,
+            reason: "parjob was built without its `threading` feature".into(),
+        }),
+        Backend::Process => Err(Error::BackendUnavailable {
+            backend,
+            reason: format!(
+                "the process backend is not built in this version of parjob (it is still \
+                 being written); use threading or sequential for these {workers} workers"
+            ),
+        }),
+        other => Err(Error::BackendUnavailable {
+            backend: other,
+            reason: "not built in this version of parjob".into(),
+        }),
+    }
+}

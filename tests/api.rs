@@ -1,0 +1,83 @@
+use parjob::{Parallel, delayed};
+use parjob_tests::run_child_test;
+
+fn zero() -> u8 {
+    0
+}
+fn one(a: u8) -> u8 {
+    a
+}
+fn two(a: u8, b: u16) -> u32 {
+    u32::from(a) + u32::from(b)
+}
+#[allow(clippy::too_many_arguments)] // delayed() supports up to eight parameters: test the most
+fn eight(a: u8, b: u8, c: u8, d: u8, e: u8, f: u8, g: u8, h: u8) -> u64 {
+    [a, b, c, d, e, f, g, h].into_iter().map(u64::from).sum()
+}
+fn words(text: String, sep: char) -> Vec<String> {
+    text.split(sep).map(str::to_owned).collect()
+}
+
+#[test]
+fn delayed_spreads_tuples_over_parameters() {
+    let p = Parallel::new(2);
+    assert_eq!(p.run([delayed(zero, ())]).unwrap(), [0]);
+    assert_eq!(p.run([delayed(one, 9)]).unwrap(), [9]);
+    assert_eq!(p.run([delayed(two, (1, 300))]).unwrap(), [301]);
+    assert_eq!(
+        p.run([delayed(eight, (1, 2, 3, 4, 5, 6, 7, 8))]).unwrap(),
+        [36]
+    );
+    assert_eq!(
+        p.run([delayed(words, ("a,b".to_string(), ','))]).unwrap(),
+        [vec!["a".to_string(), "b".to_string()]]
+    );
+}
+
+#[test]
+fn verbose_prints_joblib_lines_on_stderr() {
+    let output = run_child_test("api::child_verbose_run", &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "[Parallel(n_jobs=2)]: Using backend ThreadingBackend with 2 concurrent workers."
+        ),
+        "{stderr}"
+    );
+    let last = stderr
+        .lines()
+        .rfind(|l| l.starts_with("[Parallel"))
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("[Parallel(n_jobs=2)]: Done 100 out of 100 | elapsed: ")
+            && last.ends_with("s finished"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "run by verbose_prints_joblib_lines_on_stderr in a child process"]
+fn child_verbose_run() {
+    let out = Parallel::new(2)
+        .verbose(5)
+        .run((0..100u8).map(|i| delayed(one, i)))
+        .unwrap();
+    assert_eq!(out.len(), 100);
+}
+
+#[test]
+fn progress_bar_is_silent_off_a_terminal() {
+    let output = run_child_test("api::child_progress_run", &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("tasks ("), "{stderr}");
+}
+
+#[test]
+#[ignore = "run by progress_bar_is_silent_off_a_terminal in a child process"]
+fn child_progress_run() {
+    let out = Parallel::new(2)
+        .progress(true)
+        .run((0..100u8).map(|i| delayed(one, i)))
+        .unwrap();
+    assert_eq!(out.len(), 100);
+}

@@ -1,0 +1,164 @@
+use parjob::{Backend, Error, Parallel, cpu_count, delayed, effective_n_jobs, worker_info};
+use parjob_tests::run_child_test;
+
+fn identity(x: u32) -> u32 {
+    x
+}
+
+#[test]
+fn minus_one_means_every_cpu() {
+    assert_eq!(effective_n_jobs(-1), Ok(cpu_count()));
+    assert_eq!(Parallel::new(-1).effective_n_jobs(), Ok(cpu_count()));
+}
+
+#[test]
+fn minus_two_leaves_one_cpu_free_but_keeps_one_worker() {
+    assert_eq!(effective_n_jobs(-2), Ok((cpu_count() - 1).max(1)));
+}
+
+#[test]
+fn zero_jobs_is_reported_by_run_not_new() {
+    let parallel = Parallel::new(0);
+    let err = parallel
+        .run((0..3u32).map(|i| delayed(identity, i)))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidNJobs { value: 0, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("-1 for all CPUs"), "{err}");
+}
+
+#[test]
+fn zero_jobs_is_the_only_item_of_run_iter() {
+    let items: Vec<_> = Parallel::new(0)
+        .run_iter((0..3u32).map(|i| delayed(identity, i)))
+        .collect();
+    assert!(
+        matches!(items.as_slice(), [Err(Error::InvalidNJobs { .. })]),
+        "{items:?}"
+    );
+}
+
+#[test]
+fn backend_names_and_aliases_parse() {
+    for (name, backend) in [
+        ("sequential", Backend::Sequential),
+        ("threading", Backend::Threading),
+        ("threads", Backend::Threading),
+        ("process", Backend::Process),
+        ("processes", Backend::Process),
+        ("loky", Backend::Process),
+        ("multiprocessing", Backend::Process),
+    ] {
+        assert_eq!(name.parse::<Backend>(), Ok(backend), "{name}");
+    }
+    assert_eq!(Backend::Threading.to_string(), "threading");
+}
+
+#[test]
+fn unknown_backend_name_lists_the_valid_ones() {
+    let err = "gpu".parse::<Backend>().unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("\"gpu\""), "{text}");
+    for valid in ["sequential", "threading", "process"] {
+        assert!(text.contains(valid), "{text}");
+    }
+}
+
+#[test]
+fn process_backend_says_it_is_not_built_yet() {
+    let err = Parallel::new(2)
+        .backend(Backend::Process)
+        .run((0..3u32).map(|i| delayed(identity, i)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BackendUnavailable {
+                backend: Backend::Process,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("not built"), "{err}");
+}
+
+#[test]
+fn env_backend_is_the_default() {
+    run_child_test(
+        "config::child_env_backend_sequential",
+        &[("PARJOB_BACKEND", "sequential")],
+    );
+}
+
+#[test]
+#[ignore = "run by env_backend_is_the_default in a child process"]
+fn child_env_backend_sequential() {
+    let parallel = Parallel::new(2);
+    assert_eq!(parallel.effective_backend(), Ok(Backend::Sequential));
+    let backends = parallel
+        .run((0..4u32).map(|i| delayed(backend_of_worker, i)))
+        .unwrap();
+    assert!(
+        backends.iter().all(|b| b == "Some(Sequential)"),
+        "{backends:?}"
+    );
+    // An explicit call wins over the environment.
+    let explicit = Parallel::new(2).backend(Backend::Threading);
+    assert_eq!(explicit.effective_backend(), Ok(Backend::Threading));
+}
+
+fn backend_of_worker(_: u32) -> String {
+    format!("{:?}", worker_info().backend)
+}
+
+#[test]
+fn env_unknown_backend_names_the_variable() {
+    run_child_test(
+        "config::child_env_backend_unknown",
+        &[("PARJOB_BACKEND", "gpu")],
+    );
+}
+
+#[test]
+#[ignore = "run by env_unknown_backend_names_the_variable in a child process"]
+fn child_env_backend_unknown() {
+    let err = Parallel::new(2)
+        .run((0..4u32).map(|i| delayed(identity, i)))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("gpu") && text.contains("PARJOB_BACKEND"),
+        "{text}"
+    );
+}
+
+#[test]
+fn env_n_jobs_sets_the_default_but_not_an_explicit_value() {
+    run_child_test("config::child_env_n_jobs", &[("PARJOB_N_JOBS", "3")]);
+}
+
+#[test]
+#[ignore = "run by env_n_jobs_sets_the_default_but_not_an_explicit_value in a child process"]
+fn child_env_n_jobs() {
+    assert_eq!(Parallel::default().effective_n_jobs(), Ok(3));
+    assert_eq!(Parallel::new(5).effective_n_jobs(), Ok(5));
+}
+
+#[test]
+fn env_n_jobs_zero_is_an_error_naming_the_variable() {
+    run_child_test("config::child_env_n_jobs_zero", &[("PARJOB_N_JOBS", "0")]);
+}
+
+#[test]
+#[ignore = "run by env_n_jobs_zero_is_an_error_naming_the_variable in a child process"]
+fn child_env_n_jobs_zero() {
+    let err = Parallel::default()
+        .run((0..4u32).map(|i| delayed(identity, i)))
+        .unwrap_err();
+    assert!(err.to_string().contains("PARJOB_N_JOBS"), "{err}");
+    let err = Parallel::new(0).effective_n_jobs().unwrap_err();
+    assert!(!err.to_string().contains("PARJOB_N_JOBS"), "{err}");
+}

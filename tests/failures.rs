@@ -1,0 +1,135 @@
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, BatchSize, Error, Parallel, delayed};
+use parjob_tests::run_child_test;
+
+fn panics_on_seven(i: u32) -> u32 {
+    if i == 7 {
+        panic!("seven is unlucky");
+    }
+    i
+}
+
+fn identity(i: u32) -> u32 {
+    i
+}
+
+const ALL: [Backend; 2] = [Backend::Sequential, Backend::Threading];
+
+#[test]
+fn a_panic_becomes_task_panicked_with_index_and_message() {
+    for backend in ALL {
+        let err = Parallel::new(2)
+            .backend(backend)
+            .run((0..100u32).map(|i| delayed(panics_on_seven, i)))
+            .unwrap_err();
+        match &err {
+            Error::TaskPanicked { index, message } => {
+                assert_eq!(*index, 7, "{backend}");
+                assert!(message.contains("seven is unlucky"), "{message}");
+                assert!(
+                    message.contains("tests/failures.rs"),
+                    "location missing: {message}"
+                );
+            }
+            other => panic!("{backend}: expected TaskPanicked, got {other:?}"),
+        }
+        assert!(
+            err.to_string()
+                .starts_with("task 7 panicked: seven is unlucky"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn the_same_parallel_works_after_an_error() {
+    for backend in ALL {
+        let parallel = Parallel::new(2).backend(backend);
+        assert!(
+            parallel
+                .run((0..20u32).map(|i| delayed(panics_on_seven, i)))
+                .is_err()
+        );
+        let out = parallel
+            .run((0..20u32).map(|i| delayed(identity, i)))
+            .unwrap();
+        assert_eq!(out, (0..20).collect::<Vec<_>>(), "{backend}");
+    }
+}
+
+#[test]
+fn run_iter_yields_the_failure_in_place_and_goes_on() {
+    let results: Vec<_> = Parallel::new(2)
+        .batch_size(BatchSize::Fixed(4))
+        .run_iter((0..12u32).map(|i| delayed(panics_on_seven, i)))
+        .collect();
+    assert_eq!(results.len(), 12);
+    for (i, result) in results.iter().enumerate() {
+        match result {
+            Err(Error::TaskPanicked { index: 7, .. }) => assert_eq!(i, 7),
+            Ok(v) => assert_eq!(*v as usize, i),
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn run_unordered_yields_the_failure_with_its_index() {
+    let failures: Vec<usize> = Parallel::new(2)
+        .run_unordered((0..50u32).map(|i| delayed(panics_on_seven, i)))
+        .filter_map(|(i, r)| r.is_err().then_some(i))
+        .collect();
+    assert_eq!(failures, [7]);
+}
+
+#[test]
+fn a_task_over_its_timeout_fails_fast_with_timeout() {
+    fn nap(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+    let began = Instant::now();
+    let err = Parallel::new(2)
+        .timeout(Duration::from_millis(100))
+        .run([1, 5, 3_000, 2].map(|ms| delayed(nap, ms)))
+        .unwrap_err();
+    match &err {
+        Error::Timeout {
+            index,
+            after,
+            killed,
+        } => {
+            assert_eq!(
+                (*index, *after, *killed),
+                (2, Duration::from_millis(100), false)
+            );
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(err.to_string().contains("timed out after 100ms"), "{err}");
+    assert!(
+        began.elapsed() < Duration::from_millis(2_500),
+        "waited for the hung task"
+    );
+}
+
+#[test]
+fn task_panics_print_no_backtrace() {
+    let output = run_child_test("failures::child_many_panics", &[("RUST_BACKTRACE", "1")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+    assert!(!stderr.contains("panicked at"), "{stderr}");
+}
+
+#[test]
+#[ignore = "run by task_panics_print_no_backtrace in a child process"]
+fn child_many_panics() {
+    fn always_panics(i: u32) -> u32 {
+        panic!("task {i} gives up")
+    }
+    let results: Vec<_> = Parallel::new(2)
+        .run_iter((0..50u32).map(|i| delayed(always_panics, i)))
+        .collect();
+    assert!(results.iter().all(Result::is_err));
+}

@@ -1,0 +1,104 @@
+use std::time::Duration;
+
+use parjob::{Backend, BatchSize, Parallel, delayed};
+
+/// Sleeps a pseudo-random 0-2 ms (from the index) and returns the index.
+fn jittery(i: u64) -> u64 {
+    let micros = i.wrapping_mul(2_654_435_761) % 2000;
+    std::thread::sleep(Duration::from_micros(micros));
+    i
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+const ALL: [Backend; 2] = [Backend::Sequential, Backend::Threading];
+
+#[test]
+fn run_returns_results_in_input_order_despite_random_durations() {
+    for backend in ALL {
+        let out = Parallel::new(4)
+            .backend(backend)
+            .run((0..200u64).map(|i| delayed(jittery, i)))
+            .unwrap();
+        assert_eq!(out, (0..200).collect::<Vec<_>>(), "{backend}");
+    }
+}
+
+#[test]
+fn run_iter_yields_in_input_order() {
+    let out: Vec<u64> = Parallel::new(4)
+        .run_iter((0..200u64).map(|i| delayed(jittery, i)))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(out, (0..200).collect::<Vec<_>>());
+}
+
+#[test]
+fn run_unordered_yields_every_index_once_with_its_result() {
+    let mut seen: Vec<(usize, u64)> = Parallel::new(4)
+        .run_unordered((0..200u64).map(|i| delayed(jittery, i)))
+        .map(|(i, r)| (i, r.unwrap()))
+        .collect();
+    assert!(seen.iter().all(|&(i, r)| i as u64 == r));
+    seen.sort_unstable();
+    assert_eq!(
+        seen.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+        (0..200).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_million_tasks_all_come_back() {
+    for backend in ALL {
+        let out = Parallel::new(2)
+            .backend(backend)
+            .run((0..1_000_000u64).map(|i| delayed(square, i)))
+            .unwrap();
+        assert_eq!(out.len(), 1_000_000);
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, &v)| v == (i as u64) * (i as u64)),
+            "{backend}"
+        );
+    }
+}
+
+#[test]
+fn fixed_batches_keep_the_order() {
+    for size in [1, 3, 64, 10_000] {
+        let out = Parallel::new(3)
+            .batch_size(BatchSize::Fixed(size))
+            .run((0..1000u64).map(|i| delayed(square, i)))
+            .unwrap();
+        assert_eq!(
+            out,
+            (0..1000u64).map(|i| i * i).collect::<Vec<_>>(),
+            "batch {size}"
+        );
+    }
+}
+
+#[test]
+fn one_parallel_runs_many_times() {
+    let parallel = Parallel::new(2);
+    for n in [0u64, 1, 10, 1000] {
+        let out = parallel.run((0..n).map(|i| delayed(square, i))).unwrap();
+        assert_eq!(out.len() as u64, n);
+    }
+}
+
+#[test]
+fn input_may_borrow_local_data() {
+    let words = ["a".to_string(), "bb".to_string(), "ccc".to_string()];
+    let lengths = Parallel::new(2)
+        .run(
+            words
+                .iter()
+                .map(|w| delayed(|s: String| s.len(), w.clone())),
+        )
+        .unwrap();
+    assert_eq!(lengths, [1, 2, 3]);
+}
