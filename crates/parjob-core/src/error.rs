@@ -9,7 +9,10 @@ use crate::Backend;
 /// Task failures name the task as `task <index>`, the position of the task in the input
 /// iterator (counting from 0). Process-backend failures also name the worker's pid and how it
 /// ended.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// `Debug` prints the same text as `Display`, so that `fn main() -> Result<(), parjob::Error>`
+/// reports a failure readably.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The task's function panicked; the worker that ran it is still usable.
@@ -114,12 +117,29 @@ pub enum Error {
     },
 
     /// The task was not run because the run was stopped first (an earlier task failed, or
-    /// the consumer of `run_iter` went away).
+    /// the consumer of `run_iter` went away), or its `Future` was cancelled.
     #[error("task {index} was cancelled before it ran")]
     Cancelled {
         /// Position of the task in the input.
         index: usize,
     },
+
+    /// The `Executor` was shut down: it takes no new tasks.
+    #[error("the executor was shut down and takes no new tasks")]
+    ExecutorShutdown,
+
+    /// A `Future`'s result was asked for again after an earlier call took it.
+    #[error("the result of task {index} was already taken from its future")]
+    ResultTaken {
+        /// Submission number of the task.
+        index: usize,
+    },
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl Error {
@@ -130,7 +150,8 @@ impl Error {
             | Error::WorkerCrashed { index, .. }
             | Error::Timeout { index, .. }
             | Error::Codec { index, .. }
-            | Error::Cancelled { index } => Some(*index),
+            | Error::Cancelled { index }
+            | Error::ResultTaken { index } => Some(*index),
             _ => None,
         }
     }

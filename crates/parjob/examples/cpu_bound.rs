@@ -1,0 +1,13 @@
+//! The seed lesson "cpu bound" on parjob: `cargo run --release --example cpu_bound -- --backend threading`
+//! (or `sequential`, `process`). The lesson itself is in `lessons/cpu_bound.rs`.
+
+mod lessons;
+
+use clap::Parser;
+
+fn main() -> Result<(), parjob::Error> {
+    parjob::init();
+    let flags = lessons::Flags::parse();
+    lessons::cpu_bound::run(flags.backend)?;
+    Ok(())
+}

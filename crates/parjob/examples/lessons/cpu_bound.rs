@@ -1,0 +1,58 @@
+//! Lesson: CPU-bound work (sum of squares of 10^7 pseudo-random integers, in two halves) runs
+//! about twice as fast on two workers as on one.
+
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, Parallel, delayed};
+
+/// How many integers the lesson squares.
+pub const COUNT: u64 = 10_000_000;
+
+/// The `i`-th pseudo-random integer in 0..1000 (splitmix64): the same in every process.
+fn random_int(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % 1000
+}
+
+/// Sum of squares of the pseudo-random integers `first..first + count`.
+pub fn sum_of_squares(first: u64, count: u64) -> u64 {
+    (first..first + count).map(|i| random_int(i).pow(2)).sum()
+}
+
+/// Times the two halves on `n_jobs` workers; returns the total and the wall time.
+pub fn time_halves(backend: Backend, n_jobs: i32) -> Result<(u64, Duration), parjob::Error> {
+    let half = COUNT / 2;
+    let parallel = Parallel::new(n_jobs).backend(backend);
+    // Warm up: start the workers before timing.
+    parallel.run([delayed(sum_of_squares, (0, 1))])?;
+    let began = Instant::now();
+    let halves = parallel.run([
+        delayed(sum_of_squares, (0, half)),
+        delayed(sum_of_squares, (half, COUNT - half)),
+    ])?;
+    Ok((halves.iter().sum(), began.elapsed()))
+}
+
+/// Runs the lesson; returns the speedup of two workers over one.
+pub fn run(backend: Backend) -> Result<f64, parjob::Error> {
+    super::banner("CPU-bound: sum of squares of 10^7 integers", backend);
+    let (total_one, one) = time_halves(backend, 1)?;
+    let (total_two, two) = time_halves(backend, 2)?;
+    assert_eq!(total_one, total_two, "both runs sum the same integers");
+    let speedup = one.as_secs_f64() / two.as_secs_f64();
+    println!("sum of squares = {total_two}");
+    println!("1 worker:  {:>7.1} ms", one.as_secs_f64() * 1e3);
+    println!("2 workers: {:>7.1} ms", two.as_secs_f64() * 1e3);
+    println!(
+        "speedup: {speedup:.2}x on {} CPUs{}",
+        parjob::cpu_count(),
+        if backend == Backend::Sequential {
+            " (sequential runs one task at a time)"
+        } else {
+            ""
+        }
+    );
+    Ok(speedup)
+}

@@ -1,0 +1,33 @@
+//! The seed lessons (Python's threads-vs-processes classics), one module each, shared by the
+//! single-lesson examples and by `seeds`, which runs them all.
+
+#![allow(dead_code)] // each example binary uses only some of the lessons
+
+pub mod cpu_bound;
+pub mod http_status;
+pub mod shared_counter;
+pub mod sleepy_tasks;
+pub mod sum_of_squares;
+
+use clap::Parser;
+
+/// The flags every lesson example takes.
+#[derive(Debug, Parser)]
+pub struct Flags {
+    /// Where tasks run: sequential, threading (threads), process (processes, loky,
+    /// multiprocessing).
+    #[arg(long, default_value = "threading")]
+    pub backend: parjob::Backend,
+}
+
+/// Prints the name of the lesson about to run.
+pub fn banner(title: &str, backend: parjob::Backend) {
+    println!("\n=== {title} ({backend} backend) ===");
+}
+
+/// A task's view of where it runs, as `parjob-worker-1 (pid 1234)`.
+pub fn whereabouts() -> String {
+    let info = parjob::worker_info();
+    let name = info.thread_name.unwrap_or_else(|| "main".into());
+    format!("{name} (pid {})", info.pid)
+}

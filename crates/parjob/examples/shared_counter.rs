@@ -1,0 +1,13 @@
+//! The seed lesson "shared counter" on parjob: `cargo run --release --example shared_counter -- --backend threading`
+//! (or `sequential`, `process`). The lesson itself is in `lessons/shared_counter.rs`.
+
+mod lessons;
+
+use clap::Parser;
+
+fn main() -> Result<(), parjob::Error> {
+    parjob::init();
+    let flags = lessons::Flags::parse();
+    lessons::shared_counter::run(flags.backend)?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The seed lesson "sleepy tasks" on parjob: `cargo run --release --example sleepy_tasks -- --backend threading`
+//! (or `sequential`, `process`). The lesson itself is in `lessons/sleepy_tasks.rs`.
+
+mod lessons;
+
+use clap::Parser;
+
+fn main() -> Result<(), parjob::Error> {
+    parjob::init();
+    let flags = lessons::Flags::parse();
+    lessons::sleepy_tasks::run(flags.backend)?;
+    Ok(())
+}

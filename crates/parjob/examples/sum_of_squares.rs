@@ -1,0 +1,13 @@
+//! The seed lesson "sum of squares" on parjob: `cargo run --release --example sum_of_squares -- --backend threading`
+//! (or `sequential`, `process`). The lesson itself is in `lessons/sum_of_squares.rs`.
+
+mod lessons;
+
+use clap::Parser;
+
+fn main() -> Result<(), parjob::Error> {
+    parjob::init();
+    let flags = lessons::Flags::parse();
+    lessons::sum_of_squares::run(flags.backend)?;
+    Ok(())
+}
