@@ -5,6 +5,8 @@
 //! - [`delayed`] captures a call as a [`Task`] ([`Delayed`]).
 //! - [`run`], [`RunIter`] and [`RunUnordered`] drive a run on any [`Pool`], configured by
 //!   [`RunOptions`].
+//! - [`submit`] runs one task on its own and returns its [`Future`]; [`as_completed`] and
+//!   [`wait`] wait on many futures at once.
 //! - [`Error`] is every failure; [`Backend`] names where tasks run.
 //! - [`cpu_count`], [`effective_n_jobs`] and [`worker_info`] answer questions about the machine
 //!   and the worker.
@@ -29,6 +31,7 @@ pub mod codec;
 mod dispatch;
 mod env;
 mod error;
+mod future;
 mod n_jobs;
 mod pool;
 mod progress;
@@ -41,6 +44,7 @@ pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
 pub use error::Error;
+pub use future::{AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait};
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};

@@ -55,8 +55,24 @@ pub struct Job {
     pub control: Arc<RunControl>,
     seq: u64,
     started: Option<Arc<AtomicU64>>,
-    reply: Sender<Completion>,
+    reply: Reply,
 }
+
+/// Where a job's completion goes: the dispatcher's channel, or straight into a
+/// [`Future`](crate::Future) (so that waiting on it is not tied to any one receiver).
+pub(crate) enum Reply {
+    Channel(Sender<Completion>),
+    Call(Box<dyn FnOnce(Completion) + Send + Sync>),
+}
+
+impl From<Sender<Completion>> for Reply {
+    fn from(sender: Sender<Completion>) -> Self {
+        Reply::Channel(sender)
+    }
+}
+
+/// The start stamp of a job cancelled before it started: such a job must not run.
+pub(crate) const CANCELLED_BEFORE_START: u64 = u64::MAX;
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,29 +97,53 @@ impl Job {
         batch: Box<dyn ErasedBatch>,
         control: Arc<RunControl>,
         started: Option<Arc<AtomicU64>>,
-        reply: Sender<Completion>,
+        reply: impl Into<Reply>,
     ) -> Self {
         Job {
             batch,
             control,
             seq,
             started,
-            reply,
+            reply: reply.into(),
         }
     }
 
-    /// Notes that the batch has started running, for timeouts the dispatcher watches itself.
-    pub fn mark_started(&self) {
-        if let Some(started) = &self.started {
-            // Stored as nanos since the run began, plus one so that 0 means "not started".
-            started.store(self.control.nanos_since_start() + 1, Ordering::Release);
+    /// Notes that the batch has started running (for timeouts the dispatcher watches itself,
+    /// and for [`Future::cancel`](crate::Future::cancel)).
+    ///
+    /// Returns `false` when the job was cancelled before it started: the pool must then not
+    /// run it, only [`complete`](Job::complete) it. Starting and cancelling are decided by
+    /// one atomic exchange, so exactly one of them wins.
+    pub fn mark_started(&self) -> bool {
+        let Some(started) = &self.started else {
+            return true;
+        };
+        // Stored as nanos since the run began, plus one so that 0 means "not started".
+        let stamp = self
+            .control
+            .nanos_since_start()
+            .saturating_add(1)
+            .min(CANCELLED_BEFORE_START - 1);
+        let mut current = started.load(Ordering::Acquire);
+        loop {
+            if current == CANCELLED_BEFORE_START {
+                return false;
+            }
+            match started.compare_exchange_weak(current, stamp, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
         }
     }
 
     /// Runs the whole batch on the current thread and reports it done: what an in-process
-    /// backend does with a job.
+    /// backend does with a job. A job cancelled before it started is completed unrun.
     pub fn run_here(mut self) {
-        self.mark_started();
+        if !self.mark_started() {
+            self.complete(Duration::ZERO);
+            return;
+        }
         let began = Instant::now();
         self.batch.run_here(&self.control);
         self.complete(began.elapsed());
@@ -112,12 +152,18 @@ impl Job {
     /// Reports the job done, `busy` being how long its tasks ran (it steers auto batching).
     /// Tasks left without an outcome count as cancelled.
     pub fn complete(self, busy: Duration) {
-        // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.
-        let _ = self.reply.send(Completion {
+        let completion = Completion {
             seq: self.seq,
             batch: self.batch,
             busy,
-        });
+        };
+        match self.reply {
+            // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.
+            Reply::Channel(sender) => {
+                let _ = sender.send(completion);
+            }
+            Reply::Call(call) => call(completion),
+        }
     }
 }
 

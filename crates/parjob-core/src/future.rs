@@ -1,0 +1,590 @@
+//! Futures: one task submitted on its own as a one-task [`Job`], and waiting on many such
+//! tasks at once (`concurrent.futures` for parjob).
+//!
+//! - [`submit`] sends a task to any [`Pool`] and returns its [`Future`].
+//! - [`as_completed`] yields futures as they finish; [`wait`] returns when an [`Until`]
+//!   condition holds.
+//!
+//! A job reports its completion straight into its future's shared state (not through a
+//! channel owned by whoever submitted it), and that state wakes every waiter registered on it.
+//! So futures from different executors, and from different backends, can be waited on
+//! together.
+//!
+//! Cancelling and starting race on the job's start stamp: [`Job::mark_started`] and
+//! [`Future::cancel`] each try one atomic exchange on it from "not started", and exactly one
+//! wins. A cancelled future is done at once; its job is later completed unrun by the pool.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use crate::batch::TypedBatch;
+use crate::pool::{CANCELLED_BEFORE_START, Completion, Job, Pool, Reply, RunControl};
+use crate::{Error, Task};
+
+/// The outcome of one task submitted on its own, available once the task is done:
+/// `concurrent.futures.Future` for parjob. Made by `Executor::submit` (or [`submit`]).
+///
+/// Wait for it with [`result`](Future::result), [`result_timeout`](Future::result_timeout),
+/// [`wait`](Future::wait), [`as_completed`] or [`wait`](crate::wait); look without blocking
+/// with [`try_result`](Future::try_result) and [`is_done`](Future::is_done); take back a task
+/// that has not started with [`cancel`](Future::cancel).
+///
+/// The value is moved out once: after [`try_result`](Future::try_result) or
+/// [`result_timeout`](Future::result_timeout) returned the outcome, asking again gives
+/// [`Error::ResultTaken`]. [`error`](Future::error) can be asked any number of times.
+///
+/// Waiting for a future from inside a task of the same pool can deadlock when every worker
+/// waits, as in Python.
+pub struct Future<R> {
+    shared: Arc<Shared<R>>,
+}
+
+/// What a future and the job that completes it share.
+struct Shared<R> {
+    index: usize,
+    slot: Mutex<Slot<R>>,
+    done: Condvar,
+    /// The job's start stamp: 0 before it starts, [`CANCELLED_BEFORE_START`] once cancelled.
+    started: Arc<AtomicU64>,
+    control: Arc<RunControl>,
+}
+
+enum Slot<R> {
+    /// Not done; whom to tell when it is.
+    Pending(Vec<Waiter>),
+    Done(Result<R, Error>),
+    /// The outcome was moved out; a failure is kept for [`Future::error`].
+    Taken(Option<Error>),
+}
+
+/// An [`as_completed`] or [`wait`] call waiting on this future as its number `id`.
+struct Waiter {
+    notifier: Weak<Notifier>,
+    id: usize,
+}
+
+impl<R> Shared<R> {
+    fn lock(&self) -> MutexGuard<'_, Slot<R>> {
+        // A poisoned lock only means a thread panicked while holding it; no code that runs
+        // under it leaves the slot half-updated.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the outcome unless one is set already (a cancelled future ignores its job's late
+    /// completion). Wakes every waiter.
+    fn resolve(&self, outcome: Result<R, Error>) {
+        let mut slot = self.lock();
+        let Slot::Pending(waiters) = &mut *slot else {
+            return;
+        };
+        let waiters = std::mem::take(waiters);
+        *slot = Slot::Done(outcome);
+        drop(slot);
+        self.done.notify_all();
+        for waiter in waiters {
+            if let Some(notifier) = waiter.notifier.upgrade() {
+                notifier.ready(waiter.id);
+            }
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        !matches!(*self.lock(), Slot::Pending(_))
+    }
+
+    fn wait_done(&self, deadline: Option<Instant>) -> MutexGuard<'_, Slot<R>> {
+        let mut slot = self.lock();
+        while matches!(*slot, Slot::Pending(_)) {
+            match deadline {
+                None => slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    slot = self
+                        .done
+                        .wait_timeout(slot, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+        slot
+    }
+
+    /// Tells `notifier` when this future is done (at once if it is).
+    fn subscribe(&self, notifier: &Arc<Notifier>, id: usize) {
+        let mut slot = self.lock();
+        match &mut *slot {
+            Slot::Pending(waiters) => {
+                // Drop registrations of earlier waits that have returned.
+                waiters.retain(|w| w.notifier.strong_count() > 0);
+                waiters.push(Waiter {
+                    notifier: Arc::downgrade(notifier),
+                    id,
+                });
+            }
+            _ => {
+                drop(slot);
+                notifier.ready(id);
+            }
+        }
+    }
+
+    /// Whether the future failed for a reason other than being cancelled.
+    fn failed(&self) -> bool {
+        match &*self.lock() {
+            Slot::Done(Err(error)) | Slot::Taken(Some(error)) => {
+                !matches!(error, Error::Cancelled { .. })
+            }
+            _ => false,
+        }
+    }
+
+    fn cancel(&self) -> bool {
+        match self.started.compare_exchange(
+            0,
+            CANCELLED_BEFORE_START,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                // Also stops a pool that looks at the run's flag before sending the job away.
+                self.control.cancel();
+                self.resolve(Err(Error::Cancelled { index: self.index }));
+                true
+            }
+            Err(stamp) => stamp == CANCELLED_BEFORE_START,
+        }
+    }
+}
+
+/// Moves the outcome out of a done slot.
+fn take<R>(slot: &mut Slot<R>, index: usize) -> Result<R, Error> {
+    match std::mem::replace(slot, Slot::Taken(None)) {
+        Slot::Done(Ok(value)) => Ok(value),
+        Slot::Done(Err(error)) => {
+            *slot = Slot::Taken(Some(error.clone()));
+            Err(error)
+        }
+        Slot::Taken(kept) => {
+            *slot = Slot::Taken(kept);
+            Err(Error::ResultTaken { index })
+        }
+        Slot::Pending(waiters) => {
+            *slot = Slot::Pending(waiters);
+            unreachable!("take is only called on a done slot")
+        }
+    }
+}
+
+impl<R> Future<R> {
+    fn new(index: usize, outcome: Option<Result<R, Error>>) -> Self {
+        let slot = match outcome {
+            Some(outcome) => Slot::Done(outcome),
+            None => Slot::Pending(Vec::new()),
+        };
+        Future {
+            shared: Arc::new(Shared {
+                index,
+                slot: Mutex::new(slot),
+                done: Condvar::new(),
+                started: Arc::new(AtomicU64::new(0)),
+                control: Arc::new(RunControl::new(None)),
+            }),
+        }
+    }
+
+    /// A future that is already done with `error`: how a submit that could not happen (an
+    /// executor shut down, an invalid `n_jobs`) reports it.
+    pub fn failed(index: usize, error: Error) -> Self {
+        Future::new(index, Some(Err(error)))
+    }
+
+    /// The task's number: the order in which its executor received it, counting from 0. Errors
+    /// name the task by it (`task 3 panicked: ...`).
+    pub fn index(&self) -> usize {
+        self.shared.index
+    }
+
+    /// Blocks until the task is done and returns its value, or its failure
+    /// ([`Error::TaskPanicked`], [`Error::WorkerCrashed`], [`Error::Cancelled`], ...).
+    ///
+    /// # Errors
+    /// The task's failure; [`Error::ResultTaken`] if an earlier call took the outcome.
+    pub fn result(self) -> Result<R, Error> {
+        let mut slot = self.shared.wait_done(None);
+        take(&mut slot, self.shared.index)
+    }
+
+    /// Like [`result`](Future::result), but waits at most `timeout`. When the task is not done
+    /// by then, returns [`Error::Timeout`] (with `killed: false`) and leaves the task running:
+    /// the future can be waited on again.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when not done in time; otherwise as [`result`](Future::result).
+    pub fn result_timeout(&mut self, timeout: Duration) -> Result<R, Error> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut slot = self.shared.wait_done(deadline);
+        if matches!(*slot, Slot::Pending(_)) {
+            return Err(Error::Timeout {
+                index: self.shared.index,
+                after: timeout,
+                killed: false,
+            });
+        }
+        take(&mut slot, self.shared.index)
+    }
+
+    /// The outcome if the task is done, `None` if not. Never blocks.
+    pub fn try_result(&mut self) -> Option<Result<R, Error>> {
+        let mut slot = self.shared.lock();
+        if matches!(*slot, Slot::Pending(_)) {
+            return None;
+        }
+        Some(take(&mut slot, self.shared.index))
+    }
+
+    /// Blocks until the task is done and returns its failure, or `None` if it returned a
+    /// value (Python's `Future.exception()`). Leaves the value in place for
+    /// [`result`](Future::result).
+    pub fn error(&self) -> Option<Error> {
+        match &*self.shared.wait_done(None) {
+            Slot::Done(Err(error)) | Slot::Taken(Some(error)) => Some(error.clone()),
+            _ => None,
+        }
+    }
+
+    /// Blocks until the task is done.
+    pub fn wait(&self) {
+        drop(self.shared.wait_done(None));
+    }
+
+    /// Blocks until the task is done or `timeout` has passed; returns whether it is done.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        !matches!(*self.shared.wait_done(deadline), Slot::Pending(_))
+    }
+
+    /// Whether the task is done: returned, failed or cancelled.
+    pub fn is_done(&self) -> bool {
+        self.shared.is_done()
+    }
+
+    /// Whether the task has started and is not done yet.
+    pub fn is_running(&self) -> bool {
+        let stamp = self.shared.started.load(Ordering::Acquire);
+        stamp != 0 && stamp != CANCELLED_BEFORE_START && !self.is_done()
+    }
+
+    /// Whether [`cancel`](Future::cancel) stopped the task before it started.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.started.load(Ordering::Acquire) == CANCELLED_BEFORE_START
+    }
+
+    /// Stops the task if it has not started yet. Returns `true` if it will never run (the
+    /// future is then done, with [`Error::Cancelled`]), `false` if it had already started: it
+    /// then runs to its end and the future gets its outcome.
+    ///
+    /// Starting and cancelling are decided by one atomic exchange, so when `cancel` races
+    /// with a worker picking the task up, exactly one of them wins and the answer is true.
+    pub fn cancel(&self) -> bool {
+        self.shared.cancel()
+    }
+
+    /// An untyped handle on this future, e.g. for an executor that waits for all it made.
+    pub fn handle(&self) -> FutureHandle
+    where
+        R: Send + 'static,
+    {
+        FutureHandle(Arc::clone(&self.shared) as Arc<dyn Waitable>)
+    }
+}
+
+impl<R> std::fmt::Debug for Future<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &*self.shared.lock() {
+            Slot::Pending(_) if self.is_running() => "running",
+            Slot::Pending(_) if self.is_cancelled() => "cancelled",
+            Slot::Pending(_) => "pending",
+            Slot::Done(Ok(_)) => "finished",
+            Slot::Done(Err(Error::Cancelled { .. })) => "cancelled",
+            Slot::Done(Err(_)) => "failed",
+            Slot::Taken(_) => "taken",
+        };
+        f.debug_struct("Future")
+            .field("index", &self.shared.index)
+            .field("state", &state)
+            .finish()
+    }
+}
+
+/// An untyped handle on a [`Future`]'s state: wait for it, cancel it, ask whether it is done,
+/// whatever its result type.
+#[derive(Clone)]
+pub struct FutureHandle(Arc<dyn Waitable>);
+
+trait Waitable: Send + Sync {
+    fn is_done(&self) -> bool;
+    fn wait(&self);
+    fn cancel(&self) -> bool;
+}
+
+impl<R: Send> Waitable for Shared<R> {
+    fn is_done(&self) -> bool {
+        Shared::is_done(self)
+    }
+    fn wait(&self) {
+        drop(self.wait_done(None));
+    }
+    fn cancel(&self) -> bool {
+        Shared::cancel(self)
+    }
+}
+
+impl FutureHandle {
+    /// See [`Future::is_done`].
+    pub fn is_done(&self) -> bool {
+        self.0.is_done()
+    }
+    /// See [`Future::wait`].
+    pub fn wait(&self) {
+        self.0.wait();
+    }
+    /// See [`Future::cancel`].
+    pub fn cancel(&self) -> bool {
+        self.0.cancel()
+    }
+}
+
+impl std::fmt::Debug for FutureHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FutureHandle")
+            .field("done", &self.is_done())
+            .finish()
+    }
+}
+
+/// Submits `task` to `pool` as a one-task job numbered `index` and returns its future.
+///
+/// On the sequential pool the task runs before this returns.
+pub fn submit<T: Task>(pool: &dyn Pool, index: usize, task: T) -> Future<T::Output> {
+    let future = Future::new(index, None);
+    let resolver = Resolver::<T> {
+        shared: Some(Arc::clone(&future.shared)),
+    };
+    let reply = Reply::Call(Box::new(move |completion| resolver.completed(completion)));
+    let job = Job::new(
+        index as u64,
+        Box::new(TypedBatch::new(index, vec![task])),
+        Arc::clone(&future.shared.control),
+        Some(Arc::clone(&future.shared.started)),
+        reply,
+    );
+    pool.submit(job);
+    future
+}
+
+/// Carries a job's completion into its future; if the pool drops the job without completing
+/// it (it was shut down first), the future fails as cancelled instead of waiting forever.
+struct Resolver<T: Task> {
+    shared: Option<Arc<Shared<T::Output>>>,
+}
+
+impl<T: Task> Resolver<T> {
+    fn completed(mut self, completion: Completion) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let index = shared.index;
+        let batch = completion
+            .batch
+            .into_any()
+            .downcast::<TypedBatch<T>>()
+            .expect("a pool returns the batch it was given, so the type matches");
+        let TypedBatch {
+            mut values,
+            mut failures,
+            ..
+        } = *batch;
+        let outcome = match failures.pop() {
+            Some((_, error)) => Err(error),
+            None => values.pop().ok_or(Error::Cancelled { index }),
+        };
+        shared.resolve(outcome);
+    }
+}
+
+impl<T: Task> Drop for Resolver<T> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let index = shared.index;
+            shared.resolve(Err(Error::Cancelled { index }));
+        }
+    }
+}
+
+/// A queue of "future `id` is done" shared by the futures one wait watches.
+struct Notifier {
+    ready: Mutex<VecDeque<usize>>,
+    wake: Condvar,
+}
+
+impl Notifier {
+    fn new() -> Arc<Self> {
+        Arc::new(Notifier {
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+        })
+    }
+
+    fn ready(&self, id: usize) {
+        self.ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(id);
+        self.wake.notify_one();
+    }
+
+    fn next(&self) -> usize {
+        let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(id) = ready.pop_front() {
+                return id;
+            }
+            ready = self
+                .wake
+                .wait(ready)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Yields `futures` in the order they finish (those already done first, in input order):
+/// Python's `concurrent.futures.as_completed`. The futures may come from different
+/// executors and backends.
+///
+/// ```
+/// use std::sync::Arc;
+/// use parjob_core::{as_completed, delayed, submit, SequentialPool};
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// let pool = SequentialPool;
+/// let futures: Vec<_> = (0..3).map(|i| submit(&pool, i, delayed(square, i as u64))).collect();
+/// let mut total = 0;
+/// for future in as_completed(futures) {
+///     total += future.result()?;
+/// }
+/// assert_eq!(total, 5);
+/// # Ok::<(), parjob_core::Error>(())
+/// ```
+pub fn as_completed<R>(futures: impl IntoIterator<Item = Future<R>>) -> AsCompleted<R> {
+    let futures: Vec<Option<Future<R>>> = futures.into_iter().map(Some).collect();
+    let notifier = Notifier::new();
+    for (id, future) in futures.iter().enumerate() {
+        if let Some(future) = future {
+            future.shared.subscribe(&notifier, id);
+        }
+    }
+    AsCompleted {
+        remaining: futures.len(),
+        futures,
+        notifier,
+    }
+}
+
+/// The iterator [`as_completed`] returns: each next future is done.
+pub struct AsCompleted<R> {
+    futures: Vec<Option<Future<R>>>,
+    notifier: Arc<Notifier>,
+    remaining: usize,
+}
+
+impl<R> Iterator for AsCompleted<R> {
+    type Item = Future<R>;
+
+    fn next(&mut self) -> Option<Future<R>> {
+        while self.remaining > 0 {
+            let id = self.notifier.next();
+            if let Some(future) = self.futures.get_mut(id).and_then(Option::take) {
+                self.remaining -= 1;
+                return Some(future);
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl<R> std::fmt::Debug for AsCompleted<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsCompleted")
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+/// When [`wait`] returns: Python's `FIRST_COMPLETED`, `FIRST_EXCEPTION`, `ALL_COMPLETED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Until {
+    /// As soon as any future is done (at once if one already is, or if there are none).
+    FirstCompleted,
+    /// As soon as any future fails (a cancelled one does not count), or when all are done.
+    FirstError,
+    /// When every future is done.
+    AllCompleted,
+}
+
+/// The futures [`wait`] was given, split into those done when it returned and the others,
+/// each in input order.
+#[derive(Debug)]
+pub struct Waited<R> {
+    /// Futures that were done.
+    pub done: Vec<Future<R>>,
+    /// Futures that were not done yet.
+    pub not_done: Vec<Future<R>>,
+}
+
+/// Blocks until `until` holds for `futures`, then returns them split into done and not done:
+/// Python's `concurrent.futures.wait`. The futures may come from different executors and
+/// backends.
+///
+/// ```
+/// use parjob_core::{delayed, submit, wait, SequentialPool, Until};
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// let futures: Vec<_> = (0..3).map(|i| submit(&SequentialPool, i, delayed(square, i as u64))).collect();
+/// let waited = wait(futures, Until::AllCompleted);
+/// assert_eq!((waited.done.len(), waited.not_done.len()), (3, 0));
+/// ```
+pub fn wait<R>(futures: impl IntoIterator<Item = Future<R>>, until: Until) -> Waited<R> {
+    let futures: Vec<Future<R>> = futures.into_iter().collect();
+    let notifier = Notifier::new();
+    for (id, future) in futures.iter().enumerate() {
+        future.shared.subscribe(&notifier, id);
+    }
+    let mut finished = 0;
+    let mut failed = false;
+    loop {
+        let satisfied = match until {
+            Until::FirstCompleted => finished > 0 || futures.is_empty(),
+            Until::FirstError => failed || finished == futures.len(),
+            Until::AllCompleted => finished == futures.len(),
+        };
+        if satisfied {
+            break;
+        }
+        let id = notifier.next();
+        finished += 1;
+        failed |= futures.get(id).is_some_and(|f| f.shared.failed());
+    }
+    drop(notifier);
+    let (done, not_done) = futures.into_iter().partition(Future::is_done);
+    Waited { done, not_done }
+}
