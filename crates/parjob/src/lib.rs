@@ -19,6 +19,8 @@
 //! ```
 //!
 //! - [`Parallel`]: configure (`n_jobs`, backend, batching, timeout, progress) and run.
+//! - [`Executor`]: Python's `concurrent.futures` on the same backends: `submit` one task for a
+//!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers.
 //! - [`delayed`]: `delayed(f, x)` calls `f(x)`; `delayed(f, (a, b))` calls `f(a, b)`.
 //! - [`Backend`]: `sequential`, `threading` (alias `threads`), `process` (aliases
 //!   `processes`, `loky`, `multiprocessing`; not built in this version yet).
@@ -32,11 +34,14 @@
 //! [`Parallel::default`] and a `Parallel` without `.backend(..)`); explicit calls win.
 #![deny(missing_docs)]
 
+mod executor;
 mod iter;
 mod parallel;
 
+pub use executor::{Executor, Shutdown};
 pub use iter::{RunIter, RunUnordered};
 pub use parallel::Parallel;
+pub use parjob_core::{AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait};
 pub use parjob_core::{
     Backend, BatchSize, Delayed, Error, Task, WorkerInfo, cpu_count, delayed, effective_n_jobs,
     worker_info,

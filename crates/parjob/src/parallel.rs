@@ -148,8 +148,18 @@ impl Parallel {
         resolve_workers(self.n_jobs, self.n_jobs_from_env)
     }
 
-    /// The pool for the current configuration, started on first use and kept.
-    fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
+    /// Drops the kept pool (its workers stop once their current jobs are done); the next run
+    /// starts a new one. How `Executor::shutdown` releases its workers.
+    pub(crate) fn release_pool(&self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// The pool for the current configuration, started on first use and kept. `Executor`
+    /// shares it.
+    pub(crate) fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
         let backend = self.effective_backend()?;
         let workers = match backend {
             Backend::Sequential => 1,

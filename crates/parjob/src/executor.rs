@@ -1,0 +1,232 @@
+//! [`Executor`]: Python's `concurrent.futures` executors on every parjob backend.
+//!
+//! An executor is a thin layer over a [`Parallel`]: the same `n_jobs` rules, backends,
+//! environment defaults and pool, and `map` is `Parallel::run_iter`. What it adds is
+//! submitting one task at a time ([`parjob_core::submit`]) and keeping track of what it
+//! submitted so that shutting down can wait for it or cancel it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use parjob_core::{Backend, Error, Future, FutureHandle, Task};
+
+use crate::Parallel;
+use crate::iter::RunIter;
+
+/// How [`Executor::shutdown`] treats tasks that were submitted and are not done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shutdown {
+    /// Let every submitted task run, and wait for them all (`shutdown(wait=True)`; also what
+    /// dropping a non-daemon executor does, like leaving a `with` block).
+    Wait,
+    /// Cancel the tasks that have not started, and wait for the running ones
+    /// (`shutdown(wait=True, cancel_futures=True)`).
+    CancelPending,
+}
+
+/// Runs tasks submitted one at a time and hands back a [`Future`] for each: Python's
+/// `ThreadPoolExecutor` / `ProcessPoolExecutor`, on any [`Backend`].
+///
+/// `n_jobs`, [`backend`](Executor::backend) and `PARJOB_BACKEND` / `PARJOB_N_JOBS` work as
+/// for [`Parallel`], whose pool machinery the executor shares. The workers start with the
+/// first task. On the sequential backend, [`submit`](Executor::submit) runs the task before
+/// it returns.
+///
+/// Dropping an executor is [`shutdown(Shutdown::Wait)`](Executor::shutdown), like leaving a
+/// Python `with` block, unless it is a [`daemon`](Executor::daemon).
+///
+/// ```
+/// use parjob::{delayed, Backend, Executor};
+///
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// let executor = Executor::new(2).backend(Backend::Threading);
+/// let nine = executor.submit(delayed(square, 3));
+/// let four = executor.submit(delayed(square, 2));
+/// assert_eq!(nine.result()? + four.result()?, 13);
+/// let squares: Vec<u64> = executor.map((0..5u64).map(|i| delayed(square, i))).collect::<Result<_, _>>()?;
+/// assert_eq!(squares, [0, 1, 4, 9, 16]);
+/// # Ok::<(), parjob::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Executor {
+    parallel: Parallel,
+    daemon: bool,
+    next_index: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    shut_down: bool,
+    /// Futures submitted and maybe not done; done ones are pruned from time to time.
+    submitted: Vec<FutureHandle>,
+    /// Prune `submitted` when it grows to this length.
+    prune_at: usize,
+}
+
+impl Default for Executor {
+    /// `n_jobs` from `PARJOB_N_JOBS`, or `-1` (all CPUs) when it is not set.
+    fn default() -> Self {
+        Executor::from_parallel(Parallel::default())
+    }
+}
+
+impl Executor {
+    /// An executor with `n_jobs` workers, by joblib's rules (see [`Parallel::new`]). Never
+    /// panics: an invalid `n_jobs` is reported by the futures of the first tasks.
+    pub fn new(n_jobs: i32) -> Executor {
+        Executor::from_parallel(Parallel::new(n_jobs))
+    }
+
+    fn from_parallel(parallel: Parallel) -> Executor {
+        Executor {
+            parallel,
+            daemon: false,
+            next_index: AtomicUsize::new(0),
+            state: Mutex::new(State {
+                prune_at: 64,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// The `Parallel` for a builder method to reconfigure (`Executor` implements `Drop`, so its
+    /// fields cannot be moved out).
+    fn take_parallel(&mut self) -> Parallel {
+        std::mem::replace(&mut self.parallel, Parallel::new(1))
+    }
+
+    /// Where the tasks run. Without this call, `PARJOB_BACKEND` decides, and without that,
+    /// [`Backend::Threading`].
+    pub fn backend(mut self, backend: Backend) -> Executor {
+        self.parallel = self.take_parallel().backend(backend);
+        self
+    }
+
+    /// Makes the workers daemon-like: dropping the executor does not wait for running tasks
+    /// (they stop when the program ends; with the process backend, the workers are killed).
+    /// [`shutdown`](Executor::shutdown) still waits when called explicitly.
+    pub fn daemon(mut self, daemon: bool) -> Executor {
+        self.daemon = daemon;
+        self
+    }
+
+    /// How many batches [`map`](Executor::map) dispatches ahead of the results (default:
+    /// twice the number of workers).
+    pub fn pre_dispatch(mut self, batches: usize) -> Executor {
+        self.parallel = self.take_parallel().pre_dispatch(batches);
+        self
+    }
+
+    /// The backend tasks run on (see [`Parallel::effective_backend`]).
+    ///
+    /// # Errors
+    /// An unknown name in `PARJOB_BACKEND`.
+    pub fn effective_backend(&self) -> Result<Backend, Error> {
+        self.parallel.effective_backend()
+    }
+
+    /// How many workers run tasks (see [`Parallel::effective_n_jobs`]).
+    ///
+    /// # Errors
+    /// An invalid `n_jobs`.
+    pub fn effective_n_jobs(&self) -> Result<usize, Error> {
+        self.parallel.effective_n_jobs()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a thread panicked while holding it; the state is a flag
+        // and a list, valid at every point.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `task` and returns its [`Future`] at once (on the sequential backend, after
+    /// running it). Tasks are numbered in submission order from 0; errors name them so.
+    ///
+    /// A submit that cannot happen returns a future that is already done with the error:
+    /// [`Error::ExecutorShutdown`] after [`shutdown`](Executor::shutdown), or an invalid
+    /// configuration (`n_jobs` of 0, an unknown `PARJOB_BACKEND`, a backend not built in).
+    pub fn submit<T: Task>(&self, task: T) -> Future<T::Output> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        // The lock is held while submitting so that a concurrent shutdown sees every future
+        // submitted before it.
+        let mut state = self.lock();
+        if state.shut_down {
+            return Future::failed(index, Error::ExecutorShutdown);
+        }
+        let pool = match self.parallel.pool() {
+            Ok(pool) => pool,
+            Err(error) => return Future::failed(index, error),
+        };
+        if state.submitted.len() >= state.prune_at {
+            state.submitted.retain(|f| !f.is_done());
+            state.prune_at = (2 * state.submitted.len()).max(64);
+        }
+        // The sequential pool runs the task inside `submit`: keep the lock out of the task,
+        // which may itself submit to this executor.
+        if pool.backend() == Backend::Sequential {
+            drop(state);
+            return parjob_core::submit(&*pool, index, task);
+        }
+        let future = parjob_core::submit(&*pool, index, task);
+        state.submitted.push(future.handle());
+        future
+    }
+
+    /// Runs `tasks` and yields their results in input order, each as soon as it and those
+    /// before it are done: Python's `Executor.map`, but lazy, pulling at most
+    /// [`pre_dispatch`](Executor::pre_dispatch) batches ahead of the consumer. This is
+    /// [`Parallel::run_iter`] on the executor's pool. Dropping the iterator stops the run.
+    ///
+    /// After [`shutdown`](Executor::shutdown), yields [`Error::ExecutorShutdown`] as its only
+    /// item.
+    pub fn map<I, T>(&self, tasks: I) -> RunIter<I::IntoIter, T>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        if self.lock().shut_down {
+            return RunIter::failed(Error::ExecutorShutdown);
+        }
+        self.parallel.run_iter(tasks)
+    }
+
+    /// Stops taking tasks, waits as `how` says, then releases the workers. Later
+    /// [`submit`](Executor::submit)s and [`map`](Executor::map)s fail with
+    /// [`Error::ExecutorShutdown`]. Calling it again does nothing more.
+    ///
+    /// It returns once every task submitted before it is done (or cancelled), so tasks that
+    /// never end make it wait forever: use a [`daemon`](Executor::daemon) executor for those.
+    pub fn shutdown(&self, how: Shutdown) {
+        let submitted = {
+            let mut state = self.lock();
+            state.shut_down = true;
+            std::mem::take(&mut state.submitted)
+        };
+        if how == Shutdown::CancelPending {
+            for future in &submitted {
+                future.cancel();
+            }
+        }
+        for future in &submitted {
+            future.wait();
+        }
+        self.parallel.release_pool();
+    }
+
+    /// Whether [`shutdown`](Executor::shutdown) was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.lock().shut_down
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if self.daemon {
+            self.lock().shut_down = true;
+        } else {
+            self.shutdown(Shutdown::Wait);
+        }
+    }
+}
