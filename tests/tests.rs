@@ -13,3 +13,5 @@ mod failures;
 mod threading;
 // delayed(): arities, closures; verbose lines.
 mod api;
+// Executor: submit, Future (result, timeout, cancel, error), map, as_completed, wait, shutdown.
+mod executor;

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use parjob_core::{Backend, Error, Future, FutureHandle, Task};
+use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Task};
 
 use crate::Parallel;
 use crate::iter::RunIter;
@@ -116,6 +116,14 @@ impl Executor {
     /// twice the number of workers).
     pub fn pre_dispatch(mut self, batches: usize) -> Executor {
         self.parallel = self.take_parallel().pre_dispatch(batches);
+        self
+    }
+
+    /// How [`map`](Executor::map) groups tasks into batches (Python's `chunksize`); the
+    /// default adapts to measured task durations. [`submit`](Executor::submit) always sends
+    /// one task on its own.
+    pub fn batch_size(mut self, batch_size: BatchSize) -> Executor {
+        self.parallel = self.take_parallel().batch_size(batch_size);
         self
     }
 

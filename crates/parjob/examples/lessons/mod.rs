@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each example binary uses only some of the lessons
 
 pub mod cpu_bound;
+pub mod executor_map;
+pub mod executor_submit;
 pub mod http_status;
 pub mod shared_counter;
 pub mod sleepy_tasks;

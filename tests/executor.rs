@@ -1,0 +1,539 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::time::Duration;
+
+use parjob::{
+    Backend, BatchSize, Error, Executor, Future, Shutdown, Until, as_completed, delayed, wait,
+};
+
+/// Backends whose tasks run in this process, where tests can hold a task with a [`Gate`].
+const IN_PROCESS: [Backend; 2] = [Backend::Sequential, Backend::Threading];
+
+/// A task's barrier: it reports when the task started and holds it until the test opens it.
+/// Tasks find their gate by number, since a task is a plain `fn` of serde values.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    started: usize,
+    finished: usize,
+}
+
+static GATES: LazyLock<Mutex<HashMap<u64, Arc<Gate>>>> = LazyLock::new(Default::default);
+static NEXT_GATE: AtomicU64 = AtomicU64::new(0);
+
+fn new_gate() -> (u64, Arc<Gate>) {
+    let id = NEXT_GATE.fetch_add(1, Ordering::Relaxed);
+    let gate = Arc::new(Gate::default());
+    GATES.lock().unwrap().insert(id, Arc::clone(&gate));
+    (id, gate)
+}
+
+impl Gate {
+    fn update(&self, change: impl FnOnce(&mut GateState)) {
+        change(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
+
+    fn open(&self) {
+        self.update(|s| s.open = true);
+    }
+
+    fn wait_until(&self, done: impl Fn(&GateState) -> bool) {
+        let mut state = self.state.lock().unwrap();
+        while !done(&state) {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+
+    fn started(&self) -> usize {
+        self.state.lock().unwrap().started
+    }
+
+    fn finished(&self) -> usize {
+        self.state.lock().unwrap().finished
+    }
+}
+
+/// Starts, waits for gate `id` to open, finishes, and returns `id`.
+fn gated(id: u64) -> u64 {
+    let gate = Arc::clone(&GATES.lock().unwrap()[&id]);
+    gate.update(|s| s.started += 1);
+    gate.wait_until(|s| s.open);
+    gate.update(|s| s.finished += 1);
+    id
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn fails(x: u64) -> u64 {
+    panic!("{x} is not welcome")
+}
+
+fn assert_send<T: Send>(_: &T) {}
+
+#[test]
+fn submit_gives_each_task_value_through_its_future() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(2).backend(backend);
+        let futures: Vec<Future<u64>> = (0..10)
+            .map(|i| executor.submit(delayed(square, i)))
+            .collect();
+        let indices: Vec<usize> = futures.iter().map(Future::index).collect();
+        assert_eq!(indices, (0..10).collect::<Vec<_>>(), "{backend}");
+        let values: Vec<u64> = futures.into_iter().map(|f| f.result().unwrap()).collect();
+        assert_eq!(
+            values,
+            (0..10).map(|i| i * i).collect::<Vec<_>>(),
+            "{backend}"
+        );
+    }
+}
+
+#[test]
+fn try_result_never_blocks_and_is_done_follows_the_task() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let mut future = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    assert!(future.try_result().is_none());
+    assert!(!future.is_done());
+    assert!(future.is_running());
+    gate.open();
+    future.wait();
+    assert!(future.is_done() && !future.is_running());
+    assert_eq!(future.try_result(), Some(Ok(id)));
+    // The value was moved out; asking again says so instead of blocking or panicking.
+    assert_eq!(
+        future.try_result(),
+        Some(Err(Error::ResultTaken { index: 0 }))
+    );
+}
+
+#[test]
+fn result_timeout_gives_a_timeout_error_and_leaves_the_task_running() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let mut future = executor.submit(delayed(gated, id));
+    let err = future
+        .result_timeout(Duration::from_millis(20))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::Timeout {
+            index: 0,
+            after: Duration::from_millis(20),
+            killed: false
+        }
+    );
+    assert!(err.to_string().contains("timed out after 20ms"), "{err}");
+    assert_eq!(gate.finished(), 0, "the task was not stopped");
+    assert!(!future.is_done());
+    gate.open();
+    assert_eq!(future.result_timeout(Duration::from_secs(60)), Ok(id));
+    assert_eq!(gate.finished(), 1);
+}
+
+#[test]
+fn error_gives_the_failure_and_leaves_the_value() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(2).backend(backend);
+        let failing = executor.submit(delayed(fails, 7));
+        let fine = executor.submit(delayed(square, 3));
+        match failing.error() {
+            Some(Error::TaskPanicked { index: 0, message }) => {
+                assert!(message.contains("7 is not welcome"), "{message}");
+            }
+            other => panic!("{backend}: expected TaskPanicked, got {other:?}"),
+        }
+        // error() can be asked again, and result() gives the same failure.
+        assert!(failing.error().is_some());
+        assert!(matches!(failing.result(), Err(Error::TaskPanicked { .. })));
+        assert_eq!(fine.error(), None);
+        assert_eq!(fine.result(), Ok(9), "{backend}");
+    }
+}
+
+#[test]
+fn cancel_succeeds_only_while_the_task_has_not_started() {
+    let (busy_id, busy) = new_gate();
+    let (queued_id, queued_gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let running = executor.submit(delayed(gated, busy_id));
+    busy.wait_until(|s| s.started == 1);
+    let queued = executor.submit(delayed(gated, queued_id));
+
+    assert!(queued.cancel(), "a queued task can be cancelled");
+    assert!(
+        queued.cancel(),
+        "cancelling again still says it will never run"
+    );
+    assert!(queued.is_cancelled() && queued.is_done());
+    assert!(!running.cancel(), "a running task cannot be cancelled");
+    assert!(!running.is_cancelled());
+
+    queued_gate.open();
+    busy.open();
+    assert_eq!(running.result(), Ok(busy_id));
+    assert_eq!(queued.result(), Err(Error::Cancelled { index: 1 }));
+    // The worker is free again and has passed the cancelled job: it never ran.
+    assert_eq!(executor.submit(delayed(square, 4)).result(), Ok(16));
+    assert_eq!(queued_gate.started(), 0);
+}
+
+#[test]
+fn cancel_after_the_task_finished_fails() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(1).backend(backend);
+        let future = executor.submit(delayed(square, 5));
+        future.wait();
+        assert!(!future.cancel(), "{backend}");
+        assert_eq!(future.result(), Ok(25));
+    }
+}
+
+static RACE_RUNS: LazyLock<Mutex<HashMap<u64, usize>>> = LazyLock::new(Default::default);
+
+fn count_run(id: u64) -> u64 {
+    *RACE_RUNS.lock().unwrap().entry(id).or_default() += 1;
+    id
+}
+
+#[test]
+fn cancel_racing_with_start_has_exactly_one_winner() {
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let (mut cancelled, mut ran) = (0, 0);
+    for round in 0..2_000u64 {
+        let id = 1_000_000 + round;
+        let future = executor.submit(delayed(count_run, id));
+        if round % 3 == 0 {
+            std::thread::yield_now();
+        }
+        let won = future.cancel();
+        let outcome = future.result();
+        // Let the worker pass the job before counting, whoever won.
+        executor.submit(delayed(square, 0)).wait();
+        executor.submit(delayed(square, 0)).wait();
+        let runs = RACE_RUNS.lock().unwrap().get(&id).copied().unwrap_or(0);
+        if won {
+            assert_eq!(
+                outcome,
+                Err(Error::Cancelled {
+                    index: 3 * round as usize
+                })
+            );
+            assert_eq!(runs, 0, "round {round}: cancelled, yet the task ran");
+            cancelled += 1;
+        } else {
+            assert_eq!(outcome, Ok(id));
+            assert_eq!(runs, 1, "round {round}: not cancelled, so it ran once");
+            ran += 1;
+        }
+    }
+    assert_eq!(cancelled + ran, 2_000);
+}
+
+#[test]
+fn as_completed_yields_futures_in_the_order_they_finish() {
+    let gates: Vec<(u64, Arc<Gate>)> = (0..3).map(|_| new_gate()).collect();
+    let executor = Executor::new(3).backend(Backend::Threading);
+    let futures: Vec<Future<u64>> = gates
+        .iter()
+        .map(|(id, _)| executor.submit(delayed(gated, *id)))
+        .collect();
+    let mut completed = as_completed(futures);
+    assert_eq!(completed.size_hint(), (3, Some(3)));
+    for position in [2, 0, 1] {
+        let (id, gate) = &gates[position];
+        gate.open();
+        let future = completed.next().unwrap();
+        assert_eq!(future.index(), position);
+        assert_eq!(future.result(), Ok(*id));
+    }
+    assert!(completed.next().is_none());
+}
+
+#[test]
+fn futures_of_different_executors_and_backends_are_waited_on_together() {
+    let (id, gate) = new_gate();
+    let threads = Executor::new(2).backend(Backend::Threading);
+    let other_threads = Executor::new(1).backend(Backend::Threading);
+    let sequential = Executor::new(1).backend(Backend::Sequential);
+    let held = other_threads.submit(delayed(gated, id));
+    let futures = vec![
+        held,
+        threads.submit(delayed(square, 2)),
+        sequential.submit(delayed(square, 3)),
+    ];
+    assert_send(&futures[0]);
+    let moved = std::thread::spawn(move || futures).join().unwrap();
+
+    let first = wait(moved, Until::FirstCompleted);
+    assert!(!first.done.is_empty());
+    assert_eq!(first.not_done.len() + first.done.len(), 3);
+    assert!(!first.not_done.is_empty(), "the held task is not done");
+
+    gate.open();
+    let all = wait(
+        first.done.into_iter().chain(first.not_done),
+        Until::AllCompleted,
+    );
+    assert!(all.not_done.is_empty());
+    let mut values: Vec<u64> = as_completed(all.done)
+        .map(|f| f.result().unwrap())
+        .collect();
+    values.sort_unstable();
+    let mut expected = vec![4, 9, id];
+    expected.sort_unstable();
+    assert_eq!(values, expected);
+}
+
+#[test]
+fn wait_first_error_returns_at_the_first_failure() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let futures = vec![
+        executor.submit(delayed(gated, id)),
+        executor.submit(delayed(fails, 1)),
+    ];
+    let waited = wait(futures, Until::FirstError);
+    assert_eq!(waited.done.len(), 1);
+    assert!(waited.done[0].error().is_some());
+    assert_eq!(waited.not_done.len(), 1);
+    gate.open();
+    let rest = wait(waited.not_done, Until::FirstError);
+    assert_eq!(
+        (rest.done.len(), rest.not_done.len()),
+        (1, 0),
+        "no failure: waits for all"
+    );
+}
+
+#[test]
+fn wait_first_error_does_not_count_a_cancelled_future() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let held = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    let queued = executor.submit(delayed(square, 2));
+    assert!(queued.cancel());
+    let (told, returned) = mpsc::channel();
+    let waiting = std::thread::spawn(move || told.send(wait([held, queued], Until::FirstError)));
+    assert!(
+        returned.recv_timeout(Duration::from_millis(50)).is_err(),
+        "wait returned on a cancelled future"
+    );
+    gate.open();
+    let waited = returned.recv().unwrap();
+    assert_eq!((waited.done.len(), waited.not_done.len()), (2, 0));
+    waiting.join().unwrap().unwrap();
+}
+
+#[test]
+fn wait_on_nothing_returns_at_once() {
+    for until in [
+        Until::FirstCompleted,
+        Until::FirstError,
+        Until::AllCompleted,
+    ] {
+        let waited = wait(Vec::<Future<u64>>::new(), until);
+        assert!(waited.done.is_empty() && waited.not_done.is_empty());
+    }
+}
+
+fn nap_then_square(x: u64) -> u64 {
+    // Later tasks finish first: the order of results must not depend on it.
+    std::thread::sleep(Duration::from_millis(2 * (20 - x % 20)));
+    x * x
+}
+
+#[test]
+fn map_yields_results_in_input_order() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(4).backend(backend);
+        let out: Vec<u64> = executor
+            .map((0..40u64).map(|x| delayed(nap_then_square, x)))
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(out, (0..40).map(|x| x * x).collect::<Vec<_>>(), "{backend}");
+    }
+}
+
+#[test]
+fn map_is_lazy_with_bounded_look_ahead() {
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let executor = Executor::new(2)
+        .backend(Backend::Threading)
+        .batch_size(BatchSize::Fixed(1))
+        .pre_dispatch(4);
+    let endless = (0u64..).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        delayed(square, i)
+    });
+    let first: Vec<u64> = executor.map(endless).take(10).map(Result::unwrap).collect();
+    assert_eq!(first, (0..10).map(|i| i * i).collect::<Vec<_>>());
+    let pulled = pulled.load(Ordering::SeqCst);
+    assert!(pulled <= 10 + 4 + 1, "pulled {pulled} tasks for 10 results");
+}
+
+#[test]
+fn shutdown_wait_returns_once_running_tasks_are_done() {
+    let (id, gate) = new_gate();
+    let executor = Arc::new(Executor::new(2).backend(Backend::Threading));
+    let future = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    let (told, returned) = mpsc::channel();
+    let shutting = std::thread::spawn({
+        let executor = Arc::clone(&executor);
+        move || {
+            executor.shutdown(Shutdown::Wait);
+            told.send(()).unwrap();
+        }
+    });
+    assert!(
+        returned.recv_timeout(Duration::from_millis(50)).is_err(),
+        "shutdown returned while a task was running"
+    );
+    gate.open();
+    returned.recv().unwrap();
+    assert_eq!(gate.finished(), 1);
+    assert_eq!(future.result(), Ok(id));
+    shutting.join().unwrap();
+}
+
+#[test]
+fn shutdown_cancel_pending_cancels_queued_tasks_and_waits_for_running_ones() {
+    let (busy_id, busy) = new_gate();
+    let (queued_id, queued_gate) = new_gate();
+    let executor = Arc::new(Executor::new(1).backend(Backend::Threading));
+    let running = executor.submit(delayed(gated, busy_id));
+    busy.wait_until(|s| s.started == 1);
+    let queued: Vec<Future<u64>> = (0..3)
+        .map(|_| executor.submit(delayed(gated, queued_id)))
+        .collect();
+    let shutting = std::thread::spawn({
+        let executor = Arc::clone(&executor);
+        move || executor.shutdown(Shutdown::CancelPending)
+    });
+    for future in &queued {
+        future.wait();
+        assert!(future.is_cancelled());
+    }
+    busy.open();
+    queued_gate.open();
+    shutting.join().unwrap();
+    assert_eq!(running.result(), Ok(busy_id));
+    assert_eq!(busy.finished(), 1);
+    for (i, future) in queued.into_iter().enumerate() {
+        assert_eq!(future.result(), Err(Error::Cancelled { index: i + 1 }));
+    }
+    assert_eq!(queued_gate.started(), 0);
+}
+
+#[test]
+fn submit_and_map_after_shutdown_are_errors() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(2).backend(backend);
+        assert_eq!(executor.submit(delayed(square, 2)).result(), Ok(4));
+        executor.shutdown(Shutdown::Wait);
+        assert!(executor.is_shut_down());
+        let late = executor.submit(delayed(square, 3));
+        assert!(late.is_done());
+        assert_eq!(late.result(), Err(Error::ExecutorShutdown));
+        let mapped: Vec<_> = executor.map([delayed(square, 1)]).collect();
+        assert_eq!(mapped, [Err(Error::ExecutorShutdown)]);
+        executor.shutdown(Shutdown::Wait); // a second call is harmless
+    }
+}
+
+#[test]
+fn dropping_an_executor_waits_for_its_running_tasks() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let future = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    let opener = std::thread::spawn({
+        let gate = Arc::clone(&gate);
+        move || {
+            std::thread::sleep(Duration::from_millis(20));
+            gate.open();
+        }
+    });
+    drop(executor);
+    assert_eq!(gate.finished(), 1, "drop returned before the task finished");
+    assert_eq!(future.result(), Ok(id));
+    opener.join().unwrap();
+}
+
+#[test]
+fn dropping_a_daemon_executor_does_not_wait() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading).daemon(true);
+    let future = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    drop(executor);
+    assert_eq!(gate.finished(), 0, "drop waited for the task");
+    assert!(!future.is_done());
+    // The task still finishes, and its future hears of it, after the executor is gone.
+    gate.open();
+    assert_eq!(future.result(), Ok(id));
+}
+
+#[test]
+fn an_invalid_n_jobs_is_reported_through_the_future() {
+    let future = Executor::new(0).submit(delayed(square, 1));
+    assert!(matches!(
+        future.result(),
+        Err(Error::InvalidNJobs { value: 0, .. })
+    ));
+}
+
+#[test]
+fn the_sequential_backend_runs_a_task_inside_submit() {
+    let executor = Executor::new(4).backend(Backend::Sequential);
+    let future = executor.submit(delayed(square, 6));
+    assert!(future.is_done());
+    assert_eq!(future.result(), Ok(36));
+}
+
+#[test]
+fn executor_uses_the_n_jobs_rules_and_environment_of_parallel() {
+    assert_eq!(
+        Executor::new(-1).effective_n_jobs(),
+        Ok(parjob::cpu_count())
+    );
+    assert_eq!(Executor::new(3).effective_n_jobs(), Ok(3));
+    assert!(Executor::new(0).effective_n_jobs().is_err());
+    parjob_tests::run_child_test(
+        "executor::child_executor_reads_the_environment",
+        &[("PARJOB_BACKEND", "sequential"), ("PARJOB_N_JOBS", "3")],
+    );
+}
+
+#[test]
+#[ignore = "run by executor_uses_the_n_jobs_rules_and_environment_of_parallel in a child process"]
+fn child_executor_reads_the_environment() {
+    let executor = Executor::default();
+    assert_eq!(executor.effective_backend(), Ok(Backend::Sequential));
+    assert_eq!(executor.effective_n_jobs(), Ok(3));
+    let explicit = Executor::new(2).backend(Backend::Threading);
+    assert_eq!(explicit.effective_backend(), Ok(Backend::Threading));
+    assert_eq!(explicit.effective_n_jobs(), Ok(2));
+    fn which_backend(_: ()) -> Option<String> {
+        parjob::worker_info().backend.map(|b| b.to_string())
+    }
+    assert_eq!(
+        executor.submit(delayed(which_backend, ())).result(),
+        Ok(Some("sequential".to_string()))
+    );
+}
