@@ -127,6 +127,10 @@ impl Job {
         let mut current = started.load(Ordering::Acquire);
         loop {
             if current == CANCELLED_BEFORE_START {
+                // `Future::cancel` sets the flag too, but only after winning the exchange:
+                // setting it here as well means a pool that checks `is_cancelled` after this
+                // call, on this thread, sees it even if `cancel` has not got there yet.
+                self.control.cancel();
                 return false;
             }
             match started.compare_exchange_weak(current, stamp, Ordering::AcqRel, Ordering::Acquire)
