@@ -102,3 +102,71 @@ fn input_may_borrow_local_data() {
         .unwrap();
     assert_eq!(lengths, [1, 2, 3]);
 }
+
+fn label(i: u64) -> String {
+    assert!(i != 777, "no label for 777");
+    format!("item-{i}")
+}
+
+#[test]
+fn owned_results_survive_in_place_collection_and_failures() {
+    for backend in ALL {
+        for batch in [BatchSize::Auto, BatchSize::Fixed(1), BatchSize::Fixed(100)] {
+            let parallel = Parallel::new(3).backend(backend).batch_size(batch);
+            let out = parallel
+                .run((0..700u64).map(|i| delayed(label, i)))
+                .unwrap();
+            assert!(
+                out.iter()
+                    .enumerate()
+                    .all(|(i, s)| *s == format!("item-{i}"))
+            );
+            // The run that fails drops the strings already written, exactly once.
+            let err = parallel
+                .run((0..2000u64).map(|i| delayed(label, i)))
+                .unwrap_err();
+            assert_eq!(err.task_index(), Some(777), "{backend} {batch:?}");
+        }
+    }
+}
+
+/// An input whose `size_hint` claims an exact length it does not have.
+struct Liar {
+    next: u64,
+    end: u64,
+    claimed: usize,
+}
+
+impl Iterator for Liar {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        (self.next < self.end).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.claimed, Some(self.claimed))
+    }
+}
+
+#[test]
+fn a_wrong_exact_size_hint_does_not_lose_or_misplace_results() {
+    for (end, claimed) in [(1000, 10), (10, 1000), (5000, 4999), (0, 3)] {
+        let input = Liar {
+            next: 0,
+            end,
+            claimed,
+        };
+        let out = Parallel::new(2)
+            .batch_size(BatchSize::Fixed(7))
+            .run(input.map(|i| delayed(|i: u64| format!("item-{i}"), i)))
+            .unwrap();
+        assert_eq!(out.len() as u64, end, "claimed {claimed}");
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, s)| *s == format!("item-{i}"))
+        );
+    }
+}

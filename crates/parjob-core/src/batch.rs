@@ -22,6 +22,9 @@ const TAG_OK: u8 = 0;
 const TAG_PANICKED: u8 = 1;
 const TAG_NOT_ENCODED: u8 = 2;
 
+/// The most tasks run between two looks at the cancel flag.
+const MAX_CHUNK: usize = 4096;
+
 /// The function a worker process calls to run one encoded batch of one task type.
 ///
 /// `frame` holds the tasks written by [`ErasedBatch::encode_tasks`]; the outcomes are appended
@@ -73,6 +76,39 @@ pub(crate) struct TypedBatch<T: Task> {
     pub(crate) values: Vec<T::Output>,
     /// Position within the batch and error, in increasing position.
     pub(crate) failures: Vec<(usize, Error)>,
+    /// Where `run_here` writes values instead of `values`: this batch's slice of the run's
+    /// output buffer, whose first `written` slots are initialised.
+    pub(crate) destination: Option<Destination<T::Output>>,
+    pub(crate) written: usize,
+}
+
+/// Stores `count` into `target` when dropped, also during unwinding.
+struct WriteBack<'a> {
+    count: usize,
+    target: &'a mut usize,
+}
+
+impl Drop for WriteBack<'_> {
+    fn drop(&mut self) {
+        *self.target = self.count;
+    }
+}
+
+/// The start of a batch's slice of a run's output buffer, which the batch fills in place so
+/// that `run` need not copy the results into one vector at the end.
+pub(crate) struct Destination<R>(std::ptr::NonNull<R>);
+
+// SAFETY: a destination is the exclusive right to write one batch's disjoint slice of the
+// output buffer; values of type `R: Send` may be written to it from another thread.
+unsafe impl<R: Send> Send for Destination<R> {}
+
+impl<R> Destination<R> {
+    /// # Safety
+    /// `start` must point at room for the batch's values that nothing else reads or writes
+    /// until the batch comes back to the dispatcher, and that outlives the batch.
+    pub(crate) unsafe fn new(start: std::ptr::NonNull<R>) -> Self {
+        Destination(start)
+    }
 }
 
 impl<T: Task> TypedBatch<T> {
@@ -83,15 +119,70 @@ impl<T: Task> TypedBatch<T> {
             values: Vec::with_capacity(tasks.len()),
             failures: Vec::new(),
             tasks,
+            destination: None,
+            written: 0,
+        }
+    }
+
+    /// Like `new`, but `run_here` writes the values to `destination`.
+    pub(crate) fn with_destination(
+        first_index: usize,
+        tasks: Vec<T>,
+        destination: Destination<T::Output>,
+    ) -> Self {
+        TypedBatch {
+            destination: Some(destination),
+            values: Vec::new(),
+            ..TypedBatch::new(first_index, tasks)
         }
     }
 
     fn done(&self) -> usize {
-        self.values.len() + self.failures.len()
+        self.written + self.values.len() + self.failures.len()
     }
 
     fn next_index(&self) -> usize {
         self.first_index + self.done()
+    }
+
+    /// `run_here` for a batch with a destination: values go straight to the output buffer.
+    /// Only `run` uses destinations, and it stops at the first failure, so the batch stops at
+    /// its first panic too.
+    fn run_in_place(&mut self, control: &RunControl) {
+        let Some(destination) = &self.destination else {
+            return;
+        };
+        let start = destination.0;
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
+        // The count lives in a local guard rather than in `self`, so that the compiler can
+        // keep it in a register (a raw-pointer write could alias a field), and is stored back
+        // even when a task panics, so the panicking task's position is known.
+        let mut written = WriteBack {
+            count: self.written,
+            target: &mut self.written,
+        };
+        let mut chunk = 1;
+        let finished = catch_task(|| {
+            while tasks.len() > 0 {
+                if control.is_cancelled() {
+                    return;
+                }
+                for task in tasks.by_ref().take(chunk) {
+                    let value = task.call();
+                    // SAFETY: `count < len`: every write follows taking one of the
+                    // `len - count` tasks left. `Destination::new`'s contract gives this
+                    // batch `len` writable slots from `start`.
+                    unsafe { start.add(written.count).write(value) };
+                    written.count += 1;
+                }
+                chunk = (chunk * 2).min(MAX_CHUNK);
+            }
+        });
+        drop(written);
+        if let Err(message) = finished {
+            let index = self.next_index();
+            self.push_outcome(Err(Error::TaskPanicked { index, message }));
+        }
     }
 
     fn push_outcome(&mut self, outcome: Result<T::Output, Error>) {
@@ -116,18 +207,32 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
     }
 
     fn run_here(&mut self, control: &RunControl) {
-        let skip = self.done();
-        let mut tasks = std::mem::take(&mut self.tasks).into_iter().skip(skip);
+        if self.destination.is_some() {
+            self.run_in_place(control);
+            return;
+        }
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
+        // Tasks that already have an outcome are dropped; the rest stay a `vec::IntoIter`,
+        // whose exact length lets `extend` below write without capacity checks.
+        if let Some(last_done) = self.done().checked_sub(1) {
+            tasks.nth(last_done);
+        }
+        // Tasks run in chunks that double from 1 to `MAX_CHUNK`: the cancel flag is checked
+        // between chunks, so a cancelled batch stops within about the time it has run so
+        // far, while tiny tasks run in long `extend` loops the compiler can vectorise.
+        let mut chunk = 1;
         loop {
             let values = &mut self.values;
-            // One catch_unwind per batch keeps the loop tight; after a panic the loop resumes
-            // with the next task.
+            // One catch_unwind per batch keeps the loop tight. If a task panics, `extend`
+            // leaves `values` holding every value written before it, so the panicking task's
+            // position is known, and the loop resumes with the next task.
             let finished = catch_task(|| {
-                for task in tasks.by_ref() {
+                while tasks.len() > 0 {
                     if control.is_cancelled() {
                         return;
                     }
-                    values.push(task.call());
+                    values.extend(tasks.by_ref().take(chunk).map(Task::call));
+                    chunk = (chunk * 2).min(MAX_CHUNK);
                 }
             });
             match finished {

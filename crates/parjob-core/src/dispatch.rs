@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use crate::batch::TypedBatch;
+use crate::batch::{Destination, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
 use crate::pool::{Completion, Job, Pool, RunControl};
 use crate::progress::Reporter;
@@ -55,9 +55,25 @@ pub(crate) struct Finished<R> {
     pub(crate) values: Vec<R>,
     /// Position within the batch and error, by increasing position.
     pub(crate) failures: Vec<(usize, Error)>,
+    /// Whether the batch owned its slice of the in-place output buffer (see `run`).
+    pub(crate) in_place: bool,
+    /// How many values the batch wrote at the start of that slice.
+    pub(crate) written: usize,
 }
 
 impl<R> Finished<R> {
+    /// The earliest failure of a batch that has one (or a task without outcome): failures
+    /// are recorded in position order, and tasks left without outcome come after the rest.
+    pub(crate) fn into_first_error(self) -> Error {
+        let done = self.written + self.values.len() + self.failures.len();
+        match self.failures.into_iter().next() {
+            Some((_, error)) => error,
+            None => Error::Cancelled {
+                index: self.first_index + done,
+            },
+        }
+    }
+
     /// Every task's outcome with its input index, in input order.
     pub(crate) fn into_outcomes(self) -> FinishedIter<R> {
         FinishedIter {
@@ -120,6 +136,8 @@ pub(crate) struct Dispatcher<I, T: Task> {
     abandoned: HashSet<u64>,
     sizer: Sizer,
     reporter: Reporter,
+    /// The output buffer batches write into directly, with its capacity (see `run`).
+    in_place: Option<(std::ptr::NonNull<T::Output>, usize)>,
     marker: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -167,7 +185,27 @@ where
             watched: Vec::new(),
             abandoned: HashSet::new(),
             reporter,
+            in_place: None,
             marker: std::marker::PhantomData,
+        }
+    }
+
+    /// Makes batches that fall within `capacity` slots of `buffer` write their values there,
+    /// at their input index, instead of returning them. Ignored when timeouts are watched,
+    /// since an abandoned batch could write after the run returned.
+    ///
+    /// # Safety
+    /// `buffer` must have room for `capacity` values and must outlive every batch of this
+    /// dispatcher: the dispatcher's drop waits for running batches, so it is enough that the
+    /// buffer is dropped after the dispatcher, and is not read before the batches that wrote
+    /// it came back.
+    pub(crate) unsafe fn write_in_place(
+        &mut self,
+        buffer: std::ptr::NonNull<T::Output>,
+        capacity: usize,
+    ) {
+        if !self.watches_timeouts() {
+            self.in_place = Some((buffer, capacity));
         }
     }
 
@@ -224,7 +262,20 @@ where
             });
             started
         });
-        let batch = Box::new(TypedBatch::new(first_index, tasks));
+        let batch = match self.in_place {
+            Some((buffer, capacity)) if first_index + tasks.len() <= capacity => {
+                // SAFETY: the slots `first_index..first_index + len` are within the buffer
+                // (checked above), belong to this batch alone (batches cover disjoint index
+                // ranges), and the buffer outlives the batch (`write_in_place`'s contract).
+                let destination = unsafe { Destination::new(buffer.add(first_index)) };
+                Box::new(TypedBatch::with_destination(
+                    first_index,
+                    tasks,
+                    destination,
+                ))
+            }
+            _ => Box::new(TypedBatch::new(first_index, tasks)),
+        };
         let job = Job::new(
             seq,
             batch,
@@ -280,6 +331,8 @@ where
             seq: completion.seq,
             first_index: batch.first_index,
             len,
+            in_place: batch.destination.is_some(),
+            written: batch.written,
             values: batch.values,
             failures: batch.failures,
         }
@@ -327,6 +380,8 @@ where
             first_index: watched.first_index,
             len: 1,
             values: Vec::new(),
+            in_place: false,
+            written: 0,
             failures: vec![(
                 0,
                 Error::Timeout {
@@ -338,14 +393,27 @@ where
         })
     }
 
-    /// Lets running batches finish (cancelled ones stop at their next task), except those
-    /// abandoned after a timeout.
-    pub(crate) fn drain(&mut self) {
-        while self.wait().is_some() {}
-    }
-
     pub(crate) fn finish_report(&mut self, ok: bool) {
         self.reporter.finished(ok);
+    }
+}
+
+impl<I, T: Task> Drop for Dispatcher<I, T> {
+    fn drop(&mut self) {
+        if self.in_place.is_none() || self.running == 0 {
+            return;
+        }
+        // Batches still running write into the caller's output buffer, which is freed after
+        // the dispatcher: stop them and wait. Only reached when unwinding (a panic in the
+        // user's iterator), since `run` waits for every batch itself otherwise.
+        self.control.cancel();
+        while self.running > 0 {
+            match self.completions.recv() {
+                Ok(completion) if !self.abandoned.contains(&completion.seq) => self.running -= 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -353,6 +421,10 @@ where
 ///
 /// On the first failure no new task is dispatched, tasks already queued are skipped, running
 /// ones finish (or, after a timeout on threads, are left behind), and the error is returned.
+///
+/// When the input knows its exact length, in-process batches write their values straight
+/// into the output vector at their input index (as rayon's `collect` does), which saves
+/// copying every result once more at the end; other batches are appended in order.
 pub fn run<I, T>(
     pool: Arc<dyn Pool>,
     tasks: I,
@@ -363,40 +435,95 @@ where
     T: Task,
 {
     let tasks = tasks.into_iter();
-    let mut out = Vec::with_capacity(tasks.size_hint().0.min(1 << 24));
+    let exact_len = match tasks.size_hint() {
+        (low, Some(high)) if low == high => Some(low),
+        _ => None,
+    };
+    // Declared before the dispatcher so that it is dropped after it: the dispatcher's drop
+    // waits for batches that may still be writing into it.
+    let mut out: Vec<T::Output> = Vec::with_capacity(exact_len.unwrap_or(0));
     let mut dispatcher = Dispatcher::new(pool, tasks, options);
-    let mut waiting: BTreeMap<u64, Vec<T::Output>> = BTreeMap::new();
-    let mut next_seq = 0;
+    if let (Some(len), Some(buffer)) = (exact_len, std::ptr::NonNull::new(out.as_mut_ptr())) {
+        // SAFETY: `out` has room for `len` values, is dropped after the dispatcher, and is
+        // only read (below) for batches that came back.
+        unsafe { dispatcher.write_in_place(buffer, len) };
+    }
+    // Slices of `out` holding initialised values, as (input index, count).
+    let mut placed: Vec<(usize, usize)> = Vec::new();
+    // Values of batches that did not write in place, by batch number.
+    let mut appended: BTreeMap<u64, Vec<T::Output>> = BTreeMap::new();
     loop {
         while dispatcher.running() < dispatcher.max_in_flight() && dispatcher.dispatch_one() {}
         let Some(mut finished) = dispatcher.wait() else {
             break;
         };
-        if !finished.failures.is_empty() || finished.values.len() < finished.len {
-            let error = finished
-                .into_outcomes()
-                .find_map(|(_, outcome)| outcome.err())
-                .expect("a batch with fewer values than tasks has a failure or a cancelled task");
+        let complete = finished.failures.is_empty()
+            && finished.written + finished.values.len() == finished.len;
+        if finished.in_place {
+            if complete && !finished.values.is_empty() {
+                // A pool that ran the batch elsewhere returned the values: put them in place.
+                let at = finished.first_index + finished.written;
+                // SAFETY: slots `at..at + values.len()` are this batch's, in bounds, and not
+                // yet initialised; `set_len(0)` hands the moved values' ownership to `out`.
+                unsafe {
+                    let source = finished.values.as_ptr();
+                    let target = out.as_mut_ptr().add(at);
+                    std::ptr::copy_nonoverlapping(source, target, finished.values.len());
+                    finished.written += finished.values.len();
+                    finished.values.set_len(0);
+                }
+            }
+            placed.push((finished.first_index, finished.written));
+        }
+        if !complete {
+            let error = finished.into_first_error();
             dispatcher.cancel();
             if !matches!(error, Error::Timeout { killed: false, .. }) {
-                dispatcher.drain();
+                while let Some(finished) = dispatcher.wait() {
+                    if finished.in_place {
+                        placed.push((finished.first_index, finished.written));
+                    }
+                }
             }
-            dispatcher.finish_report(false);
+            drop(dispatcher);
+            drop_placed(&mut out, &placed);
             return Err(error);
         }
-        if finished.seq == next_seq {
-            out.append(&mut finished.values);
-            next_seq += 1;
-            while let Some(mut values) = waiting.remove(&next_seq) {
-                out.append(&mut values);
-                next_seq += 1;
-            }
-        } else {
-            waiting.insert(finished.seq, finished.values);
+        if !finished.in_place {
+            appended.insert(finished.seq, finished.values);
         }
     }
     dispatcher.finish_report(true);
+    drop(dispatcher);
+    // In-place batches form a prefix of the input (a batch writes in place only if it ends
+    // within the announced length, and batches come in input order), all of it written.
+    let prefix: usize = placed.iter().map(|&(_, count)| count).sum();
+    // SAFETY: every run succeeded, so slots `0..prefix` are initialised.
+    unsafe { out.set_len(prefix) };
+    for (_, mut values) in appended {
+        if out.is_empty() && values.capacity() >= out.capacity() {
+            out = values;
+        } else {
+            out.append(&mut values);
+        }
+    }
     Ok(out)
+}
+
+/// Drops the values batches wrote into `out`'s spare capacity before a run failed.
+fn drop_placed<R>(out: &mut Vec<R>, placed: &[(usize, usize)]) {
+    if !std::mem::needs_drop::<R>() {
+        return;
+    }
+    for &(first, count) in placed {
+        // SAFETY: batches wrote `count` values from index `first`, within the capacity, and
+        // every batch is back (the dispatcher was dropped after waiting for them); `out`'s
+        // length is 0, so these values are dropped exactly once, here.
+        unsafe {
+            let slice = std::ptr::slice_from_raw_parts_mut(out.as_mut_ptr().add(first), count);
+            std::ptr::drop_in_place(slice);
+        }
+    }
 }
 
 /// The results of a run in input order, each as soon as it and all before it are done:
