@@ -115,6 +115,39 @@ fn a_task_over_its_timeout_fails_fast_with_timeout() {
 }
 
 #[test]
+fn a_sequential_task_over_its_timeout_is_reported_when_it_returns() {
+    fn nap(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+    let err = Parallel::new(1)
+        .backend(Backend::Sequential)
+        .timeout(Duration::from_millis(50))
+        .run([1, 200, 1].map(|ms| delayed(nap, ms)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                index: 1,
+                killed: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn tasks_within_their_timeout_succeed() {
+    let out = Parallel::new(2)
+        .timeout(Duration::from_secs(10))
+        .run((0..50u32).map(|i| delayed(identity, i)))
+        .unwrap();
+    assert_eq!(out, (0..50).collect::<Vec<_>>());
+}
+
+#[test]
 fn task_panics_print_no_backtrace() {
     let output = run_child_test("failures::child_many_panics", &[("RUST_BACKTRACE", "1")]);
     let stderr = String::from_utf8_lossy(&output.stderr);

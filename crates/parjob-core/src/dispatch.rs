@@ -327,7 +327,7 @@ where
             .downcast::<TypedBatch<T>>()
             .expect("a pool returns the batch the dispatcher gave it, so the type matches");
         self.reporter.completed(len);
-        Finished {
+        let mut finished = Finished {
             seq: completion.seq,
             first_index: batch.first_index,
             len,
@@ -335,7 +335,24 @@ where
             written: batch.written,
             values: batch.values,
             failures: batch.failures,
+        };
+        // A watched task (alone in its batch) that came back after its timeout failed all the
+        // same: the sequential pool runs it on this very thread, so only now can it be seen,
+        // and on threads its completion may beat the timer.
+        if let Some(timeout) = self.control.timeout() {
+            if self.watches_timeouts() && len == 1 && completion.busy > timeout {
+                finished.values.clear();
+                finished.failures = vec![(
+                    0,
+                    Error::Timeout {
+                        index: finished.first_index,
+                        after: timeout,
+                        killed: false,
+                    },
+                )];
+            }
         }
+        finished
     }
 
     /// How long to wait before looking for timed-out tasks again.
