@@ -153,7 +153,8 @@ impl<T: Task> TypedBatch<T> {
             return;
         };
         let start = destination.0;
-        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
+        let mut buffer = self.pending_tasks();
+        let mut tasks = buffer.drain(..);
         // The count lives in a local guard rather than in `self`, so that the compiler can
         // keep it in a register (a raw-pointer write could alias a field), and is stored back
         // even when a task panics, so the panicking task's position is known.
@@ -179,10 +180,29 @@ impl<T: Task> TypedBatch<T> {
             }
         });
         drop(written);
+        drop(tasks);
+        self.tasks = buffer;
         if let Err(message) = finished {
             let index = self.next_index();
             self.push_outcome(Err(Error::TaskPanicked { index, message }));
         }
+    }
+
+    /// Takes the tasks still to run, dropping those that already have an outcome. The
+    /// buffer goes back into `self.tasks` empty once they ran, so that the dispatcher can
+    /// fill it again: reusing it saves faulting in fresh pages for every batch.
+    fn pending_tasks(&mut self) -> Vec<T> {
+        let mut buffer = std::mem::take(&mut self.tasks);
+        let done = self.done().min(buffer.len());
+        buffer.drain(..done);
+        buffer
+    }
+
+    /// The task buffer, emptied, for the next batch.
+    pub(crate) fn take_buffer(&mut self) -> Vec<T> {
+        let mut buffer = std::mem::take(&mut self.tasks);
+        buffer.clear();
+        buffer
     }
 
     fn push_outcome(&mut self, outcome: Result<T::Output, Error>) {
@@ -211,12 +231,8 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
             self.run_in_place(control);
             return;
         }
-        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
-        // Tasks that already have an outcome are dropped; the rest stay a `vec::IntoIter`,
-        // whose exact length lets `extend` below write without capacity checks.
-        if let Some(last_done) = self.done().checked_sub(1) {
-            tasks.nth(last_done);
-        }
+        let mut buffer = self.pending_tasks();
+        let mut tasks = buffer.drain(..);
         // Tasks run in chunks that double from 1 to `MAX_CHUNK`: the cancel flag is checked
         // between chunks, so a cancelled batch stops within about the time it has run so
         // far, while tiny tasks run in long `extend` loops the compiler can vectorise.
@@ -236,13 +252,15 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
                 }
             });
             match finished {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(message) => {
                     let index = self.next_index();
                     self.push_outcome(Err(Error::TaskPanicked { index, message }));
                 }
             }
         }
+        drop(tasks);
+        self.tasks = buffer;
     }
 
     fn remote_entry(&self) -> Result<RemoteEntry, Error> {

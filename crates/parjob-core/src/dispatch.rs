@@ -138,6 +138,8 @@ pub(crate) struct Dispatcher<I, T: Task> {
     reporter: Reporter,
     /// The output buffer batches write into directly, with its capacity (see `run`).
     in_place: Option<(std::ptr::NonNull<T::Output>, usize)>,
+    /// Emptied task buffers of finished batches, to fill again.
+    spare_buffers: Vec<Vec<T>>,
     marker: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -186,6 +188,7 @@ where
             abandoned: HashSet::new(),
             reporter,
             in_place: None,
+            spare_buffers: Vec::new(),
             marker: std::marker::PhantomData,
         }
     }
@@ -236,7 +239,8 @@ where
             return false;
         }
         let size = self.sizer.next_size(self.tasks.size_hint().0);
-        let mut tasks = Vec::with_capacity(size);
+        let mut tasks = self.spare_buffers.pop().unwrap_or_default();
+        tasks.reserve(size);
         tasks.extend(self.tasks.by_ref().take(size));
         if tasks.len() < size {
             self.exhausted = true;
@@ -321,11 +325,15 @@ where
         let len = completion.batch.len();
         self.sizer
             .observe(completion.batch.outcomes_len(), completion.busy);
-        let batch = completion
+        let mut batch = completion
             .batch
             .into_any()
             .downcast::<TypedBatch<T>>()
             .expect("a pool returns the batch the dispatcher gave it, so the type matches");
+        let buffer = batch.take_buffer();
+        if buffer.capacity() > 0 && self.spare_buffers.len() < self.max_in_flight {
+            self.spare_buffers.push(buffer);
+        }
         self.reporter.completed(len);
         let mut finished = Finished {
             seq: completion.seq,
