@@ -51,7 +51,7 @@ impl Reporter {
                 ProgressDrawTarget::stderr(),
             );
             let style = ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks ({per_sec}, eta {eta})",
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks (eta {eta})",
             );
             if let Ok(style) = style {
                 bar.set_style(style);
