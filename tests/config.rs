@@ -67,22 +67,13 @@ fn unknown_backend_name_lists_the_valid_ones() {
 }
 
 #[test]
-fn process_backend_says_it_is_not_built_yet() {
-    let err = Parallel::new(2)
-        .backend(Backend::Process)
+fn process_backend_is_built_in_and_named_by_its_aliases() {
+    let backend: Backend = "loky".parse().unwrap();
+    let out = Parallel::new(2)
+        .backend(backend)
         .run((0..3u32).map(|i| delayed(identity, i)))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::BackendUnavailable {
-                backend: Backend::Process,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("not built"), "{err}");
+        .unwrap();
+    assert_eq!(out, [0, 1, 2]);
 }
 
 #[test]

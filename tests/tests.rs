@@ -15,3 +15,5 @@ mod threading;
 mod api;
 // Executor: submit, Future (result, timeout, cancel, error), map, as_completed, wait, shutdown.
 mod executor;
+// Process backend: crashes, timeouts, codec errors, no orphans, worker lifecycle.
+mod process;

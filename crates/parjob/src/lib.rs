@@ -23,7 +23,8 @@
 //!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers.
 //! - [`delayed`]: `delayed(f, x)` calls `f(x)`; `delayed(f, (a, b))` calls `f(a, b)`.
 //! - [`Backend`]: `sequential`, `threading` (alias `threads`), `process` (aliases
-//!   `processes`, `loky`, `multiprocessing`; not built in this version yet).
+//!   `processes`, `loky`, `multiprocessing`: worker processes, Linux, the `process` feature;
+//!   see [`init`] and [`enable_test_support!`]).
 //! - [`Error`]: every failure, naming the task (`task 7 panicked: ...`).
 //! - [`cpu_count`], [`effective_n_jobs`], [`worker_info`].
 //!
@@ -37,6 +38,7 @@
 mod executor;
 mod iter;
 mod parallel;
+mod process;
 
 pub use executor::{Executor, Shutdown};
 pub use iter::{RunIter, RunUnordered};
@@ -46,8 +48,6 @@ pub use parjob_core::{
     Backend, BatchSize, Delayed, Error, Task, WorkerInfo, cpu_count, delayed, effective_n_jobs,
     worker_info,
 };
-
-/// Call first thing in `main`. In the program that drives a run it does nothing; in a worker
-/// process started by the process backend it runs the worker loop and never returns. Calling
-/// it now keeps a program ready for the process backend when it is built in.
-pub fn init() {}
+#[doc(hidden)]
+pub use process::enable_test_support_now as __enable_test_support;
+pub use process::init;

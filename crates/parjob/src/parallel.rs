@@ -9,6 +9,7 @@ use parjob_core::{
 };
 
 use crate::iter::{RunIter, RunUnordered};
+use crate::process::ProcessConfig;
 
 /// Runs many tasks in parallel, joblib's `Parallel(n_jobs, backend=...)`.
 ///
@@ -34,12 +35,14 @@ pub struct Parallel {
     env_error: Option<Error>,
     backend: Option<Backend>,
     options: RunOptions,
+    pub(crate) process: ProcessConfig,
     pool: Mutex<Option<CachedPool>>,
 }
 
 struct CachedPool {
     backend: Backend,
     workers: usize,
+    process: ProcessConfig,
     pool: Arc<dyn Pool>,
 }
 
@@ -80,6 +83,7 @@ impl Parallel {
                 n_jobs,
                 ..RunOptions::default()
             },
+            process: ProcessConfig::default(),
             pool: Mutex::new(None),
         }
     }
@@ -170,14 +174,17 @@ impl Parallel {
         let mut cached = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = cached
             .as_ref()
-            .filter(|c| c.backend == backend && c.workers == workers)
+            .filter(|c| c.backend == backend && c.workers == workers && c.process == self.process)
         {
             return Ok(Arc::clone(&c.pool));
         }
-        let pool = start_pool(backend, workers)?;
+        // Drop the old pool first: its workers must not outlive the cache entry.
+        *cached = None;
+        let pool = start_pool(backend, workers, &self.process)?;
         *cached = Some(CachedPool {
             backend,
             workers,
+            process: self.process.clone(),
             pool: Arc::clone(&pool),
         });
         Ok(pool)
@@ -232,7 +239,11 @@ impl Parallel {
     }
 }
 
-fn start_pool(backend: Backend, workers: usize) -> Result<Arc<dyn Pool>, Error> {
+fn start_pool(
+    backend: Backend,
+    workers: usize,
+    process: &ProcessConfig,
+) -> Result<Arc<dyn Pool>, Error> {
     match backend {
         Backend::Sequential => Ok(Arc::new(SequentialPool)),
         #[cfg(feature = "threading")]
@@ -242,13 +253,7 @@ fn start_pool(backend: Backend, workers: usize) -> Result<Arc<dyn Pool>, Error> 
             backend,
             reason: "parjob was built without its `threading` feature".into(),
         }),
-        Backend::Process => Err(Error::BackendUnavailable {
-            backend,
-            reason: format!(
-                "the process backend is not built in this version of parjob (it is still \
-                 being written); use threading or sequential for these {workers} workers"
-            ),
-        }),
+        Backend::Process => process.start(workers),
         other => Err(Error::BackendUnavailable {
             backend: other,
             reason: "not built in this version of parjob".into(),

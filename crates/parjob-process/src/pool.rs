@@ -1,0 +1,584 @@
+//! [`ProcessPool`]: one supervisor thread per worker process, taking jobs from a shared queue.
+//!
+//! A supervisor owns its worker: it starts it (so the worker's parent-death signal is tied to a
+//! thread that outlives it), sends it one frame at a time, and hears about it only through its
+//! event channel, fed by three small threads: the handshake's accept, the reader of the
+//! results channel, and the waiter on the process. Hearing of the death from the waiter, not
+//! only from the channel, is what makes a crash visible even when a grandchild keeps the
+//! channel open.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ipc_channel::ipc::IpcSharedMemory;
+use parjob_core::{Backend, Error, Job, Pool};
+
+use crate::ProcessOptions;
+use crate::spawn::{Event, Starter, Worker, wait_for_output};
+use crate::wire::{
+    DONE_HEADER, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN, MSG_SHUTDOWN, RUN_HEADER,
+    monotonic_nanos, read_u64,
+};
+use crate::worker::{in_worker_loop, offset_of, started_as_worker};
+
+/// How long a worker told to shut down may take before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A pool of worker processes running parjob jobs.
+///
+/// Made by `Parallel` for [`Backend::Process`]; use it directly only to drive
+/// `parjob_core::run` yourself. Dropping it shuts the workers down (idle ones exit with
+/// status 0, busy ones are killed) and reaps them before `drop` returns.
+pub struct ProcessPool {
+    shared: Arc<Shared>,
+    supervisors: Vec<JoinHandle<()>>,
+    workers: usize,
+}
+
+impl std::fmt::Debug for ProcessPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPool")
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    job_ready: Condvar,
+    closing: AtomicBool,
+    /// Each supervisor's event sender, to wake a busy one when the pool closes.
+    wakers: Mutex<Vec<Sender<Event>>>,
+}
+
+impl Shared {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        // A panic while holding the lock leaves a valid queue behind.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// The next job, or `None` once the pool is closing.
+    fn next_job(&self) -> Option<Job> {
+        let mut queue = self.queue();
+        loop {
+            if self.closing() {
+                return None;
+            }
+            if let Some(job) = queue.pop_front() {
+                return Some(job);
+            }
+            queue = self
+                .job_ready
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl ProcessPool {
+    /// Starts `workers` worker processes and waits for each to finish its handshake (and
+    /// initializer).
+    ///
+    /// # Errors
+    /// [`Error::Worker`] if a worker cannot be started, is another build of the program, or
+    /// fails its initializer; [`Error::BackendUnavailable`] when called in a process that was
+    /// started as a worker but did not enter the worker loop (`parjob::init()` missing).
+    pub fn new(workers: usize, options: ProcessOptions) -> Result<ProcessPool, Error> {
+        if started_as_worker() && !in_worker_loop() {
+            return Err(Error::BackendUnavailable {
+                backend: Backend::Process,
+                reason: "this process was started as a parjob worker but did not call \
+                         parjob::init() before using the process backend"
+                    .into(),
+            });
+        }
+        let workers = workers.max(1);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            job_ready: Condvar::new(),
+            closing: AtomicBool::new(false),
+            wakers: Mutex::new(Vec::new()),
+        });
+        let options = Arc::new(options);
+        let (started_tx, started_rx) = mpsc::channel();
+        let mut pool = ProcessPool {
+            shared: Arc::clone(&shared),
+            supervisors: Vec::with_capacity(workers),
+            workers,
+        };
+        let mut first_error = None;
+        for index in 0..workers {
+            let (events_tx, events) = mpsc::channel();
+            shared
+                .wakers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(events_tx.clone());
+            let mut supervisor = Supervisor {
+                index,
+                workers,
+                options: Arc::clone(&options),
+                shared: Arc::clone(&shared),
+                events_tx,
+                events,
+                worker: None,
+                generation: 0,
+                buf: Vec::new(),
+            };
+            let started_tx = started_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("parjob-supervisor-{index}"))
+                .spawn(move || {
+                    let started = supervisor.replace_worker();
+                    let ok = started.is_ok();
+                    let _ = started_tx.send(started);
+                    drop(started_tx);
+                    if ok {
+                        supervisor.serve();
+                    }
+                });
+            match spawned {
+                Ok(handle) => pool.supervisors.push(handle),
+                Err(e) => {
+                    first_error = Some(Error::Worker {
+                        worker: index,
+                        message: format!("cannot start its supervisor thread: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
+        drop(started_tx);
+        // Each supervisor reports once (and keeps its sender): read exactly that many.
+        for _ in 0..pool.supervisors.len() {
+            match started_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => break,
+            }
+        }
+        match first_error {
+            Some(error) => Err(error), // dropping `pool` stops the workers that did start
+            None => Ok(pool),
+        }
+    }
+}
+
+impl Drop for ProcessPool {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        {
+            let _queue = self.shared.queue();
+            self.shared.job_ready.notify_all();
+        }
+        for waker in self
+            .shared
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = waker.send(Event::Close);
+        }
+        for handle in self.supervisors.drain(..) {
+            let _ = handle.join();
+        }
+        // Jobs nobody took: complete them with no outcomes (their tasks count as cancelled).
+        let left: Vec<Job> = self.shared.queue().drain(..).collect();
+        for job in left {
+            job.complete(Duration::ZERO);
+        }
+    }
+}
+
+impl Pool for ProcessPool {
+    fn backend(&self) -> Backend {
+        Backend::Process
+    }
+
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn submit(&self, job: Job) {
+        self.shared.queue().push_back(job);
+        self.shared.job_ready.notify_one();
+    }
+
+    fn target_batch_duration(&self) -> Duration {
+        // A frame's round trip costs 10-60 us plus encoding; 5 ms batches hide it while a run
+        // still ends within about one batch of the ideal.
+        Duration::from_millis(5)
+    }
+
+    fn enforces_timeout(&self) -> bool {
+        true
+    }
+
+    fn verbose_name(&self) -> &'static str {
+        "ProcessBackend"
+    }
+}
+
+/// How one frame ended.
+enum FrameEnd {
+    Done {
+        bytes: Vec<u8>,
+        shared: Option<IpcSharedMemory>,
+    },
+    /// The worker died (or was killed for a timeout) holding task `at` of the frame.
+    Died {
+        at: usize,
+        error: Error,
+    },
+    Closing,
+}
+
+struct Supervisor {
+    index: usize,
+    workers: usize,
+    options: Arc<ProcessOptions>,
+    shared: Arc<Shared>,
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    worker: Option<Worker>,
+    generation: u64,
+    buf: Vec<u8>,
+}
+
+impl Supervisor {
+    fn serve(&mut self) {
+        while let Some(job) = self.shared.next_job() {
+            self.run_job(job);
+            if self.worker.is_none() && !self.shared.closing() {
+                // Replace a dead worker now so that the next run finds it ready; if that
+                // fails, the next job reports why.
+                let _ = self.replace_worker();
+            }
+        }
+        self.retire_worker();
+    }
+
+    fn replace_worker(&mut self) -> Result<(), Error> {
+        self.generation += 1;
+        let starter = Starter {
+            index: self.index,
+            workers: self.workers,
+            options: &self.options,
+            events_tx: &self.events_tx,
+            events: &self.events,
+        };
+        self.worker = Some(starter.start(self.generation)?);
+        Ok(())
+    }
+
+    /// Runs every task of `job`, over as many frames and workers as it takes, and completes it.
+    fn run_job(&mut self, mut job: Job) {
+        let entry = match job.batch.remote_entry() {
+            Ok(entry) => entry,
+            Err(error) => {
+                while job.batch.outcomes_len() < job.batch.len() {
+                    job.batch.push_failure(error.clone());
+                }
+                job.complete(Duration::ZERO);
+                return;
+            }
+        };
+        let offset = offset_of(entry as usize);
+        job.mark_started();
+        let mut busy = Duration::ZERO;
+        // A task that killed its worker: its error goes in once the tasks before it have
+        // their outcomes (they ran in the dead worker too, but their results died with it).
+        let mut pending: Option<(usize, Error)> = None;
+        loop {
+            let start = job.batch.outcomes_len();
+            let len = job.batch.len();
+            if start >= len {
+                break;
+            }
+            if pending.as_ref().is_some_and(|(at, _)| *at == start) {
+                if let Some((_, error)) = pending.take() {
+                    job.batch.push_failure(error);
+                }
+                continue;
+            }
+            if job.control.is_cancelled() || self.shared.closing() {
+                break;
+            }
+            if self.worker.is_none()
+                && let Err(error) = self.replace_worker()
+            {
+                while job.batch.outcomes_len() < len {
+                    job.batch.push_failure(error.clone());
+                }
+                break;
+            }
+            let mut end = pending.as_ref().map_or(len, |(at, _)| *at);
+            if let (Some(max), Some(worker)) = (self.options.max_tasks_per_worker, &self.worker) {
+                end = end.min(start + max.saturating_sub(worker.tasks_run).max(1));
+            }
+            match self.run_frame(&job, offset, start..end) {
+                FrameEnd::Done { bytes, shared } => {
+                    busy += Duration::from_nanos(read_u64(&bytes, 2).unwrap_or(0));
+                    let outcomes = match &shared {
+                        Some(shared) => &shared[..],
+                        None => bytes.get(DONE_HEADER..).unwrap_or_default(),
+                    };
+                    let decoded = job.batch.decode_outcomes(outcomes);
+                    if let Some(worker) = &mut self.worker {
+                        worker.tasks_run += decoded;
+                        if self
+                            .options
+                            .max_tasks_per_worker
+                            .is_some_and(|max| worker.tasks_run >= max)
+                        {
+                            self.retire_worker();
+                        }
+                    }
+                }
+                FrameEnd::Died { at, error } => {
+                    let at = start + at;
+                    if pending.as_ref().is_none_or(|(p, _)| at < *p) {
+                        pending = Some((at, error));
+                    }
+                }
+                FrameEnd::Closing => break,
+            }
+        }
+        job.complete(busy);
+    }
+
+    /// Sends tasks `range` of the job to the worker and waits for their outcomes.
+    fn run_frame(&mut self, job: &Job, offset: i64, range: std::ops::Range<usize>) -> FrameEnd {
+        let Some(worker) = &self.worker else {
+            return FrameEnd::Closing;
+        };
+        let timeout = job.control.timeout();
+        let mut flags = if timeout.is_some() { FLAG_TIMED } else { 0 };
+        self.buf.clear();
+        self.buf.extend_from_slice(&[MSG_RUN, flags]);
+        self.buf.extend_from_slice(&offset.to_le_bytes());
+        job.batch.encode_tasks(range.clone(), &mut self.buf);
+        worker.board.reset();
+        let sent = if self.buf.len() - RUN_HEADER > self.options.max_nbytes {
+            flags |= FLAG_SHARED;
+            self.buf[1] = flags;
+            let shared = IpcSharedMemory::from_bytes(&self.buf[RUN_HEADER..]);
+            worker
+                .big_tasks
+                .send(shared)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    worker
+                        .tasks
+                        .send(&self.buf[..RUN_HEADER])
+                        .map_err(|e| e.to_string())
+                })
+        } else {
+            worker.tasks.send(&self.buf).map_err(|e| e.to_string())
+        };
+        if self.buf.capacity() > 64 << 20 {
+            self.buf = Vec::new();
+        }
+        let generation = worker.generation;
+        let first_index = job.batch.first_index() + range.start;
+        if sent.is_err() {
+            // The worker is gone; its waiter will say how.
+            return self.bury(first_index, range.len(), None, None);
+        }
+        let mut timed_out = false;
+        loop {
+            let event = match timeout {
+                Some(limit) if !timed_out => {
+                    let poll =
+                        (limit / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
+                    match self.events.recv_timeout(poll) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => {
+                            timed_out = self.kill_if_over(limit);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return FrameEnd::Closing,
+                    }
+                }
+                _ => match self.events.recv() {
+                    Ok(event) => event,
+                    Err(_) => return FrameEnd::Closing,
+                },
+            };
+            match event {
+                Event::Reply {
+                    generation: g,
+                    bytes,
+                    shared,
+                } if g == generation && bytes.first() == Some(&MSG_DONE) => {
+                    return FrameEnd::Done { bytes, shared };
+                }
+                Event::Disconnected { generation: g } if g == generation => {
+                    return self.bury(
+                        first_index,
+                        range.len(),
+                        None,
+                        timeout.filter(|_| timed_out),
+                    );
+                }
+                Event::Exited {
+                    generation: g,
+                    status,
+                } if g == generation => {
+                    return self.bury(
+                        first_index,
+                        range.len(),
+                        Some(status),
+                        timeout.filter(|_| timed_out),
+                    );
+                }
+                Event::Close => {
+                    if let Some(worker) = &self.worker {
+                        worker.child.kill();
+                    }
+                    self.bury(first_index, range.len(), None, None);
+                    return FrameEnd::Closing;
+                }
+                _ => {} // about an earlier worker of this slot
+            }
+        }
+    }
+
+    /// Kills the worker if its current task started more than `limit` ago.
+    fn kill_if_over(&self, limit: Duration) -> bool {
+        let Some(worker) = &self.worker else {
+            return false;
+        };
+        let started = worker.board.started_count();
+        if started == 0 {
+            return false;
+        }
+        let since = monotonic_nanos().saturating_sub(worker.board.last_start());
+        if u128::from(since) < limit.as_nanos() || worker.board.started_count() != started {
+            return false;
+        }
+        worker.child.kill();
+        true
+    }
+
+    /// The worker died during a frame of `len` tasks starting at input index `first_index`:
+    /// learns how (waiting for its waiter if `status` is not known yet), forgets it, and says
+    /// which task it held.
+    fn bury(
+        &mut self,
+        first_index: usize,
+        len: usize,
+        mut status: Option<String>,
+        timed_out: Option<Duration>,
+    ) -> FrameEnd {
+        let Some(worker) = self.worker.take() else {
+            return FrameEnd::Closing;
+        };
+        let generation = worker.generation;
+        let mut deadline = Instant::now() + SHUTDOWN_GRACE;
+        let mut killed = false;
+        let mut late_reply = None;
+        // Wait for the exit status, and for the reader to drain what the worker sent before
+        // it died: a frame that finished just before a kill is not a crash.
+        let mut disconnected = false;
+        while status.is_none() || (!disconnected && late_reply.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Exited {
+                    generation: g,
+                    status: s,
+                }) if g == generation => {
+                    status = Some(s);
+                    // The reader's disconnection follows at once unless a grandchild holds
+                    // the channel: do not wait long for it.
+                    deadline = deadline.min(Instant::now() + Duration::from_millis(100));
+                }
+                Ok(Event::Disconnected { generation: g }) if g == generation => {
+                    disconnected = true;
+                }
+                Ok(Event::Reply {
+                    generation: g,
+                    bytes,
+                    shared,
+                }) if g == generation && bytes.first() == Some(&MSG_DONE) => {
+                    late_reply = Some(FrameEnd::Done { bytes, shared });
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if status.is_some() {
+                        break;
+                    }
+                    if killed {
+                        status = Some("lost (it did not exit after SIGKILL)".into());
+                        break;
+                    }
+                    // Disconnected but still alive (it closed its channel): end it.
+                    worker.child.kill();
+                    killed = true;
+                    deadline = Instant::now() + SHUTDOWN_GRACE;
+                }
+            }
+        }
+        wait_for_output(&worker);
+        if let Some(done) = late_reply {
+            return done;
+        }
+        let at =
+            (worker.board.started_count().saturating_sub(1) as usize).min(len.saturating_sub(1));
+        let index = first_index + at;
+        let error = match timed_out {
+            Some(after) => Error::Timeout {
+                index,
+                after,
+                killed: true,
+            },
+            None => Error::WorkerCrashed {
+                index,
+                worker: self.index,
+                pid: worker.pid,
+                status: status.unwrap_or_else(|| "lost".into()),
+            },
+        };
+        FrameEnd::Died { at, error }
+    }
+
+    /// Tells an idle worker to exit (status 0) and waits until it has; kills it if it takes
+    /// longer than `SHUTDOWN_GRACE`.
+    fn retire_worker(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        if worker.tasks.send(&[MSG_SHUTDOWN]).is_err() {
+            worker.child.kill();
+        }
+        let mut deadline = Instant::now() + SHUTDOWN_GRACE;
+        let mut killed = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Exited { generation: g, .. }) if g == worker.generation => {
+                    wait_for_output(&worker);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) if !killed => {
+                    worker.child.kill();
+                    killed = true;
+                    deadline = Instant::now() + SHUTDOWN_GRACE;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The worker side: what `init()` runs in a process the driver started.
+
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ipc_channel::ipc::{self, IpcSender, IpcSharedMemory};
+use parjob_core::{Backend, RemoteEntry, set_worker_identity};
+
+use crate::build_id::build_id;
+use crate::wire::{
+    Board, DONE_HEADER, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_SHARED, FLAG_TIMED, Hello,
+    MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN, MSG_WELCOME, PROTOCOL, RUN_HEADER,
+    read_u64,
+};
+
+static IN_WORKER: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process was started as a worker (it may not have reached the loop yet).
+pub(crate) fn started_as_worker() -> bool {
+    std::env::var_os(ENV_SERVER).is_some()
+}
+
+/// Whether this process is running the worker loop.
+pub(crate) fn in_worker_loop() -> bool {
+    IN_WORKER.load(Ordering::Relaxed)
+}
+
+/// The function every offset is measured from. Any function of this crate would do; this one
+/// exists so that the choice is explicit and never inlined away.
+#[inline(never)]
+pub(crate) fn anchor() -> usize {
+    std::hint::black_box(0x5eed)
+}
+
+/// Offset of `f` from [`anchor`] in this build.
+pub(crate) fn offset_of(f: usize) -> i64 {
+    (f as i64).wrapping_sub(anchor_address() as i64)
+}
+
+fn anchor_address() -> usize {
+    let anchor: fn() -> usize = anchor;
+    anchor as usize
+}
+
+/// The address at `offset` from [`anchor`] in this build.
+fn address_at(offset: i64) -> usize {
+    (anchor_address() as i64).wrapping_add(offset) as usize
+}
+
+/// Enters the worker loop if the driver started this process; returns at once otherwise.
+pub fn init() {
+    let Some(server) = std::env::var_os(ENV_SERVER) else {
+        return;
+    };
+    IN_WORKER.store(true, Ordering::Relaxed);
+    let code = match serve(server) {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("parjob worker (pid {}): {message}", std::process::id());
+            70
+        }
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code);
+}
+
+fn serve(server: OsString) -> Result<(), String> {
+    let server = server
+        .into_string()
+        .map_err(|s| format!("{ENV_SERVER}={s:?} is not UTF-8"))?;
+    let index: usize = std::env::var(ENV_INDEX)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{ENV_INDEX} is missing or not a number"))?;
+    set_worker_identity(Some((Backend::Process, index)));
+    let board = match std::env::var(ENV_BOARD_FD)
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(fd) => Board::inherit(fd).map_err(|e| format!("cannot map the status board: {e}"))?,
+        None => return Err(format!("{ENV_BOARD_FD} is missing or not a number")),
+    };
+    let channel_error = |e: std::io::Error| format!("cannot make a channel: {e}");
+    let (tasks_tx, tasks_rx) = ipc::bytes_channel().map_err(channel_error)?;
+    let (big_tasks_tx, big_tasks_rx) = ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
+    let (results_tx, results_rx) = ipc::bytes_channel().map_err(channel_error)?;
+    let (big_results_tx, big_results_rx) =
+        ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
+    let hello = Hello {
+        protocol: PROTOCOL,
+        build_id: build_id().to_string(),
+        exe: std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "<unknown executable>".into()),
+        pid: std::process::id(),
+        tasks: tasks_tx,
+        big_tasks: big_tasks_tx,
+        results: results_rx,
+        big_results: big_results_rx,
+    };
+    let door = IpcSender::<Hello>::connect(server)
+        .map_err(|e| format!("cannot connect to the driver: {e}"))?;
+    door.send(hello)
+        .map_err(|e| format!("cannot greet the driver: {e}"))?;
+    drop(door);
+
+    // A driver that refuses this worker (another build) drops the channel: exit quietly.
+    let Ok(welcome) = tasks_rx.recv() else {
+        return Ok(());
+    };
+    if welcome.first() != Some(&MSG_WELCOME) || welcome.len() < 18 {
+        return Err("the driver's welcome is malformed".into());
+    }
+    let max_nbytes = read_u64(&welcome, 1).unwrap_or(u64::MAX) as usize;
+    if welcome[9] == 1 {
+        let offset = read_u64(&welcome, 10).unwrap_or(0) as i64;
+        // SAFETY: the driver sends offsets only after checking at the handshake that this
+        // worker is the same build (same build-id), so `anchor + offset` is the address of the
+        // `fn()` the driver measured in its own copy of this very binary.
+        let initializer: fn() = unsafe { std::mem::transmute::<usize, fn()>(address_at(offset)) };
+        if let Err(message) = catch_initializer(initializer) {
+            let mut reply = vec![MSG_INIT_FAILED];
+            reply.extend_from_slice(message.as_bytes());
+            let _ = results_tx.send(&reply);
+            return Ok(());
+        }
+    }
+    results_tx
+        .send(&[MSG_READY])
+        .map_err(|e| format!("cannot reach the driver: {e}"))?;
+
+    let mut out = Vec::new();
+    loop {
+        // The driver gone (dropped without a shutdown, or dead) means: exit too.
+        let Ok(message) = tasks_rx.recv() else {
+            return Ok(());
+        };
+        match message.first() {
+            Some(&MSG_RUN) if message.len() >= RUN_HEADER => {}
+            Some(&MSG_SHUTDOWN) => return Ok(()),
+            _ => return Err("the driver sent a malformed message".into()),
+        }
+        let flags = message[1];
+        let offset = read_u64(&message, 2).unwrap_or(0) as i64;
+        let shared;
+        let frame: &[u8] = if flags & FLAG_SHARED != 0 {
+            shared = big_tasks_rx
+                .recv()
+                .map_err(|e| format!("cannot receive a shared frame: {e}"))?;
+            &shared
+        } else {
+            &message[RUN_HEADER..]
+        };
+        // SAFETY: as for the initializer above: same build, checked at the handshake, so the
+        // offset leads to the `RemoteEntry` the driver took from `ErasedBatch::remote_entry`.
+        let entry: RemoteEntry =
+            unsafe { std::mem::transmute::<usize, RemoteEntry>(address_at(offset)) };
+        let timed = flags & FLAG_TIMED != 0;
+        out.clear();
+        out.extend_from_slice(&[MSG_DONE; DONE_HEADER]);
+        let began = Instant::now();
+        entry(frame, &mut out, &mut |position| {
+            board.task_started(position, timed);
+        });
+        let busy = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        out[1] = 0;
+        out[2..DONE_HEADER].copy_from_slice(&busy.to_le_bytes());
+        if out.len() - DONE_HEADER > max_nbytes {
+            out[1] = FLAG_SHARED;
+            big_results_tx
+                .send(IpcSharedMemory::from_bytes(&out[DONE_HEADER..]))
+                .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
+            results_tx.send(&out[..DONE_HEADER])
+        } else {
+            results_tx.send(&out)
+        }
+        .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        if out.capacity() > 64 << 20 {
+            out = Vec::new();
+        }
+    }
+}
+
+/// Runs the initializer, returning its panic message and location instead of printing them
+/// (with `RUST_BACKTRACE=1` the default hook would also print a backtrace): the driver
+/// reports the failure.
+fn catch_initializer(initializer: fn()) -> Result<(), String> {
+    let message = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let slot = std::sync::Arc::clone(&message);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = panic_text(info.payload());
+        let text = match info.location() {
+            Some(at) => format!("{text} (at {}:{}:{})", at.file(), at.line(), at.column()),
+            None => text,
+        };
+        if let Ok(mut slot) = slot.lock() {
+            *slot = Some(text);
+        }
+    }));
+    let outcome = std::panic::catch_unwind(initializer);
+    std::panic::set_hook(previous);
+    outcome.map_err(|payload| {
+        message
+            .lock()
+            .ok()
+            .and_then(|mut m| m.take())
+            .unwrap_or_else(|| panic_text(&*payload))
+    })
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_string()
+    }
+}

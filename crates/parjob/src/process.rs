@@ -1,0 +1,169 @@
+//! The process backend as `Parallel` sees it: its builder settings, `init()`, and
+//! `enable_test_support!`.
+
+use std::path::PathBuf;
+
+use crate::Parallel;
+
+/// The process backend's settings: part of the pool cache key, so changing one starts a new
+/// pool on the next run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProcessConfig {
+    worker_exe: Option<PathBuf>,
+    initializer: Option<InitFn>,
+    max_tasks_per_worker: Option<usize>,
+    max_nbytes: usize,
+    prefix_output: bool,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            worker_exe: None,
+            initializer: None,
+            max_tasks_per_worker: None,
+            max_nbytes: 1 << 20,
+            prefix_output: false,
+        }
+    }
+}
+
+/// An initializer compared by address (the only identity a `fn` has).
+#[derive(Debug, Clone, Copy)]
+struct InitFn(fn());
+
+impl PartialEq for InitFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 as usize == other.0 as usize
+    }
+}
+
+impl Eq for InitFn {}
+
+impl ProcessConfig {
+    #[cfg(all(feature = "process", target_os = "linux"))]
+    pub(crate) fn start(
+        &self,
+        workers: usize,
+    ) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
+        let options = parjob_process::ProcessOptions {
+            worker_exe: self.worker_exe.clone(),
+            initializer: self.initializer.map(|f| parjob_process::Initializer(f.0)),
+            max_tasks_per_worker: self.max_tasks_per_worker,
+            max_nbytes: self.max_nbytes,
+            prefix_output: self.prefix_output,
+        };
+        Ok(std::sync::Arc::new(parjob_process::ProcessPool::new(
+            workers, options,
+        )?))
+    }
+
+    #[cfg(not(all(feature = "process", target_os = "linux")))]
+    pub(crate) fn start(
+        &self,
+        _workers: usize,
+    ) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
+        Err(crate::Error::BackendUnavailable {
+            backend: crate::Backend::Process,
+            reason: "parjob was built without its `process` feature, or not for Linux".into(),
+        })
+    }
+}
+
+/// Process-backend settings; the other backends ignore them.
+impl Parallel {
+    /// Run workers from this executable instead of re-running the current one. It must be the
+    /// same build of the same program (a copy, or the same file under another path) and call
+    /// [`init`](crate::init) first thing in `main`; another build is refused when the pool
+    /// starts, with an error naming both executables.
+    pub fn worker_exe(mut self, path: impl Into<PathBuf>) -> Parallel {
+        self.process.worker_exe = Some(path.into());
+        self
+    }
+
+    /// Runs `f` once in every new worker process, before its first task (a replacement worker
+    /// after a crash or recycling runs it too). A panicking initializer makes the run fail
+    /// with [`Error::Worker`](crate::Error::Worker) carrying the panic message.
+    pub fn initializer(mut self, f: fn()) -> Parallel {
+        self.process.initializer = Some(InitFn(f));
+        self
+    }
+
+    /// Replaces a worker process after it has run `n` tasks (at least 1): a cure for native
+    /// code that leaks. Unlimited by default.
+    pub fn max_tasks_per_worker(mut self, n: usize) -> Parallel {
+        self.process.max_tasks_per_worker = Some(n.max(1));
+        self
+    }
+
+    /// Batches whose encoded arguments (or results) exceed `bytes` travel through shared
+    /// memory instead of the socket (joblib's `max_nbytes`; 1 MiB by default).
+    pub fn max_nbytes(mut self, bytes: usize) -> Parallel {
+        self.process.max_nbytes = bytes;
+        self
+    }
+
+    /// Prefixes every line a worker prints (stdout and stderr) with `[worker i] `. Worker
+    /// output is forwarded a whole line at a time either way.
+    pub fn prefix_worker_output(mut self, enabled: bool) -> Parallel {
+        self.process.prefix_output = enabled;
+        self
+    }
+}
+
+/// Call first thing in `main`. In the program that drives a run it does nothing; in a worker
+/// process started by the process backend it runs the worker loop and never returns.
+///
+/// Anything `main` does before `init()` also runs in every worker, so call it before parsing
+/// arguments or printing.
+pub fn init() {
+    #[cfg(all(feature = "process", target_os = "linux"))]
+    parjob_process::init();
+}
+
+#[doc(hidden)]
+pub fn enable_test_support_now() {
+    #[cfg(all(feature = "process", target_os = "linux"))]
+    parjob_process::enable_test_support();
+}
+
+/// Lets the process backend run inside this test binary: put it once in an integration test
+/// crate (or a unit-test module) that uses `Backend::Process`.
+///
+/// Under `cargo test`, `main` is the test harness, so a worker cannot be entered through
+/// `parjob::init()` in `main`. This macro defines a test named `__parjob_test_worker` that
+/// calls `init()`, and marks the binary (from a static constructor, before `main`) so that the
+/// pool re-runs it as `<test binary> __parjob_test_worker --nocapture --test-threads=1`. In the
+/// ordinary test run that test does nothing and passes.
+///
+/// ```ignore
+/// parjob::enable_test_support!();
+///
+/// #[test]
+/// fn squares_in_processes() {
+///     fn square(x: u64) -> u64 { x * x }
+///     let out = parjob::Parallel::new(2)
+///         .backend(parjob::Backend::Process)
+///         .run((0..10u64).map(|i| parjob::delayed(square, i)))
+///         .unwrap();
+///     assert_eq!(out[3], 9);
+/// }
+/// ```
+#[macro_export]
+macro_rules! enable_test_support {
+    () => {
+        #[test]
+        fn __parjob_test_worker() {
+            $crate::init();
+        }
+
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __PARJOB_ENABLE_TEST_SUPPORT: extern "C" fn() = {
+            extern "C" fn enable() {
+                $crate::__enable_test_support();
+            }
+            enable
+        };
+    };
+}

@@ -1,0 +1,757 @@
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, BatchSize, Error, Parallel, delayed, worker_info};
+use parjob_tests::run_child_test;
+use serde::de::Error as _;
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+// This test binary serves as its own worker executable.
+parjob::enable_test_support!();
+
+fn processes(n_jobs: i32) -> Parallel {
+    Parallel::new(n_jobs).backend(Backend::Process)
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn jittery(i: u64) -> u64 {
+    let micros = i.wrapping_mul(2_654_435_761) % 500;
+    std::thread::sleep(Duration::from_micros(micros));
+    i
+}
+
+fn mix(i: u64) -> (u64, String) {
+    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15), format!("#{i}"))
+}
+
+fn my_pid(_: u32) -> u32 {
+    std::thread::sleep(Duration::from_millis(1));
+    std::process::id()
+}
+
+// ---------------------------------------------------------------- ordinary behaviour
+
+#[test]
+fn results_equal_threadings_in_input_order() {
+    let tasks = || (0..20_000u64).map(|i| delayed(mix, i));
+    let threads = Parallel::new(2)
+        .backend(Backend::Threading)
+        .run(tasks())
+        .unwrap();
+    let procs = processes(2).run(tasks()).unwrap();
+    assert_eq!(procs, threads);
+}
+
+#[test]
+fn random_durations_keep_input_order_in_run_and_run_iter() {
+    let parallel = processes(2).batch_size(BatchSize::Fixed(3));
+    let out = parallel
+        .run((0..200u64).map(|i| delayed(jittery, i)))
+        .unwrap();
+    assert_eq!(out, (0..200).collect::<Vec<_>>());
+    let out: Vec<u64> = parallel
+        .run_iter((0..200u64).map(|i| delayed(jittery, i)))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(out, (0..200).collect::<Vec<_>>());
+}
+
+#[test]
+fn run_unordered_yields_every_index_once() {
+    let mut seen: Vec<(usize, u64)> = processes(2)
+        .run_unordered((0..500u64).map(|i| delayed(square, i)))
+        .map(|(i, r)| (i, r.unwrap()))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen.len(), 500);
+    for (i, (index, value)) in seen.into_iter().enumerate() {
+        assert_eq!((index, value), (i, (i * i) as u64));
+    }
+}
+
+#[test]
+fn an_endless_input_is_pulled_lazily() {
+    let first: Vec<u64> = processes(2)
+        .run_iter((0u64..).map(|i| delayed(square, i)))
+        .take(1000)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(first.len(), 1000);
+    assert_eq!(first[999], 999 * 999);
+}
+
+#[test]
+fn tasks_run_in_worker_processes_that_know_their_index() {
+    fn info(_: u32) -> (Option<String>, Option<usize>, u32) {
+        let info = worker_info();
+        (info.backend.map(|b| b.to_string()), info.worker, info.pid)
+    }
+    let out = processes(2)
+        .run((0..20u32).map(|i| delayed(info, i)))
+        .unwrap();
+    for (backend, worker, pid) in out {
+        assert_eq!(backend.as_deref(), Some("process"));
+        assert!(worker.is_some_and(|w| w < 2), "{worker:?}");
+        assert_ne!(pid, std::process::id());
+    }
+}
+
+#[test]
+fn the_pool_is_kept_across_runs() {
+    let parallel = processes(2);
+    let first: HashSet<u32> = parallel
+        .run((0..40u32).map(|i| delayed(my_pid, i)))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let second: HashSet<u32> = parallel
+        .run((0..40u32).map(|i| delayed(my_pid, i)))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(first.len() <= 2 && second.len() <= 2);
+    assert!(second.is_subset(&first) || first.is_subset(&second));
+    let all: HashSet<u32> = first.union(&second).copied().collect();
+    assert!(all.len() <= 2, "new workers were started: {all:?}");
+}
+
+#[test]
+fn a_function_pointer_cannot_be_sent_to_a_process() {
+    let f: fn(u64) -> u64 = square;
+    let err = processes(2)
+        .run((0..3u64).map(|i| delayed(f, i)))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+    assert!(err.to_string().contains("plain `fn` item"), "{err}");
+}
+
+#[test]
+fn big_inputs_travel_through_shared_memory() {
+    fn sum(v: Vec<f64>) -> f64 {
+        v.iter().sum()
+    }
+    let halves: Vec<Vec<f64>> = (0..2)
+        .map(|h| (0..2_000_000).map(|i| f64::from(i + h)).collect())
+        .collect();
+    let expected: Vec<f64> = halves.iter().map(|v| v.iter().sum()).collect();
+    let out = processes(2)
+        .run(halves.into_iter().map(|v| delayed(sum, v)))
+        .unwrap();
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn every_frame_may_travel_through_shared_memory() {
+    fn echo(v: Vec<u8>) -> Vec<u8> {
+        v
+    }
+    let inputs: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; usize::from(i) * 10]).collect();
+    let out = processes(2)
+        .max_nbytes(0)
+        .run(inputs.clone().into_iter().map(|v| delayed(echo, v)))
+        .unwrap();
+    assert_eq!(out, inputs);
+}
+
+#[test]
+fn nested_parallel_in_a_worker_defaults_to_sequential() {
+    fn nested(n: u64) -> (String, u64) {
+        let inner = Parallel::new(2);
+        let backend = inner.effective_backend().unwrap().to_string();
+        let sum = inner
+            .run((0..n).map(|i| delayed(square, i)))
+            .unwrap()
+            .into_iter()
+            .sum();
+        (backend, sum)
+    }
+    let out = processes(2)
+        .run((1..5u64).map(|n| delayed(nested, n)))
+        .unwrap();
+    assert_eq!(
+        out,
+        [(1, 0), (2, 1), (3, 5), (4, 14)].map(|(_, s)| ("sequential".to_string(), s))
+    );
+}
+
+#[test]
+fn workers_get_a_thread_budget_for_rayon_and_openmp() {
+    fn budget(_: u32) -> (Option<String>, Option<String>) {
+        (
+            std::env::var("RAYON_NUM_THREADS").ok(),
+            std::env::var("OMP_NUM_THREADS").ok(),
+        )
+    }
+    let out = processes(2)
+        .run((0..2u32).map(|i| delayed(budget, i)))
+        .unwrap();
+    let expected = (parjob::cpu_count() / 2).max(1).to_string();
+    for (rayon, omp) in out {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            assert_eq!(rayon.as_deref(), Some(expected.as_str()));
+        }
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            assert_eq!(omp.as_deref(), Some(expected.as_str()));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- failures in tasks
+
+fn panics_on_seven(i: u32) -> u32 {
+    if i == 7 {
+        panic!("seven is unlucky");
+    }
+    i
+}
+
+fn pid_or_panic(i: u32) -> u32 {
+    if i == 0 {
+        panic!("first task panics");
+    }
+    std::process::id()
+}
+
+#[test]
+fn a_panic_becomes_task_panicked_and_the_worker_lives_on() {
+    let parallel = processes(1);
+    let before = parallel.run([delayed(my_pid, 0)]).unwrap();
+    let err = parallel
+        .run((0..20u32).map(|i| delayed(panics_on_seven, i)))
+        .unwrap_err();
+    match &err {
+        Error::TaskPanicked { index, message } => {
+            assert_eq!(*index, 7);
+            assert!(message.contains("seven is unlucky"), "{message}");
+            assert!(message.contains("tests/process.rs"), "{message}");
+        }
+        other => panic!("expected TaskPanicked, got {other:?}"),
+    }
+    let results: Vec<_> = parallel
+        .run_iter((0..3u32).map(|i| delayed(pid_or_panic, i)))
+        .collect();
+    assert!(matches!(
+        results[0],
+        Err(Error::TaskPanicked { index: 0, .. })
+    ));
+    assert_eq!(results[1], Ok(before[0]), "the worker was replaced");
+    assert_eq!(results[2], Ok(before[0]));
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Crash {
+    Abort,
+    Segfault,
+    Exit3,
+    Sigkill,
+}
+
+fn crash_on_five((i, how): (u32, Crash)) -> u32 {
+    if i == 5 {
+        match how {
+            Crash::Abort => std::process::abort(),
+            // SAFETY: none: writing to an unmapped address to crash the worker on purpose.
+            Crash::Segfault => unsafe { std::ptr::write_volatile(std::ptr::dangling_mut::<u64>(), 1) },
+            Crash::Exit3 => std::process::exit(3),
+            // SAFETY: signalling our own process.
+            Crash::Sigkill => unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            },
+        }
+    }
+    i
+}
+
+impl Serialize for Crash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (*self as u8).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Crash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match u8::deserialize(d)? {
+            0 => Crash::Abort,
+            1 => Crash::Segfault,
+            2 => Crash::Exit3,
+            _ => Crash::Sigkill,
+        })
+    }
+}
+
+#[test]
+fn a_crashing_worker_is_reported_replaced_and_the_pool_goes_on() {
+    for (how, status) in [
+        (Crash::Abort, "killed by signal 6 (SIGABRT)"),
+        (Crash::Segfault, "killed by signal 11 (SIGSEGV)"),
+        (Crash::Exit3, "exit status 3"),
+        (Crash::Sigkill, "killed by signal 9 (SIGKILL)"),
+    ] {
+        let parallel = processes(2).batch_size(BatchSize::Fixed(4));
+        let err = parallel
+            .run((0..20u32).map(|i| delayed(crash_on_five, (i, how))))
+            .unwrap_err();
+        match &err {
+            Error::WorkerCrashed {
+                index,
+                worker,
+                pid,
+                status: s,
+            } => {
+                assert_eq!(*index, 5, "{how:?}");
+                assert!(*worker < 2);
+                assert_ne!(*pid, std::process::id());
+                assert_eq!(s, status, "{how:?}");
+            }
+            other => panic!("{how:?}: expected WorkerCrashed, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.starts_with("task 5: worker "), "{text}");
+        assert!(text.contains("pid") && text.contains(status), "{text}");
+        let out = parallel
+            .run((0..20u32).map(|i| delayed(panics_on_seven, i + 10)))
+            .unwrap();
+        assert_eq!(out, (10..30).collect::<Vec<_>>(), "{how:?}");
+    }
+}
+
+#[test]
+fn a_crash_loses_no_other_task_of_its_batch() {
+    let results: Vec<_> = processes(2)
+        .batch_size(BatchSize::Fixed(8))
+        .run_iter((0..24u32).map(|i| delayed(crash_on_five, (i, Crash::Abort))))
+        .collect();
+    assert_eq!(results.len(), 24);
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Err(Error::WorkerCrashed { index: 5, .. }) => assert_eq!(i, 5),
+            Ok(v) => assert_eq!(v as usize, i),
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+}
+
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn a_task_over_its_timeout_has_its_worker_killed_and_replaced() {
+    let parallel = processes(2).timeout(Duration::from_millis(200));
+    let err = parallel
+        .run([1, 5, 60_000, 2].map(|ms| delayed(nap, ms)))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::Timeout {
+            index: 2,
+            after: Duration::from_millis(200),
+            killed: true
+        }
+    );
+    assert!(err.to_string().contains("timed out after 200ms"), "{err}");
+    assert!(err.to_string().contains("killed"), "{err}");
+    assert_eq!(
+        parallel.run([1, 2, 3].map(|ms| delayed(nap, ms))).unwrap(),
+        [1, 2, 3]
+    );
+}
+
+#[test]
+fn the_timeout_counts_from_the_start_of_each_task_in_its_worker() {
+    // Four 150 ms tasks in one batch run 600 ms in one worker, each well under 400 ms.
+    let out = processes(1)
+        .batch_size(BatchSize::Fixed(4))
+        .timeout(Duration::from_millis(400))
+        .run([150u64; 4].map(|ms| delayed(nap, ms)))
+        .unwrap();
+    assert_eq!(out, [150; 4]);
+}
+
+/// Fails to encode (in the driver as an argument, in the worker as a result).
+#[derive(Debug)]
+struct Unencodable;
+
+impl Serialize for Unencodable {
+    fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(S::Error::custom("Unencodable refuses to be encoded"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unencodable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u8::deserialize(d).map(|_| Unencodable)
+    }
+}
+
+/// Encodes, but fails to decode.
+#[derive(Debug)]
+struct Undecodable;
+
+impl Serialize for Undecodable {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        0u8.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Undecodable {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(D::Error::custom("Undecodable refuses to be decoded"))
+    }
+}
+
+fn takes_unencodable(_: Unencodable) -> u8 {
+    1
+}
+fn takes_undecodable(_: Undecodable) -> u8 {
+    1
+}
+fn gives_unencodable(_: u8) -> Unencodable {
+    Unencodable
+}
+fn gives_undecodable(_: u8) -> Undecodable {
+    Undecodable
+}
+
+fn assert_codec(err: Error, action: &str, type_name: &str) {
+    match &err {
+        Error::Codec {
+            index,
+            action: a,
+            type_name: t,
+            ..
+        } => {
+            assert_eq!(*index, 0);
+            assert_eq!(*a, action, "{err}");
+            assert!(t.contains(type_name), "{err}");
+        }
+        other => panic!("expected a codec error, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.starts_with("task 0: cannot"), "{text}");
+    assert!(
+        text.contains(type_name) && text.contains("refuses"),
+        "{text}"
+    );
+}
+
+#[test]
+fn arguments_and_results_that_fail_to_encode_or_decode_name_task_and_type() {
+    let parallel = processes(1);
+    let err = parallel
+        .run([delayed(takes_unencodable, Unencodable)])
+        .unwrap_err();
+    assert_codec(err, "encode", "Unencodable");
+    let err = parallel
+        .run([delayed(takes_undecodable, Undecodable)])
+        .unwrap_err();
+    assert_codec(err, "decode", "Undecodable");
+    let err = parallel.run([delayed(gives_unencodable, 0)]).unwrap_err();
+    assert_codec(err, "encode", "Unencodable");
+    let err = parallel.run([delayed(gives_undecodable, 0)]).unwrap_err();
+    assert_codec(err, "decode", "Undecodable");
+    assert_eq!(parallel.run([delayed(square, 3)]).unwrap(), [9]);
+}
+
+// ---------------------------------------------------------------- worker lifecycle
+
+static INITIALIZED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn count_initializations() {
+    INITIALIZED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn times_initialized(_: u32) -> u32 {
+    INITIALIZED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn the_initializer_runs_once_in_each_worker() {
+    let out = processes(2)
+        .initializer(count_initializations)
+        .run((0..50u32).map(|i| delayed(times_initialized, i)))
+        .unwrap();
+    assert!(out.iter().all(|&n| n == 1), "{out:?}");
+    assert_eq!(INITIALIZED.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_failing_initializer_is_an_error_not_a_hang() {
+    fn bad_initializer() {
+        panic!("cannot load the model");
+    }
+    let err = processes(2)
+        .initializer(bad_initializer)
+        .run((0..5u32).map(|i| delayed(my_pid, i)))
+        .unwrap_err();
+    assert!(matches!(err, Error::Worker { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("initializer") && text.contains("cannot load the model"),
+        "{text}"
+    );
+}
+
+#[test]
+fn max_tasks_per_worker_recycles_workers() {
+    let pids = processes(2)
+        .max_tasks_per_worker(3)
+        .run((0..30u32).map(|i| delayed(my_pid, i)))
+        .unwrap();
+    let mut per_pid: HashMap<u32, usize> = HashMap::new();
+    for pid in pids {
+        *per_pid.entry(pid).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|&n| n <= 3), "{per_pid:?}");
+    assert!(per_pid.len() >= 10, "{per_pid:?}");
+}
+
+/// A copy of this test binary with its GNU build-id changed: the same code, another build.
+fn other_build() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut bytes = std::fs::read(&exe).unwrap();
+    let header = [4, 0, 0, 0, 20, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0];
+    let at = bytes
+        .windows(header.len())
+        .position(|w| w == header)
+        .expect("the test binary has a GNU build-id note");
+    for b in &mut bytes[at + header.len()..at + header.len() + 20] {
+        *b = !*b;
+    }
+    let path = std::env::temp_dir().join(format!("parjob-other-build-{}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&path, perms).unwrap();
+    path
+}
+
+#[test]
+fn a_worker_of_another_build_is_refused_naming_both_executables() {
+    let other = other_build();
+    let err = processes(1)
+        .worker_exe(&other)
+        .run([delayed(square, 3)])
+        .unwrap_err();
+    let _ = std::fs::remove_file(&other);
+    assert!(matches!(err, Error::Worker { .. }), "{err:?}");
+    let text = err.to_string();
+    let me = std::env::current_exe().unwrap();
+    assert!(text.contains("not the same build"), "{text}");
+    assert!(text.contains(&other.display().to_string()), "{text}");
+    assert!(text.contains(&me.display().to_string()), "{text}");
+}
+
+#[test]
+fn a_worker_exe_that_never_connects_is_an_error_not_a_hang() {
+    let err = processes(1)
+        .worker_exe("/bin/true")
+        .run([delayed(square, 3)])
+        .unwrap_err();
+    assert!(matches!(err, Error::Worker { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("ended before the handshake (exit status 0)"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------- no orphans, output
+
+/// Pids of this process's children, and whether each is a zombie.
+fn children() -> Vec<(u32, bool)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(me) {
+            out.push((pid, fields[0] == "Z"));
+        }
+    }
+    out
+}
+
+fn start_two_workers() -> Parallel {
+    let parallel = processes(2);
+    parallel
+        .run((0..10u32).map(|i| delayed(my_pid, i)))
+        .unwrap();
+    assert_eq!(children().len(), 2, "{:?}", children());
+    parallel
+}
+
+#[test]
+fn dropping_the_parallel_leaves_no_child_process() {
+    run_child_test("process::child_drop_leaves_no_child", &[]);
+}
+
+#[test]
+#[ignore = "run by dropping_the_parallel_leaves_no_child_process in a child process"]
+fn child_drop_leaves_no_child() {
+    drop(start_two_workers());
+    assert_eq!(children(), []);
+    // After a crash and a timeout too, and after an early return from run_iter.
+    let parallel = processes(2).timeout(Duration::from_secs(1));
+    assert!(
+        parallel
+            .run((0..10u32).map(|i| delayed(crash_on_five, (i, Crash::Abort))))
+            .is_err()
+    );
+    assert!(parallel.run([delayed(nap, 60_000)]).is_err());
+    let first = parallel
+        .run_iter((0..100u64).map(|i| delayed(nap, i % 3)))
+        .next();
+    assert_eq!(first, Some(Ok(0)));
+    drop(parallel);
+    assert_eq!(children(), []);
+}
+
+#[test]
+fn a_panicking_driver_leaves_no_child_process() {
+    run_child_test("process::child_panic_leaves_no_child", &[]);
+}
+
+#[test]
+#[ignore = "run by a_panicking_driver_leaves_no_child_process in a child process"]
+fn child_panic_leaves_no_child() {
+    let unwound = std::panic::catch_unwind(|| {
+        let _parallel = start_two_workers();
+        panic!("the driver gives up");
+    });
+    assert!(unwound.is_err());
+    assert_eq!(children(), []);
+}
+
+#[test]
+fn idle_workers_exit_with_status_zero_on_drop() {
+    run_child_test("process::child_workers_exit_zero", &[]);
+}
+
+#[test]
+#[ignore = "run by idle_workers_exit_with_status_zero_on_drop in a child process"]
+fn child_workers_exit_zero() {
+    // Watch the workers' exit through a pidfd-free trick: ptrace is not needed, the pool's
+    // own reaping records nothing we can see, so check /proc while they exit: none is killed.
+    let parallel = start_two_workers();
+    let pids: Vec<u32> = children().into_iter().map(|(p, _)| p).collect();
+    drop(parallel);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+                // Reparented zombies of another parent are not ours; ours must be gone.
+                children().iter().all(|(p, _)| *p != pid)
+            }
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_in_the_driver_takes_its_workers_along() {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "process::child_waits_for_ctrl_c",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut workers = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        // The harness may have printed `test <name> ... ` on the same line.
+        if let Some((_, pids)) = line.split_once("workers: ") {
+            workers = pids
+                .split(',')
+                .map(|p| p.trim().parse::<i32>().unwrap())
+                .collect();
+            break;
+        }
+    }
+    assert_eq!(workers.len(), 2);
+    // SAFETY: signalling the child test process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    // The workers die with their driver (PR_SET_PDEATHSIG); give the kernel a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in workers {
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {pid} outlived its driver"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie waiting for a reaper that is not its driver counts as dead).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+#[ignore = "run by ctrl_c_in_the_driver_takes_its_workers_along in a child process"]
+fn child_waits_for_ctrl_c() {
+    let parallel = start_two_workers();
+    let pids: Vec<String> = children().iter().map(|(p, _)| p.to_string()).collect();
+    println!("workers: {}", pids.join(","));
+    parallel.run([delayed(nap, 60_000)]).unwrap();
+}
+
+#[test]
+fn worker_stdout_and_stderr_reach_the_user() {
+    let output = run_child_test("process::child_prints_from_workers", &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for i in 0..4 {
+        assert!(
+            stdout.contains(&format!("task {i} says hello on stdout")),
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("task {i} says hello on stderr")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "run by worker_stdout_and_stderr_reach_the_user in a child process"]
+fn child_prints_from_workers() {
+    fn chatty(i: u32) {
+        println!("task {i} says hello on stdout");
+        eprintln!("task {i} says hello on stderr");
+    }
+    processes(2)
+        .run((0..4u32).map(|i| delayed(chatty, i)))
+        .unwrap();
+}
