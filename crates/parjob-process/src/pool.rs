@@ -394,7 +394,7 @@ impl Supervisor {
         let first_index = job.batch.first_index() + range.start;
         if sent.is_err() {
             // The worker is gone; its waiter will say how.
-            return self.bury(first_index, range.len(), None, None);
+            return self.bury(first_index, range.len(), None, false, None);
         }
         let mut timed_out = false;
         loop {
@@ -429,6 +429,7 @@ impl Supervisor {
                         first_index,
                         range.len(),
                         None,
+                        true,
                         timeout.filter(|_| timed_out),
                     );
                 }
@@ -440,6 +441,7 @@ impl Supervisor {
                         first_index,
                         range.len(),
                         Some(status),
+                        false,
                         timeout.filter(|_| timed_out),
                     );
                 }
@@ -447,7 +449,7 @@ impl Supervisor {
                     if let Some(worker) = &self.worker {
                         worker.child.kill();
                     }
-                    self.bury(first_index, range.len(), None, None);
+                    self.bury(first_index, range.len(), None, false, None);
                     return FrameEnd::Closing;
                 }
                 _ => {} // about an earlier worker of this slot
@@ -480,6 +482,7 @@ impl Supervisor {
         first_index: usize,
         len: usize,
         mut status: Option<String>,
+        mut disconnected: bool,
         timed_out: Option<Duration>,
     ) -> FrameEnd {
         let Some(worker) = self.worker.take() else {
@@ -491,7 +494,6 @@ impl Supervisor {
         let mut late_reply = None;
         // Wait for the exit status, and for the reader to drain what the worker sent before
         // it died: a frame that finished just before a kill is not a crash.
-        let mut disconnected = false;
         while status.is_none() || (!disconnected && late_reply.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
