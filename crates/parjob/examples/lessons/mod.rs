@@ -27,9 +27,13 @@ pub fn banner(title: &str, backend: parjob::Backend) {
     println!("\n=== {title} ({backend} backend) ===");
 }
 
-/// A task's view of where it runs, as `parjob-worker-1 (pid 1234)`.
+/// A task's view of where it runs, as `parjob-worker-1 (pid 1234)` for a thread or
+/// `process worker 1 (pid 1234)` for a worker process.
 pub fn whereabouts() -> String {
     let info = parjob::worker_info();
-    let name = info.thread_name.unwrap_or_else(|| "main".into());
+    let name = match (info.backend, info.worker) {
+        (Some(parjob::Backend::Process), Some(worker)) => format!("process worker {worker}"),
+        _ => info.thread_name.unwrap_or_else(|| "main".into()),
+    };
     format!("{name} (pid {})", info.pid)
 }
