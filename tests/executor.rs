@@ -537,3 +537,285 @@ fn child_executor_reads_the_environment() {
         Ok(Some("sequential".to_string()))
     );
 }
+
+// ---------------------------------------------------------------- the process backend
+//
+// Tasks run in worker processes there, so tests hold them with files instead of gates: a
+// task touches `<dir>/started`, waits for `<dir>/open`, and records each run in `<dir>`.
+
+/// A fresh folder for one test's marker files.
+fn marker_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "parjob-executor-{}-{name}-{}",
+        std::process::id(),
+        NEXT_GATE.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_for_file(path: &std::path::Path) {
+    while !path.exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Marks itself started, waits for `<dir>/open`, and returns its worker's pid.
+fn held_in_dir(dir: String) -> u32 {
+    let dir = std::path::Path::new(&dir);
+    // Written whole under a temporary name, so that `started` never appears half-written.
+    std::fs::write(dir.join("starting"), std::process::id().to_string()).unwrap();
+    std::fs::rename(dir.join("starting"), dir.join("started")).unwrap();
+    wait_for_file(&dir.join("open"));
+    std::process::id()
+}
+
+/// Records that it ran by creating `<dir>/ran-<id>`.
+fn mark_ran(dir: String, id: u64) -> u64 {
+    std::fs::write(std::path::Path::new(&dir).join(format!("ran-{id}")), b"").unwrap();
+    id
+}
+
+fn pid_of_worker(_: ()) -> u32 {
+    std::process::id()
+}
+
+fn processes(n_jobs: i32) -> Executor {
+    Executor::new(n_jobs).backend(Backend::Process)
+}
+
+#[test]
+fn process_futures_give_values_and_errors_from_worker_processes() {
+    let executor = processes(2);
+    let pid = executor.submit(delayed(pid_of_worker, ()));
+    let fine = executor.submit(delayed(square, 12));
+    let failing = executor.submit(delayed(fails, 3));
+    assert_ne!(pid.result(), Ok(std::process::id()), "ran in the driver");
+    assert_eq!(fine.result(), Ok(144));
+    match failing.error() {
+        Some(Error::TaskPanicked { index: 2, message }) => {
+            assert!(message.contains("3 is not welcome"), "{message}");
+        }
+        other => panic!("expected TaskPanicked, got {other:?}"),
+    }
+    let mapped: Vec<u64> = executor
+        .map((0..20u64).map(|x| delayed(nap_then_square, x)))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(mapped, (0..20).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[test]
+fn process_cancel_succeeds_only_before_start_and_the_task_never_runs() {
+    let dir = marker_dir("cancel");
+    let dir_name = dir.to_string_lossy().into_owned();
+    let executor = processes(1);
+    let running = executor.submit(delayed(held_in_dir, dir_name.clone()));
+    wait_for_file(&dir.join("started"));
+    let queued = executor.submit(delayed(mark_ran, (dir_name.clone(), 1)));
+    assert!(queued.cancel());
+    assert!(!running.cancel());
+    std::fs::write(dir.join("open"), b"").unwrap();
+    assert!(running.result().is_ok());
+    assert_eq!(queued.result(), Err(Error::Cancelled { index: 1 }));
+    // The only worker has passed the cancelled job by the time a later task is done.
+    assert_eq!(
+        executor.submit(delayed(mark_ran, (dir_name, 2))).result(),
+        Ok(2)
+    );
+    assert!(!dir.join("ran-1").exists(), "the cancelled task ran");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn process_cancel_racing_with_start_has_exactly_one_winner() {
+    let dir = marker_dir("race");
+    let dir_name = dir.to_string_lossy().into_owned();
+    let executor = processes(1);
+    // Each round cancels a task the only worker may be picking up, and one queued behind
+    // it, so that both cancel and start win some of the races.
+    for round in 0..200u64 {
+        let ids = [2 * round, 2 * round + 1];
+        let futures = ids.map(|id| executor.submit(delayed(mark_ran, (dir_name.clone(), id))));
+        if round % 2 == 0 {
+            std::thread::yield_now();
+        }
+        let second = futures[1].cancel();
+        let first = futures[0].cancel();
+        let won = [first, second];
+        let outcomes = futures.map(Future::result);
+        executor.submit(delayed(square, 0)).wait();
+        for ((id, won), outcome) in ids.into_iter().zip(won).zip(outcomes) {
+            let ran = dir.join(format!("ran-{id}")).exists();
+            if won {
+                assert!(
+                    matches!(outcome, Err(Error::Cancelled { .. })),
+                    "{outcome:?}"
+                );
+                assert!(!ran, "task {id}: cancelled, yet it ran");
+            } else {
+                assert_eq!(outcome, Ok(id));
+                assert!(ran, "task {id}: not cancelled, yet it did not run");
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn process_result_timeout_leaves_the_task_running() {
+    let dir = marker_dir("timeout");
+    let executor = processes(1);
+    let mut future = executor.submit(delayed(held_in_dir, dir.to_string_lossy().into_owned()));
+    let err = future
+        .result_timeout(Duration::from_millis(20))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                index: 0,
+                killed: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    std::fs::write(dir.join("open"), b"").unwrap();
+    assert!(
+        future.result_timeout(Duration::from_secs(60)).is_ok(),
+        "the worker was killed"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn process_and_thread_futures_are_waited_on_together() {
+    let procs = processes(2);
+    let threads = Executor::new(2).backend(Backend::Threading);
+    let futures = vec![
+        procs.submit(delayed(square, 2)),
+        threads.submit(delayed(square, 3)),
+        procs.submit(delayed(square, 4)),
+    ];
+    let waited = wait(futures, Until::AllCompleted);
+    assert!(waited.not_done.is_empty());
+    let mut values: Vec<u64> = as_completed(waited.done)
+        .map(|f| f.result().unwrap())
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, [4, 9, 16]);
+}
+
+#[test]
+fn process_shutdown_cancel_pending_cancels_queued_tasks_and_waits_for_running_ones() {
+    let dir = marker_dir("shutdown");
+    let dir_name = dir.to_string_lossy().into_owned();
+    let executor = Arc::new(processes(1));
+    let running = executor.submit(delayed(held_in_dir, dir_name.clone()));
+    wait_for_file(&dir.join("started"));
+    let queued: Vec<Future<u64>> = (10..13)
+        .map(|id| executor.submit(delayed(mark_ran, (dir_name.clone(), id))))
+        .collect();
+    let shutting = std::thread::spawn({
+        let executor = Arc::clone(&executor);
+        move || executor.shutdown(Shutdown::CancelPending)
+    });
+    for future in &queued {
+        future.wait();
+        assert!(future.is_cancelled());
+    }
+    std::fs::write(dir.join("open"), b"").unwrap();
+    shutting.join().unwrap();
+    assert!(
+        running.result().is_ok(),
+        "shutdown waits for the running task"
+    );
+    for id in 10..13 {
+        assert!(
+            !dir.join(format!("ran-{id}")).exists(),
+            "task {id} ran after cancel"
+        );
+    }
+    assert_eq!(
+        executor.submit(delayed(square, 1)).result(),
+        Err(Error::ExecutorShutdown)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn dropping_a_process_executor_waits_for_its_running_tasks() {
+    let dir = marker_dir("drop");
+    let executor = processes(1);
+    let held = executor.submit(delayed(held_in_dir, dir.to_string_lossy().into_owned()));
+    wait_for_file(&dir.join("started"));
+    let opener = std::thread::spawn({
+        let open = dir.join("open");
+        move || {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::write(open, b"").unwrap();
+        }
+    });
+    drop(executor);
+    assert!(held.is_done(), "drop returned before the task was done");
+    assert!(held.result().is_ok(), "the task was not let finish");
+    opener.join().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn dropping_a_daemon_process_executor_does_not_wait_and_leaves_no_worker() {
+    let dir = marker_dir("daemon");
+    let executor = processes(1).daemon(true);
+    let held = executor.submit(delayed(held_in_dir, dir.to_string_lossy().into_owned()));
+    wait_for_file(&dir.join("started"));
+    let worker: u32 = std::fs::read_to_string(dir.join("started"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    drop(executor);
+    // Its gate never opened, so the task cannot have returned: drop did not wait for it.
+    assert!(held.error().is_some(), "the held task returned");
+    let proc_entry = std::path::PathBuf::from(format!("/proc/{worker}"));
+    for _ in 0..10_000 {
+        if !proc_entry.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !proc_entry.exists(),
+        "worker {worker} outlived its daemon executor"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn note_initialized() {
+    // Runs in each new worker process, before its first task.
+    INITIALIZED.store(1, Ordering::SeqCst);
+}
+
+static INITIALIZED: AtomicUsize = AtomicUsize::new(0);
+
+fn was_initialized(_: ()) -> usize {
+    INITIALIZED.load(Ordering::SeqCst)
+}
+
+#[test]
+fn process_settings_reach_the_executors_workers() {
+    let executor = processes(1)
+        .initializer(note_initialized)
+        .max_tasks_per_worker(1);
+    let pids: Vec<u32> = (0..3)
+        .map(|_| executor.submit(delayed(pid_of_worker, ())))
+        .map(|f| f.result().unwrap())
+        .collect();
+    assert_eq!(
+        executor.submit(delayed(was_initialized, ())).result(),
+        Ok(1)
+    );
+    assert_eq!(INITIALIZED.load(Ordering::SeqCst), 0, "ran in the driver");
+    let distinct: std::collections::HashSet<u32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), 3, "one task per worker: {pids:?}");
+}

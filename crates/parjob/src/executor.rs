@@ -127,6 +127,26 @@ impl Executor {
         self
     }
 
+    /// Process backend: run workers from this executable (see [`Parallel::worker_exe`]).
+    pub fn worker_exe(mut self, path: impl Into<std::path::PathBuf>) -> Executor {
+        self.parallel = self.take_parallel().worker_exe(path);
+        self
+    }
+
+    /// Process backend: run `f` once in every new worker (see [`Parallel::initializer`];
+    /// Python's `ProcessPoolExecutor(initializer=...)`).
+    pub fn initializer(mut self, f: fn()) -> Executor {
+        self.parallel = self.take_parallel().initializer(f);
+        self
+    }
+
+    /// Process backend: replace a worker after `n` tasks (see
+    /// [`Parallel::max_tasks_per_worker`]; Python's `max_tasks_per_child`).
+    pub fn max_tasks_per_worker(mut self, n: usize) -> Executor {
+        self.parallel = self.take_parallel().max_tasks_per_worker(n);
+        self
+    }
+
     /// The backend tasks run on (see [`Parallel::effective_backend`]).
     ///
     /// # Errors
