@@ -819,3 +819,80 @@ fn process_settings_reach_the_executors_workers() {
     let distinct: std::collections::HashSet<u32> = pids.iter().copied().collect();
     assert_eq!(distinct.len(), 3, "one task per worker: {pids:?}");
 }
+
+/// Prints `tick` every 10 ms, forever: a daemon's background work.
+fn tick_forever(_: ()) {
+    loop {
+        println!("tick from pid {}", std::process::id());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_daemon_task_stops_when_main_returns_and_leaves_no_worker() {
+    for backend in ["threading", "process"] {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = std::process::Command::new(exe)
+            .args([
+                "executor::child_daemon_task_runs_until_main_returns",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("EXECUTOR_TEST_BACKEND", backend)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A generous bound, not a timing check: a daemon that blocked exit would never end.
+        let mut status = None;
+        for _ in 0..60_000 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let Some(status) = status else {
+            child.kill().unwrap();
+            panic!("{backend}: the program did not end while its daemon task ran");
+        };
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+        assert!(status.success(), "{backend}: {stdout}");
+        assert!(stdout.contains("tick from pid"), "{backend}: {stdout}");
+        let pid: u32 = stdout
+            .lines()
+            .find_map(|line| line.split("tick from pid ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        if backend == "process" {
+            let proc_entry = std::path::PathBuf::from(format!("/proc/{pid}"));
+            for _ in 0..10_000 {
+                if !proc_entry.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(!proc_entry.exists(), "worker {pid} outlived its program");
+        }
+    }
+}
+
+#[test]
+#[ignore = "run by a_daemon_task_stops_when_main_returns_and_leaves_no_worker in a child process"]
+fn child_daemon_task_runs_until_main_returns() {
+    let backend: Backend = std::env::var("EXECUTOR_TEST_BACKEND")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let executor = Executor::new(1).backend(backend).daemon(true);
+    let background = executor.submit(delayed(tick_forever, ()));
+    while !background.is_running() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(executor);
+    // The test returns and its process exits with the task still running.
+}
