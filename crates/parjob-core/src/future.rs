@@ -37,6 +37,26 @@ use crate::{Error, Task};
 ///
 /// Waiting for a future from inside a task of the same pool can deadlock when every worker
 /// waits, as in Python.
+///
+/// ```
+/// use parjob_core::{delayed, submit, SequentialPool};
+///
+/// fn half(x: u32) -> u32 { assert!(x % 2 == 0, "{x} is odd"); x / 2 }
+/// let even = submit(&SequentialPool, 0, delayed(half, 8));
+/// let odd = submit(&SequentialPool, 1, delayed(half, 7));
+/// assert_eq!(even.result(), Ok(4));
+/// assert!(odd.error().unwrap().to_string().starts_with("task 1 panicked: 7 is odd"));
+/// ```
+///
+/// [`result`](Future::result) takes the future, so the value cannot be asked for twice:
+///
+/// ```compile_fail
+/// use parjob_core::{delayed, submit, SequentialPool};
+/// fn half(x: u32) -> u32 { x / 2 }
+/// let future = submit(&SequentialPool, 0, delayed(half, 8));
+/// let value = future.result();
+/// let again = future.result(); // error: use of moved value `future`
+/// ```
 pub struct Future<R> {
     shared: Arc<Shared<R>>,
 }
