@@ -257,7 +257,9 @@ fn crash_on_five((i, how): (u32, Crash)) -> u32 {
         match how {
             Crash::Abort => std::process::abort(),
             // SAFETY: none: writing to an unmapped address to crash the worker on purpose.
-            Crash::Segfault => unsafe { std::ptr::write_volatile(std::ptr::dangling_mut::<u64>(), 1) },
+            Crash::Segfault => unsafe {
+                std::ptr::write_volatile(std::ptr::dangling_mut::<u64>(), 1)
+            },
             Crash::Exit3 => std::process::exit(3),
             // SAFETY: signalling our own process.
             Crash::Sigkill => unsafe {
@@ -754,4 +756,48 @@ fn child_prints_from_workers() {
     processes(2)
         .run((0..4u32).map(|i| delayed(chatty, i)))
         .unwrap();
+}
+
+#[test]
+fn a_program_started_by_a_task_is_not_a_worker() {
+    fn start_this_program(_: u32) -> bool {
+        let exe = std::env::current_exe().unwrap();
+        Command::new(exe)
+            .args(["process::child_calls_init", "--exact", "--ignored", "-q"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+    let out = processes(1).run([delayed(start_this_program, 0)]).unwrap();
+    assert_eq!(out, [true]);
+}
+
+#[test]
+#[ignore = "run by a_program_started_by_a_task_is_not_a_worker from a worker"]
+fn child_calls_init() {
+    // Inherits the worker's environment, but its parent is the worker, not the driver.
+    parjob::init();
+}
+
+#[test]
+fn replacing_workers_leaks_no_file_descriptor() {
+    run_child_test("process::child_counts_descriptors", &[]);
+}
+
+#[test]
+#[ignore = "run by replacing_workers_leaks_no_file_descriptor in a child process"]
+fn child_counts_descriptors() {
+    let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    drop(start_two_workers());
+    let before = open();
+    let parallel = processes(2).batch_size(BatchSize::Fixed(2));
+    for _ in 0..10 {
+        assert!(
+            parallel
+                .run((0..8u32).map(|i| delayed(crash_on_five, (i, Crash::Abort))))
+                .is_err()
+        );
+    }
+    drop(parallel);
+    assert_eq!(open(), before);
 }

@@ -295,7 +295,11 @@ impl Supervisor {
             }
         };
         let offset = offset_of(entry as usize);
-        job.mark_started();
+        if !job.mark_started() {
+            // Cancelled before it started (`Future::cancel`): complete it without running.
+            job.complete(Duration::ZERO);
+            return;
+        }
         let mut busy = Duration::ZERO;
         // A task that killed its worker: its error goes in once the tasks before it have
         // their outcomes (they ran in the dead worker too, but their results died with it).
@@ -334,7 +338,21 @@ impl Supervisor {
                         Some(shared) => &shared[..],
                         None => bytes.get(DONE_HEADER..).unwrap_or_default(),
                     };
-                    let decoded = job.batch.decode_outcomes(outcomes);
+                    let mut decoded = job.batch.decode_outcomes(outcomes);
+                    if decoded < end - start {
+                        // A short frame (it cannot happen between two processes of one
+                        // build): fail the next task rather than loop on it forever.
+                        let index = job.batch.first_index() + job.batch.outcomes_len();
+                        job.batch.push_failure(Error::Worker {
+                            worker: self.index,
+                            message: format!(
+                                "returned {decoded} outcomes for {} tasks; task {index} is \
+                                 reported failed",
+                                end - start
+                            ),
+                        });
+                        decoded += 1;
+                    }
                     if let Some(worker) = &mut self.worker {
                         worker.tasks_run += decoded;
                         if self

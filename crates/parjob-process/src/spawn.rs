@@ -201,7 +201,7 @@ impl Starter<'_> {
             command.args(["--exact", "__parjob_test_support_is_not_enabled", "-q"]);
         }
         command
-            .env(ENV_SERVER, &name)
+            .env(ENV_SERVER, format!("{}:{name}", std::process::id()))
             .env(ENV_INDEX, self.index.to_string())
             .env(ENV_BOARD_FD, board_fd.to_string())
             // A Parallel inside a task defaults to sequential: the pool already uses the CPUs.

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever a message's layout changes.
 pub(crate) const PROTOCOL: u32 = 1;
 
-/// Set in a worker's environment: the one-shot server to connect to. Its presence is what
-/// makes `init()` enter the worker loop.
+/// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
+/// enter the worker loop in a process whose parent is that driver.
 pub(crate) const ENV_SERVER: &str = "PARJOB_PROCESS_SERVER";
 /// The worker's index in its pool.
 pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";

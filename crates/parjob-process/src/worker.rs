@@ -1,6 +1,5 @@
 //! The worker side: what `init()` runs in a process the driver started.
 
-use std::ffi::OsString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -18,7 +17,20 @@ static IN_WORKER: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process was started as a worker (it may not have reached the loop yet).
 pub(crate) fn started_as_worker() -> bool {
-    std::env::var_os(ENV_SERVER).is_some()
+    server_name().is_some()
+}
+
+/// The driver's server name, if this process is a worker the driver started itself.
+///
+/// The variable reads `<driver pid>:<server name>`. A process a task starts inherits it, but
+/// its parent is the worker, not the driver: it is not a worker (a parjob program a task runs
+/// works normally).
+fn server_name() -> Option<String> {
+    let value = std::env::var(ENV_SERVER).ok()?;
+    let (driver, name) = value.split_once(':')?;
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    (driver.parse::<libc::pid_t>().ok()? == parent).then(|| name.to_string())
 }
 
 /// Whether this process is running the worker loop.
@@ -50,7 +62,7 @@ fn address_at(offset: i64) -> usize {
 
 /// Enters the worker loop if the driver started this process; returns at once otherwise.
 pub fn init() {
-    let Some(server) = std::env::var_os(ENV_SERVER) else {
+    let Some(server) = server_name() else {
         return;
     };
     IN_WORKER.store(true, Ordering::Relaxed);
@@ -67,10 +79,7 @@ pub fn init() {
     std::process::exit(code);
 }
 
-fn serve(server: OsString) -> Result<(), String> {
-    let server = server
-        .into_string()
-        .map_err(|s| format!("{ENV_SERVER}={s:?} is not UTF-8"))?;
+fn serve(server: String) -> Result<(), String> {
     let index: usize = std::env::var(ENV_INDEX)
         .ok()
         .and_then(|s| s.parse().ok())
