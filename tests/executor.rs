@@ -896,3 +896,23 @@ fn child_daemon_task_runs_until_main_returns() {
     drop(executor);
     // The test returns and its process exits with the task still running.
 }
+
+#[test]
+fn wait_timeout_returns_with_the_futures_not_done_yet() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let held = executor.submit(delayed(gated, id));
+    let waited = parjob::wait_timeout([held], Until::AllCompleted, Duration::from_millis(20));
+    assert_eq!(
+        (waited.done.len(), waited.not_done.len()),
+        (0, 1),
+        "the held task cannot be done"
+    );
+    gate.open();
+    let waited = parjob::wait_timeout(
+        waited.not_done,
+        Until::AllCompleted,
+        Duration::from_secs(60),
+    );
+    assert_eq!((waited.done.len(), waited.not_done.len()), (1, 0));
+}

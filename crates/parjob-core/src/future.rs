@@ -481,6 +481,25 @@ impl Notifier {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
+
+    /// The next done future, or `None` once `deadline` has passed.
+    fn next_before(&self, deadline: Instant) -> Option<usize> {
+        let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(id) = ready.pop_front() {
+                return Some(id);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            ready = self
+                .wake
+                .wait_timeout(ready, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// Yields `futures` in the order they finish (those already done first, in input order):
@@ -584,6 +603,24 @@ pub struct Waited<R> {
 /// assert_eq!((waited.done.len(), waited.not_done.len()), (3, 0));
 /// ```
 pub fn wait<R>(futures: impl IntoIterator<Item = Future<R>>, until: Until) -> Waited<R> {
+    wait_until(futures, until, None)
+}
+
+/// Like [`wait`], but returns after `timeout` at the latest, whether `until` holds or not
+/// (Python's `wait(fs, timeout=...)`): check `not_done` to tell.
+pub fn wait_timeout<R>(
+    futures: impl IntoIterator<Item = Future<R>>,
+    until: Until,
+    timeout: Duration,
+) -> Waited<R> {
+    wait_until(futures, until, Instant::now().checked_add(timeout))
+}
+
+fn wait_until<R>(
+    futures: impl IntoIterator<Item = Future<R>>,
+    until: Until,
+    deadline: Option<Instant>,
+) -> Waited<R> {
     let futures: Vec<Future<R>> = futures.into_iter().collect();
     let notifier = Notifier::new();
     for (id, future) in futures.iter().enumerate() {
@@ -600,7 +637,13 @@ pub fn wait<R>(futures: impl IntoIterator<Item = Future<R>>, until: Until) -> Wa
         if satisfied {
             break;
         }
-        let id = notifier.next();
+        let id = match deadline {
+            None => notifier.next(),
+            Some(deadline) => match notifier.next_before(deadline) {
+                Some(id) => id,
+                None => break,
+            },
+        };
         finished += 1;
         failed |= futures.get(id).is_some_and(|f| f.shared.failed());
     }

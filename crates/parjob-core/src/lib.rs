@@ -44,7 +44,9 @@ pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
 pub use error::Error;
-pub use future::{AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait};
+pub use future::{
+    AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
+};
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};

@@ -43,7 +43,9 @@ mod process;
 pub use executor::{Executor, Shutdown};
 pub use iter::{RunIter, RunUnordered};
 pub use parallel::Parallel;
-pub use parjob_core::{AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait};
+pub use parjob_core::{
+    AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,
+};
 pub use parjob_core::{
     Backend, BatchSize, Delayed, Error, Task, WorkerInfo, cpu_count, delayed, effective_n_jobs,
     worker_info,
