@@ -1,6 +1,10 @@
 //! parjob's project chores, run as `cargo xtask <command>`.
 //!
 //! - `cargo xtask ci`: what CI runs (format check, clippy with warnings denied, the tests).
+//! - `cargo xtask bench`: parjob's speed as ratios against rayon, std threads, a loop and
+//!   Python's joblib; see docs/BENCHMARKS.md.
+
+mod bench;
 
 use std::process::{Command, ExitCode};
 
@@ -17,11 +21,15 @@ struct Cli {
 enum Chore {
     /// Runs what CI runs: cargo fmt --check, clippy -D warnings, the test suite.
     Ci,
+    /// Times parjob's backends against rayon, std threads, a loop (and Python's joblib with
+    /// --peers); writes target/bench/report.md, report.json and plots.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Chore::Ci => ci(),
+        Chore::Bench(args) => bench::run(args),
     }
 }
 

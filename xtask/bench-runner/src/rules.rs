@@ -1,0 +1,164 @@
+//! What each row is compared with, and the targets of DESIGN.md section 5.
+//!
+//! One place for both, used for parjob's rows, the Rust references and the Python peers alike,
+//! so that a row's ratio means the same thing wherever it came from.
+
+use crate::measure::Group;
+use crate::report::Measurement;
+
+/// The reference implementation names, as rows and the Python script spell them.
+pub const RAYON: &str = "rayon par_iter";
+/// A rayon pool used directly (`startup`).
+pub const RAYON_POOL: &str = "rayon ThreadPool";
+/// Starting the bench's own executable and waiting for it to exit (`startup`).
+pub const SPAWN: &str = "spawn + wait this executable";
+/// `std::thread::scope` with the input cut into one chunk per thread.
+pub const SCOPE: &str = "std::thread::scope";
+/// A plain loop on the calling thread.
+pub const LOOP: &str = "sequential loop";
+
+/// `sleep_io`: tasks per run and how long each sleeps.
+pub const SLEEP_TASKS: u64 = 100;
+/// `sleep_io`: milliseconds each task sleeps.
+pub const SLEEP_MS: u64 = 10;
+/// `first_result`: milliseconds each task sleeps.
+pub const FIRST_RESULT_MS: u64 = 100;
+
+/// What a row's ratio is taken against.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reference {
+    /// Another row of the same scenario.
+    Row {
+        /// Its variant.
+        variant: String,
+        /// Its implementation.
+        implementation: String,
+    },
+    /// A figure no implementation can beat (a sleep's own length).
+    Ideal {
+        /// How it is shown: `ideal 10 ms`.
+        label: String,
+        /// Its time in seconds.
+        seconds: f64,
+    },
+    /// Nothing: the row stands alone.
+    None,
+}
+
+/// The reference for a row. The ratio is then the row's throughput over the reference's (for
+/// equal work: the reference's time over the row's), so above 1 means faster.
+pub fn reference_for(m: &Measurement) -> Reference {
+    let row = |variant: &str, implementation: &str| {
+        if m.variant == variant && m.implementation == implementation {
+            Reference::None
+        } else {
+            Reference::Row {
+                variant: variant.to_string(),
+                implementation: implementation.to_string(),
+            }
+        }
+    };
+    match m.scenario.as_str() {
+        "small" | "tiny" | "big_input" => row(&m.variant, RAYON),
+        "startup" if m.group == Group::Reference => Reference::None,
+        // A process pool's start is held against starting one process, a thread pool's
+        // against rayon's.
+        "startup" if m.variant == "fresh pool" && is_process_pool(&m.implementation) => {
+            row(&m.variant, SPAWN)
+        }
+        "startup" => row(&m.variant, RAYON_POOL),
+        // Speedup: two workers against the same implementation with one.
+        "cpu_halves" if m.variant == "n_jobs=2" => row("n_jobs=1", &m.implementation),
+        "cpu_halves" if m.group == Group::Peer => Reference::None,
+        "cpu_halves" => row("n_jobs=1", LOOP),
+        "sleep_io" => match n_jobs_of(&m.variant) {
+            Some(n) => {
+                let waves = SLEEP_TASKS.div_ceil(n);
+                let seconds = (waves * SLEEP_MS) as f64 / 1000.0;
+                Reference::Ideal {
+                    label: format!("ideal {} ms", waves * SLEEP_MS),
+                    seconds,
+                }
+            }
+            None => Reference::None,
+        },
+        "first_result" => Reference::Ideal {
+            label: format!("ideal {FIRST_RESULT_MS} ms"),
+            seconds: FIRST_RESULT_MS as f64 / 1000.0,
+        },
+        _ => Reference::None,
+    }
+}
+
+/// Whether an implementation runs its tasks in other processes.
+fn is_process_pool(implementation: &str) -> bool {
+    ["process", "loky", "ProcessPool"]
+        .iter()
+        .any(|word| implementation.contains(word))
+}
+
+/// `n_jobs=10` -> 10.
+pub fn n_jobs_of(variant: &str) -> Option<u64> {
+    variant.strip_prefix("n_jobs=")?.parse().ok()
+}
+
+/// A goal from DESIGN.md section 5.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// The ratio to the reference is at least this.
+    RatioAtLeast(f64),
+    /// The median is at most this many seconds.
+    SecondsAtMost(f64),
+    /// The throughput (work units per second) is at least this.
+    RateAtLeast(f64),
+    /// It runs without error (the pool stays usable after a crash).
+    Succeeds,
+}
+
+impl Target {
+    /// The target as the table shows it; `unit` is the row's work unit.
+    pub fn describe(self, unit: &str) -> String {
+        match self {
+            Target::RatioAtLeast(r) => format!(">= {r}x"),
+            Target::SecondsAtMost(s) => format!("<= {}", crate::report::fmt_seconds(s)),
+            Target::RateAtLeast(r) => format!(">= {}", crate::report::fmt_rate(r, unit)),
+            Target::Succeeds => "succeeds".to_string(),
+        }
+    }
+
+    /// Whether a row with this median, throughput and ratio meets the target.
+    pub fn met(self, median: Option<f64>, rate: Option<f64>, ratio: Option<f64>) -> Option<bool> {
+        match self {
+            Target::RatioAtLeast(goal) => ratio.map(|r| r >= goal),
+            Target::SecondsAtMost(goal) => median.map(|m| m <= goal),
+            Target::RateAtLeast(goal) => rate.map(|r| r >= goal),
+            Target::Succeeds => Some(median.is_some()),
+        }
+    }
+}
+
+/// DESIGN.md section 5's target for a parjob row, if it has one.
+pub fn target_for(m: &Measurement) -> Option<Target> {
+    if m.group != Group::Parjob {
+        return None;
+    }
+    let backend = m.implementation.strip_prefix("parjob ")?;
+    let process = backend == "process";
+    let threading = backend == "threading";
+    match (m.scenario.as_str(), m.variant.as_str()) {
+        ("small", _) if threading => Some(Target::RatioAtLeast(0.9)),
+        ("small", _) if process => Some(Target::RatioAtLeast(0.8)),
+        ("tiny", _) if threading => Some(Target::RatioAtLeast(0.5)),
+        ("tiny", _) if process => Some(Target::RateAtLeast(3e7)),
+        ("cpu_halves", "n_jobs=2") if threading || process => Some(Target::RatioAtLeast(1.9)),
+        ("sleep_io", "n_jobs=100") if threading => Some(Target::SecondsAtMost(0.012)),
+        ("startup", "fresh pool") if process => Some(Target::SecondsAtMost(0.005)),
+        ("startup", "warm pool") if process => Some(Target::SecondsAtMost(0.0002)),
+        ("big_input", "first send") if process => Some(Target::RateAtLeast(2.0)),
+        ("big_input", "warm pool") if process => Some(Target::RateAtLeast(5.0)),
+        ("crash", "abort to error") if process => Some(Target::SecondsAtMost(0.010)),
+        ("crash", "next call") if process => Some(Target::Succeeds),
+        ("first_result", _) if threading || process => Some(Target::SecondsAtMost(0.101)),
+        _ => None,
+    }
+}

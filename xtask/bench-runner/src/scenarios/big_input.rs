@@ -1,0 +1,95 @@
+//! `big_input`: 100 MB of `f64` handed to 2 workers, each summing one half (GB/s).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parjob::{Backend, Parallel, delayed};
+use rayon::prelude::*;
+
+use super::{Context, rayon_pool};
+use crate::measure::{Attempt, Candidate, Group, interleaved, parjob_name};
+use crate::report::Measurement;
+use crate::rules::{LOOP, RAYON, SCOPE};
+use crate::work::{square, sum_owned, sum_slice};
+
+const VALUES: usize = 12_500_000;
+const GIGABYTES: f64 = (VALUES * std::mem::size_of::<f64>()) as f64 / 1e9;
+
+pub fn size() -> String {
+    format!(
+        "{VALUES} f64 ({:.0} MB) in two owned halves, one task each on 2 workers; first send: \
+         the first big run on a pool just started by one small task; warm pool: later runs. The \
+         halves are copied from the data before the clock starts; the references sum the \
+         halves in place",
+        GIGABYTES * 1e3
+    )
+}
+
+/// The two halves as owned vectors: what a task takes.
+fn halves(data: &[f64]) -> [Vec<f64>; 2] {
+    let (a, b) = data.split_at(data.len() / 2);
+    [a.to_vec(), b.to_vec()]
+}
+
+/// Copies the halves (untimed), then times one run of them on `p`.
+fn timed_run(p: &Parallel, data: &[f64]) -> Attempt {
+    let tasks = halves(data).map(|half| delayed(sum_owned, half));
+    let start = Instant::now();
+    let sums = p.run(tasks)?;
+    let elapsed = start.elapsed();
+    black_box(sums);
+    Ok(elapsed)
+}
+
+pub fn run(ctx: &Context) -> Vec<Measurement> {
+    let data: Arc<Vec<f64>> = Arc::new((0..VALUES).map(|i| (i % 1000) as f64 * 0.5).collect());
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for &b in &ctx.backends {
+        let workers = if b == Backend::Sequential { 1 } else { 2 };
+        let data = Arc::clone(&data);
+        candidates.push(Candidate::timed(
+            "first send",
+            parjob_name(b),
+            Group::Parjob,
+            move || {
+                let p = Parallel::new(workers).backend(b);
+                // Start the workers first: this row is about the first big send, not start-up.
+                p.run([delayed(square, 1)])?;
+                timed_run(&p, &data)
+            },
+        ));
+    }
+    for &b in &ctx.backends {
+        let workers = if b == Backend::Sequential { 1 } else { 2 };
+        let p = Parallel::new(workers).backend(b);
+        let data = Arc::clone(&data);
+        candidates.push(Candidate::timed(
+            "warm pool",
+            parjob_name(b),
+            Group::Parjob,
+            move || timed_run(&p, &data),
+        ));
+    }
+    let pool = Arc::new(rayon_pool(2));
+    for variant in ["first send", "warm pool"] {
+        let pool = Arc::clone(&pool);
+        let data = Arc::clone(&data);
+        candidates.push(Candidate::reference(variant, RAYON, move || {
+            pool.install(|| data.par_chunks(data.len() / 2).map(sum_slice).sum::<f64>())
+        }));
+    }
+    let scope_data = Arc::clone(&data);
+    candidates.push(Candidate::reference("warm pool", SCOPE, move || {
+        let (a, b) = scope_data.split_at(scope_data.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| sum_slice(b));
+            sum_slice(a) + other.join().expect("sum_slice does not panic")
+        })
+    }));
+    candidates.push(Candidate::reference("warm pool", LOOP, move || {
+        sum_slice(&data)
+    }));
+    let outcomes = interleaved("big_input", ctx.plan, candidates);
+    Measurement::from_outcomes("big_input", outcomes, |_| (GIGABYTES, "GB"))
+}

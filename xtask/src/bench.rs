@@ -1,0 +1,256 @@
+//! `cargo xtask bench`: parjob's speed, as ratios against rayon, std threads, a plain loop and
+//! (with `--peers`) Python's joblib and concurrent.futures.
+//!
+//! The scenarios live in `xtask/bench-runner` (package `parjob-bench`), which this builds with
+//! `--release` and runs: xtask itself is a dev build, and figures from one would mean nothing.
+//! With `--peers`, `xtask/bench_peers.py` runs first, in a venv under `target/bench/venv`
+//! made here; when that cannot be set up, the peers' rows say why and the rest still runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// The scenarios, as the issue, the report and docs/BENCHMARKS.md name them.
+const SCENARIOS: [&str; 8] = [
+    "small",
+    "tiny",
+    "cpu_halves",
+    "sleep_io",
+    "startup",
+    "big_input",
+    "crash",
+    "first_result",
+];
+
+/// Backend names parjob accepts, aliases included.
+const BACKENDS: [&str; 7] = [
+    "sequential",
+    "threading",
+    "threads",
+    "process",
+    "processes",
+    "loky",
+    "multiprocessing",
+];
+
+/// Flags of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Smaller sizes and 3 counted repeats: a smoke test that ends in under 2 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also run Python's joblib (threading, loky) and concurrent.futures (thread and process
+    /// pools) on the same scenarios, in a venv under target/bench/venv (pip needs PyPI).
+    #[arg(long)]
+    peers: bool,
+    /// A parjob backend to run; repeat for several [default: all]
+    #[arg(long = "backend", value_name = "NAME", value_parser = BACKENDS)]
+    backends: Vec<String>,
+    /// A scenario to run; repeat for several [default: all]
+    #[arg(long = "scenario", value_name = "NAME", value_parser = SCENARIOS)]
+    scenarios: Vec<String>,
+    /// Where report.md, report.json and the plots go [default: target/bench in the workspace]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+/// The workspace root: xtask's parent folder.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Runs `cargo xtask bench`.
+pub fn run(args: BenchArgs) -> ExitCode {
+    let root = workspace_root();
+    let out = match &args.out {
+        Some(dir) if dir.is_absolute() => dir.clone(),
+        Some(dir) => match std::env::current_dir() {
+            Ok(cwd) => cwd.join(dir),
+            Err(e) => {
+                eprintln!("xtask bench: cannot read the current folder to place --out: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => root.join("target").join("bench"),
+    };
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("xtask bench: cannot create {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+
+    eprintln!("xtask bench: building parjob-bench with --release");
+    let built = cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "--package", "parjob-bench"])
+        .status();
+    match built {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            eprintln!("xtask bench: building parjob-bench failed ({s})");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("xtask bench: cannot run cargo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+
+    let mut runner_args: Vec<String> = Vec::new();
+    if args.quick {
+        runner_args.push("--quick".into());
+    }
+    for b in &args.backends {
+        runner_args.extend(["--backend".into(), b.clone()]);
+    }
+    for s in &args.scenarios {
+        runner_args.extend(["--scenario".into(), s.clone()]);
+    }
+    runner_args.extend(["--out".into(), out.display().to_string()]);
+    if args.peers {
+        let peers_json = out.join("peers.json");
+        run_peers(&root, &args, &peers_json);
+        runner_args.extend(["--peers-json".into(), peers_json.display().to_string()]);
+    }
+
+    // `cargo run` finds the binary wherever CARGO_TARGET_DIR puts it; the build is done.
+    let status = cargo()
+        .current_dir(&root)
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "parjob-bench",
+            "--",
+        ])
+        .args(&runner_args)
+        .status();
+    match status {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("xtask bench: parjob-bench failed ({s})");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("xtask bench: cannot run cargo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the Python peers into `peers_json`; when they cannot run, writes why instead, so
+/// that the peers' rows carry the reason.
+fn run_peers(root: &Path, args: &BenchArgs, peers_json: &Path) {
+    let outcome = venv_python(root).and_then(|python| {
+        eprintln!("xtask bench: running the Python peers (xtask/bench_peers.py)");
+        let mut cmd = Command::new(&python);
+        cmd.arg(root.join("xtask").join("bench_peers.py"))
+            .arg("--out")
+            .arg(peers_json);
+        if args.quick {
+            cmd.arg("--quick");
+        }
+        for s in &args.scenarios {
+            cmd.args(["--scenario", s]);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "xtask/bench_peers.py failed ({status}); its errors are above"
+            ))
+        }
+    });
+    if let Err(why) = outcome {
+        eprintln!("xtask bench: Python peers unavailable: {why}");
+        let text = json_string(&why);
+        if let Err(e) = std::fs::write(peers_json, format!("{{\"unavailable\": {text}}}\n")) {
+            eprintln!("xtask bench: cannot write {}: {e}", peers_json.display());
+        }
+    }
+}
+
+/// The venv's python with joblib importable, made with `python3 -m venv` and pip if needed.
+fn venv_python(root: &Path) -> Result<PathBuf, String> {
+    let venv = root.join("target").join("bench").join("venv");
+    let python = venv.join("bin").join("python");
+    let imports = |module: &str| {
+        Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !python.exists() {
+        eprintln!("xtask bench: creating {} (python3 -m venv)", venv.display());
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map_err(|e| format!("cannot run python3 to make a venv: {e}"))?;
+        if !made.success() {
+            return Err(format!(
+                "python3 -m venv {} failed ({made})",
+                venv.display()
+            ));
+        }
+    }
+    // numpy is optional: without it the array scenarios (cpu_halves, big_input) say so.
+    for (package, needed) in [("joblib", true), ("numpy", false)] {
+        if imports(package) {
+            continue;
+        }
+        eprintln!("xtask bench: pip install {package}");
+        let output = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--timeout", "15", "--retries", "1", package])
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run pip: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            let why = format!(
+                "pip install {package} failed (no network?): {}",
+                last.trim()
+            );
+            if needed {
+                return Err(why);
+            }
+            eprintln!("xtask bench: {why}");
+        }
+    }
+    Ok(python)
+}
+
+/// `s` as a JSON string literal (xtask keeps to clap alone, so no serde_json).
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
