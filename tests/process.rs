@@ -151,12 +151,16 @@ fn every_frame_may_travel_through_shared_memory() {
     fn echo(v: Vec<u8>) -> Vec<u8> {
         v
     }
-    let inputs: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; usize::from(i) * 10]).collect();
-    let out = processes(2)
-        .max_nbytes(0)
-        .run(inputs.clone().into_iter().map(|v| delayed(echo, v)))
-        .unwrap();
-    assert_eq!(out, inputs);
+    let mut inputs: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; usize::from(i) * 10]).collect();
+    let parallel = processes(2).max_nbytes(0);
+    // Growing frames need new shared segments; shrinking ones reuse them.
+    for _ in 0..2 {
+        let out = parallel
+            .run(inputs.clone().into_iter().map(|v| delayed(echo, v)))
+            .unwrap();
+        assert_eq!(out, inputs);
+        inputs.reverse();
+    }
 }
 
 #[test]

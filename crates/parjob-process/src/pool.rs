@@ -20,8 +20,8 @@ use parjob_core::{Backend, Error, Job, Pool};
 use crate::ProcessOptions;
 use crate::spawn::{Event, Starter, Worker, wait_for_output};
 use crate::wire::{
-    DONE_HEADER, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN, MSG_SHUTDOWN, RUN_HEADER,
-    monotonic_nanos, read_u64,
+    ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN,
+    MSG_SHUTDOWN, RUN_HEADER, monotonic_nanos, read_u64,
 };
 use crate::worker::{in_worker_loop, offset_of, started_as_worker};
 
@@ -230,11 +230,31 @@ impl Pool for ProcessPool {
     }
 }
 
+/// A `DONE` reply as a frame end: the outcomes are in the message, in the new arena it
+/// announced, or in the arena the worker used before (`kept`).
+fn done(
+    bytes: Vec<u8>,
+    new_arena: Option<IpcSharedMemory>,
+    kept: Option<IpcSharedMemory>,
+) -> FrameEnd {
+    let flags = bytes.get(1).copied().unwrap_or(0);
+    let arena = if flags & FLAG_NEW_ARENA != 0 {
+        new_arena
+    } else if flags & FLAG_SHARED != 0 {
+        kept
+    } else {
+        // Not used this time: the worker still has it, so keep it.
+        return FrameEnd::Done { bytes, arena: kept };
+    };
+    FrameEnd::Done { bytes, arena }
+}
+
 /// How one frame ended.
 enum FrameEnd {
+    /// The `DONE` message, and the arena holding the outcomes if they were shared.
     Done {
         bytes: Vec<u8>,
-        shared: Option<IpcSharedMemory>,
+        arena: Option<IpcSharedMemory>,
     },
     /// The worker died (or was killed for a timeout) holding task `at` of the frame.
     Died {
@@ -332,11 +352,16 @@ impl Supervisor {
                 end = end.min(start + max.saturating_sub(worker.tasks_run).max(1));
             }
             match self.run_frame(&job, offset, start..end) {
-                FrameEnd::Done { bytes, shared } => {
+                FrameEnd::Done { bytes, arena } => {
                     busy += Duration::from_nanos(read_u64(&bytes, 2).unwrap_or(0));
-                    let outcomes = match &shared {
-                        Some(shared) => &shared[..],
-                        None => bytes.get(DONE_HEADER..).unwrap_or_default(),
+                    let outcomes = if bytes.get(1).is_some_and(|f| f & FLAG_SHARED != 0) {
+                        let len = read_u64(&bytes, 10).unwrap_or(0) as usize;
+                        arena
+                            .as_deref()
+                            .and_then(|a| a.get(..len))
+                            .unwrap_or_default()
+                    } else {
+                        bytes.get(DONE_HEADER..).unwrap_or_default()
                     };
                     let mut decoded = job.batch.decode_outcomes(outcomes);
                     if decoded < end - start {
@@ -354,6 +379,9 @@ impl Supervisor {
                         decoded += 1;
                     }
                     if let Some(worker) = &mut self.worker {
+                        if let Some(arena) = arena.filter(|a| a.len() <= ARENA_KEEP_MAX) {
+                            worker.result_arena = Some(arena);
+                        }
                         worker.tasks_run += decoded;
                         if self
                             .options
@@ -378,7 +406,7 @@ impl Supervisor {
 
     /// Sends tasks `range` of the job to the worker and waits for their outcomes.
     fn run_frame(&mut self, job: &Job, offset: i64, range: std::ops::Range<usize>) -> FrameEnd {
-        let Some(worker) = &self.worker else {
+        let Some(worker) = self.worker.as_mut() else {
             return FrameEnd::Closing;
         };
         let timeout = job.control.timeout();
@@ -386,22 +414,38 @@ impl Supervisor {
         self.buf.clear();
         self.buf.extend_from_slice(&[MSG_RUN, flags]);
         self.buf.extend_from_slice(&offset.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 8]);
         job.batch.encode_tasks(range.clone(), &mut self.buf);
         worker.board.reset();
-        let sent = if self.buf.len() - RUN_HEADER > self.options.max_nbytes {
+        let len = self.buf.len() - RUN_HEADER;
+        let sent = if len > self.options.max_nbytes {
             flags |= FLAG_SHARED;
+            self.buf[10..RUN_HEADER].copy_from_slice(&(len as u64).to_le_bytes());
+            let mut sent = Ok(());
+            match worker.task_arena.as_mut().filter(|a| a.len() >= len) {
+                Some(arena) => {
+                    // SAFETY: the worker reads its arena only between a RUN and its DONE, and the
+                    // driver writes it only before sending a RUN: never both at once.
+                    let shared = unsafe { arena.deref_mut() };
+                    shared[..len].copy_from_slice(&self.buf[RUN_HEADER..]);
+                }
+                None => {
+                    flags |= FLAG_NEW_ARENA;
+                    let arena = IpcSharedMemory::from_bytes(&self.buf[RUN_HEADER..]);
+                    sent = worker
+                        .big_tasks
+                        .send(arena.clone())
+                        .map_err(|e| e.to_string());
+                    worker.task_arena = (arena.len() <= ARENA_KEEP_MAX).then_some(arena);
+                }
+            }
             self.buf[1] = flags;
-            let shared = IpcSharedMemory::from_bytes(&self.buf[RUN_HEADER..]);
-            worker
-                .big_tasks
-                .send(shared)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    worker
-                        .tasks
-                        .send(&self.buf[..RUN_HEADER])
-                        .map_err(|e| e.to_string())
-                })
+            sent.and_then(|()| {
+                worker
+                    .tasks
+                    .send(&self.buf[..RUN_HEADER])
+                    .map_err(|e| e.to_string())
+            })
         } else {
             worker.tasks.send(&self.buf).map_err(|e| e.to_string())
         };
@@ -440,7 +484,8 @@ impl Supervisor {
                     bytes,
                     shared,
                 } if g == generation && bytes.first() == Some(&MSG_DONE) => {
-                    return FrameEnd::Done { bytes, shared };
+                    let kept = self.worker.as_mut().and_then(|w| w.result_arena.take());
+                    return done(bytes, shared, kept);
                 }
                 Event::Disconnected { generation: g } if g == generation => {
                     return self.bury(
@@ -532,7 +577,7 @@ impl Supervisor {
                     bytes,
                     shared,
                 }) if g == generation && bytes.first() == Some(&MSG_DONE) => {
-                    late_reply = Some(FrameEnd::Done { bytes, shared });
+                    late_reply = Some((bytes, shared));
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -551,8 +596,9 @@ impl Supervisor {
             }
         }
         wait_for_output(&worker);
-        if let Some(done) = late_reply {
-            return done;
+        if let Some((bytes, shared)) = late_reply {
+            let mut worker = worker;
+            return done(bytes, shared, worker.result_arena.take());
         }
         let at =
             (worker.board.started_count().saturating_sub(1) as usize).min(len.saturating_sub(1));

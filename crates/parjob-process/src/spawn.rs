@@ -15,7 +15,7 @@ use parjob_core::{Error, cpu_count};
 use crate::ProcessOptions;
 use crate::build_id::build_id;
 use crate::wire::{
-    Board, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_SHARED, Hello, MSG_DONE, MSG_INIT_FAILED,
+    Board, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, Hello, MSG_DONE, MSG_INIT_FAILED,
     MSG_READY, MSG_WELCOME, PROTOCOL,
 };
 use crate::worker::offset_of;
@@ -42,7 +42,7 @@ pub(crate) enum Event {
         generation: u64,
         hello: Result<Box<Hello>, String>,
     },
-    /// A message on the results channel, with its shared frame if it had one.
+    /// A message on the results channel, with the new arena it announced, if any.
     Reply {
         generation: u64,
         bytes: Vec<u8>,
@@ -142,6 +142,10 @@ pub(crate) struct Worker {
     pub(crate) big_tasks: IpcSender<IpcSharedMemory>,
     pub(crate) board: Board,
     pub(crate) child: Arc<ChildWatch>,
+    /// The driver's mapping of the shared segment big frames are written into.
+    pub(crate) task_arena: Option<IpcSharedMemory>,
+    /// The driver's mapping of the worker's segment for big outcome frames.
+    pub(crate) result_arena: Option<IpcSharedMemory>,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
@@ -339,7 +343,7 @@ impl Starter<'_> {
         spawn_thread(format!("parjob-read-{pid}"), move || {
             while let Ok(bytes) = results.recv() {
                 let shared = if bytes.first() == Some(&MSG_DONE)
-                    && bytes.get(1).is_some_and(|f| f & FLAG_SHARED != 0)
+                    && bytes.get(1).is_some_and(|f| f & FLAG_NEW_ARENA != 0)
                 {
                     match big_results.recv() {
                         Ok(shared) => Some(shared),
@@ -424,6 +428,8 @@ impl Starter<'_> {
             child,
             tasks_run: 0,
             output_done,
+            task_arena: None,
+            result_arena: None,
         })
     }
 

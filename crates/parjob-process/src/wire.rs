@@ -44,7 +44,7 @@ pub(crate) struct Hello {
 
 /// Driver to worker: `[WELCOME][max_nbytes u64][has initializer u8][initializer offset i64]`.
 pub(crate) const MSG_WELCOME: u8 = 1;
-/// Driver to worker: `[RUN][flags u8][entry offset i64][frame]`.
+/// Driver to worker: `[RUN][flags u8][entry offset i64][shared length u64][frame]`.
 pub(crate) const MSG_RUN: u8 = 2;
 /// Driver to worker: exit with status 0.
 pub(crate) const MSG_SHUTDOWN: u8 = 3;
@@ -52,18 +52,25 @@ pub(crate) const MSG_SHUTDOWN: u8 = 3;
 pub(crate) const MSG_READY: u8 = 4;
 /// Worker to driver: `[INIT_FAILED][message]`.
 pub(crate) const MSG_INIT_FAILED: u8 = 5;
-/// Worker to driver: `[DONE][flags u8][busy nanos u64][outcomes]`.
+/// Worker to driver: `[DONE][flags u8][busy nanos u64][shared length u64][outcomes]`.
 pub(crate) const MSG_DONE: u8 = 6;
 
 /// Frame flag: the per-task start time is wanted (a timeout is set).
 pub(crate) const FLAG_TIMED: u8 = 1;
-/// Frame flag: the frame travels as shared memory on the `big_*` channel.
+/// Frame flag: the frame is the first `shared length` bytes of the sender's shared segment
+/// (its arena), not in this message.
 pub(crate) const FLAG_SHARED: u8 = 2;
+/// Frame flag: a new arena, replacing the previous one, waits on the `big_*` channel.
+pub(crate) const FLAG_NEW_ARENA: u8 = 4;
 
 /// Length of a `MSG_RUN` header.
-pub(crate) const RUN_HEADER: usize = 10;
+pub(crate) const RUN_HEADER: usize = 18;
 /// Length of a `MSG_DONE` header.
-pub(crate) const DONE_HEADER: usize = 10;
+pub(crate) const DONE_HEADER: usize = 18;
+
+/// Arenas up to this size are kept for the next big frame (a reused segment is written at
+/// memory speed; a new one pays a page fault per page). Bigger ones are used once.
+pub(crate) const ARENA_KEEP_MAX: usize = 256 << 20;
 
 /// Reads a little-endian `u64` at `at`.
 pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {

@@ -8,9 +8,9 @@ use parjob_core::{Backend, RemoteEntry, set_worker_identity};
 
 use crate::build_id::build_id;
 use crate::wire::{
-    Board, DONE_HEADER, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_SHARED, FLAG_TIMED, Hello,
-    MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN, MSG_WELCOME, PROTOCOL, RUN_HEADER,
-    read_u64,
+    ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA,
+    FLAG_SHARED, FLAG_TIMED, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN,
+    MSG_WELCOME, PROTOCOL, RUN_HEADER, read_u64,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -142,6 +142,9 @@ fn serve(server: String) -> Result<(), String> {
         .map_err(|e| format!("cannot reach the driver: {e}"))?;
 
     let mut out = Vec::new();
+    // The shared segments reused for big frames, see `wire::FLAG_SHARED`.
+    let mut task_arena: Option<IpcSharedMemory> = None;
+    let mut result_arena: Option<IpcSharedMemory> = None;
     loop {
         // The driver gone (dropped without a shutdown, or dead) means: exit too.
         let Ok(message) = tasks_rx.recv() else {
@@ -154,12 +157,19 @@ fn serve(server: String) -> Result<(), String> {
         }
         let flags = message[1];
         let offset = read_u64(&message, 2).unwrap_or(0) as i64;
-        let shared;
+        if flags & FLAG_NEW_ARENA != 0 {
+            task_arena = Some(
+                big_tasks_rx
+                    .recv()
+                    .map_err(|e| format!("cannot receive a shared frame: {e}"))?,
+            );
+        }
         let frame: &[u8] = if flags & FLAG_SHARED != 0 {
-            shared = big_tasks_rx
-                .recv()
-                .map_err(|e| format!("cannot receive a shared frame: {e}"))?;
-            &shared
+            let len = read_u64(&message, 10).unwrap_or(0) as usize;
+            task_arena
+                .as_deref()
+                .and_then(|arena| arena.get(..len))
+                .ok_or("the driver announced a shared frame it did not send")?
         } else {
             &message[RUN_HEADER..]
         };
@@ -176,17 +186,38 @@ fn serve(server: String) -> Result<(), String> {
         });
         let busy = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
         out[1] = 0;
-        out[2..DONE_HEADER].copy_from_slice(&busy.to_le_bytes());
-        if out.len() - DONE_HEADER > max_nbytes {
+        out[2..10].copy_from_slice(&busy.to_le_bytes());
+        let len = out.len() - DONE_HEADER;
+        out[10..DONE_HEADER].copy_from_slice(&(len as u64).to_le_bytes());
+        if len > max_nbytes {
             out[1] = FLAG_SHARED;
-            big_results_tx
-                .send(IpcSharedMemory::from_bytes(&out[DONE_HEADER..]))
-                .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
+            match result_arena.as_mut().filter(|arena| arena.len() >= len) {
+                Some(arena) => {
+                    // SAFETY: the driver reads this arena only between a DONE and the next RUN,
+                    // and this worker writes it only while running a frame: never both at once.
+                    let shared = unsafe { arena.deref_mut() };
+                    shared[..len].copy_from_slice(&out[DONE_HEADER..]);
+                }
+                None => {
+                    out[1] |= FLAG_NEW_ARENA;
+                    let arena = IpcSharedMemory::from_bytes(&out[DONE_HEADER..]);
+                    big_results_tx
+                        .send(arena.clone())
+                        .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
+                    result_arena = (arena.len() <= ARENA_KEEP_MAX).then_some(arena);
+                }
+            }
             results_tx.send(&out[..DONE_HEADER])
         } else {
             results_tx.send(&out)
         }
         .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        if task_arena
+            .as_ref()
+            .is_some_and(|a| a.len() > ARENA_KEEP_MAX)
+        {
+            task_arena = None;
+        }
         if out.capacity() > 64 << 20 {
             out = Vec::new();
         }
