@@ -6,9 +6,9 @@
 //! submitted so that shutting down can wait for it or cancel it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Task};
+use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Pool, Task};
 
 use crate::Parallel;
 use crate::iter::RunIter;
@@ -29,7 +29,7 @@ pub enum Shutdown {
 ///
 /// `n_jobs`, [`backend`](Executor::backend) and `PARJOB_BACKEND` / `PARJOB_N_JOBS` work as
 /// for [`Parallel`], whose pool machinery the executor shares. The workers start with the
-/// first task. On the sequential backend, [`submit`](Executor::submit) runs the task before
+/// first task, and the environment is read then. On the sequential backend, [`submit`](Executor::submit) runs the task before
 /// it returns.
 ///
 /// Dropping an executor is [`shutdown(Shutdown::Wait)`](Executor::shutdown), like leaving a
@@ -56,13 +56,26 @@ pub struct Executor {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     shut_down: bool,
+    /// The pool, looked up once: resolving the configuration reads the environment and the
+    /// cgroup CPU quota, far more than submitting a task costs.
+    pool: Option<Arc<dyn Pool>>,
     /// Futures submitted and maybe not done; done ones are pruned from time to time.
     submitted: Vec<FutureHandle>,
     /// Prune `submitted` when it grows to this length.
     prune_at: usize,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("shut_down", &self.shut_down)
+            .field("pool_started", &self.pool.is_some())
+            .field("submitted", &self.submitted.len())
+            .finish()
+    }
 }
 
 impl Default for Executor {
@@ -183,9 +196,12 @@ impl Executor {
         if state.shut_down {
             return Future::failed(index, Error::ExecutorShutdown);
         }
-        let pool = match self.parallel.pool() {
-            Ok(pool) => pool,
-            Err(error) => return Future::failed(index, error),
+        let pool = match &state.pool {
+            Some(pool) => Arc::clone(pool),
+            None => match self.parallel.pool() {
+                Ok(pool) => Arc::clone(state.pool.insert(pool)),
+                Err(error) => return Future::failed(index, error),
+            },
         };
         if state.submitted.len() >= state.prune_at {
             state.submitted.retain(|f| !f.is_done());
@@ -230,6 +246,7 @@ impl Executor {
         let submitted = {
             let mut state = self.lock();
             state.shut_down = true;
+            state.pool = None;
             std::mem::take(&mut state.submitted)
         };
         if how == Shutdown::CancelPending {
