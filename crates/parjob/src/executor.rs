@@ -242,6 +242,7 @@ impl Executor {
     ///
     /// It returns once every task submitted before it is done (or cancelled), so tasks that
     /// never end make it wait forever: use a [`daemon`](Executor::daemon) executor for those.
+    /// For the same reason, a task must not shut down (or drop) the executor it runs on.
     pub fn shutdown(&self, how: Shutdown) {
         let submitted = {
             let mut state = self.lock();
