@@ -805,3 +805,48 @@ fn child_counts_descriptors() {
     drop(parallel);
     assert_eq!(open(), before);
 }
+
+#[test]
+fn a_worker_killed_while_idle_is_replaced_without_blaming_a_task() {
+    let parallel = processes(1);
+    let first = parallel.run([delayed(my_pid, 0)]).unwrap()[0];
+    // SAFETY: signalling the worker process this test's pool started.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    // Wait until the pool's waiter has reaped it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{first}")).exists() {
+        assert!(Instant::now() < deadline, "worker {first} was not reaped");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let next = parallel.run((0..4u32).map(|i| delayed(my_pid, i))).unwrap();
+    assert!(next.iter().all(|&pid| pid != first), "{next:?}");
+}
+
+#[test]
+fn worker_output_can_be_prefixed_with_the_worker_index() {
+    let output = run_child_test("process::child_prints_with_prefix", &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for i in 0..4 {
+        // The harness may have printed `test <name> ... ` before the first line.
+        let said = |text: &str, stream: &str| {
+            (0..2)
+                .any(|w| text.contains(&format!("[worker {w}] task {i} says hello on {stream}\n")))
+        };
+        assert!(said(&stdout, "stdout"), "{stdout}");
+        assert!(said(&stderr, "stderr"), "{stderr}");
+    }
+}
+
+#[test]
+#[ignore = "run by worker_output_can_be_prefixed_with_the_worker_index in a child process"]
+fn child_prints_with_prefix() {
+    fn chatty(i: u32) {
+        println!("task {i} says hello on stdout");
+        eprintln!("task {i} says hello on stderr");
+    }
+    processes(2)
+        .prefix_worker_output(true)
+        .run((0..4u32).map(|i| delayed(chatty, i)))
+        .unwrap();
+}

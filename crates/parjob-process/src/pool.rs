@@ -261,6 +261,11 @@ enum FrameEnd {
         at: usize,
         error: Error,
     },
+    /// The worker died before starting any task of the frame.
+    Lost {
+        pid: u32,
+        status: String,
+    },
     Closing,
 }
 
@@ -324,6 +329,8 @@ impl Supervisor {
         // A task that killed its worker: its error goes in once the tasks before it have
         // their outcomes (they ran in the dead worker too, but their results died with it).
         let mut pending: Option<(usize, Error)> = None;
+        // Frames whose worker died before starting any of their tasks, in a row.
+        let mut lost = 0;
         loop {
             let start = job.batch.outcomes_len();
             let len = job.batch.len();
@@ -353,6 +360,7 @@ impl Supervisor {
             }
             match self.run_frame(&job, offset, start..end) {
                 FrameEnd::Done { bytes, arena } => {
+                    lost = 0;
                     busy += Duration::from_nanos(read_u64(&bytes, 2).unwrap_or(0));
                     let outcomes = if bytes.get(1).is_some_and(|f| f & FLAG_SHARED != 0) {
                         let len = read_u64(&bytes, 10).unwrap_or(0) as usize;
@@ -392,6 +400,21 @@ impl Supervisor {
                         }
                     }
                 }
+                FrameEnd::Lost { pid, status } => {
+                    lost += 1;
+                    if lost > 1 {
+                        // Twice in a row: the frame itself kills workers; blame its first task.
+                        pending = Some((
+                            start,
+                            Error::WorkerCrashed {
+                                index: job.batch.first_index() + start,
+                                worker: self.index,
+                                pid,
+                                status,
+                            },
+                        ));
+                    }
+                }
                 FrameEnd::Died { at, error } => {
                     let at = start + at;
                     if pending.as_ref().is_none_or(|(p, _)| at < *p) {
@@ -406,6 +429,14 @@ impl Supervisor {
 
     /// Sends tasks `range` of the job to the worker and waits for their outcomes.
     fn run_frame(&mut self, job: &Job, offset: i64, range: std::ops::Range<usize>) -> FrameEnd {
+        self.forget_if_dead();
+        if self.worker.is_none() && self.replace_worker().is_err() {
+            // Reported by run_job's next attempt, which starts a worker again.
+            return FrameEnd::Lost {
+                pid: 0,
+                status: "could not be replaced".into(),
+            };
+        }
         let Some(worker) = self.worker.as_mut() else {
             return FrameEnd::Closing;
         };
@@ -520,6 +551,35 @@ impl Supervisor {
         }
     }
 
+    /// Forgets the worker if it died while idle (news of it waits in the event queue), so
+    /// that the next frame goes to a fresh one instead of being blamed for the death.
+    fn forget_if_dead(&mut self) {
+        let Some(generation) = self.worker.as_ref().map(|w| w.generation) else {
+            return;
+        };
+        let mut dead = false;
+        let mut close = false;
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                Event::Exited { generation: g, .. } | Event::Disconnected { generation: g }
+                    if g == generation =>
+                {
+                    dead = true;
+                }
+                Event::Close => close = true,
+                _ => {}
+            }
+        }
+        if close {
+            // Put it back for run_frame's wait loop.
+            let _ = self.events_tx.send(Event::Close);
+        }
+        if dead && let Some(worker) = self.worker.take() {
+            worker.child.kill();
+            wait_for_output(&worker);
+        }
+    }
+
     /// Kills the worker if its current task started more than `limit` ago.
     fn kill_if_over(&self, limit: Duration) -> bool {
         let Some(worker) = &self.worker else {
@@ -600,8 +660,16 @@ impl Supervisor {
             let mut worker = worker;
             return done(bytes, shared, worker.result_arena.take());
         }
-        let at =
-            (worker.board.started_count().saturating_sub(1) as usize).min(len.saturating_sub(1));
+        let started = worker.board.started_count();
+        if started == 0 && timed_out.is_none() {
+            // It died before any task of the frame started (killed while idle, or while
+            // receiving the frame): no task is to blame yet.
+            return FrameEnd::Lost {
+                pid: worker.pid,
+                status: status.unwrap_or_else(|| "lost".into()),
+            };
+        }
+        let at = (started.saturating_sub(1) as usize).min(len.saturating_sub(1));
         let index = first_index + at;
         let error = match timed_out {
             Some(after) => Error::Timeout {
