@@ -74,8 +74,8 @@ impl ProcessConfig {
 impl Parallel {
     /// Run workers from this executable instead of re-running the current one. It must be the
     /// same build of the same program (a copy, or the same file under another path) and call
-    /// [`init`](crate::init) first thing in `main`; another build is refused when the pool
-    /// starts, with an error naming both executables.
+    /// [`init`](crate::init) first thing in `main` (a wrapper script must `exec` it); another
+    /// build is refused when the pool starts, with an error naming both executables.
     pub fn worker_exe(mut self, path: impl Into<PathBuf>) -> Parallel {
         self.process.worker_exe = Some(path.into());
         self
