@@ -35,6 +35,8 @@ fn main() -> Result<(), parjob::Error> {
     }
     let executor = Executor::new(1).backend(backend).daemon(true);
     let background = executor.submit(delayed(heartbeat, 200));
+    // Half a tick out of step with the background task, so that the lines do not collide.
+    std::thread::sleep(Duration::from_millis(100));
     for step in 1..=5 {
         std::thread::sleep(Duration::from_millis(200));
         println!("main: step {step} of 5");
