@@ -820,8 +820,12 @@ fn process_settings_reach_the_executors_workers() {
     assert_eq!(distinct.len(), 3, "one task per worker: {pids:?}");
 }
 
-/// Prints `tick` every 10 ms, forever: a daemon's background work.
-fn tick_forever(_: ()) {
+/// Leaves its pid in `<dir>/started`, then prints a tick every 10 ms, forever: a daemon's
+/// background work.
+fn tick_forever(dir: String) {
+    let dir = std::path::Path::new(&dir);
+    std::fs::write(dir.join("starting"), std::process::id().to_string()).unwrap();
+    std::fs::rename(dir.join("starting"), dir.join("started")).unwrap();
     loop {
         println!("tick from pid {}", std::process::id());
         std::thread::sleep(Duration::from_millis(10));
@@ -860,12 +864,11 @@ fn a_daemon_task_stops_when_main_returns_and_leaves_no_worker() {
         let mut stdout = String::new();
         std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
         assert!(status.success(), "{backend}: {stdout}");
-        assert!(stdout.contains("tick from pid"), "{backend}: {stdout}");
         let pid: u32 = stdout
             .lines()
-            .find_map(|line| line.split("tick from pid ").nth(1))
+            .find_map(|line| line.split("the task runs in pid ").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
+            .unwrap_or_else(|| panic!("{backend}: {stdout}"))
             .parse()
             .unwrap();
         if backend == "process" {
@@ -888,11 +891,13 @@ fn child_daemon_task_runs_until_main_returns() {
         .unwrap()
         .parse()
         .unwrap();
+    let dir = marker_dir("daemon-exit");
     let executor = Executor::new(1).backend(backend).daemon(true);
-    let background = executor.submit(delayed(tick_forever, ()));
-    while !background.is_running() {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let _background = executor.submit(delayed(tick_forever, dir.to_string_lossy().into_owned()));
+    wait_for_file(&dir.join("started"));
+    let pid = std::fs::read_to_string(dir.join("started")).unwrap();
+    println!("the task runs in pid {pid}");
+    std::fs::remove_dir_all(dir).unwrap();
     drop(executor);
     // The test returns and its process exits with the task still running.
 }
