@@ -921,3 +921,31 @@ fn wait_timeout_returns_with_the_futures_not_done_yet() {
     );
     assert_eq!((waited.done.len(), waited.not_done.len()), (1, 0));
 }
+
+#[test]
+fn a_future_prints_its_state() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let running = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    let queued = executor.submit(delayed(square, 2));
+    assert_eq!(
+        format!("{running:?}"),
+        "Future { index: 0, state: \"running\" }"
+    );
+    assert_eq!(
+        format!("{queued:?}"),
+        "Future { index: 1, state: \"pending\" }"
+    );
+    assert!(queued.cancel());
+    assert_eq!(
+        format!("{queued:?}"),
+        "Future { index: 1, state: \"cancelled\" }"
+    );
+    gate.open();
+    running.wait();
+    assert_eq!(
+        format!("{running:?}"),
+        "Future { index: 0, state: \"finished\" }"
+    );
+}

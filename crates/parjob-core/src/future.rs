@@ -326,9 +326,11 @@ impl<R> Future<R> {
 
 impl<R> std::fmt::Debug for Future<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Read before taking the lock: `is_running` takes it too.
+        let stamp = self.shared.started.load(Ordering::Acquire);
         let state = match &*self.shared.lock() {
-            Slot::Pending(_) if self.is_running() => "running",
-            Slot::Pending(_) if self.is_cancelled() => "cancelled",
+            Slot::Pending(_) if stamp == CANCELLED_BEFORE_START => "cancelled",
+            Slot::Pending(_) if stamp != 0 => "running",
             Slot::Pending(_) => "pending",
             Slot::Done(Ok(_)) => "finished",
             Slot::Done(Err(Error::Cancelled { .. })) => "cancelled",
