@@ -449,6 +449,10 @@ fn submit_and_map_after_shutdown_are_errors() {
         assert!(executor.is_shut_down());
         let late = executor.submit(delayed(square, 3));
         assert!(late.is_done());
+        assert!(
+            !late.cancel(),
+            "a future that is already done cannot be cancelled"
+        );
         assert_eq!(late.result(), Err(Error::ExecutorShutdown));
         let mapped: Vec<_> = executor.map([delayed(square, 1)]).collect();
         assert_eq!(mapped, [Err(Error::ExecutorShutdown)]);

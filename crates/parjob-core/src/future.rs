@@ -203,16 +203,18 @@ fn take<R>(slot: &mut Slot<R>, index: usize) -> Result<R, Error> {
 
 impl<R> Future<R> {
     fn new(index: usize, outcome: Option<Result<R, Error>>) -> Self {
-        let slot = match outcome {
-            Some(outcome) => Slot::Done(outcome),
-            None => Slot::Pending(Vec::new()),
+        // A future born done is "past its start" for `cancel`, which then fails as on any
+        // finished task.
+        let (slot, stamp) = match outcome {
+            Some(outcome) => (Slot::Done(outcome), 1),
+            None => (Slot::Pending(Vec::new()), 0),
         };
         Future {
             shared: Arc::new(Shared {
                 index,
                 slot: Mutex::new(slot),
                 done: Condvar::new(),
-                started: Arc::new(AtomicU64::new(0)),
+                started: Arc::new(AtomicU64::new(stamp)),
                 control: Arc::new(RunControl::new(None)),
             }),
         }
