@@ -175,7 +175,9 @@ impl Job {
 ///
 /// Implementations must answer every submitted job with exactly one [`Job::complete`] (or
 /// [`Job::run_here`]), even when the worker running it dies: a job that is never completed
-/// hangs the run.
+/// hangs the run. A pool that does not use `run_here` calls [`Job::mark_started`] before the
+/// job's first task and, when it returns `false` (a `Future` cancelled first), completes the
+/// job without running it.
 pub trait Pool: Send + Sync {
     /// The backend this pool implements.
     fn backend(&self) -> Backend;
