@@ -29,8 +29,8 @@ pub enum Shutdown {
 ///
 /// `n_jobs`, [`backend`](Executor::backend) and `PARJOB_BACKEND` / `PARJOB_N_JOBS` work as
 /// for [`Parallel`], whose pool machinery the executor shares. The workers start with the
-/// first task, and the environment is read then. On the sequential backend, [`submit`](Executor::submit) runs the task before
-/// it returns.
+/// first task, and the environment is read then. On the sequential backend,
+/// [`submit`](Executor::submit) runs the task before it returns.
 ///
 /// Dropping an executor is [`shutdown(Shutdown::Wait)`](Executor::shutdown), like leaving a
 /// Python `with` block, unless it is a [`daemon`](Executor::daemon).
