@@ -602,7 +602,7 @@ pub struct Waited<R> {
 /// use parjob_core::{delayed, submit, wait, SequentialPool, Until};
 ///
 /// fn square(x: u64) -> u64 { x * x }
-/// let futures: Vec<_> = (0..3).map(|i| submit(&SequentialPool, i, delayed(square, i as u64))).collect();
+/// let futures = (0..3).map(|i| submit(&SequentialPool, i, delayed(square, i as u64)));
 /// let waited = wait(futures, Until::AllCompleted);
 /// assert_eq!((waited.done.len(), waited.not_done.len()), (3, 0));
 /// ```

@@ -44,8 +44,8 @@ pub enum Shutdown {
 /// let nine = executor.submit(delayed(square, 3));
 /// let four = executor.submit(delayed(square, 2));
 /// assert_eq!(nine.result()? + four.result()?, 13);
-/// let squares: Vec<u64> = executor.map((0..5u64).map(|i| delayed(square, i))).collect::<Result<_, _>>()?;
-/// assert_eq!(squares, [0, 1, 4, 9, 16]);
+/// let squares: Result<Vec<u64>, _> = executor.map((0..5u64).map(|i| delayed(square, i))).collect();
+/// assert_eq!(squares?, [0, 1, 4, 9, 16]);
 /// # Ok::<(), parjob::Error>(())
 /// ```
 #[derive(Debug)]
