@@ -55,6 +55,8 @@ def sum_array(a):
 
 
 def abort_now():
+    import faulthandler
+    faulthandler.disable()  # loky enables it: the abort would print a traceback per crash
     os.abort()
 
 
