@@ -125,10 +125,12 @@ fn bench(args: &Args) -> Result<(), String> {
         plan: Plan {
             warmups: 1,
             repeats: if args.quick { 3 } else { 5 },
+            time_limit: measure::HUNG_AFTER,
         },
         short_plan: Plan {
             warmups: 1,
             repeats: if args.quick { 10 } else { 20 },
+            time_limit: measure::HUNG_AFTER,
         },
         workers: parjob::cpu_count(),
     };

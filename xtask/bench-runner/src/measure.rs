@@ -125,7 +125,13 @@ pub struct Plan {
     pub warmups: usize,
     /// Counted runs; the median of these is quoted.
     pub repeats: usize,
+    /// How long one run may take before it is taken as hung.
+    #[serde(skip)]
+    pub time_limit: Duration,
 }
+
+/// How long one run may take in a real bench before it is taken as hung.
+pub const HUNG_AFTER: Duration = Duration::from_secs(60);
 
 /// What came of timing one candidate.
 pub struct Outcome {
@@ -138,9 +144,6 @@ pub struct Outcome {
     /// Seconds of each counted run, or why there are none.
     pub samples: Result<Vec<f64>, Failure>,
 }
-
-/// How long one run may take before it is taken as hung.
-const HUNG_AFTER: Duration = Duration::from_secs(60);
 
 /// Implementations that hung earlier in this bench, with the scenario they hung in: they are
 /// skipped from then on, so that a hanging backend costs one time limit, not one per scenario.
@@ -193,17 +196,16 @@ impl Runner {
     }
 
     /// One run, or why there is none (including a hang or a panic).
-    fn once(&mut self) -> Attempt {
+    fn once(&mut self, limit: Duration) -> Attempt {
         if self.go.send(()).is_err() {
             return Err(Failure::Failed("its thread ended (it panicked)".into()));
         }
-        match self.done.recv_timeout(HUNG_AFTER) {
+        match self.done.recv_timeout(limit) {
             Ok(attempt) => attempt,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.hung = true;
                 Err(Failure::Failed(format!(
-                    "hung: one run gave no result in {} s; it was left running and skipped",
-                    HUNG_AFTER.as_secs()
+                    "hung: one run gave no result in {limit:?}; it was left running and skipped"
                 )))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(Failure::Failed(
@@ -243,7 +245,7 @@ pub fn interleaved(scenario: &str, plan: Plan, candidates: Vec<Candidate>) -> Ve
             let Ok(taken) = &mut outcome.samples else {
                 continue;
             };
-            match runner.once() {
+            match runner.once(plan.time_limit) {
                 Ok(elapsed) if round.is_some() => taken.push(elapsed.as_secs_f64()),
                 Ok(_) => {}
                 Err(failure) => {
@@ -286,7 +288,49 @@ pub fn summary(samples: &[f64]) -> Option<(f64, f64, f64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::summary;
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            warmups: 1,
+            repeats: 3,
+            time_limit: Duration::from_millis(300),
+        }
+    }
+
+    #[test]
+    fn a_backend_that_is_not_built_is_reported_and_the_others_still_run() {
+        let candidates = vec![
+            Candidate::parjob("", parjob::Backend::Process, || {
+                Err::<(), _>(parjob::Error::BackendUnavailable {
+                    backend: parjob::Backend::Process,
+                    reason: "not in this build".into(),
+                })
+            }),
+            Candidate::reference("", "loop", || 1 + 1),
+        ];
+        let out = interleaved("test", plan(), candidates);
+        assert!(
+            matches!(&out[0].samples, Err(Failure::NotBuilt(r)) if r.contains("not in this build"))
+        );
+        assert_eq!(out[1].samples.as_ref().map(Vec::len).ok(), Some(3));
+    }
+
+    #[test]
+    fn a_run_that_hangs_is_reported_and_skipped_later_in_the_bench() {
+        let candidates = vec![
+            Candidate::reference("", "sleeps too long (test)", || {
+                std::thread::sleep(Duration::from_secs(5))
+            }),
+            Candidate::reference("", "quick (test)", || 1 + 1),
+        ];
+        let out = interleaved("hangs", plan(), candidates);
+        assert!(matches!(&out[0].samples, Err(Failure::Failed(r)) if r.starts_with("hung")));
+        assert_eq!(out[1].samples.as_ref().map(Vec::len).ok(), Some(3));
+        let again = vec![Candidate::reference("", "sleeps too long (test)", || ())];
+        let out = interleaved("later", plan(), again);
+        assert!(matches!(&out[0].samples, Err(Failure::Failed(r)) if r.contains("earlier")));
+    }
 
     #[test]
     fn summary_quotes_the_median_min_and_max() {
