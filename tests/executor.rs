@@ -129,13 +129,16 @@ fn result_timeout_gives_a_timeout_error_and_leaves_the_task_running() {
         .unwrap_err();
     assert_eq!(
         err,
-        Error::Timeout {
+        Error::WaitTimedOut {
             index: 0,
             after: Duration::from_millis(20),
-            killed: false
         }
     );
-    assert!(err.to_string().contains("timed out after 20ms"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("after waiting 20ms; the task keeps running"),
+        "{err}"
+    );
     assert_eq!(gate.finished(), 0, "the task was not stopped");
     assert!(!future.is_done());
     gate.open();
@@ -674,17 +677,7 @@ fn process_result_timeout_leaves_the_task_running() {
     let err = future
         .result_timeout(Duration::from_millis(20))
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Timeout {
-                index: 0,
-                killed: false,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::WaitTimedOut { index: 0, .. }), "{err}");
     std::fs::write(dir.join("open"), b"").unwrap();
     assert!(
         future.result_timeout(Duration::from_secs(60)).is_ok(),

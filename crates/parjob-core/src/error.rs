@@ -128,6 +128,16 @@ pub enum Error {
     #[error("the executor was shut down and takes no new tasks")]
     ExecutorShutdown,
 
+    /// Waiting for a `Future` (`result_timeout`) gave up; the task itself goes on and the
+    /// future can be waited on again.
+    #[error("task {index}: no result after waiting {after:?}; the task keeps running")]
+    WaitTimedOut {
+        /// Submission number of the task.
+        index: usize,
+        /// How long the caller waited.
+        after: Duration,
+    },
+
     /// A `Future`'s result was asked for again after an earlier call took it.
     #[error("the result of task {index} was already taken from its future")]
     ResultTaken {
@@ -151,7 +161,8 @@ impl Error {
             | Error::Timeout { index, .. }
             | Error::Codec { index, .. }
             | Error::Cancelled { index }
-            | Error::ResultTaken { index } => Some(*index),
+            | Error::ResultTaken { index }
+            | Error::WaitTimedOut { index, .. } => Some(*index),
             _ => None,
         }
     }

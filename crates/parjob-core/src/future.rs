@@ -243,19 +243,18 @@ impl<R> Future<R> {
     }
 
     /// Like [`result`](Future::result), but waits at most `timeout`. When the task is not done
-    /// by then, returns [`Error::Timeout`] (with `killed: false`) and leaves the task running:
-    /// the future can be waited on again.
+    /// by then, returns [`Error::WaitTimedOut`] and leaves the task running: the future can be
+    /// waited on again.
     ///
     /// # Errors
-    /// [`Error::Timeout`] when not done in time; otherwise as [`result`](Future::result).
+    /// [`Error::WaitTimedOut`] when not done in time; otherwise as [`result`](Future::result).
     pub fn result_timeout(&mut self, timeout: Duration) -> Result<R, Error> {
         let deadline = Instant::now().checked_add(timeout);
         let mut slot = self.shared.wait_done(deadline);
         if matches!(*slot, Slot::Pending(_)) {
-            return Err(Error::Timeout {
+            return Err(Error::WaitTimedOut {
                 index: self.shared.index,
                 after: timeout,
-                killed: false,
             });
         }
         take(&mut slot, self.shared.index)
