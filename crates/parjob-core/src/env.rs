@@ -34,7 +34,7 @@ pub fn n_jobs_from_env() -> Result<Option<i32>, Error> {
         value: text.clone(),
         reason: "expected an integer: n > 0 workers, -1 for all CPUs, -k for all but k-1".into(),
     })?;
-    resolve_n_jobs(n, 1, " (from PARJOB_N_JOBS)")?;
+    resolve_n_jobs(n, || 1, " (from PARJOB_N_JOBS)")?;
     Ok(Some(n))
 }
 
@@ -48,5 +48,5 @@ pub fn resolve_workers(n_jobs: i32, from_env: bool) -> Result<usize, Error> {
     } else {
         ""
     };
-    resolve_n_jobs(n_jobs, cpu_count(), note)
+    resolve_n_jobs(n_jobs, cpu_count, note)
 }

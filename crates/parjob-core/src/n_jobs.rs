@@ -6,8 +6,14 @@ use crate::Error;
 ///
 /// The smallest of: the CPUs in this thread's affinity mask, and the cgroup CPU quota
 /// (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded up. Always at
-/// least 1. This is what `n_jobs = -1` means.
+/// least 1. This is what `n_jobs = -1` means. Read once per process: reading the cgroup
+/// files costs tens of microseconds, too much to repeat for every run.
 pub fn cpu_count() -> usize {
+    static CPU_COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPU_COUNT.get_or_init(read_cpu_count)
+}
+
+fn read_cpu_count() -> usize {
     let affinity = std::thread::available_parallelism().map_or(1, |n| n.get());
     match cgroup_quota_cpus() {
         Some(quota) => affinity.min(quota).max(1),
@@ -28,10 +34,15 @@ pub fn cpu_count() -> usize {
 /// assert!(effective_n_jobs(0).is_err());
 /// ```
 pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
-    resolve_n_jobs(n_jobs, cpu_count(), "")
+    resolve_n_jobs(n_jobs, cpu_count, "")
 }
 
-pub(crate) fn resolve_n_jobs(n_jobs: i32, cpus: usize, source_note: &str) -> Result<usize, Error> {
+/// `cpus` is only asked for negative `n_jobs`.
+pub(crate) fn resolve_n_jobs(
+    n_jobs: i32,
+    cpus: impl FnOnce() -> usize,
+    source_note: &str,
+) -> Result<usize, Error> {
     match n_jobs {
         0 => Err(Error::InvalidNJobs {
             value: 0,
@@ -40,7 +51,7 @@ pub(crate) fn resolve_n_jobs(n_jobs: i32, cpus: usize, source_note: &str) -> Res
         n if n > 0 => Ok(n as usize),
         n => {
             let k = n.unsigned_abs() as usize;
-            Ok((cpus + 1).saturating_sub(k).max(1))
+            Ok((cpus() + 1).saturating_sub(k).max(1))
         }
     }
 }
@@ -129,25 +140,25 @@ mod tests {
 
     #[test]
     fn positive_n_jobs_is_taken_as_is() {
-        assert_eq!(resolve_n_jobs(7, 2, ""), Ok(7));
+        assert_eq!(resolve_n_jobs(7, || 2, ""), Ok(7));
     }
 
     #[test]
     fn minus_one_is_all_cpus() {
-        assert_eq!(resolve_n_jobs(-1, 8, ""), Ok(8));
+        assert_eq!(resolve_n_jobs(-1, || 8, ""), Ok(8));
     }
 
     #[test]
     fn minus_k_leaves_k_minus_one_cpus_free_but_at_least_one_worker() {
-        assert_eq!(resolve_n_jobs(-2, 8, ""), Ok(7));
-        assert_eq!(resolve_n_jobs(-2, 2, ""), Ok(1));
-        assert_eq!(resolve_n_jobs(-10, 2, ""), Ok(1));
-        assert_eq!(resolve_n_jobs(i32::MIN, 2, ""), Ok(1));
+        assert_eq!(resolve_n_jobs(-2, || 8, ""), Ok(7));
+        assert_eq!(resolve_n_jobs(-2, || 2, ""), Ok(1));
+        assert_eq!(resolve_n_jobs(-10, || 2, ""), Ok(1));
+        assert_eq!(resolve_n_jobs(i32::MIN, || 2, ""), Ok(1));
     }
 
     #[test]
     fn zero_is_an_error_that_explains_the_rules() {
-        let err = resolve_n_jobs(0, 2, "").unwrap_err();
+        let err = resolve_n_jobs(0, || 2, "").unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("invalid n_jobs 0") && text.contains("-1"),
