@@ -22,6 +22,8 @@ fn main() -> Result<(), parjob::Error> {
     lessons::shared_counter::run(backend)?;
     lessons::cpu_bound::run(backend)?;
     lessons::http_status::run(backend)?;
+    lessons::executor_submit::run(backend)?;
+    lessons::executor_map::run(backend)?;
     println!("\nall lessons ran on the {backend} backend");
     Ok(())
 }

@@ -69,8 +69,11 @@ fn fetch_status(url: String) -> Result<u16, String> {
         .ok_or(format!("{url}: not an HTTP answer"))
 }
 
+/// A URL and what fetching it gave: a status code, or why there is none.
+pub type Fetched = (String, Result<u16, String>);
+
 /// Runs the lesson; returns each URL with its outcome.
-pub fn run(backend: Backend) -> Result<Vec<(String, Result<u16, String>)>, parjob::Error> {
+pub fn run(backend: Backend) -> Result<Vec<Fetched>, parjob::Error> {
     super::banner("HTTP status codes from a local server", backend);
     let address = start_server().map_err(|e| {
         parjob::Error::InvalidConfig(format!("cannot start the local HTTP server: {e}"))
