@@ -274,7 +274,8 @@ fn speedup(rows: &[Row], path: &Path) -> Result<bool, Box<dyn std::error::Error>
     Ok(true)
 }
 
-/// One line with dots per implementation; peers dashed-looking in orange shades.
+/// One line per implementation that has more than one point: parjob's thick with dots,
+/// the Rust references thin, the Python peers with triangles.
 fn draw_lines<DB, X, Y>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
     series: &[Line],
@@ -285,13 +286,27 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    for (i, (name, _group, points)) in series.iter().enumerate() {
+    let lines = series.iter().filter(|(_, _, points)| points.len() > 1);
+    for (i, (name, group, points)) in lines.enumerate() {
         let c = Palette99::pick(i).to_rgba();
+        let width = match group {
+            Group::Parjob => 3,
+            Group::Reference => 1,
+            Group::Peer => 2,
+        };
         chart
-            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(width)))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(width)));
+        if *group == Group::Peer {
+            chart.draw_series(
+                points
+                    .iter()
+                    .map(|&p| TriangleMarker::new(p, 5, c.filled())),
+            )?;
+        } else {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
+        }
     }
     Ok(())
 }
