@@ -519,3 +519,29 @@ pub(crate) fn wait_for_output(worker: &Worker) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_read_like_the_shell_says_them() {
+        // Wait statuses as waitpid encodes them: exit code in the second byte, signal in the
+        // low seven bits.
+        assert_eq!(describe_status(3 << 8), "exit status 3");
+        assert_eq!(describe_status(0), "exit status 0");
+        assert_eq!(
+            describe_status(libc::SIGABRT),
+            "killed by signal 6 (SIGABRT)"
+        );
+        assert_eq!(
+            describe_status(libc::SIGKILL),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe_status(libc::SIGSEGV),
+            "killed by signal 11 (SIGSEGV)"
+        );
+        assert_eq!(describe_status(40), "killed by signal 40");
+    }
+}

@@ -281,3 +281,27 @@ fn tune_malloc() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn twice(x: u64) -> u64 {
+        x * 2
+    }
+
+    #[test]
+    fn an_offset_from_the_anchor_leads_back_to_the_function() {
+        let f: fn(u64) -> u64 = twice;
+        let offset = offset_of(f as usize);
+        // SAFETY: the address is `twice`'s own, in this same binary.
+        let back: fn(u64) -> u64 = unsafe { std::mem::transmute(address_at(offset)) };
+        assert_eq!(back(21), 42);
+    }
+
+    #[test]
+    fn a_process_whose_parent_is_not_the_driver_is_not_a_worker() {
+        // This test process was not started by a parjob driver.
+        assert!(!started_as_worker());
+    }
+}
