@@ -145,7 +145,8 @@ fn bench(args: &Args) -> Result<(), String> {
                 eprintln!("parjob-bench: {} Python peer rows ({versions})", rows.len());
                 (rows, None)
             }
-            Err(why) => (Vec::new(), Some(why)),
+            // One row per scenario, so that the table itself says why the peers are missing.
+            Err(why) => (peers::unavailable_rows(&args.scenarios, &why), Some(why)),
         },
     };
     // `crash` runs last: a backend that hangs on a dead worker then costs nothing else.
@@ -201,11 +202,12 @@ fn bench(args: &Args) -> Result<(), String> {
     for line in report::reasons(&report.rows) {
         println!("  {line}");
     }
-    if let Some(why) = &report.peers_unavailable {
+    // When the peers were asked for and could not run, their rows above already say why.
+    if let (Some(why), None) = (&report.peers_unavailable, &args.peers_json) {
         println!("  Python peers: {why}");
     }
     println!(
-        "\nmachine: {} x {} ({}), load {} -> {}; {} in {:.0} s{}",
+        "\nmachine: {} x {} ({}), load {} -> {}; {} in {:.1} s{}",
         report.machine.nproc,
         report.machine.cpu_model,
         report.machine.kernel,

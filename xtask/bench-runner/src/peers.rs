@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::report::Measurement;
+use crate::measure::Group;
+use crate::report::{Measurement, Status};
 
 /// The peers file: rows, or why there are none.
 #[derive(Debug, Deserialize)]
@@ -35,4 +36,22 @@ pub fn load(path: &Path, scenarios: &[String]) -> Result<(Vec<Measurement>, Stri
         .filter(|m| scenarios.contains(&m.scenario))
         .collect();
     Ok((rows, file.versions))
+}
+
+/// When the peers could not run: one row per scenario carrying the reason.
+pub fn unavailable_rows(scenarios: &[String], why: &str) -> Vec<Measurement> {
+    scenarios
+        .iter()
+        .map(|scenario| Measurement {
+            scenario: scenario.clone(),
+            variant: String::new(),
+            implementation: "Python peers".into(),
+            group: Group::Peer,
+            work: 0.0,
+            unit: String::new(),
+            samples: Vec::new(),
+            status: Status::Unavailable(why.to_string()),
+            note: String::new(),
+        })
+        .collect()
 }
