@@ -1,8 +1,6 @@
 //! `sleep_io`: 100 tasks that sleep 10 ms, on 1, 10, 50 and 100 workers: waiting work, where
 //! the ideal wall time is one sleep per wave of workers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use parjob::{Backend, Parallel, delayed};
 use rayon::prelude::*;
 
@@ -28,19 +26,22 @@ pub fn size(ctx: &Context) -> String {
     )
 }
 
-/// `threads` scoped threads taking the next task from a shared counter until none is left.
+/// `threads` scoped threads, each sleeping through one contiguous chunk of the tasks.
 fn scope_naps(threads: usize) -> u64 {
-    let next = AtomicU64::new(0);
+    let per_thread = SLEEP_TASKS.div_ceil(threads as u64);
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                while next.fetch_add(1, Ordering::Relaxed) < SLEEP_TASKS {
-                    nap(SLEEP_MS);
-                }
-            });
-        }
-    });
-    SLEEP_TASKS
+        let handles: Vec<_> = (0..SLEEP_TASKS)
+            .step_by(per_thread as usize)
+            .map(|first| {
+                let count = per_thread.min(SLEEP_TASKS - first);
+                s.spawn(move || (0..count).map(|_| nap(SLEEP_MS)).sum::<u64>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("nap does not panic"))
+            .sum()
+    })
 }
 
 pub fn run(ctx: &Context) -> Vec<Measurement> {
