@@ -850,3 +850,24 @@ fn child_prints_with_prefix() {
         .run((0..4u32).map(|i| delayed(chatty, i)))
         .unwrap();
 }
+
+#[test]
+fn run_unordered_yields_a_crash_with_its_index_and_every_other_result() {
+    let mut seen: Vec<(usize, Result<u32, Error>)> = processes(2)
+        .batch_size(BatchSize::Fixed(4))
+        .run_unordered((0..16u32).map(|i| delayed(crash_on_five, (i, Crash::Exit3))))
+        .collect();
+    seen.sort_by_key(|(i, _)| *i);
+    assert_eq!(seen.len(), 16);
+    for (i, result) in seen {
+        match result {
+            Err(Error::WorkerCrashed {
+                index: 5, status, ..
+            }) => {
+                assert_eq!((i, status.as_str()), (5, "exit status 3"));
+            }
+            Ok(v) => assert_eq!(v as usize, i),
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+}
