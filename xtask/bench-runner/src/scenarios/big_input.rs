@@ -11,7 +11,7 @@ use super::{Context, rayon_pool};
 use crate::measure::{Attempt, Candidate, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::rules::{LOOP, RAYON, SCOPE};
-use crate::work::{square, sum_owned, sum_slice};
+use crate::work::{square, sum_owned};
 
 const VALUES: usize = 12_500_000;
 const GIGABYTES: f64 = (VALUES * std::mem::size_of::<f64>()) as f64 / 1e9;
@@ -19,9 +19,9 @@ const GIGABYTES: f64 = (VALUES * std::mem::size_of::<f64>()) as f64 / 1e9;
 pub fn size() -> String {
     format!(
         "{VALUES} f64 ({:.0} MB) in two owned halves, one task each on 2 workers; first send: \
-         the first big run on a pool just started by one small task; warm pool: later runs. The \
-         halves are copied from the data before the clock starts; the references sum the \
-         halves in place",
+         the first big run on a pool just started by one small task; warm pool: later runs. Every \
+         row, references too, gets the halves copied before the clock starts and runs \
+         `sum_owned` on them (freeing them is counted alike)",
         GIGABYTES * 1e3
     )
 }
@@ -40,6 +40,23 @@ fn timed_run(p: &Parallel, data: &[f64]) -> Attempt {
     let elapsed = start.elapsed();
     black_box(sums);
     Ok(elapsed)
+}
+
+/// A reference timed on owned halves, copied from `data` before the clock starts.
+fn owned_reference(
+    variant: &str,
+    implementation: &str,
+    data: Arc<Vec<f64>>,
+    sum: impl Fn([Vec<f64>; 2]) -> f64 + Send + 'static,
+) -> Candidate {
+    Candidate::timed(variant, implementation, Group::Reference, move || {
+        let owned = halves(&data);
+        let start = Instant::now();
+        let total = sum(owned);
+        let elapsed = start.elapsed();
+        black_box(total);
+        Ok(elapsed)
+    })
 }
 
 pub fn run(ctx: &Context) -> Vec<Measurement> {
@@ -71,24 +88,29 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             move || timed_run(&p, &data),
         ));
     }
+    // The references make the same calls as parjob's tasks: `sum_owned` on owned halves
+    // copied before the clock starts, so that freeing them is counted for every row alike.
     let pool = Arc::new(rayon_pool(2));
     for variant in ["first send", "warm pool"] {
         let pool = Arc::clone(&pool);
         let data = Arc::clone(&data);
-        candidates.push(Candidate::reference(variant, RAYON, move || {
-            pool.install(|| data.par_chunks(data.len() / 2).map(sum_slice).sum::<f64>())
+        candidates.push(owned_reference(variant, RAYON, data, move |halves| {
+            pool.install(|| halves.into_par_iter().map(sum_owned).sum::<f64>())
         }));
     }
-    let scope_data = Arc::clone(&data);
-    candidates.push(Candidate::reference("warm pool", SCOPE, move || {
-        let (a, b) = scope_data.split_at(scope_data.len() / 2);
-        std::thread::scope(|s| {
-            let other = s.spawn(|| sum_slice(b));
-            sum_slice(a) + other.join().expect("sum_slice does not panic")
-        })
-    }));
-    candidates.push(Candidate::reference("warm pool", LOOP, move || {
-        sum_slice(&data)
+    candidates.push(owned_reference(
+        "warm pool",
+        SCOPE,
+        Arc::clone(&data),
+        |[a, b]| {
+            std::thread::scope(|s| {
+                let other = s.spawn(move || sum_owned(b));
+                sum_owned(a) + other.join().expect("sum_owned does not panic")
+            })
+        },
+    ));
+    candidates.push(owned_reference("warm pool", LOOP, data, |halves| {
+        halves.into_iter().map(sum_owned).sum::<f64>()
     }));
     let outcomes = interleaved("big_input", ctx.plan, candidates);
     Measurement::from_outcomes("big_input", outcomes, |_| (GIGABYTES, "GB"))
