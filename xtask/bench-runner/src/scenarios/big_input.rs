@@ -16,6 +16,7 @@ use crate::work::{square, sum_owned};
 const VALUES: usize = 12_500_000;
 const GIGABYTES: f64 = (VALUES * std::mem::size_of::<f64>()) as f64 / 1e9;
 
+/// What one run of this scenario does, for the report.
 pub fn size() -> String {
     format!(
         "{VALUES} f64 ({:.0} MB) in two owned halves, one task each on 2 workers; first send: \
@@ -59,6 +60,7 @@ fn owned_reference(
     })
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let data: Arc<Vec<f64>> = Arc::new((0..VALUES).map(|i| (i % 1000) as f64 * 0.5).collect());
     let mut candidates: Vec<Candidate> = Vec::new();

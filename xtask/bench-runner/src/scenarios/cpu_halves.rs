@@ -13,6 +13,7 @@ use crate::work::sum_squares;
 const INTEGERS: u64 = 10_000_000;
 const HALVES: [(u64, u64); 2] = [(1, INTEGERS / 2), (2, INTEGERS / 2)];
 
+/// What one run of this scenario does, for the report.
 pub fn size(_ctx: &Context) -> String {
     format!(
         "{INTEGERS} pseudo-random integers made and squared inside 2 tasks (one per half), on \
@@ -36,6 +37,7 @@ fn scope_halves(threads: usize) -> u64 {
     })
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let mut candidates: Vec<Candidate> = Vec::new();
     for n in [1, 2] {

@@ -11,6 +11,7 @@ use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
 use crate::report::{Measurement, Status};
 use crate::work::{abort_now, square};
 
+/// What one run of this scenario does, for the report.
 pub fn size() -> String {
     "a warm pool of 2 process workers runs one task that calls `std::process::abort()`; abort \
      to error: that `run` until it returns `Error::WorkerCrashed`; next call: one `x * x` task \
@@ -18,6 +19,7 @@ pub fn size() -> String {
         .to_string()
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let mut all = Vec::new();
     // Threads share the bench's process: an abort there would end the bench itself.

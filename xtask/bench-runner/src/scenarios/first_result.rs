@@ -17,6 +17,7 @@ fn tasks(ctx: &Context) -> u64 {
     if ctx.quick { 4 } else { 20 }
 }
 
+/// What one run of this scenario does, for the report.
 pub fn size(ctx: &Context) -> String {
     format!(
         "`run_iter` over {} tasks sleeping {FIRST_RESULT_MS} ms on 2 workers; timed until the \
@@ -57,6 +58,7 @@ fn threads_first(count: u64) -> std::time::Duration {
     })
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let count = tasks(ctx);
     let mut candidates: Vec<Candidate> = ctx

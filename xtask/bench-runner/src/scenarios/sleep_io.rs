@@ -18,6 +18,7 @@ fn worker_counts(ctx: &Context) -> &'static [i32] {
     }
 }
 
+/// What one run of this scenario does, for the report.
 pub fn size(ctx: &Context) -> String {
     format!(
         "{SLEEP_TASKS} tasks sleeping {SLEEP_MS} ms, n_jobs = {:?}; reference: the ideal wall time \
@@ -44,6 +45,7 @@ fn scope_naps(threads: usize) -> u64 {
     })
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let mut all = Vec::new();
     for &n in worker_counts(ctx) {

@@ -16,12 +16,14 @@ use crate::work::square;
 /// the floor under any process pool's start.
 pub const NOOP_ARG: &str = "--exit-at-once";
 
+/// What one run of this scenario does, for the report.
 pub fn size() -> String {
     "pools of 2 workers; fresh: from building the pool to the first result of one `x * x` task \
      (the pool's shutdown is not counted); warm: one `x * x` task on a started pool"
         .to_string()
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let mut candidates: Vec<Candidate> = Vec::new();
     for &b in &ctx.backends {

@@ -13,6 +13,7 @@ fn calls(ctx: &Context) -> u64 {
     if ctx.quick { 200_000 } else { 1_000_000 }
 }
 
+/// What one run of this scenario does, for the report.
 pub fn size(ctx: &Context) -> String {
     format!(
         "{} calls of `square` (`x * x`) on {} workers, results collected in order",
@@ -21,6 +22,7 @@ pub fn size(ctx: &Context) -> String {
     )
 }
 
+/// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
     let n = calls(ctx);
     let workers = ctx.workers;
