@@ -18,7 +18,7 @@ use ipc_channel::ipc::IpcSharedMemory;
 use parjob_core::{Backend, Error, Job, Pool};
 
 use crate::ProcessOptions;
-use crate::spawn::{Event, Starter, Worker, wait_for_output};
+use crate::spawn::{Event, Starter, Worker, await_exit, wait_for_output};
 use crate::wire::{
     ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN,
     MSG_SHUTDOWN, RUN_HEADER, monotonic_nanos, read_u64,
@@ -558,14 +558,15 @@ impl Supervisor {
             return;
         };
         let mut dead = false;
+        let mut reaped = false;
         let mut close = false;
         while let Ok(event) = self.events.try_recv() {
             match event {
-                Event::Exited { generation: g, .. } | Event::Disconnected { generation: g }
-                    if g == generation =>
-                {
+                Event::Exited { generation: g, .. } if g == generation => {
                     dead = true;
+                    reaped = true;
                 }
+                Event::Disconnected { generation: g } if g == generation => dead = true,
                 Event::Close => close = true,
                 _ => {}
             }
@@ -575,7 +576,10 @@ impl Supervisor {
             let _ = self.events_tx.send(Event::Close);
         }
         if dead && let Some(worker) = self.worker.take() {
-            worker.child.kill();
+            if !reaped {
+                worker.child.kill();
+                await_exit(&self.events, &self.events_tx, generation);
+            }
             wait_for_output(&worker);
         }
     }

@@ -237,7 +237,7 @@ impl Starter<'_> {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|e| {
+        let mut child = spawn_retrying(&mut command).map_err(|e| {
             self.error(format!(
                 "cannot start worker executable {}: {e}",
                 exe.display()
@@ -277,8 +277,14 @@ impl Starter<'_> {
         })
         .map_err(|e| self.error(e))?;
 
+        // Set once this worker's Exited event has been consumed (it is then reaped).
+        let reaped = std::cell::Cell::new(false);
         let fail = |message: String| {
             child.kill();
+            // Reap it before reporting, so that no zombie outlives the error (or the pool).
+            if !reaped.get() {
+                await_exit(self.events, self.events_tx, generation);
+            }
             self.error(format!(
                 "worker process {pid} ({}): {message}",
                 exe.display()
@@ -298,6 +304,7 @@ impl Starter<'_> {
                     generation: g,
                     status,
                 }) if g == generation => {
+                    reaped.set(true);
                     // Unblock the accept thread (ipc-channel #201, #261): connect and hang up.
                     if let Ok(sender) = IpcSender::<Hello>::connect(name.clone()) {
                         drop(sender);
@@ -399,6 +406,7 @@ impl Starter<'_> {
                     generation: g,
                     status,
                 }) if g == generation => {
+                    reaped.set(true);
                     ended = Some(status);
                     deadline = deadline.min(Instant::now() + Duration::from_millis(200));
                 }
@@ -437,6 +445,51 @@ impl Starter<'_> {
         let left = deadline.saturating_duration_since(Instant::now());
         self.events.recv_timeout(left).ok()
     }
+}
+
+/// Spawns `command`, retrying a few times on `ETXTBSY`: the executable was just written and a
+/// process forked meanwhile (by any thread of this program) still holds it open for writing
+/// until it execs.
+fn spawn_retrying(command: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits (up to a few seconds) until worker `generation`'s waiter reports it reaped, and says
+/// how it ended. Other events are dropped, except `Close`, which is put back.
+pub(crate) fn await_exit(
+    events: &Receiver<Event>,
+    events_tx: &Sender<Event>,
+    generation: u64,
+) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut close = false;
+    let mut status = None;
+    while let Ok(event) = events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match event {
+            Event::Exited {
+                generation: g,
+                status: s,
+            } if g == generation => {
+                status = Some(s);
+                break;
+            }
+            Event::Close => close = true,
+            _ => {}
+        }
+    }
+    if close {
+        let _ = events_tx.send(Event::Close);
+    }
+    status
 }
 
 pub(crate) fn spawn_thread(
