@@ -20,8 +20,12 @@ use crate::wire::{
 };
 use crate::worker::offset_of;
 
-/// How long a started process may take to connect and run its initializer.
+/// How long a started process may take to connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an initializer may run: as long as it needs (loading a model can take minutes);
+/// its death or the pool's closing still ends the wait.
+const INITIALIZER_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Set by `enable_test_support!` in a test binary: re-execute it through its harness.
 static TEST_SUPPORT: AtomicBool = AtomicBool::new(false);
@@ -386,6 +390,7 @@ impl Starter<'_> {
             .map_err(|e| fail(format!("cannot send the welcome: {e}")))?;
         // Set once the process has ended: its last reply may still be on its way.
         let mut ended: Option<String> = None;
+        deadline = Instant::now() + INITIALIZER_TIMEOUT;
         loop {
             match self.next_event(deadline) {
                 Some(Event::Reply {
@@ -421,7 +426,7 @@ impl Starter<'_> {
                     return Err(fail(match ended {
                         Some(status) => format!("ended during its initializer ({status})"),
                         None => {
-                            format!("its initializer did not finish within {HANDSHAKE_TIMEOUT:?}")
+                            format!("its initializer did not finish within {INITIALIZER_TIMEOUT:?}")
                         }
                     }));
                 }
