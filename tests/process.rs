@@ -871,3 +871,50 @@ fn run_unordered_yields_a_crash_with_its_index_and_every_other_result() {
         }
     }
 }
+
+#[test]
+fn a_copy_of_the_same_build_is_a_valid_worker_exe() {
+    let exe = std::env::current_exe().unwrap();
+    let copy = std::env::temp_dir().join(format!("parjob-same-build-{}", std::process::id()));
+    std::fs::copy(&exe, &copy).unwrap();
+    let out = processes(1).worker_exe(&copy).run([delayed(square, 7)]);
+    let _ = std::fs::remove_file(&copy);
+    assert_eq!(out.unwrap(), [49]);
+}
+
+#[test]
+fn workers_start_even_after_the_executable_is_deleted() {
+    // Run a copy of this test binary that deletes itself (as a rebuild would replace it)
+    // before it starts its pool.
+    let exe = std::env::current_exe().unwrap();
+    let copy = std::env::temp_dir().join(format!("parjob-deleted-{}", std::process::id()));
+    std::fs::copy(&exe, &copy).unwrap();
+    let output = Command::new(&copy)
+        .args([
+            "process::child_deletes_its_executable",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&copy);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+#[ignore = "run by workers_start_even_after_the_executable_is_deleted from a copy"]
+fn child_deletes_its_executable() {
+    std::fs::remove_file(std::env::current_exe().unwrap()).unwrap();
+    let out = processes(2)
+        .run((0..10u64).map(|i| delayed(square, i)))
+        .unwrap();
+    assert_eq!(out[9], 81);
+}

@@ -2,7 +2,7 @@
 //! threads that report its replies and its death.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -165,6 +165,9 @@ pub(crate) struct Starter<'a> {
     pub(crate) events: &'a Receiver<Event>,
 }
 
+/// This process's own executable file, whatever has happened to its path since.
+const SELF_EXE: &str = "/proc/self/exe";
+
 fn worker_exe(options: &ProcessOptions) -> Result<PathBuf, String> {
     match &options.worker_exe {
         Some(path) => Ok(path.clone()),
@@ -199,7 +202,15 @@ impl Starter<'_> {
             .raw_fd()
             .expect("a new board keeps its fd until the worker inherits it");
 
-        let mut command = Command::new(&exe);
+        let mut command = if self.options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
+            // The very file this process runs, even if a rebuild has since replaced or
+            // deleted it at `exe` (which would then be another build, refused).
+            let mut command = Command::new(SELF_EXE);
+            command.arg0(&exe);
+            command
+        } else {
+            Command::new(&exe)
+        };
         if TEST_SUPPORT.load(Ordering::Relaxed) {
             // A test binary's `main` is the harness: have it run only the worker test.
             command.args([TEST_WORKER_NAME, "--nocapture", "--test-threads=1", "-q"]);
