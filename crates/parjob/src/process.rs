@@ -157,6 +157,8 @@ macro_rules! enable_test_support {
             $crate::init();
         }
 
+        // An ELF static constructor: the process backend exists on Linux only.
+        #[cfg(target_os = "linux")]
         #[used]
         #[unsafe(link_section = ".init_array")]
         static __PARJOB_ENABLE_TEST_SUPPORT: extern "C" fn() = {
