@@ -15,8 +15,8 @@ use parjob_core::{Error, cpu_count};
 use crate::ProcessOptions;
 use crate::build_id::build_id;
 use crate::wire::{
-    Board, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, Hello, MSG_DONE, MSG_INIT_FAILED,
-    MSG_READY, MSG_WELCOME, PROTOCOL,
+    Board, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY,
+    MSG_WELCOME, PROTOCOL,
 };
 use crate::worker::offset_of;
 
@@ -196,11 +196,6 @@ impl Starter<'_> {
         let exe = worker_exe(self.options).map_err(|m| self.error(m))?;
         let (server, name) = IpcOneShotServer::<Hello>::new()
             .map_err(|e| self.error(format!("cannot open the handshake server: {e}")))?;
-        let mut board =
-            Board::new().map_err(|e| self.error(format!("cannot make a status board: {e}")))?;
-        let board_fd = board
-            .raw_fd()
-            .expect("a new board keeps its fd until the worker inherits it");
 
         let mut command = if self.options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
             // The very file this process runs, even if a rebuild has since replaced or
@@ -222,7 +217,6 @@ impl Starter<'_> {
         command
             .env(ENV_SERVER, format!("{}:{name}", std::process::id()))
             .env(ENV_INDEX, self.index.to_string())
-            .env(ENV_BOARD_FD, board_fd.to_string())
             // A Parallel inside a task defaults to sequential: the pool already uses the CPUs.
             .env("PARJOB_BACKEND", "sequential")
             .stdin(Stdio::null())
@@ -234,31 +228,15 @@ impl Starter<'_> {
                 command.env(var, &threads);
             }
         }
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (prctl, getppid, fcntl), allocating nothing.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The driver may have died between fork and prctl: then nobody would kill us.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                if libc::fcntl(board_fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // No pre_exec: std then spawns with posix_spawn (vfork-like), whose cost does not grow
+        // with this process's memory; a fork copies its page tables (65 ms for a pool of 2
+        // next to 1 GB of data). The worker sets its parent-death signal itself, in `init`.
         let mut child = spawn_retrying(&mut command).map_err(|e| {
             self.error(format!(
                 "cannot start worker executable {}: {e}",
                 exe.display()
             ))
         })?;
-        board.forget_fd();
         let (output_tx, output_done) = std::sync::mpsc::channel();
         let prefix = self
             .options
@@ -359,8 +337,11 @@ impl Starter<'_> {
             big_tasks,
             results,
             big_results,
+            board,
             ..
         } = *hello;
+        let board = Board::from_shared(board)
+            .ok_or_else(|| fail("sent an unusable status board".into()))?;
         let tx = self.events_tx.clone();
         spawn_thread(format!("parjob-read-{pid}"), move || {
             while let Ok(bytes) = results.recv() {

@@ -4,7 +4,6 @@
 //! Batches themselves are opaque frames made by `parjob_core` (`ErasedBatch::encode_tasks`);
 //! this module only puts a small header in front of them. See `docs/PROCESS.md`.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipc_channel::ipc::{IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender, IpcSharedMemory};
@@ -18,8 +17,6 @@ pub(crate) const PROTOCOL: u32 = 1;
 pub(crate) const ENV_SERVER: &str = "PARJOB_PROCESS_SERVER";
 /// The worker's index in its pool.
 pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
-/// The inherited file descriptor of the status board.
-pub(crate) const ENV_BOARD_FD: &str = "PARJOB_PROCESS_BOARD_FD";
 
 /// The worker's first message, sent on the channel it connects to the driver's server.
 ///
@@ -40,6 +37,8 @@ pub(crate) struct Hello {
     pub(crate) results: IpcBytesReceiver,
     /// Worker to driver: outcome frames over `max_nbytes`.
     pub(crate) big_results: IpcReceiver<IpcSharedMemory>,
+    /// The status board, see [`Board`].
+    pub(crate) board: IpcSharedMemory,
 }
 
 /// Driver to worker: `[WELCOME][max_nbytes u64][has initializer u8][initializer offset i64]`.
@@ -93,14 +92,15 @@ pub(crate) fn monotonic_nanos() -> u64 {
 /// Two words of memory shared by the driver and one worker: how many tasks of the current
 /// frame have started, and (for timed frames) when the last one started. The driver reads it to
 /// name the task a crashed worker held and to time tasks from their start in the worker; it
-/// costs the worker one store per task, no message.
+/// costs the worker one store per task, no message. The worker makes it and sends it in its
+/// `Hello`.
 pub(crate) struct Board {
+    /// Keeps the mapping alive; only accessed through `words`.
+    _memory: IpcSharedMemory,
     words: *mut AtomicU64,
-    /// Kept by the driver until the worker has inherited it.
-    fd: Option<OwnedFd>,
 }
 
-// SAFETY: the mapping is only accessed through atomics and lives until `Board` is dropped.
+// SAFETY: the mapping is only accessed through atomics and lives as long as `_memory`.
 unsafe impl Send for Board {}
 // SAFETY: as above: every access is atomic.
 unsafe impl Sync for Board {}
@@ -108,68 +108,32 @@ unsafe impl Sync for Board {}
 const BOARD_BYTES: usize = 2 * size_of::<u64>();
 
 impl Board {
-    /// A new board in a fresh memfd (close-on-exec: only the worker it is meant for inherits
-    /// it, see `spawn`).
-    pub(crate) fn new() -> std::io::Result<Board> {
-        // SAFETY: a valid NUL-terminated name and flags.
-        let fd = unsafe { libc::memfd_create(c"parjob-board".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: `fd` is a valid memfd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), BOARD_BYTES as libc::off_t) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut board = Board::map(fd.as_raw_fd())?;
-        board.fd = Some(fd);
-        Ok(board)
+    /// A new, zeroed board (in the worker) and the handle to send to the driver.
+    pub(crate) fn new() -> Option<(Board, IpcSharedMemory)> {
+        let memory = IpcSharedMemory::from_byte(0, BOARD_BYTES);
+        let handle = memory.clone();
+        Some((Board::from_shared(memory)?, handle))
     }
 
-    /// Maps the board a driver handed down as file descriptor `fd` (in a worker).
-    pub(crate) fn inherit(fd: RawFd) -> std::io::Result<Board> {
-        let board = Board::map(fd)?;
-        // SAFETY: the fd was inherited for this purpose only; the mapping outlives it.
-        unsafe { libc::close(fd) };
-        Ok(board)
-    }
-
-    fn map(fd: RawFd) -> std::io::Result<Board> {
-        // SAFETY: mapping BOARD_BYTES of a file at least that long, shared, read-write.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                BOARD_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+    /// The board a worker sent (in the driver). `None` if it is too small or misaligned.
+    pub(crate) fn from_shared(mut memory: IpcSharedMemory) -> Option<Board> {
+        // SAFETY: the slice is only turned into a pointer; every later access goes through
+        // atomics, by this process and the one other process that maps the same memory.
+        let bytes = unsafe { memory.deref_mut() };
+        if bytes.len() < BOARD_BYTES || bytes.as_ptr().align_offset(align_of::<AtomicU64>()) != 0 {
+            return None;
         }
-        Ok(Board {
-            words: ptr.cast(),
-            fd: None,
+        let words = bytes.as_mut_ptr().cast::<AtomicU64>();
+        Some(Board {
+            _memory: memory,
+            words,
         })
-    }
-
-    /// The file descriptor a worker must inherit, while the driver still holds it.
-    pub(crate) fn raw_fd(&self) -> Option<RawFd> {
-        self.fd.as_ref().map(AsRawFd::as_raw_fd)
-    }
-
-    /// Closes the driver's copy of the file descriptor once the worker has it.
-    pub(crate) fn forget_fd(&mut self) {
-        self.fd = None;
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
         debug_assert!(i < 2);
-        // SAFETY: `words` points to a live, page-aligned mapping of two u64 words, only ever
-        // accessed atomically, by this process and the worker.
+        // SAFETY: `words` points to a live, page-aligned mapping of at least two u64 words
+        // (checked in `from_shared`), only ever accessed atomically.
         unsafe { &*self.words.add(i) }
     }
 
@@ -195,12 +159,5 @@ impl Board {
             self.word(1).store(monotonic_nanos(), Ordering::Release);
         }
         self.word(0).store(position as u64 + 1, Ordering::Release);
-    }
-}
-
-impl Drop for Board {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `map`; no reference into it outlives `self`.
-        unsafe { libc::munmap(self.words.cast(), BOARD_BYTES) };
     }
 }

@@ -8,9 +8,9 @@ use parjob_core::{Backend, RemoteEntry, set_worker_identity};
 
 use crate::build_id::build_id;
 use crate::wire::{
-    ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_BOARD_FD, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA,
-    FLAG_SHARED, FLAG_TIMED, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN,
-    MSG_WELCOME, PROTOCOL, RUN_HEADER, read_u64,
+    ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, FLAG_SHARED,
+    FLAG_TIMED, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN, MSG_WELCOME,
+    PROTOCOL, RUN_HEADER, read_u64,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -18,6 +18,12 @@ static IN_WORKER: AtomicBool = AtomicBool::new(false);
 /// Whether this process was started as a worker (it may not have reached the loop yet).
 pub(crate) fn started_as_worker() -> bool {
     server_name().is_some()
+}
+
+/// The driver's pid, as the worker marker gives it.
+fn driver_pid() -> Option<libc::pid_t> {
+    let value = std::env::var(ENV_SERVER).ok()?;
+    value.split_once(':')?.0.parse().ok()
 }
 
 /// The driver's server name, if this process is a worker the driver started itself.
@@ -66,6 +72,16 @@ pub fn init() {
         return;
     };
     IN_WORKER.store(true, Ordering::Relaxed);
+    // Die with the driver (more exactly, with its thread that started this process). Set here
+    // rather than between fork and exec, so that the driver can spawn with posix_spawn, whose
+    // cost does not grow with the driver's memory as fork's does.
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // SAFETY: getppid has no preconditions.
+    if driver_pid() != Some(unsafe { libc::getppid() }) {
+        // The driver died before the signal was set: nobody is waiting for this worker.
+        std::process::exit(0);
+    }
     let code = match serve(server) {
         Ok(()) => 0,
         Err(message) => {
@@ -86,13 +102,7 @@ fn serve(server: String) -> Result<(), String> {
         .ok_or_else(|| format!("{ENV_INDEX} is missing or not a number"))?;
     set_worker_identity(Some((Backend::Process, index)));
     tune_malloc();
-    let board = match std::env::var(ENV_BOARD_FD)
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        Some(fd) => Board::inherit(fd).map_err(|e| format!("cannot map the status board: {e}"))?,
-        None => return Err(format!("{ENV_BOARD_FD} is missing or not a number")),
-    };
+    let (board, board_handle) = Board::new().ok_or("cannot make the status board")?;
     let channel_error = |e: std::io::Error| format!("cannot make a channel: {e}");
     let (tasks_tx, tasks_rx) = ipc::bytes_channel().map_err(channel_error)?;
     let (big_tasks_tx, big_tasks_rx) = ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
@@ -110,6 +120,7 @@ fn serve(server: String) -> Result<(), String> {
         big_tasks: big_tasks_tx,
         results: results_rx,
         big_results: big_results_rx,
+        board: board_handle,
     };
     let door = IpcSender::<Hello>::connect(server)
         .map_err(|e| format!("cannot connect to the driver: {e}"))?;
