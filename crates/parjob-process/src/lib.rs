@@ -9,7 +9,7 @@
 //!   crate's `enable_test_support!` macro).
 //!
 //! How it works, what it survives and what is safe: `docs/PROCESS.md`. Linux only (it relies
-//! on `PR_SET_PDEATHSIG`, `memfd` and the GNU build-id).
+//! on `PR_SET_PDEATHSIG`, `/proc/self/exe` and the GNU build-id).
 #![deny(missing_docs)]
 #![cfg(target_os = "linux")]
 
