@@ -14,7 +14,7 @@ fn identity(i: u32) -> u32 {
     i
 }
 
-const ALL: [Backend; 2] = [Backend::Sequential, Backend::Threading];
+const ALL: [Backend; 3] = [Backend::Sequential, Backend::Threading, Backend::Process];
 
 #[test]
 fn a_panic_becomes_task_panicked_with_index_and_message() {

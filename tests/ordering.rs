@@ -13,7 +13,7 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
-const ALL: [Backend; 2] = [Backend::Sequential, Backend::Threading];
+const ALL: [Backend; 3] = [Backend::Sequential, Backend::Threading, Backend::Process];
 
 #[test]
 fn run_returns_results_in_input_order_despite_random_durations() {
