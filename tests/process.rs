@@ -918,3 +918,54 @@ fn child_deletes_its_executable() {
         .unwrap();
     assert_eq!(out[9], 81);
 }
+
+#[test]
+fn run_iter_pulls_lazily_and_stops_pulling_when_dropped() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let tasks = (0u64..).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        delayed(square, i)
+    });
+    let parallel = processes(2).batch_size(BatchSize::Fixed(1)).pre_dispatch(4);
+    let mut results = parallel.run_iter(tasks);
+    let first: Vec<u64> = results.by_ref().take(10).map(Result::unwrap).collect();
+    assert_eq!(first, (0..10u64).map(|i| i * i).collect::<Vec<_>>());
+    let after_ten = pulled.load(Ordering::SeqCst);
+    assert!(after_ten <= 10 + 4 + 1, "pulled {after_ten} for 10 results");
+    drop(results);
+    assert_eq!(
+        pulled.load(Ordering::SeqCst),
+        after_ten,
+        "pulled after drop"
+    );
+}
+
+#[test]
+fn a_million_tasks_stream_through_bounded_look_ahead() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let tasks = (0..1_000_000u64).map(move |i| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        delayed(square, i)
+    });
+    let parallel = processes(2)
+        .batch_size(BatchSize::Fixed(10_000))
+        .pre_dispatch(4);
+    let (mut sum, mut done, mut max_ahead) = (0u64, 0usize, 0usize);
+    for result in parallel.run_iter(tasks) {
+        sum = sum.wrapping_add(result.unwrap());
+        done += 1;
+        max_ahead = max_ahead.max(pulled.load(Ordering::Relaxed) - done);
+    }
+    let expected = (0..1_000_000u64).fold(0u64, |s, i| s.wrapping_add(i * i));
+    assert_eq!(sum, expected);
+    assert!(
+        max_ahead <= 5 * 10_000,
+        "up to {max_ahead} tasks pulled ahead"
+    );
+}
