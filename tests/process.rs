@@ -969,3 +969,22 @@ fn a_million_tasks_stream_through_bounded_look_ahead() {
         "up to {max_ahead} tasks pulled ahead"
     );
 }
+
+#[test]
+fn a_task_may_ask_for_its_own_process_pool() {
+    fn nested_in_processes(n: u64) -> (u32, Vec<u32>) {
+        let inner = Parallel::new(1).backend(Backend::Process);
+        let pids = inner
+            .run((0..n as u32).map(|i| delayed(my_pid, i)))
+            .unwrap();
+        (std::process::id(), pids)
+    }
+    let out = processes(1).run([delayed(nested_in_processes, 3)]).unwrap();
+    let (worker, grandchildren) = &out[0];
+    assert_eq!(grandchildren.len(), 3);
+    assert!(
+        grandchildren
+            .iter()
+            .all(|pid| pid != worker && *pid != std::process::id())
+    );
+}
