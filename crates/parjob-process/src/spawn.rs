@@ -364,6 +364,10 @@ impl Starter<'_> {
                     return;
                 }
             }
+            // Close the channels before saying so: whoever hears of the disconnection may
+            // count this process's file descriptors.
+            drop(results);
+            drop(big_results);
             let _ = tx.send(Event::Disconnected { generation });
         })
         .map_err(&fail)?;
