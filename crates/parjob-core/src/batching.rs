@@ -26,8 +26,11 @@ pub(crate) struct Sizer {
     fixed: Option<usize>,
     target: Duration,
     workers: usize,
-    /// Smoothed nanoseconds per task, once a batch has reported.
-    per_task_nanos: Option<f64>,
+    /// Decaying sums of busy nanoseconds and of tasks over the batches reported so far: their
+    /// ratio weighs each batch by its size, so one big batch outweighs the single-task
+    /// batches of the start, whose timings are mostly clock and call overhead.
+    busy_nanos: f64,
+    tasks: f64,
 }
 
 impl Sizer {
@@ -39,7 +42,8 @@ impl Sizer {
             },
             target,
             workers: workers.max(1),
-            per_task_nanos: None,
+            busy_nanos: 0.0,
+            tasks: 0.0,
         }
     }
 
@@ -49,15 +53,18 @@ impl Sizer {
         if let Some(n) = self.fixed {
             return n;
         }
-        let Some(per_task) = self.per_task_nanos else {
+        if self.tasks == 0.0 {
             return 1;
-        };
-        let ideal = (self.target.as_nanos() as f64 / per_task.max(1.0)) as usize;
+        }
+        let per_task = (self.busy_nanos / self.tasks).max(0.1);
+        let ideal = ((self.target.as_nanos() as f64 / per_task) as usize).clamp(1, MAX_AUTO_BATCH);
+        // Near the end, smaller batches balance the load, down to an eighth of the target
+        // duration: smaller ones would cost more in round trips than they save.
         let balanced = match remaining {
             0 => MAX_AUTO_BATCH,
             n => n.div_ceil(2 * self.workers),
         };
-        ideal.clamp(1, MAX_AUTO_BATCH).min(balanced)
+        ideal.min(balanced.max(ideal / 8)).max(1)
     }
 
     /// A batch of `tasks` tasks kept a worker busy for `busy`.
@@ -65,11 +72,8 @@ impl Sizer {
         if tasks == 0 || self.fixed.is_some() {
             return;
         }
-        let sample = busy.as_nanos() as f64 / tasks as f64;
-        self.per_task_nanos = Some(match self.per_task_nanos {
-            None => sample,
-            Some(old) => 0.5 * old + 0.5 * sample,
-        });
+        self.busy_nanos = 0.5 * self.busy_nanos + busy.as_nanos() as f64;
+        self.tasks = 0.5 * self.tasks + tasks as f64;
     }
 }
 
@@ -100,8 +104,26 @@ mod tests {
     #[test]
     fn batches_leave_work_for_every_worker() {
         let mut sizer = Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2);
-        sizer.observe(1000, Duration::from_micros(1));
-        assert_eq!(sizer.next_size(1000), 250);
+        // 100 ns a task: 20,000 fill 2 ms, but 40,000 left make two batches a worker.
+        sizer.observe(1000, Duration::from_micros(100));
+        assert_eq!(sizer.next_size(40_000), 10_000);
+    }
+
+    #[test]
+    fn the_tail_does_not_shrink_below_an_eighth_of_the_target() {
+        let mut sizer = Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2);
+        sizer.observe(1000, Duration::from_micros(1000));
+        assert_eq!(sizer.next_size(10), 250);
+    }
+
+    #[test]
+    fn a_big_batch_outweighs_the_single_task_start() {
+        let mut sizer = Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2);
+        sizer.observe(1, Duration::from_micros(2));
+        sizer.observe(1, Duration::from_micros(2));
+        sizer.observe(10_000, Duration::from_micros(10));
+        // About 1 ns a task: a 2 ms batch holds about two million, capped at 2^20.
+        assert_eq!(sizer.next_size(0), MAX_AUTO_BATCH);
     }
 
     #[test]
