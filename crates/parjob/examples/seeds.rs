@@ -1,22 +1,29 @@
-//! All the seed lessons of threads vs processes, one after another, on the backend the
-//! `--backend` flag names (threading by default):
+//! All the seed lessons of threads vs processes, one after another: on threads, then the
+//! lessons whose point is processes on processes, or every lesson on the backend `--backend`
+//! names:
 //!
 //! ```text
-//! cargo run --release --example seeds -- --backend threading
+//! cargo run --release --example seeds
+//! cargo run --release --example seeds -- --backend process
 //! ```
 
 mod lessons;
 
 use clap::Parser;
+use parjob::Backend;
 
-fn main() -> Result<(), parjob::Error> {
-    parjob::init();
-    let flags = lessons::Flags::parse();
-    let backend = flags.backend;
-    println!(
-        "parjob seeds: the threads-vs-processes lessons on the {backend} backend ({} CPUs)",
-        parjob::cpu_count()
-    );
+/// Runs parjob's seed lessons (the classic threads-vs-processes programs) one after another.
+#[derive(Debug, Parser)]
+struct Flags {
+    /// Run every lesson on this backend only: sequential, threading (threads), process
+    /// (processes, loky, multiprocessing). Without it: every lesson on threads, then the
+    /// lessons whose point is processes (shared state, CPU-bound work, a crash) on processes.
+    #[arg(long)]
+    backend: Option<Backend>,
+}
+
+/// Every lesson, in the order of the seed material.
+fn all_lessons(backend: Backend) -> Result<(), parjob::Error> {
     lessons::sum_of_squares::run(backend)?;
     lessons::sleepy_tasks::run(backend)?;
     lessons::shared_counter::run(backend)?;
@@ -24,6 +31,43 @@ fn main() -> Result<(), parjob::Error> {
     lessons::http_status::run(backend)?;
     lessons::executor_submit::run(backend)?;
     lessons::executor_map::run(backend)?;
-    println!("\nall lessons ran on the {backend} backend");
+    lessons::process_crash::run(backend)?;
+    Ok(())
+}
+
+fn main() -> Result<(), parjob::Error> {
+    parjob::init();
+    let flags = Flags::parse();
+    let cpus = parjob::cpu_count();
+    match flags.backend {
+        Some(backend) => {
+            println!(
+                "parjob seeds: the threads-vs-processes lessons on the {backend} backend ({cpus} CPUs)"
+            );
+            all_lessons(backend)?;
+            println!("\nall lessons ran on the {backend} backend");
+        }
+        None => {
+            println!(
+                "parjob seeds: the threads-vs-processes lessons on threads, then processes ({cpus} CPUs)"
+            );
+            lessons::sum_of_squares::run(Backend::Threading)?;
+            lessons::sum_of_squares::run(Backend::Process)?;
+            lessons::sleepy_tasks::run(Backend::Threading)?;
+            lessons::shared_counter::run(Backend::Threading)?;
+            lessons::shared_counter::run(Backend::Process)?;
+            let threads = lessons::cpu_bound::run(Backend::Threading)?;
+            let processes = lessons::cpu_bound::run(Backend::Process)?;
+            println!(
+                "\nCPU-bound speedup with 2 workers: {threads:.2}x on threads, {processes:.2}x on \
+                 processes (Rust has no GIL: both compute in parallel)"
+            );
+            lessons::http_status::run(Backend::Threading)?;
+            lessons::executor_submit::run(Backend::Threading)?;
+            lessons::executor_map::run(Backend::Threading)?;
+            lessons::process_crash::run(Backend::Process)?;
+            println!("\nall lessons ran; `--backend NAME` runs every one of them on one backend");
+        }
+    }
     Ok(())
 }

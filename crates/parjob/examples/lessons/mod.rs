@@ -7,13 +7,15 @@ pub mod cpu_bound;
 pub mod executor_map;
 pub mod executor_submit;
 pub mod http_status;
+pub mod process_crash;
 pub mod shared_counter;
 pub mod sleepy_tasks;
 pub mod sum_of_squares;
 
 use clap::Parser;
 
-/// The flags every lesson example takes.
+/// Runs one of parjob's seed lessons (the classic threads-vs-processes programs);
+/// `--backend` chooses where its tasks run.
 #[derive(Debug, Parser)]
 pub struct Flags {
     /// Where tasks run: sequential, threading (threads), process (processes, loky,
