@@ -18,15 +18,17 @@ fn minus_two_leaves_one_cpu_free_but_keeps_one_worker() {
 
 #[test]
 fn zero_jobs_is_reported_by_run_not_new() {
-    let parallel = Parallel::new(0);
-    let err = parallel
-        .run((0..3u32).map(|i| delayed(identity, i)))
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::InvalidNJobs { value: 0, .. }),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("-1 for all CPUs"), "{err}");
+    for backend in [Backend::Sequential, Backend::Threading, Backend::Process] {
+        let parallel = Parallel::new(0).backend(backend);
+        let err = parallel
+            .run((0..3u32).map(|i| delayed(identity, i)))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidNJobs { value: 0, .. }),
+            "{backend}: {err:?}"
+        );
+        assert!(err.to_string().contains("-1 for all CPUs"), "{err}");
+    }
 }
 
 #[test]

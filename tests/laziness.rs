@@ -112,3 +112,32 @@ fn fail_at_five(i: u64) -> u64 {
     assert!(i != 5, "five is not allowed");
     i
 }
+
+static SEQUENTIAL_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+fn counted_run(i: u64) -> u64 {
+    SEQUENTIAL_RUNS.fetch_add(1, Ordering::SeqCst);
+    i
+}
+
+#[test]
+fn sequential_run_iter_runs_no_task_ahead_of_the_consumer() {
+    let parallel = Parallel::new(2)
+        .backend(parjob::Backend::Sequential)
+        .batch_size(BatchSize::Fixed(1));
+    let mut results = parallel.run_iter((0..10u64).map(|i| delayed(counted_run, i)));
+    assert_eq!(results.next().map(Result::unwrap), Some(0));
+    assert_eq!(
+        SEQUENTIAL_RUNS.load(Ordering::SeqCst),
+        1,
+        "ran ahead before the first result"
+    );
+    assert_eq!(results.next().map(Result::unwrap), Some(1));
+    assert_eq!(SEQUENTIAL_RUNS.load(Ordering::SeqCst), 2);
+    drop(results);
+    assert_eq!(
+        SEQUENTIAL_RUNS.load(Ordering::SeqCst),
+        2,
+        "ran a task nobody asked for"
+    );
+}

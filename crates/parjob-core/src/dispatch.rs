@@ -163,7 +163,10 @@ where
             (low, Some(high)) if low == high => Some(low),
             _ => None,
         };
-        let max_in_flight = options.pre_dispatch.unwrap_or(2 * workers).max(1);
+        let max_in_flight = options
+            .pre_dispatch
+            .unwrap_or_else(|| pool.default_pre_dispatch())
+            .max(1);
         let mut reporter = Reporter::new(
             options.n_jobs,
             options.verbose,
@@ -608,9 +611,10 @@ where
             }
             self.current = None;
             if let Some(finished) = self.ready.remove(&self.next_seq) {
+                // No top-up here: it comes before the next wait. On the sequential pool a
+                // dispatch runs the batch at once, which would delay this result.
                 self.next_seq += 1;
                 self.current = Some(finished.into_outcomes());
-                self.top_up();
                 continue;
             }
             if self.done {
@@ -693,7 +697,6 @@ where
             match self.dispatcher.wait() {
                 Some(finished) => {
                     self.current = Some(finished.into_outcomes());
-                    self.top_up();
                 }
                 None => {
                     self.done = true;

@@ -38,7 +38,7 @@ pub enum Error {
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
-    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (the thread running it could not be stopped and finishes in the background)" })]
+    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (a thread cannot be stopped, so it ran on; the process backend enforces a hard limit)" })]
     Timeout {
         /// Position of the task in the input.
         index: usize,

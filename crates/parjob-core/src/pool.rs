@@ -196,6 +196,12 @@ pub trait Pool: Send + Sync {
     fn enforces_timeout(&self) -> bool {
         false
     }
+    /// How many batches the dispatcher keeps ahead of the results unless the user sets
+    /// `pre_dispatch`: twice the number of workers, so that a worker finds its next batch
+    /// queued when it finishes one.
+    fn default_pre_dispatch(&self) -> usize {
+        2 * self.workers()
+    }
     /// The name joblib-style verbose lines give it, e.g. `ThreadingBackend`.
     fn verbose_name(&self) -> &'static str;
 }
@@ -217,6 +223,11 @@ impl Pool for SequentialPool {
         let previous = set_worker_identity(Some((Backend::Sequential, 0)));
         job.run_here();
         set_worker_identity(previous);
+    }
+
+    fn default_pre_dispatch(&self) -> usize {
+        // A batch runs when it is submitted: one ahead is already ahead of the consumer.
+        1
     }
 
     fn verbose_name(&self) -> &'static str {

@@ -165,9 +165,11 @@ impl Parallel {
     /// shares it.
     pub(crate) fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
         let backend = self.effective_backend()?;
+        // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
+        let n_jobs = self.effective_n_jobs()?;
         let workers = match backend {
             Backend::Sequential => 1,
-            _ => self.effective_n_jobs()?,
+            _ => n_jobs,
         };
         // A poisoned lock only means another run panicked while holding it; the cache is
         // still a valid Option.
