@@ -50,4 +50,4 @@ pub use future::{
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
-pub use worker::{WorkerInfo, set_worker_identity, worker_info};
+pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};

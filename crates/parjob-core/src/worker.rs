@@ -88,9 +88,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs `body` as task code: a panic inside it comes back as `Err(message)` and is not
-/// printed by the quiet hook.
-pub(crate) fn catch_task<R>(body: impl FnOnce() -> R) -> Result<R, String> {
+/// Runs `body` as task code: a panic inside it comes back as `Err(message and location)` and
+/// is not printed (nor its backtrace captured) unless `PARJOB_TASK_BACKTRACE` is set.
+///
+/// For backend implementations, e.g. to run a worker's initializer.
+pub fn catch_task<R>(body: impl FnOnce() -> R) -> Result<R, String> {
     install_quiet_panic_hook();
     let was_in_task = IN_TASK.with(|t| t.replace(true));
     let result = panic::catch_unwind(AssertUnwindSafe(body));

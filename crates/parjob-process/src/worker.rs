@@ -240,38 +240,7 @@ fn serve(server: String) -> Result<(), String> {
 /// (with `RUST_BACKTRACE=1` the default hook would also print a backtrace): the driver
 /// reports the failure.
 fn catch_initializer(initializer: fn()) -> Result<(), String> {
-    let message = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-    let slot = std::sync::Arc::clone(&message);
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let text = panic_text(info.payload());
-        let text = match info.location() {
-            Some(at) => format!("{text} (at {}:{}:{})", at.file(), at.line(), at.column()),
-            None => text,
-        };
-        if let Ok(mut slot) = slot.lock() {
-            *slot = Some(text);
-        }
-    }));
-    let outcome = std::panic::catch_unwind(initializer);
-    std::panic::set_hook(previous);
-    outcome.map_err(|payload| {
-        message
-            .lock()
-            .ok()
-            .and_then(|mut m| m.take())
-            .unwrap_or_else(|| panic_text(&*payload))
-    })
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
-    }
+    parjob_core::catch_task(initializer)
 }
 
 /// Keeps big freed blocks in the worker's heap (glibc) instead of unmapping them.
