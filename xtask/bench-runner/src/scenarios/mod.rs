@@ -72,7 +72,7 @@ fn rayon_pool(threads: usize) -> rayon::ThreadPool {
 
 /// `f` over `0..n` on `threads` scoped threads, each taking one contiguous chunk of the
 /// output: the hand-written reference.
-fn scope_map(n: u64, threads: usize, f: fn(u64) -> u64) -> Vec<u64> {
+fn scope_map(n: u64, threads: usize, f: impl Fn(u64) -> u64 + Copy + Send) -> Vec<u64> {
     let len = usize::try_from(n).expect("benchmark sizes fit in memory, so in usize");
     let mut out = vec![0u64; len];
     let chunk = len.div_ceil(threads.max(1)).max(1);
@@ -87,4 +87,39 @@ fn scope_map(n: u64, threads: usize, f: fn(u64) -> u64) -> Vec<u64> {
         }
     });
     out
+}
+
+/// The throughput scenarios (`small`, `tiny`): `n` calls of `f` on every parjob backend and
+/// on the references, results collected in order. `f` is a `fn` item (zero-sized), so the
+/// process backend can call it.
+fn map_calls<F>(ctx: &Context, name: &'static str, n: u64, f: F) -> Vec<Measurement>
+where
+    F: Fn(u64) -> u64 + Copy + Send + Sync + 'static,
+{
+    use parjob::{Parallel, delayed};
+    use rayon::prelude::*;
+
+    use crate::measure::{Candidate, interleaved};
+    use crate::rules::{LOOP, RAYON, SCOPE};
+
+    let workers = ctx.workers;
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for &b in &ctx.backends {
+        let p = Parallel::new(workers as i32).backend(b);
+        candidates.push(Candidate::parjob("", b, move || {
+            p.run((0..n).map(|i| delayed(f, i)))
+        }));
+    }
+    let pool = rayon_pool(workers);
+    candidates.push(Candidate::reference("", RAYON, move || {
+        pool.install(|| (0..n).into_par_iter().map(f).collect::<Vec<u64>>())
+    }));
+    candidates.push(Candidate::reference("", SCOPE, move || {
+        scope_map(n, workers, f)
+    }));
+    candidates.push(Candidate::reference("", LOOP, move || {
+        (0..n).map(f).collect::<Vec<u64>>()
+    }));
+    let outcomes = interleaved(name, ctx.plan, candidates);
+    Measurement::from_outcomes(name, outcomes, |_| (n as f64, "tasks"))
 }

@@ -1,12 +1,7 @@
 //! `tiny`: 10^6 calls of `x * x`: nothing but per-task overhead.
 
-use parjob::{Parallel, delayed};
-use rayon::prelude::*;
-
-use super::{Context, rayon_pool, scope_map};
-use crate::measure::{Candidate, interleaved};
+use super::{Context, map_calls};
 use crate::report::Measurement;
-use crate::rules::{LOOP, RAYON, SCOPE};
 use crate::work::square;
 
 fn calls(ctx: &Context) -> u64 {
@@ -24,25 +19,5 @@ pub fn size(ctx: &Context) -> String {
 
 /// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
-    let n = calls(ctx);
-    let workers = ctx.workers;
-    let mut candidates: Vec<Candidate> = Vec::new();
-    for &b in &ctx.backends {
-        let p = Parallel::new(workers as i32).backend(b);
-        candidates.push(Candidate::parjob("", b, move || {
-            p.run((0..n).map(|i| delayed(square, i)))
-        }));
-    }
-    let pool = rayon_pool(workers);
-    candidates.push(Candidate::reference("", RAYON, move || {
-        pool.install(|| (0..n).into_par_iter().map(square).collect::<Vec<u64>>())
-    }));
-    candidates.push(Candidate::reference("", SCOPE, move || {
-        scope_map(n, workers, square)
-    }));
-    candidates.push(Candidate::reference("", LOOP, move || {
-        (0..n).map(square).collect::<Vec<u64>>()
-    }));
-    let outcomes = interleaved("tiny", ctx.plan, candidates);
-    Measurement::from_outcomes("tiny", outcomes, |_| (n as f64, "tasks"))
+    map_calls(ctx, "tiny", calls(ctx), square)
 }
