@@ -170,3 +170,18 @@ fn a_wrong_exact_size_hint_does_not_lose_or_misplace_results() {
         );
     }
 }
+
+#[test]
+fn an_input_claiming_an_impossible_length_still_runs() {
+    // `0..usize::MAX` says it holds usize::MAX items; the run must not try to reserve them.
+    let err = Parallel::new(2)
+        .batch_size(BatchSize::Fixed(10))
+        .run((0..usize::MAX).map(|i| delayed(stop_at_hundred, i as u64)))
+        .unwrap_err();
+    assert_eq!(err.task_index(), Some(100));
+}
+
+fn stop_at_hundred(i: u64) -> u64 {
+    assert!(i < 100, "stop here");
+    i
+}

@@ -469,9 +469,12 @@ where
     };
     // Declared before the dispatcher so that it is dropped after it: the dispatcher's drop
     // waits for batches that may still be writing into it.
-    let mut out: Vec<T::Output> = Vec::with_capacity(exact_len.unwrap_or(0));
+    let mut out: Vec<T::Output> = Vec::new();
+    // An input may claim a length no memory can hold (`0..usize::MAX`): then the results are
+    // gathered batch by batch instead, for as long as the run goes.
+    let in_place_len = exact_len.filter(|&len| out.try_reserve_exact(len).is_ok());
     let mut dispatcher = Dispatcher::new(pool, tasks, options);
-    if let (Some(len), Some(buffer)) = (exact_len, std::ptr::NonNull::new(out.as_mut_ptr())) {
+    if let (Some(len), Some(buffer)) = (in_place_len, std::ptr::NonNull::new(out.as_mut_ptr())) {
         // SAFETY: `out` has room for `len` values, is dropped after the dispatcher, and is
         // only read (below) for batches that came back.
         unsafe { dispatcher.write_in_place(buffer, len) };
