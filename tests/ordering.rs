@@ -68,7 +68,7 @@ fn a_million_tasks_all_come_back() {
 
 #[test]
 fn fixed_batches_keep_the_order() {
-    for size in [1, 3, 64, 10_000] {
+    for size in [1, 3, 64, 10_000, usize::MAX] {
         let out = Parallel::new(3)
             .batch_size(BatchSize::Fixed(size))
             .run((0..1000u64).map(|i| delayed(square, i)))

@@ -19,7 +19,7 @@ pub enum BatchSize {
 }
 
 /// The largest auto batch: bounds the memory one batch holds.
-const MAX_AUTO_BATCH: usize = 1 << 20;
+pub(crate) const MAX_AUTO_BATCH: usize = 1 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Sizer {

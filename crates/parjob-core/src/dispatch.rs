@@ -243,7 +243,9 @@ where
         }
         let size = self.sizer.next_size(self.tasks.size_hint().0);
         let mut tasks = self.spare_buffers.pop().unwrap_or_default();
-        tasks.reserve(size);
+        // A fixed batch size is the user's and may be huge: reserve no more than an auto
+        // batch would hold, and let the vector grow if the input really has that many.
+        tasks.reserve(size.min(crate::batching::MAX_AUTO_BATCH));
         tasks.extend(self.tasks.by_ref().take(size));
         if tasks.len() < size {
             self.exhausted = true;
