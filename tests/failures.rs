@@ -139,6 +139,21 @@ fn a_sequential_task_over_its_timeout_is_reported_when_it_returns() {
 }
 
 #[test]
+fn a_timeout_too_long_to_count_in_nanoseconds_never_fires() {
+    fn nap(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+    // 2^64 ns + 1 ms: truncated to 64 bits of nanoseconds it would be 1 ms.
+    let about_584_years = Duration::new(18_446_744_073, 710_551_616);
+    let out = Parallel::new(2)
+        .timeout(about_584_years)
+        .run([20, 20, 20].map(|ms| delayed(nap, ms)))
+        .unwrap();
+    assert_eq!(out, [20, 20, 20]);
+}
+
+#[test]
 fn tasks_within_their_timeout_succeed() {
     let out = Parallel::new(2)
         .timeout(Duration::from_secs(10))

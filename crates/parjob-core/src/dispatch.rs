@@ -113,6 +113,11 @@ impl<R> Iterator for FinishedIter<R> {
     }
 }
 
+/// `duration` in nanoseconds, saturating: `Duration::MAX` as a timeout means "never".
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A batch running under a timeout the dispatcher watches itself.
 struct Watched {
     seq: u64,
@@ -377,7 +382,7 @@ where
             .iter()
             .filter_map(|w| match w.started.load(Ordering::Acquire) {
                 0 => None,
-                started => Some((started - 1).saturating_add(timeout.as_nanos() as u64)),
+                started => Some((started - 1).saturating_add(nanos(timeout))),
             })
             .min();
         let poll = timeout
@@ -399,7 +404,7 @@ where
         let now = self.control_nanos();
         let position = self.watched.iter().position(|w| {
             let started = w.started.load(Ordering::Acquire);
-            started != 0 && now.saturating_sub(started - 1) >= timeout.as_nanos() as u64
+            started != 0 && now.saturating_sub(started - 1) >= nanos(timeout)
         })?;
         let watched = self.watched.swap_remove(position);
         self.abandoned.insert(watched.seq);
