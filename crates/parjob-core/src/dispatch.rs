@@ -62,6 +62,20 @@ pub(crate) struct Finished<R> {
 }
 
 impl<R> Finished<R> {
+    /// The outcome of a run that could not start (an invalid configuration, a closed
+    /// executor): its only item is `error`, with index 0.
+    fn could_not_start(error: Error) -> Self {
+        Finished {
+            seq: 0,
+            first_index: 0,
+            len: 1,
+            values: Vec::new(),
+            failures: vec![(0, error)],
+            in_place: false,
+            written: 0,
+        }
+    }
+
     /// The earliest failure of a batch that has one (or a task without outcome): failures
     /// are recorded in position order, and tasks left without outcome come after the rest.
     pub(crate) fn into_first_error(self) -> Error {
@@ -570,7 +584,8 @@ fn drop_placed<R>(out: &mut Vec<R>, placed: &[(usize, usize)]) {
 /// A failed task yields its `Err` and the run goes on. Dropping the iterator stops pulling
 /// tasks from the input and skips the queued ones.
 pub struct RunIter<I, T: Task> {
-    dispatcher: Dispatcher<I, T>,
+    /// `None` for a run that could not start.
+    dispatcher: Option<Dispatcher<I, T>>,
     ready: BTreeMap<u64, Finished<T::Output>>,
     next_seq: u64,
     current: Option<FinishedIter<T::Output>>,
@@ -589,7 +604,7 @@ where
         options: &RunOptions,
     ) -> Self {
         let mut iter = RunIter {
-            dispatcher: Dispatcher::new(pool, tasks.into_iter(), options),
+            dispatcher: Some(Dispatcher::new(pool, tasks.into_iter(), options)),
             ready: BTreeMap::new(),
             next_seq: 0,
             current: None,
@@ -599,10 +614,22 @@ where
         iter
     }
 
+    /// A run that could not start: `error` is its only item.
+    pub fn failed(error: Error) -> Self {
+        RunIter {
+            dispatcher: None,
+            ready: BTreeMap::new(),
+            next_seq: 0,
+            current: Some(Finished::could_not_start(error).into_outcomes()),
+            done: true,
+        }
+    }
+
     /// Keeps `max_in_flight` batches dispatched but not yet yielded.
     fn top_up(&mut self) {
-        let max = self.dispatcher.max_in_flight() as u64;
-        while self.dispatcher.dispatched() - self.next_seq < max && self.dispatcher.dispatch_one() {
+        if let Some(dispatcher) = self.dispatcher.as_mut() {
+            let max = dispatcher.max_in_flight() as u64;
+            while dispatcher.dispatched() - self.next_seq < max && dispatcher.dispatch_one() {}
         }
     }
 }
@@ -631,13 +658,14 @@ where
                 return None;
             }
             self.top_up();
-            match self.dispatcher.wait() {
+            let dispatcher = self.dispatcher.as_mut()?;
+            match dispatcher.wait() {
                 Some(finished) => {
                     self.ready.insert(finished.seq, finished);
                 }
                 None => {
                     self.done = true;
-                    self.dispatcher.finish_report(true);
+                    dispatcher.finish_report(true);
                     if self.ready.is_empty() {
                         return None;
                     }
@@ -649,14 +677,17 @@ where
 
 impl<I, T: Task> Drop for RunIter<I, T> {
     fn drop(&mut self) {
-        self.dispatcher.control.cancel();
+        if let Some(dispatcher) = &self.dispatcher {
+            dispatcher.control.cancel();
+        }
     }
 }
 
 /// The results of a run as `(input index, result)` in completion order. Made by
 /// `Parallel::run_unordered`.
 pub struct RunUnordered<I, T: Task> {
-    dispatcher: Dispatcher<I, T>,
+    /// `None` for a run that could not start.
+    dispatcher: Option<Dispatcher<I, T>>,
     current: Option<FinishedIter<T::Output>>,
     done: bool,
 }
@@ -673,7 +704,7 @@ where
         options: &RunOptions,
     ) -> Self {
         let mut iter = RunUnordered {
-            dispatcher: Dispatcher::new(pool, tasks.into_iter(), options),
+            dispatcher: Some(Dispatcher::new(pool, tasks.into_iter(), options)),
             current: None,
             done: false,
         };
@@ -681,10 +712,19 @@ where
         iter
     }
 
+    /// A run that could not start: `(0, Err(error))` is its only item.
+    pub fn failed(error: Error) -> Self {
+        RunUnordered {
+            dispatcher: None,
+            current: Some(Finished::could_not_start(error).into_outcomes()),
+            done: true,
+        }
+    }
+
     fn top_up(&mut self) {
-        while self.dispatcher.running() < self.dispatcher.max_in_flight()
-            && self.dispatcher.dispatch_one()
-        {}
+        if let Some(dispatcher) = self.dispatcher.as_mut() {
+            while dispatcher.running() < dispatcher.max_in_flight() && dispatcher.dispatch_one() {}
+        }
     }
 }
 
@@ -704,13 +744,14 @@ where
                 return None;
             }
             self.top_up();
-            match self.dispatcher.wait() {
+            let dispatcher = self.dispatcher.as_mut()?;
+            match dispatcher.wait() {
                 Some(finished) => {
                     self.current = Some(finished.into_outcomes());
                 }
                 None => {
                     self.done = true;
-                    self.dispatcher.finish_report(true);
+                    dispatcher.finish_report(true);
                 }
             }
         }
@@ -719,6 +760,8 @@ where
 
 impl<I, T: Task> Drop for RunUnordered<I, T> {
     fn drop(&mut self) {
-        self.dispatcher.control.cancel();
+        if let Some(dispatcher) = &self.dispatcher {
+            dispatcher.control.cancel();
+        }
     }
 }

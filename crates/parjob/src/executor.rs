@@ -8,10 +8,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Pool, Task};
+use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Pool, RunIter, Task};
 
 use crate::Parallel;
-use crate::iter::RunIter;
 
 /// How [`Executor::shutdown`] treats tasks that were submitted and are not done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -36,19 +36,17 @@
 #![deny(missing_docs)]
 
 mod executor;
-mod iter;
 mod parallel;
 mod process;
 
 pub use executor::{Executor, Shutdown};
-pub use iter::{RunIter, RunUnordered};
 pub use parallel::Parallel;
 pub use parjob_core::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,
 };
 pub use parjob_core::{
-    Backend, BatchSize, Delayed, Error, Task, WorkerInfo, cpu_count, delayed, effective_n_jobs,
-    worker_info,
+    Backend, BatchSize, Delayed, Error, RunIter, RunUnordered, Task, WorkerInfo, cpu_count,
+    delayed, effective_n_jobs, worker_info,
 };
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;

@@ -4,11 +4,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use parjob_core::{
-    Backend, BatchSize, Error, Pool, RunOptions, SequentialPool, Task, backend_from_env,
-    n_jobs_from_env, resolve_workers,
+    Backend, BatchSize, Error, Pool, RunIter, RunOptions, RunUnordered, SequentialPool, Task,
+    backend_from_env, n_jobs_from_env, resolve_workers,
 };
 
-use crate::iter::{RunIter, RunUnordered};
 use crate::process::ProcessConfig;
 
 /// Runs many tasks in parallel, joblib's `Parallel(n_jobs, backend=...)`.
@@ -219,7 +218,7 @@ impl Parallel {
         T: Task,
     {
         match self.pool() {
-            Ok(pool) => RunIter::started(parjob_core::RunIter::new(pool, tasks, &self.options)),
+            Ok(pool) => RunIter::new(pool, tasks, &self.options),
             Err(error) => RunIter::failed(error),
         }
     }
@@ -233,9 +232,7 @@ impl Parallel {
         T: Task,
     {
         match self.pool() {
-            Ok(pool) => {
-                RunUnordered::started(parjob_core::RunUnordered::new(pool, tasks, &self.options))
-            }
+            Ok(pool) => RunUnordered::new(pool, tasks, &self.options),
             Err(error) => RunUnordered::failed(error),
         }
     }
