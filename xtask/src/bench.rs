@@ -9,17 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-/// The scenarios, as the issue, the report and docs/BENCHMARKS.md name them.
-const SCENARIOS: [&str; 8] = [
-    "small",
-    "tiny",
-    "cpu_halves",
-    "sleep_io",
-    "startup",
-    "big_input",
-    "crash",
-    "first_result",
-];
+#[path = "../bench-runner/src/names.rs"]
+mod names;
+use names::SCENARIOS;
 
 /// Backend names parjob accepts, aliases included.
 const BACKENDS: [&str; 7] = [

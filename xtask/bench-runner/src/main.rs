@@ -7,6 +7,7 @@
 
 mod machine;
 mod measure;
+mod names;
 mod peers;
 mod plot;
 mod report;

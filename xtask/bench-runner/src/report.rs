@@ -9,17 +9,7 @@ use crate::machine::Machine;
 use crate::measure::{Failure, Group, Outcome, summary};
 use crate::rules::{Reference, reference_for, target_for};
 
-/// The scenarios, in the order the issue, the report and the docs list them.
-pub const SCENARIOS: [&str; 8] = [
-    "small",
-    "tiny",
-    "cpu_halves",
-    "sleep_io",
-    "startup",
-    "big_input",
-    "crash",
-    "first_result",
-];
+pub use crate::names::SCENARIOS;
 
 /// Whether a row has figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
