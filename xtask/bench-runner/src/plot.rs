@@ -229,18 +229,7 @@ fn speedup(rows: &[Row], path: &Path) -> Result<bool, Box<dyn std::error::Error>
             )
         })
         .collect();
-    chart
-        .draw_series(LineSeries::new(ideal, BLACK.stroke_width(1)))?
-        .label("ideal")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK));
-    draw_lines(&mut chart, &sleep)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .label_font(("sans-serif", 12))
-        .draw()?;
+    draw_lines(&mut chart, ideal, &sleep)?;
 
     let mut chart = ChartBuilder::on(&right)
         .caption("cpu_halves: 10^7 squares in 2 halves", ("sans-serif", 18))
@@ -255,37 +244,29 @@ fn speedup(rows: &[Row], path: &Path) -> Result<bool, Box<dyn std::error::Error>
         .y_desc("speedup over n_jobs = 1")
         .label_style(("sans-serif", 13))
         .draw()?;
-    chart
-        .draw_series(LineSeries::new(
-            [(1.0, 1.0), (2.0, 2.0)],
-            BLACK.stroke_width(1),
-        ))?
-        .label("ideal")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK));
-    draw_lines(&mut chart, &halves)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .label_font(("sans-serif", 12))
-        .draw()?;
+    draw_lines(&mut chart, vec![(1.0, 1.0), (2.0, 2.0)], &halves)?;
     root.present()?;
     Ok(true)
 }
 
-/// One line per implementation that has more than one point: parjob's thick with dots,
-/// the Rust references thin, the Python peers with triangles.
-fn draw_lines<DB, X, Y>(
-    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+/// The `ideal` line in black, then one line per implementation that has more than one point
+/// (parjob's thick with dots, the Rust references thin, the Python peers with triangles), and
+/// the legend.
+fn draw_lines<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    ideal: Vec<(f64, f64)>,
     series: &[Line],
 ) -> Result<(), Box<dyn std::error::Error>>
 where
-    DB: DrawingBackend,
+    DB: DrawingBackend + 'a,
     DB::ErrorType: 'static,
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
+    chart
+        .draw_series(LineSeries::new(ideal, BLACK.stroke_width(1)))?
+        .label("ideal")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK));
     let lines = series.iter().filter(|(_, _, points)| points.len() > 1);
     for (i, (name, group, points)) in lines.enumerate() {
         let c = Palette99::pick(i).to_rgba();
@@ -308,5 +289,12 @@ where
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
         }
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font(("sans-serif", 12))
+        .draw()?;
     Ok(())
 }
