@@ -3,7 +3,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use parjob::{Backend, BatchSize, Error, Parallel, delayed, worker_info};
+use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed, worker_info};
 use parjob_tests::run_child_test;
 use serde::de::Error as _;
 use serde::ser::Error as _;
@@ -144,6 +144,87 @@ fn big_inputs_travel_through_shared_memory() {
         .run(halves.into_iter().map(|v| delayed(sum, v)))
         .unwrap();
     assert_eq!(out, expected);
+}
+
+/// The line of this process's memory map that holds `address`.
+fn mapping_of(address: usize) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .find(|line| {
+            let range = line.split(' ').next().unwrap_or("");
+            let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
+            let lo = usize::from_str_radix(lo, 16).unwrap_or(0);
+            let hi = usize::from_str_radix(hi, 16).unwrap_or(0);
+            (lo..hi).contains(&address)
+        })
+        .map(str::to_string)
+}
+
+/// The sum of the part, the process that read it, and the mapping its values were read from.
+fn sum_in_place(part: SharedSlice<f64>) -> (f64, u32, String) {
+    let mapping = mapping_of(part.as_ptr() as usize).unwrap_or_default();
+    (part.iter().sum(), std::process::id(), mapping)
+}
+
+fn still_mapped(name: String) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.contains(&name)
+}
+
+#[test]
+fn shared_slices_are_read_in_place_by_workers_and_unmapped_after_the_driver_drops_them() {
+    let data: SharedSlice<f64> = (0..3_000_000).map(f64::from).collect();
+    let parts: Vec<SharedSlice<f64>> = data.chunks(1_000_000).collect();
+    let expected: Vec<f64> = parts.iter().map(|p| p.iter().sum()).collect();
+    let parallel = processes(2).max_nbytes(1024);
+    let mut names = HashSet::new();
+    for _ in 0..3 {
+        let out = parallel
+            .run(parts.iter().map(|p| delayed(sum_in_place, p.clone())))
+            .unwrap();
+        for (i, (sum, pid, mapping)) in out.into_iter().enumerate() {
+            assert_eq!(sum, expected[i]);
+            assert_ne!(pid, std::process::id());
+            assert!(
+                mapping.contains("/memfd:") && mapping.contains("ipc-channel-shared-memory"),
+                "task {i} read its values from {mapping:?}, not from the shared segment"
+            );
+            names.insert(mapping.rsplit(' ').nth(1).unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(names.len(), 1, "one segment, every time: {names:?}");
+    let name = names.into_iter().next().unwrap();
+
+    drop((data, parts));
+    // The next frame each worker gets tells it the segment is gone.
+    let mapped = parallel
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..20).map(|_| delayed(still_mapped, name.clone())))
+        .unwrap();
+    assert!(
+        mapped.iter().all(|m| !m),
+        "a worker still maps {name} after the driver dropped it: {mapped:?}"
+    );
+}
+
+#[test]
+fn shared_slices_give_the_same_results_on_every_backend_and_come_back_as_values() {
+    fn scaled(part: SharedSlice<u32>, by: u32) -> SharedSlice<u32> {
+        part.iter().map(|x| x * by).collect()
+    }
+    let data = SharedSlice::from_slice(&(0..10_000u32).collect::<Vec<_>>());
+    let run = |backend: Backend| {
+        Parallel::new(2)
+            .backend(backend)
+            .run(data.chunks(3_000).map(|p| delayed(scaled, (p, 3))))
+            .unwrap()
+    };
+    let sequential = run(Backend::Sequential);
+    assert_eq!(sequential.len(), 4);
+    assert_eq!(sequential[3].len(), 1_000);
+    assert_eq!(sequential[1][0], 9_000);
+    assert_eq!(run(Backend::Threading), sequential);
+    assert_eq!(run(Backend::Process), sequential);
 }
 
 #[test]

@@ -35,6 +35,7 @@ mod future;
 mod n_jobs;
 mod pool;
 mod progress;
+mod shared;
 mod task;
 mod worker;
 
@@ -49,5 +50,9 @@ pub use future::{
 };
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
+pub use shared::{
+    SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared, forget_shared,
+    receive_shared, set_shared_allocator,
+};
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
 pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};

@@ -15,6 +15,7 @@
 
 mod build_id;
 mod pool;
+mod shared;
 mod spawn;
 mod wire;
 mod worker;

@@ -15,13 +15,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::IpcSharedMemory;
-use parjob_core::{Backend, Error, Job, Pool};
+use parjob_core::{Backend, Error, Job, Pool, collect_shared};
 
 use crate::ProcessOptions;
+use crate::shared::shipments_for;
 use crate::spawn::{Event, Starter, Worker, await_exit, wait_for_output};
 use crate::wire::{
     ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN,
-    MSG_SHUTDOWN, RUN_HEADER, monotonic_nanos, read_u64,
+    MSG_SHUTDOWN, RUN_HEADER, Shipment, monotonic_nanos, read_u64,
 };
 use crate::worker::{in_worker_loop, offset_of, started_as_worker};
 
@@ -445,14 +446,16 @@ impl Supervisor {
         self.buf.clear();
         self.buf.extend_from_slice(&[MSG_RUN, flags]);
         self.buf.extend_from_slice(&offset.to_le_bytes());
-        self.buf.extend_from_slice(&[0; 8]);
-        job.batch.encode_tasks(range.clone(), &mut self.buf);
+        self.buf.extend_from_slice(&[0; RUN_HEADER - 10]);
+        let buf = &mut self.buf;
+        let ((), segments) = collect_shared(|| job.batch.encode_tasks(range.clone(), buf));
         worker.board.reset();
+        let mut shipments = shipments_for(worker, segments);
         let len = self.buf.len() - RUN_HEADER;
-        let sent = if len > self.options.max_nbytes {
+        let shared = len > self.options.max_nbytes;
+        if shared {
             flags |= FLAG_SHARED;
-            self.buf[10..RUN_HEADER].copy_from_slice(&(len as u64).to_le_bytes());
-            let mut sent = Ok(());
+            self.buf[10..18].copy_from_slice(&(len as u64).to_le_bytes());
             match worker.task_arena.as_mut().filter(|a| a.len() >= len) {
                 Some(arena) => {
                     // SAFETY: the worker reads its arena only between a RUN and its DONE, and the
@@ -461,25 +464,25 @@ impl Supervisor {
                     shared[..len].copy_from_slice(&self.buf[RUN_HEADER..]);
                 }
                 None => {
-                    flags |= FLAG_NEW_ARENA;
                     let arena = IpcSharedMemory::from_bytes(&self.buf[RUN_HEADER..]);
-                    sent = worker
-                        .big_tasks
-                        .send(arena.clone())
-                        .map_err(|e| e.to_string());
+                    shipments.push(Shipment::Arena(arena.clone()));
                     worker.task_arena = (arena.len() <= ARENA_KEEP_MAX).then_some(arena);
                 }
             }
-            self.buf[1] = flags;
-            sent.and_then(|()| {
-                worker
-                    .tasks
-                    .send(&self.buf[..RUN_HEADER])
-                    .map_err(|e| e.to_string())
-            })
+        }
+        self.buf[1] = flags;
+        // At most one segment per task plus two, far below u32::MAX.
+        self.buf[18..RUN_HEADER].copy_from_slice(&(shipments.len() as u32).to_le_bytes());
+        let message = if shared {
+            &self.buf[..RUN_HEADER]
         } else {
-            worker.tasks.send(&self.buf).map_err(|e| e.to_string())
+            &self.buf[..]
         };
+        let sent = shipments
+            .into_iter()
+            .try_for_each(|shipment| worker.big_tasks.send(shipment))
+            .map_err(|e| e.to_string())
+            .and_then(|()| worker.tasks.send(message).map_err(|e| e.to_string()));
         if self.buf.capacity() > 64 << 20 {
             self.buf = Vec::new();
         }

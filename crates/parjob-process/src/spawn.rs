@@ -1,22 +1,23 @@
 //! Starting a worker process and watching it: the command line, the handshake, and the
 //! threads that report its replies and its death.
 
+use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender, IpcSharedMemory};
-use parjob_core::{Error, cpu_count};
+use parjob_core::{Error, SharedSegment, cpu_count};
 
 use crate::ProcessOptions;
 use crate::build_id::build_id;
 use crate::wire::{
     Board, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY,
-    MSG_WELCOME, PROTOCOL,
+    MSG_WELCOME, PROTOCOL, Shipment,
 };
 use crate::worker::offset_of;
 
@@ -37,6 +38,7 @@ pub const TEST_WORKER_NAME: &str = "__parjob_test_worker";
 /// Marks this executable as a test binary whose harness runs `TEST_WORKER_NAME`.
 pub fn enable_test_support() {
     TEST_SUPPORT.store(true, Ordering::Relaxed);
+    parjob_core::set_shared_allocator(crate::shared::allocate);
 }
 
 /// What a supervisor hears about its worker, from the threads watching it.
@@ -143,13 +145,16 @@ pub(crate) struct Worker {
     pub(crate) pid: u32,
     pub(crate) generation: u64,
     pub(crate) tasks: IpcBytesSender,
-    pub(crate) big_tasks: IpcSender<IpcSharedMemory>,
+    pub(crate) big_tasks: IpcSender<Shipment>,
     pub(crate) board: Board,
     pub(crate) child: Arc<ChildWatch>,
     /// The driver's mapping of the shared segment big frames are written into.
     pub(crate) task_arena: Option<IpcSharedMemory>,
     /// The driver's mapping of the worker's segment for big outcome frames.
     pub(crate) result_arena: Option<IpcSharedMemory>,
+    /// The `SharedSlice` segments this worker has mapped, to send each once and to tell it
+    /// when the driver drops one.
+    pub(crate) segments: HashMap<u64, Weak<SharedSegment>>,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
@@ -439,6 +444,7 @@ impl Starter<'_> {
             output_done,
             task_arena: None,
             result_arena: None,
+            segments: HashMap::new(),
         })
     }
 

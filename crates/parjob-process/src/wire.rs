@@ -10,7 +10,7 @@ use ipc_channel::ipc::{IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender,
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message's layout changes.
-pub(crate) const PROTOCOL: u32 = 1;
+pub(crate) const PROTOCOL: u32 = 2;
 
 /// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
 /// enter the worker loop in a process whose parent is that driver.
@@ -31,8 +31,9 @@ pub(crate) struct Hello {
     pub(crate) pid: u32,
     /// Driver to worker: message headers and small frames.
     pub(crate) tasks: IpcBytesSender,
-    /// Driver to worker: frames over `max_nbytes`.
-    pub(crate) big_tasks: IpcSender<IpcSharedMemory>,
+    /// Driver to worker: shared segments (arenas for frames over `max_nbytes`, and the data
+    /// of `SharedSlice`s), announced by the count in a `MSG_RUN` header.
+    pub(crate) big_tasks: IpcSender<Shipment>,
     /// Worker to driver: replies and small outcome frames.
     pub(crate) results: IpcBytesReceiver,
     /// Worker to driver: outcome frames over `max_nbytes`.
@@ -41,9 +42,26 @@ pub(crate) struct Hello {
     pub(crate) board: IpcSharedMemory,
 }
 
+/// What the driver sends a worker on its `big_tasks` channel before a `MSG_RUN` frame.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Shipment {
+    /// A new arena for big frames, replacing the previous one.
+    Arena(IpcSharedMemory),
+    /// The segment of a `SharedSlice` the frame refers to, the first time this worker meets it.
+    Segment {
+        /// The id handles name it by.
+        id: u64,
+        /// Its memory, to be mapped.
+        memory: IpcSharedMemory,
+    },
+    /// Segments the driver has dropped: the worker may unmap them.
+    Forget(Vec<u64>),
+}
+
 /// Driver to worker: `[WELCOME][max_nbytes u64][has initializer u8][initializer offset i64]`.
 pub(crate) const MSG_WELCOME: u8 = 1;
-/// Driver to worker: `[RUN][flags u8][entry offset i64][shared length u64][frame]`.
+/// Driver to worker: `[RUN][flags u8][entry offset i64][shared length u64][shipments u32][frame]`,
+/// where `shipments` counts the [`Shipment`]s to take from `big_tasks` before the frame.
 pub(crate) const MSG_RUN: u8 = 2;
 /// Driver to worker: exit with status 0.
 pub(crate) const MSG_SHUTDOWN: u8 = 3;
@@ -59,11 +77,11 @@ pub(crate) const FLAG_TIMED: u8 = 1;
 /// Frame flag: the frame is the first `shared length` bytes of the sender's shared segment
 /// (its arena), not in this message.
 pub(crate) const FLAG_SHARED: u8 = 2;
-/// Frame flag: a new arena, replacing the previous one, waits on the `big_*` channel.
+/// Outcome flag: a new arena, replacing the previous one, waits on the `big_results` channel.
 pub(crate) const FLAG_NEW_ARENA: u8 = 4;
 
 /// Length of a `MSG_RUN` header.
-pub(crate) const RUN_HEADER: usize = 18;
+pub(crate) const RUN_HEADER: usize = 22;
 /// Length of a `MSG_DONE` header.
 pub(crate) const DONE_HEADER: usize = 18;
 

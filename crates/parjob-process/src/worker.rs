@@ -7,10 +7,11 @@ use ipc_channel::ipc::{self, IpcSender, IpcSharedMemory};
 use parjob_core::{Backend, RemoteEntry, set_worker_identity};
 
 use crate::build_id::build_id;
+use crate::shared::receive;
 use crate::wire::{
     ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, FLAG_SHARED,
     FLAG_TIMED, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN, MSG_WELCOME,
-    PROTOCOL, RUN_HEADER, read_u64,
+    PROTOCOL, RUN_HEADER, Shipment, read_u64,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -68,6 +69,8 @@ fn address_at(offset: i64) -> usize {
 
 /// Enters the worker loop if the driver started this process; returns at once otherwise.
 pub fn init() {
+    // `SharedSlice`s made from now on live in shared memory.
+    parjob_core::set_shared_allocator(crate::shared::allocate);
     let Some(server) = server_name() else {
         return;
     };
@@ -105,7 +108,7 @@ fn serve(server: String) -> Result<(), String> {
     let (board, board_handle) = Board::new().ok_or("cannot make the status board")?;
     let channel_error = |e: std::io::Error| format!("cannot make a channel: {e}");
     let (tasks_tx, tasks_rx) = ipc::bytes_channel().map_err(channel_error)?;
-    let (big_tasks_tx, big_tasks_rx) = ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
+    let (big_tasks_tx, big_tasks_rx) = ipc::channel::<Shipment>().map_err(channel_error)?;
     let (results_tx, results_rx) = ipc::bytes_channel().map_err(channel_error)?;
     let (big_results_tx, big_results_rx) =
         ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
@@ -169,12 +172,17 @@ fn serve(server: String) -> Result<(), String> {
         }
         let flags = message[1];
         let offset = read_u64(&message, 2).unwrap_or(0) as i64;
-        if flags & FLAG_NEW_ARENA != 0 {
-            task_arena = Some(
-                big_tasks_rx
-                    .recv()
-                    .map_err(|e| format!("cannot receive a shared frame: {e}"))?,
-            );
+        let shipments = message
+            .get(18..RUN_HEADER)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes);
+        for _ in 0..shipments {
+            let shipment = big_tasks_rx
+                .recv()
+                .map_err(|e| format!("cannot receive shared memory: {e}"))?;
+            if let Some(arena) = receive(shipment) {
+                task_arena = Some(arena);
+            }
         }
         let frame: &[u8] = if flags & FLAG_SHARED != 0 {
             let len = read_u64(&message, 10).unwrap_or(0) as usize;

@@ -154,8 +154,10 @@ pub fn target_for(m: &Measurement) -> Option<Target> {
         ("sleep_io", "n_jobs=100") if threading => Some(Target::SecondsAtMost(0.012)),
         ("startup", "fresh pool") if process => Some(Target::SecondsAtMost(0.005)),
         ("startup", "warm pool") if process => Some(Target::SecondsAtMost(0.0002)),
-        ("big_input", "first send") if process => Some(Target::RateAtLeast(2.0)),
-        ("big_input", "warm pool") if process => Some(Target::RateAtLeast(5.0)),
+        // "2 GB/s the first time, 5 GB/s when the same shared data is reused": shared data,
+        // as joblib memory-maps arrays. The owned-`Vec` rows are reported beside, untargeted.
+        ("big_input", "shared, first send") if process => Some(Target::RateAtLeast(2.0)),
+        ("big_input", "shared, reused") if process => Some(Target::RateAtLeast(5.0)),
         ("crash", "abort to error") if process => Some(Target::SecondsAtMost(0.010)),
         ("crash", "next call") if process => Some(Target::Succeeds),
         ("first_result", _) if threading || process => Some(Target::SecondsAtMost(0.101)),

@@ -50,6 +50,11 @@ pub fn sum_owned(values: Vec<f64>) -> f64 {
     sum_slice(&values)
 }
 
+/// Sums a part of a shared array in place (`big_input`, shared rows).
+pub fn sum_shared(values: parjob::SharedSlice<f64>) -> f64 {
+    sum_slice(&values)
+}
+
 /// Sums with eight independent accumulators, so the sum runs at memory speed rather than at
 /// the latency of one floating-point add.
 pub fn sum_slice(values: &[f64]) -> f64 {

@@ -4,14 +4,14 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parjob::{Backend, Parallel, delayed};
+use parjob::{Backend, Parallel, SharedSlice, delayed};
 use rayon::prelude::*;
 
 use super::{Context, rayon_pool};
 use crate::measure::{Attempt, Candidate, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::rules::{LOOP, RAYON, SCOPE};
-use crate::work::{square, sum_owned};
+use crate::work::{square, sum_owned, sum_shared, sum_slice};
 
 const VALUES: usize = 12_500_000;
 const GIGABYTES: f64 = (VALUES * std::mem::size_of::<f64>()) as f64 / 1e9;
@@ -22,7 +22,11 @@ pub fn size() -> String {
         "{VALUES} f64 ({:.0} MB) in two owned halves, one task each on 2 workers; first send: \
          the first big run on a pool just started by one small task; warm pool: later runs. Every \
          row, references too, gets the halves copied before the clock starts and runs \
-         `sum_owned` on them (freeing them is counted alike)",
+         `sum_owned` on them (freeing them is counted alike). Shared rows: the same values in one \
+         `SharedSlice` cut in two, summed in place (`sum_shared`); first send: made before the \
+         clock, sent to a pool just started; made + first send: made inside the clock too; \
+         reused: the same slice sent again to a warm pool. Their rayon rows sum two halves of the \
+         borrowed array",
         GIGABYTES * 1e3
     )
 }
@@ -36,6 +40,18 @@ fn halves(data: &[f64]) -> [Vec<f64>; 2] {
 /// Copies the halves (untimed), then times one run of them on `p`.
 fn timed_run(p: &Parallel, data: &[f64]) -> Attempt {
     let tasks = halves(data).map(|half| delayed(sum_owned, half));
+    let start = Instant::now();
+    let sums = p.run(tasks)?;
+    let elapsed = start.elapsed();
+    black_box(sums);
+    Ok(elapsed)
+}
+
+/// Times one run of the two halves of `shared` on `p`.
+fn timed_shared_run(p: &Parallel, shared: &SharedSlice<f64>) -> Attempt {
+    let tasks = shared
+        .chunks(shared.len().div_ceil(2))
+        .map(|half| delayed(sum_shared, half));
     let start = Instant::now();
     let sums = p.run(tasks)?;
     let elapsed = start.elapsed();
@@ -88,6 +104,70 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             parjob_name(b),
             Group::Parjob,
             move || timed_run(&p, &data),
+        ));
+    }
+    for &b in &ctx.backends {
+        let workers = if b == Backend::Sequential { 1 } else { 2 };
+        let values = Arc::clone(&data);
+        candidates.push(Candidate::timed(
+            "shared, first send",
+            parjob_name(b),
+            Group::Parjob,
+            move || {
+                let shared = SharedSlice::from_slice(&values);
+                let p = Parallel::new(workers).backend(b);
+                p.run([delayed(square, 1)])?;
+                timed_shared_run(&p, &shared)
+            },
+        ));
+        let values = Arc::clone(&data);
+        candidates.push(Candidate::timed(
+            "shared, made + first send",
+            parjob_name(b),
+            Group::Parjob,
+            move || {
+                let p = Parallel::new(workers).backend(b);
+                p.run([delayed(square, 1)])?;
+                let start = Instant::now();
+                let shared = SharedSlice::from_slice(&values);
+                let sums = p.run(
+                    shared
+                        .chunks(shared.len().div_ceil(2))
+                        .map(|half| delayed(sum_shared, half)),
+                )?;
+                let elapsed = start.elapsed();
+                black_box(sums);
+                Ok(elapsed)
+            },
+        ));
+        let p = Parallel::new(workers).backend(b);
+        let shared = SharedSlice::from_slice(&data);
+        candidates.push(Candidate::timed(
+            "shared, reused",
+            parjob_name(b),
+            Group::Parjob,
+            move || timed_shared_run(&p, &shared),
+        ));
+    }
+    for variant in [
+        "shared, first send",
+        "shared, made + first send",
+        "shared, reused",
+    ] {
+        let pool = Arc::new(rayon_pool(2));
+        let data = Arc::clone(&data);
+        candidates.push(Candidate::timed(
+            variant,
+            RAYON,
+            Group::Reference,
+            move || {
+                let start = Instant::now();
+                let half = data.len().div_ceil(2);
+                let total = pool.install(|| data.par_chunks(half).map(sum_slice).sum::<f64>());
+                let elapsed = start.elapsed();
+                black_box(total);
+                Ok(elapsed)
+            },
         ));
     }
     // The references make the same calls as parjob's tasks: `sum_owned` on owned halves
