@@ -7,6 +7,7 @@
 //!   [`RunOptions`].
 //! - [`submit`] runs one task on its own and returns its [`Future`]; [`as_completed`] and
 //!   [`wait`] wait on many futures at once.
+//! - [`SharedSlice`] is read-only data a process backend shares instead of copying.
 //! - [`Error`] is every failure; [`Backend`] names where tasks run.
 //! - [`cpu_count`], [`effective_n_jobs`] and [`worker_info`] answer questions about the machine
 //!   and the worker.

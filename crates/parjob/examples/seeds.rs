@@ -17,7 +17,8 @@ use parjob::Backend;
 struct Flags {
     /// Run every lesson on this backend only: sequential, threading (threads), process
     /// (processes, loky, multiprocessing). Without it: every lesson on threads, then the
-    /// lessons whose point is processes (shared state, CPU-bound work, a crash) on processes.
+    /// lessons whose point is processes (shared state, CPU-bound work, big arrays, a crash) on
+    /// processes.
     #[arg(long)]
     backend: Option<Backend>,
 }
@@ -28,6 +29,7 @@ fn all_lessons(backend: Backend) -> Result<(), parjob::Error> {
     lessons::sleepy_tasks::run(backend)?;
     lessons::shared_counter::run(backend)?;
     lessons::cpu_bound::run(backend)?;
+    lessons::big_array::run(backend)?;
     lessons::http_status::run(backend)?;
     lessons::executor_submit::run(backend)?;
     lessons::executor_map::run(backend)?;
@@ -62,6 +64,7 @@ fn main() -> Result<(), parjob::Error> {
                 "\nCPU-bound speedup with 2 workers: {threads:.2}x on threads, {processes:.2}x on \
                  processes (Rust has no GIL: both compute in parallel)"
             );
+            lessons::big_array::run(Backend::Process)?;
             lessons::http_status::run(Backend::Threading)?;
             lessons::executor_submit::run(Backend::Threading)?;
             lessons::executor_map::run(Backend::Threading)?;

@@ -22,6 +22,8 @@
 //! - [`Executor`]: Python's `concurrent.futures` on the same backends: `submit` one task for a
 //!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers.
 //! - [`delayed`]: `delayed(f, x)` calls `f(x)`; `delayed(f, (a, b))` calls `f(a, b)`.
+//! - [`SharedSlice`]: big read-only arrays that process workers read in place (joblib's
+//!   memmapping): copied once into shared memory, then sent as a handle.
 //! - [`Backend`]: `sequential`, `threading` (alias `threads`), `process` (aliases
 //!   `processes`, `loky`, `multiprocessing`: worker processes, Linux, the `process` feature;
 //!   see [`init`] and [`enable_test_support!`]).

@@ -87,7 +87,13 @@ fn throughput(rows: &[Row], path: &Path) -> Result<bool, Box<dyn std::error::Err
         (
             "big_input",
             "warm pool",
-            "big_input: 100 MB of f64 to 2 workers (warm pool)".to_string(),
+            "big_input: 100 MB of f64 to 2 workers as owned Vecs (warm pool)".to_string(),
+            "GB/s",
+        ),
+        (
+            "big_input",
+            "shared, reused",
+            "big_input: 100 MB of f64 to 2 workers as a SharedSlice (reused)".to_string(),
             "GB/s",
         ),
     ]

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each example binary uses only some of the lessons
 
+pub mod big_array;
 pub mod cpu_bound;
 pub mod executor_map;
 pub mod executor_submit;
