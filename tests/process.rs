@@ -208,6 +208,22 @@ fn shared_slices_are_read_in_place_by_workers_and_unmapped_after_the_driver_drop
 }
 
 #[test]
+fn a_replaced_worker_gets_the_shared_segments_again() {
+    let data: SharedSlice<f64> = (0..1_000_000).map(f64::from).collect();
+    let expected: f64 = data.iter().sum();
+    let parallel = processes(1);
+    let first = parallel.run([delayed(sum_in_place, data.clone())]).unwrap();
+    let crashed = parallel.run([delayed(crash_on_five, (5, Crash::Abort))]);
+    assert!(
+        matches!(crashed, Err(Error::WorkerCrashed { .. })),
+        "{crashed:?}"
+    );
+    let again = parallel.run([delayed(sum_in_place, data.clone())]).unwrap();
+    assert_eq!((first[0].0, again[0].0), (expected, expected));
+    assert_ne!(first[0].1, again[0].1, "another worker process");
+}
+
+#[test]
 fn shared_slices_give_the_same_results_on_every_backend_and_come_back_as_values() {
     fn scaled(part: SharedSlice<u32>, by: u32) -> SharedSlice<u32> {
         part.iter().map(|x| x * by).collect()

@@ -1,11 +1,14 @@
 //! [`SharedSlice`]: read-only data that process workers map instead of receiving a copy
 //! (joblib's memmapping of large arrays).
 //!
-//! A `SharedSlice<T>` is a cheap-to-clone view of plain-old-data values. On threads it is an
-//! `Arc`. With the process backend, its values live in a shared memory segment made when the
-//! slice is made; a task argument holding it travels as a handle of a few bytes, each worker
-//! maps the segment the first time it meets it and keeps it mapped until the driver drops the
-//! last slice of it. Sending the same data again costs nothing but the handle.
+//! A `SharedSlice<T>` is a cheap-to-clone view of plain-old-data values behind an `Arc`. Once
+//! the process backend is set up (`parjob::init()`), the values of a slice of at least
+//! [`SHARED_MIN_BYTES`] live in a shared memory segment made when the slice is made; a task
+//! argument holding it travels as a handle of a few bytes, and each worker maps the segment the
+//! first time it meets it. After the driver drops the last slice of a segment, each worker lets
+//! go of it with its next frame (or when its pool shuts down). Sending the same data again costs
+//! nothing but the handle. Smaller slices, and slices made before the backend was set up, stay
+//! on the heap and travel by value.
 //!
 //! Backends hook in through [`set_shared_allocator`] (where segments are made),
 //! [`collect_shared`] (which segments a frame refers to) and [`receive_shared`] /
@@ -13,7 +16,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Bound, Deref, RangeBounds};
@@ -30,6 +33,9 @@ pub trait SharedMemory: Send + Sync + 'static {
     fn bytes(&self) -> &[u8];
     /// The memory as `Any`, for the backend that made it to find its own type.
     fn as_any(&self) -> &dyn Any;
+    /// Whether other processes can map this memory (a backend's segment), so that a slice of it
+    /// may travel as a handle; heap memory travels by value.
+    fn is_shared(&self) -> bool;
 }
 
 /// One block of memory behind any number of [`SharedSlice`]s, with an id unique across the
@@ -92,6 +98,26 @@ impl<T: Pod + Send + Sync> SharedMemory for HeapMemory<T> {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn is_shared(&self) -> bool {
+        false
+    }
+}
+
+/// Slices of fewer bytes than this stay on the heap and travel by value: a shared segment costs
+/// a file descriptor in every process that maps it, and copying a small slice is cheap.
+pub const SHARED_MIN_BYTES: usize = 1 << 20;
+
+/// A copy of `values` in shared memory, if an allocator is set, the slice is big enough, and
+/// the allocator kept to its contract (the right length, aligned for `T`).
+fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
+    let bytes: &[u8] = bytemuck::cast_slice(values);
+    if bytes.len() < SHARED_MIN_BYTES {
+        return None;
+    }
+    let memory = ALLOCATOR.get()?(bytes)?;
+    let made = memory.bytes();
+    let sound = made.len() == bytes.len() && (made.as_ptr() as usize) % align_of::<T>() == 0;
+    sound.then_some(memory)
 }
 
 /// An immutable slice of plain-old-data values (`f64`, `u32`, `[f32; 3]`, ...) that process
@@ -127,7 +153,8 @@ pub struct SharedSlice<T> {
 }
 
 impl<T: Pod + Send + Sync> SharedSlice<T> {
-    /// Copies `values` into a new segment.
+    /// Copies `values` into a new segment: shared memory when the process backend is set up
+    /// and they fill at least [`SHARED_MIN_BYTES`], the heap otherwise.
     pub fn from_slice(values: &[T]) -> SharedSlice<T> {
         const {
             assert!(
@@ -138,15 +165,13 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
         if values.is_empty() {
             return SharedSlice::empty();
         }
-        let memory = ALLOCATOR
-            .get()
-            .and_then(|allocate| allocate(bytemuck::cast_slice(values)))
-            .unwrap_or_else(|| Box::new(HeapMemory(values.to_vec())));
+        let memory =
+            allocate_shared(values).unwrap_or_else(|| Box::new(HeapMemory(values.to_vec())));
         SharedSlice::whole(memory, values.len())
     }
 
-    /// Takes `values`: moved into shared memory when the process backend is set up (a copy),
-    /// kept as they are otherwise.
+    /// Takes `values`: copied into shared memory when the process backend is set up and they
+    /// fill at least [`SHARED_MIN_BYTES`], kept as they are otherwise.
     pub fn from_vec(values: Vec<T>) -> SharedSlice<T> {
         const {
             assert!(
@@ -158,17 +183,15 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
             return SharedSlice::empty();
         }
         let len = values.len();
-        let memory = match ALLOCATOR
-            .get()
-            .and_then(|allocate| allocate(bytemuck::cast_slice(&values)))
-        {
+        let memory = match allocate_shared(&values) {
             Some(memory) => memory,
             None => Box::new(HeapMemory(values)),
         };
         SharedSlice::whole(memory, len)
     }
 
-    fn empty() -> SharedSlice<T> {
+    /// An empty slice (no segment).
+    pub fn empty() -> SharedSlice<T> {
         SharedSlice {
             segment: None,
             start: 0,
@@ -186,9 +209,9 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
         }
     }
 
-    /// The values in `range` (indices into this slice) as a slice of the same segment, or
-    /// `None` if the range is out of bounds.
-    pub fn get(&self, range: impl RangeBounds<usize>) -> Option<SharedSlice<T>> {
+    /// The values in `range` (indices into this slice) as a slice of the same segment, without
+    /// copying, or `None` if the range is out of bounds (`&data[a..b]` gives a plain `&[T]`).
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> Option<SharedSlice<T>> {
         let from = match range.start_bound() {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i.checked_add(1)?,
@@ -202,6 +225,9 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
         if from > to || to > self.len {
             return None;
         }
+        if from == to {
+            return Some(SharedSlice::empty());
+        }
         Some(SharedSlice {
             segment: self.segment.clone(),
             start: self.start + from,
@@ -211,14 +237,16 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
     }
 
     /// Consecutive slices of `size` values (the last may be shorter), sharing this one's
-    /// segment: the way to hand parts of one array to many tasks. A `size` of 0 counts as 1.
-    pub fn chunks(&self, size: usize) -> impl ExactSizeIterator<Item = SharedSlice<T>> + '_ {
+    /// segment: the way to hand parts of one array to many tasks. The iterator owns a clone of
+    /// the slice, so it may outlive `self`. A `size` of 0 counts as 1 (where `<[T]>::chunks`
+    /// would panic).
+    pub fn chunks(&self, size: usize) -> impl ExactSizeIterator<Item = SharedSlice<T>> + 'static {
         let size = size.max(1);
-        let count = self.len.div_ceil(size);
-        (0..count).map(move |i| SharedSlice {
-            segment: self.segment.clone(),
-            start: self.start + i * size,
-            len: size.min(self.len - i * size),
+        let whole = self.clone();
+        (0..whole.len.div_ceil(size)).map(move |i| SharedSlice {
+            segment: whole.segment.clone(),
+            start: whole.start + i * size,
+            len: size.min(whole.len - i * size),
             _values: PhantomData,
         })
     }
@@ -272,6 +300,58 @@ impl<T: Pod + PartialEq> PartialEq for SharedSlice<T> {
     }
 }
 
+impl<T: Pod + Eq> Eq for SharedSlice<T> {}
+
+impl<T: Pod + PartialEq> PartialEq<[T]> for SharedSlice<T> {
+    fn eq(&self, other: &[T]) -> bool {
+        **self == *other
+    }
+}
+
+impl<T: Pod + PartialEq> PartialEq<Vec<T>> for SharedSlice<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Pod + std::hash::Hash> std::hash::Hash for SharedSlice<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state);
+    }
+}
+
+impl<T: Pod> std::borrow::Borrow<[T]> for SharedSlice<T> {
+    fn borrow(&self) -> &[T] {
+        self
+    }
+}
+
+impl<T: Pod + Send + Sync> Default for SharedSlice<T> {
+    fn default() -> Self {
+        SharedSlice::empty()
+    }
+}
+
+impl<'a, T: Pod> IntoIterator for &'a SharedSlice<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<T: Pod + Send + Sync> From<&Vec<T>> for SharedSlice<T> {
+    fn from(values: &Vec<T>) -> Self {
+        SharedSlice::from_slice(values)
+    }
+}
+
+impl<T: Pod + Send + Sync, const N: usize> From<[T; N]> for SharedSlice<T> {
+    fn from(values: [T; N]) -> Self {
+        SharedSlice::from_slice(&values)
+    }
+}
+
 impl<T: Pod + Send + Sync> From<Vec<T>> for SharedSlice<T> {
     fn from(values: Vec<T>) -> Self {
         SharedSlice::from_vec(values)
@@ -290,19 +370,40 @@ impl<T: Pod + Send + Sync> FromIterator<T> for SharedSlice<T> {
     }
 }
 
-thread_local! {
-    /// While a backend encodes a frame on this thread: the segments it refers to.
-    static OUTGOING: RefCell<Option<Vec<Arc<SharedSegment>>>> = const { RefCell::new(None) };
+/// The segments a frame being encoded refers to, in first-seen order, once each.
+#[derive(Default)]
+struct Outgoing {
+    segments: Vec<Arc<SharedSegment>>,
+    ids: HashSet<u64>,
 }
 
-/// Runs `encode` and returns, beside its result, the segments of every [`SharedSlice`] it
-/// serialized, once each. Inside, slices serialize as handles, which only a process that got
-/// those segments through [`receive_shared`] can decode; elsewhere they serialize inline.
+thread_local! {
+    /// While a backend encodes a frame on this thread: the segments it refers to.
+    static OUTGOING: RefCell<Option<Outgoing>> = const { RefCell::new(None) };
+}
+
+/// Restores the enclosing `collect_shared`'s list, also when the encoding panics.
+struct Restore(Option<Option<Outgoing>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Some(outer) = self.0.take() {
+            OUTGOING.with(|o| *o.borrow_mut() = outer);
+        }
+    }
+}
+
+/// Runs `encode` and returns, beside its result, the segments of every shared-memory
+/// [`SharedSlice`] it serialized, once each. Inside, such slices serialize as handles, which only
+/// a process that got those segments through [`receive_shared`] can decode; elsewhere (and for
+/// heap slices) they serialize by value.
 pub fn collect_shared<R>(encode: impl FnOnce() -> R) -> (R, Vec<Arc<SharedSegment>>) {
-    let outer = OUTGOING.with(|o| o.borrow_mut().replace(Vec::new()));
+    let outer = OUTGOING.with(|o| o.borrow_mut().replace(Outgoing::default()));
+    let mut restore = Restore(Some(outer));
     let result = encode();
-    let segments = OUTGOING.with(|o| std::mem::replace(&mut *o.borrow_mut(), outer));
-    (result, segments.unwrap_or_default())
+    let outer = restore.0.take().unwrap_or_default();
+    let collected = OUTGOING.with(|o| std::mem::replace(&mut *o.borrow_mut(), outer));
+    (result, collected.map(|c| c.segments).unwrap_or_default())
 }
 
 fn received() -> std::sync::MutexGuard<'static, HashMap<u64, Arc<SharedSegment>>> {
@@ -339,12 +440,12 @@ enum Decoded {
 
 impl<T: Pod> Serialize for SharedSlice<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if let Some(segment) = &self.segment {
+        if let Some(segment) = self.segment.as_ref().filter(|s| s.memory.is_shared()) {
             let collected = OUTGOING.with(|o| {
                 let mut outgoing = o.borrow_mut();
-                let list = outgoing.as_mut()?;
-                if !list.iter().any(|s| s.id == segment.id) {
-                    list.push(Arc::clone(segment));
+                let outgoing = outgoing.as_mut()?;
+                if outgoing.ids.insert(segment.id) {
+                    outgoing.segments.push(Arc::clone(segment));
                 }
                 Some(())
             });
@@ -385,7 +486,12 @@ impl<'de, T: Pod + Send + Sync> Deserialize<'de> for SharedSlice<T> {
                         std::process::id()
                     ))
                 })?;
-                let (start, len) = (start as usize, len as usize);
+                let (Ok(start), Ok(len)) = (usize::try_from(start), usize::try_from(len)) else {
+                    return Err(D::Error::custom(format!(
+                        "SharedSlice<{type_name}>: values {start}..+{len} of shared segment \
+                         {id:#x} do not fit this machine's address space"
+                    )));
+                };
                 let fits = start
                     .checked_add(len)
                     .and_then(|end| end.checked_mul(size))
@@ -415,40 +521,79 @@ mod tests {
     use super::*;
     use crate::codec;
 
+    /// Memory that claims to be shared, as a backend's segment would.
+    struct FakeShared(Vec<u64>);
+
+    impl SharedMemory for FakeShared {
+        fn bytes(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+    }
+
+    fn fake_shared(values: Vec<u64>) -> SharedSlice<u64> {
+        let len = values.len();
+        SharedSlice::whole(Box::new(FakeShared(values)), len)
+    }
+
+    fn encode_collecting<T: Serialize>(value: &T) -> (Vec<u8>, Vec<Arc<SharedSegment>>) {
+        collect_shared(|| {
+            let mut bytes = Vec::new();
+            codec::encode_into(value, &mut bytes).expect("encodes");
+            bytes
+        })
+    }
+
     #[test]
-    fn chunks_and_get_cut_without_copying() {
+    fn chunks_and_slice_cut_without_copying() {
         let data = SharedSlice::from((0..10u32).collect::<Vec<_>>());
         let parts: Vec<_> = data.chunks(4).collect();
         assert_eq!(parts.len(), 3);
-        assert_eq!(&*parts[2], &[8, 9]);
-        assert_eq!(&*data.get(3..=4).expect("in range"), &[3, 4]);
-        assert!(data.get(5..11).is_none());
+        assert_eq!(parts[2], [8, 9][..]);
+        assert_eq!(data.slice(3..=4).expect("in range"), vec![3, 4]);
+        assert!(data.slice(5..11).is_none());
+        assert!(data.slice(..usize::MAX).is_none());
         assert!(Arc::ptr_eq(
             parts[0].segment().expect("not empty"),
             data.segment().expect("not empty")
         ));
         assert_eq!(data.chunks(0).count(), 10);
+        let empty = data.slice(5..5).expect("in range");
+        assert!(empty.is_empty() && empty.segment().is_none());
         assert!(SharedSlice::<f64>::from_slice(&[]).is_empty());
+        assert_eq!((&data).into_iter().sum::<u32>(), 45);
+        let owned_chunks = SharedSlice::from([1u8, 2, 3]).chunks(2);
+        assert_eq!(owned_chunks.len(), 2, "the iterator outlives the slice");
     }
 
     #[test]
-    fn serializes_inline_outside_a_backend_frame() {
-        let data = SharedSlice::from(vec![1.5f64, 2.5, 3.5]);
+    fn serializes_by_value_outside_a_backend_frame() {
+        let data = fake_shared(vec![15, 25, 35]);
         let mut bytes = Vec::new();
-        codec::encode_into(&data.get(1..).expect("in range"), &mut bytes).expect("encodes");
+        codec::encode_into(&data.slice(1..).expect("in range"), &mut bytes).expect("encodes");
+        let (back, _): (SharedSlice<u64>, _) = codec::decode_prefix(&bytes).expect("decodes");
+        assert_eq!(back, vec![25, 35]);
+    }
+
+    #[test]
+    fn heap_slices_travel_by_value_even_inside_a_frame() {
+        let data = SharedSlice::from(vec![1.5f64, 2.5]);
+        let (bytes, segments) = encode_collecting(&data);
+        assert!(segments.is_empty());
         let (back, _): (SharedSlice<f64>, _) = codec::decode_prefix(&bytes).expect("decodes");
-        assert_eq!(&*back, &[2.5, 3.5]);
+        assert_eq!(back, data);
     }
 
     #[test]
     fn handles_travel_inside_collect_shared_and_resolve_once_received() {
-        let data = SharedSlice::from(vec![7u64; 1000]);
-        let part = data.get(10..20).expect("in range");
-        let (bytes, segments) = collect_shared(|| {
-            let mut bytes = Vec::new();
-            codec::encode_into(&(part.clone(), part.clone()), &mut bytes).expect("encodes");
-            bytes
-        });
+        let data = fake_shared(vec![7; 1000]);
+        let part = data.slice(10..20).expect("in range");
+        let (bytes, segments) = encode_collecting(&(part.clone(), part.clone()));
         assert_eq!(segments.len(), 1, "one segment, listed once");
         assert!(
             bytes.len() < 100,
@@ -461,28 +606,53 @@ mod tests {
         let err = codec::decode_prefix::<SharedSlice<u64>>(&bytes).expect_err("unknown");
         assert!(err.contains("unknown in process"), "{err}");
 
-        let copy: HeapMemory<u64> =
-            HeapMemory(bytemuck::pod_collect_to_vec(segments[0].memory().bytes()));
+        let copy = FakeShared(bytemuck::pod_collect_to_vec(segments[0].memory().bytes()));
         receive_shared(SharedSegment::new(id, Box::new(copy)));
         let (back, _): ((SharedSlice<u64>, SharedSlice<u64>), _) =
             codec::decode_prefix(&bytes).expect("decodes");
-        assert_eq!(&*back.0, &[7; 10]);
+        assert_eq!(back.0, [7; 10][..]);
         forget_shared(id);
-        assert_eq!(&*back.1, &[7; 10], "a decoded slice keeps its segment");
+        assert_eq!(back.1, [7; 10][..], "a decoded slice keeps its segment");
     }
 
     #[test]
     fn a_handle_past_its_segment_is_an_error_naming_it() {
-        let data = SharedSlice::from(vec![1u8; 16]);
-        let (bytes, segments) = collect_shared(|| {
-            let mut bytes = Vec::new();
-            codec::encode_into(&data, &mut bytes).expect("encodes");
-            bytes
-        });
+        let data = fake_shared(vec![1; 16]);
+        let (bytes, segments) = encode_collecting(&data);
         let id = segments[0].id();
-        receive_shared(SharedSegment::new(id, Box::new(HeapMemory(vec![1u8; 8]))));
-        let err = codec::decode_prefix::<SharedSlice<u8>>(&bytes).expect_err("too short");
+        receive_shared(SharedSegment::new(id, Box::new(FakeShared(vec![1; 8]))));
+        let err = codec::decode_prefix::<SharedSlice<u64>>(&bytes).expect_err("too short");
         assert!(err.contains("do not fit shared segment"), "{err}");
         forget_shared(id);
+    }
+
+    #[test]
+    fn a_panic_while_encoding_does_not_leave_the_frame_context_behind() {
+        let data = fake_shared(vec![3; 4]);
+        let caught = std::panic::catch_unwind(|| {
+            collect_shared(|| panic!("encoder failed"));
+        });
+        assert!(caught.is_err());
+        let mut bytes = Vec::new();
+        codec::encode_into(&data, &mut bytes).expect("encodes");
+        assert!(
+            bytes.len() > 32,
+            "by value again outside a frame: {} bytes",
+            bytes.len()
+        );
+    }
+
+    #[test]
+    fn an_allocator_that_breaks_its_contract_is_not_trusted() {
+        // The one test that sets this process's allocator: it returns the wrong length.
+        fn short(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {
+            Some(Box::new(FakeShared(vec![0; bytes.len() / 16])))
+        }
+        set_shared_allocator(short);
+        let values: Vec<u64> = (0..SHARED_MIN_BYTES as u64).collect();
+        let data = SharedSlice::from_slice(&values);
+        assert_eq!(data, values);
+        let memory = data.segment().expect("not empty").memory();
+        assert!(!memory.is_shared(), "fell back to the heap");
     }
 }

@@ -18,7 +18,7 @@ use ipc_channel::ipc::IpcSharedMemory;
 use parjob_core::{Backend, Error, Job, Pool, collect_shared};
 
 use crate::ProcessOptions;
-use crate::shared::shipments_for;
+use crate::shared::{Planned, plan_shipments, send_shipments};
 use crate::spawn::{Event, Starter, Worker, await_exit, wait_for_output};
 use crate::wire::{
     ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN,
@@ -450,7 +450,7 @@ impl Supervisor {
         let buf = &mut self.buf;
         let ((), segments) = collect_shared(|| job.batch.encode_tasks(range.clone(), buf));
         worker.board.reset();
-        let mut shipments = shipments_for(worker, segments);
+        let mut shipments = plan_shipments(worker, segments);
         let len = self.buf.len() - RUN_HEADER;
         let shared = len > self.options.max_nbytes;
         if shared {
@@ -465,24 +465,28 @@ impl Supervisor {
                 }
                 None => {
                     let arena = IpcSharedMemory::from_bytes(&self.buf[RUN_HEADER..]);
-                    shipments.push(Shipment::Arena(arena.clone()));
+                    shipments.push(Planned::Ready(Shipment::Arena(arena.clone())));
                     worker.task_arena = (arena.len() <= ARENA_KEEP_MAX).then_some(arena);
                 }
             }
         }
         self.buf[1] = flags;
-        // At most one segment per task plus two, far below u32::MAX.
-        self.buf[18..RUN_HEADER].copy_from_slice(&(shipments.len() as u32).to_le_bytes());
+        // Each shipment carries a file descriptor, so a frame's count is bounded by the
+        // process's descriptor limit, far below u32::MAX.
+        let count = u32::try_from(shipments.len()).unwrap_or(u32::MAX);
+        self.buf[18..RUN_HEADER].copy_from_slice(&count.to_le_bytes());
         let message = if shared {
             &self.buf[..RUN_HEADER]
         } else {
             &self.buf[..]
         };
-        let sent = shipments
-            .into_iter()
-            .try_for_each(|shipment| worker.big_tasks.send(shipment))
+        // The RUN goes first: the worker reads it, then exactly `count` shipments, so a frame
+        // with more shipments than the socket buffers cannot block the driver.
+        let sent = worker
+            .tasks
+            .send(message)
             .map_err(|e| e.to_string())
-            .and_then(|()| worker.tasks.send(message).map_err(|e| e.to_string()));
+            .and_then(|()| send_shipments(worker, shipments));
         if self.buf.capacity() > 64 << 20 {
             self.buf = Vec::new();
         }

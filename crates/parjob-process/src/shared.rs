@@ -20,22 +20,58 @@ impl SharedMemory for ShmMemory {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
-/// The allocator `init` installs: a copy of `bytes` in a new shared segment (ipc-channel
-/// cannot map an empty one, and an empty slice needs none).
+/// The allocator `init` installs: a copy of `bytes` in a new shared segment, or `None` (the
+/// slice stays on the heap) when none can be made. ipc-channel cannot map an empty segment and
+/// panics when `memfd_create` fails (out of file descriptors), so both are checked first.
 pub(crate) fn allocate(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {
-    (!bytes.is_empty())
-        .then(|| Box::new(ShmMemory(IpcSharedMemory::from_bytes(bytes))) as Box<dyn SharedMemory>)
+    if bytes.is_empty() || !spare_descriptors(1) {
+        return None;
+    }
+    Some(Box::new(ShmMemory(IpcSharedMemory::from_bytes(bytes))))
 }
 
-/// What `worker` must receive before a frame that refers to `segments`: the segments it has
-/// not mapped yet, and the ids of those the driver has dropped since.
-pub(crate) fn shipments_for(
+/// Whether `n` more file descriptors can be opened now: ipc-channel panics instead of
+/// returning an error when `memfd_create` or `dup` fails.
+fn spare_descriptors(n: usize) -> bool {
+    let mut probes = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: memfd_create with a valid C string and flags.
+        let fd = unsafe { libc::memfd_create(c"parjob-probe".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            break;
+        }
+        probes.push(fd);
+    }
+    let spare = probes.len() == n;
+    for fd in probes {
+        // SAFETY: closing descriptors this function opened and nothing else holds.
+        unsafe { libc::close(fd) };
+    }
+    spare
+}
+
+/// One message a frame's `RUN` announces. Segments are cloned (a descriptor each) only as they
+/// are sent, so a frame naming many of them holds two spare descriptors at a time, not one per
+/// segment.
+pub(crate) enum Planned {
+    /// Ready as it is (an arena, or a `Forget`).
+    Ready(Shipment),
+    /// A segment this worker has not mapped.
+    Segment(Arc<SharedSegment>),
+}
+
+/// What `worker` must receive with a frame that refers to `segments`: the segments it has not
+/// mapped yet, and the ids of those the driver has dropped since.
+pub(crate) fn plan_shipments(
     worker: &mut Worker,
     segments: Vec<Arc<SharedSegment>>,
-) -> Vec<Shipment> {
-    let mut shipments = Vec::new();
+) -> Vec<Planned> {
+    let mut planned = Vec::new();
     let dropped: Vec<u64> = worker
         .segments
         .iter()
@@ -46,26 +82,43 @@ pub(crate) fn shipments_for(
         for id in &dropped {
             worker.segments.remove(id);
         }
-        shipments.push(Shipment::Forget(dropped));
+        planned.push(Planned::Ready(Shipment::Forget(dropped)));
     }
-    for segment in segments {
-        if worker.segments.contains_key(&segment.id()) {
-            continue;
-        }
-        let memory = match segment.memory().as_any().downcast_ref::<ShmMemory>() {
-            Some(shm) => shm.0.clone(),
-            // Made on the heap (before `init`, or decoded from an inline copy): share a copy.
-            None => IpcSharedMemory::from_bytes(segment.memory().bytes()),
+    planned.extend(
+        segments
+            .into_iter()
+            .filter(|segment| !worker.segments.contains_key(&segment.id()))
+            .map(Planned::Segment),
+    );
+    planned
+}
+
+/// Sends the planned shipments, after the `RUN` that counts them. A segment that cannot be sent
+/// (not this backend's memory, or no file descriptor to spare for the copy ipc-channel makes
+/// of it) is replaced by an empty `Forget`, keeping the count: the task that refers to it then
+/// fails to decode, with an error naming its type and the segment.
+pub(crate) fn send_shipments(worker: &mut Worker, planned: Vec<Planned>) -> Result<(), String> {
+    for shipment in planned {
+        let shipment = match shipment {
+            Planned::Ready(shipment) => shipment,
+            Planned::Segment(segment) => {
+                match segment.memory().as_any().downcast_ref::<ShmMemory>() {
+                    Some(ShmMemory(memory)) if spare_descriptors(2) => {
+                        worker
+                            .segments
+                            .insert(segment.id(), Arc::downgrade(&segment));
+                        Shipment::Segment {
+                            id: segment.id(),
+                            memory: memory.clone(),
+                        }
+                    }
+                    _ => Shipment::Forget(Vec::new()),
+                }
+            }
         };
-        worker
-            .segments
-            .insert(segment.id(), Arc::downgrade(&segment));
-        shipments.push(Shipment::Segment {
-            id: segment.id(),
-            memory,
-        });
+        worker.big_tasks.send(shipment).map_err(|e| e.to_string())?;
     }
-    shipments
+    Ok(())
 }
 
 /// Applies a shipment in the worker; returns the arena if it was one.

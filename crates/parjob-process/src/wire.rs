@@ -61,7 +61,8 @@ pub(crate) enum Shipment {
 /// Driver to worker: `[WELCOME][max_nbytes u64][has initializer u8][initializer offset i64]`.
 pub(crate) const MSG_WELCOME: u8 = 1;
 /// Driver to worker: `[RUN][flags u8][entry offset i64][shared length u64][shipments u32][frame]`,
-/// where `shipments` counts the [`Shipment`]s to take from `big_tasks` before the frame.
+/// where `shipments` counts the [`Shipment`]s that follow on `big_tasks`, which the worker takes
+/// before it reads the frame.
 pub(crate) const MSG_RUN: u8 = 2;
 /// Driver to worker: exit with status 0.
 pub(crate) const MSG_SHUTDOWN: u8 = 3;
