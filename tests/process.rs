@@ -172,12 +172,13 @@ fn still_mapped(name: String) -> bool {
 }
 
 #[test]
-fn shared_slices_are_read_in_place_by_workers_and_unmapped_after_the_driver_drops_them() {
+fn shared_slices_are_read_in_place_and_idle_workers_unmap_them_when_the_driver_drops_them() {
     let data: SharedSlice<f64> = (0..3_000_000).map(f64::from).collect();
     let parts: Vec<SharedSlice<f64>> = data.chunks(1_000_000).collect();
     let expected: Vec<f64> = parts.iter().map(|p| p.iter().sum()).collect();
     let parallel = processes(2).max_nbytes(1024);
     let mut names = HashSet::new();
+    let mut pids = HashSet::new();
     for _ in 0..3 {
         let out = parallel
             .run(parts.iter().map(|p| delayed(sum_in_place, p.clone())))
@@ -190,21 +191,30 @@ fn shared_slices_are_read_in_place_by_workers_and_unmapped_after_the_driver_drop
                 "task {i} read its values from {mapping:?}, not from the shared segment"
             );
             names.insert(mapping.rsplit(' ').nth(1).unwrap_or("").to_string());
+            pids.insert(pid);
         }
     }
     assert_eq!(names.len(), 1, "one segment, every time: {names:?}");
     let name = names.into_iter().next().unwrap();
 
     drop((data, parts));
-    // The next frame each worker gets tells it the segment is gone.
-    let mapped = parallel
-        .batch_size(BatchSize::Fixed(1))
-        .run((0..20).map(|_| delayed(still_mapped, name.clone())))
-        .unwrap();
+    // Idle workers are told at once; nothing else runs on the pool.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let still_mapped_in = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains(&name))
+    };
+    while pids.iter().any(still_mapped_in) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let holding: Vec<&u32> = pids.iter().filter(|p| still_mapped_in(p)).collect();
     assert!(
-        mapped.iter().all(|m| !m),
-        "a worker still maps {name} after the driver dropped it: {mapped:?}"
+        holding.is_empty(),
+        "workers {holding:?} still map {name} 10 s after the driver dropped it"
     );
+    let mapped = parallel
+        .run((0..4).map(|_| delayed(still_mapped, name.clone())))
+        .unwrap();
+    assert_eq!(mapped, [false; 4]);
 }
 
 #[test]

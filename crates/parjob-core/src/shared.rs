@@ -5,8 +5,8 @@
 //! the process backend is set up (`parjob::init()`), the values of a slice of at least
 //! [`SHARED_MIN_BYTES`] live in a shared memory segment made when the slice is made; a task
 //! argument holding it travels as a handle of a few bytes, and each worker maps the segment the
-//! first time it meets it. After the driver drops the last slice of a segment, each worker lets
-//! go of it with its next frame (or when its pool shuts down). Sending the same data again costs
+//! first time it meets it. After the driver drops the last slice of a segment, the backend tells
+//! its workers to let go of it (at once if idle, else with their next frame). Sending the same data again costs
 //! nothing but the handle. Smaller slices, and slices made before the backend was set up, stay
 //! on the heap and travel by value.
 //!

@@ -8,9 +8,9 @@
 //! channel open.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,8 @@ use crate::ProcessOptions;
 use crate::shared::{Planned, plan_shipments, send_shipments};
 use crate::spawn::{Event, Starter, Worker, await_exit, wait_for_output};
 use crate::wire::{
-    ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_RUN,
-    MSG_SHUTDOWN, RUN_HEADER, Shipment, monotonic_nanos, read_u64,
+    ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_FORGET,
+    MSG_RUN, MSG_SHUTDOWN, RUN_HEADER, Shipment, monotonic_nanos, read_u64,
 };
 use crate::worker::{in_worker_loop, offset_of, started_as_worker};
 
@@ -54,6 +54,37 @@ struct Shared {
     closing: AtomicBool,
     /// Each supervisor's event sender, to wake a busy one when the pool closes.
     wakers: Mutex<Vec<Sender<Event>>>,
+    /// Bumped when a `SharedSlice` segment is dropped in this process: idle supervisors wake
+    /// and tell their workers to unmap it (see [`segment_dropped`]).
+    sweep_epoch: AtomicU64,
+}
+
+/// What an idle supervisor is woken for.
+enum Next {
+    Job(Job),
+    /// A segment was dropped since `epoch`: tell the worker to let go of it.
+    Sweep {
+        epoch: u64,
+    },
+}
+
+/// Every pool of this process, for [`segment_dropped`].
+static POOLS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Called when a shared segment of this process is dropped: wakes the supervisors of every pool,
+/// so that workers unmap it now rather than with their next frame.
+pub(crate) fn segment_dropped() {
+    let pools: Vec<Arc<Shared>> = POOLS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for shared in pools {
+        let _queue = shared.queue();
+        shared.sweep_epoch.fetch_add(1, Ordering::AcqRel);
+        shared.job_ready.notify_all();
+    }
 }
 
 impl Shared {
@@ -66,15 +97,20 @@ impl Shared {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// The next job, or `None` once the pool is closing.
-    fn next_job(&self) -> Option<Job> {
+    /// The next job, a sweep if a segment was dropped since `swept`, or `None` once the pool is
+    /// closing.
+    fn next(&self, swept: u64) -> Option<Next> {
         let mut queue = self.queue();
         loop {
             if self.closing() {
                 return None;
             }
             if let Some(job) = queue.pop_front() {
-                return Some(job);
+                return Some(Next::Job(job));
+            }
+            let epoch = self.sweep_epoch.load(Ordering::Acquire);
+            if epoch != swept {
+                return Some(Next::Sweep { epoch });
             }
             queue = self
                 .job_ready
@@ -107,7 +143,13 @@ impl ProcessPool {
             job_ready: Condvar::new(),
             closing: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
+            sweep_epoch: AtomicU64::new(0),
         });
+        {
+            let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+            pools.retain(|pool| pool.strong_count() > 0);
+            pools.push(Arc::downgrade(&shared));
+        }
         let options = Arc::new(options);
         let (started_tx, started_rx) = mpsc::channel();
         let mut pool = ProcessPool {
@@ -284,8 +326,15 @@ struct Supervisor {
 
 impl Supervisor {
     fn serve(&mut self) {
-        while let Some(job) = self.shared.next_job() {
-            self.run_job(job);
+        let mut swept = self.shared.sweep_epoch.load(Ordering::Acquire);
+        while let Some(next) = self.shared.next(swept) {
+            match next {
+                Next::Job(job) => self.run_job(job),
+                Next::Sweep { epoch } => {
+                    swept = epoch;
+                    self.forget_dropped_segments();
+                }
+            }
             if self.worker.is_none() && !self.shared.closing() {
                 // Replace a dead worker now so that the next run finds it ready; if that
                 // fails, the next job reports why.
@@ -293,6 +342,27 @@ impl Supervisor {
             }
         }
         self.retire_worker();
+    }
+
+    /// Tells an idle worker which of its segments the driver has dropped, so that it unmaps
+    /// them now (a frame would carry the same news, but there may be no next frame).
+    fn forget_dropped_segments(&mut self) {
+        let Some(worker) = self.worker.as_mut() else {
+            return;
+        };
+        let planned = plan_shipments(worker, Vec::new());
+        if planned.is_empty() {
+            return;
+        }
+        let mut message = [MSG_FORGET, 0, 0, 0, 0];
+        message[1..].copy_from_slice(&(planned.len() as u32).to_le_bytes());
+        // A worker that cannot be reached has died; its supervisor hears of it with its next
+        // frame.
+        let _ = worker
+            .tasks
+            .send(&message)
+            .map_err(|e| e.to_string())
+            .and_then(|()| send_shipments(worker, planned));
     }
 
     fn replace_worker(&mut self) -> Result<(), Error> {

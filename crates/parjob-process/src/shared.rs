@@ -13,6 +13,13 @@ use crate::wire::Shipment;
 /// A segment's memory as ipc-channel maps it.
 pub(crate) struct ShmMemory(pub(crate) IpcSharedMemory);
 
+impl Drop for ShmMemory {
+    fn drop(&mut self) {
+        // In the driver: idle workers may still map it; have them let go now.
+        crate::pool::segment_dropped();
+    }
+}
+
 impl SharedMemory for ShmMemory {
     fn bytes(&self) -> &[u8] {
         &self.0

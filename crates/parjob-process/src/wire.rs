@@ -73,6 +73,10 @@ pub(crate) const MSG_INIT_FAILED: u8 = 5;
 /// Worker to driver: `[DONE][flags u8][busy nanos u64][shared length u64][outcomes]`.
 pub(crate) const MSG_DONE: u8 = 6;
 
+/// Driver to worker: `[FORGET][shipments u32]`, then that many `Shipment::Forget` on
+/// `big_tasks`; no reply. Sent to an idle worker when the driver drops a segment.
+pub(crate) const MSG_FORGET: u8 = 7;
+
 /// Frame flag: the per-task start time is wanted (a timeout is set).
 pub(crate) const FLAG_TIMED: u8 = 1;
 /// Frame flag: the frame is the first `shared length` bytes of the sender's shared segment

@@ -10,8 +10,8 @@ use crate::build_id::build_id;
 use crate::shared::receive;
 use crate::wire::{
     ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, FLAG_SHARED,
-    FLAG_TIMED, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN, MSG_WELCOME,
-    PROTOCOL, RUN_HEADER, Shipment, read_u64,
+    FLAG_TIMED, Hello, MSG_DONE, MSG_FORGET, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN,
+    MSG_WELCOME, PROTOCOL, RUN_HEADER, Shipment, read_u64,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -167,6 +167,19 @@ fn serve(server: String) -> Result<(), String> {
         };
         match message.first() {
             Some(&MSG_RUN) if message.len() >= RUN_HEADER => {}
+            Some(&MSG_FORGET) if message.len() >= 5 => {
+                let count = message
+                    .get(1..5)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes);
+                for _ in 0..count {
+                    let shipment = big_tasks_rx
+                        .recv()
+                        .map_err(|e| format!("cannot receive shared memory: {e}"))?;
+                    receive(shipment);
+                }
+                continue;
+            }
             Some(&MSG_SHUTDOWN) => return Ok(()),
             _ => return Err("the driver sent a malformed message".into()),
         }
