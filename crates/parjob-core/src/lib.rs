@@ -52,8 +52,8 @@ pub use future::{
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use shared::{
-    SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared, forget_shared,
-    receive_shared, set_shared_allocator,
+    SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,
+    forget_shared, receive_shared, set_shared_allocator,
 };
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
 pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};

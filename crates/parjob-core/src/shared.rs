@@ -6,8 +6,8 @@
 //! [`SHARED_MIN_BYTES`] live in a shared memory segment made when the slice is made; a task
 //! argument holding it travels as a handle of a few bytes, and each worker maps the segment the
 //! first time it meets it. After the driver drops the last slice of a segment, the backend tells
-//! its workers to let go of it (at once if idle, else with their next frame). Sending the same data again costs
-//! nothing but the handle. Smaller slices, and slices made before the backend was set up, stay
+//! its workers to let go of it (at once if idle, else with their next frame). Sending the same
+//! data again costs nothing but the handle. Smaller slices, and slices made before the backend was set up, stay
 //! on the heap and travel by value.
 //!
 //! Backends hook in through [`set_shared_allocator`] (where segments are made),
@@ -124,7 +124,7 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
 /// workers read in place: the data is copied once into shared memory when the slice is made,
 /// and tasks receive it without a copy, however often it is sent.
 ///
-/// Clone it, or cut it with [`chunks`](SharedSlice::chunks) and [`get`](SharedSlice::get),
+/// Clone it, or cut it with [`chunks`](SharedSlice::chunks) and [`slice`](SharedSlice::slice),
 /// without copying values; it derefs to `&[T]`. On the threading and sequential backends it
 /// behaves the same (an `Arc`).
 ///

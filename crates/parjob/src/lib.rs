@@ -47,8 +47,8 @@ pub use parjob_core::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,
 };
 pub use parjob_core::{
-    Backend, BatchSize, Delayed, Error, RunIter, RunUnordered, SharedSlice, Task, WorkerInfo,
-    cpu_count, delayed, effective_n_jobs, worker_info,
+    Backend, BatchSize, Delayed, Error, RunIter, RunUnordered, SHARED_MIN_BYTES, SharedSlice, Task,
+    WorkerInfo, cpu_count, delayed, effective_n_jobs, worker_info,
 };
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;
