@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ipc_channel::ipc::{self, IpcSender, IpcSharedMemory};
+use ipc_channel::ipc::{self, IpcReceiver, IpcSender, IpcSharedMemory};
 use parjob_core::{Backend, RemoteEntry, set_worker_identity};
 
 use crate::build_id::build_id;
@@ -168,16 +168,7 @@ fn serve(server: String) -> Result<(), String> {
         match message.first() {
             Some(&MSG_RUN) if message.len() >= RUN_HEADER => {}
             Some(&MSG_FORGET) if message.len() >= 5 => {
-                let count = message
-                    .get(1..5)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u32::from_le_bytes);
-                for _ in 0..count {
-                    let shipment = big_tasks_rx
-                        .recv()
-                        .map_err(|e| format!("cannot receive shared memory: {e}"))?;
-                    receive(shipment);
-                }
+                receive_shipments(&big_tasks_rx, read_u32(&message, 1), &mut task_arena)?;
                 continue;
             }
             Some(&MSG_SHUTDOWN) => return Ok(()),
@@ -185,18 +176,7 @@ fn serve(server: String) -> Result<(), String> {
         }
         let flags = message[1];
         let offset = read_u64(&message, 2).unwrap_or(0) as i64;
-        let shipments = message
-            .get(18..RUN_HEADER)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_le_bytes);
-        for _ in 0..shipments {
-            let shipment = big_tasks_rx
-                .recv()
-                .map_err(|e| format!("cannot receive shared memory: {e}"))?;
-            if let Some(arena) = receive(shipment) {
-                task_arena = Some(arena);
-            }
-        }
+        receive_shipments(&big_tasks_rx, read_u32(&message, 18), &mut task_arena)?;
         let frame: &[u8] = if flags & FLAG_SHARED != 0 {
             let len = read_u64(&message, 10).unwrap_or(0) as usize;
             task_arena
@@ -255,6 +235,31 @@ fn serve(server: String) -> Result<(), String> {
             out = Vec::new();
         }
     }
+}
+
+/// Takes the `count` shipments a message announced from `big_tasks` and applies them.
+fn receive_shipments(
+    big_tasks: &IpcReceiver<Shipment>,
+    count: u32,
+    task_arena: &mut Option<IpcSharedMemory>,
+) -> Result<(), String> {
+    for _ in 0..count {
+        let shipment = big_tasks
+            .recv()
+            .map_err(|e| format!("cannot receive shared memory: {e}"))?;
+        if let Some(arena) = receive(shipment) {
+            *task_arena = Some(arena);
+        }
+    }
+    Ok(())
+}
+
+/// A little-endian `u32` at `at`, or 0 if the message is too short.
+fn read_u32(message: &[u8], at: usize) -> u32 {
+    message
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 /// Runs the initializer, returning its panic message and location instead of printing them
