@@ -1100,3 +1100,16 @@ fn a_task_may_ask_for_its_own_process_pool() {
             .all(|pid| pid != worker && *pid != std::process::id())
     );
 }
+
+#[test]
+fn shared_slices_report_whether_they_travel_as_handles() {
+    let big = SharedSlice::from(vec![1.0f64; parjob::SHARED_MIN_BYTES / 8]);
+    let small = SharedSlice::from(vec![1.0f64; 16]);
+    assert!(big.is_shared());
+    assert!(!small.is_shared());
+    let empty = big.slice(3..3).unwrap();
+    assert!(!empty.is_shared());
+    // A slice is usable inside catch_unwind without AssertUnwindSafe.
+    let sum = std::panic::catch_unwind(|| big.iter().sum::<f64>()).unwrap();
+    assert_eq!(sum, (parjob::SHARED_MIN_BYTES / 8) as f64);
+}

@@ -27,7 +27,9 @@ use bytemuck::Pod;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Memory holding a segment's bytes: a backend's shared memory, or the heap.
-pub trait SharedMemory: Send + Sync + 'static {
+pub trait SharedMemory:
+    Send + Sync + std::panic::UnwindSafe + std::panic::RefUnwindSafe + 'static
+{
     /// The bytes. Their start is aligned for the element type of the slices over them (a
     /// shared mapping starts on a page).
     fn bytes(&self) -> &[u8];
@@ -91,6 +93,11 @@ fn next_id() -> u64 {
 /// Heap memory: values made before any allocator was set, or decoded from an inline copy.
 struct HeapMemory<T: Pod>(Vec<T>);
 
+// `Pod` types are `Copy`, so they hold no `UnsafeCell`: nothing a panic could leave half-changed
+// is reachable through `&HeapMemory`.
+impl<T: Pod> std::panic::UnwindSafe for HeapMemory<T> {}
+impl<T: Pod> std::panic::RefUnwindSafe for HeapMemory<T> {}
+
 impl<T: Pod + Send + Sync> SharedMemory for HeapMemory<T> {
     fn bytes(&self) -> &[u8] {
         bytemuck::cast_slice(&self.0)
@@ -129,17 +136,19 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
 /// behaves the same (an `Arc`).
 ///
 /// ```
-/// use parjob_core::{SharedSlice, delayed, run, RunOptions, SequentialPool};
-/// use std::sync::Arc;
+/// use parjob_core::SharedSlice; // `parjob::SharedSlice` in the parjob crate
 ///
 /// fn total(part: SharedSlice<f64>) -> f64 { part.iter().sum() }
 ///
 /// let data = SharedSlice::from(vec![1.0, 2.0, 3.0, 4.0]);
-/// let tasks = data.chunks(2).map(|part| delayed(total, part));
-/// let sums = run(Arc::new(SequentialPool), tasks, &RunOptions::default())?;
+/// // With parjob: parallel.run(data.chunks(2).map(|part| parjob::delayed(total, part)))
+/// let sums: Vec<f64> = data.chunks(2).map(total).collect();
 /// assert_eq!(sums, [3.0, 7.0]);
-/// # Ok::<(), parjob_core::Error>(())
+/// assert_eq!(&data[1..3], &[2.0, 3.0]);
 /// ```
+///
+/// Return big results from tasks as a `Vec<T>`: a `SharedSlice` returned by a task travels by
+/// value and is then copied into new shared memory in the driver.
 ///
 /// Values are in the machine's byte order, and a handle is valid only in the run that sent it:
 /// a `SharedSlice` serialized anywhere else (or returned from a task) travels as an inline copy.
@@ -251,8 +260,16 @@ impl<T: Pod + Send + Sync> SharedSlice<T> {
         })
     }
 
+    /// Whether the values are in shared memory, so that a process worker reads them in place.
+    /// `false` for slices under [`SHARED_MIN_BYTES`], made before `parjob::init()`, or made
+    /// when no file descriptor was left: those travel by value, copied on every send.
+    pub fn is_shared(&self) -> bool {
+        self.segment.as_ref().is_some_and(|s| s.memory.is_shared())
+    }
+
     /// The segment behind this slice (`None` when empty).
-    pub fn segment(&self) -> Option<&Arc<SharedSegment>> {
+    #[cfg(test)]
+    fn segment(&self) -> Option<&Arc<SharedSegment>> {
         self.segment.as_ref()
     }
 }
@@ -482,7 +499,8 @@ impl<'de, T: Pod + Send + Sync> Deserialize<'de> for SharedSlice<T> {
                 let segment = received().get(&id).cloned().ok_or_else(|| {
                     D::Error::custom(format!(
                         "SharedSlice<{type_name}>: shared segment {id:#x} is unknown in process {} \
-                         (a handle is valid only in the worker it was sent to)",
+                         (a handle is valid only in the worker it was sent to; the driver may \
+                         have run out of file descriptors while sending it)",
                         std::process::id()
                     ))
                 })?;
@@ -652,7 +670,6 @@ mod tests {
         let values: Vec<u64> = (0..SHARED_MIN_BYTES as u64).collect();
         let data = SharedSlice::from_slice(&values);
         assert_eq!(data, values);
-        let memory = data.segment().expect("not empty").memory();
-        assert!(!memory.is_shared(), "fell back to the heap");
+        assert!(!data.is_shared(), "fell back to the heap");
     }
 }

@@ -18,7 +18,7 @@ use ipc_channel::ipc::IpcSharedMemory;
 use parjob_core::{Backend, Error, Job, Pool, collect_shared};
 
 use crate::ProcessOptions;
-use crate::shared::{Planned, plan_shipments, send_shipments};
+use crate::shared::{Planned, can_ship, plan_shipments, send_shipments};
 use crate::spawn::{Event, Starter, Worker, await_exit, wait_for_output};
 use crate::wire::{
     ARENA_KEEP_MAX, DONE_HEADER, FLAG_NEW_ARENA, FLAG_SHARED, FLAG_TIMED, MSG_DONE, MSG_FORGET,
@@ -521,8 +521,19 @@ impl Supervisor {
         let ((), segments) = collect_shared(|| job.batch.encode_tasks(range.clone(), buf));
         worker.board.reset();
         let mut shipments = plan_shipments(worker, segments);
+        if !can_ship(&shipments) {
+            // Out of file descriptors: send the slices' values instead of handles (slow, but
+            // the tasks run).
+            shipments.retain(|planned| matches!(planned, Planned::Ready(_)));
+            self.buf.truncate(RUN_HEADER);
+            job.batch.encode_tasks(range.clone(), &mut self.buf);
+        }
         let len = self.buf.len() - RUN_HEADER;
-        let shared = len > self.options.max_nbytes;
+        let arena_fits = worker.task_arena.as_ref().is_some_and(|a| a.len() >= len);
+        // A new arena needs two spare file descriptors (ipc-channel panics without them); with
+        // none, the big frame goes over the socket, slower but whole.
+        let shared =
+            len > self.options.max_nbytes && (arena_fits || crate::shared::spare_descriptors(2));
         if shared {
             flags |= FLAG_SHARED;
             self.buf[10..18].copy_from_slice(&(len as u64).to_le_bytes());

@@ -44,7 +44,7 @@ pub(crate) fn allocate(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {
 
 /// Whether `n` more file descriptors can be opened now: ipc-channel panics instead of
 /// returning an error when `memfd_create` or `dup` fails.
-fn spare_descriptors(n: usize) -> bool {
+pub(crate) fn spare_descriptors(n: usize) -> bool {
     let mut probes = Vec::with_capacity(n);
     for _ in 0..n {
         // SAFETY: memfd_create with a valid C string and flags.
@@ -100,10 +100,28 @@ pub(crate) fn plan_shipments(
     planned
 }
 
+/// Whether every segment `planned` names can be sent: it is this backend's memory, and two file
+/// descriptors are spare (segments are sent one at a time, each needing a clone of its
+/// descriptor and ipc-channel's own copy of it). Otherwise the frame is encoded again with the
+/// values themselves, see `run_frame`.
+pub(crate) fn can_ship(planned: &[Planned]) -> bool {
+    let mut segments = planned
+        .iter()
+        .filter_map(|p| match p {
+            Planned::Segment(segment) => Some(segment),
+            Planned::Ready(_) => None,
+        })
+        .peekable();
+    if segments.peek().is_none() {
+        return true;
+    }
+    segments.all(|s| s.memory().as_any().is::<ShmMemory>()) && spare_descriptors(2)
+}
+
 /// Sends the planned shipments, after the `RUN` that counts them. A segment that cannot be sent
-/// (not this backend's memory, or no file descriptor to spare for the copy ipc-channel makes
-/// of it) is replaced by an empty `Forget`, keeping the count: the task that refers to it then
-/// fails to decode, with an error naming its type and the segment.
+/// although [`can_ship`] said it could (another thread took the last descriptors meanwhile) is
+/// replaced by an empty `Forget`, keeping the count: the task that refers to it then fails to
+/// decode, with an error naming its type and the segment.
 pub(crate) fn send_shipments(worker: &mut Worker, planned: Vec<Planned>) -> Result<(), String> {
     for shipment in planned {
         let shipment = match shipment {

@@ -1,7 +1,8 @@
 //! # parjob: joblib-style parallel map for Rust
 //!
 //! Write plain functions, wrap each call in [`delayed`], and hand the calls to a
-//! [`Parallel`]: they run on a pool of threads, or one after another, switched by one
+//! [`Parallel`]: they run on a pool of threads, in worker processes, or one after another,
+//! switched by one
 //! [`Backend`] value that a `--backend` flag can parse, with no change to the tasks.
 //!
 //! ```
