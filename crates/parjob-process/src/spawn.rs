@@ -39,6 +39,7 @@ pub const TEST_WORKER_NAME: &str = "__parjob_test_worker";
 pub fn enable_test_support() {
     TEST_SUPPORT.store(true, Ordering::Relaxed);
     parjob_core::set_shared_allocator(crate::shared::allocate);
+    crate::worker::raise_descriptor_limit();
 }
 
 /// What a supervisor hears about its worker, from the threads watching it.

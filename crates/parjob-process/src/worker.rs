@@ -71,6 +71,7 @@ fn address_at(offset: i64) -> usize {
 pub fn init() {
     // `SharedSlice`s made from now on live in shared memory.
     parjob_core::set_shared_allocator(crate::shared::allocate);
+    raise_descriptor_limit();
     let Some(server) = server_name() else {
         return;
     };
@@ -233,6 +234,24 @@ fn serve(server: String) -> Result<(), String> {
         }
         if out.capacity() > 64 << 20 {
             out = Vec::new();
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does: each
+/// shared segment holds a descriptor in the driver and in every worker that maps it, and the
+/// common soft limit of 1024 would cap a run at about a thousand live `SharedSlice`s.
+pub(crate) fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a valid, writable rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

@@ -116,6 +116,10 @@ impl Parallel {
 ///
 /// Anything `main` does before `init()` also runs in every worker, so call it before parsing
 /// arguments or printing.
+///
+/// With the process backend compiled in, it also makes big [`SharedSlice`](crate::SharedSlice)s
+/// live in shared memory, and raises the soft limit on open files to the hard limit (as Go's
+/// runtime does): each shared segment holds a file descriptor.
 pub fn init() {
     #[cfg(all(feature = "process", target_os = "linux"))]
     parjob_process::init();
