@@ -674,6 +674,18 @@ fn a_worker_exe_that_never_connects_is_an_error_not_a_hang() {
             .contains("ended before the handshake (exit status 0)"),
         "{err}"
     );
+    // Such a program never becomes a worker: later pools say so without starting one (each
+    // would run the whole program again).
+    let again = processes(2)
+        .worker_exe("/bin/true")
+        .run([delayed(square, 3)])
+        .unwrap_err();
+    let text = again.to_string();
+    assert!(
+        text.contains("ended before the handshake (exit status 0)"),
+        "{text}"
+    );
+    assert!(text.contains("no new worker was started"), "{text}");
 }
 
 // ---------------------------------------------------------------- no orphans, output

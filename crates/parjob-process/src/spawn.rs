@@ -182,6 +182,12 @@ fn worker_exe(options: &ProcessOptions) -> Result<PathBuf, String> {
     }
 }
 
+/// Executables whose worker ended with status 0 before its handshake, with the error it gave:
+/// such a program does not enter the worker loop (no `parjob::init()` first in `main`, or a
+/// test binary without `enable_test_support!`), so every new worker would only run the whole
+/// program again. Later pools report the same error without starting one.
+static NOT_WORKERS: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+
 fn driver_exe() -> String {
     std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -200,6 +206,16 @@ impl Starter<'_> {
     /// thread that outlives the worker: `PR_SET_PDEATHSIG` fires when the spawning thread ends.
     pub(crate) fn start(&self, generation: u64) -> Result<Worker, Error> {
         let exe = worker_exe(self.options).map_err(|m| self.error(m))?;
+        if let Some((_, message)) = NOT_WORKERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(known, _)| *known == exe)
+        {
+            return Err(self.error(format!(
+                "{message} (seen earlier in this run; no new worker was started)"
+            )));
+        }
         let (server, name) = IpcOneShotServer::<Hello>::new()
             .map_err(|e| self.error(format!("cannot open the handshake server: {e}")))?;
 
@@ -308,11 +324,20 @@ impl Starter<'_> {
                     if let Ok(sender) = IpcSender::<Hello>::connect(name.clone()) {
                         drop(sender);
                     }
-                    return Err(fail(format!(
+                    let error = fail(format!(
                         "ended before the handshake ({status}); a worker program must call \
                          parjob::init() first thing in main, and a test binary needs \
                          parjob::enable_test_support!()"
-                    )));
+                    ));
+                    if status == "exit status 0" {
+                        if let Error::Worker { message, .. } = &error {
+                            NOT_WORKERS
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push((exe.clone(), message.clone()));
+                        }
+                    }
+                    return Err(error);
                 }
                 Some(Event::Close) => return Err(fail("the pool is shutting down".into())),
                 Some(_) => {}
