@@ -94,6 +94,11 @@ pub(crate) const DONE_HEADER: usize = 18;
 /// memory speed; a new one pays a page fault per page). Bigger ones are used once.
 pub(crate) const ARENA_KEEP_MAX: usize = 256 << 20;
 
+/// Reads a little-endian `u32` at `at`.
+pub(crate) fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
 /// Reads a little-endian `u64` at `at`.
 pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))

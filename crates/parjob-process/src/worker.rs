@@ -11,7 +11,7 @@ use crate::shared::receive;
 use crate::wire::{
     ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, FLAG_SHARED,
     FLAG_TIMED, Hello, MSG_DONE, MSG_FORGET, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN,
-    MSG_WELCOME, PROTOCOL, RUN_HEADER, Shipment, read_u64,
+    MSG_WELCOME, PROTOCOL, RUN_HEADER, Shipment, read_u32, read_u64,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -169,7 +169,11 @@ fn serve(server: String) -> Result<(), String> {
         match message.first() {
             Some(&MSG_RUN) if message.len() >= RUN_HEADER => {}
             Some(&MSG_FORGET) if message.len() >= 5 => {
-                receive_shipments(&big_tasks_rx, read_u32(&message, 1), &mut task_arena)?;
+                receive_shipments(
+                    &big_tasks_rx,
+                    read_u32(&message, 1).unwrap_or(0),
+                    &mut task_arena,
+                )?;
                 continue;
             }
             Some(&MSG_SHUTDOWN) => return Ok(()),
@@ -177,7 +181,11 @@ fn serve(server: String) -> Result<(), String> {
         }
         let flags = message[1];
         let offset = read_u64(&message, 2).unwrap_or(0) as i64;
-        receive_shipments(&big_tasks_rx, read_u32(&message, 18), &mut task_arena)?;
+        receive_shipments(
+            &big_tasks_rx,
+            read_u32(&message, 18).unwrap_or(0),
+            &mut task_arena,
+        )?;
         let frame: &[u8] = if flags & FLAG_SHARED != 0 {
             let len = read_u64(&message, 10).unwrap_or(0) as usize;
             task_arena
@@ -271,14 +279,6 @@ fn receive_shipments(
         }
     }
     Ok(())
-}
-
-/// A little-endian `u32` at `at`, or 0 if the message is too short.
-fn read_u32(message: &[u8], at: usize) -> u32 {
-    message
-        .get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_le_bytes)
 }
 
 /// Runs the initializer, returning its panic message and location instead of printing them

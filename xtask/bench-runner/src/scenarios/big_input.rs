@@ -47,13 +47,17 @@ fn timed_run(p: &Parallel, data: &[f64]) -> Attempt {
     Ok(elapsed)
 }
 
+/// One `sum_shared` task per half of `shared`.
+fn shared_halves(shared: &SharedSlice<f64>) -> impl Iterator<Item = impl parjob::Task> {
+    shared
+        .chunks(shared.len().div_ceil(2))
+        .map(|half| delayed(sum_shared, half))
+}
+
 /// Times one run of the two halves of `shared` on `p`.
 fn timed_shared_run(p: &Parallel, shared: &SharedSlice<f64>) -> Attempt {
-    let tasks = shared
-        .chunks(shared.len().div_ceil(2))
-        .map(|half| delayed(sum_shared, half));
     let start = Instant::now();
-    let sums = p.run(tasks)?;
+    let sums = p.run(shared_halves(shared))?;
     let elapsed = start.elapsed();
     black_box(sums);
     Ok(elapsed)
@@ -130,11 +134,7 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
                 p.run([delayed(square, 1)])?;
                 let start = Instant::now();
                 let shared = SharedSlice::from_slice(&values);
-                let sums = p.run(
-                    shared
-                        .chunks(shared.len().div_ceil(2))
-                        .map(|half| delayed(sum_shared, half)),
-                )?;
+                let sums = p.run(shared_halves(&shared))?;
                 let elapsed = start.elapsed();
                 black_box(sums);
                 Ok(elapsed)
