@@ -32,8 +32,23 @@ const MAX_CHUNK: usize = 4096;
 /// task of the frame starts, so that a watchdog can tell which task hung or crashed.
 pub type RemoteEntry = fn(frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn FnMut(usize));
 
-/// A batch of tasks of one (erased) type, with the outcomes gathered so far.
-pub trait ErasedBatch: Send {
+/// Keeps [`ErasedBatch`] implemented by this crate's batches alone, and holds what only the
+/// dispatcher may do with one.
+pub(crate) mod sealed {
+    /// Implemented by `TypedBatch` only; not nameable outside this crate.
+    pub trait Sealed {
+        /// Gives the batch to the dispatcher, which knows its concrete type.
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+    }
+}
+
+/// A batch of tasks of one (erased) type, with the outcomes gathered so far: what a
+/// [`Pool`](crate::Pool) sees of a [`Job`](crate::Job)'s tasks.
+///
+/// Sealed: only the dispatcher makes batches, so a pool cannot hand back a batch of its own
+/// making. A batch never holds more outcomes than tasks: outcomes past the last task are
+/// dropped (and counted as not read by [`decode_outcomes`](ErasedBatch::decode_outcomes)).
+pub trait ErasedBatch: Send + sealed::Sealed {
     /// Input position of the first task.
     fn first_index(&self) -> usize;
     /// Number of tasks.
@@ -53,15 +68,16 @@ pub trait ErasedBatch: Send {
     /// [`Error::InvalidConfig`] when the task's function is not a zero-sized `fn` item or
     /// non-capturing closure, which another process could not call.
     fn remote_entry(&self) -> Result<RemoteEntry, Error>;
+    /// The task function's type name, e.g. `my_crate::square`, for errors about it.
+    fn function_name(&self) -> &'static str;
     /// Appends the frame of tasks `range` (positions within the batch) to `out`.
     fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>);
-    /// Decodes the outcomes a remote entry wrote, appending them in order. Returns how many
-    /// outcomes it read.
+    /// Decodes the outcomes a remote entry wrote, appending them in order, up to the batch's
+    /// last task. Returns how many outcomes it took; a malformed record ends the reading.
     fn decode_outcomes(&mut self, bytes: &[u8]) -> usize;
-    /// Records `error` as the outcome of the next task without one.
+    /// Records `error` as the outcome of the next task without one (nothing if every task
+    /// has one).
     fn push_failure(&mut self, error: Error);
-    /// Gives the batch to the dispatcher, which knows its concrete type.
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
 
 /// The concrete batch the dispatcher makes.
@@ -205,11 +221,17 @@ impl<T: Task> TypedBatch<T> {
         buffer
     }
 
-    fn push_outcome(&mut self, outcome: Result<T::Output, Error>) {
+    /// Records the next task's outcome. Returns `false`, recording nothing, when every task
+    /// already has one.
+    fn push_outcome(&mut self, outcome: Result<T::Output, Error>) -> bool {
+        if self.done() >= self.len {
+            return false;
+        }
         match outcome {
             Ok(value) => self.values.push(value),
             Err(error) => self.failures.push((self.done(), error)),
         }
+        true
     }
 }
 
@@ -275,6 +297,10 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
         Ok(remote_entry::<T>)
     }
 
+    fn function_name(&self) -> &'static str {
+        type_name::<T::Func>()
+    }
+
     fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>) {
         for task in &self.tasks[range] {
             write_record(out, |buf, start| {
@@ -292,7 +318,10 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
 
     fn decode_outcomes(&mut self, mut bytes: &[u8]) -> usize {
         let before = self.done();
-        while let Some((tag, payload, rest)) = read_record(bytes) {
+        while self.done() < self.len {
+            let Some((tag, payload, rest)) = read_record(bytes) else {
+                break;
+            };
             bytes = rest;
             let index = self.next_index();
             let outcome = match tag {
@@ -318,7 +347,9 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
     fn push_failure(&mut self, error: Error) {
         self.push_outcome(Err(error));
     }
+}
 
+impl<T: Task> sealed::Sealed for TypedBatch<T> {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }

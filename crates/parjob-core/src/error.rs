@@ -17,6 +17,7 @@ use crate::Backend;
 pub enum Error {
     /// The task's function panicked; the worker that ran it is still usable.
     #[error("task {index} panicked: {message}")]
+    #[non_exhaustive]
     TaskPanicked {
         /// Position of the task in the input.
         index: usize,
@@ -26,6 +27,7 @@ pub enum Error {
 
     /// The worker process running the task died (abort, signal, `exit`) before answering.
     #[error("task {index}: worker {worker} (pid {pid}) crashed: {status}")]
+    #[non_exhaustive]
     WorkerCrashed {
         /// Position of the task in the input.
         index: usize,
@@ -33,12 +35,13 @@ pub enum Error {
         worker: usize,
         /// Process id of the worker.
         pid: u32,
-        /// How it ended, e.g. `killed by signal 6 (SIGABRT)` or `exit status 3`.
-        status: String,
+        /// How it ended; displayed as e.g. `killed by signal 6 (SIGABRT)` or `exit status 3`.
+        status: WorkerExit,
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
     #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (a thread cannot be stopped, so it ran on; the process backend enforces a hard limit)" })]
+    #[non_exhaustive]
     Timeout {
         /// Position of the task in the input.
         index: usize,
@@ -52,6 +55,7 @@ pub enum Error {
     #[error(
         "invalid n_jobs {value}{source_note}: use n > 0 for n workers, -1 for all CPUs, or -k for all CPUs but k-1 (0 is not allowed)"
     )]
+    #[non_exhaustive]
     InvalidNJobs {
         /// The value given.
         value: i64,
@@ -63,6 +67,7 @@ pub enum Error {
     #[error(
         "unknown backend {name:?}{source_note}: valid names are sequential, threading (alias threads), process (aliases processes, loky, multiprocessing)"
     )]
+    #[non_exhaustive]
     UnknownBackend {
         /// The name given.
         name: String,
@@ -72,6 +77,7 @@ pub enum Error {
 
     /// An environment variable parjob reads holds a value it cannot use.
     #[error("environment variable {var}={value:?} is invalid: {reason}")]
+    #[non_exhaustive]
     InvalidEnv {
         /// The variable's name.
         var: &'static str,
@@ -83,6 +89,7 @@ pub enum Error {
 
     /// The backend asked for is not available in this build or on this platform.
     #[error("the {backend} backend is not available: {reason}")]
+    #[non_exhaustive]
     BackendUnavailable {
         /// The backend asked for.
         backend: Backend,
@@ -96,6 +103,7 @@ pub enum Error {
 
     /// A task's input or result could not be encoded or decoded for another process.
     #[error("task {index}: cannot {action} {type_name}: {message}")]
+    #[non_exhaustive]
     Codec {
         /// Position of the task in the input.
         index: usize,
@@ -109,6 +117,7 @@ pub enum Error {
 
     /// A worker process could not be started or refused to work with this driver.
     #[error("worker {worker}: {message}")]
+    #[non_exhaustive]
     Worker {
         /// Index of the worker in its pool.
         worker: usize,
@@ -119,6 +128,7 @@ pub enum Error {
     /// The task was not run because the run was stopped first (an earlier task failed, or
     /// the consumer of `run_iter` went away), or its `Future` was cancelled.
     #[error("task {index} was cancelled before it ran")]
+    #[non_exhaustive]
     Cancelled {
         /// Position of the task in the input.
         index: usize,
@@ -131,6 +141,7 @@ pub enum Error {
     /// Waiting for a `Future` (`result_timeout`) gave up; the task itself goes on and the
     /// future can be waited on again.
     #[error("task {index}: no result after waiting {after:?}; the task keeps running")]
+    #[non_exhaustive]
     WaitTimedOut {
         /// Submission number of the task.
         index: usize,
@@ -140,10 +151,68 @@ pub enum Error {
 
     /// A `Future`'s result was asked for again after an earlier call took it.
     #[error("the result of task {index} was already taken from its future")]
+    #[non_exhaustive]
     ResultTaken {
         /// Submission number of the task.
         index: usize,
     },
+}
+
+/// How a worker process ended.
+///
+/// `Display` reads as a shell says it: `exit status 3`, `killed by signal 6 (SIGABRT)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WorkerExit {
+    /// It exited with this status code.
+    Exited(i32),
+    /// A signal ended it.
+    Signaled(i32),
+    /// Its end could not be observed; the text says why (e.g. it did not exit after
+    /// `SIGKILL`, or its exit status could not be read).
+    Lost(String),
+}
+
+impl WorkerExit {
+    /// Whether it exited normally with status 0.
+    pub fn is_success(&self) -> bool {
+        matches!(self, WorkerExit::Exited(0))
+    }
+
+    /// The signal's conventional name, e.g. `SIGSEGV`, for the signals a crash usually ends
+    /// with.
+    pub fn signal_name(signal: i32) -> Option<&'static str> {
+        // Linux's numbering, which every architecture parjob's process backend runs on
+        // shares for these signals.
+        Some(match signal {
+            1 => "SIGHUP",
+            2 => "SIGINT",
+            3 => "SIGQUIT",
+            4 => "SIGILL",
+            5 => "SIGTRAP",
+            6 => "SIGABRT",
+            7 => "SIGBUS",
+            8 => "SIGFPE",
+            9 => "SIGKILL",
+            11 => "SIGSEGV",
+            13 => "SIGPIPE",
+            15 => "SIGTERM",
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for WorkerExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerExit::Exited(code) => write!(f, "exit status {code}"),
+            WorkerExit::Signaled(signal) => match WorkerExit::signal_name(*signal) {
+                Some(name) => write!(f, "killed by signal {signal} ({name})"),
+                None => write!(f, "killed by signal {signal}"),
+            },
+            WorkerExit::Lost(why) => f.write_str(why),
+        }
+    }
 }
 
 impl std::fmt::Debug for Error {
@@ -152,7 +221,68 @@ impl std::fmt::Debug for Error {
     }
 }
 
+/// Constructors for backends: the struct variants are `#[non_exhaustive]`, so that a field can
+/// be added without breaking code that matches on them, which also means only this crate can
+/// write them as struct expressions.
 impl Error {
+    /// [`Error::TaskPanicked`].
+    pub fn task_panicked(index: usize, message: impl Into<String>) -> Error {
+        Error::TaskPanicked {
+            index,
+            message: message.into(),
+        }
+    }
+
+    /// [`Error::WorkerCrashed`].
+    pub fn worker_crashed(index: usize, worker: usize, pid: u32, status: WorkerExit) -> Error {
+        Error::WorkerCrashed {
+            index,
+            worker,
+            pid,
+            status,
+        }
+    }
+
+    /// [`Error::Timeout`].
+    pub fn timeout(index: usize, after: Duration, killed: bool) -> Error {
+        Error::Timeout {
+            index,
+            after,
+            killed,
+        }
+    }
+
+    /// [`Error::BackendUnavailable`].
+    pub fn backend_unavailable(backend: Backend, reason: impl Into<String>) -> Error {
+        Error::BackendUnavailable {
+            backend,
+            reason: reason.into(),
+        }
+    }
+
+    /// [`Error::Worker`].
+    pub fn worker(worker: usize, message: impl Into<String>) -> Error {
+        Error::Worker {
+            worker,
+            message: message.into(),
+        }
+    }
+
+    /// [`Error::Cancelled`].
+    pub fn cancelled(index: usize) -> Error {
+        Error::Cancelled { index }
+    }
+
+    /// [`Error::WaitTimedOut`].
+    pub fn wait_timed_out(index: usize, after: Duration) -> Error {
+        Error::WaitTimedOut { index, after }
+    }
+
+    /// [`Error::ResultTaken`].
+    pub fn result_taken(index: usize) -> Error {
+        Error::ResultTaken { index }
+    }
+
     /// The input position of the task this error is about, if it is about one task.
     pub fn task_index(&self) -> Option<usize> {
         match self {

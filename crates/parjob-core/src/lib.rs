@@ -35,6 +35,7 @@ mod error;
 mod future;
 mod n_jobs;
 mod pool;
+mod process_options;
 mod progress;
 mod shared;
 mod task;
@@ -45,12 +46,13 @@ pub use batch::{ErasedBatch, RemoteEntry};
 pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
-pub use error::Error;
+pub use error::{Error, WorkerExit};
 pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };
 pub use n_jobs::{cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
+pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,
     forget_shared, receive_shared, set_shared_allocator,

@@ -48,14 +48,22 @@ impl RunControl {
 }
 
 /// One batch to run, and where to report when it is done.
+///
+/// A pool reaches the batch only through [`batch`](Job::batch) and
+/// [`batch_mut`](Job::batch_mut): it cannot take the batch out of its job, swap it for another,
+/// or keep it once the job is completed. Every job is answered exactly once: by
+/// [`complete`](Job::complete), by [`run_here`](Job::run_here), or, if the pool drops it, by
+/// its own `Drop`, which completes it with every task left without an outcome reported as
+/// [`Error::Cancelled`](crate::Error::Cancelled). That is what lets the dispatcher hand batches
+/// a slice of the caller's output to write into: the slice cannot be written after the job
+/// came back.
 pub struct Job {
-    /// The tasks, and the outcomes once they are known.
-    pub batch: Box<dyn ErasedBatch>,
-    /// The run this batch belongs to.
-    pub control: Arc<RunControl>,
+    /// `None` only once the job has been completed (then `Drop` has nothing left to do).
+    batch: Option<Box<dyn ErasedBatch>>,
+    control: Arc<RunControl>,
     seq: u64,
     started: Option<Arc<AtomicU64>>,
-    reply: Reply,
+    reply: Option<Reply>,
 }
 
 /// Where a job's completion goes: the dispatcher's channel, or straight into a
@@ -78,8 +86,8 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
             .field("seq", &self.seq)
-            .field("first_index", &self.batch.first_index())
-            .field("len", &self.batch.len())
+            .field("first_index", &self.batch.as_ref().map(|b| b.first_index()))
+            .field("len", &self.batch.as_ref().map(|b| b.len()))
             .finish()
     }
 }
@@ -100,12 +108,32 @@ impl Job {
         reply: impl Into<Reply>,
     ) -> Self {
         Job {
-            batch,
+            batch: Some(batch),
             control,
             seq,
             started,
-            reply: reply.into(),
+            reply: Some(reply.into()),
         }
+    }
+
+    /// The batch: its tasks, and the outcomes gathered so far.
+    pub fn batch(&self) -> &dyn ErasedBatch {
+        self.batch
+            .as_deref()
+            .expect("a job holds its batch until it is completed, which consumes it")
+    }
+
+    /// The batch, to run it, encode it, or record outcomes. A `&mut dyn ErasedBatch` cannot be
+    /// swapped for another batch or moved out of the job.
+    pub fn batch_mut(&mut self) -> &mut dyn ErasedBatch {
+        self.batch
+            .as_deref_mut()
+            .expect("a job holds its batch until it is completed, which consumes it")
+    }
+
+    /// The run this batch belongs to: its cancel flag and per-task timeout.
+    pub fn control(&self) -> &RunControl {
+        &self.control
     }
 
     /// Notes that the batch has started running (for timeouts the dispatcher watches itself,
@@ -149,19 +177,27 @@ impl Job {
             return;
         }
         let began = Instant::now();
-        self.batch.run_here(&self.control);
+        let control = Arc::clone(&self.control);
+        self.batch_mut().run_here(&control);
         self.complete(began.elapsed());
     }
 
     /// Reports the job done, `busy` being how long its tasks ran (it steers auto batching).
     /// Tasks left without an outcome count as cancelled.
-    pub fn complete(self, busy: Duration) {
+    pub fn complete(mut self, busy: Duration) {
+        self.finish(busy);
+    }
+
+    fn finish(&mut self, busy: Duration) {
+        let (Some(batch), Some(reply)) = (self.batch.take(), self.reply.take()) else {
+            return;
+        };
         let completion = Completion {
             seq: self.seq,
-            batch: self.batch,
+            batch,
             busy,
         };
-        match self.reply {
+        match reply {
             // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.
             Reply::Channel(sender) => {
                 let _ = sender.send(completion);
@@ -171,16 +207,48 @@ impl Job {
     }
 }
 
-/// A set of workers that runs jobs: what each backend provides.
+impl Drop for Job {
+    /// A job the pool let go of without completing it (a pool shutting down, a supervisor
+    /// that panicked) completes itself: its tasks without an outcome are reported as
+    /// cancelled, and nobody waits for it for ever.
+    fn drop(&mut self) {
+        self.finish(Duration::ZERO);
+    }
+}
+
+/// A set of workers that runs jobs: what each backend provides, and the one extension point
+/// for a backend of your own (`parjob::Parallel::with_pool`).
 ///
-/// Implementations must answer every submitted job with exactly one [`Job::complete`] (or
-/// [`Job::run_here`]), even when the worker running it dies: a job that is never completed
-/// hangs the run. A pool that does not use `run_here` calls [`Job::mark_started`] before the
-/// job's first task and, when it returns `false` (a `Future` cancelled first), completes the
-/// job without running it.
+/// A pool should answer every submitted job with exactly one [`Job::complete`] (or
+/// [`Job::run_here`]), even when the worker running it dies. Nothing a pool can do without
+/// `unsafe` breaks memory safety: a job that is dropped completes itself (its tasks without an
+/// outcome fail as [`Error::Cancelled`](crate::Error::Cancelled)), and a job can neither give
+/// up its batch nor be completed twice. A pool that keeps a job for ever (or leaks it with
+/// `mem::forget`) only makes the run wait for it for ever.
+///
+/// A pool that does not use `run_here` calls [`Job::mark_started`] before the job's first
+/// task and, when it returns `false` (a `Future` cancelled first), completes the job without
+/// running it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use parjob_core::{delayed, run, Job, Pool, RunOptions};
+///
+/// /// Runs every batch on a new thread.
+/// struct ThreadPerBatch;
+///
+/// impl Pool for ThreadPerBatch {
+///     fn workers(&self) -> usize { 4 }
+///     fn submit(&self, job: Job) { std::thread::spawn(move || job.run_here()); }
+///     fn verbose_name(&self) -> &'static str { "ThreadPerBatch" }
+/// }
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// let out = run(Arc::new(ThreadPerBatch), (0..100u64).map(|i| delayed(square, i)), &RunOptions::default())?;
+/// assert_eq!(out[9], 81);
+/// # Ok::<(), parjob_core::Error>(())
+/// ```
 pub trait Pool: Send + Sync {
-    /// The backend this pool implements.
-    fn backend(&self) -> Backend;
     /// How many jobs run at once.
     fn workers(&self) -> usize;
     /// Queues `job` to run as soon as a worker is free.
@@ -194,6 +262,12 @@ pub trait Pool: Send + Sync {
     /// the dispatcher watches the time and reports the task as timed out while it finishes
     /// in the background.
     fn enforces_timeout(&self) -> bool {
+        false
+    }
+    /// Whether [`submit`](Pool::submit) runs the job on the calling thread before it returns
+    /// (the sequential pool): then an executor must not hold a lock across `submit`, and a
+    /// daemon task would block its caller.
+    fn runs_on_calling_thread(&self) -> bool {
         false
     }
     /// How many batches the dispatcher keeps ahead of the results unless the user sets
@@ -211,10 +285,6 @@ pub trait Pool: Send + Sync {
 pub struct SequentialPool;
 
 impl Pool for SequentialPool {
-    fn backend(&self) -> Backend {
-        Backend::Sequential
-    }
-
     fn workers(&self) -> usize {
         1
     }
@@ -223,6 +293,10 @@ impl Pool for SequentialPool {
         let previous = set_worker_identity(Some((Backend::Sequential, 0)));
         job.run_here();
         set_worker_identity(previous);
+    }
+
+    fn runs_on_calling_thread(&self) -> bool {
+        true
     }
 
     fn default_pre_dispatch(&self) -> usize {

@@ -64,11 +64,20 @@ spread_impl!(6; A1, A2, A3, A4, A5, A6);
 spread_impl!(7; A1, A2, A3, A4, A5, A6, A7);
 spread_impl!(8; A1, A2, A3, A4, A5, A6, A7, A8);
 
-/// One call waiting to happen: what [`Parallel::run`](crate) and friends consume.
+/// Keeps [`Task`] implemented by [`Delayed`] alone.
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// One call waiting to happen: what `Parallel::run` and friends consume.
 ///
 /// Every backend can run a `Task`: its arguments and output are `serde` types so that the
 /// process backend can send them to another process.
-pub trait Task: Send + 'static {
+///
+/// Sealed: [`delayed`] makes every task. That is what lets a worker process call the function
+/// without receiving it: its type is one [`TaskFn`] accepts (a `fn` item, a closure, or a
+/// function pointer), and only the zero-sized ones run in another process.
+pub trait Task: Send + 'static + sealed::Sealed {
     /// The function type: a zero-sized `fn` item or non-capturing closure for the process
     /// backend; any `Copy` function for the others.
     type Func: Copy + Send + Sync + 'static;
@@ -135,6 +144,8 @@ where
         marker: PhantomData,
     }
 }
+
+impl<F, A, M> sealed::Sealed for Delayed<F, A, M> {}
 
 impl<F, A, M> Task for Delayed<F, A, M>
 where

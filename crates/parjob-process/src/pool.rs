@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::IpcSharedMemory;
-use parjob_core::{Backend, Error, Job, Pool, collect_shared};
+use parjob_core::{Backend, Error, Job, Pool, WorkerExit, collect_shared};
 
 use crate::ProcessOptions;
 use crate::shared::{Planned, can_ship, plan_shipments, send_shipments};
@@ -130,12 +130,11 @@ impl ProcessPool {
     /// started as a worker but did not enter the worker loop (`parjob::init()` missing).
     pub fn new(workers: usize, options: ProcessOptions) -> Result<ProcessPool, Error> {
         if started_as_worker() && !in_worker_loop() {
-            return Err(Error::BackendUnavailable {
-                backend: Backend::Process,
-                reason: "this process was started as a parjob worker but did not call \
-                         parjob::init() before using the process backend"
-                    .into(),
-            });
+            return Err(Error::backend_unavailable(
+                Backend::Process,
+                "this process was started as a parjob worker but did not call \
+                 parjob::init() before using the process backend",
+            ));
         }
         let workers = workers.max(1);
         let shared = Arc::new(Shared {
@@ -191,10 +190,10 @@ impl ProcessPool {
             match spawned {
                 Ok(handle) => pool.supervisors.push(handle),
                 Err(e) => {
-                    first_error = Some(Error::Worker {
-                        worker: index,
-                        message: format!("cannot start its supervisor thread: {e}"),
-                    });
+                    first_error = Some(Error::worker(
+                        index,
+                        format!("cannot start its supervisor thread: {e}"),
+                    ));
                     break;
                 }
             }
@@ -245,10 +244,6 @@ impl Drop for ProcessPool {
 }
 
 impl Pool for ProcessPool {
-    fn backend(&self) -> Backend {
-        Backend::Process
-    }
-
     fn workers(&self) -> usize {
         self.workers
     }
@@ -307,7 +302,7 @@ enum FrameEnd {
     /// The worker died before starting any task of the frame.
     Lost {
         pid: u32,
-        status: String,
+        status: WorkerExit,
     },
     Closing,
 }
@@ -380,11 +375,11 @@ impl Supervisor {
 
     /// Runs every task of `job`, over as many frames and workers as it takes, and completes it.
     fn run_job(&mut self, mut job: Job) {
-        let entry = match job.batch.remote_entry() {
+        let entry = match job.batch().remote_entry() {
             Ok(entry) => entry,
             Err(error) => {
-                while job.batch.outcomes_len() < job.batch.len() {
-                    job.batch.push_failure(error.clone());
+                while job.batch().outcomes_len() < job.batch().len() {
+                    job.batch_mut().push_failure(error.clone());
                 }
                 job.complete(Duration::ZERO);
                 return;
@@ -403,25 +398,25 @@ impl Supervisor {
         // Frames whose worker died before starting any of their tasks, in a row.
         let mut lost = 0;
         loop {
-            let start = job.batch.outcomes_len();
-            let len = job.batch.len();
+            let start = job.batch().outcomes_len();
+            let len = job.batch().len();
             if start >= len {
                 break;
             }
             if pending.as_ref().is_some_and(|(at, _)| *at == start) {
                 if let Some((_, error)) = pending.take() {
-                    job.batch.push_failure(error);
+                    job.batch_mut().push_failure(error);
                 }
                 continue;
             }
-            if job.control.is_cancelled() || self.shared.closing() {
+            if job.control().is_cancelled() || self.shared.closing() {
                 break;
             }
             if self.worker.is_none()
                 && let Err(error) = self.replace_worker()
             {
-                while job.batch.outcomes_len() < len {
-                    job.batch.push_failure(error.clone());
+                while job.batch().outcomes_len() < len {
+                    job.batch_mut().push_failure(error.clone());
                 }
                 break;
             }
@@ -442,19 +437,19 @@ impl Supervisor {
                     } else {
                         bytes.get(DONE_HEADER..).unwrap_or_default()
                     };
-                    let mut decoded = job.batch.decode_outcomes(outcomes);
+                    let mut decoded = job.batch_mut().decode_outcomes(outcomes);
                     if decoded < end - start {
                         // A short frame (it cannot happen between two processes of one
                         // build): fail the next task rather than loop on it forever.
-                        let index = job.batch.first_index() + job.batch.outcomes_len();
-                        job.batch.push_failure(Error::Worker {
-                            worker: self.index,
-                            message: format!(
+                        let index = job.batch().first_index() + job.batch().outcomes_len();
+                        job.batch_mut().push_failure(Error::worker(
+                            self.index,
+                            format!(
                                 "returned {decoded} outcomes for {} tasks; task {index} is \
                                  reported failed",
                                 end - start
                             ),
-                        });
+                        ));
                         decoded += 1;
                     }
                     if let Some(worker) = &mut self.worker {
@@ -477,12 +472,12 @@ impl Supervisor {
                         // Twice in a row: the frame itself kills workers; blame its first task.
                         pending = Some((
                             start,
-                            Error::WorkerCrashed {
-                                index: job.batch.first_index() + start,
-                                worker: self.index,
+                            Error::worker_crashed(
+                                job.batch().first_index() + start,
+                                self.index,
                                 pid,
                                 status,
-                            },
+                            ),
                         ));
                     }
                 }
@@ -505,20 +500,20 @@ impl Supervisor {
             // Reported by run_job's next attempt, which starts a worker again.
             return FrameEnd::Lost {
                 pid: 0,
-                status: "could not be replaced".into(),
+                status: WorkerExit::Lost("could not be replaced".into()),
             };
         }
         let Some(worker) = self.worker.as_mut() else {
             return FrameEnd::Closing;
         };
-        let timeout = job.control.timeout();
+        let timeout = job.control().timeout();
         let mut flags = if timeout.is_some() { FLAG_TIMED } else { 0 };
         self.buf.clear();
         self.buf.extend_from_slice(&[MSG_RUN, flags]);
         self.buf.extend_from_slice(&offset.to_le_bytes());
         self.buf.extend_from_slice(&[0; RUN_HEADER - 10]);
         let buf = &mut self.buf;
-        let ((), segments) = collect_shared(|| job.batch.encode_tasks(range.clone(), buf));
+        let ((), segments) = collect_shared(|| job.batch().encode_tasks(range.clone(), buf));
         worker.board.reset();
         let mut shipments = plan_shipments(worker, segments);
         if !can_ship(&shipments) {
@@ -526,7 +521,7 @@ impl Supervisor {
             // the tasks run).
             shipments.retain(|planned| matches!(planned, Planned::Ready(_)));
             self.buf.truncate(RUN_HEADER);
-            job.batch.encode_tasks(range.clone(), &mut self.buf);
+            job.batch().encode_tasks(range.clone(), &mut self.buf);
         }
         let len = self.buf.len() - RUN_HEADER;
         let arena_fits = worker.task_arena.as_ref().is_some_and(|a| a.len() >= len);
@@ -572,7 +567,7 @@ impl Supervisor {
             self.buf = Vec::new();
         }
         let generation = worker.generation;
-        let first_index = job.batch.first_index() + range.start;
+        let first_index = job.batch().first_index() + range.start;
         if sent.is_err() {
             // The worker is gone; its waiter will say how.
             return self.bury(first_index, range.len(), None, false, None);
@@ -696,7 +691,7 @@ impl Supervisor {
         &mut self,
         first_index: usize,
         len: usize,
-        mut status: Option<String>,
+        mut status: Option<WorkerExit>,
         mut disconnected: bool,
         timed_out: Option<Duration>,
     ) -> FrameEnd {
@@ -737,7 +732,9 @@ impl Supervisor {
                         break;
                     }
                     if killed {
-                        status = Some("lost (it did not exit after SIGKILL)".into());
+                        status = Some(WorkerExit::Lost(
+                            "lost (it did not exit after SIGKILL)".into(),
+                        ));
                         break;
                     }
                     // Disconnected but still alive (it closed its channel): end it.
@@ -758,23 +755,19 @@ impl Supervisor {
             // receiving the frame): no task is to blame yet.
             return FrameEnd::Lost {
                 pid: worker.pid,
-                status: status.unwrap_or_else(|| "lost".into()),
+                status: status.unwrap_or_else(|| WorkerExit::Lost("lost".into())),
             };
         }
         let at = (started.saturating_sub(1) as usize).min(len.saturating_sub(1));
         let index = first_index + at;
         let error = match timed_out {
-            Some(after) => Error::Timeout {
+            Some(after) => Error::timeout(index, after, true),
+            None => Error::worker_crashed(
                 index,
-                after,
-                killed: true,
-            },
-            None => Error::WorkerCrashed {
-                index,
-                worker: self.index,
-                pid: worker.pid,
-                status: status.unwrap_or_else(|| "lost".into()),
-            },
+                self.index,
+                worker.pid,
+                status.unwrap_or_else(|| WorkerExit::Lost("lost".into())),
+            ),
         };
         FrameEnd::Died { at, error }
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender, IpcSharedMemory};
-use parjob_core::{Error, SharedSegment, cpu_count};
+use parjob_core::{Error, SharedSegment, WorkerExit, cpu_count};
 
 use crate::ProcessOptions;
 use crate::build_id::build_id;
@@ -58,7 +58,7 @@ pub(crate) enum Event {
     /// The results channel closed: the worker is dead or dying.
     Disconnected { generation: u64 },
     /// The process ended; `status` says how (`exit status 3`, `killed by signal 9 (SIGKILL)`).
-    Exited { generation: u64, status: String },
+    Exited { generation: u64, status: WorkerExit },
     /// The pool is shutting down.
     Close,
 }
@@ -81,7 +81,7 @@ impl ChildWatch {
 
     /// Waits for the process to end without reaping it, then reaps it under the lock that
     /// `kill` takes. Returns how it ended.
-    fn wait(&self) -> String {
+    fn wait(&self) -> WorkerExit {
         loop {
             // SAFETY: zeroed siginfo_t is a valid out-parameter.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -104,40 +104,20 @@ impl ChildWatch {
         let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };
         *reaped = true;
         if r < 0 {
-            return "lost (its exit status could not be read)".into();
+            return WorkerExit::Lost("lost (its exit status could not be read)".into());
         }
         describe_status(status)
     }
 }
 
-/// `exit status 3`, `killed by signal 6 (SIGABRT)`.
-pub(crate) fn describe_status(status: libc::c_int) -> String {
+/// How a process ended, from its `waitpid` status.
+pub(crate) fn describe_status(status: libc::c_int) -> WorkerExit {
     if libc::WIFEXITED(status) {
-        format!("exit status {}", libc::WEXITSTATUS(status))
+        WorkerExit::Exited(libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        let name = match signal {
-            libc::SIGHUP => "SIGHUP",
-            libc::SIGINT => "SIGINT",
-            libc::SIGQUIT => "SIGQUIT",
-            libc::SIGILL => "SIGILL",
-            libc::SIGTRAP => "SIGTRAP",
-            libc::SIGABRT => "SIGABRT",
-            libc::SIGBUS => "SIGBUS",
-            libc::SIGFPE => "SIGFPE",
-            libc::SIGKILL => "SIGKILL",
-            libc::SIGSEGV => "SIGSEGV",
-            libc::SIGPIPE => "SIGPIPE",
-            libc::SIGTERM => "SIGTERM",
-            _ => "",
-        };
-        if name.is_empty() {
-            format!("killed by signal {signal}")
-        } else {
-            format!("killed by signal {signal} ({name})")
-        }
+        WorkerExit::Signaled(libc::WTERMSIG(status))
     } else {
-        format!("ended with wait status {status:#x}")
+        WorkerExit::Lost(format!("ended with wait status {status:#x}"))
     }
 }
 
@@ -196,10 +176,7 @@ fn driver_exe() -> String {
 
 impl Starter<'_> {
     fn error(&self, message: String) -> Error {
-        Error::Worker {
-            worker: self.index,
-            message,
-        }
+        Error::worker(self.index, message)
     }
 
     /// Starts worker generation `generation` and runs the handshake. Must be called on a
@@ -329,7 +306,7 @@ impl Starter<'_> {
                          parjob::init() first thing in main, and a test binary needs \
                          parjob::enable_test_support!()"
                     ));
-                    if status == "exit status 0" {
+                    if status.is_success() {
                         if let Error::Worker { message, .. } = &error {
                             NOT_WORKERS
                                 .lock()
@@ -416,7 +393,7 @@ impl Starter<'_> {
             .send(&welcome)
             .map_err(|e| fail(format!("cannot send the welcome: {e}")))?;
         // Set once the process has ended: its last reply may still be on its way.
-        let mut ended: Option<String> = None;
+        let mut ended: Option<WorkerExit> = None;
         deadline = Instant::now() + INITIALIZER_TIMEOUT;
         loop {
             match self.next_event(deadline) {
@@ -502,7 +479,7 @@ pub(crate) fn await_exit(
     events: &Receiver<Event>,
     events_tx: &Sender<Event>,
     generation: u64,
-) -> Option<String> {
+) -> Option<WorkerExit> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut close = false;
     let mut status = None;
@@ -614,20 +591,20 @@ mod tests {
     fn exit_statuses_read_like_the_shell_says_them() {
         // Wait statuses as waitpid encodes them: exit code in the second byte, signal in the
         // low seven bits.
-        assert_eq!(describe_status(3 << 8), "exit status 3");
-        assert_eq!(describe_status(0), "exit status 0");
+        assert_eq!(describe_status(3 << 8).to_string(), "exit status 3");
+        assert_eq!(describe_status(0).to_string(), "exit status 0");
         assert_eq!(
-            describe_status(libc::SIGABRT),
+            describe_status(libc::SIGABRT).to_string(),
             "killed by signal 6 (SIGABRT)"
         );
         assert_eq!(
-            describe_status(libc::SIGKILL),
+            describe_status(libc::SIGKILL).to_string(),
             "killed by signal 9 (SIGKILL)"
         );
         assert_eq!(
-            describe_status(libc::SIGSEGV),
+            describe_status(libc::SIGSEGV).to_string(),
             "killed by signal 11 (SIGSEGV)"
         );
-        assert_eq!(describe_status(40), "killed by signal 40");
+        assert_eq!(describe_status(40).to_string(), "killed by signal 40");
     }
 }

@@ -40,19 +40,17 @@ impl ThreadPool {
                 set_worker_identity(Some((Backend::Threading, i)));
             })
             .build()
-            .map_err(|e| Error::BackendUnavailable {
-                backend: Backend::Threading,
-                reason: format!("cannot start {workers} threads: {e}"),
+            .map_err(|e| {
+                Error::backend_unavailable(
+                    Backend::Threading,
+                    format!("cannot start {workers} threads: {e}"),
+                )
             })?;
         Ok(ThreadPool { pool, workers })
     }
 }
 
 impl Pool for ThreadPool {
-    fn backend(&self) -> Backend {
-        Backend::Threading
-    }
-
     fn workers(&self) -> usize {
         self.workers
     }

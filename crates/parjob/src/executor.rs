@@ -208,7 +208,7 @@ impl Executor {
         }
         // The sequential pool runs the task inside `submit`: keep the lock out of the task,
         // which may itself submit to this executor.
-        if pool.backend() == Backend::Sequential {
+        if pool.runs_on_calling_thread() {
             drop(state);
             return parjob_core::submit(&*pool, index, task);
         }

@@ -8,7 +8,9 @@ use parjob_core::{
     backend_from_env, n_jobs_from_env, resolve_workers,
 };
 
-use crate::process::ProcessConfig;
+use parjob_core::ProcessOptions;
+
+use crate::process::start_process_pool;
 
 /// Runs many tasks in parallel, joblib's `Parallel(n_jobs, backend=...)`.
 ///
@@ -34,14 +36,14 @@ pub struct Parallel {
     env_error: Option<Error>,
     backend: Option<Backend>,
     options: RunOptions,
-    pub(crate) process: ProcessConfig,
+    pub(crate) process: ProcessOptions,
     pool: Mutex<Option<CachedPool>>,
 }
 
 struct CachedPool {
     backend: Backend,
     workers: usize,
-    process: ProcessConfig,
+    process: ProcessOptions,
     pool: Arc<dyn Pool>,
 }
 
@@ -82,7 +84,7 @@ impl Parallel {
                 n_jobs,
                 ..RunOptions::default()
             },
-            process: ProcessConfig::default(),
+            process: ProcessOptions::default(),
             pool: Mutex::new(None),
         }
     }
@@ -241,21 +243,21 @@ impl Parallel {
 fn start_pool(
     backend: Backend,
     workers: usize,
-    process: &ProcessConfig,
+    process: &ProcessOptions,
 ) -> Result<Arc<dyn Pool>, Error> {
     match backend {
         Backend::Sequential => Ok(Arc::new(SequentialPool)),
         #[cfg(feature = "threading")]
         Backend::Threading => Ok(Arc::new(parjob_threading::ThreadPool::new(workers)?)),
         #[cfg(not(feature = "threading"))]
-        Backend::Threading => Err(Error::BackendUnavailable {
+        Backend::Threading => Err(Error::backend_unavailable(
             backend,
-            reason: "parjob was built without its `threading` feature".into(),
-        }),
-        Backend::Process => process.start(workers),
-        other => Err(Error::BackendUnavailable {
-            backend: other,
-            reason: "not built in this version of parjob".into(),
-        }),
+            "parjob was built without its `threading` feature",
+        )),
+        Backend::Process => start_process_pool(workers, process),
+        other => Err(Error::backend_unavailable(
+            other,
+            "not built in this version of parjob",
+        )),
     }
 }

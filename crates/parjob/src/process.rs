@@ -3,71 +3,32 @@
 
 use std::path::PathBuf;
 
+use parjob_core::{Initializer, ProcessOptions};
+
 use crate::Parallel;
 
-/// The process backend's settings: part of the pool cache key, so changing one starts a new
-/// pool on the next run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ProcessConfig {
-    worker_exe: Option<PathBuf>,
-    initializer: Option<InitFn>,
-    max_tasks_per_worker: Option<usize>,
-    max_nbytes: usize,
-    prefix_output: bool,
+/// Starts a process pool with `options`.
+#[cfg(all(feature = "process", target_os = "linux"))]
+pub(crate) fn start_process_pool(
+    workers: usize,
+    options: &ProcessOptions,
+) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
+    Ok(std::sync::Arc::new(parjob_process::ProcessPool::new(
+        workers,
+        options.clone(),
+    )?))
 }
 
-impl Default for ProcessConfig {
-    fn default() -> Self {
-        ProcessConfig {
-            worker_exe: None,
-            initializer: None,
-            max_tasks_per_worker: None,
-            max_nbytes: 1 << 20,
-            prefix_output: false,
-        }
-    }
-}
-
-/// An initializer compared by address (the only identity a `fn` has).
-#[derive(Debug, Clone, Copy)]
-struct InitFn(fn());
-
-impl PartialEq for InitFn {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 as usize == other.0 as usize
-    }
-}
-
-impl Eq for InitFn {}
-
-impl ProcessConfig {
-    #[cfg(all(feature = "process", target_os = "linux"))]
-    pub(crate) fn start(
-        &self,
-        workers: usize,
-    ) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
-        let options = parjob_process::ProcessOptions {
-            worker_exe: self.worker_exe.clone(),
-            initializer: self.initializer.map(|f| parjob_process::Initializer(f.0)),
-            max_tasks_per_worker: self.max_tasks_per_worker,
-            max_nbytes: self.max_nbytes,
-            prefix_output: self.prefix_output,
-        };
-        Ok(std::sync::Arc::new(parjob_process::ProcessPool::new(
-            workers, options,
-        )?))
-    }
-
-    #[cfg(not(all(feature = "process", target_os = "linux")))]
-    pub(crate) fn start(
-        &self,
-        _workers: usize,
-    ) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
-        Err(crate::Error::BackendUnavailable {
-            backend: crate::Backend::Process,
-            reason: "parjob was built without its `process` feature, or not for Linux".into(),
-        })
-    }
+/// Starts a process pool with `options`: not in this build.
+#[cfg(not(all(feature = "process", target_os = "linux")))]
+pub(crate) fn start_process_pool(
+    _workers: usize,
+    _options: &ProcessOptions,
+) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
+    Err(crate::Error::BackendUnavailable {
+        backend: crate::Backend::Process,
+        reason: "parjob was built without its `process` feature, or not for Linux".into(),
+    })
 }
 
 /// Process-backend settings; the other backends ignore them.
@@ -85,7 +46,7 @@ impl Parallel {
     /// after a crash or recycling runs it too). A panicking initializer makes the run fail
     /// with [`Error::Worker`](crate::Error::Worker) carrying the panic message.
     pub fn initializer(mut self, f: fn()) -> Parallel {
-        self.process.initializer = Some(InitFn(f));
+        self.process.initializer = Some(Initializer(f));
         self
     }
 

@@ -302,10 +302,10 @@ mod tests {
     fn a_backend_that_is_not_built_is_reported_and_the_others_still_run() {
         let candidates = vec![
             Candidate::parjob("", parjob::Backend::Process, || {
-                Err::<(), _>(parjob::Error::BackendUnavailable {
-                    backend: parjob::Backend::Process,
-                    reason: "not in this build".into(),
-                })
+                Err::<(), _>(parjob::Error::backend_unavailable(
+                    parjob::Backend::Process,
+                    "not in this build",
+                ))
             }),
             Candidate::reference("", "loop", || 1 + 1),
         ];
