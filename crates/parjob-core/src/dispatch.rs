@@ -5,7 +5,7 @@
 //! Data flows one way: user iterator -> batches -> pool -> completions -> reorder -> user.
 //! The user's iterator never leaves the calling thread, so it may borrow local data.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -150,6 +150,9 @@ pub(crate) struct Dispatcher<I, T: Task> {
     completions: Receiver<Completion>,
     /// Batches submitted and neither completed nor abandoned.
     running: usize,
+    /// Every batch submitted and not yet back, by number: its first index and length. A
+    /// completion is trusted only if it matches one of these.
+    outstanding: HashMap<u64, (usize, usize)>,
     max_in_flight: usize,
     watched: Vec<Watched>,
     abandoned: HashSet<u64>,
@@ -205,6 +208,7 @@ where
             reply,
             completions,
             running: 0,
+            outstanding: HashMap::new(),
             max_in_flight,
             watched: Vec::new(),
             abandoned: HashSet::new(),
@@ -304,6 +308,8 @@ where
             }
             _ => Box::new(TypedBatch::new(first_index, tasks)),
         };
+        self.outstanding
+            .insert(seq, (first_index, self.next_index - first_index));
         let job = Job::new(
             seq,
             batch,
@@ -335,6 +341,9 @@ where
                 // a job without completing it while nothing else runs: treat as no work.
                 self.completions.recv().ok()?
             };
+            if !self.take_outstanding(&completion) {
+                continue;
+            }
             if self.abandoned.remove(&completion.seq) {
                 continue;
             }
@@ -447,6 +456,24 @@ where
     }
 }
 
+impl<I, T: Task> Dispatcher<I, T> {
+    /// Whether `completion` is a batch this dispatcher sent and has not had back: only then
+    /// are its outcomes and its count of values written in place trusted. Jobs are made here
+    /// alone and complete once, so this holds by construction; the check keeps it so.
+    fn take_outstanding(&mut self, completion: &Completion) -> bool {
+        match self.outstanding.get(&completion.seq) {
+            Some(&(first_index, len))
+                if completion.batch.first_index() == first_index
+                    && completion.batch.len() == len =>
+            {
+                self.outstanding.remove(&completion.seq);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl<I, T: Task> Drop for Dispatcher<I, T> {
     fn drop(&mut self) {
         if self.in_place.is_none() || self.running == 0 {
@@ -458,8 +485,13 @@ impl<I, T: Task> Drop for Dispatcher<I, T> {
         self.control.cancel();
         while self.running > 0 {
             match self.completions.recv() {
-                Ok(completion) if !self.abandoned.contains(&completion.seq) => self.running -= 1,
-                Ok(_) => {}
+                Ok(completion) => {
+                    if self.take_outstanding(&completion)
+                        && !self.abandoned.contains(&completion.seq)
+                    {
+                        self.running -= 1;
+                    }
+                }
                 Err(_) => break,
             }
         }
@@ -578,46 +610,44 @@ fn drop_placed<R>(out: &mut Vec<R>, placed: &[(usize, usize)]) {
     }
 }
 
-/// The results of a run in input order, each as soon as it and all before it are done:
-/// joblib's `return_as="generator"`. Made by `Parallel::run_iter`.
-///
-/// A failed task yields its `Err` and the run goes on. Dropping the iterator stops pulling
-/// tasks from the input and skips the queued ones.
-pub struct RunIter<I, T: Task> {
+/// What [`RunIter`] and [`RunUnordered`] share: a dispatcher kept topped up, and the outcomes
+/// of finished batches handed out one task at a time, either in input order or as batches
+/// finish.
+struct Stream<I, T: Task> {
     /// `None` for a run that could not start.
     dispatcher: Option<Dispatcher<I, T>>,
+    /// Whether outcomes come in input order (batches held in `ready` until their turn).
+    ordered: bool,
+    /// Batches that finished before their turn, by number (ordered streams only).
     ready: BTreeMap<u64, Finished<T::Output>>,
+    /// The number of the batch whose outcomes come next (ordered streams only).
     next_seq: u64,
     current: Option<FinishedIter<T::Output>>,
     done: bool,
 }
 
-impl<I, T> RunIter<I, T>
+impl<I, T> Stream<I, T>
 where
     I: Iterator<Item = T>,
     T: Task,
 {
-    /// Starts a run on `pool`.
-    pub fn new(
-        pool: Arc<dyn Pool>,
-        tasks: impl IntoIterator<IntoIter = I>,
-        options: &RunOptions,
-    ) -> Self {
-        let mut iter = RunIter {
-            dispatcher: Some(Dispatcher::new(pool, tasks.into_iter(), options)),
+    fn new(pool: Arc<dyn Pool>, tasks: I, options: &RunOptions, ordered: bool) -> Self {
+        let mut stream = Stream {
+            dispatcher: Some(Dispatcher::new(pool, tasks, options)),
+            ordered,
             ready: BTreeMap::new(),
             next_seq: 0,
             current: None,
             done: false,
         };
-        iter.top_up();
-        iter
+        stream.top_up();
+        stream
     }
 
-    /// A run that could not start: `error` is its only item.
-    pub fn failed(error: Error) -> Self {
-        RunIter {
+    fn failed(error: Error) -> Self {
+        Stream {
             dispatcher: None,
+            ordered: true,
             ready: BTreeMap::new(),
             next_seq: 0,
             current: Some(Finished::could_not_start(error).into_outcomes()),
@@ -625,26 +655,26 @@ where
         }
     }
 
-    /// Keeps `max_in_flight` batches dispatched but not yet yielded.
+    /// Keeps `max_in_flight` batches dispatched and not yet handed out: an ordered stream
+    /// counts the batches held for their turn too, so that a slow batch bounds the look-ahead.
     fn top_up(&mut self) {
-        if let Some(dispatcher) = self.dispatcher.as_mut() {
-            let max = dispatcher.max_in_flight() as u64;
-            while dispatcher.dispatched() - self.next_seq < max && dispatcher.dispatch_one() {}
+        let Some(dispatcher) = self.dispatcher.as_mut() else {
+            return;
+        };
+        let max = dispatcher.max_in_flight();
+        if self.ordered {
+            while dispatcher.dispatched() - self.next_seq < max as u64 && dispatcher.dispatch_one()
+            {
+            }
+        } else {
+            while dispatcher.running() < max && dispatcher.dispatch_one() {}
         }
     }
-}
 
-impl<I, T> Iterator for RunIter<I, T>
-where
-    I: Iterator<Item = T>,
-    T: Task,
-{
-    type Item = Result<T::Output, Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    fn next_outcome(&mut self) -> Option<(usize, Result<T::Output, Error>)> {
         loop {
-            if let Some((_, outcome)) = self.current.as_mut().and_then(Iterator::next) {
-                return Some(outcome);
+            if let Some(item) = self.current.as_mut().and_then(Iterator::next) {
+                return Some(item);
             }
             self.current = None;
             if let Some(finished) = self.ready.remove(&self.next_seq) {
@@ -660,22 +690,20 @@ where
             self.top_up();
             let dispatcher = self.dispatcher.as_mut()?;
             match dispatcher.wait() {
-                Some(finished) => {
+                Some(finished) if self.ordered => {
                     self.ready.insert(finished.seq, finished);
                 }
+                Some(finished) => self.current = Some(finished.into_outcomes()),
                 None => {
                     self.done = true;
                     dispatcher.finish_report(true);
-                    if self.ready.is_empty() {
-                        return None;
-                    }
                 }
             }
         }
     }
 }
 
-impl<I, T: Task> Drop for RunIter<I, T> {
+impl<I, T: Task> Drop for Stream<I, T> {
     fn drop(&mut self) {
         if let Some(dispatcher) = &self.dispatcher {
             dispatcher.control.cancel();
@@ -683,14 +711,51 @@ impl<I, T: Task> Drop for RunIter<I, T> {
     }
 }
 
+/// The results of a run in input order, each as soon as it and all before it are done:
+/// joblib's `return_as="generator"`. Made by `Parallel::run_iter`.
+///
+/// A failed task yields its `Err` and the run goes on. Dropping the iterator stops pulling
+/// tasks from the input and skips the queued ones.
+pub struct RunIter<I, T: Task>(Stream<I, T>);
+
+impl<I, T> RunIter<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    /// Starts a run on `pool`.
+    pub fn new(
+        pool: Arc<dyn Pool>,
+        tasks: impl IntoIterator<IntoIter = I>,
+        options: &RunOptions,
+    ) -> Self {
+        RunIter(Stream::new(pool, tasks.into_iter(), options, true))
+    }
+
+    /// A run that could not start: `error` is its only item.
+    pub fn failed(error: Error) -> Self {
+        RunIter(Stream::failed(error))
+    }
+}
+
+impl<I, T> Iterator for RunIter<I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_outcome().map(|(_, outcome)| outcome)
+    }
+}
+
 /// The results of a run as `(input index, result)` in completion order. Made by
 /// `Parallel::run_unordered`.
-pub struct RunUnordered<I, T: Task> {
-    /// `None` for a run that could not start.
-    dispatcher: Option<Dispatcher<I, T>>,
-    current: Option<FinishedIter<T::Output>>,
-    done: bool,
-}
+///
+/// A failed task yields its `Err` and the run goes on. Dropping the iterator stops pulling
+/// tasks from the input and skips the queued ones.
+pub struct RunUnordered<I, T: Task>(Stream<I, T>);
 
 impl<I, T> RunUnordered<I, T>
 where
@@ -703,28 +768,12 @@ where
         tasks: impl IntoIterator<IntoIter = I>,
         options: &RunOptions,
     ) -> Self {
-        let mut iter = RunUnordered {
-            dispatcher: Some(Dispatcher::new(pool, tasks.into_iter(), options)),
-            current: None,
-            done: false,
-        };
-        iter.top_up();
-        iter
+        RunUnordered(Stream::new(pool, tasks.into_iter(), options, false))
     }
 
     /// A run that could not start: `(0, Err(error))` is its only item.
     pub fn failed(error: Error) -> Self {
-        RunUnordered {
-            dispatcher: None,
-            current: Some(Finished::could_not_start(error).into_outcomes()),
-            done: true,
-        }
-    }
-
-    fn top_up(&mut self) {
-        if let Some(dispatcher) = self.dispatcher.as_mut() {
-            while dispatcher.running() < dispatcher.max_in_flight() && dispatcher.dispatch_one() {}
-        }
+        RunUnordered(Stream::failed(error))
     }
 }
 
@@ -736,32 +785,6 @@ where
     type Item = (usize, Result<T::Output, Error>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(item) = self.current.as_mut().and_then(Iterator::next) {
-                return Some(item);
-            }
-            if self.done {
-                return None;
-            }
-            self.top_up();
-            let dispatcher = self.dispatcher.as_mut()?;
-            match dispatcher.wait() {
-                Some(finished) => {
-                    self.current = Some(finished.into_outcomes());
-                }
-                None => {
-                    self.done = true;
-                    dispatcher.finish_report(true);
-                }
-            }
-        }
-    }
-}
-
-impl<I, T: Task> Drop for RunUnordered<I, T> {
-    fn drop(&mut self) {
-        if let Some(dispatcher) = &self.dispatcher {
-            dispatcher.control.cancel();
-        }
+        self.0.next_outcome()
     }
 }

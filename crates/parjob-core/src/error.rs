@@ -123,6 +123,9 @@ pub enum Error {
         worker: usize,
         /// What went wrong, naming the executables involved where it matters.
         message: String,
+        /// The operating system's error behind it, if there is one (e.g. the executable
+        /// could not be started): what [`source`](std::error::Error::source) returns.
+        source: Option<IoCause>,
     },
 
     /// The task was not run because the run was stopped first (an earlier task failed, or
@@ -156,6 +159,38 @@ pub enum Error {
         /// Submission number of the task.
         index: usize,
     },
+}
+
+/// An I/O error behind an [`Error`], shared so that the error stays `Clone`. Two are equal
+/// when they are of the same kind and say the same.
+#[derive(Debug, Clone)]
+pub struct IoCause(std::sync::Arc<std::io::Error>);
+
+impl IoCause {
+    /// The I/O error itself.
+    pub fn io_error(&self) -> &std::io::Error {
+        &self.0
+    }
+}
+
+impl PartialEq for IoCause {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for IoCause {}
+
+impl std::fmt::Display for IoCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// How a worker process ended.
@@ -265,6 +300,17 @@ impl Error {
         Error::Worker {
             worker,
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// [`Error::Worker`] caused by an I/O error, which [`source`](std::error::Error::source)
+    /// then returns (as an [`IoCause`]). `message` should already say what it says.
+    pub fn worker_io(worker: usize, message: impl Into<String>, cause: std::io::Error) -> Error {
+        Error::Worker {
+            worker,
+            message: message.into(),
+            source: Some(IoCause(std::sync::Arc::new(cause))),
         }
     }
 

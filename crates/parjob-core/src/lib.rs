@@ -35,6 +35,8 @@ mod error;
 mod future;
 mod n_jobs;
 mod pool;
+#[cfg(test)]
+mod pool_contract_tests;
 mod process_options;
 mod progress;
 mod shared;
@@ -46,7 +48,7 @@ pub use batch::{ErasedBatch, RemoteEntry};
 pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
-pub use error::{Error, WorkerExit};
+pub use error::{Error, IoCause, WorkerExit};
 pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };

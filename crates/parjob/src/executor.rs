@@ -91,7 +91,9 @@ impl Executor {
         Executor::from_parallel(Parallel::new(n_jobs))
     }
 
-    fn from_parallel(parallel: Parallel) -> Executor {
+    /// An executor on `parallel`'s configuration and pool: e.g. a `Parallel` set up with
+    /// [`Parallel::with_pool`] to submit tasks to a backend of your own.
+    pub fn from_parallel(parallel: Parallel) -> Executor {
         Executor {
             parallel,
             daemon: false,

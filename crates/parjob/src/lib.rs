@@ -48,9 +48,26 @@ pub use parjob_core::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,
 };
 pub use parjob_core::{
-    Backend, BatchSize, Delayed, Error, RunIter, RunUnordered, SHARED_MIN_BYTES, SharedSlice, Task,
-    WorkerInfo, cpu_count, delayed, effective_n_jobs, worker_info,
+    Backend, BatchSize, Delayed, Error, IoCause, RunIter, RunUnordered, SHARED_MIN_BYTES,
+    SharedSlice, Spread, Task, TaskFn, Whole, WorkerExit, WorkerInfo, cpu_count, delayed,
+    effective_n_jobs, worker_info,
 };
+
+/// The extension point for a backend of your own: implement [`Pool`](pool::Pool) and hand it
+/// to [`Parallel::with_pool`].
+///
+/// A pool receives [`Job`](pool::Job)s, one batch of tasks each, and answers every one with
+/// [`Job::complete`](pool::Job::complete) or [`Job::run_here`](pool::Job::run_here). Nothing a
+/// pool does without `unsafe` can break memory safety: a job it drops completes itself with
+/// its tasks cancelled. See `examples/custom_pool.rs`.
+pub mod pool {
+    pub use parjob_core::{
+        ErasedBatch, Job, Pool, RemoteEntry, RunControl, RunOptions, SequentialPool, run,
+    };
+    /// The threading backend's pool, e.g. for a pool of your own to delegate to.
+    #[cfg(feature = "threading")]
+    pub use parjob_threading::ThreadPool;
+}
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;
 pub use process::init;

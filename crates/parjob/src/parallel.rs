@@ -37,7 +37,21 @@ pub struct Parallel {
     backend: Option<Backend>,
     options: RunOptions,
     pub(crate) process: ProcessOptions,
+    /// A pool the user supplied ([`Parallel::with_pool`]): used instead of any backend.
+    custom_pool: Option<CustomPool>,
     pool: Mutex<Option<CachedPool>>,
+}
+
+/// A user's pool, shown in `Debug` by its name.
+#[derive(Clone)]
+struct CustomPool(Arc<dyn Pool>);
+
+impl std::fmt::Debug for CustomPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CustomPool")
+            .field(&self.0.verbose_name())
+            .finish()
+    }
 }
 
 struct CachedPool {
@@ -85,8 +99,46 @@ impl Parallel {
                 ..RunOptions::default()
             },
             process: ProcessOptions::default(),
+            custom_pool: None,
             pool: Mutex::new(None),
         }
+    }
+
+    /// Runs every task on `pool`, a backend of your own, instead of one of the built-in
+    /// [`Backend`]s: `run`, `run_iter`, `run_unordered` and an [`Executor`](crate::Executor)
+    /// made from this `Parallel` all use it, with the same ordering, laziness and failure
+    /// rules. `n_jobs`, [`backend`](Parallel::backend) and the process settings are then
+    /// ignored; the pool says how many workers it has.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use parjob::pool::{Job, Pool};
+    /// use parjob::{delayed, Parallel};
+    ///
+    /// /// Runs each batch on the calling thread and counts them.
+    /// #[derive(Default)]
+    /// struct Counting(std::sync::atomic::AtomicUsize);
+    ///
+    /// impl Pool for Counting {
+    ///     fn workers(&self) -> usize { 1 }
+    ///     fn submit(&self, job: Job) {
+    ///         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ///         job.run_here();
+    ///     }
+    ///     fn runs_on_calling_thread(&self) -> bool { true }
+    ///     fn verbose_name(&self) -> &'static str { "CountingBackend" }
+    /// }
+    ///
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let pool = Arc::new(Counting::default());
+    /// let out = Parallel::new(1).with_pool(pool.clone()).run((0..10u64).map(|i| delayed(square, i)))?;
+    /// assert_eq!(out[3], 9);
+    /// assert!(pool.0.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    pub fn with_pool(mut self, pool: Arc<dyn Pool>) -> Parallel {
+        self.custom_pool = Some(CustomPool(pool));
+        self
     }
 
     /// Where the tasks run. Without this call, `PARJOB_BACKEND` decides, and without that,
@@ -165,6 +217,9 @@ impl Parallel {
     /// The pool for the current configuration, started on first use and kept. `Executor`
     /// shares it.
     pub(crate) fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
+        if let Some(CustomPool(pool)) = &self.custom_pool {
+            return Ok(Arc::clone(pool));
+        }
         let backend = self.effective_backend()?;
         // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
         let n_jobs = self.effective_n_jobs()?;
