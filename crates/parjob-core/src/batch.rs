@@ -397,9 +397,17 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
                 continue;
             }
         };
-        // SAFETY: `remote_entry` is only handed out by `TypedBatch::remote_entry`, which checks
-        // that `T::Func` is zero-sized. A zero-sized `fn` item or non-capturing closure type
-        // has exactly one value and no bytes, so conjuring it creates that value.
+        // SAFETY: what is conjured is a value of `T::Func`. `Task` is sealed, so `T` is a
+        // `Delayed<F, ..>` with `F: TaskFn`, which on stable Rust only `fn` items, closures and
+        // function pointers implement (the `Fn` traits cannot be implemented by hand), all of
+        // them `Copy`. This function is handed out only by `TypedBatch::remote_entry`, which
+        // refuses `F` unless it is zero-sized: a `fn` item, or a closure whose captures are
+        // all zero-sized `Copy` values. Such a type is inhabited (the driver made a value of it
+        // to call `delayed`), has no bytes and so exactly one bit pattern, the empty one
+        // `zeroed` gives, and `Copy` lets a value be duplicated by copying those bytes: this is
+        // the copy the driver would make, made in the worker. What a copy cannot carry is a
+        // promise about the driver *process* that a zero-sized capture might stand for; the
+        // docs of `delayed` tell users to keep such captures off process tasks.
         let func: T::Func = unsafe { std::mem::zeroed() };
         let outcome = catch_task(|| T::call_with(func, args));
         write_record(out, |buf, start| match outcome {

@@ -75,6 +75,26 @@ pub enum Error {
         source_note: String,
     },
 
+    /// `n_jobs` asks for more workers than the backend starts: 10^8 threads, or thousands of
+    /// processes (each a copy of the program), would exhaust the machine long before they
+    /// helped.
+    #[non_exhaustive]
+    #[error(
+        "n_jobs {requested}{source_note} is more workers than the {backend} backend starts (at most {limit}): {advice}"
+    )]
+    TooManyWorkers {
+        /// The number of workers asked for.
+        requested: usize,
+        /// The most this backend starts.
+        limit: usize,
+        /// The backend.
+        backend: Backend,
+        /// Where `n_jobs` came from, e.g. ` (from PARJOB_N_JOBS)`, or empty.
+        source_note: String,
+        /// What to do instead.
+        advice: &'static str,
+    },
+
     /// An environment variable parjob reads holds a value it cannot use.
     #[error("environment variable {var}={value:?} is invalid: {reason}")]
     #[non_exhaustive]
@@ -134,6 +154,15 @@ pub enum Error {
     #[non_exhaustive]
     Cancelled {
         /// Position of the task in the input.
+        index: usize,
+    },
+
+    /// The task was running when its pool shut down without waiting for it (a daemon
+    /// `Executor` dropped): its outcome will never be known.
+    #[non_exhaustive]
+    #[error("task {index} was abandoned while it ran: its pool shut down without waiting for it")]
+    Abandoned {
+        /// Position of the task in the input (its submission number for an `Executor`).
         index: usize,
     },
 
@@ -337,6 +366,7 @@ impl Error {
             | Error::Timeout { index, .. }
             | Error::Codec { index, .. }
             | Error::Cancelled { index }
+            | Error::Abandoned { index }
             | Error::ResultTaken { index }
             | Error::WaitTimedOut { index, .. } => Some(*index),
             _ => None,

@@ -433,9 +433,17 @@ impl<T: Task> Resolver<T> {
             mut failures,
             ..
         } = *batch;
+        // A job that comes back without an outcome either never started (cancelled) or was
+        // let go of while it ran (its pool shut down without waiting: abandoned).
+        let stamp = shared.started.load(Ordering::Acquire);
+        let unrun = if stamp != 0 && stamp != CANCELLED_BEFORE_START {
+            Error::Abandoned { index }
+        } else {
+            Error::Cancelled { index }
+        };
         let outcome = match failures.pop() {
             Some((_, error)) => Err(error),
-            None => values.pop().ok_or(Error::Cancelled { index }),
+            None => values.pop().ok_or(unrun),
         };
         shared.resolve(outcome);
     }

@@ -37,6 +37,48 @@ pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
     resolve_n_jobs(n_jobs, cpu_count, "")
 }
 
+/// The most threads the threading backend starts: far above what I/O-bound work needs (a
+/// thread blocked in a read costs memory, not CPU), far below what would exhaust the machine's
+/// thread or memory limits.
+pub const MAX_THREADS: usize = 10_000;
+
+/// The most worker processes the process backend starts: each is a copy of the program (a few
+/// MB at least) watched by threads in the driver.
+pub const MAX_PROCESSES: usize = 1_024;
+
+/// Refuses a worker count above what `backend` starts, naming where it came from.
+///
+/// # Errors
+/// [`Error::TooManyWorkers`] with the limit and what to do instead.
+pub fn check_worker_limit(
+    workers: usize,
+    backend: crate::Backend,
+    source_note: &str,
+) -> Result<usize, Error> {
+    let (limit, advice) = match backend {
+        crate::Backend::Process => (
+            MAX_PROCESSES,
+            "each worker is a copy of this program; for I/O-bound tasks use the threading \
+             backend, for CPU-bound ones n_jobs = -1",
+        ),
+        _ => (
+            MAX_THREADS,
+            "I/O-bound tasks rarely gain from more threads than connections the other side \
+             serves; CPU-bound ones want n_jobs = -1",
+        ),
+    };
+    if workers > limit {
+        return Err(Error::TooManyWorkers {
+            requested: workers,
+            limit,
+            backend,
+            source_note: source_note.to_string(),
+            advice,
+        });
+    }
+    Ok(workers)
+}
+
 /// `cpus` is only asked for negative `n_jobs`.
 pub(crate) fn resolve_n_jobs(
     n_jobs: i32,
@@ -48,7 +90,7 @@ pub(crate) fn resolve_n_jobs(
             value: 0,
             source_note: source_note.to_string(),
         }),
-        n if n > 0 => Ok(n as usize),
+        n if n > 0 => Ok(n.unsigned_abs() as usize),
         n => {
             let k = n.unsigned_abs() as usize;
             Ok((cpus() + 1).saturating_sub(k).max(1))
@@ -137,6 +179,35 @@ fn quota_to_cpus(quota: u64, period: u64) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_worker_counts_are_refused_with_the_limit_and_the_source() {
+        let err = check_worker_limit(
+            99_999_999,
+            crate::Backend::Threading,
+            " (from PARJOB_N_JOBS)",
+        )
+        .unwrap_err()
+        .to_string();
+        for part in [
+            "99999999",
+            "(from PARJOB_N_JOBS)",
+            "threading",
+            "at most 10000",
+        ] {
+            assert!(err.contains(part), "{err} lacks {part}");
+        }
+        let err = check_worker_limit(10_000, crate::Backend::Process, "").unwrap_err();
+        assert!(err.to_string().contains("at most 1024"), "{err}");
+        assert_eq!(
+            check_worker_limit(1_024, crate::Backend::Process, ""),
+            Ok(1_024)
+        );
+        assert_eq!(
+            check_worker_limit(5_000, crate::Backend::Threading, ""),
+            Ok(5_000)
+        );
+    }
 
     #[test]
     fn positive_n_jobs_is_taken_as_is() {

@@ -123,7 +123,21 @@ impl<F, A: std::fmt::Debug, M> std::fmt::Debug for Delayed<F, A, M> {
 /// Captures a call of `func` on `args` to run later, joblib's `delayed(f)(x)`.
 ///
 /// A one-parameter function takes `args` whole; a function of several parameters takes a
-/// tuple spread over them; a function of none takes `()`.
+/// tuple spread over them; a function of none takes `()`. [`TaskFn`] is the bound that says
+/// so: it is implemented for every `Fn` of 0 to 8 parameters that is `Copy + Send + Sync +
+/// 'static`, and its `Marker` parameter, inferred, only tells the two forms apart.
+///
+/// # In worker processes
+///
+/// The process backend does not send the function: a worker calls the same function in its
+/// own copy of the program. So `func` must be a `fn` item (`square`, `Self::method`) or a
+/// closure that captures no data; a function pointer (`square as fn(u64) -> u64`) or a
+/// closure capturing data is refused with [`Error::InvalidConfig`](crate::Error) naming its
+/// type. A closure whose captures are all zero-sized `Copy` values (a unit struct,
+/// `PhantomData`) holds no data and is accepted: the worker makes its copy of it without
+/// running any code, as `Copy` allows. Do not capture a zero-sized value that stands for
+/// something done in the driver process (a marker "this process initialised X"): the worker
+/// process has not done it.
 ///
 /// ```
 /// use parjob_core::{delayed, Task};

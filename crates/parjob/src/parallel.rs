@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use parjob_core::{
     Backend, BatchSize, Error, Pool, RunIter, RunOptions, RunUnordered, SequentialPool, Task,
-    backend_from_env, n_jobs_from_env, resolve_workers,
+    backend_from_env, check_worker_limit, n_jobs_from_env, resolve_workers,
 };
 
 use parjob_core::ProcessOptions;
@@ -165,6 +165,8 @@ impl Parallel {
     /// A per-task time limit. A task over it fails with [`Error::Timeout`]. Threads cannot be
     /// stopped, so on the threading and sequential backends the task is reported and left to
     /// finish in the background; the process backend kills its worker.
+    ///
+    /// A timeout of zero is refused by the first run with [`Error::InvalidConfig`].
     pub fn timeout(mut self, timeout: Duration) -> Parallel {
         self.options.timeout = Some(timeout);
         self
@@ -217,6 +219,14 @@ impl Parallel {
     /// The pool for the current configuration, started on first use and kept. `Executor`
     /// shares it.
     pub(crate) fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
+        if self.options.timeout == Some(Duration::ZERO) {
+            // Every task runs longer than no time at all: say so once, the same on every
+            // backend, rather than fail every task (or, polled, let the quick ones pass).
+            return Err(Error::InvalidConfig(
+                "a timeout of zero lets no task finish in time; set a positive limit, or none"
+                    .into(),
+            ));
+        }
         if let Some(CustomPool(pool)) = &self.custom_pool {
             return Ok(Arc::clone(pool));
         }
@@ -225,7 +235,14 @@ impl Parallel {
         let n_jobs = self.effective_n_jobs()?;
         let workers = match backend {
             Backend::Sequential => 1,
-            _ => n_jobs,
+            _ => {
+                let note = if self.n_jobs_from_env {
+                    " (from PARJOB_N_JOBS)"
+                } else {
+                    ""
+                };
+                check_worker_limit(n_jobs, backend, note)?
+            }
         };
         // A poisoned lock only means another run panicked while holding it; the cache is
         // still a valid Option.
