@@ -303,7 +303,7 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
 
     fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>) {
         for task in &self.tasks[range] {
-            write_record(out, |buf, start| {
+            write_record(out, b"", |buf, start| {
                 match codec::encode_into(task.args(), buf) {
                     Ok(()) => TAG_OK,
                     Err(message) => {
@@ -380,7 +380,7 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         position += 1;
         if tag != TAG_OK {
             // The driver could not encode these arguments; pass its message back.
-            write_record(out, |buf, _| {
+            write_record(out, b"", |buf, _| {
                 buf.extend_from_slice(payload);
                 TAG_NOT_ENCODED
             });
@@ -389,7 +389,7 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         let args = match codec::decode_prefix::<T::Args>(payload) {
             Ok((args, _)) => args,
             Err(message) => {
-                write_record(out, |buf, _| {
+                write_record(out, b"", |buf, _| {
                     buf.extend_from_slice(b"decode\0");
                     buf.extend_from_slice(message.as_bytes());
                     TAG_NOT_ENCODED
@@ -410,7 +410,7 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         // docs of `delayed` tell users to keep such captures off process tasks.
         let func: T::Func = unsafe { std::mem::zeroed() };
         let outcome = catch_task(|| T::call_with(func, args));
-        write_record(out, |buf, start| match outcome {
+        write_record(out, b"result\0", |buf, start| match outcome {
             Ok(value) => match codec::encode_into(&value, buf) {
                 Ok(()) => TAG_OK,
                 Err(message) => {
@@ -429,13 +429,34 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
 }
 
 /// Appends one record. `fill(out, start)` appends the payload (which begins at `start`; it may
-/// truncate back to `start` to start over) and returns the tag.
-fn write_record(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>, usize) -> u8) {
+/// truncate back to `start` to start over) and returns the tag. A payload too long for the
+/// record's `u32` length becomes a `TAG_NOT_ENCODED` record saying so, `side` first (`b""` for
+/// arguments, `b"result\0"` for a result).
+fn write_record(out: &mut Vec<u8>, side: &[u8], fill: impl FnOnce(&mut Vec<u8>, usize) -> u8) {
+    write_record_within(out, side, codec::MAX_VALUE_BYTES, fill);
+}
+
+fn write_record_within(
+    out: &mut Vec<u8>,
+    side: &[u8],
+    max_payload: usize,
+    fill: impl FnOnce(&mut Vec<u8>, usize) -> u8,
+) {
     let header_at = out.len();
     out.extend_from_slice(&[0; 5]);
     let start = out.len();
-    let tag = fill(out, start);
-    let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
+    let mut tag = fill(out, start);
+    let payload = out.len() - start;
+    if payload > max_payload {
+        out.truncate(start);
+        out.extend_from_slice(side);
+        out.extend_from_slice(
+            format!("encoded to {payload} bytes, more than one value may take ({max_payload})")
+                .as_bytes(),
+        );
+        tag = TAG_NOT_ENCODED;
+    }
+    let len = u32::try_from(out.len() - start).expect("payloads are held to max_payload");
     out[header_at] = tag;
     out[header_at + 1..start].copy_from_slice(&len.to_le_bytes());
 }
@@ -445,4 +466,31 @@ fn read_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     let payload = rest.get(4..4 + len)?;
     Some((tag, payload, &rest[4 + len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_over_the_record_limit_becomes_an_error_record_not_a_wrong_length() {
+        let mut out = Vec::new();
+        write_record_within(&mut out, b"result\0", 8, |buf, _| {
+            buf.extend_from_slice(&[7; 20]);
+            TAG_OK
+        });
+        let (tag, payload, rest) = read_record(&out).unwrap();
+        assert_eq!(tag, TAG_NOT_ENCODED);
+        assert!(rest.is_empty());
+        let text = String::from_utf8_lossy(payload);
+        assert!(text.starts_with("result\0encoded to 20 bytes"), "{text}");
+    }
+
+    #[test]
+    fn records_that_claim_more_than_is_there_are_not_read() {
+        assert_eq!(read_record(&[TAG_OK, 9, 0, 0, 0, 1, 2]), None);
+        assert_eq!(read_record(&[TAG_OK, 255, 255, 255, 255]), None);
+        assert_eq!(read_record(&[TAG_OK, 1, 0]), None);
+        assert_eq!(read_record(&[]), None);
+    }
 }

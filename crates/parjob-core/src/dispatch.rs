@@ -380,18 +380,20 @@ where
         // A watched task (alone in its batch) that came back after its timeout failed all the
         // same: the sequential pool runs it on this very thread, so only now can it be seen,
         // and on threads its completion may beat the timer.
-        if let Some(timeout) = self.control.timeout() {
-            if self.watches_timeouts() && len == 1 && completion.busy > timeout {
-                finished.values.clear();
-                finished.failures = vec![(
-                    0,
-                    Error::Timeout {
-                        index: finished.first_index,
-                        after: timeout,
-                        killed: false,
-                    },
-                )];
-            }
+        if let Some(timeout) = self.control.timeout()
+            && self.watches_timeouts()
+            && len == 1
+            && completion.busy > timeout
+        {
+            finished.values.clear();
+            finished.failures = vec![(
+                0,
+                Error::Timeout {
+                    index: finished.first_index,
+                    after: timeout,
+                    killed: false,
+                },
+            )];
         }
         finished
     }

@@ -128,10 +128,10 @@ fn read_quota_v2(dir: &std::path::Path) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut dir = Some(dir);
     while let Some(d) = dir {
-        if let Ok(text) = std::fs::read_to_string(d.join("cpu.max")) {
-            if let Some(n) = parse_cgroup_v2_cpu_max(&text) {
-                best = Some(best.map_or(n, |b| b.min(n)));
-            }
+        if let Ok(text) = std::fs::read_to_string(d.join("cpu.max"))
+            && let Some(n) = parse_cgroup_v2_cpu_max(&text)
+        {
+            best = Some(best.map_or(n, |b| b.min(n)));
         }
         if d == std::path::Path::new("/sys/fs/cgroup") {
             break;

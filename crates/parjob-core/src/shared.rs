@@ -123,7 +123,7 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
     }
     let memory = ALLOCATOR.get()?(bytes)?;
     let made = memory.bytes();
-    let sound = made.len() == bytes.len() && (made.as_ptr() as usize) % align_of::<T>() == 0;
+    let sound = made.len() == bytes.len() && (made.as_ptr() as usize).is_multiple_of(align_of::<T>());
     sound.then_some(memory)
 }
 
@@ -514,7 +514,7 @@ impl<'de, T: Pod + Send + Sync> Deserialize<'de> for SharedSlice<T> {
                     .checked_add(len)
                     .and_then(|end| end.checked_mul(size))
                     .is_some_and(|end| end <= segment.memory.bytes().len());
-                let aligned = (segment.memory.bytes().as_ptr() as usize) % align_of::<T>() == 0;
+                let aligned = (segment.memory.bytes().as_ptr() as usize).is_multiple_of(align_of::<T>());
                 if !fits || !aligned {
                     return Err(D::Error::custom(format!(
                         "SharedSlice<{type_name}>: values {start}..{} do not fit shared segment \
