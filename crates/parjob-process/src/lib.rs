@@ -13,10 +13,30 @@
 #![deny(missing_docs)]
 #![cfg(target_os = "linux")]
 
-mod build_id;
+// The modules, each using only those listed before it (no module reaches back up):
+//
+// - registry: who hears that a `SharedSlice` segment was dropped (the pools' queues).
+// - mapping: shared memory both processes write, reached through one raw pointer.
+// - wire: the `Hello`, shipments, `FORGET` and the status board.
+// - shared: `SharedSlice` segments: allocated, shipped, received.
+// - watch: a worker's exit and output, seen from the driver.
+// - spawn: starting a worker and its handshake.
+// - frame: `RUN` and `DONE` frames, inline or in an arena, on both sides.
+// - recovery: who is blamed, and what runs again, when a worker dies mid-frame.
+// - queue: a pool's jobs.
+// - supervisor: one worker's life: frames, deaths, replacement.
+// - worker: the worker loop `init()` enters.
+// - pool: `ProcessPool`.
+mod frame;
+mod mapping;
 mod pool;
+mod queue;
+mod recovery;
+mod registry;
 mod shared;
 mod spawn;
+mod supervisor;
+mod watch;
 mod wire;
 mod worker;
 

@@ -1,25 +1,22 @@
-//! Starting a worker process and watching it: the command line, the handshake, and the
-//! threads that report its replies and its death.
+//! Starting a worker process: the command line, the handshake, and the threads that report
+//! its replies and its death to its supervisor.
 
-use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender, IpcSharedMemory};
-use parjob_core::{Error, SharedSegment, WorkerExit, cpu_count};
+use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender};
+use parjob_core::{Error, ProcessOptions, WorkerExit, cpu_count};
+use parjob_remote::{CodeOffset, DoneHeader, Identity, InitFailed, Kind, Welcome};
 
-use crate::ProcessOptions;
-use crate::build_id::build_id;
-use crate::wire::{
-    Board, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, Hello, MSG_DONE, MSG_INIT_FAILED, MSG_READY,
-    MSG_WELCOME, PROTOCOL, Shipment,
-};
-use crate::worker::offset_of;
+use crate::mapping::Arena;
+use crate::shared::SentSegments;
+use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
+use crate::wire::{Board, ENV_INDEX, ENV_SERVER, Hello, PROTOCOL, Shipment};
 
 /// How long a started process may take to connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,8 +35,7 @@ pub const TEST_WORKER_NAME: &str = "__parjob_test_worker";
 /// Marks this executable as a test binary whose harness runs `TEST_WORKER_NAME`.
 pub fn enable_test_support() {
     TEST_SUPPORT.store(true, Ordering::Relaxed);
-    parjob_core::set_shared_allocator(crate::shared::allocate);
-    crate::worker::raise_descriptor_limit();
+    crate::shared::install();
 }
 
 /// What a supervisor hears about its worker, from the threads watching it.
@@ -49,11 +45,11 @@ pub(crate) enum Event {
         generation: u64,
         hello: Result<Box<Hello>, String>,
     },
-    /// A message on the results channel, with the new arena it announced, if any.
+    /// A message on the results channel, with the new result arena it announced, if any.
     Reply {
         generation: u64,
         bytes: Vec<u8>,
-        shared: Option<IpcSharedMemory>,
+        new_arena: Option<Arena>,
     },
     /// The results channel closed: the worker is dead or dying.
     Disconnected { generation: u64 },
@@ -63,61 +59,25 @@ pub(crate) enum Event {
     Close,
 }
 
-/// A child process, killed only while it is known not to be reaped (so a recycled pid is
-/// never signalled).
-pub(crate) struct ChildWatch {
-    pub(crate) pid: u32,
-    reaped: Mutex<bool>,
+/// A pool's settings, with the initializer's offset measured once (and checked to be in the
+/// executable) before any worker starts.
+pub(crate) struct Settings {
+    pub(crate) options: ProcessOptions,
+    pub(crate) initializer: Option<CodeOffset>,
 }
 
-impl ChildWatch {
-    pub(crate) fn kill(&self) {
-        let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*reaped {
-            // SAFETY: the process is our child and not reaped, so `pid` still names it.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
-        }
-    }
-
-    /// Waits for the process to end without reaping it, then reaps it under the lock that
-    /// `kill` takes. Returns how it ended.
-    fn wait(&self) -> WorkerExit {
-        loop {
-            // SAFETY: zeroed siginfo_t is a valid out-parameter.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: waiting on our own child with a valid out-pointer.
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    self.pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
-            if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-        }
-        let mut reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut status = 0;
-        // SAFETY: reaping our own child, which has exited (or never existed: then -1).
-        let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };
-        *reaped = true;
-        if r < 0 {
-            return WorkerExit::Lost("lost (its exit status could not be read)".into());
-        }
-        describe_status(status)
-    }
-}
-
-/// How a process ended, from its `waitpid` status.
-pub(crate) fn describe_status(status: libc::c_int) -> WorkerExit {
-    if libc::WIFEXITED(status) {
-        WorkerExit::Exited(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        WorkerExit::Signaled(libc::WTERMSIG(status))
-    } else {
-        WorkerExit::Lost(format!("ended with wait status {status:#x}"))
+impl Settings {
+    /// # Errors
+    /// `Error::InvalidConfig` when the initializer is not in this program's executable.
+    pub(crate) fn new(options: ProcessOptions) -> Result<Settings, Error> {
+        let initializer = options
+            .initializer
+            .map(CodeOffset::of_initializer)
+            .transpose()?;
+        Ok(Settings {
+            options,
+            initializer,
+        })
     }
 }
 
@@ -129,24 +89,30 @@ pub(crate) struct Worker {
     pub(crate) big_tasks: IpcSender<Shipment>,
     pub(crate) board: Board,
     pub(crate) child: Arc<ChildWatch>,
-    /// The driver's mapping of the shared segment big frames are written into.
-    pub(crate) task_arena: Option<IpcSharedMemory>,
-    /// The driver's mapping of the worker's segment for big outcome frames.
-    pub(crate) result_arena: Option<IpcSharedMemory>,
-    /// The `SharedSlice` segments this worker has mapped, to send each once and to tell it
-    /// when the driver drops one.
-    pub(crate) segments: HashMap<u64, Weak<SharedSegment>>,
+    /// The shared segment big task frames are written into (the worker has its own mapping).
+    pub(crate) task_arena: Option<Arena>,
+    /// The worker's segment for big outcome frames, kept between frames.
+    pub(crate) result_arena: Option<Arena>,
+    /// The `SharedSlice` segments this worker has mapped.
+    pub(crate) segments: SentSegments,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
-    pub(crate) output_done: Receiver<()>,
+    output_done: Receiver<()>,
+}
+
+impl Worker {
+    /// Waits (briefly) until the dead worker's last output has been forwarded.
+    pub(crate) fn wait_for_output(&self) {
+        wait_for_output(&self.output_done);
+    }
 }
 
 /// Everything a supervisor needs to start workers.
 pub(crate) struct Starter<'a> {
     pub(crate) index: usize,
     pub(crate) workers: usize,
-    pub(crate) options: &'a ProcessOptions,
+    pub(crate) settings: &'a Settings,
     pub(crate) events_tx: &'a Sender<Event>,
     pub(crate) events: &'a Receiver<Event>,
 }
@@ -162,16 +128,24 @@ fn worker_exe(options: &ProcessOptions) -> Result<PathBuf, String> {
     }
 }
 
-/// Executables whose worker ended with status 0 before its handshake, with the error it gave:
-/// such a program does not enter the worker loop (no `parjob::init()` first in `main`, or a
-/// test binary without `enable_test_support!`), so every new worker would only run the whole
-/// program again. Later pools report the same error without starting one.
-static NOT_WORKERS: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+/// Executables whose worker ended with status 0 before its handshake: such a program does not
+/// enter the worker loop (no `parjob::init()` first in `main`, or a test binary without
+/// `enable_test_support!`), so every new worker would only run the whole program again. Later
+/// pools report the same error without starting one.
+static NOT_WORKERS: Mutex<Vec<NotAWorker>> = Mutex::new(Vec::new());
 
-fn driver_exe() -> String {
-    std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "<this program>".into())
+/// The first process of an executable that [`NOT_WORKERS`] records.
+struct NotAWorker {
+    exe: PathBuf,
+    pid: u32,
+}
+
+/// Why a process that ended with `status` before its handshake is not a worker.
+fn ended_before_handshake(status: &WorkerExit) -> String {
+    format!(
+        "ended before the handshake ({status}); a worker program must call parjob::init() \
+         first thing in main, and a test binary needs parjob::enable_test_support!()"
+    )
 }
 
 impl Starter<'_> {
@@ -182,21 +156,26 @@ impl Starter<'_> {
     /// Starts worker generation `generation` and runs the handshake. Must be called on a
     /// thread that outlives the worker: `PR_SET_PDEATHSIG` fires when the spawning thread ends.
     pub(crate) fn start(&self, generation: u64) -> Result<Worker, Error> {
-        let exe = worker_exe(self.options).map_err(|m| self.error(m))?;
-        if let Some((_, message)) = NOT_WORKERS
+        let options = &self.settings.options;
+        let exe = worker_exe(options).map_err(|m| self.error(m))?;
+        if let Some(known) = NOT_WORKERS
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .find(|(known, _)| *known == exe)
+            .find(|known| known.exe == exe)
         {
             return Err(self.error(format!(
-                "{message} (seen earlier in this run; no new worker was started)"
+                "worker process {} ({}): {} (seen earlier in this run; no new worker was \
+                 started)",
+                known.pid,
+                known.exe.display(),
+                ended_before_handshake(&WorkerExit::Exited(0))
             )));
         }
         let (server, name) = IpcOneShotServer::<Hello>::new()
             .map_err(|e| self.error(format!("cannot open the handshake server: {e}")))?;
 
-        let mut command = if self.options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
+        let mut command = if options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
             // The very file this process runs, even if a rebuild has since replaced or
             // deleted it at `exe` (which would then be another build, refused).
             let mut command = Command::new(SELF_EXE);
@@ -237,20 +216,23 @@ impl Starter<'_> {
             ))
         })?;
         let (output_tx, output_done) = std::sync::mpsc::channel();
-        let prefix = self
-            .options
+        let prefix = options
             .prefix_output
             .then(|| format!("[worker {}] ", self.index));
+        let test_support = TEST_SUPPORT.load(Ordering::Relaxed);
         if let Some(out) = child.stdout.take() {
-            forward_lines(out, Sink::Stdout, prefix.clone(), output_tx.clone());
+            forward_lines(
+                out,
+                Sink::Stdout,
+                prefix.clone(),
+                test_support,
+                output_tx.clone(),
+            );
         }
         if let Some(err) = child.stderr.take() {
-            forward_lines(err, Sink::Stderr, prefix, output_tx);
+            forward_lines(err, Sink::Stderr, prefix, test_support, output_tx);
         }
-        let child = Arc::new(ChildWatch {
-            pid: child.id(),
-            reaped: Mutex::new(false),
-        });
+        let child = Arc::new(ChildWatch::new(child.id()));
         let pid = child.pid;
         let watch = Arc::clone(&child);
         let tx = self.events_tx.clone();
@@ -301,20 +283,18 @@ impl Starter<'_> {
                     if let Ok(sender) = IpcSender::<Hello>::connect(name.clone()) {
                         drop(sender);
                     }
-                    let error = fail(format!(
-                        "ended before the handshake ({status}); a worker program must call \
-                         parjob::init() first thing in main, and a test binary needs \
-                         parjob::enable_test_support!()"
-                    ));
-                    if status.is_success() {
-                        if let Error::Worker { message, .. } = &error {
-                            NOT_WORKERS
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push((exe.clone(), message.clone()));
-                        }
+                    if status == WorkerExit::Exited(0) {
+                        // A clean exit before the handshake: the program never became a worker
+                        // and never will.
+                        NOT_WORKERS
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(NotAWorker {
+                                exe: exe.clone(),
+                                pid,
+                            });
                     }
-                    return Err(error);
+                    return Err(fail(ended_before_handshake(&status)));
                 }
                 Some(Event::Close) => return Err(fail("the pool is shutting down".into())),
                 Some(_) => {}
@@ -327,37 +307,28 @@ impl Starter<'_> {
                 }
             }
         };
-        if hello.protocol != PROTOCOL || hello.build_id != build_id() {
-            return Err(fail(format!(
-                "refused: worker executable {} (pid {}, build {}, protocol {}) is not the same \
-                 build as the driver executable {} (build {}, protocol {PROTOCOL}); a worker \
-                 must be this very build of the program",
-                hello.exe,
-                hello.pid,
-                hello.build_id,
-                hello.protocol,
-                driver_exe(),
-                build_id()
-            )));
-        }
         let Hello {
+            identity,
             tasks,
             big_tasks,
             results,
             big_results,
             board,
-            ..
         } = *hello;
+        // Nothing that names code is sent before this check.
+        Identity::decode(&identity)
+            .and_then(|identity| identity.check_same_build(PROTOCOL))
+            .map_err(|e| fail(e.to_string()))?;
         let board = Board::from_shared(board)
             .ok_or_else(|| fail("sent an unusable status board".into()))?;
         let tx = self.events_tx.clone();
         spawn_thread(format!("parjob-read-{pid}"), move || {
             while let Ok(bytes) = results.recv() {
-                let shared = if bytes.first() == Some(&MSG_DONE)
-                    && bytes.get(1).is_some_and(|f| f & FLAG_NEW_ARENA != 0)
-                {
+                let announces_arena = Kind::of(&bytes) == Ok(Kind::Done)
+                    && DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
+                let new_arena = if announces_arena {
                     match big_results.recv() {
-                        Ok(shared) => Some(shared),
+                        Ok(memory) => Some(Arena::new(memory)),
                         Err(_) => break,
                     }
                 } else {
@@ -366,7 +337,7 @@ impl Starter<'_> {
                 let reply = Event::Reply {
                     generation,
                     bytes,
-                    shared,
+                    new_arena,
                 };
                 if tx.send(reply).is_err() {
                     return;
@@ -380,17 +351,12 @@ impl Starter<'_> {
         })
         .map_err(&fail)?;
 
-        let mut welcome = vec![MSG_WELCOME];
-        welcome.extend_from_slice(&(self.options.max_nbytes as u64).to_le_bytes());
-        match self.options.initializer {
-            Some(f) => {
-                welcome.push(1);
-                welcome.extend_from_slice(&offset_of(f.0 as usize).to_le_bytes());
-            }
-            None => welcome.extend_from_slice(&[0; 9]),
-        }
+        let welcome = Welcome {
+            max_nbytes: options.max_nbytes as u64,
+            initializer: self.settings.initializer,
+        };
         tasks
-            .send(&welcome)
+            .send(&welcome.encode())
             .map_err(|e| fail(format!("cannot send the welcome: {e}")))?;
         // Set once the process has ended: its last reply may still be on its way.
         let mut ended: Option<WorkerExit> = None;
@@ -401,13 +367,12 @@ impl Starter<'_> {
                     generation: g,
                     bytes,
                     ..
-                }) if g == generation => match bytes.first() {
-                    Some(&MSG_READY) => break,
-                    Some(&MSG_INIT_FAILED) => {
-                        return Err(fail(format!(
-                            "the initializer panicked: {}",
-                            String::from_utf8_lossy(&bytes[1..])
-                        )));
+                }) if g == generation => match Kind::of(&bytes) {
+                    Ok(Kind::Ready) => break,
+                    Ok(Kind::InitFailed) => {
+                        let reason = InitFailed::decode(&bytes)
+                            .map_or_else(|e| e.to_string(), |failed| failed.reason);
+                        return Err(fail(reason));
                     }
                     _ => return Err(fail("sent a malformed reply to the welcome".into())),
                 },
@@ -447,7 +412,7 @@ impl Starter<'_> {
             output_done,
             task_arena: None,
             result_arena: None,
-            segments: HashMap::new(),
+            segments: SentSegments::default(),
         })
     }
 
@@ -500,111 +465,4 @@ pub(crate) fn await_exit(
         let _ = events_tx.send(Event::Close);
     }
     status
-}
-
-pub(crate) fn spawn_thread(
-    name: String,
-    body: impl FnOnce() + Send + 'static,
-) -> Result<(), String> {
-    std::thread::Builder::new()
-        .name(name)
-        .stack_size(256 << 10)
-        .spawn(body)
-        .map(drop)
-        .map_err(|e| format!("cannot start a thread: {e}"))
-}
-
-#[derive(Clone, Copy)]
-enum Sink {
-    Stdout,
-    Stderr,
-}
-
-/// Copies a worker's output to ours a whole line at a time, so that lines of different
-/// workers never interleave mid-line (stderr is unbuffered: one `eprintln!` may be several
-/// writes). Under test support, the harness's own `running 1 test` banner is dropped.
-fn forward_lines(
-    pipe: impl std::io::Read + Send + 'static,
-    sink: Sink,
-    prefix: Option<String>,
-    done: Sender<()>,
-) {
-    use std::io::{BufRead, Write};
-    let body = move || {
-        let _done = done;
-        let mut reader = std::io::BufReader::new(pipe);
-        let mut line = Vec::new();
-        let mut banner = TEST_SUPPORT.load(Ordering::Relaxed) && matches!(sink, Sink::Stdout);
-        let prefix = prefix.unwrap_or_default();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if banner {
-                if line == b"\n" {
-                    continue;
-                }
-                banner = false;
-                if line.starts_with(b"running 1 test") {
-                    continue;
-                }
-            }
-            let mut text = Vec::with_capacity(prefix.len() + line.len() + 1);
-            text.extend_from_slice(prefix.as_bytes());
-            text.extend_from_slice(&line);
-            if !text.ends_with(b"\n") {
-                text.push(b'\n');
-            }
-            let _ = match sink {
-                Sink::Stdout => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&text).and_then(|()| out.flush())
-                }
-                Sink::Stderr => std::io::stderr().lock().write_all(&text),
-            };
-        }
-    };
-    // Without the thread the output is lost, not the worker: nothing to report.
-    let _ = spawn_thread("parjob-output".into(), body);
-}
-
-/// Waits (briefly) until a dead worker's last output has been forwarded.
-pub(crate) fn wait_for_output(worker: &Worker) {
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while let Ok(()) | Err(RecvTimeoutError::Timeout) = worker
-        .output_done
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
-        if Instant::now() >= deadline {
-            return;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_statuses_read_like_the_shell_says_them() {
-        // Wait statuses as waitpid encodes them: exit code in the second byte, signal in the
-        // low seven bits.
-        assert_eq!(describe_status(3 << 8).to_string(), "exit status 3");
-        assert_eq!(describe_status(0).to_string(), "exit status 0");
-        assert_eq!(
-            describe_status(libc::SIGABRT).to_string(),
-            "killed by signal 6 (SIGABRT)"
-        );
-        assert_eq!(
-            describe_status(libc::SIGKILL).to_string(),
-            "killed by signal 9 (SIGKILL)"
-        );
-        assert_eq!(
-            describe_status(libc::SIGSEGV).to_string(),
-            "killed by signal 11 (SIGSEGV)"
-        );
-        assert_eq!(describe_status(40).to_string(), "killed by signal 40");
-    }
 }

@@ -1,16 +1,21 @@
-//! What travels between the driver and a worker: the handshake, the message kinds, and the
-//! status board (a few shared words the worker writes as tasks start).
+//! What the process backend adds to parjob-remote's messages: the channels a worker hands over
+//! in its `Hello`, the shared memory it is sent on the side (`Shipment`, announced by `FORGET`
+//! and by a `RUN`'s attachments), and the status board.
 //!
-//! Batches themselves are opaque frames made by `parjob_core` (`ErasedBatch::encode_tasks`);
-//! this module only puts a small header in front of them. See `docs/PROCESS.md`.
+//! The message headers themselves (`WELCOME`, `RUN`, `DONE`, ...) and their layout are
+//! `parjob_remote::header`'s. See `docs/PROCESS.md`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipc_channel::ipc::{IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender, IpcSharedMemory};
+use parjob_remote::{Kind, RemoteError};
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a message's layout changes.
-pub(crate) const PROTOCOL: u32 = 2;
+use crate::mapping::raw_parts;
+
+/// This backend's protocol version (its `Hello`, `Shipment` and `FORGET`), compared at the
+/// handshake with parjob-remote's `LAYOUT`. Bumped whenever one of them changes.
+pub(crate) const PROTOCOL: u32 = 3;
 
 /// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
 /// enter the worker loop in a process whose parent is that driver.
@@ -25,27 +30,25 @@ pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
 /// the disconnection at once (ipc-channel #281).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Hello {
-    pub(crate) protocol: u32,
-    pub(crate) build_id: String,
-    pub(crate) exe: String,
-    pub(crate) pid: u32,
-    /// Driver to worker: message headers and small frames.
+    /// `parjob_remote::Identity::encode`: build, protocol, executable, pid.
+    pub(crate) identity: Vec<u8>,
+    /// Driver to worker: messages, and frames up to `max_nbytes`.
     pub(crate) tasks: IpcBytesSender,
     /// Driver to worker: shared segments (arenas for frames over `max_nbytes`, and the data
-    /// of `SharedSlice`s), announced by the count in a `MSG_RUN` header.
+    /// of `SharedSlice`s), announced by a `RUN`'s attachments or a `FORGET`.
     pub(crate) big_tasks: IpcSender<Shipment>,
-    /// Worker to driver: replies and small outcome frames.
+    /// Worker to driver: replies, and outcome frames up to `max_nbytes`.
     pub(crate) results: IpcBytesReceiver,
-    /// Worker to driver: outcome frames over `max_nbytes`.
+    /// Worker to driver: a new result arena, announced by its `DONE`.
     pub(crate) big_results: IpcReceiver<IpcSharedMemory>,
     /// The status board, see [`Board`].
     pub(crate) board: IpcSharedMemory,
 }
 
-/// What the driver sends a worker on its `big_tasks` channel before a `MSG_RUN` frame.
+/// What the driver sends a worker on its `big_tasks` channel after a `RUN` or `FORGET`.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum Shipment {
-    /// A new arena for big frames, replacing the previous one.
+    /// A new task arena for big frames, replacing the previous one.
     Arena(IpcSharedMemory),
     /// The segment of a `SharedSlice` the frame refers to, the first time this worker meets it.
     Segment {
@@ -58,51 +61,48 @@ pub(crate) enum Shipment {
     Forget(Vec<u64>),
 }
 
-/// Driver to worker: `[WELCOME][max_nbytes u64][has initializer u8][initializer offset i64]`.
-pub(crate) const MSG_WELCOME: u8 = 1;
-/// Driver to worker: `[RUN][flags u8][entry offset i64][shared length u64][shipments u32][frame]`,
-/// where `shipments` counts the [`Shipment`]s that follow on `big_tasks`, which the worker takes
-/// before it reads the frame.
-pub(crate) const MSG_RUN: u8 = 2;
-/// Driver to worker: exit with status 0.
-pub(crate) const MSG_SHUTDOWN: u8 = 3;
-/// Worker to driver: the initializer (if any) ran; ready for frames.
-pub(crate) const MSG_READY: u8 = 4;
-/// Worker to driver: `[INIT_FAILED][message]`.
-pub(crate) const MSG_INIT_FAILED: u8 = 5;
-/// Worker to driver: `[DONE][flags u8][busy nanos u64][shared length u64][outcomes]`.
-pub(crate) const MSG_DONE: u8 = 6;
+/// Driver to idle worker, no reply: `[FORGET][shipments u32]`, then that many
+/// `Shipment::Forget` on `big_tasks`. Sent when the driver drops a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Forget {
+    pub(crate) shipments: u32,
+}
 
-/// Driver to worker: `[FORGET][shipments u32]`, then that many `Shipment::Forget` on
-/// `big_tasks`; no reply. Sent to an idle worker when the driver drops a segment.
-pub(crate) const MSG_FORGET: u8 = 7;
+impl Forget {
+    /// The message's kind byte, the first of parjob-remote's backend kinds.
+    pub(crate) const KIND: u8 = Kind::FIRST_BACKEND;
 
-/// Frame flag: the per-task start time is wanted (a timeout is set).
-pub(crate) const FLAG_TIMED: u8 = 1;
-/// Frame flag: the frame is the first `shared length` bytes of the sender's shared segment
-/// (its arena), not in this message.
-pub(crate) const FLAG_SHARED: u8 = 2;
-/// Outcome flag: a new arena, replacing the previous one, waits on the `big_results` channel.
-pub(crate) const FLAG_NEW_ARENA: u8 = 4;
+    pub(crate) fn encode(self) -> [u8; 5] {
+        let mut message = [Forget::KIND, 0, 0, 0, 0];
+        message[1..].copy_from_slice(&self.shipments.to_le_bytes());
+        message
+    }
 
-/// Length of a `MSG_RUN` header.
-pub(crate) const RUN_HEADER: usize = 22;
-/// Length of a `MSG_DONE` header.
-pub(crate) const DONE_HEADER: usize = 18;
+    pub(crate) fn decode(message: &[u8]) -> Result<Forget, RemoteError> {
+        match message {
+            [Forget::KIND, count @ ..] => {
+                let count: [u8; 4] = count.get(..4).and_then(|c| c.try_into().ok()).ok_or(
+                    RemoteError::Truncated {
+                        message: "FORGET",
+                        needed: 5,
+                        len: message.len(),
+                    },
+                )?;
+                Ok(Forget {
+                    shipments: u32::from_le_bytes(count),
+                })
+            }
+            _ => Err(RemoteError::UnexpectedKind {
+                expected: "FORGET",
+                found: message.first().copied(),
+            }),
+        }
+    }
+}
 
 /// Arenas up to this size are kept for the next big frame (a reused segment is written at
 /// memory speed; a new one pays a page fault per page). Bigger ones are used once.
 pub(crate) const ARENA_KEEP_MAX: usize = 256 << 20;
-
-/// Reads a little-endian `u32` at `at`.
-pub(crate) fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Reads a little-endian `u64` at `at`.
-pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
-}
 
 /// Nanoseconds on `CLOCK_MONOTONIC`, which every process of the machine shares.
 pub(crate) fn monotonic_nanos() -> u64 {
@@ -122,15 +122,21 @@ pub(crate) fn monotonic_nanos() -> u64 {
 /// name the task a crashed worker held and to time tasks from their start in the worker; it
 /// costs the worker one store per task, no message. The worker makes it and sends it in its
 /// `Hello`.
+///
+/// Who writes what: the worker writes both words as each task starts; the driver writes the
+/// count (to 0) only before it sends a `RUN`, while the worker waits for that message. Both
+/// sides read at any time. Every access, on both sides, is atomic.
 pub(crate) struct Board {
-    /// Keeps the mapping alive; only accessed through `words`.
+    /// Keeps the mapping alive; only reached through `words`.
     _memory: IpcSharedMemory,
     words: *mut AtomicU64,
 }
 
-// SAFETY: the mapping is only accessed through atomics and lives as long as `_memory`.
+// SAFETY: the mapping lives as long as `_memory`, which moves with the board, and every access
+// through `words` is atomic.
 unsafe impl Send for Board {}
-// SAFETY: as above: every access is atomic.
+// SAFETY: as above: every access is atomic, so sharing the board between threads is as
+// sound as sharing it between processes.
 unsafe impl Sync for Board {}
 
 const BOARD_BYTES: usize = 2 * size_of::<u64>();
@@ -139,29 +145,28 @@ impl Board {
     /// A new, zeroed board (in the worker) and the handle to send to the driver.
     pub(crate) fn new() -> Option<(Board, IpcSharedMemory)> {
         let memory = IpcSharedMemory::from_byte(0, BOARD_BYTES);
+        // A clone is a second mapping of the same memory: the driver's, once sent.
         let handle = memory.clone();
         Some((Board::from_shared(memory)?, handle))
     }
 
     /// The board a worker sent (in the driver). `None` if it is too small or misaligned.
     pub(crate) fn from_shared(mut memory: IpcSharedMemory) -> Option<Board> {
-        // SAFETY: the slice is only turned into a pointer; every later access goes through
-        // atomics, by this process and the one other process that maps the same memory.
-        let bytes = unsafe { memory.deref_mut() };
-        if bytes.len() < BOARD_BYTES || bytes.as_ptr().align_offset(align_of::<AtomicU64>()) != 0 {
+        let (start, len) = raw_parts(&mut memory);
+        if len < BOARD_BYTES || start.align_offset(align_of::<AtomicU64>()) != 0 {
             return None;
         }
-        let words = bytes.as_mut_ptr().cast::<AtomicU64>();
         Some(Board {
             _memory: memory,
-            words,
+            words: start.cast::<AtomicU64>(),
         })
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
         debug_assert!(i < 2);
-        // SAFETY: `words` points to a live, page-aligned mapping of at least two u64 words
-        // (checked in `from_shared`), only ever accessed atomically.
+        // SAFETY: `words` points to a live, aligned mapping of at least two u64 words (checked
+        // in `from_shared`), writable (see `raw_parts`), and every process that maps it
+        // accesses it only atomically, so a shared `&AtomicU64` to it is sound.
         unsafe { &*self.words.add(i) }
     }
 
@@ -187,5 +192,33 @@ impl Board {
             self.word(1).store(monotonic_nanos(), Ordering::Release);
         }
         self.word(0).store(position as u64 + 1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forget_survives_the_round_trip_and_a_short_one_is_an_error() {
+        let forget = Forget { shipments: 70_000 };
+        assert_eq!(Forget::decode(&forget.encode()), Ok(forget));
+        assert!(matches!(
+            Forget::decode(&forget.encode()[..3]),
+            Err(RemoteError::Truncated { .. })
+        ));
+        assert!(Forget::decode(&[]).is_err());
+        assert!(Forget::decode(&[Kind::Run.byte(), 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn both_mappings_of_a_board_see_the_same_words() {
+        let (worker, handle) = Board::new().unwrap();
+        let driver = Board::from_shared(handle).unwrap();
+        worker.task_started(4, true);
+        assert_eq!(driver.started_count(), 5);
+        assert!(driver.last_start() > 0);
+        driver.reset();
+        assert_eq!(worker.started_count(), 0);
     }
 }

@@ -4,14 +4,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender, IpcSharedMemory};
-use parjob_core::{Backend, RemoteEntry, set_worker_identity};
+use parjob_core::{Backend, set_worker_identity};
+use parjob_remote::{
+    DoneHeader, Identity, InitFailed, Kind, RunHeader, Welcome, call_entry, call_initializer,
+};
 
-use crate::build_id::build_id;
+use crate::frame::{finish_done, task_frame};
+use crate::mapping::Arena;
 use crate::shared::receive;
 use crate::wire::{
-    ARENA_KEEP_MAX, Board, DONE_HEADER, ENV_INDEX, ENV_SERVER, FLAG_NEW_ARENA, FLAG_SHARED,
-    FLAG_TIMED, Hello, MSG_DONE, MSG_FORGET, MSG_INIT_FAILED, MSG_READY, MSG_RUN, MSG_SHUTDOWN,
-    MSG_WELCOME, PROTOCOL, RUN_HEADER, Shipment, read_u32, read_u64,
+    ARENA_KEEP_MAX, Board, ENV_INDEX, ENV_SERVER, Forget, Hello, PROTOCOL, Shipment,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
@@ -45,33 +47,10 @@ pub(crate) fn in_worker_loop() -> bool {
     IN_WORKER.load(Ordering::Relaxed)
 }
 
-/// The function every offset is measured from. Any function of this crate would do; this one
-/// exists so that the choice is explicit and never inlined away.
-#[inline(never)]
-pub(crate) fn anchor() -> usize {
-    std::hint::black_box(0x5eed)
-}
-
-/// Offset of `f` from [`anchor`] in this build.
-pub(crate) fn offset_of(f: usize) -> i64 {
-    (f as i64).wrapping_sub(anchor_address() as i64)
-}
-
-fn anchor_address() -> usize {
-    let anchor: fn() -> usize = anchor;
-    anchor as usize
-}
-
-/// The address at `offset` from [`anchor`] in this build.
-fn address_at(offset: i64) -> usize {
-    (anchor_address() as i64).wrapping_add(offset) as usize
-}
-
 /// Enters the worker loop if the driver started this process; returns at once otherwise.
 pub fn init() {
     // `SharedSlice`s made from now on live in shared memory.
-    parjob_core::set_shared_allocator(crate::shared::allocate);
-    raise_descriptor_limit();
+    crate::shared::install();
     let Some(server) = server_name() else {
         return;
     };
@@ -114,12 +93,7 @@ fn serve(server: String) -> Result<(), String> {
     let (big_results_tx, big_results_rx) =
         ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
     let hello = Hello {
-        protocol: PROTOCOL,
-        build_id: build_id().to_string(),
-        exe: std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "<unknown executable>".into()),
-        pid: std::process::id(),
+        identity: Identity::current(PROTOCOL).encode(),
         tasks: tasks_tx,
         big_tasks: big_tasks_tx,
         results: results_rx,
@@ -136,104 +110,68 @@ fn serve(server: String) -> Result<(), String> {
     let Ok(welcome) = tasks_rx.recv() else {
         return Ok(());
     };
-    if welcome.first() != Some(&MSG_WELCOME) || welcome.len() < 18 {
-        return Err("the driver's welcome is malformed".into());
-    }
-    let max_nbytes = read_u64(&welcome, 1).unwrap_or(u64::MAX) as usize;
-    if welcome[9] == 1 {
-        let offset = read_u64(&welcome, 10).unwrap_or(0) as i64;
-        // SAFETY: the driver sends offsets only after checking at the handshake that this
-        // worker is the same build (same build-id), so `anchor + offset` is the address of the
-        // `fn()` the driver measured in its own copy of this very binary.
-        let initializer: fn() = unsafe { std::mem::transmute::<usize, fn()>(address_at(offset)) };
-        if let Err(message) = catch_initializer(initializer) {
-            let mut reply = vec![MSG_INIT_FAILED];
-            reply.extend_from_slice(message.as_bytes());
-            let _ = results_tx.send(&reply);
+    let welcome =
+        Welcome::decode(&welcome).map_err(|e| format!("the driver's welcome is malformed: {e}"))?;
+    let max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
+    if let Some(initializer) = welcome.initializer {
+        // SAFETY: the driver sends a welcome only after checking at the handshake that this
+        // worker is the same build, and measured this offset with `CodeOffset::of_initializer`.
+        if let Err(error) = unsafe { call_initializer(initializer) } {
+            let reply = InitFailed {
+                reason: error.to_string(),
+            };
+            let _ = results_tx.send(&reply.encode());
             return Ok(());
         }
     }
     results_tx
-        .send(&[MSG_READY])
+        .send(&[Kind::Ready.byte()])
         .map_err(|e| format!("cannot reach the driver: {e}"))?;
 
     let mut out = Vec::new();
-    // The shared segments reused for big frames, see `wire::FLAG_SHARED`.
-    let mut task_arena: Option<IpcSharedMemory> = None;
-    let mut result_arena: Option<IpcSharedMemory> = None;
+    // The shared segments reused for big frames, see `frame`.
+    let mut task_arena: Option<Arena> = None;
+    let mut result_arena: Option<Arena> = None;
     loop {
         // The driver gone (dropped without a shutdown, or dead) means: exit too.
         let Ok(message) = tasks_rx.recv() else {
             return Ok(());
         };
-        match message.first() {
-            Some(&MSG_RUN) if message.len() >= RUN_HEADER => {}
-            Some(&MSG_FORGET) if message.len() >= 5 => {
-                receive_shipments(
-                    &big_tasks_rx,
-                    read_u32(&message, 1).unwrap_or(0),
-                    &mut task_arena,
-                )?;
+        match Kind::of(&message) {
+            Ok(Kind::Run) => {}
+            Ok(Kind::Shutdown) => return Ok(()),
+            Ok(Kind::Backend(Forget::KIND)) => {
+                let forget = Forget::decode(&message)
+                    .map_err(|e| format!("the driver sent a malformed message: {e}"))?;
+                receive_shipments(&big_tasks_rx, forget.shipments, &mut task_arena)?;
                 continue;
             }
-            Some(&MSG_SHUTDOWN) => return Ok(()),
-            _ => return Err("the driver sent a malformed message".into()),
+            Ok(other) => return Err(format!("the driver sent an unexpected {other:?} message")),
+            Err(e) => return Err(format!("the driver sent a malformed message: {e}")),
         }
-        let flags = message[1];
-        let offset = read_u64(&message, 2).unwrap_or(0) as i64;
-        receive_shipments(
-            &big_tasks_rx,
-            read_u32(&message, 18).unwrap_or(0),
-            &mut task_arena,
-        )?;
-        let frame: &[u8] = if flags & FLAG_SHARED != 0 {
-            let len = read_u64(&message, 10).unwrap_or(0) as usize;
-            task_arena
-                .as_deref()
-                .and_then(|arena| arena.get(..len))
-                .ok_or("the driver announced a shared frame it did not send")?
-        } else {
-            &message[RUN_HEADER..]
-        };
-        // SAFETY: as for the initializer above: same build, checked at the handshake, so the
-        // offset leads to the `RemoteEntry` the driver took from `ErasedBatch::remote_entry`.
-        let entry: RemoteEntry =
-            unsafe { std::mem::transmute::<usize, RemoteEntry>(address_at(offset)) };
-        let timed = flags & FLAG_TIMED != 0;
+        let (header, inline) = RunHeader::decode(&message)
+            .map_err(|e| format!("the driver sent a malformed message: {e}"))?;
+        receive_shipments(&big_tasks_rx, header.attachments, &mut task_arena)?;
+        let frame = task_frame(&header, inline, task_arena.as_ref())?;
         out.clear();
-        out.extend_from_slice(&[MSG_DONE; DONE_HEADER]);
+        out.resize(DoneHeader::LEN, 0);
         let began = Instant::now();
-        entry(frame, &mut out, &mut |position| {
-            board.task_started(position, timed);
-        });
-        let busy = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        out[1] = 0;
-        out[2..10].copy_from_slice(&busy.to_le_bytes());
-        let len = out.len() - DONE_HEADER;
-        out[10..DONE_HEADER].copy_from_slice(&(len as u64).to_le_bytes());
-        if len > max_nbytes {
-            out[1] = FLAG_SHARED;
-            match result_arena.as_mut().filter(|arena| arena.len() >= len) {
-                Some(arena) => {
-                    // SAFETY: the driver reads this arena only between a DONE and the next RUN,
-                    // and this worker writes it only while running a frame: never both at once.
-                    let shared = unsafe { arena.deref_mut() };
-                    shared[..len].copy_from_slice(&out[DONE_HEADER..]);
-                }
-                None => {
-                    out[1] |= FLAG_NEW_ARENA;
-                    let arena = IpcSharedMemory::from_bytes(&out[DONE_HEADER..]);
-                    big_results_tx
-                        .send(arena.clone())
-                        .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
-                    result_arena = (arena.len() <= ARENA_KEEP_MAX).then_some(arena);
-                }
-            }
-            results_tx.send(&out[..DONE_HEADER])
-        } else {
-            results_tx.send(&out)
-        }
-        .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        let mut on_start = |position| board.task_started(position, header.timed);
+        // SAFETY: the driver sends frames only after checking at the handshake that this
+        // worker is the same build, and measured the entry offset with `CodeOffset::of_entry`.
+        unsafe { call_entry(header.entry, frame, &mut out, &mut on_start) }
+            .map_err(|e| format!("cannot run a frame: {e}"))?;
+        let busy = began.elapsed();
+        let send = finish_done(
+            &mut out,
+            busy,
+            max_nbytes,
+            &mut result_arena,
+            &big_results_tx,
+        )?;
+        results_tx
+            .send(&out[..send])
+            .map_err(|e| format!("cannot send outcomes: {e}"))?;
         if task_arena
             .as_ref()
             .is_some_and(|a| a.len() > ARENA_KEEP_MAX)
@@ -246,46 +184,21 @@ fn serve(server: String) -> Result<(), String> {
     }
 }
 
-/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does: each
-/// shared segment holds a descriptor in the driver and in every worker that maps it, and the
-/// common soft limit of 1024 would cap a run at about a thousand live `SharedSlice`s.
-pub(crate) fn raise_descriptor_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid resource and a valid, writable rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 /// Takes the `count` shipments a message announced from `big_tasks` and applies them.
 fn receive_shipments(
     big_tasks: &IpcReceiver<Shipment>,
     count: u32,
-    task_arena: &mut Option<IpcSharedMemory>,
+    task_arena: &mut Option<Arena>,
 ) -> Result<(), String> {
     for _ in 0..count {
         let shipment = big_tasks
             .recv()
             .map_err(|e| format!("cannot receive shared memory: {e}"))?;
-        if let Some(arena) = receive(shipment) {
-            *task_arena = Some(arena);
+        if let Some(memory) = receive(shipment) {
+            *task_arena = Some(Arena::new(memory));
         }
     }
     Ok(())
-}
-
-/// Runs the initializer, returning its panic message and location instead of printing them
-/// (with `RUST_BACKTRACE=1` the default hook would also print a backtrace): the driver
-/// reports the failure.
-fn catch_initializer(initializer: fn()) -> Result<(), String> {
-    parjob_core::catch_task(initializer)
 }
 
 /// Keeps big freed blocks in the worker's heap (glibc) instead of unmapping them.
@@ -310,19 +223,6 @@ fn tune_malloc() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn twice(x: u64) -> u64 {
-        x * 2
-    }
-
-    #[test]
-    fn an_offset_from_the_anchor_leads_back_to_the_function() {
-        let f: fn(u64) -> u64 = twice;
-        let offset = offset_of(f as usize);
-        // SAFETY: the address is `twice`'s own, in this same binary.
-        let back: fn(u64) -> u64 = unsafe { std::mem::transmute(address_at(offset)) };
-        assert_eq!(back(21), 42);
-    }
 
     #[test]
     fn a_process_whose_parent_is_not_the_driver_is_not_a_worker() {

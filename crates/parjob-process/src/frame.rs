@@ -1,0 +1,191 @@
+//! Frames as this backend moves them: a `RUN` carries its tasks inline or in the task arena,
+//! a `DONE` its outcomes inline or in the result arena, and whatever shared memory a frame
+//! needs travels as shipments after its `RUN`. Both sides' halves are here; the headers are
+//! parjob-remote's.
+//!
+//! Turns on the arenas: the driver writes the task arena only before it sends a `RUN`, and
+//! the worker reads it only between that `RUN` and its `DONE`; the worker writes the result
+//! arena only before it sends a `DONE`, and the driver reads it only between that `DONE` and
+//! its next `RUN`. So the two processes never touch one arena at the same time.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use ipc_channel::ipc::{IpcSender, IpcSharedMemory};
+use parjob_core::{ErasedBatch, collect_shared};
+use parjob_remote::{CodeOffset, DoneHeader, FrameAt, RunHeader};
+
+use crate::mapping::Arena;
+use crate::shared::{Planned, can_ship, spare_descriptors};
+use crate::spawn::Worker;
+use crate::wire::{ARENA_KEEP_MAX, Shipment};
+
+/// Driver: writes the `RUN` of tasks `range` of `batch` for `worker` into `buf` (cleared
+/// first), moving a frame over `max_nbytes` into the worker's task arena. Returns how many
+/// bytes of `buf` to send and the shipments that follow them.
+pub(crate) fn encode_run(
+    buf: &mut Vec<u8>,
+    batch: &dyn ErasedBatch,
+    range: Range<usize>,
+    entry: CodeOffset,
+    timed: bool,
+    worker: &mut Worker,
+    max_nbytes: usize,
+) -> (usize, Vec<Planned>) {
+    buf.clear();
+    buf.resize(RunHeader::LEN, 0);
+    let ((), segments) = collect_shared(|| batch.encode_tasks(range.clone(), buf));
+    let mut shipments = worker.segments.plan(segments);
+    if !can_ship(&shipments) {
+        // Out of file descriptors: send the slices' values instead of handles (slow, but the
+        // tasks run).
+        shipments.retain(|planned| matches!(planned, Planned::Ready(_)));
+        buf.truncate(RunHeader::LEN);
+        batch.encode_tasks(range, buf);
+    }
+    let len = buf.len() - RunHeader::LEN;
+    let arena_fits = worker.task_arena.as_ref().is_some_and(|a| a.len() >= len);
+    // A new arena needs two spare file descriptors (ipc-channel panics without them); with
+    // none, the big frame goes over the socket, slower but whole.
+    let in_arena = len > max_nbytes && (arena_fits || spare_descriptors(2));
+    if in_arena {
+        let frame = &buf[RunHeader::LEN..];
+        let written = match worker.task_arena.as_mut().filter(|a| a.len() >= len) {
+            // SAFETY: the driver's turn: the worker reads its task arena only between a RUN
+            // and its DONE, and this RUN is not sent yet (the previous DONE came back).
+            Some(arena) => unsafe { arena.write(frame) },
+            None => false,
+        };
+        if !written {
+            let arena = Arena::from_bytes(frame);
+            shipments.push(Planned::Ready(Shipment::Arena(arena.handle())));
+            worker.task_arena = (len <= ARENA_KEEP_MAX).then_some(arena);
+        }
+    }
+    let header = RunHeader {
+        timed,
+        entry,
+        frame: if in_arena {
+            FrameAt::Arena { len: len as u64 }
+        } else {
+            FrameAt::Inline
+        },
+        // Each shipment carries a file descriptor, so a frame's count is bounded by the
+        // process's descriptor limit, far below u32::MAX.
+        attachments: u32::try_from(shipments.len()).unwrap_or(u32::MAX),
+    };
+    buf[..RunHeader::LEN].copy_from_slice(&header.encode());
+    let send = if in_arena { RunHeader::LEN } else { buf.len() };
+    (send, shipments)
+}
+
+/// Driver: a `DONE` as it came back, with the result arena to keep for the worker: the one it
+/// just announced, or the one it had (which holds the outcomes if they are in an arena).
+pub(crate) struct Done {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) arena: Option<Arena>,
+}
+
+impl Done {
+    /// `new_arena` is the arena the reply announced, `kept` the worker's previous one.
+    pub(crate) fn new(bytes: Vec<u8>, new_arena: Option<Arena>, kept: Option<Arena>) -> Done {
+        let announced = DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
+        let arena = if announced { new_arena } else { kept };
+        Done { bytes, arena }
+    }
+
+    /// The time the frame took in the worker, and its outcomes.
+    ///
+    /// # Errors
+    /// A message naming what is wrong with a malformed reply.
+    pub(crate) fn outcomes(&self) -> Result<(Duration, &[u8]), String> {
+        let (header, inline) = DoneHeader::decode(&self.bytes).map_err(|e| e.to_string())?;
+        let outcomes = match header.outcomes {
+            FrameAt::Inline => inline,
+            FrameAt::Arena { len } => {
+                let arena = self
+                    .arena
+                    .as_ref()
+                    .ok_or("announced outcomes in a result arena it never sent")?;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                // SAFETY: the driver's turn: the worker wrote the arena before this DONE and
+                // writes it again only while running the next frame, which is sent after
+                // these outcomes are decoded (the slice does not outlive `self`).
+                unsafe { arena.read(len) }.ok_or("announced more outcomes than its arena holds")?
+            }
+        };
+        Ok((header.busy, outcomes))
+    }
+}
+
+/// Worker: the frame a `RUN` carries, inline after its header or in the task arena.
+///
+/// # Errors
+/// When the frame is said to be in an arena that was not sent, or is shorter than announced.
+pub(crate) fn task_frame<'a>(
+    header: &RunHeader,
+    inline: &'a [u8],
+    task_arena: Option<&'a Arena>,
+) -> Result<&'a [u8], String> {
+    match header.frame {
+        FrameAt::Inline => Ok(inline),
+        FrameAt::Arena { len } => {
+            let arena = task_arena.ok_or("the driver announced a shared frame it did not send")?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            // SAFETY: the worker's turn: the driver wrote the arena before this RUN and writes
+            // it again only after this worker's DONE, which is sent once the frame has run
+            // (the caller drops the slice before that).
+            unsafe { arena.read(len) }.ok_or_else(|| {
+                format!(
+                    "the driver announced a shared frame of {len} bytes in an arena of {}",
+                    arena.len()
+                )
+            })
+        }
+    }
+}
+
+/// Worker: turns `out` (room for a `DONE` header, then the outcomes) into the `DONE` to send,
+/// moving outcomes over `max_nbytes` into the result arena (a new one goes on `big_results`).
+/// Returns how many bytes of `out` to send.
+///
+/// # Errors
+/// When a new arena cannot be sent (the driver is gone).
+pub(crate) fn finish_done(
+    out: &mut [u8],
+    busy: Duration,
+    max_nbytes: usize,
+    result_arena: &mut Option<Arena>,
+    big_results: &IpcSender<IpcSharedMemory>,
+) -> Result<usize, String> {
+    let outcomes = &out[DoneHeader::LEN..];
+    let len = outcomes.len();
+    let mut header = DoneHeader {
+        busy,
+        outcomes: FrameAt::Inline,
+        new_arena: false,
+    };
+    if len > max_nbytes {
+        header.outcomes = FrameAt::Arena { len: len as u64 };
+        let written = match result_arena.as_mut() {
+            // SAFETY: the worker's turn: the driver reads the result arena only between a
+            // DONE and its next RUN, and it is waiting for this frame's DONE.
+            Some(arena) => unsafe { arena.write(outcomes) },
+            None => false,
+        };
+        if !written {
+            header.new_arena = true;
+            let arena = Arena::from_bytes(outcomes);
+            big_results
+                .send(arena.handle())
+                .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
+            *result_arena = (len <= ARENA_KEEP_MAX).then_some(arena);
+        }
+    }
+    out[..DoneHeader::LEN].copy_from_slice(&header.encode());
+    Ok(if header.outcomes == FrameAt::Inline {
+        out.len()
+    } else {
+        DoneHeader::LEN
+    })
+}

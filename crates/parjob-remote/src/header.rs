@@ -1,0 +1,676 @@
+//! The messages a driver and a worker exchange, as typed headers with `encode` and `decode`.
+//!
+//! This is the one description of their layout; both ends go through it, so no byte offset is
+//! written twice. Every integer is little-endian. The first byte of a message is its [`Kind`].
+//!
+//! | message | direction | layout |
+//! | --- | --- | --- |
+//! | [`Welcome`] | driver to worker | `[1][max_nbytes u64][has initializer u8][initializer offset u64]` |
+//! | [`RunHeader`] | driver to worker | `[2][flags u8][entry offset u64][arena length u64][attachments u32]`, then the frame unless it is in the arena |
+//! | `SHUTDOWN` | driver to worker | `[3]`: exit with status 0 |
+//! | `READY` | worker to driver | `[4]`: the initializer (if any) ran |
+//! | [`InitFailed`] | worker to driver | `[5][reason, UTF-8]` |
+//! | [`DoneHeader`] | worker to driver | `[6][flags u8][busy nanos u64][arena length u64]`, then the outcomes unless they are in the arena |
+//! | a backend's own | either | `[64..=255]...`: kinds from [`Kind::FIRST_BACKEND`] up are the backend's |
+//!
+//! `RUN` flags: 1 = timed (the worker stamps each task's start), 2 = the frame is the first
+//! `arena length` bytes of the task arena. `DONE` flags: 2 = the outcomes are the first `arena
+//! length` bytes of the result arena, 4 = that arena is a new one, sent alongside. The arena
+//! length is 0 when the frame is inline. Unknown flags are malformed.
+//!
+//! The frame itself (tasks on the way out, outcomes on the way back) is parjob-core's:
+//! `ErasedBatch::encode_tasks` writes it, the batch's `RemoteEntry` runs it, and
+//! `ErasedBatch::decode_outcomes` reads the answer. Its records are `[tag u8][len u32][payload]`.
+
+use std::time::Duration;
+
+use crate::{CodeOffset, RemoteError};
+
+/// What a message is: its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kind {
+    /// Driver to worker, once after the handshake: [`Welcome`].
+    Welcome,
+    /// Driver to worker: run a frame ([`RunHeader`]).
+    Run,
+    /// Driver to worker: exit with status 0.
+    Shutdown,
+    /// Worker to driver: ready for frames.
+    Ready,
+    /// Worker to driver: the initializer failed ([`InitFailed`]).
+    InitFailed,
+    /// Worker to driver: a frame's outcomes ([`DoneHeader`]).
+    Done,
+    /// A message of the backend's own, with this kind byte (at least [`Kind::FIRST_BACKEND`]).
+    Backend(u8),
+}
+
+impl Kind {
+    /// The first kind byte a backend may use for its own messages; lower ones are this
+    /// crate's.
+    pub const FIRST_BACKEND: u8 = 0x40;
+
+    /// The kind of `message`, from its first byte.
+    ///
+    /// # Errors
+    /// [`RemoteError::UnexpectedKind`] for an empty message or an unknown kind below
+    /// [`Kind::FIRST_BACKEND`].
+    pub fn of(message: &[u8]) -> Result<Kind, RemoteError> {
+        let unknown = |found| RemoteError::UnexpectedKind {
+            expected: "a known kind",
+            found,
+        };
+        let &byte = message.first().ok_or(unknown(None))?;
+        Ok(match byte {
+            1 => Kind::Welcome,
+            2 => Kind::Run,
+            3 => Kind::Shutdown,
+            4 => Kind::Ready,
+            5 => Kind::InitFailed,
+            6 => Kind::Done,
+            b if b >= Kind::FIRST_BACKEND => Kind::Backend(b),
+            b => return Err(unknown(Some(b))),
+        })
+    }
+
+    /// The kind's byte, the first of its messages.
+    pub fn byte(self) -> u8 {
+        match self {
+            Kind::Welcome => 1,
+            Kind::Run => 2,
+            Kind::Shutdown => 3,
+            Kind::Ready => 4,
+            Kind::InitFailed => 5,
+            Kind::Done => 6,
+            Kind::Backend(b) => b,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Welcome => "WELCOME",
+            Kind::Run => "RUN",
+            Kind::Shutdown => "SHUTDOWN",
+            Kind::Ready => "READY",
+            Kind::InitFailed => "INIT_FAILED",
+            Kind::Done => "DONE",
+            Kind::Backend(_) => "backend",
+        }
+    }
+}
+
+/// Where a message's frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameAt {
+    /// In the message, right after its header.
+    Inline,
+    /// The first `len` bytes of the sender's arena: memory both processes map, which a big
+    /// frame is copied into instead of through the channel.
+    Arena {
+        /// The frame's length.
+        len: u64,
+    },
+}
+
+impl FrameAt {
+    fn arena_len(self) -> u64 {
+        match self {
+            FrameAt::Inline => 0,
+            FrameAt::Arena { len } => len,
+        }
+    }
+}
+
+const FLAG_TIMED: u8 = 1;
+const FLAG_ARENA: u8 = 2;
+const FLAG_NEW_ARENA: u8 = 4;
+
+/// The driver's first message after a successful handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// Frames over this many bytes travel in an arena rather than inline.
+    pub max_nbytes: u64,
+    /// The function the worker runs once before its first frame, if any.
+    pub initializer: Option<CodeOffset>,
+}
+
+impl Welcome {
+    /// Length of an encoded welcome.
+    pub const LEN: usize = 18;
+
+    /// The message.
+    pub fn encode(&self) -> [u8; Welcome::LEN] {
+        let mut out = Writer::new(Kind::Welcome);
+        out.u64(self.max_nbytes);
+        out.u8(u8::from(self.initializer.is_some()));
+        out.u64(self.initializer.map_or(0, CodeOffset::get));
+        out.finish()
+    }
+
+    /// Reads a welcome.
+    ///
+    /// # Errors
+    /// When `message` is not a welcome, is too short (a missing offset is an error, never
+    /// offset 0), or its initializer flag is neither 0 nor 1.
+    pub fn decode(message: &[u8]) -> Result<Welcome, RemoteError> {
+        let mut r = Reader::new(message, Kind::Welcome, Welcome::LEN)?;
+        let max_nbytes = r.u64();
+        let has_initializer = r.u8();
+        let offset = CodeOffset(r.u64());
+        let initializer = match has_initializer {
+            0 => None,
+            1 => Some(offset),
+            other => return Err(r.malformed(format!("initializer flag {other}"))),
+        };
+        Ok(Welcome {
+            max_nbytes,
+            initializer,
+        })
+    }
+}
+
+/// The header of a `RUN`: which function runs the frame, and where the frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunHeader {
+    /// The worker stamps each task's start time (a timeout is set).
+    pub timed: bool,
+    /// The batch's `RemoteEntry`.
+    pub entry: CodeOffset,
+    /// Where the frame of tasks is.
+    pub frame: FrameAt,
+    /// How many side messages (the process backend's shared-memory shipments) follow the
+    /// header on their own channel; the worker takes them before it reads the frame.
+    pub attachments: u32,
+}
+
+impl RunHeader {
+    /// Length of the header; an inline frame follows it.
+    pub const LEN: usize = 22;
+
+    /// The header's bytes, to put in front of an inline frame or send alone.
+    pub fn encode(&self) -> [u8; RunHeader::LEN] {
+        let mut out = Writer::new(Kind::Run);
+        let timed = if self.timed { FLAG_TIMED } else { 0 };
+        let arena = match self.frame {
+            FrameAt::Inline => 0,
+            FrameAt::Arena { .. } => FLAG_ARENA,
+        };
+        out.u8(timed | arena);
+        out.u64(self.entry.get());
+        out.u64(self.frame.arena_len());
+        out.u32(self.attachments);
+        out.finish()
+    }
+
+    /// Reads the header of a `RUN`, returning it and the rest of the message (the inline
+    /// frame, empty when the frame is in the arena).
+    ///
+    /// # Errors
+    /// When `message` is not a `RUN`, is shorter than the header (a missing entry offset is
+    /// an error, never offset 0), or has unknown flags.
+    pub fn decode(message: &[u8]) -> Result<(RunHeader, &[u8]), RemoteError> {
+        let mut r = Reader::new(message, Kind::Run, RunHeader::LEN)?;
+        let flags = r.flags(FLAG_TIMED | FLAG_ARENA)?;
+        let entry = CodeOffset(r.u64());
+        let arena_len = r.u64();
+        let attachments = r.u32();
+        let frame = if flags & FLAG_ARENA != 0 {
+            FrameAt::Arena { len: arena_len }
+        } else {
+            FrameAt::Inline
+        };
+        let header = RunHeader {
+            timed: flags & FLAG_TIMED != 0,
+            entry,
+            frame,
+            attachments,
+        };
+        Ok((header, r.rest()))
+    }
+}
+
+/// The header of a `DONE`: the time the frame took and where its outcomes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoneHeader {
+    /// Time spent running the frame's tasks in the worker.
+    pub busy: Duration,
+    /// Where the outcomes are.
+    pub outcomes: FrameAt,
+    /// The outcomes are in a new arena, replacing the previous one, sent alongside.
+    pub new_arena: bool,
+}
+
+impl DoneHeader {
+    /// Length of the header; inline outcomes follow it.
+    pub const LEN: usize = 18;
+
+    /// The header's bytes. The busy time saturates at `u64::MAX` nanoseconds.
+    pub fn encode(&self) -> [u8; DoneHeader::LEN] {
+        let mut out = Writer::new(Kind::Done);
+        let flags = match self.outcomes {
+            FrameAt::Inline => 0,
+            FrameAt::Arena { .. } if self.new_arena => FLAG_ARENA | FLAG_NEW_ARENA,
+            FrameAt::Arena { .. } => FLAG_ARENA,
+        };
+        out.u8(flags);
+        out.u64(u64::try_from(self.busy.as_nanos()).unwrap_or(u64::MAX));
+        out.u64(self.outcomes.arena_len());
+        out.finish()
+    }
+
+    /// Reads the header of a `DONE`, returning it and the rest of the message (the inline
+    /// outcomes, empty when they are in the arena).
+    ///
+    /// # Errors
+    /// When `message` is not a `DONE`, is shorter than the header, has unknown flags, or
+    /// announces a new arena for inline outcomes.
+    pub fn decode(message: &[u8]) -> Result<(DoneHeader, &[u8]), RemoteError> {
+        let mut r = Reader::new(message, Kind::Done, DoneHeader::LEN)?;
+        let flags = r.flags(FLAG_ARENA | FLAG_NEW_ARENA)?;
+        let busy = Duration::from_nanos(r.u64());
+        let arena_len = r.u64();
+        let outcomes = if flags & FLAG_ARENA != 0 {
+            FrameAt::Arena { len: arena_len }
+        } else if flags & FLAG_NEW_ARENA != 0 {
+            return Err(r.malformed("a new arena announced for inline outcomes".into()));
+        } else {
+            FrameAt::Inline
+        };
+        let header = DoneHeader {
+            busy,
+            outcomes,
+            new_arena: flags & FLAG_NEW_ARENA != 0,
+        };
+        Ok((header, r.rest()))
+    }
+}
+
+/// The worker's answer to a [`Welcome`] whose initializer failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitFailed {
+    /// Why, in a sentence the driver reports as it is.
+    pub reason: String,
+}
+
+impl InitFailed {
+    /// The message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + self.reason.len());
+        out.push(Kind::InitFailed.byte());
+        out.extend_from_slice(self.reason.as_bytes());
+        out
+    }
+
+    /// Reads the message; bytes that are not UTF-8 are replaced.
+    ///
+    /// # Errors
+    /// When `message` is not an `INIT_FAILED`.
+    pub fn decode(message: &[u8]) -> Result<InitFailed, RemoteError> {
+        let r = Reader::new(message, Kind::InitFailed, 1)?;
+        Ok(InitFailed {
+            reason: String::from_utf8_lossy(r.rest()).into_owned(),
+        })
+    }
+}
+
+/// Builds a fixed-size message field by field.
+struct Writer<const N: usize> {
+    bytes: [u8; N],
+    at: usize,
+}
+
+impl<const N: usize> Writer<N> {
+    fn new(kind: Kind) -> Self {
+        let mut w = Writer {
+            bytes: [0; N],
+            at: 0,
+        };
+        w.u8(kind.byte());
+        w
+    }
+    fn put(&mut self, field: &[u8]) {
+        self.bytes[self.at..self.at + field.len()].copy_from_slice(field);
+        self.at += field.len();
+    }
+    fn u8(&mut self, v: u8) {
+        self.put(&[v]);
+    }
+    fn u32(&mut self, v: u32) {
+        self.put(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.put(&v.to_le_bytes());
+    }
+    fn finish(self) -> [u8; N] {
+        debug_assert_eq!(self.at, N, "a header's fields fill its length");
+        self.bytes
+    }
+}
+
+/// Reads a message whose kind and minimum length were checked up front, so that reading its
+/// fixed fields cannot fail.
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    message: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader past the kind byte of `message`, which must be of `kind` and at least `len`
+    /// bytes long.
+    fn new(message: &'a [u8], kind: Kind, len: usize) -> Result<Reader<'a>, RemoteError> {
+        let found = message.first().copied();
+        if found != Some(kind.byte()) {
+            return Err(RemoteError::UnexpectedKind {
+                expected: kind.name(),
+                found,
+            });
+        }
+        Reader::fields(message, kind.name(), len).map(|mut r| {
+            r.at = 1;
+            r
+        })
+    }
+
+    /// A reader at the start of `bytes`, which must be at least `len` bytes long.
+    pub(crate) fn fields(
+        bytes: &'a [u8],
+        message: &'static str,
+        len: usize,
+    ) -> Result<Reader<'a>, RemoteError> {
+        if bytes.len() < len {
+            return Err(RemoteError::Truncated {
+                message,
+                needed: len,
+                len: bytes.len(),
+            });
+        }
+        Ok(Reader {
+            bytes,
+            at: 0,
+            message,
+        })
+    }
+
+    fn take<const K: usize>(&mut self) -> [u8; K] {
+        let mut field = [0; K];
+        // Fixed fields lie within the length checked when the reader was made; were one past
+        // it (a layout bug), it would read as zeros rather than panic.
+        if let Some(bytes) = self.bytes.get(self.at..self.at + K) {
+            field.copy_from_slice(bytes);
+        }
+        self.at += K;
+        field
+    }
+
+    /// Checks that `n` more bytes are there (for variable-length fields).
+    pub(crate) fn need(&self, n: usize) -> Result<(), RemoteError> {
+        let needed = self.at.saturating_add(n);
+        if needed > self.bytes.len() {
+            return Err(RemoteError::Truncated {
+                message: self.message,
+                needed,
+                len: self.bytes.len(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn u8(&mut self) -> u8 {
+        self.take::<1>()[0]
+    }
+    pub(crate) fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    pub(crate) fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+
+    /// A flags byte, refusing bits outside `known`.
+    fn flags(&mut self, known: u8) -> Result<u8, RemoteError> {
+        let flags = self.u8();
+        if flags & !known != 0 {
+            return Err(self.malformed(format!("unknown flags {flags:#04x}")));
+        }
+        Ok(flags)
+    }
+
+    /// The next `n` bytes (checked with [`Reader::need`] first).
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], RemoteError> {
+        self.need(n)?;
+        let field = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(field)
+    }
+
+    /// Everything after the fields read so far.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.at..).unwrap_or_default()
+    }
+
+    pub(crate) fn malformed(&self, reason: String) -> RemoteError {
+        RemoteError::Malformed {
+            message: self.message,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offset(n: u64) -> CodeOffset {
+        CodeOffset(n)
+    }
+
+    #[test]
+    fn a_run_header_survives_the_round_trip_with_its_inline_frame() {
+        for header in [
+            RunHeader {
+                timed: false,
+                entry: offset(0x1234),
+                frame: FrameAt::Inline,
+                attachments: 0,
+            },
+            RunHeader {
+                timed: true,
+                entry: offset(u64::MAX),
+                frame: FrameAt::Arena { len: 5 << 30 },
+                attachments: 2000,
+            },
+        ] {
+            let mut message = header.encode().to_vec();
+            message.extend_from_slice(b"frame");
+            let (back, rest) = RunHeader::decode(&message).unwrap();
+            assert_eq!(back, header);
+            assert_eq!(rest, b"frame");
+        }
+    }
+
+    #[test]
+    fn a_done_header_survives_the_round_trip() {
+        for header in [
+            DoneHeader {
+                busy: Duration::from_nanos(17),
+                outcomes: FrameAt::Inline,
+                new_arena: false,
+            },
+            DoneHeader {
+                busy: Duration::from_secs(3),
+                outcomes: FrameAt::Arena { len: 1 << 21 },
+                new_arena: true,
+            },
+            DoneHeader {
+                busy: Duration::ZERO,
+                outcomes: FrameAt::Arena { len: 1 },
+                new_arena: false,
+            },
+        ] {
+            let message = header.encode();
+            let (back, rest) = DoneHeader::decode(&message).unwrap();
+            assert_eq!(back, header);
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_welcome_and_an_init_failure_survive_the_round_trip() {
+        for welcome in [
+            Welcome {
+                max_nbytes: 1 << 20,
+                initializer: None,
+            },
+            Welcome {
+                max_nbytes: u64::MAX,
+                initializer: Some(offset(0x42)),
+            },
+        ] {
+            assert_eq!(Welcome::decode(&welcome.encode()), Ok(welcome));
+        }
+        let failed = InitFailed {
+            reason: "the initializer panicked: no model".into(),
+        };
+        assert_eq!(InitFailed::decode(&failed.encode()), Ok(failed));
+    }
+
+    #[test]
+    fn the_busy_time_saturates_instead_of_wrapping() {
+        let header = DoneHeader {
+            busy: Duration::MAX,
+            outcomes: FrameAt::Inline,
+            new_arena: false,
+        };
+        let (back, _) = DoneHeader::decode(&header.encode()).unwrap();
+        assert_eq!(back.busy, Duration::from_nanos(u64::MAX));
+    }
+
+    #[test]
+    fn a_short_header_is_an_error_never_a_zero_offset() {
+        let run = RunHeader {
+            timed: false,
+            entry: offset(0x99),
+            frame: FrameAt::Inline,
+            attachments: 0,
+        }
+        .encode();
+        for len in 1..RunHeader::LEN {
+            let err = RunHeader::decode(&run[..len]).unwrap_err();
+            assert_eq!(
+                err,
+                RemoteError::Truncated {
+                    message: "RUN",
+                    needed: RunHeader::LEN,
+                    len
+                }
+            );
+        }
+        let welcome = Welcome {
+            max_nbytes: 1,
+            initializer: Some(offset(7)),
+        }
+        .encode();
+        for len in 1..Welcome::LEN {
+            assert!(matches!(
+                Welcome::decode(&welcome[..len]),
+                Err(RemoteError::Truncated { .. })
+            ));
+        }
+        let done = DoneHeader {
+            busy: Duration::ZERO,
+            outcomes: FrameAt::Inline,
+            new_arena: false,
+        }
+        .encode();
+        for len in 1..DoneHeader::LEN {
+            assert!(matches!(
+                DoneHeader::decode(&done[..len]),
+                Err(RemoteError::Truncated { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_message_of_another_kind_is_refused() {
+        let done = DoneHeader {
+            busy: Duration::ZERO,
+            outcomes: FrameAt::Inline,
+            new_arena: false,
+        }
+        .encode();
+        assert_eq!(
+            RunHeader::decode(&done).unwrap_err(),
+            RemoteError::UnexpectedKind {
+                expected: "RUN",
+                found: Some(6)
+            }
+        );
+        assert_eq!(
+            DoneHeader::decode(&[]).unwrap_err(),
+            RemoteError::UnexpectedKind {
+                expected: "DONE",
+                found: None
+            }
+        );
+        assert!(InitFailed::decode(&[Kind::Ready.byte()]).is_err());
+    }
+
+    #[test]
+    fn unknown_flags_and_impossible_combinations_are_malformed() {
+        let mut run = RunHeader {
+            timed: true,
+            entry: offset(1),
+            frame: FrameAt::Inline,
+            attachments: 0,
+        }
+        .encode();
+        run[1] |= 0x80;
+        let err = RunHeader::decode(&run).unwrap_err();
+        assert!(matches!(err, RemoteError::Malformed { message: "RUN", .. }));
+        assert!(err.to_string().contains("unknown flags 0x81"), "{err}");
+
+        let mut done = DoneHeader {
+            busy: Duration::ZERO,
+            outcomes: FrameAt::Inline,
+            new_arena: false,
+        }
+        .encode();
+        done[1] = FLAG_NEW_ARENA;
+        assert!(matches!(
+            DoneHeader::decode(&done),
+            Err(RemoteError::Malformed { .. })
+        ));
+
+        let mut welcome = Welcome {
+            max_nbytes: 1,
+            initializer: None,
+        }
+        .encode();
+        welcome[9] = 2;
+        assert!(matches!(
+            Welcome::decode(&welcome),
+            Err(RemoteError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn kinds_are_read_from_the_first_byte_and_backends_own_the_upper_ones() {
+        for kind in [
+            Kind::Welcome,
+            Kind::Run,
+            Kind::Shutdown,
+            Kind::Ready,
+            Kind::InitFailed,
+            Kind::Done,
+            Kind::Backend(Kind::FIRST_BACKEND),
+            Kind::Backend(255),
+        ] {
+            assert_eq!(Kind::of(&[kind.byte(), 9, 9]), Ok(kind));
+        }
+        assert!(Kind::of(&[]).is_err());
+        assert!(Kind::of(&[0]).is_err());
+        assert!(Kind::of(&[7]).is_err());
+        assert!(Kind::of(&[Kind::FIRST_BACKEND - 1]).is_err());
+    }
+}
