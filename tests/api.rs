@@ -1,4 +1,4 @@
-use parjob::{Parallel, delayed};
+use parjob::{Backend, Parallel, delayed};
 use parjob_tests::run_child_test;
 
 fn zero() -> u8 {
@@ -20,7 +20,7 @@ fn words(text: String, sep: char) -> Vec<String> {
 
 #[test]
 fn delayed_spreads_tuples_over_parameters() {
-    let p = Parallel::new(2);
+    let p = Parallel::new(2).backend(Backend::Threading);
     assert_eq!(p.run([delayed(zero, ())]).unwrap(), [0]);
     assert_eq!(p.run([delayed(one, 9)]).unwrap(), [9]);
     assert_eq!(p.run([delayed(two, (1, 300))]).unwrap(), [301]);
@@ -59,6 +59,7 @@ fn verbose_prints_joblib_lines_on_stderr() {
 #[ignore = "run by verbose_prints_joblib_lines_on_stderr in a child process"]
 fn child_verbose_run() {
     let out = Parallel::new(2)
+        .backend(Backend::Threading)
         .verbose(5)
         .run((0..100u8).map(|i| delayed(one, i)))
         .unwrap();
@@ -76,6 +77,7 @@ fn progress_bar_is_silent_off_a_terminal() {
 #[ignore = "run by progress_bar_is_silent_off_a_terminal in a child process"]
 fn child_progress_run() {
     let out = Parallel::new(2)
+        .backend(Backend::Threading)
         .progress(true)
         .run((0..100u8).map(|i| delayed(one, i)))
         .unwrap();

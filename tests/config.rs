@@ -34,6 +34,7 @@ fn zero_jobs_is_reported_by_run_not_new() {
 #[test]
 fn zero_jobs_is_the_only_item_of_run_iter() {
     let items: Vec<_> = Parallel::new(0)
+        .backend(Backend::Threading)
         .run_iter((0..3u32).map(|i| delayed(identity, i)))
         .collect();
     assert!(

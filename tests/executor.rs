@@ -2,11 +2,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parjob::{
     Backend, BatchSize, Error, Executor, Future, Shutdown, Until, as_completed, delayed, wait,
 };
+
+/// The longest any test here waits for a gate or a marker file: generous, since it is a
+/// bound against hanging for ever, not a timing check.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 /// Backends whose tasks run in this process, where tests can hold a task with a [`Gate`].
 const IN_PROCESS: [Backend; 2] = [Backend::Sequential, Backend::Threading];
@@ -46,10 +50,18 @@ impl Gate {
         self.update(|s| s.open = true);
     }
 
+    /// Waits until `done` holds; panics after [`WAIT_LIMIT`] (a gate the test forgot to open,
+    /// or a task that never started), so that no test or pool thread waits for ever.
     fn wait_until(&self, done: impl Fn(&GateState) -> bool) {
+        let deadline = Instant::now() + WAIT_LIMIT;
         let mut state = self.state.lock().unwrap();
         while !done(&state) {
-            state = self.changed.wait(state).unwrap();
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "a gate's state did not change as awaited within {WAIT_LIMIT:?}"
+            );
+            state = self.changed.wait_timeout(state, left).unwrap().0;
         }
     }
 
@@ -113,10 +125,7 @@ fn try_result_never_blocks_and_is_done_follows_the_task() {
     assert!(future.is_done() && !future.is_running());
     assert_eq!(future.try_result(), Some(Ok(id)));
     // The value was moved out; asking again says so instead of blocking or panicking.
-    assert_eq!(
-        future.try_result(),
-        Some(Err(Error::ResultTaken { index: 0 }))
-    );
+    assert_eq!(future.try_result(), Some(Err(Error::result_taken(0))));
 }
 
 #[test]
@@ -127,13 +136,7 @@ fn result_timeout_gives_a_timeout_error_and_leaves_the_task_running() {
     let err = future
         .result_timeout(Duration::from_millis(20))
         .unwrap_err();
-    assert_eq!(
-        err,
-        Error::WaitTimedOut {
-            index: 0,
-            after: Duration::from_millis(20),
-        }
-    );
+    assert_eq!(err, Error::wait_timed_out(0, Duration::from_millis(20)));
     assert!(
         err.to_string()
             .contains("after waiting 20ms; the task keeps running"),
@@ -153,7 +156,9 @@ fn error_gives_the_failure_and_leaves_the_value() {
         let failing = executor.submit(delayed(fails, 7));
         let fine = executor.submit(delayed(square, 3));
         match failing.error() {
-            Some(Error::TaskPanicked { index: 0, message }) => {
+            Some(Error::TaskPanicked {
+                index: 0, message, ..
+            }) => {
                 assert!(message.contains("7 is not welcome"), "{message}");
             }
             other => panic!("{backend}: expected TaskPanicked, got {other:?}"),
@@ -187,7 +192,7 @@ fn cancel_succeeds_only_while_the_task_has_not_started() {
     queued_gate.open();
     busy.open();
     assert_eq!(running.result(), Ok(busy_id));
-    assert_eq!(queued.result(), Err(Error::Cancelled { index: 1 }));
+    assert_eq!(queued.result(), Err(Error::cancelled(1)));
     // The worker is free again and has passed the cancelled job: it never ran.
     assert_eq!(executor.submit(delayed(square, 4)).result(), Ok(16));
     assert_eq!(queued_gate.started(), 0);
@@ -228,12 +233,7 @@ fn cancel_racing_with_start_has_exactly_one_winner() {
         executor.submit(delayed(square, 0)).wait();
         let runs = RACE_RUNS.lock().unwrap().get(&id).copied().unwrap_or(0);
         if won {
-            assert_eq!(
-                outcome,
-                Err(Error::Cancelled {
-                    index: 3 * round as usize
-                })
-            );
+            assert_eq!(outcome, Err(Error::cancelled(3 * round as usize)));
             assert_eq!(runs, 0, "round {round}: cancelled, yet the task ran");
             cancelled += 1;
         } else {
@@ -336,7 +336,9 @@ fn wait_first_error_does_not_count_a_cancelled_future() {
         "wait returned on a cancelled future"
     );
     gate.open();
-    let waited = returned.recv().unwrap();
+    let waited = returned
+        .recv_timeout(WAIT_LIMIT)
+        .expect("wait did not return once the held task finished");
     assert_eq!((waited.done.len(), waited.not_done.len()), (2, 0));
     waiting.join().unwrap().unwrap();
 }
@@ -408,7 +410,9 @@ fn shutdown_wait_returns_once_running_tasks_are_done() {
         "shutdown returned while a task was running"
     );
     gate.open();
-    returned.recv().unwrap();
+    returned
+        .recv_timeout(WAIT_LIMIT)
+        .expect("shutdown did not return once the running task finished");
     assert_eq!(gate.finished(), 1);
     assert_eq!(future.result(), Ok(id));
     shutting.join().unwrap();
@@ -438,7 +442,7 @@ fn shutdown_cancel_pending_cancels_queued_tasks_and_waits_for_running_ones() {
     assert_eq!(running.result(), Ok(busy_id));
     assert_eq!(busy.finished(), 1);
     for (i, future) in queued.into_iter().enumerate() {
-        assert_eq!(future.result(), Err(Error::Cancelled { index: i + 1 }));
+        assert_eq!(future.result(), Err(Error::cancelled(i + 1)));
     }
     assert_eq!(queued_gate.started(), 0);
 }
@@ -498,7 +502,9 @@ fn dropping_a_daemon_executor_does_not_wait() {
 
 #[test]
 fn an_invalid_n_jobs_is_reported_through_the_future() {
-    let future = Executor::new(0).submit(delayed(square, 1));
+    let future = Executor::new(0)
+        .backend(Backend::Threading)
+        .submit(delayed(square, 1));
     assert!(matches!(
         future.result(),
         Err(Error::InvalidNJobs { value: 0, .. })
@@ -561,8 +567,16 @@ fn marker_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Waits for `path` to exist; panics after [`WAIT_LIMIT`]. Runs in the test and, through
+/// [`held_in_dir`], in worker processes, which it must not keep busy for ever either.
 fn wait_for_file(path: &std::path::Path) {
+    let deadline = Instant::now() + WAIT_LIMIT;
     while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {WAIT_LIMIT:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -600,7 +614,9 @@ fn process_futures_give_values_and_errors_from_worker_processes() {
     assert_ne!(pid.result(), Ok(std::process::id()), "ran in the driver");
     assert_eq!(fine.result(), Ok(144));
     match failing.error() {
-        Some(Error::TaskPanicked { index: 2, message }) => {
+        Some(Error::TaskPanicked {
+            index: 2, message, ..
+        }) => {
             assert!(message.contains("3 is not welcome"), "{message}");
         }
         other => panic!("expected TaskPanicked, got {other:?}"),
@@ -624,7 +640,7 @@ fn process_cancel_succeeds_only_before_start_and_the_task_never_runs() {
     assert!(!running.cancel());
     std::fs::write(dir.join("open"), b"").unwrap();
     assert!(running.result().is_ok());
-    assert_eq!(queued.result(), Err(Error::Cancelled { index: 1 }));
+    assert_eq!(queued.result(), Err(Error::cancelled(1)));
     // The only worker has passed the cancelled job by the time a later task is done.
     assert_eq!(
         executor.submit(delayed(mark_ran, (dir_name, 2))).result(),
@@ -772,8 +788,13 @@ fn dropping_a_daemon_process_executor_does_not_wait_and_leaves_no_worker() {
         .parse()
         .unwrap();
     drop(executor);
-    // Its gate never opened, so the task cannot have returned: drop did not wait for it.
-    assert!(held.error().is_some(), "the held task returned");
+    // Its gate never opened, so the task cannot have returned: drop did not wait for it, and
+    // the future says the task was let go of while running, not cancelled before it ran.
+    let error = held.error();
+    assert!(
+        matches!(error, Some(Error::Abandoned { index: 0, .. })),
+        "{error:?}"
+    );
     let proc_entry = std::path::PathBuf::from(format!("/proc/{worker}"));
     for _ in 0..10_000 {
         if !proc_entry.exists() {

@@ -24,7 +24,7 @@ fn a_panic_becomes_task_panicked_with_index_and_message() {
             .run((0..100u32).map(|i| delayed(panics_on_seven, i)))
             .unwrap_err();
         match &err {
-            Error::TaskPanicked { index, message } => {
+            Error::TaskPanicked { index, message, .. } => {
                 assert_eq!(*index, 7, "{backend}");
                 assert!(message.contains("seven is unlucky"), "{message}");
                 assert!(
@@ -61,6 +61,7 @@ fn the_same_parallel_works_after_an_error() {
 #[test]
 fn run_iter_yields_the_failure_in_place_and_goes_on() {
     let results: Vec<_> = Parallel::new(2)
+        .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(4))
         .run_iter((0..12u32).map(|i| delayed(panics_on_seven, i)))
         .collect();
@@ -77,6 +78,7 @@ fn run_iter_yields_the_failure_in_place_and_goes_on() {
 #[test]
 fn run_unordered_yields_the_failure_with_its_index() {
     let failures: Vec<usize> = Parallel::new(2)
+        .backend(Backend::Threading)
         .run_unordered((0..50u32).map(|i| delayed(panics_on_seven, i)))
         .filter_map(|(i, r)| r.is_err().then_some(i))
         .collect();
@@ -91,6 +93,7 @@ fn a_task_over_its_timeout_fails_fast_with_timeout() {
     }
     let began = Instant::now();
     let err = Parallel::new(2)
+        .backend(Backend::Threading)
         .timeout(Duration::from_millis(100))
         .run([1, 5, 3_000, 2].map(|ms| delayed(nap, ms)))
         .unwrap_err();
@@ -99,6 +102,7 @@ fn a_task_over_its_timeout_fails_fast_with_timeout() {
             index,
             after,
             killed,
+            ..
         } => {
             assert_eq!(
                 (*index, *after, *killed),
@@ -147,6 +151,7 @@ fn a_timeout_too_long_to_count_in_nanoseconds_never_fires() {
     // 2^64 ns + 1 ms: truncated to 64 bits of nanoseconds it would be 1 ms.
     let about_584_years = Duration::new(18_446_744_073, 710_551_616);
     let out = Parallel::new(2)
+        .backend(Backend::Threading)
         .timeout(about_584_years)
         .run([20, 20, 20].map(|ms| delayed(nap, ms)))
         .unwrap();
@@ -156,6 +161,7 @@ fn a_timeout_too_long_to_count_in_nanoseconds_never_fires() {
 #[test]
 fn tasks_within_their_timeout_succeed() {
     let out = Parallel::new(2)
+        .backend(Backend::Threading)
         .timeout(Duration::from_secs(10))
         .run((0..50u32).map(|i| delayed(identity, i)))
         .unwrap();
@@ -177,6 +183,7 @@ fn child_many_panics() {
         panic!("task {i} gives up")
     }
     let results: Vec<_> = Parallel::new(2)
+        .backend(Backend::Threading)
         .run_iter((0..50u32).map(|i| delayed(always_panics, i)))
         .collect();
     assert!(results.iter().all(Result::is_err));

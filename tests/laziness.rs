@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parjob::{BatchSize, Parallel, Task, delayed};
+use parjob::{Backend, BatchSize, Parallel, Task, delayed};
 
 fn double(x: u64) -> u64 {
     2 * x
@@ -22,6 +22,7 @@ fn counted(
 fn run_iter_over_an_endless_input_yields_and_stops_when_dropped() {
     let pulled = Arc::new(AtomicUsize::new(0));
     let parallel = Parallel::new(2)
+        .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(1))
         .pre_dispatch(4);
     let mut results = parallel.run_iter(counted(&pulled));
@@ -45,7 +46,7 @@ fn run_iter_over_an_endless_input_yields_and_stops_when_dropped() {
 #[test]
 fn auto_batching_over_an_endless_input_stays_bounded() {
     let pulled = Arc::new(AtomicUsize::new(0));
-    let parallel = Parallel::new(2);
+    let parallel = Parallel::new(2).backend(Backend::Threading);
     let taken = parallel.run_iter(counted(&pulled)).take(100_000).count();
     assert_eq!(taken, 100_000);
     // pre_dispatch (4 batches) of at most 2^20 tasks each could be ahead; no more.
@@ -59,6 +60,7 @@ fn ten_million_tasks_stream_through_bounded_memory() {
     let consumed = AtomicUsize::new(0);
     let max_ahead = AtomicUsize::new(0);
     let parallel = Parallel::new(2)
+        .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(10_000))
         .pre_dispatch(4);
     let tasks = {
@@ -96,6 +98,7 @@ fn run_pulls_tasks_only_as_workers_free_up() {
         delayed(fail_at_five, i)
     });
     let err = Parallel::new(1)
+        .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(1))
         .pre_dispatch(2)
         .run(tasks)
@@ -121,23 +124,35 @@ fn counted_run(i: u64) -> u64 {
 }
 
 #[test]
-fn sequential_run_iter_runs_no_task_ahead_of_the_consumer() {
+fn sequential_run_iter_pulls_and_runs_no_task_ahead_of_the_consumer() {
+    // Counts both what was pulled from the input and what ran: on the sequential backend a
+    // dispatched task runs at once, so counting runs alone would not notice a dispatcher that
+    // pulled the whole (finite) input into a buffer up front and dispatched from there.
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let tasks = (0..10u64).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        delayed(counted_run, i)
+    });
     let parallel = Parallel::new(2)
-        .backend(parjob::Backend::Sequential)
+        .backend(Backend::Sequential)
         .batch_size(BatchSize::Fixed(1));
-    let mut results = parallel.run_iter((0..10u64).map(|i| delayed(counted_run, i)));
-    assert_eq!(results.next().map(Result::unwrap), Some(0));
-    assert_eq!(
-        SEQUENTIAL_RUNS.load(Ordering::SeqCst),
-        1,
-        "ran ahead before the first result"
-    );
-    assert_eq!(results.next().map(Result::unwrap), Some(1));
-    assert_eq!(SEQUENTIAL_RUNS.load(Ordering::SeqCst), 2);
+    let counts = || {
+        (
+            pulled.load(Ordering::SeqCst),
+            SEQUENTIAL_RUNS.load(Ordering::SeqCst),
+        )
+    };
+    let mut results = parallel.run_iter(tasks);
+    for asked in 1..=3 {
+        assert_eq!(results.next().map(Result::unwrap), Some(asked as u64 - 1));
+        assert_eq!(
+            counts(),
+            (asked, asked),
+            "(pulled, ran) after {asked} results: the sequential backend pulls and runs a \
+             task only when its result is asked for"
+        );
+    }
     drop(results);
-    assert_eq!(
-        SEQUENTIAL_RUNS.load(Ordering::SeqCst),
-        2,
-        "ran a task nobody asked for"
-    );
+    assert_eq!(counts(), (3, 3), "dropping the results pulled or ran more");
 }

@@ -29,6 +29,7 @@ fn run_returns_results_in_input_order_despite_random_durations() {
 #[test]
 fn run_iter_yields_in_input_order() {
     let out: Vec<u64> = Parallel::new(4)
+        .backend(Backend::Threading)
         .run_iter((0..200u64).map(|i| delayed(jittery, i)))
         .map(Result::unwrap)
         .collect();
@@ -38,6 +39,7 @@ fn run_iter_yields_in_input_order() {
 #[test]
 fn run_unordered_yields_every_index_once_with_its_result() {
     let mut seen: Vec<(usize, u64)> = Parallel::new(4)
+        .backend(Backend::Threading)
         .run_unordered((0..200u64).map(|i| delayed(jittery, i)))
         .map(|(i, r)| (i, r.unwrap()))
         .collect();
@@ -70,6 +72,7 @@ fn a_million_tasks_all_come_back() {
 fn fixed_batches_keep_the_order() {
     for size in [1, 3, 64, 10_000, usize::MAX] {
         let out = Parallel::new(3)
+            .backend(Backend::Threading)
             .batch_size(BatchSize::Fixed(size))
             .run((0..1000u64).map(|i| delayed(square, i)))
             .unwrap();
@@ -83,7 +86,7 @@ fn fixed_batches_keep_the_order() {
 
 #[test]
 fn one_parallel_runs_many_times() {
-    let parallel = Parallel::new(2);
+    let parallel = Parallel::new(2).backend(Backend::Threading);
     for n in [0u64, 1, 10, 1000] {
         let out = parallel.run((0..n).map(|i| delayed(square, i))).unwrap();
         assert_eq!(out.len() as u64, n);
@@ -94,6 +97,7 @@ fn one_parallel_runs_many_times() {
 fn input_may_borrow_local_data() {
     let words = ["a".to_string(), "bb".to_string(), "ccc".to_string()];
     let lengths = Parallel::new(2)
+        .backend(Backend::Threading)
         .run(
             words
                 .iter()
@@ -159,6 +163,7 @@ fn a_wrong_exact_size_hint_does_not_lose_or_misplace_results() {
             claimed,
         };
         let out = Parallel::new(2)
+            .backend(Backend::Threading)
             .batch_size(BatchSize::Fixed(7))
             .run(input.map(|i| delayed(|i: u64| format!("item-{i}"), i)))
             .unwrap();
@@ -175,6 +180,7 @@ fn a_wrong_exact_size_hint_does_not_lose_or_misplace_results() {
 fn an_input_claiming_an_impossible_length_still_runs() {
     // `0..usize::MAX` says it holds usize::MAX items; the run must not try to reserve them.
     let err = Parallel::new(2)
+        .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(10))
         .run((0..usize::MAX).map(|i| delayed(stop_at_hundred, i as u64)))
         .unwrap_err();

@@ -4,7 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed, worker_info};
-use parjob_tests::run_child_test;
+use parjob_tests::{CHILD_LIMIT, output_within, run_child_test, wait_within};
 use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -337,7 +337,7 @@ fn a_panic_becomes_task_panicked_and_the_worker_lives_on() {
         .run((0..20u32).map(|i| delayed(panics_on_seven, i)))
         .unwrap_err();
     match &err {
-        Error::TaskPanicked { index, message } => {
+        Error::TaskPanicked { index, message, .. } => {
             assert_eq!(*index, 7);
             assert!(message.contains("seven is unlucky"), "{message}");
             assert!(message.contains("tests/process.rs"), "{message}");
@@ -416,11 +416,12 @@ fn a_crashing_worker_is_reported_replaced_and_the_pool_goes_on() {
                 worker,
                 pid,
                 status: s,
+                ..
             } => {
                 assert_eq!(*index, 5, "{how:?}");
                 assert!(*worker < 2);
                 assert_ne!(*pid, std::process::id());
-                assert_eq!(s, status, "{how:?}");
+                assert_eq!(s.to_string(), status, "{how:?}");
             }
             other => panic!("{how:?}: expected WorkerCrashed, got {other:?}"),
         }
@@ -461,14 +462,7 @@ fn a_task_over_its_timeout_has_its_worker_killed_and_replaced() {
     let err = parallel
         .run([1, 5, 60_000, 2].map(|ms| delayed(nap, ms)))
         .unwrap_err();
-    assert_eq!(
-        err,
-        Error::Timeout {
-            index: 2,
-            after: Duration::from_millis(200),
-            killed: true
-        }
-    );
+    assert_eq!(err, Error::timeout(2, Duration::from_millis(200), true));
     assert!(err.to_string().contains("timed out after 200ms"), "{err}");
     assert!(err.to_string().contains("killed"), "{err}");
     assert_eq!(
@@ -803,22 +797,35 @@ fn ctrl_c_in_the_driver_takes_its_workers_along() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut workers = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        // The harness may have printed `test <name> ... ` on the same line.
-        if let Some((_, pids)) = line.split_once("workers: ") {
-            workers = pids
-                .split(',')
-                .map(|p| p.trim().parse::<i32>().unwrap())
-                .collect();
-            break;
+    // Read on a helper thread, so that a child that never names its workers cannot hang this
+    // test: it is given CHILD_LIMIT, then killed.
+    let (found, workers_line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // The harness may have printed `test <name> ... ` on the same line.
+            if let Some((_, pids)) = line.split_once("workers: ") {
+                let _ = found.send(pids.to_owned());
+                break;
+            }
         }
-    }
+    });
+    let Ok(pids) = workers_line.recv_timeout(CHILD_LIMIT) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child ended, or did not name its workers within {CHILD_LIMIT:?}");
+    };
+    let workers: Vec<i32> = pids
+        .split(',')
+        .map(|p| p.trim().parse::<i32>().unwrap())
+        .collect();
     assert_eq!(workers.len(), 2);
     // SAFETY: signalling the child test process we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
+    let status = wait_within(&mut child, CHILD_LIMIT).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("the child did not end within {CHILD_LIMIT:?} of its Ctrl-C");
+    });
     assert!(!status.success());
     // The workers die with their driver (PR_SET_PDEATHSIG); give the kernel a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -885,11 +892,9 @@ fn child_prints_from_workers() {
 fn a_program_started_by_a_task_is_not_a_worker() {
     fn start_this_program(_: u32) -> bool {
         let exe = std::env::current_exe().unwrap();
-        Command::new(exe)
-            .args(["process::child_calls_init", "--exact", "--ignored", "-q"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
+        let mut command = Command::new(exe);
+        command.args(["process::child_calls_init", "--exact", "--ignored", "-q"]);
+        output_within(&mut command, CHILD_LIMIT).status.success()
     }
     let out = processes(1).run([delayed(start_this_program, 0)]).unwrap();
     assert_eq!(out, [true]);
@@ -988,7 +993,7 @@ fn run_unordered_yields_a_crash_with_its_index_and_every_other_result() {
             Err(Error::WorkerCrashed {
                 index: 5, status, ..
             }) => {
-                assert_eq!((i, status.as_str()), (5, "exit status 3"));
+                assert_eq!((i, status.to_string().as_str()), (5, "exit status 3"));
             }
             Ok(v) => assert_eq!(v as usize, i),
             other => panic!("task {i}: {other:?}"),
@@ -1013,7 +1018,8 @@ fn workers_start_even_after_the_executable_is_deleted() {
     let exe = std::env::current_exe().unwrap();
     let copy = std::env::temp_dir().join(format!("parjob-deleted-{}", std::process::id()));
     std::fs::copy(&exe, &copy).unwrap();
-    let output = Command::new(&copy)
+    let mut command = Command::new(&copy);
+    command
         .args([
             "process::child_deletes_its_executable",
             "--exact",
@@ -1022,8 +1028,8 @@ fn workers_start_even_after_the_executable_is_deleted() {
             "--test-threads=1",
         ])
         .env_remove("PARJOB_BACKEND")
-        .output()
-        .unwrap();
+        .env_remove("PARJOB_N_JOBS");
+    let output = output_within(&mut command, CHILD_LIMIT);
     let _ = std::fs::remove_file(&copy);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(

@@ -75,6 +75,7 @@ fn busy(_: u32) {
 #[test]
 fn never_more_tasks_at_once_than_n_jobs() {
     Parallel::new(3)
+        .backend(Backend::Threading)
         .run((0..60u32).map(|i| delayed(busy, i)))
         .unwrap();
     assert_eq!(POOL_PEAK.load(Ordering::SeqCst), 3);
@@ -82,6 +83,7 @@ fn never_more_tasks_at_once_than_n_jobs() {
 
 fn nested(n: u64) -> u64 {
     Parallel::new(2)
+        .backend(Backend::Threading)
         .run((0..n).map(|i| delayed(|x: u64| x + 1, i)))
         .unwrap()
         .into_iter()
@@ -91,6 +93,7 @@ fn nested(n: u64) -> u64 {
 #[test]
 fn a_task_may_run_its_own_parallel() {
     let out = Parallel::new(2)
+        .backend(Backend::Threading)
         .run((1..5u64).map(|n| delayed(nested, n)))
         .unwrap();
     assert_eq!(out, [1, 3, 6, 10]);

@@ -254,6 +254,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "reads /proc and cgroup files, which Miri isolation refuses"
+    )]
     fn cpu_count_is_at_most_available_parallelism() {
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         let n = cpu_count();

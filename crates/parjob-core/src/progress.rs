@@ -1,9 +1,12 @@
 //! Progress reporting: joblib-style verbose lines and an indicatif bar, both on stderr.
+//!
+//! The bar needs the `progress` cargo feature (on by default). Without it the API is the same
+//! and `progress: true` draws nothing; the verbose lines do not depend on the feature.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use bar::Bar;
 
 /// Where verbose lines go: stderr, or a buffer in tests.
 pub(crate) type Sink = Box<dyn Write + Send>;
@@ -14,7 +17,7 @@ pub(crate) struct Reporter {
     prefix: String,
     began: Instant,
     sink: Sink,
-    bar: Option<ProgressBar>,
+    bar: Option<Bar>,
     dispatched_batches: usize,
     dispatched_tasks: usize,
     /// Known once the input iterator is exhausted.
@@ -44,20 +47,7 @@ impl Reporter {
         pre_dispatch: usize,
         sink: Sink,
     ) -> Self {
-        let bar = progress.then(|| {
-            // indicatif draws nothing when stderr is not a terminal.
-            let bar = ProgressBar::with_draw_target(
-                total_hint.map(|n| n as u64),
-                ProgressDrawTarget::stderr(),
-            );
-            let style = ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks (eta {eta})",
-            );
-            if let Ok(style) = style {
-                bar.set_style(style);
-            }
-            bar
-        });
+        let bar = if progress { Bar::new(total_hint) } else { None };
         Reporter {
             verbose,
             prefix: format!("[Parallel(n_jobs={n_jobs})]: "),
@@ -93,7 +83,7 @@ impl Reporter {
         if self.total.is_none() {
             self.total = Some(self.dispatched_tasks);
             if let Some(bar) = &self.bar {
-                bar.set_length(self.dispatched_tasks as u64);
+                bar.set_length(self.dispatched_tasks);
             }
         }
     }
@@ -104,7 +94,7 @@ impl Reporter {
     pub(crate) fn completed(&mut self, tasks: usize) {
         self.completed += tasks;
         if let Some(bar) = &self.bar {
-            bar.inc(tasks as u64);
+            bar.inc(tasks);
         }
         if self.verbose == 0 {
             return;
@@ -142,11 +132,7 @@ impl Reporter {
     /// The run is over: `ok` tells whether it finished or stopped on an error.
     pub(crate) fn finished(&mut self, ok: bool) {
         if let Some(bar) = self.bar.take() {
-            if ok {
-                bar.finish();
-            } else {
-                bar.abandon();
-            }
+            bar.finish(ok);
         }
         if self.verbose > 0 && ok {
             let done = self.completed;
@@ -158,12 +144,83 @@ impl Reporter {
     }
 }
 
+/// The progress bar on stderr, with the `progress` feature: indicatif's.
+#[cfg(feature = "progress")]
+mod bar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    pub(super) struct Bar(ProgressBar);
+
+    impl Bar {
+        /// A bar for `total` tasks (unknown: `None`). indicatif draws nothing when stderr is
+        /// not a terminal.
+        pub(super) fn new(total: Option<usize>) -> Option<Bar> {
+            let bar = ProgressBar::with_draw_target(
+                total.map(|n| n as u64),
+                ProgressDrawTarget::stderr(),
+            );
+            let style = ProgressStyle::with_template(
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks (eta {eta})",
+            );
+            if let Ok(style) = style {
+                bar.set_style(style);
+            }
+            Some(Bar(bar))
+        }
+
+        pub(super) fn set_length(&self, total: usize) {
+            self.0.set_length(total as u64);
+        }
+
+        pub(super) fn inc(&self, tasks: usize) {
+            self.0.inc(tasks as u64);
+        }
+
+        /// Leaves the bar full when the run finished (`ok`), where it stopped otherwise.
+        pub(super) fn finish(self, ok: bool) {
+            if ok {
+                self.0.finish();
+            } else {
+                self.0.abandon();
+            }
+        }
+    }
+}
+
+/// Without the `progress` feature there is no bar: none can be made, so `progress: true`
+/// draws nothing, and the methods below can never be called.
+#[cfg(not(feature = "progress"))]
+mod bar {
+    pub(super) enum Bar {}
+
+    impl Bar {
+        pub(super) fn new(_total: Option<usize>) -> Option<Bar> {
+            None
+        }
+
+        pub(super) fn set_length(&self, _total: usize) {
+            match *self {}
+        }
+
+        pub(super) fn inc(&self, _tasks: usize) {
+            match *self {}
+        }
+
+        pub(super) fn finish(self, _ok: bool) {
+            match self {}
+        }
+    }
+}
+
 /// joblib's `_verbosity_filter`: `true` to skip the line for batch `index`.
 fn verbosity_filter(index: usize, verbose: u32) -> bool {
     if verbose > 10 || index == 0 {
         return false;
     }
-    let scale_base = 0.5 * f64::from(11 - verbose).powi(2);
+    // Squared by multiplication, which is exact here, as Python's `** 2` on an int is: `powi`
+    // may be off by an ulp (it is under Miri), and that moves which batches get a line.
+    let steps = f64::from(11 - verbose);
+    let scale_base = 0.5 * steps * steps;
     let scale = (index as f64 / scale_base).sqrt();
     let next_scale = ((index + 1) as f64 / scale_base).sqrt();
     scale.trunc() == next_scale.trunc()

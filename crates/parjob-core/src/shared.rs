@@ -123,7 +123,8 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
     }
     let memory = ALLOCATOR.get()?(bytes)?;
     let made = memory.bytes();
-    let sound = made.len() == bytes.len() && (made.as_ptr() as usize).is_multiple_of(align_of::<T>());
+    let sound =
+        made.len() == bytes.len() && (made.as_ptr() as usize).is_multiple_of(align_of::<T>());
     sound.then_some(memory)
 }
 
@@ -514,7 +515,8 @@ impl<'de, T: Pod + Send + Sync> Deserialize<'de> for SharedSlice<T> {
                     .checked_add(len)
                     .and_then(|end| end.checked_mul(size))
                     .is_some_and(|end| end <= segment.memory.bytes().len());
-                let aligned = (segment.memory.bytes().as_ptr() as usize).is_multiple_of(align_of::<T>());
+                let aligned =
+                    (segment.memory.bytes().as_ptr() as usize).is_multiple_of(align_of::<T>());
                 if !fits || !aligned {
                     return Err(D::Error::custom(format!(
                         "SharedSlice<{type_name}>: values {start}..{} do not fit shared segment \
@@ -661,6 +663,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "8 MiB of values: minutes under Miri, and shared.rs has no unsafe of its own"
+    )]
     fn an_allocator_that_breaks_its_contract_is_not_trusted() {
         // The one test that sets this process's allocator: it returns the wrong length.
         fn short(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {

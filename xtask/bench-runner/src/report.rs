@@ -107,7 +107,7 @@ pub struct Row {
     /// Throughput over the reference's (its time over this row's, for equal work): above 1 is
     /// faster than the reference.
     pub ratio: Option<f64>,
-    /// DESIGN.md section 5's target, as text.
+    /// The row's target from docs/TARGETS.md, as text.
     pub target: Option<String>,
     /// Whether the target is met; `None` with no target or no figure.
     pub met: Option<bool>,

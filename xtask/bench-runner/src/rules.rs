@@ -1,4 +1,4 @@
-//! What each row is compared with, and the targets of DESIGN.md section 5.
+//! What each row is compared with, and the targets of docs/TARGETS.md.
 //!
 //! One place for both, used for parjob's rows, the Rust references and the Python peers alike,
 //! so that a row's ratio means the same thing wherever it came from.
@@ -102,7 +102,7 @@ pub fn n_jobs_of(variant: &str) -> Option<u64> {
     variant.strip_prefix("n_jobs=")?.parse().ok()
 }
 
-/// A goal from DESIGN.md section 5.
+/// A goal from docs/TARGETS.md.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Target {
     /// The ratio to the reference is at least this.
@@ -137,7 +137,7 @@ impl Target {
     }
 }
 
-/// DESIGN.md section 5's target for a parjob row, if it has one.
+/// docs/TARGETS.md's target for a parjob row, if it has one.
 pub fn target_for(m: &Measurement) -> Option<Target> {
     if m.group != Group::Parjob {
         return None;

@@ -1,4 +1,4 @@
-//! The scenarios of issue 4 and DESIGN.md section 5, one module each. Every scenario times
+//! The scenarios of issue 4 and docs/TARGETS.md, one module each. Every scenario times
 //! parjob's backends beside references doing the same calls, interleaved (see `measure`).
 
 mod big_input;
