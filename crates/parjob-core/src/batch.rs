@@ -15,7 +15,7 @@ use std::any::{Any, type_name};
 use std::ops::Range;
 
 use crate::codec;
-use crate::worker::catch_task;
+use crate::worker::{catch_task, drop_quietly};
 use crate::{Error, RunControl, Task};
 
 const TAG_OK: u8 = 0;
@@ -196,7 +196,8 @@ impl<T: Task> TypedBatch<T> {
             }
         });
         drop(written);
-        drop(tasks);
+        // Tasks left by a cancel are dropped here; a panic in their `Drop` must not escape.
+        drop_quietly(tasks);
         self.tasks = buffer;
         if let Err(message) = finished {
             let index = self.next_index();
@@ -249,7 +250,10 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
     }
 
     fn run_here(&mut self, control: &RunControl) {
-        if self.destination.is_some() {
+        // In place only while every outcome so far was written there: a value or failure a
+        // pool recorded otherwise (decoded from elsewhere) must keep its position before the
+        // values that follow it.
+        if self.destination.is_some() && self.values.is_empty() && self.failures.is_empty() {
             self.run_in_place(control);
             return;
         }
@@ -281,19 +285,13 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
                 }
             }
         }
-        drop(tasks);
+        // Tasks left by a cancel are dropped here; a panic in their `Drop` must not escape.
+        drop_quietly(tasks);
         self.tasks = buffer;
     }
 
     fn remote_entry(&self) -> Result<RemoteEntry, Error> {
-        if std::mem::size_of::<T::Func>() != 0 {
-            return Err(Error::InvalidConfig(format!(
-                "the task function `{}` cannot run in another process: it is a function \
-                 pointer or a closure that captures state; use a plain `fn` item or a \
-                 closure that captures nothing",
-                type_name::<T::Func>()
-            )));
-        }
+        remote_callable::<T::Func>()?;
         Ok(remote_entry::<T>)
     }
 
@@ -355,6 +353,35 @@ impl<T: Task> sealed::Sealed for TypedBatch<T> {
     }
 }
 
+/// Whether a worker process may call a function of type `F` without receiving it: only a
+/// `fn` item, whose one value exists in every process running the program.
+///
+/// A function pointer is a value (an address) that is not sent. A closure is refused even if
+/// it captures nothing: a closure capturing only zero-sized values is zero-sized too, and the
+/// worker would have to conjure those values, which may stand for something done in the
+/// driver process (a token proving a library was initialised there), so conjuring it is not
+/// sound. Closures are told apart by their type name, which rustc writes as
+/// `path::{{closure}}`; a unit test pins that, so a compiler that changed it fails CI rather
+/// than let closures through.
+pub(crate) fn remote_callable<F>() -> Result<(), Error> {
+    let name = type_name::<F>();
+    if std::mem::size_of::<F>() != 0 {
+        return Err(Error::InvalidConfig(format!(
+            "the task function `{name}` cannot run in another process: it is a function \
+             pointer or a closure that captures data; use a plain `fn` item \
+             (`fn task(x: u64) -> u64 {{ .. }}`) and pass the data as arguments"
+        )));
+    }
+    if name.contains("{{closure}}") {
+        return Err(Error::InvalidConfig(format!(
+            "the task function `{name}` cannot run in another process: it is a closure, and a \
+             worker can only call a plain `fn` item, found in its own copy of the program; \
+             write the closure's body as a `fn` item (closures work on threads)"
+        )));
+    }
+    Ok(())
+}
+
 /// Turns a `TAG_NOT_ENCODED` record (`"<side>:<type>:<message>"`) back into an error.
 fn codec_failure<T: Task>(index: usize, payload: &[u8]) -> Error {
     let text = String::from_utf8_lossy(payload);
@@ -399,15 +426,12 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         };
         // SAFETY: what is conjured is a value of `T::Func`. `Task` is sealed, so `T` is a
         // `Delayed<F, ..>` with `F: TaskFn`, which on stable Rust only `fn` items, closures and
-        // function pointers implement (the `Fn` traits cannot be implemented by hand), all of
-        // them `Copy`. This function is handed out only by `TypedBatch::remote_entry`, which
-        // refuses `F` unless it is zero-sized: a `fn` item, or a closure whose captures are
-        // all zero-sized `Copy` values. Such a type is inhabited (the driver made a value of it
-        // to call `delayed`), has no bytes and so exactly one bit pattern, the empty one
-        // `zeroed` gives, and `Copy` lets a value be duplicated by copying those bytes: this is
-        // the copy the driver would make, made in the worker. What a copy cannot carry is a
-        // promise about the driver *process* that a zero-sized capture might stand for; the
-        // docs of `delayed` tell users to keep such captures off process tasks.
+        // function pointers implement (the `Fn` traits cannot be implemented by hand). This
+        // function is handed out only by `TypedBatch::remote_entry`, after
+        // `remote_callable::<F>` refused function pointers (not zero-sized) and closures: `F`
+        // is a `fn` item type. Such a type has exactly one value, which any code of the
+        // program may create by naming the function and which holds no bytes; `zeroed` gives
+        // that value (the empty bit pattern), exactly what naming the function here would.
         let func: T::Func = unsafe { std::mem::zeroed() };
         let outcome = catch_task(|| T::call_with(func, args));
         write_record(out, b"result\0", |buf, start| match outcome {
@@ -484,6 +508,38 @@ mod tests {
         assert!(rest.is_empty());
         let text = String::from_utf8_lossy(payload);
         assert!(text.starts_with("result\0encoded to 20 bytes"), "{text}");
+    }
+
+    fn plain(x: u64) -> u64 {
+        x
+    }
+
+    #[test]
+    fn only_fn_items_are_called_in_another_process() {
+        fn name_of<F>(_: &F) -> &'static str {
+            type_name::<F>()
+        }
+        assert!(remote_callable::<fn(u64) -> u64>().is_err());
+        let token = std::marker::PhantomData::<u8>;
+        let zero_sized_capture = move |x: u64| {
+            let _ = token;
+            x
+        };
+        assert_eq!(size_of_val(&zero_sized_capture), 0);
+        let no_capture = |x: u64| x;
+        // The check relies on how rustc names closure types: pinned here.
+        assert!(
+            name_of(&no_capture).contains("{{closure}}"),
+            "{}",
+            name_of(&no_capture)
+        );
+        fn check<F>(_: &F) -> Result<(), Error> {
+            remote_callable::<F>()
+        }
+        let err = check(&zero_sized_capture).unwrap_err().to_string();
+        assert!(err.contains("is a closure"), "{err}");
+        assert!(check(&no_capture).is_err());
+        assert_eq!(check(&plain), Ok(()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use crate::batch::{Destination, TypedBatch};
+use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
 use crate::pool::{Completion, Job, Pool, RunControl};
 use crate::progress::Reporter;
@@ -158,8 +158,11 @@ pub(crate) struct Dispatcher<I, T: Task> {
     abandoned: HashSet<u64>,
     sizer: Sizer,
     reporter: Reporter,
-    /// The output buffer batches write into directly, with its capacity (see `run`).
-    in_place: Option<(std::ptr::NonNull<T::Output>, usize)>,
+    /// Whether the dispatcher watches timeouts itself (asked of the pool once: an answer that
+    /// changed between calls must not make a batch both in place and abandonable).
+    watch_timeouts: bool,
+    /// The output buffer batches write into directly, when `run` asked for one.
+    in_place: Option<InPlace<T::Output>>,
     /// Emptied task buffers of finished batches, to fill again.
     spare_buffers: Vec<Vec<T>>,
     marker: std::marker::PhantomData<fn() -> T>,
@@ -213,29 +216,61 @@ where
             watched: Vec::new(),
             abandoned: HashSet::new(),
             reporter,
+            watch_timeouts,
             in_place: None,
             spare_buffers: Vec::new(),
             marker: std::marker::PhantomData,
         }
     }
 
-    /// Makes batches that fall within `capacity` slots of `buffer` write their values there,
-    /// at their input index, instead of returning them. Ignored when timeouts are watched,
-    /// since an abandoned batch could write after the run returned.
-    ///
-    /// # Safety
-    /// `buffer` must have room for `capacity` values and must outlive every batch of this
-    /// dispatcher: the dispatcher's drop waits for running batches, so it is enough that the
-    /// buffer is dropped after the dispatcher, and is not read before the batches that wrote
-    /// it came back.
-    pub(crate) unsafe fn write_in_place(
-        &mut self,
-        buffer: std::ptr::NonNull<T::Output>,
-        capacity: usize,
-    ) {
-        if !self.watches_timeouts() {
-            self.in_place = Some((buffer, capacity));
+    /// Makes batches that fall within the first `len` input positions write their values
+    /// straight into one output vector, at their input index, instead of returning them; `run`
+    /// takes it with [`take_in_place`](Dispatcher::take_in_place). Does nothing when timeouts
+    /// are watched (an abandoned batch could write after the run returned) or when `len`
+    /// values do not fit in memory. The dispatcher owns that vector, and its `Drop` waits for
+    /// every batch that may write into it before freeing it.
+    pub(crate) fn collect_in_place(&mut self, len: usize) {
+        if self.watch_timeouts {
+            return;
         }
+        let mut buffer = Vec::new();
+        if buffer.try_reserve_exact(len).is_ok() {
+            self.in_place = Some(InPlace {
+                buffer,
+                capacity: len,
+                out: 0,
+                placed: Vec::new(),
+            });
+        }
+    }
+
+    /// The in-place output, once every batch has come back complete: its length is the number
+    /// of positions the in-place batches covered, all written.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if the written slices do not cover that prefix exactly (which
+    /// the dispatcher's own bookkeeping rules out; checked because `set_len` relies on it).
+    pub(crate) fn take_in_place(&mut self) -> Result<Vec<T::Output>, Error> {
+        let Some(in_place) = self.in_place.as_mut() else {
+            return Ok(Vec::new());
+        };
+        in_place.placed.sort_unstable();
+        let mut covered = 0;
+        for &(first, count) in &in_place.placed {
+            if first != covered || in_place.out != 0 {
+                return Err(Error::InvalidConfig(
+                    "internal: batches written in place do not cover the output's start".into(),
+                ));
+            }
+            covered += count;
+        }
+        let mut buffer = std::mem::take(&mut in_place.buffer);
+        in_place.placed.clear();
+        // SAFETY: slots `0..covered` were written by batches that all came back (`out` is 0)
+        // and tile that range exactly (checked above); nothing else owns them now that
+        // `placed` is cleared.
+        unsafe { buffer.set_len(covered) };
+        Ok(buffer)
     }
 
     pub(crate) fn max_in_flight(&self) -> usize {
@@ -256,7 +291,7 @@ where
     }
 
     fn watches_timeouts(&self) -> bool {
-        self.control.timeout().is_some() && !self.pool.enforces_timeout()
+        self.watch_timeouts
     }
 
     /// Pulls the next batch from the input and submits it. `false` once the input is empty.
@@ -294,12 +329,21 @@ where
             });
             started
         });
-        let batch = match self.in_place {
-            Some((buffer, capacity)) if first_index + tasks.len() <= capacity => {
-                // SAFETY: the slots `first_index..first_index + len` are within the buffer
-                // (checked above), belong to this batch alone (batches cover disjoint index
-                // ranges), and the buffer outlives the batch (`write_in_place`'s contract).
-                let destination = unsafe { Destination::new(buffer.add(first_index)) };
+        let batch = match self.in_place.as_mut() {
+            Some(in_place)
+                if started.is_none() && first_index + tasks.len() <= in_place.capacity =>
+            {
+                let start = in_place.buffer.as_mut_ptr();
+                // SAFETY: the slots `first_index..first_index + len` are within the buffer's
+                // capacity (checked above) and belong to this batch alone (batches cover
+                // disjoint index ranges). The buffer outlives the batch: the dispatcher owns
+                // it, and neither `take_in_place` (which needs `out == 0`) nor `Drop` (which
+                // waits until `out == 0`) lets it go while this batch is out. A watched
+                // batch (`started`), which may be abandoned, never gets a destination.
+                let destination = unsafe {
+                    Destination::new(std::ptr::NonNull::new_unchecked(start.add(first_index)))
+                };
+                in_place.out += 1;
                 Box::new(TypedBatch::with_destination(
                     first_index,
                     tasks,
@@ -368,11 +412,15 @@ where
             self.spare_buffers.push(buffer);
         }
         self.reporter.completed(len);
+        let in_place = batch.destination.is_some();
+        if in_place {
+            self.place(&mut batch);
+        }
         let mut finished = Finished {
             seq: completion.seq,
             first_index: batch.first_index,
             len,
-            in_place: batch.destination.is_some(),
+            in_place,
             written: batch.written,
             values: batch.values,
             failures: batch.failures,
@@ -478,25 +526,93 @@ impl<I, T: Task> Dispatcher<I, T> {
 
 impl<I, T: Task> Drop for Dispatcher<I, T> {
     fn drop(&mut self) {
-        if self.in_place.is_none() || self.running == 0 {
+        let Some(out) = self.in_place.as_ref().map(|in_place| in_place.out) else {
             return;
-        }
-        // Batches still running write into the caller's output buffer, which is freed after
-        // the dispatcher: stop them and wait. Only reached when unwinding (a panic in the
-        // user's iterator), since `run` waits for every batch itself otherwise.
-        self.control.cancel();
-        while self.running > 0 {
-            match self.completions.recv() {
-                Ok(completion) => {
-                    if self.take_outstanding(&completion)
-                        && !self.abandoned.contains(&completion.seq)
-                    {
-                        self.running -= 1;
-                    }
+        };
+        if out > 0 {
+            // Batches still out write into the output buffer, which is freed with the
+            // dispatcher: stop them and wait (a failed run, or unwinding from a panic in the
+            // user's iterator or in a pool).
+            self.control.cancel();
+            while self
+                .in_place
+                .as_ref()
+                .is_some_and(|in_place| in_place.out > 0)
+            {
+                let Ok(completion) = self.completions.recv() else {
+                    break;
+                };
+                if !self.take_outstanding(&completion) {
+                    continue;
                 }
-                Err(_) => break,
+                if let Ok(mut batch) = completion.batch.into_any().downcast::<TypedBatch<T>>()
+                    && batch.destination.is_some()
+                {
+                    self.place(&mut batch);
+                }
             }
         }
+        if let Some(in_place) = self.in_place.as_mut() {
+            in_place.drop_placed();
+        }
+    }
+}
+
+/// The output vector in-place batches write into, and what they wrote.
+struct InPlace<R> {
+    /// Length 0; its capacity holds the values batches wrote (see `placed`).
+    buffer: Vec<R>,
+    /// How many input positions it covers.
+    capacity: usize,
+    /// Batches with a destination in it that have not come back.
+    out: usize,
+    /// Initialised slices, as (input index, count), of batches that came back.
+    placed: Vec<(usize, usize)>,
+}
+
+impl<R> InPlace<R> {
+    /// Drops the values batches wrote before a run failed.
+    fn drop_placed(&mut self) {
+        for (first, count) in self.placed.drain(..) {
+            if !std::mem::needs_drop::<R>() {
+                continue;
+            }
+            // SAFETY: a batch wrote `count` values from index `first`, within the capacity,
+            // and came back; `buffer`'s length is 0 and `placed` forgets the slice here, so
+            // these values are dropped exactly once.
+            unsafe {
+                let start = self.buffer.as_mut_ptr().add(first);
+                std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(start, count));
+            }
+        }
+    }
+}
+
+impl<I, T: Task> Dispatcher<I, T> {
+    /// Records what an in-place batch that came back wrote, first moving into place the
+    /// values a pool that ran it elsewhere returned (when the batch is complete).
+    fn place(&mut self, batch: &mut TypedBatch<T>) {
+        let Some(in_place) = self.in_place.as_mut() else {
+            return;
+        };
+        in_place.out = in_place.out.saturating_sub(1);
+        let complete = batch.failures.is_empty()
+            && batch.written + batch.values.len() == ErasedBatch::len(&*batch);
+        if complete && !batch.values.is_empty() {
+            let at = batch.first_index + batch.written;
+            // SAFETY: slots `at..at + values.len()` are this batch's (`written + values.len()`
+            // is its length), in bounds, and not yet initialised (`run_here` writes from
+            // `written` on, and writes in place only while `values` is empty); `set_len(0)`
+            // hands the moved values' ownership to the buffer.
+            unsafe {
+                let source = batch.values.as_ptr();
+                let target = in_place.buffer.as_mut_ptr().add(at);
+                std::ptr::copy_nonoverlapping(source, target, batch.values.len());
+                batch.written += batch.values.len();
+                batch.values.set_len(0);
+            }
+        }
+        in_place.placed.push((batch.first_index, batch.written));
     }
 }
 
@@ -522,57 +638,30 @@ where
         (low, Some(high)) if low == high => Some(low),
         _ => None,
     };
-    // Declared before the dispatcher so that it is dropped after it: the dispatcher's drop
-    // waits for batches that may still be writing into it.
-    let mut out: Vec<T::Output> = Vec::new();
+    let mut dispatcher = Dispatcher::new(pool, tasks, options);
     // An input may claim a length no memory can hold (`0..usize::MAX`): then the results are
     // gathered batch by batch instead, for as long as the run goes.
-    let in_place_len = exact_len.filter(|&len| out.try_reserve_exact(len).is_ok());
-    let mut dispatcher = Dispatcher::new(pool, tasks, options);
-    if let (Some(len), Some(buffer)) = (in_place_len, std::ptr::NonNull::new(out.as_mut_ptr())) {
-        // SAFETY: `out` has room for `len` values, is dropped after the dispatcher, and is
-        // only read (below) for batches that came back.
-        unsafe { dispatcher.write_in_place(buffer, len) };
+    if let Some(len) = exact_len {
+        dispatcher.collect_in_place(len);
     }
-    // Slices of `out` holding initialised values, as (input index, count).
-    let mut placed: Vec<(usize, usize)> = Vec::new();
     // Values of batches that did not write in place, by batch number.
     let mut appended: BTreeMap<u64, Vec<T::Output>> = BTreeMap::new();
     loop {
         while dispatcher.running() < dispatcher.max_in_flight() && dispatcher.dispatch_one() {}
-        let Some(mut finished) = dispatcher.wait() else {
+        let Some(finished) = dispatcher.wait() else {
             break;
         };
         let complete = finished.failures.is_empty()
             && finished.written + finished.values.len() == finished.len;
-        if finished.in_place {
-            if complete && !finished.values.is_empty() {
-                // A pool that ran the batch elsewhere returned the values: put them in place.
-                let at = finished.first_index + finished.written;
-                // SAFETY: slots `at..at + values.len()` are this batch's, in bounds, and not
-                // yet initialised; `set_len(0)` hands the moved values' ownership to `out`.
-                unsafe {
-                    let source = finished.values.as_ptr();
-                    let target = out.as_mut_ptr().add(at);
-                    std::ptr::copy_nonoverlapping(source, target, finished.values.len());
-                    finished.written += finished.values.len();
-                    finished.values.set_len(0);
-                }
-            }
-            placed.push((finished.first_index, finished.written));
-        }
         if !complete {
             let error = finished.into_first_error();
             dispatcher.cancel();
             if !matches!(error, Error::Timeout { killed: false, .. }) {
-                while let Some(finished) = dispatcher.wait() {
-                    if finished.in_place {
-                        placed.push((finished.first_index, finished.written));
-                    }
-                }
+                while dispatcher.wait().is_some() {}
             }
+            // Dropping the dispatcher waits for any batch still writing in place, then drops
+            // the values written so far.
             drop(dispatcher);
-            drop_placed(&mut out, &placed);
             return Err(error);
         }
         if !finished.in_place {
@@ -580,12 +669,10 @@ where
         }
     }
     dispatcher.finish_report(true);
-    drop(dispatcher);
     // In-place batches form a prefix of the input (a batch writes in place only if it ends
     // within the announced length, and batches come in input order), all of it written.
-    let prefix: usize = placed.iter().map(|&(_, count)| count).sum();
-    // SAFETY: every run succeeded, so slots `0..prefix` are initialised.
-    unsafe { out.set_len(prefix) };
+    let mut out = dispatcher.take_in_place()?;
+    drop(dispatcher);
     for (_, mut values) in appended {
         if out.is_empty() && values.capacity() >= out.capacity() {
             out = values;
@@ -594,22 +681,6 @@ where
         }
     }
     Ok(out)
-}
-
-/// Drops the values batches wrote into `out`'s spare capacity before a run failed.
-fn drop_placed<R>(out: &mut Vec<R>, placed: &[(usize, usize)]) {
-    if !std::mem::needs_drop::<R>() {
-        return;
-    }
-    for &(first, count) in placed {
-        // SAFETY: batches wrote `count` values from index `first`, within the capacity, and
-        // every batch is back (the dispatcher was dropped after waiting for them); `out`'s
-        // length is 0, so these values are dropped exactly once, here.
-        unsafe {
-            let slice = std::ptr::slice_from_raw_parts_mut(out.as_mut_ptr().add(first), count);
-            std::ptr::drop_in_place(slice);
-        }
-    }
 }
 
 /// What [`RunIter`] and [`RunUnordered`] share: a dispatcher kept topped up, and the outcomes

@@ -212,3 +212,104 @@ fn a_job_completed_on_another_thread_after_the_consumer_left_is_harmless() {
         "the run went on after its consumer left"
     );
 }
+
+/// A panic payload whose own `Drop` panics.
+struct Grenade;
+
+impl Drop for Grenade {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the payload's drop panicked too");
+        }
+    }
+}
+
+fn throws_grenade(i: u32) -> String {
+    if i == 2 {
+        std::panic::panic_any(Grenade);
+    }
+    label(i)
+}
+
+#[test]
+fn a_panic_whose_payload_panics_when_dropped_is_still_task_panicked() {
+    let tasks = (0..5u32).map(|i| delayed(throws_grenade, i));
+    let err = run(pool(Job::run_here), tasks, &options(5)).unwrap_err();
+    assert!(matches!(err, Error::TaskPanicked { index: 2, .. }), "{err}");
+    let tasks = (0..5u32).map(|i| delayed(throws_grenade, i));
+    let outcomes: Vec<_> = RunIter::new(pool(Job::run_here), tasks, &options(5)).collect();
+    assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
+}
+
+#[test]
+fn a_batch_partly_decoded_then_run_here_keeps_every_value_in_its_place() {
+    fn decode_two_then_run(mut job: Job) {
+        let mut frame = Vec::new();
+        job.batch().encode_tasks(0..2, &mut frame);
+        let entry = job.batch().remote_entry().unwrap();
+        let mut outcomes = Vec::new();
+        entry(&frame, &mut outcomes, &mut |_| {});
+        assert_eq!(job.batch_mut().decode_outcomes(&outcomes), 2);
+        job.run_here();
+    }
+    let tasks = (0..8).map(|i| delayed(label, i));
+    let out = run(pool(decode_two_then_run), tasks, &options(4)).unwrap();
+    assert_eq!(out, (0..8).map(label).collect::<Vec<_>>());
+}
+
+/// `enforces_timeout` answers differently from one call to the next: the dispatcher must ask
+/// once, or a batch could be both written in place and abandoned (then written after `run`
+/// freed its output).
+#[test]
+fn a_pool_whose_timeout_answer_changes_cannot_make_a_batch_write_after_run() {
+    struct Fickle(AtomicUsize);
+    impl Pool for Fickle {
+        fn workers(&self) -> usize {
+            1
+        }
+        fn submit(&self, job: Job) {
+            spawn(move || job.run_here());
+        }
+        fn enforces_timeout(&self) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst) % 2 == 1
+        }
+        fn verbose_name(&self) -> &'static str {
+            "Fickle"
+        }
+    }
+    fn slow(i: u32) -> String {
+        std::thread::sleep(Duration::from_millis(50));
+        label(i)
+    }
+    for start in 0..2 {
+        let options = RunOptions {
+            timeout: Some(Duration::from_millis(1)),
+            ..options(1)
+        };
+        let tasks = (0..2u32).map(|i| delayed(slow, i));
+        let _ = run(Arc::new(Fickle(AtomicUsize::new(start))), tasks, &options);
+        join_spawned();
+    }
+}
+
+#[test]
+fn a_panic_in_the_users_iterator_drops_the_values_already_written_in_place() {
+    fn late(job: Job) {
+        spawn(move || job.run_here());
+    }
+    struct Exploding(u32);
+    impl Iterator for Exploding {
+        type Item = crate::Delayed<fn(u32) -> String, u32, crate::Whole>;
+        fn next(&mut self) -> Option<Self::Item> {
+            self.0 += 1;
+            assert!(self.0 < 6, "the input broke");
+            Some(delayed(label as fn(u32) -> String, self.0))
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (10, Some(10))
+        }
+    }
+    let outcome = std::panic::catch_unwind(|| run(pool(late), Exploding(0), &options(2)));
+    join_spawned();
+    assert!(outcome.is_err());
+}

@@ -16,7 +16,8 @@ pub enum Spread<const N: usize> {}
 /// A function that [`delayed`] can call with `Args`.
 ///
 /// Implemented for every `Fn` of 0 to 8 parameters that is `Copy + Send + Sync + 'static`
-/// (plain `fn` items and non-capturing closures): a one-parameter function takes its argument
+/// (plain `fn` items, closures that capture `Copy` data, function pointers; only `fn` items
+/// run in worker processes): a one-parameter function takes its argument
 /// whole (`delayed(square, 3)`), a function of `N` parameters takes an `N`-tuple spread over
 /// them (`delayed(add, (1, 2))`). `Marker` only tells the two apart; it is inferred.
 pub trait TaskFn<Args, Marker>: Copy + Send + Sync + 'static {
@@ -78,8 +79,8 @@ mod sealed {
 /// without receiving it: its type is one [`TaskFn`] accepts (a `fn` item, a closure, or a
 /// function pointer), and only the zero-sized ones run in another process.
 pub trait Task: Send + 'static + sealed::Sealed {
-    /// The function type: a zero-sized `fn` item or non-capturing closure for the process
-    /// backend; any `Copy` function for the others.
+    /// The function type: a `fn` item for the process backend; any `Copy` function for the
+    /// others.
     type Func: Copy + Send + Sync + 'static;
     /// The argument value as given to [`delayed`].
     type Args: Serialize + DeserializeOwned + Send + 'static;
@@ -130,14 +131,12 @@ impl<F, A: std::fmt::Debug, M> std::fmt::Debug for Delayed<F, A, M> {
 /// # In worker processes
 ///
 /// The process backend does not send the function: a worker calls the same function in its
-/// own copy of the program. So `func` must be a `fn` item (`square`, `Self::method`) or a
-/// closure that captures no data; a function pointer (`square as fn(u64) -> u64`) or a
-/// closure capturing data is refused with [`Error::InvalidConfig`](crate::Error) naming its
-/// type. A closure whose captures are all zero-sized `Copy` values (a unit struct,
-/// `PhantomData`) holds no data and is accepted: the worker makes its copy of it without
-/// running any code, as `Copy` allows. Do not capture a zero-sized value that stands for
-/// something done in the driver process (a marker "this process initialised X"): the worker
-/// process has not done it.
+/// own copy of the program. So there `func` must be a plain `fn` item (`square`,
+/// `Self::method`, `parse::<u32>`); a closure or a function pointer (`square as fn(u64) -> u64`)
+/// is refused with [`Error::InvalidConfig`](crate::Error) naming its type. Closures are
+/// refused even when they capture nothing, because a closure capturing only zero-sized
+/// values looks the same, and the worker would have to conjure those values. Closures work on
+/// the threading and sequential backends.
 ///
 /// ```
 /// use parjob_core::{delayed, Task};

@@ -98,8 +98,27 @@ pub fn catch_task<R>(body: impl FnOnce() -> R) -> Result<R, String> {
     let result = panic::catch_unwind(AssertUnwindSafe(body));
     IN_TASK.with(|t| t.set(was_in_task));
     result.map_err(|payload| {
-        LAST_PANIC
+        let message = LAST_PANIC
             .with(|last| last.borrow_mut().take())
-            .unwrap_or_else(|| panic_message(&*payload))
+            .unwrap_or_else(|| panic_message(&*payload));
+        drop_quietly(payload);
+        message
     })
+}
+
+/// Drops a panic payload (or anything a task owned) without letting a panic in its `Drop`
+/// escape: that would unwind out of the worker (rayon then aborts the process). The payload
+/// of such a panic is dropped the same way; after a few payloads that each panic again, the
+/// last is forgotten rather than dropped, so this always returns.
+pub(crate) fn drop_quietly<T>(value: T) {
+    let Err(mut payload) = panic::catch_unwind(AssertUnwindSafe(|| drop(value))) else {
+        return;
+    };
+    for _ in 0..8 {
+        match panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+            Ok(()) => return,
+            Err(again) => payload = again,
+        }
+    }
+    std::mem::forget(payload);
 }

@@ -31,7 +31,7 @@
 //! - [`Error`]: every failure, naming the task (`task 7 panicked: ...`).
 //! - [`cpu_count`], [`effective_n_jobs`], [`worker_info`].
 //!
-//! A task function is a plain `fn` item or a closure that captures nothing, whose arguments
+//! A task function is a plain `fn` item (closures work on threads, not in worker processes), whose arguments
 //! and result are `serde` types: the same `delayed(...)` then runs on every backend.
 //!
 //! `PARJOB_BACKEND` and `PARJOB_N_JOBS` set defaults from the environment (for

@@ -179,7 +179,8 @@ impl Parallel {
         self
     }
 
-    /// Draws a progress bar on stderr when it is a terminal.
+    /// Draws a progress bar on stderr when it is a terminal. The bar needs the `progress`
+    /// feature (on by default); without it this setting is accepted and draws nothing.
     pub fn progress(mut self, enabled: bool) -> Parallel {
         self.options.progress = enabled;
         self

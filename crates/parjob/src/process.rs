@@ -25,10 +25,10 @@ pub(crate) fn start_process_pool(
     _workers: usize,
     _options: &ProcessOptions,
 ) -> Result<std::sync::Arc<dyn parjob_core::Pool>, crate::Error> {
-    Err(crate::Error::BackendUnavailable {
-        backend: crate::Backend::Process,
-        reason: "parjob was built without its `process` feature, or not for Linux".into(),
-    })
+    Err(crate::Error::backend_unavailable(
+        crate::Backend::Process,
+        "parjob was built without its `process` feature, or not for Linux",
+    ))
 }
 
 /// Process-backend settings; the other backends ignore them.
