@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, delayed};
-use parjob_tests::run_child_test;
+use parjob_tests::{EVERY_TARGET, IN_PROCESS, run_child_test};
 
 fn panics_on_seven(i: u32) -> u32 {
     if i == 7 {
@@ -14,25 +14,23 @@ fn identity(i: u32) -> u32 {
     i
 }
 
-const ALL: [Backend; 3] = [Backend::Sequential, Backend::Threading, Backend::Process];
-
 #[test]
 fn a_panic_becomes_task_panicked_with_index_and_message() {
-    for backend in ALL {
-        let err = Parallel::new(2)
-            .backend(backend)
+    for target in EVERY_TARGET {
+        let err = target
+            .parallel(2)
             .run((0..100u32).map(|i| delayed(panics_on_seven, i)))
             .unwrap_err();
         match &err {
             Error::TaskPanicked { index, message, .. } => {
-                assert_eq!(*index, 7, "{backend}");
+                assert_eq!(*index, 7, "{target}");
                 assert!(message.contains("seven is unlucky"), "{message}");
                 assert!(
                     message.contains("tests/failures.rs"),
                     "location missing: {message}"
                 );
             }
-            other => panic!("{backend}: expected TaskPanicked, got {other:?}"),
+            other => panic!("{target}: expected TaskPanicked, got {other:?}"),
         }
         assert!(
             err.to_string()
@@ -44,8 +42,8 @@ fn a_panic_becomes_task_panicked_with_index_and_message() {
 
 #[test]
 fn the_same_parallel_works_after_an_error() {
-    for backend in ALL {
-        let parallel = Parallel::new(2).backend(backend);
+    for target in EVERY_TARGET {
+        let parallel = target.parallel(2);
         assert!(
             parallel
                 .run((0..20u32).map(|i| delayed(panics_on_seven, i)))
@@ -54,68 +52,74 @@ fn the_same_parallel_works_after_an_error() {
         let out = parallel
             .run((0..20u32).map(|i| delayed(identity, i)))
             .unwrap();
-        assert_eq!(out, (0..20).collect::<Vec<_>>(), "{backend}");
+        assert_eq!(out, (0..20).collect::<Vec<_>>(), "{target}");
     }
 }
 
 #[test]
 fn run_iter_yields_the_failure_in_place_and_goes_on() {
-    let results: Vec<_> = Parallel::new(2)
-        .backend(Backend::Threading)
-        .batch_size(BatchSize::Fixed(4))
-        .run_iter((0..12u32).map(|i| delayed(panics_on_seven, i)))
-        .collect();
-    assert_eq!(results.len(), 12);
-    for (i, result) in results.iter().enumerate() {
-        match result {
-            Err(Error::TaskPanicked { index: 7, .. }) => assert_eq!(i, 7),
-            Ok(v) => assert_eq!(*v as usize, i),
-            other => panic!("task {i}: {other:?}"),
+    for target in IN_PROCESS {
+        let results: Vec<_> = target
+            .parallel(2)
+            .batch_size(BatchSize::Fixed(4))
+            .run_iter((0..12u32).map(|i| delayed(panics_on_seven, i)))
+            .collect();
+        assert_eq!(results.len(), 12);
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Err(Error::TaskPanicked { index: 7, .. }) => assert_eq!(i, 7),
+                Ok(v) => assert_eq!(*v as usize, i),
+                other => panic!("task {i}: {other:?}"),
+            }
         }
     }
 }
 
 #[test]
 fn run_unordered_yields_the_failure_with_its_index() {
-    let failures: Vec<usize> = Parallel::new(2)
-        .backend(Backend::Threading)
-        .run_unordered((0..50u32).map(|i| delayed(panics_on_seven, i)))
-        .filter_map(|(i, r)| r.is_err().then_some(i))
-        .collect();
-    assert_eq!(failures, [7]);
+    for target in IN_PROCESS {
+        let failures: Vec<usize> = target
+            .parallel(2)
+            .run_unordered((0..50u32).map(|i| delayed(panics_on_seven, i)))
+            .filter_map(|(i, r)| r.is_err().then_some(i))
+            .collect();
+        assert_eq!(failures, [7]);
+    }
 }
 
 #[test]
 fn a_task_over_its_timeout_fails_fast_with_timeout() {
-    fn nap(ms: u64) -> u64 {
-        std::thread::sleep(Duration::from_millis(ms));
-        ms
-    }
-    let began = Instant::now();
-    let err = Parallel::new(2)
-        .backend(Backend::Threading)
-        .timeout(Duration::from_millis(100))
-        .run([1, 5, 3_000, 2].map(|ms| delayed(nap, ms)))
-        .unwrap_err();
-    match &err {
-        Error::Timeout {
-            index,
-            after,
-            killed,
-            ..
-        } => {
-            assert_eq!(
-                (*index, *after, *killed),
-                (2, Duration::from_millis(100), false)
-            );
+    for target in IN_PROCESS {
+        fn nap(ms: u64) -> u64 {
+            std::thread::sleep(Duration::from_millis(ms));
+            ms
         }
-        other => panic!("expected Timeout, got {other:?}"),
+        let began = Instant::now();
+        let err = target
+            .parallel(2)
+            .timeout(Duration::from_millis(100))
+            .run([1, 5, 3_000, 2].map(|ms| delayed(nap, ms)))
+            .unwrap_err();
+        match &err {
+            Error::Timeout {
+                index,
+                after,
+                killed,
+                ..
+            } => {
+                assert_eq!(
+                    (*index, *after, *killed),
+                    (2, Duration::from_millis(100), false)
+                );
+            }
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        assert!(err.to_string().contains("timed out after 100ms"), "{err}");
+        assert!(
+            began.elapsed() < Duration::from_millis(2_500),
+            "waited for the hung task"
+        );
     }
-    assert!(err.to_string().contains("timed out after 100ms"), "{err}");
-    assert!(
-        began.elapsed() < Duration::from_millis(2_500),
-        "waited for the hung task"
-    );
 }
 
 #[test]
@@ -144,28 +148,32 @@ fn a_sequential_task_over_its_timeout_is_reported_when_it_returns() {
 
 #[test]
 fn a_timeout_too_long_to_count_in_nanoseconds_never_fires() {
-    fn nap(ms: u64) -> u64 {
-        std::thread::sleep(Duration::from_millis(ms));
-        ms
+    for target in IN_PROCESS {
+        fn nap(ms: u64) -> u64 {
+            std::thread::sleep(Duration::from_millis(ms));
+            ms
+        }
+        // 2^64 ns + 1 ms: truncated to 64 bits of nanoseconds it would be 1 ms.
+        let about_584_years = Duration::new(18_446_744_073, 710_551_616);
+        let out = target
+            .parallel(2)
+            .timeout(about_584_years)
+            .run([20, 20, 20].map(|ms| delayed(nap, ms)))
+            .unwrap();
+        assert_eq!(out, [20, 20, 20]);
     }
-    // 2^64 ns + 1 ms: truncated to 64 bits of nanoseconds it would be 1 ms.
-    let about_584_years = Duration::new(18_446_744_073, 710_551_616);
-    let out = Parallel::new(2)
-        .backend(Backend::Threading)
-        .timeout(about_584_years)
-        .run([20, 20, 20].map(|ms| delayed(nap, ms)))
-        .unwrap();
-    assert_eq!(out, [20, 20, 20]);
 }
 
 #[test]
 fn tasks_within_their_timeout_succeed() {
-    let out = Parallel::new(2)
-        .backend(Backend::Threading)
-        .timeout(Duration::from_secs(10))
-        .run((0..50u32).map(|i| delayed(identity, i)))
-        .unwrap();
-    assert_eq!(out, (0..50).collect::<Vec<_>>());
+    for target in IN_PROCESS {
+        let out = target
+            .parallel(2)
+            .timeout(Duration::from_secs(10))
+            .run((0..50u32).map(|i| delayed(identity, i)))
+            .unwrap();
+        assert_eq!(out, (0..50).collect::<Vec<_>>());
+    }
 }
 
 #[test]
@@ -179,12 +187,14 @@ fn task_panics_print_no_backtrace() {
 #[test]
 #[ignore = "run by task_panics_print_no_backtrace in a child process"]
 fn child_many_panics() {
-    fn always_panics(i: u32) -> u32 {
-        panic!("task {i} gives up")
+    for target in IN_PROCESS {
+        fn always_panics(i: u32) -> u32 {
+            panic!("task {i} gives up")
+        }
+        let results: Vec<_> = target
+            .parallel(2)
+            .run_iter((0..50u32).map(|i| delayed(always_panics, i)))
+            .collect();
+        assert!(results.iter().all(Result::is_err));
     }
-    let results: Vec<_> = Parallel::new(2)
-        .backend(Backend::Threading)
-        .run_iter((0..50u32).map(|i| delayed(always_panics, i)))
-        .collect();
-    assert!(results.iter().all(Result::is_err));
 }

@@ -101,3 +101,92 @@ fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receive
     });
     receiver
 }
+
+/// Where a test runs its tasks: one of parjob's backends, or a pool of the test's own handed to
+/// [`Parallel::with_pool`], which must behave the same (ordering, laziness, failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A built-in backend.
+    Backend(parjob::Backend),
+    /// A [`CountingPool`] through `Parallel::with_pool`.
+    CustomPool,
+}
+
+/// Every built-in backend, and a custom pool.
+pub const EVERY_TARGET: [Target; 4] = [
+    Target::Backend(parjob::Backend::Sequential),
+    Target::Backend(parjob::Backend::Threading),
+    Target::Backend(parjob::Backend::Process),
+    Target::CustomPool,
+];
+
+/// The threading backend and a custom pool: in-process pools whose tasks may share state.
+pub const IN_PROCESS: [Target; 2] = [
+    Target::Backend(parjob::Backend::Threading),
+    Target::CustomPool,
+];
+
+impl Target {
+    /// A `Parallel` of `n_jobs` workers running on this target.
+    pub fn parallel(self, n_jobs: i32) -> parjob::Parallel {
+        match self {
+            Target::Backend(backend) => parjob::Parallel::new(n_jobs).backend(backend),
+            Target::CustomPool => {
+                let workers = usize::try_from(n_jobs).unwrap_or(1).max(1);
+                parjob::Parallel::new(n_jobs)
+                    .with_pool(std::sync::Arc::new(CountingPool::new(workers)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Backend(backend) => write!(f, "{backend}"),
+            Target::CustomPool => f.write_str("custom pool"),
+        }
+    }
+}
+
+/// A pool of the tests' own, the shape of `examples/custom_pool.rs`: it counts the batches it
+/// is given and lets the threading backend's pool run them.
+pub struct CountingPool {
+    threads: parjob::pool::ThreadPool,
+    batches: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingPool {
+    /// A pool of `workers` threads.
+    pub fn new(workers: usize) -> CountingPool {
+        CountingPool {
+            threads: parjob::pool::ThreadPool::new(workers).expect("threads start"),
+            batches: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Batches submitted so far.
+    pub fn batches(&self) -> usize {
+        self.batches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl parjob::pool::Pool for CountingPool {
+    fn workers(&self) -> usize {
+        self.threads.workers()
+    }
+
+    fn submit(&self, job: parjob::pool::Job) {
+        self.batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.threads.submit(job);
+    }
+
+    fn target_batch_duration(&self) -> Duration {
+        self.threads.target_batch_duration()
+    }
+
+    fn verbose_name(&self) -> &'static str {
+        "CountingBackend"
+    }
+}
