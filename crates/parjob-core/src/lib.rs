@@ -1,4 +1,4 @@
-//! The core of [parjob](https://docs.rs/parjob): tasks, the dispatcher, errors, `n_jobs` rules
+//! The core of parjob: tasks, the dispatcher, errors, `n_jobs` rules
 //! and the sequential backend. Users depend on the `parjob` crate, which re-exports what they
 //! need from here; backend crates implement [`Pool`].
 //!
