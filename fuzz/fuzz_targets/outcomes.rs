@@ -64,7 +64,12 @@ where
         batch_size: BatchSize::Fixed(4),
         ..RunOptions::default()
     };
-    RunIter::new(Arc::new(Replaying), (0..4u64).map(|i| delayed(f, i)), &options).count()
+    RunIter::new(
+        Arc::new(Replaying),
+        (0..4u64).map(|i| delayed(f, i)),
+        &options,
+    )
+    .count()
 }
 
 fuzz_target!(|data: &[u8]| {
