@@ -17,3 +17,7 @@ mod api;
 mod executor;
 // Process backend: crashes, timeouts, codec errors, no orphans, worker lifecycle.
 mod process;
+// Process handshake: a rogue client, the socket's mode, descriptor shortage, leaks, task children.
+mod handshake;
+// Process faults: supervisor panics, failed restarts, forks, cut memory, random kills, 64 fds.
+mod faults;

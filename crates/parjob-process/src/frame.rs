@@ -13,25 +13,23 @@ use std::time::Duration;
 
 use ipc_channel::ipc::{IpcSender, IpcSharedMemory};
 use parjob_core::{ErasedBatch, collect_shared};
-use parjob_remote::{CodeOffset, DoneHeader, FrameAt, RunHeader};
+use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::mapping::Arena;
 use crate::shared::{Planned, can_ship, spare_descriptors};
 use crate::spawn::Worker;
 use crate::wire::{ARENA_KEEP_MAX, Shipment};
 
-/// Driver: writes the `RUN` of tasks `range` of `batch` for `worker` into `buf` (cleared
-/// first), moving a frame over `max_nbytes` into the worker's task arena. Returns how many
-/// bytes of `buf` to send and the shipments that follow them.
-pub(crate) fn encode_run(
+/// Driver: encodes tasks `range` of `batch` into `buf` (cleared first, leaving room for the
+/// `RUN` header), and plans the shipments the frame needs. This is the step that runs user
+/// code (the arguments' `Serialize`), kept apart from the rest of the `RUN` so that a panic in
+/// it is known to have touched nothing but `buf`.
+pub(crate) fn encode_tasks(
     buf: &mut Vec<u8>,
     batch: &dyn ErasedBatch,
     range: Range<usize>,
-    entry: CodeOffset,
-    timed: bool,
     worker: &mut Worker,
-    max_nbytes: usize,
-) -> (usize, Vec<Planned>) {
+) -> Vec<Planned> {
     buf.clear();
     buf.resize(RunHeader::LEN, 0);
     let ((), segments) = collect_shared(|| batch.encode_tasks(range.clone(), buf));
@@ -43,6 +41,21 @@ pub(crate) fn encode_run(
         buf.truncate(RunHeader::LEN);
         batch.encode_tasks(range, buf);
     }
+    shipments
+}
+
+/// Driver: turns `buf` (as [`encode_tasks`] left it) into the `RUN` to send, moving a frame
+/// over `max_nbytes` into the worker's task arena. Returns how many bytes of `buf` to send, the
+/// shipments that follow them, and whether the frame is in the arena.
+pub(crate) fn finish_run(
+    buf: &mut [u8],
+    tag: FrameTag,
+    timeout: Option<Duration>,
+    entry: CodeOffset,
+    mut shipments: Vec<Planned>,
+    worker: &mut Worker,
+    max_nbytes: usize,
+) -> (usize, Vec<Planned>, bool) {
     let len = buf.len() - RunHeader::LEN;
     let arena_fits = worker.task_arena.as_ref().is_some_and(|a| a.len() >= len);
     // A new arena needs two spare file descriptors (ipc-channel panics without them); with
@@ -63,7 +76,8 @@ pub(crate) fn encode_run(
         }
     }
     let header = RunHeader {
-        timed,
+        tag,
+        timeout,
         entry,
         frame: if in_arena {
             FrameAt::Arena { len: len as u64 }
@@ -76,46 +90,74 @@ pub(crate) fn encode_run(
     };
     buf[..RunHeader::LEN].copy_from_slice(&header.encode());
     let send = if in_arena { RunHeader::LEN } else { buf.len() };
-    (send, shipments)
+    (send, shipments, in_arena)
 }
 
 /// Driver: a `DONE` as it came back, with the result arena to keep for the worker: the one it
 /// just announced, or the one it had (which holds the outcomes if they are in an arena).
 pub(crate) struct Done {
+    pub(crate) header: DoneHeader,
     pub(crate) bytes: Vec<u8>,
     pub(crate) arena: Option<Arena>,
 }
 
 impl Done {
-    /// `new_arena` is the arena the reply announced, `kept` the worker's previous one.
-    pub(crate) fn new(bytes: Vec<u8>, new_arena: Option<Arena>, kept: Option<Arena>) -> Done {
-        let announced = DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
-        let arena = if announced { new_arena } else { kept };
-        Done { bytes, arena }
+    /// `header` is `bytes`'s, `new_arena` the arena the reply came with, `kept` the worker's
+    /// previous one.
+    pub(crate) fn new(
+        header: DoneHeader,
+        bytes: Vec<u8>,
+        new_arena: Option<Arena>,
+        kept: Option<Arena>,
+    ) -> Done {
+        let arena = if header.new_arena { new_arena } else { kept };
+        Done {
+            header,
+            bytes,
+            arena,
+        }
     }
+}
 
-    /// The time the frame took in the worker, and its outcomes.
-    ///
-    /// # Errors
-    /// A message naming what is wrong with a malformed reply.
-    pub(crate) fn outcomes(&self) -> Result<(Duration, &[u8]), String> {
-        let (header, inline) = DoneHeader::decode(&self.bytes).map_err(|e| e.to_string())?;
-        let outcomes = match header.outcomes {
-            FrameAt::Inline => inline,
-            FrameAt::Arena { len } => {
-                let arena = self
-                    .arena
-                    .as_ref()
-                    .ok_or("announced outcomes in a result arena it never sent")?;
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                // SAFETY: the driver's turn: the worker wrote the arena before this DONE and
-                // writes it again only while running the next frame, which is sent after
-                // these outcomes are decoded (the slice does not outlive `self`).
-                unsafe { arena.read(len) }.ok_or("announced more outcomes than its arena holds")?
-            }
-        };
-        Ok((header.busy, outcomes))
+/// Driver: the outcomes a `DONE` (`message`) carries, inline or in `arena`.
+///
+/// # Errors
+/// A message naming what is wrong with a malformed reply.
+pub(crate) fn outcomes<'a>(
+    message: &'a [u8],
+    arena: Option<&'a Arena>,
+) -> Result<&'a [u8], String> {
+    let (header, inline) = DoneHeader::decode(message).map_err(|e| e.to_string())?;
+    match header.outcomes {
+        FrameAt::Inline => Ok(inline),
+        FrameAt::Arena { len } => {
+            let arena = arena.ok_or("announced outcomes in a result arena it never sent")?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            // SAFETY: the driver's turn: the worker wrote the arena before this DONE and
+            // writes it again only while running the next frame, which is sent after these
+            // outcomes are decoded (the slice does not outlive the borrow of the arena).
+            unsafe { arena.read(len) }
+                .ok_or_else(|| "announced more outcomes than its arena holds".into())
+        }
     }
+}
+
+/// The length of the first `n` records of a frame of outcomes, `None` if it holds fewer. The
+/// records are parjob-core's, `[tag u8][len u32 LE][payload]` (see `parjob_remote::header`):
+/// only their lengths are read here, to keep the outcomes of the tasks before one that is to
+/// be reported otherwise (it overran its timeout).
+pub(crate) fn records_len(outcomes: &[u8], n: usize) -> Option<usize> {
+    let mut at = 0usize;
+    for _ in 0..n {
+        let len: [u8; 4] = outcomes.get(at + 1..at + 5)?.try_into().ok()?;
+        at = at
+            .checked_add(5)?
+            .checked_add(usize::try_from(u32::from_le_bytes(len)).ok()?)?;
+        if at > outcomes.len() {
+            return None;
+        }
+    }
+    Some(at)
 }
 
 /// Worker: the frame a `RUN` carries, inline after its header or in the task arena.
@@ -145,15 +187,17 @@ pub(crate) fn task_frame<'a>(
     }
 }
 
-/// Worker: turns `out` (room for a `DONE` header, then the outcomes) into the `DONE` to send,
-/// moving outcomes over `max_nbytes` into the result arena (a new one goes on `big_results`).
-/// Returns how many bytes of `out` to send.
+/// Worker: turns `out` (room for a `DONE` header, then the outcomes) into the `DONE` to send
+/// for the frame `tag`, moving outcomes over `max_nbytes` into the result arena (a new one goes
+/// on `big_results`). Returns how many bytes of `out` to send.
 ///
 /// # Errors
 /// When a new arena cannot be sent (the driver is gone).
 pub(crate) fn finish_done(
     out: &mut [u8],
+    tag: FrameTag,
     busy: Duration,
+    overrun: Option<u32>,
     max_nbytes: usize,
     result_arena: &mut Option<Arena>,
     big_results: &IpcSender<IpcSharedMemory>,
@@ -161,9 +205,11 @@ pub(crate) fn finish_done(
     let outcomes = &out[DoneHeader::LEN..];
     let len = outcomes.len();
     let mut header = DoneHeader {
+        tag,
         busy,
         outcomes: FrameAt::Inline,
         new_arena: false,
+        overrun,
     };
     if len > max_nbytes {
         header.outcomes = FrameAt::Arena { len: len as u64 };
@@ -188,4 +234,27 @@ pub(crate) fn finish_done(
     } else {
         DoneHeader::LEN
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outcomes_of_the_first_tasks_are_found_by_their_lengths() {
+        let mut frame = Vec::new();
+        for payload in [&b"ab"[..], b"", b"xyz"] {
+            frame.push(1);
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            frame.extend_from_slice(payload);
+        }
+        assert_eq!(records_len(&frame, 0), Some(0));
+        assert_eq!(records_len(&frame, 1), Some(7));
+        assert_eq!(records_len(&frame, 2), Some(12));
+        assert_eq!(records_len(&frame, 3), Some(frame.len()));
+        assert_eq!(records_len(&frame, 4), None, "there are only three");
+        assert_eq!(records_len(&frame[..10], 3), None, "a record cut short");
+        let lying = [1, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(records_len(&lying, 1), None, "a length past the end");
+    }
 }

@@ -16,7 +16,8 @@
 // The modules, each using only those listed before it (no module reaches back up):
 //
 // - registry: who hears that a `SharedSlice` segment was dropped (the pools' queues).
-// - mapping: shared memory both processes write, reached through one raw pointer.
+// - mapping: shared memory both processes write, reached through one raw pointer, and the
+//   SIGBUS guard that lets the driver survive a segment cut short.
 // - wire: the `Hello`, shipments, `FORGET` and the status board.
 // - shared: `SharedSlice` segments: allocated, shipped, received.
 // - watch: a worker's exit and output, seen from the driver.

@@ -6,6 +6,19 @@
 //! in [`raw_parts`], and from then on this process reaches its bytes only through that pointer:
 //! the status board through atomics (`wire::Board`), the arenas through [`Arena`]'s `read` and
 //! `write`, whose callers say which process may touch the arena when.
+//!
+//! Any process that holds a segment's file descriptor can also cut the segment short
+//! (`ftruncate`), and touching a mapped page past the new end raises `SIGBUS`, which would kill
+//! the driver. ipc-channel makes its memfds without `MFD_ALLOW_SEALING` (so they cannot be
+//! sealed against shrinking) and has no way to adopt a descriptor of ours, so the driver
+//! survives a cut instead: every mapping is registered ([`Watch`]), and the `SIGBUS` handler
+//! ([`guard_against_cuts`]) puts a private zero page over a faulting page of a registered
+//! mapping and marks the mapping cut. Its owner checks the mark where it matters
+//! ([`Watch::is_cut`]) and replaces what was cut; a `SIGBUS` anywhere else goes to the handler
+//! that was there before.
+
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use ipc_channel::ipc::IpcSharedMemory;
 
@@ -30,6 +43,9 @@ pub(crate) fn raw_parts(memory: &mut IpcSharedMemory) -> (*mut u8, usize) {
 /// outcome frames into the result arena and the driver reads them. Turns are taken by
 /// messages (`RUN`, `DONE`), so the two processes never touch one arena at the same time.
 pub(crate) struct Arena {
+    /// The mapping's registration with the `SIGBUS` guard; declared first so that it is dropped
+    /// (unregistered) before the mapping goes.
+    watch: Watch,
     /// Keeps the mapping alive (and is cloned to send it); never dereferenced.
     memory: IpcSharedMemory,
     start: *mut u8,
@@ -44,7 +60,12 @@ impl Arena {
     /// Takes over `memory` (its only handle in this process, but for clones sent away).
     pub(crate) fn new(mut memory: IpcSharedMemory) -> Arena {
         let (start, len) = raw_parts(&mut memory);
-        Arena { memory, start, len }
+        Arena {
+            watch: Watch::new(start, len),
+            memory,
+            start,
+            len,
+        }
     }
 
     /// A new arena holding a copy of `bytes`.
@@ -61,6 +82,18 @@ impl Arena {
     /// not touch the bytes).
     pub(crate) fn handle(&self) -> IpcSharedMemory {
         self.memory.clone()
+    }
+
+    /// Whether some process cut the arena's segment short (see the module's docs). Reads its
+    /// last byte, which faults (and is then marked cut) if the segment no longer reaches it.
+    pub(crate) fn is_cut(&self) -> bool {
+        if self.len > 0 {
+            // SAFETY: `start + len - 1` is inside the live mapping. A volatile read of one byte
+            // the other process may be writing yields some value, which is ignored; no write
+            // of this process can race it (`write` takes `&mut self`).
+            unsafe { std::ptr::read_volatile(self.start.add(self.len - 1)) };
+        }
+        self.watch.is_cut()
     }
 
     /// Copies `bytes` to the start of the arena. Returns `false` (writing nothing) if they do
@@ -97,6 +130,209 @@ impl Arena {
     }
 }
 
+/// How many mappings the `SIGBUS` guard watches at once: every status board, arena and
+/// `SharedSlice` segment of this process takes one while it lives. Past that, a new mapping is
+/// not watched (a cut of it kills the process, as it would without the guard).
+const WATCH_SLOTS: usize = 1 << 14;
+
+/// One watched mapping: `[start, start + len)`, and whether a `SIGBUS` hit it. A free slot has
+/// `start == 0`. Only atomics, so the signal handler may read and write it.
+struct Slot {
+    start: AtomicUsize,
+    len: AtomicUsize,
+    cut: AtomicBool,
+}
+
+static SLOTS: [Slot; WATCH_SLOTS] = [const {
+    Slot {
+        start: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        cut: AtomicBool::new(false),
+    }
+}; WATCH_SLOTS];
+
+/// Where the search for a free slot starts, so that registering stays cheap with many live.
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+/// How many cut mappings the handler has patched in this process, ever.
+static CUTS: AtomicU64 = AtomicU64::new(0);
+/// The page size, set before the handler is installed.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
+/// The `SIGBUS` disposition before ours: its handler (or `SIG_DFL` / `SIG_IGN`) and its flags.
+static PREVIOUS_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
+static PREVIOUS_FLAGS: AtomicI32 = AtomicI32::new(0);
+
+/// A mapping's registration with the `SIGBUS` guard, undone when dropped. Whoever holds one
+/// must drop it before the mapping is unmapped (declare it before the memory in a struct).
+pub(crate) struct Watch {
+    slot: Option<usize>,
+}
+
+impl Watch {
+    /// Watches `[start, start + len)`. An empty mapping needs no watch; with every slot taken,
+    /// the mapping goes unwatched.
+    pub(crate) fn new(start: *const u8, len: usize) -> Watch {
+        let start = start as usize;
+        if start == 0 || len == 0 {
+            return Watch { slot: None };
+        }
+        let first = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+        for i in 0..WATCH_SLOTS {
+            let index = (first + i) % WATCH_SLOTS;
+            let slot = &SLOTS[index];
+            if slot
+                .start
+                .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                slot.cut.store(false, Ordering::Release);
+                // Last: until `len` is set the handler matches nothing in this slot.
+                slot.len.store(len, Ordering::Release);
+                return Watch { slot: Some(index) };
+            }
+        }
+        Watch { slot: None }
+    }
+
+    /// Whether a `SIGBUS` hit the mapping: the segment was cut short by some process, and the
+    /// pages past the cut read as zeros here (and no longer reach the other process).
+    pub(crate) fn is_cut(&self) -> bool {
+        // One load when nothing was ever cut, which is always but for a hostile task.
+        CUTS.load(Ordering::Acquire) != 0
+            && self
+                .slot
+                .is_some_and(|i| SLOTS[i].cut.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            // `len` first, so the handler never matches a slot whose range is being reused.
+            SLOTS[i].len.store(0, Ordering::Release);
+            SLOTS[i].start.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Installs, once, the `SIGBUS` handler that lets this process survive a cut of a watched
+/// mapping (see the module's docs). The driver calls it when it starts its first pool.
+pub(crate) fn guard_against_cuts() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(page) = usize::try_from(page)
+            && page.is_power_of_two()
+        {
+            PAGE.store(page, Ordering::Relaxed);
+        }
+        // SAFETY: sigaction with valid (zeroed, then filled) structures; `on_sigbus` has the
+        // signature SA_SIGINFO asks for, and is async-signal-safe (see it).
+        unsafe {
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) != 0 {
+                return;
+            }
+            PREVIOUS_HANDLER.store(previous.sa_sigaction, Ordering::Release);
+            PREVIOUS_FLAGS.store(previous.sa_flags, Ordering::Release);
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as extern "C" fn(_, _, _) as usize;
+            // On the alternate stack where the thread has one (std gives its threads one).
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+        }
+    });
+}
+
+/// The `SIGBUS` handler: a fault in a watched mapping gets a private zero page over the
+/// faulting page (the access then completes on it) and marks the mapping cut; anything else goes
+/// to the previous handler. Async-signal-safe: atomics, `mmap`, `sigaction` and `raise` (the
+/// last three are system calls), and errno is restored.
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; errno is this
+    // thread's.
+    let (errno, saved, code, address) = unsafe {
+        let errno = libc::__errno_location();
+        (errno, *errno, (*info).si_code, (*info).si_addr() as usize)
+    };
+    // A positive code means the kernel raised it for a fault; a SIGBUS sent with kill() is
+    // never ours.
+    if code > 0
+        && let Some(slot) = watched(address)
+    {
+        let page = PAGE.load(Ordering::Relaxed);
+        let at = address & !(page - 1);
+        // SAFETY: the page lies inside a live mapping this process registered (a watched range
+        // is unregistered before it is unmapped, and a fault in it means someone is using it),
+        // so replacing it with fresh anonymous memory touches nothing else.
+        let patched = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if patched != libc::MAP_FAILED {
+            slot.cut.store(true, Ordering::Release);
+            CUTS.fetch_add(1, Ordering::AcqRel);
+            // SAFETY: restoring this thread's errno.
+            unsafe { *errno = saved };
+            return;
+        }
+    }
+    // SAFETY: restoring this thread's errno, then handing the signal to whoever had it.
+    unsafe {
+        *errno = saved;
+        pass_on(signal, info, context);
+    }
+}
+
+/// The watched mapping `address` lies in, if any.
+fn watched(address: usize) -> Option<&'static Slot> {
+    SLOTS.iter().find(|slot| {
+        let start = slot.start.load(Ordering::Acquire);
+        let len = slot.len.load(Ordering::Acquire);
+        start != 0 && address >= start && address - start < len
+    })
+}
+
+/// Gives a `SIGBUS` that is not ours to the disposition there was before ours.
+///
+/// # Safety
+/// Only from the `SIGBUS` handler, with the arguments it was given.
+unsafe fn pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    let previous = PREVIOUS_HANDLER.load(Ordering::Acquire);
+    if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
+        // The default action: restore it and raise the signal again, which ends the process
+        // once this handler returns (a fault also recurs when the access is retried).
+        // SAFETY: sigaction with a valid, zeroed structure naming SIG_DFL; raise has no
+        // preconditions.
+        unsafe {
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGBUS, &default, std::ptr::null_mut());
+            libc::raise(libc::SIGBUS);
+        }
+    } else if PREVIOUS_FLAGS.load(Ordering::Acquire) & libc::SA_SIGINFO != 0 {
+        // SAFETY: a SA_SIGINFO disposition's handler has this signature.
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(previous) };
+        handler(signal, info, context);
+    } else {
+        // SAFETY: a plain disposition's handler takes the signal number only.
+        let handler: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(previous) };
+        handler(signal);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +349,48 @@ mod tests {
             assert!(!driver.write(b"too long a frame"), "nothing past its end");
             assert_eq!(worker.read(9), None);
         }
+    }
+
+    /// The descriptor of the memfd mapped at `start` in this process.
+    fn descriptor_of(start: *const u8) -> libc::c_int {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let prefix = format!("{:x}-", start as usize);
+        let line = maps.lines().find(|l| l.starts_with(&prefix)).unwrap();
+        let name = line
+            .split_whitespace()
+            .skip(5)
+            .collect::<Vec<_>>()
+            .join(" ");
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            if target.to_string_lossy() == name {
+                return entry.file_name().to_string_lossy().parse().unwrap();
+            }
+        }
+        panic!("no descriptor for {name}");
+    }
+
+    #[test]
+    fn a_cut_segment_reads_as_zeros_and_is_marked_instead_of_killing_the_process() {
+        guard_against_cuts();
+        let mut arena = Arena::from_bytes(&[7; 3 * 4096]);
+        let untouched = Arena::from_bytes(&[1; 64]);
+        assert!(!arena.is_cut());
+        // SAFETY: cutting a memfd this test made.
+        assert_eq!(unsafe { libc::ftruncate(descriptor_of(arena.start), 0) }, 0);
+        assert!(arena.is_cut(), "the last page faulted and was patched");
+        // SAFETY: this test is the only process using the arena.
+        unsafe {
+            assert!(
+                arena.write(&[9; 3 * 4096]),
+                "writing the cut pages survives too"
+            );
+            assert_eq!(arena.read(1), Some(&[9][..]));
+        }
+        assert!(!untouched.is_cut());
+        drop(arena);
+        // A slot is freed with its mapping: a new one starts uncut.
+        let fresh = Arena::from_bytes(&[2; 64]);
+        assert!(!fresh.is_cut());
     }
 }

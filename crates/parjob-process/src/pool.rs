@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use parjob_core::{Backend, Error, Job, Pool, ProcessOptions};
 
+use crate::mapping::guard_against_cuts;
 use crate::queue::Queue;
 use crate::registry::{self, SegmentListener};
 use crate::spawn::{Event, Settings};
@@ -53,6 +54,9 @@ impl ProcessPool {
             ));
         }
         let settings = Arc::new(Settings::new(options)?);
+        // A task can cut short the shared memory this process maps (the status boards, the
+        // arenas, `SharedSlice` segments): survive it rather than die of SIGBUS.
+        guard_against_cuts();
         let workers = workers.max(1);
         let queue = Arc::new(Queue::default());
         let listener: Weak<dyn SegmentListener> = Arc::downgrade(&queue) as _;
@@ -68,27 +72,23 @@ impl ProcessPool {
         for index in 0..workers {
             let (events_tx, events) = mpsc::channel();
             pool.wakers.push(events_tx.clone());
-            let mut supervisor = Supervisor {
+            let mut supervisor = Supervisor::new(
                 index,
                 workers,
-                settings: Arc::clone(&settings),
-                queue: Arc::clone(&queue),
-                events_tx,
-                events,
-                worker: None,
-                generation: 0,
-                buf: Vec::new(),
-            };
+                Arc::clone(&settings),
+                Arc::clone(&queue),
+                (events_tx, events),
+            );
             let started_tx = started_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("parjob-supervisor-{index}"))
                 .spawn(move || {
-                    let started = supervisor.replace_worker();
+                    let started = supervisor.start_worker();
                     let ok = started.is_ok();
                     let _ = started_tx.send(started);
                     drop(started_tx);
                     if ok {
-                        supervisor.serve();
+                        supervisor.run();
                     }
                 });
             match spawned {

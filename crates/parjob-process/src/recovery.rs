@@ -6,6 +6,10 @@
 //! task gets its error, then the tasks after it run. A worker that dies before starting any
 //! task of a frame (killed while idle) blames nobody and the frame is sent again, but a frame
 //! that loses two workers in a row that way blames its first task, so it cannot loop.
+//!
+//! When a worker's shared memory was cut during a frame (a task truncated a segment the driver
+//! maps), the board cannot say which task did it: the frame's tasks then run again one per
+//! frame, and the one whose frame is cut again is blamed.
 
 use parjob_core::Error;
 
@@ -17,6 +21,8 @@ pub(crate) struct Recovery {
     blamed: Option<(usize, Error)>,
     /// Frames in a row whose worker died before starting any of their tasks.
     lost: u32,
+    /// Tasks before this position run one per frame (see the module's docs).
+    alone_until: usize,
 }
 
 impl Recovery {
@@ -36,10 +42,29 @@ impl Recovery {
     /// `len`, and after at most `room` tasks (what the worker may still run before it is
     /// recycled; at least one).
     pub(crate) fn frame_end(&self, start: usize, len: usize, room: Option<usize>) -> usize {
-        let end = self.blamed.as_ref().map_or(len, |(at, _)| *at);
+        let mut end = self.blamed.as_ref().map_or(len, |(at, _)| *at);
+        if start < self.alone_until {
+            end = end.min(start + 1);
+        }
         match room {
             Some(room) => end.min(start + room.max(1)),
             None => end,
+        }
+    }
+
+    /// A frame of the tasks from `start` to `end` lost its worker in a way that does not say
+    /// which task is to blame: a task alone in its frame (`end == start + 1`) gets `error()`;
+    /// otherwise each of those tasks runs again alone in its frame.
+    pub(crate) fn frame_spoiled(
+        &mut self,
+        start: usize,
+        end: usize,
+        error: impl FnOnce() -> Error,
+    ) {
+        if end <= start + 1 {
+            self.worker_died(start, error());
+        } else {
+            self.alone_until = self.alone_until.max(end);
         }
     }
 
@@ -114,6 +139,20 @@ mod tests {
         r.frame_done();
         r.frame_lost(4, || crash(4));
         assert!(r.due(4).is_none());
+    }
+
+    #[test]
+    fn a_spoiled_frame_of_several_tasks_runs_them_alone_and_blames_the_one_spoiled_again() {
+        let mut r = Recovery::default();
+        r.frame_spoiled(2, 6, || crash(2));
+        assert!(r.due(2).is_none(), "nobody is blamed yet");
+        for start in 2..6 {
+            assert_eq!(r.frame_end(start, 10, None), start + 1);
+        }
+        assert_eq!(r.frame_end(6, 10, None), 10, "only those tasks run alone");
+        // Task 4, alone, spoils its frame again: it is the one.
+        r.frame_spoiled(4, 5, || crash(4));
+        assert_eq!(r.due(4), Some(crash(4)));
     }
 
     #[test]

@@ -8,12 +8,29 @@ use std::sync::{Arc, Weak};
 use ipc_channel::ipc::{IpcSender, IpcSharedMemory};
 use parjob_core::{SharedMemory, SharedSegment};
 
+use crate::mapping::Watch;
 use crate::registry;
 use crate::wire::Shipment;
 
 /// A segment's memory as ipc-channel maps it. Written once, when it is made, and only read
 /// after that, by every process that maps it.
-pub(crate) struct ShmMemory(pub(crate) IpcSharedMemory);
+pub(crate) struct ShmMemory {
+    /// The mapping's registration with the `SIGBUS` guard: a task may cut the segment short,
+    /// and the driver must survive reading it then. Declared first so that it is dropped before
+    /// the mapping.
+    _watch: Watch,
+    memory: IpcSharedMemory,
+}
+
+impl ShmMemory {
+    /// Takes over `memory`, watched by the `SIGBUS` guard for as long as it is mapped here.
+    pub(crate) fn new(memory: IpcSharedMemory) -> ShmMemory {
+        ShmMemory {
+            _watch: Watch::new(memory.as_ptr(), memory.len()),
+            memory,
+        }
+    }
+}
 
 impl Drop for ShmMemory {
     fn drop(&mut self) {
@@ -24,7 +41,7 @@ impl Drop for ShmMemory {
 
 impl SharedMemory for ShmMemory {
     fn bytes(&self) -> &[u8] {
-        &self.0
+        &self.memory
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -48,7 +65,7 @@ fn allocate(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {
     if bytes.is_empty() || !spare_descriptors(1) {
         return None;
     }
-    Some(Box::new(ShmMemory(IpcSharedMemory::from_bytes(bytes))))
+    Some(Box::new(ShmMemory::new(IpcSharedMemory::from_bytes(bytes))))
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as Go's runtime does: each
@@ -147,7 +164,7 @@ impl SentSegments {
                 Planned::Ready(shipment) => shipment,
                 Planned::Segment(segment) => {
                     match segment.memory().as_any().downcast_ref::<ShmMemory>() {
-                        Some(ShmMemory(memory)) if spare_descriptors(2) => {
+                        Some(ShmMemory { memory, .. }) if spare_descriptors(2) => {
                             self.sent.insert(segment.id(), Arc::downgrade(&segment));
                             Shipment::Segment {
                                 id: segment.id(),
@@ -187,7 +204,7 @@ pub(crate) fn receive(shipment: Shipment) -> Option<IpcSharedMemory> {
     match shipment {
         Shipment::Arena(arena) => return Some(arena),
         Shipment::Segment { id, memory } => {
-            parjob_core::receive_shared(SharedSegment::new(id, Box::new(ShmMemory(memory))));
+            parjob_core::receive_shared(SharedSegment::new(id, Box::new(ShmMemory::new(memory))));
         }
         Shipment::Forget(ids) => ids.into_iter().for_each(parjob_core::forget_shared),
     }

@@ -2,6 +2,7 @@
 //! its replies and its death to its supervisor.
 
 use std::os::unix::process::CommandExt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,12 +12,16 @@ use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender};
 use parjob_core::{Error, ProcessOptions, WorkerExit, cpu_count};
-use parjob_remote::{CodeOffset, DoneHeader, Identity, InitFailed, Kind, Welcome};
+use parjob_remote::{
+    CodeOffset, DoneHeader, HandshakeSecret, Identity, InitFailed, Kind, Nonce, Welcome,
+};
 
 use crate::mapping::Arena;
 use crate::shared::SentSegments;
 use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
-use crate::wire::{Board, ENV_INDEX, ENV_SERVER, Hello, PROTOCOL, Shipment};
+use crate::wire::{
+    Board, ENV_INDEX, ENV_SECRET, ENV_SERVER, EXIT_HANDSHAKE_FAILED, Hello, PROTOCOL, Shipment,
+};
 
 /// How long a started process may take to connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,9 +45,10 @@ pub fn enable_test_support() {
 
 /// What a supervisor hears about its worker, from the threads watching it.
 pub(crate) enum Event {
-    /// The handshake's hello arrived (or the server failed).
+    /// The handshake's hello arrived (or the server failed), in try `attempt` of the start.
     Hello {
         generation: u64,
+        attempt: u32,
         hello: Result<Box<Hello>, String>,
     },
     /// A message on the results channel, with the new result arena it announced, if any.
@@ -155,6 +161,11 @@ impl Starter<'_> {
 
     /// Starts worker generation `generation` and runs the handshake. Must be called on a
     /// thread that outlives the worker: `PR_SET_PDEATHSIG` fires when the spawning thread ends.
+    ///
+    /// A start whose handshake another process reached first (or that the worker could not
+    /// complete) is tried again with a new server and a new secret, up to [`START_ATTEMPTS`]
+    /// times in all; each retry is announced on stderr, since it may mean that a stranger is
+    /// trying to take this worker's place.
     pub(crate) fn start(&self, generation: u64) -> Result<Worker, Error> {
         let options = &self.settings.options;
         let exe = worker_exe(options).map_err(|m| self.error(m))?;
@@ -172,17 +183,52 @@ impl Starter<'_> {
                 ended_before_handshake(&WorkerExit::Exited(0))
             )));
         }
-        let (server, name) = IpcOneShotServer::<Hello>::new()
-            .map_err(|e| self.error(format!("cannot open the handshake server: {e}")))?;
+        let mut attempt = 1;
+        loop {
+            match self.attempt(generation, attempt, &exe) {
+                Ok(worker) => return Ok(worker),
+                Err(Failed::Retry(error)) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "parjob: {error}; starting it again with a new server and secret \
+                         (attempt {} of {START_ATTEMPTS})",
+                        attempt + 1
+                    );
+                    attempt += 1;
+                }
+                Err(Failed::Retry(error) | Failed::Final(error)) => return Err(error),
+            }
+        }
+    }
+
+    /// One try at starting the worker: a new server, a new secret, a new process.
+    fn attempt(&self, generation: u64, attempt: u32, exe: &Path) -> Result<Worker, Failed> {
+        let options = &self.settings.options;
+        let final_error = |message: String| Failed::Final(self.error(message));
+        let secret = HandshakeSecret::random()
+            .map_err(|e| final_error(format!("cannot make a handshake secret: {e}")))?;
+        let (server, name) = IpcOneShotServer::<Hello>::new().map_err(|e| {
+            final_error(format!(
+                "cannot open the handshake server: {}",
+                describe_io(&e)
+            ))
+        })?;
+        // Before the worker exists: from now on only this user can reach the server. A process
+        // that got in before (possible only under a permissive umask, for a few microseconds)
+        // cannot prove it knows the secret, and the start is tried again.
+        make_private(Path::new(&name)).map_err(|reason| {
+            Failed::Retry(self.error(format!(
+                "refused a handshake server that was not private ({reason})"
+            )))
+        })?;
 
         let mut command = if options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
             // The very file this process runs, even if a rebuild has since replaced or
             // deleted it at `exe` (which would then be another build, refused).
             let mut command = Command::new(SELF_EXE);
-            command.arg0(&exe);
+            command.arg0(exe);
             command
         } else {
-            Command::new(&exe)
+            Command::new(exe)
         };
         if TEST_SUPPORT.load(Ordering::Relaxed) {
             // A test binary's `main` is the harness: have it run only the worker test.
@@ -195,6 +241,9 @@ impl Starter<'_> {
         command
             .env(ENV_SERVER, format!("{}:{name}", std::process::id()))
             .env(ENV_INDEX, self.index.to_string())
+            // In the environment, which only this user can read, never in the arguments,
+            // which every user can (`/proc/PID/cmdline`).
+            .env(ENV_SECRET, secret.to_hex())
             // A Parallel inside a task defaults to sequential: the pool already uses the CPUs.
             .env("PARJOB_BACKEND", "sequential")
             .stdin(Stdio::null())
@@ -210,9 +259,10 @@ impl Starter<'_> {
         // with this process's memory; a fork copies its page tables (65 ms for a pool of 2
         // next to 1 GB of data). The worker sets its parent-death signal itself, in `init`.
         let mut child = spawn_retrying(&mut command).map_err(|e| {
-            self.error(format!(
-                "cannot start worker executable {}: {e}",
-                exe.display()
+            final_error(format!(
+                "cannot start worker executable {}: {}",
+                exe.display(),
+                describe_io(&e)
             ))
         })?;
         let (output_tx, output_done) = std::sync::mpsc::channel();
@@ -234,80 +284,132 @@ impl Starter<'_> {
         }
         let child = Arc::new(ChildWatch::new(child.id()));
         let pid = child.pid;
+        // From here on, whatever fails kills the process and lets the server go (see `Pending`).
+        let mut pending = Pending {
+            events: self.events,
+            events_tx: self.events_tx,
+            generation,
+            attempt,
+            child: Arc::clone(&child),
+            server: name,
+            accepted: Arc::new(AtomicBool::new(false)),
+            waiting: false,
+            reaped: false,
+            heard_accept: false,
+            done: false,
+        };
         let watch = Arc::clone(&child);
         let tx = self.events_tx.clone();
         spawn_thread(format!("parjob-wait-{pid}"), move || {
             let status = watch.wait();
             let _ = tx.send(Event::Exited { generation, status });
         })
-        .map_err(|e| self.error(e))?;
+        .map_err(&final_error)?;
+        pending.waiting = true;
         let tx = self.events_tx.clone();
+        let accepted = Arc::clone(&pending.accepted);
         spawn_thread(format!("parjob-accept-{pid}"), move || {
-            let hello = server
-                .accept()
-                .map(|(_, hello)| Box::new(hello))
-                .map_err(|e| e.to_string());
-            let _ = tx.send(Event::Hello { generation, hello });
+            // ipc-channel panics on what it receives in some cases (a descriptor shortage
+            // truncates the Hello's channels; a malformed message names a channel that is not
+            // there): such a panic is this handshake's failure, never a silent thread death.
+            let received = std::panic::catch_unwind(AssertUnwindSafe(|| server.accept()));
+            accepted.store(true, Ordering::Release);
+            let hello = match received {
+                Ok(Ok((_, hello))) => Ok(Box::new(hello)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(panic) => Err(format!(
+                    "ipc-channel panicked receiving it: {}",
+                    panic_message(&*panic)
+                )),
+            };
+            let _ = tx.send(Event::Hello {
+                generation,
+                attempt,
+                hello,
+            });
         })
-        .map_err(|e| self.error(e))?;
+        .map_err(|e| {
+            // The closure, and the server with it, is gone: nothing will be heard.
+            pending.heard_accept = true;
+            final_error(e)
+        })?;
 
-        // Set once this worker's Exited event has been consumed (it is then reaped).
-        let reaped = std::cell::Cell::new(false);
-        let fail = |message: String| {
-            child.kill();
-            // Reap it before reporting, so that no zombie outlives the error (or the pool).
-            if !reaped.get() {
-                await_exit(self.events, self.events_tx, generation);
-            }
+        let worker_error = |message: String| {
             self.error(format!(
                 "worker process {pid} ({}): {message}",
                 exe.display()
             ))
         };
-        let mut deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let hello = loop {
             match self.next_event(deadline) {
                 Some(Event::Hello {
                     generation: g,
+                    attempt: a,
                     hello,
-                }) if g == generation => match hello {
-                    Ok(hello) => break hello,
-                    Err(e) => return Err(fail(format!("handshake failed: {e}"))),
-                },
+                }) if g == generation && a == attempt => {
+                    pending.heard_accept = true;
+                    match hello {
+                        Ok(hello) => break hello,
+                        Err(e) => {
+                            return Err(match descriptor_shortage() {
+                                Some(shortage) => Failed::Final(worker_error(format!(
+                                    "handshake failed ({e}): {shortage}"
+                                ))),
+                                // Whatever reached the server was not this worker's Hello.
+                                None => Failed::Retry(worker_error(format!(
+                                    "refused a handshake: no valid Hello came ({e})"
+                                ))),
+                            });
+                        }
+                    }
+                }
                 Some(Event::Exited {
                     generation: g,
                     status,
                 }) if g == generation => {
-                    reaped.set(true);
-                    // Unblock the accept thread (ipc-channel #201, #261): connect and hang up.
-                    if let Ok(sender) = IpcSender::<Hello>::connect(name.clone()) {
-                        drop(sender);
+                    pending.reaped = true;
+                    if let Some(shortage) = descriptor_shortage() {
+                        return Err(Failed::Final(worker_error(format!(
+                            "ended before the handshake ({status}): {shortage}"
+                        ))));
                     }
-                    if status == WorkerExit::Exited(0) {
-                        // A clean exit before the handshake: the program never became a worker
-                        // and never will.
-                        NOT_WORKERS
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(NotAWorker {
-                                exe: exe.clone(),
-                                pid,
-                            });
-                    }
-                    return Err(fail(ended_before_handshake(&status)));
+                    return Err(match status {
+                        WorkerExit::Exited(0) => {
+                            // A clean exit before the handshake: the program never became a
+                            // worker and never will (a worker that entered `init()` exits with
+                            // EXIT_HANDSHAKE_FAILED when its handshake fails).
+                            NOT_WORKERS
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(NotAWorker {
+                                    exe: exe.to_path_buf(),
+                                    pid,
+                                });
+                            Failed::Final(worker_error(ended_before_handshake(&status)))
+                        }
+                        WorkerExit::Exited(EXIT_HANDSHAKE_FAILED) => Failed::Retry(worker_error(
+                            format!("its handshake failed ({status}; its stderr says why)"),
+                        )),
+                        _ => Failed::Final(worker_error(ended_before_handshake(&status))),
+                    });
                 }
-                Some(Event::Close) => return Err(fail("the pool is shutting down".into())),
+                Some(Event::Close) => {
+                    return Err(Failed::Final(worker_error(
+                        "the pool is shutting down".into(),
+                    )));
+                }
                 Some(_) => {}
                 None => {
-                    child.kill();
-                    return Err(fail(format!(
+                    return Err(Failed::Final(worker_error(format!(
                         "did not connect within {HANDSHAKE_TIMEOUT:?}; does its main call \
                          parjob::init() first?"
-                    )));
+                    ))));
                 }
             }
         };
         let Hello {
+            proof,
             identity,
             tasks,
             big_tasks,
@@ -315,33 +417,52 @@ impl Starter<'_> {
             big_results,
             board,
         } = *hello;
+        // Before anything in it is used: a Hello without the secret comes from a process that
+        // reached the server before the worker did. Dropping it hangs up on that process.
+        if Nonce::from_bytes(proof) != secret.worker {
+            return Err(Failed::Retry(worker_error(
+                "refused a handshake whose Hello does not carry the worker's secret (another \
+                 process reached the server first)"
+                    .into(),
+            )));
+        }
+        let final_error = |message: String| Failed::Final(worker_error(message));
         // Nothing that names code is sent before this check.
         Identity::decode(&identity)
             .and_then(|identity| identity.check_same_build(PROTOCOL))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| final_error(e.to_string()))?;
         let board = Board::from_shared(board)
-            .ok_or_else(|| fail("sent an unusable status board".into()))?;
+            .ok_or_else(|| final_error("sent an unusable status board".into()))?;
         let tx = self.events_tx.clone();
         spawn_thread(format!("parjob-read-{pid}"), move || {
-            while let Ok(bytes) = results.recv() {
-                let announces_arena = Kind::of(&bytes) == Ok(Kind::Done)
-                    && DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
-                let new_arena = if announces_arena {
-                    match big_results.recv() {
-                        Ok(memory) => Some(Arena::new(memory)),
-                        Err(_) => break,
+            // ipc-channel panics when it cannot map a segment it received (out of descriptors
+            // or memory): the replies are lost then, and the supervisor, which may be waiting
+            // for one, must hear so, as from a closed channel.
+            let read = parjob_core::catch_task(|| {
+                while let Ok(bytes) = results.recv() {
+                    let announces_arena = Kind::of(&bytes) == Ok(Kind::Done)
+                        && DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
+                    let new_arena = if announces_arena {
+                        match big_results.recv() {
+                            Ok(memory) => Some(Arena::new(memory)),
+                            Err(_) => break,
+                        }
+                    } else {
+                        None
+                    };
+                    let reply = Event::Reply {
+                        generation,
+                        bytes,
+                        new_arena,
+                    };
+                    if tx.send(reply).is_err() {
+                        return false;
                     }
-                } else {
-                    None
-                };
-                let reply = Event::Reply {
-                    generation,
-                    bytes,
-                    new_arena,
-                };
-                if tx.send(reply).is_err() {
-                    return;
                 }
+                true
+            });
+            if read == Ok(false) {
+                return; // nobody listens any more
             }
             // Close the channels before saying so: whoever hears of the disconnection may
             // count this process's file descriptors.
@@ -349,18 +470,19 @@ impl Starter<'_> {
             drop(big_results);
             let _ = tx.send(Event::Disconnected { generation });
         })
-        .map_err(&fail)?;
+        .map_err(&final_error)?;
 
         let welcome = Welcome {
             max_nbytes: options.max_nbytes as u64,
             initializer: self.settings.initializer,
+            proof: secret.driver,
         };
         tasks
             .send(&welcome.encode())
-            .map_err(|e| fail(format!("cannot send the welcome: {e}")))?;
+            .map_err(|e| final_error(format!("cannot send the welcome: {e}")))?;
         // Set once the process has ended: its last reply may still be on its way.
         let mut ended: Option<WorkerExit> = None;
-        deadline = Instant::now() + INITIALIZER_TIMEOUT;
+        let mut deadline = Instant::now() + INITIALIZER_TIMEOUT;
         loop {
             match self.next_event(deadline) {
                 Some(Event::Reply {
@@ -372,27 +494,31 @@ impl Starter<'_> {
                     Ok(Kind::InitFailed) => {
                         let reason = InitFailed::decode(&bytes)
                             .map_or_else(|e| e.to_string(), |failed| failed.reason);
-                        return Err(fail(reason));
+                        return Err(final_error(reason));
                     }
-                    _ => return Err(fail("sent a malformed reply to the welcome".into())),
+                    _ => return Err(final_error("sent a malformed reply to the welcome".into())),
                 },
                 Some(Event::Exited {
                     generation: g,
                     status,
                 }) if g == generation => {
-                    reaped.set(true);
+                    pending.reaped = true;
                     ended = Some(status);
                     deadline = deadline.min(Instant::now() + Duration::from_millis(200));
                 }
                 Some(Event::Disconnected { generation: g }) if g == generation => {
                     if let Some(status) = ended {
-                        return Err(fail(format!("ended during its initializer ({status})")));
+                        return Err(final_error(format!(
+                            "ended during its initializer ({status})"
+                        )));
                     }
                 }
-                Some(Event::Close) => return Err(fail("the pool is shutting down".into())),
+                Some(Event::Close) => {
+                    return Err(final_error("the pool is shutting down".into()));
+                }
                 Some(_) => {}
                 None => {
-                    return Err(fail(match ended {
+                    return Err(final_error(match ended {
                         Some(status) => format!("ended during its initializer ({status})"),
                         None => {
                             format!("its initializer did not finish within {INITIALIZER_TIMEOUT:?}")
@@ -401,6 +527,7 @@ impl Starter<'_> {
                 }
             }
         }
+        pending.done = true;
         Ok(Worker {
             pid,
             generation,
@@ -420,6 +547,168 @@ impl Starter<'_> {
         let left = deadline.saturating_duration_since(Instant::now());
         self.events.recv_timeout(left).ok()
     }
+}
+
+/// How many times [`Starter::start`] tries a start whose handshake was taken over or could
+/// not complete.
+const START_ATTEMPTS: u32 = 3;
+
+/// Why one try at starting a worker failed.
+enum Failed {
+    /// Another try, with a new server and secret, may succeed: something other than the
+    /// worker reached the server, or the worker could not complete its handshake.
+    Retry(Error),
+    /// Trying again would fail the same way (or the pool is closing).
+    Final(Error),
+}
+
+/// A worker process whose handshake is not over. Dropped before it is `done` (whatever
+/// failed), it kills the process, unblocks the accept thread so that the server and its
+/// directory go away, and waits until both the process and the accept thread are heard of:
+/// a failed start leaves no process, thread, socket directory or descriptor behind, and no
+/// event that a later try could take for its own.
+struct Pending<'a> {
+    events: &'a Receiver<Event>,
+    events_tx: &'a Sender<Event>,
+    generation: u64,
+    attempt: u32,
+    child: Arc<ChildWatch>,
+    /// The server's name (its socket's path).
+    server: String,
+    /// Set by the accept thread once `accept` returned.
+    accepted: Arc<AtomicBool>,
+    /// The waiter thread runs: its `Exited` event will come.
+    waiting: bool,
+    /// The `Exited` event was consumed.
+    reaped: bool,
+    /// The accept thread's `Hello` event was consumed (or will never come).
+    heard_accept: bool,
+    /// The handshake succeeded: the worker lives on.
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.child.kill();
+        if !self.accepted.load(Ordering::Acquire) {
+            // `accept` has no timeout (ipc-channel #201, #261): connect and hang up, so that
+            // it returns and drops the server, whose directory is then removed.
+            if let Ok(sender) = IpcSender::<Hello>::connect(self.server.clone()) {
+                drop(sender);
+            }
+        }
+        if !self.waiting {
+            // No waiter thread: reap the killed process here.
+            self.child.wait();
+            self.reaped = true;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut close = false;
+        while !(self.reaped && self.heard_accept) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(event) = self.events.recv_timeout(left) else {
+                break;
+            };
+            match event {
+                Event::Exited { generation, .. } if generation == self.generation => {
+                    self.reaped = true;
+                }
+                Event::Hello {
+                    generation,
+                    attempt,
+                    ..
+                } if generation == self.generation && attempt == self.attempt => {
+                    self.heard_accept = true;
+                }
+                Event::Close => close = true,
+                _ => {}
+            }
+        }
+        if close {
+            let _ = self.events_tx.send(Event::Close);
+        }
+    }
+}
+
+/// Makes the one-shot server's directory (ipc-channel makes it with the umask's mode: 0777
+/// under `umask 000`) and its socket reachable by this user only, and checks that nobody
+/// replaced the socket while the directory was open.
+fn make_private(socket: &Path) -> Result<(), String> {
+    use std::fs::{Permissions, set_permissions, symlink_metadata};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let dir = socket.parent().ok_or("the socket has no directory")?;
+    set_permissions(dir, Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let ours = |path: &Path, is_kind: fn(&std::fs::Metadata) -> bool| {
+        symlink_metadata(path).is_ok_and(|m| is_kind(&m) && m.uid() == me)
+    };
+    if !ours(dir, |m| m.is_dir() && m.mode() & 0o777 == 0o700) {
+        return Err(format!(
+            "{} is not a private directory of this user",
+            dir.display()
+        ));
+    }
+    // From here on nobody else can change the directory's entries.
+    if !ours(socket, |m| m.file_type().is_socket()) {
+        return Err(format!("{} is not this process's socket", socket.display()));
+    }
+    set_permissions(socket, Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", socket.display()))
+}
+
+/// What to tell the user when this process has (nearly) run out of file descriptors.
+///
+/// A start needs about ten at once (the server, pipes, the Hello's channels); a panic or error
+/// inside ipc-channel does not say that they were missing, and by the time it is reported the
+/// failed attempt's descriptors are closed again, so the count is compared with a margin.
+fn descriptor_shortage() -> Option<String> {
+    const MARGIN: u64 = 16;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid resource and a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    let open = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.count() as u64,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => limit.rlim_cur,
+        Err(_) => return None,
+    };
+    (open.saturating_add(MARGIN) >= limit.rlim_cur).then(|| {
+        format!(
+            "too many open files ({open} open, the limit is {}): raise the limit (ulimit -n) or \
+             lower n_jobs",
+            limit.rlim_cur
+        )
+    })
+}
+
+/// An I/O error's text, saying what to do when it is a descriptor shortage (which
+/// ipc-channel may report as something else, e.g. `EBADF` after its `socket()` failed).
+fn describe_io(error: &std::io::Error) -> String {
+    match descriptor_shortage() {
+        Some(shortage) => format!("{error}: {shortage}"),
+        None if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            format!("{error}: too many open files: raise the limit (ulimit -n) or lower n_jobs")
+        }
+        None => error.to_string(),
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Spawns `command`, retrying a few times on `ETXTBSY`: the executable was just written and a

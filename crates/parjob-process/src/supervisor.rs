@@ -5,16 +5,23 @@
 //! channel, fed by three small threads: the handshake's accept, the reader of the results
 //! channel, and the waiter on the process. Hearing of the death from the waiter, not only from
 //! the channel, is what makes a crash visible even when a grandchild keeps the channel open.
+//!
+//! A supervisor never dies with a job in hand: user code runs on it (the arguments'
+//! `Serialize`, the results' `Deserialize`), and so does ipc-channel, which panics when it runs
+//! out of file descriptors. Each job is handled under one `catch_unwind`; a panic becomes the
+//! error of the task it concerns, and whatever the panic may have left half done (the worker,
+//! mid-message) is replaced, so the job completes and the next one finds the slot working.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use parjob_core::{Error, Job, WorkerExit};
-use parjob_remote::{CodeOffset, Kind};
+use parjob_core::{Error, Job, WorkerExit, catch_task};
+use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag};
 
-use crate::frame::{Done, encode_run};
+use crate::frame::{Done, encode_tasks, finish_run, outcomes, records_len};
+use crate::mapping::Arena;
 use crate::queue::{Next, Queue};
 use crate::recovery::Recovery;
 use crate::spawn::{Event, Settings, Starter, Worker, await_exit};
@@ -23,11 +30,20 @@ use crate::wire::{ARENA_KEEP_MAX, Forget, monotonic_nanos};
 /// How long a worker told to shut down may take before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// How many times a lost worker's replacement is started before the slot gives up (its jobs
+/// then fail with the last start's error), and the pause after the first failed start, doubled
+/// after each one up to [`START_PAUSE_MAX`]: a descriptor shortage or a loaded machine usually
+/// passes within the 0.3 s that makes.
+const START_TRIES: u32 = 6;
+const START_PAUSE: Duration = Duration::from_millis(10);
+const START_PAUSE_MAX: Duration = Duration::from_millis(500);
+
 /// How one frame ended.
 enum FrameEnd {
     /// The `DONE` came back.
     Done(Done),
-    /// The worker died (or was killed for a timeout) holding task `at` of the frame.
+    /// The worker died (or was killed for a timeout, or for a reply that was not this frame's)
+    /// holding task `at` of the frame.
     Died {
         at: usize,
         error: Error,
@@ -37,33 +53,105 @@ enum FrameEnd {
         pid: u32,
         status: WorkerExit,
     },
+    /// Shared memory the worker and the driver map was cut short during the frame: the worker
+    /// was replaced, and nothing says which task did it. `error` is for the frame's first task,
+    /// if it is the frame's only one.
+    Spoiled {
+        error: Error,
+    },
     Closing,
+}
+
+/// What the supervisor is doing in a job, for the error a panic there becomes.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Encoding the arguments of the job's tasks `start..end`: their `Serialize` runs.
+    Encoding { start: usize, end: usize },
+    /// Decoding a frame's outcomes: the results' `Deserialize` runs.
+    Decoding,
+    /// Anything else: building, sending and awaiting a frame.
+    Frame,
+}
+
+/// How a timed frame's task stands against its timeout.
+enum Clock {
+    /// It ran past it: the worker was killed.
+    Over,
+    /// Look again after this long.
+    Next(Duration),
+    /// The board was cut short: it tells nothing any more.
+    Cut,
+}
+
+/// A job's progress across its frames (and across a panic, which ends a frame early).
+#[derive(Default)]
+struct Progress {
+    busy: Duration,
+    recovery: Recovery,
 }
 
 /// One worker slot of a pool.
 pub(crate) struct Supervisor {
-    pub(crate) index: usize,
-    pub(crate) workers: usize,
-    pub(crate) settings: Arc<Settings>,
-    pub(crate) queue: Arc<Queue>,
-    pub(crate) events_tx: Sender<Event>,
-    pub(crate) events: Receiver<Event>,
-    pub(crate) worker: Option<Worker>,
-    pub(crate) generation: u64,
+    index: usize,
+    workers: usize,
+    settings: Arc<Settings>,
+    queue: Arc<Queue>,
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    worker: Option<Worker>,
+    generation: u64,
+    /// The number of the last frame sent from this slot (to any of its workers).
+    frames: u64,
+    stage: Stage,
     /// The `RUN` being built, kept between frames (up to a size) to save its allocation.
-    pub(crate) buf: Vec<u8>,
+    buf: Vec<u8>,
 }
 
 impl Supervisor {
-    /// Serves jobs until the pool closes, then retires the worker.
-    pub(crate) fn serve(&mut self) {
+    /// Slot `index` of a pool of `workers`, with no worker yet (see [`Supervisor::start_worker`]).
+    pub(crate) fn new(
+        index: usize,
+        workers: usize,
+        settings: Arc<Settings>,
+        queue: Arc<Queue>,
+        events: (Sender<Event>, Receiver<Event>),
+    ) -> Supervisor {
+        Supervisor {
+            index,
+            workers,
+            settings,
+            queue,
+            events_tx: events.0,
+            events: events.1,
+            worker: None,
+            generation: 0,
+            frames: 0,
+            stage: Stage::Frame,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Serves jobs until the pool closes, then retires the worker. A panic that escapes a job's
+    /// own recovery (in the code between jobs) costs the worker, never the slot: serving goes on
+    /// with a new one.
+    pub(crate) fn run(&mut self) {
+        while catch_task(|| self.serve()).is_err() {
+            self.discard_worker();
+        }
+    }
+
+    fn serve(&mut self) {
         let mut swept = self.queue.sweep_epoch();
         while let Some(next) = self.queue.next(swept) {
             match next {
                 Next::Job(job) => self.run_job(job),
                 Next::Sweep { epoch } => {
                     swept = epoch;
-                    self.forget_dropped_segments();
+                    // ipc-channel panics when a descriptor cannot be duplicated; the worker
+                    // may then have half a FORGET.
+                    if catch_task(|| self.forget_dropped_segments()).is_err() {
+                        self.discard_worker();
+                    }
                 }
             }
             if self.worker.is_none() && !self.queue.closing() {
@@ -97,9 +185,14 @@ impl Supervisor {
             .and_then(|()| worker.segments.send(&worker.big_tasks, planned));
     }
 
-    /// Starts a new worker in this slot.
-    pub(crate) fn replace_worker(&mut self) -> Result<(), Error> {
+    /// Starts a worker in this slot, once. Must be called on the supervisor's thread, which
+    /// outlives the worker (its parent-death signal is tied to it).
+    ///
+    /// # Errors
+    /// The start's error (a panic while starting is one too).
+    pub(crate) fn start_worker(&mut self) -> Result<(), Error> {
         self.generation += 1;
+        let generation = self.generation;
         let starter = Starter {
             index: self.index,
             workers: self.workers,
@@ -107,8 +200,50 @@ impl Supervisor {
             events_tx: &self.events_tx,
             events: &self.events,
         };
-        self.worker = Some(starter.start(self.generation)?);
+        let index = self.index;
+        let started = catch_task(|| starter.start(generation)).unwrap_or_else(|message| {
+            Err(Error::worker(
+                index,
+                format!("starting a worker panicked: {message}"),
+            ))
+        });
+        self.worker = Some(started?);
         Ok(())
+    }
+
+    /// Starts a worker to replace a lost one, trying again after a pause when a start fails
+    /// (a shortage of file descriptors or memory is often brief), up to [`START_TRIES`] times.
+    fn replace_worker(&mut self) -> Result<(), Error> {
+        let mut pause = START_PAUSE;
+        let mut tries = 1;
+        loop {
+            match self.start_worker() {
+                Ok(()) => return Ok(()),
+                Err(error) if tries >= START_TRIES || !self.pause(pause) => return Err(error),
+                Err(_) => {
+                    tries += 1;
+                    pause = (pause * 2).min(START_PAUSE_MAX);
+                }
+            }
+        }
+    }
+
+    /// Waits `pause`; returns `false` at once if the pool closes meanwhile (the `Close` is put
+    /// back for whoever waits next).
+    fn pause(&self, pause: Duration) -> bool {
+        let deadline = Instant::now() + pause;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Close) => {
+                    let _ = self.events_tx.send(Event::Close);
+                    return false;
+                }
+                Ok(_) => {} // about a worker that is gone
+                Err(RecvTimeoutError::Timeout) => return !self.queue.closing(),
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
     }
 
     /// Runs every task of `job`, over as many frames and workers as it takes, and completes it.
@@ -120,7 +255,7 @@ impl Supervisor {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {
-                fail_the_rest(&mut job, &error);
+                fail_the_rest(&mut job, &mut Recovery::default(), &error);
                 job.complete(Duration::ZERO);
                 return;
             }
@@ -130,36 +265,52 @@ impl Supervisor {
             job.complete(Duration::ZERO);
             return;
         }
-        let mut busy = Duration::ZERO;
-        let mut recovery = Recovery::default();
+        let mut progress = Progress::default();
+        // One catch_unwind per job (not per task or frame): after a panic the job goes on
+        // where it stopped, with the task the panic concerns blamed.
+        while let Err(message) = catch_task(|| self.run_frames(&mut job, entry, &mut progress)) {
+            self.recover_from_panic(&mut job, &mut progress.recovery, &message);
+        }
+        job.complete(progress.busy);
+    }
+
+    /// The frames of `job` until every task has an outcome (or the run is cancelled, or the
+    /// pool closes).
+    fn run_frames(&mut self, job: &mut Job, entry: CodeOffset, progress: &mut Progress) {
+        let recovery = &mut progress.recovery;
         loop {
+            self.stage = Stage::Frame;
             let start = job.batch().outcomes_len();
             let len = job.batch().len();
             if start >= len {
-                break;
+                return;
             }
             if let Some(error) = recovery.due(start) {
                 job.batch_mut().push_failure(error);
                 continue;
             }
             if job.control().is_cancelled() || self.queue.closing() {
-                break;
+                return;
             }
+            // A worker that died while idle is not blamed on this frame: replace it first.
+            self.forget_if_dead();
             if self.worker.is_none()
                 && let Err(error) = self.replace_worker()
             {
-                fail_the_rest(&mut job, &error);
-                break;
+                // Workers cannot be started at all: the rest fails with the reason, but a task
+                // whose crash is known keeps its own error.
+                fail_the_rest(job, recovery, &error);
+                return;
             }
             let room = match (self.settings.options.max_tasks_per_worker, &self.worker) {
                 (Some(max), Some(worker)) => Some(max.saturating_sub(worker.tasks_run)),
                 _ => None,
             };
             let end = recovery.frame_end(start, len, room);
-            match self.run_frame(&job, entry, start..end) {
+            match self.run_frame(job, entry, start..end) {
                 FrameEnd::Done(done) => {
                     recovery.frame_done();
-                    busy += self.take_outcomes(&mut job, done, end - start);
+                    progress.busy += self.take_outcomes(job, done, start..end, recovery);
                 }
                 FrameEnd::Lost { pid, status } => {
                     let index = job.batch().first_index() + start;
@@ -168,41 +319,142 @@ impl Supervisor {
                         .frame_lost(start, || Error::worker_crashed(index, worker, pid, status));
                 }
                 FrameEnd::Died { at, error } => recovery.worker_died(start + at, error),
-                FrameEnd::Closing => break,
+                FrameEnd::Spoiled { error } => recovery.frame_spoiled(start, end, || error),
+                FrameEnd::Closing => return,
             }
         }
-        job.complete(busy);
     }
 
-    /// Decodes the outcomes of a frame of `sent` tasks into `job`, keeps the result arena for
-    /// the worker, and recycles a worker that has run its share. Returns the worker's busy
-    /// time.
-    fn take_outcomes(&mut self, job: &mut Job, done: Done, sent: usize) -> Duration {
+    /// A panic ended a frame of `job` early: blames the task it concerns (its error is
+    /// recorded when the job gets to it) and replaces whatever the panic may have left half
+    /// done.
+    fn recover_from_panic(&mut self, job: &mut Job, recovery: &mut Recovery, message: &str) {
+        let next = job.batch().outcomes_len();
+        let first_index = job.batch().first_index();
+        let function = job.batch().function_name();
+        let (at, error) = match self.stage {
+            Stage::Encoding { start, end } => {
+                // Nothing was sent and the worker was not touched. Find whose arguments panic
+                // by encoding them one at a time (only here: a frame is encoded in one go).
+                let mut scratch = Vec::new();
+                let culprit = (start..end).find_map(|i| {
+                    scratch.clear();
+                    let encoded = catch_task(|| job.batch().encode_tasks(i..i + 1, &mut scratch));
+                    encoded.err().map(|message| (i, message))
+                });
+                let (at, message) = culprit.unwrap_or_else(|| (start, message.to_string()));
+                let index = first_index + at;
+                let error = format!(
+                    "task {index}: cannot encode the arguments of `{function}`: their Serialize \
+                     impl panicked: {message}"
+                );
+                (at, Error::worker(self.index, error))
+            }
+            Stage::Decoding => {
+                // Outcomes are decoded in order: the panic was in the next one. The worker is
+                // idle and kept its result arena (see take_outcomes); the frame's later tasks
+                // run again.
+                let index = first_index + next;
+                let error = format!(
+                    "task {index}: cannot decode the result of `{function}`: its Deserialize \
+                     impl panicked: {message}"
+                );
+                (next, Error::worker(self.index, error))
+            }
+            Stage::Frame => {
+                // Mid-frame (a message half sent, an arena half made): the worker cannot be
+                // trusted to be in step any more.
+                self.discard_worker();
+                let index = first_index + next;
+                let error = format!(
+                    "task {index}: the driver failed while running its frame, and the worker \
+                     was replaced: {message}"
+                );
+                (next, Error::worker(self.index, error))
+            }
+        };
+        self.stage = Stage::Frame;
+        recovery.worker_died(at, error);
+    }
+
+    /// Decodes the outcomes of the frame of tasks `range` into `job`, keeps the result arena
+    /// for the worker, and recycles a worker that has run its share; a task that overran the
+    /// frame's timeout is blamed, and its worker killed, as if the driver had caught it running.
+    /// Returns the worker's busy time.
+    fn take_outcomes(
+        &mut self,
+        job: &mut Job,
+        done: Done,
+        range: Range<usize>,
+        recovery: &mut Recovery,
+    ) -> Duration {
+        let Done {
+            header,
+            bytes,
+            arena,
+        } = done;
+        // The result arena goes back to the worker before any decoding: the worker keeps its
+        // own mapping of it, and a panic in a result's Deserialize must not leave the two
+        // disagreeing about whether it exists.
+        let mut oversized = None;
+        match (arena, self.worker.as_mut()) {
+            (Some(arena), Some(worker)) if arena.len() <= ARENA_KEEP_MAX => {
+                worker.result_arena = Some(arena);
+            }
+            (arena, _) => oversized = arena,
+        }
+        let arena = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.result_arena.as_ref())
+            .or(oversized.as_ref());
+        let sent = range.len();
+        // A task past its timeout ends the frame there: the outcomes before it count, its own
+        // is the timeout, and the tasks after it run again on a fresh worker.
+        let overrun = header
+            .overrun
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| at < sent && job.control().timeout().is_some());
         let before = job.batch().outcomes_len();
-        let mut busy = Duration::ZERO;
-        // A reply that does not hold every outcome cannot happen between two processes of one
-        // build; if it does, the next task fails rather than loop on it forever.
-        let failure = match done.outcomes() {
-            Ok((took, outcomes)) => {
-                busy = took;
-                let decoded = job.batch_mut().decode_outcomes(outcomes);
-                (decoded < sent).then(|| format!("returned {decoded} outcomes for {sent} tasks"))
+        let failure = match outcomes(&bytes, arena) {
+            Ok(outcomes) => {
+                // Only a frame with an overrun is measured record by record: the others are
+                // decoded whole, in one pass.
+                let (outcomes, expected) = match overrun {
+                    None => (Some(outcomes), sent),
+                    Some(at) => (records_len(outcomes, at).map(|len| &outcomes[..len]), at),
+                };
+                match outcomes {
+                    Some(outcomes) => {
+                        self.stage = Stage::Decoding;
+                        let decoded = job.batch_mut().decode_outcomes(outcomes);
+                        self.stage = Stage::Frame;
+                        (decoded < expected)
+                            .then(|| format!("returned {decoded} outcomes for {expected} tasks"))
+                    }
+                    None => Some(format!(
+                        "returned fewer outcomes than the {expected} expected"
+                    )),
+                }
             }
             Err(reason) => Some(format!("sent a malformed reply ({reason})")),
         };
         let mut decoded = job.batch().outcomes_len() - before;
         if let Some(failure) = failure {
+            // A reply that does not hold every outcome cannot happen between two processes of
+            // one build; if it does, the next task fails rather than loop on it forever.
             let index = job.batch().first_index() + job.batch().outcomes_len();
             job.batch_mut().push_failure(Error::worker(
                 self.index,
                 format!("{failure}; task {index} is reported failed"),
             ));
             decoded += 1;
+        } else if let (Some(at), Some(limit)) = (overrun, job.control().timeout()) {
+            let index = job.batch().first_index() + range.start + at;
+            recovery.worker_died(range.start + at, Error::timeout(index, limit, true));
+            self.discard_worker();
         }
         if let Some(worker) = &mut self.worker {
-            if let Some(arena) = done.arena.filter(|a| a.len() <= ARENA_KEEP_MAX) {
-                worker.result_arena = Some(arena);
-            }
             worker.tasks_run += decoded;
             if self
                 .settings
@@ -213,33 +465,49 @@ impl Supervisor {
                 self.retire_worker();
             }
         }
-        busy
+        header.busy
     }
 
     /// Sends tasks `range` of the job to the worker and waits for their outcomes.
     fn run_frame(&mut self, job: &Job, entry: CodeOffset, range: Range<usize>) -> FrameEnd {
-        self.forget_if_dead();
-        if self.worker.is_none() && self.replace_worker().is_err() {
-            // Reported by run_job's next attempt, which starts a worker again.
-            return FrameEnd::Lost {
-                pid: 0,
-                status: WorkerExit::Lost("could not be replaced".into()),
-            };
-        }
         let Some(worker) = self.worker.as_mut() else {
             return FrameEnd::Closing;
         };
         let timeout = job.control().timeout();
-        let (send, shipments) = encode_run(
+        self.stage = Stage::Encoding {
+            start: range.start,
+            end: range.end,
+        };
+        let shipments = encode_tasks(&mut self.buf, job.batch(), range.clone(), worker);
+        self.stage = Stage::Frame;
+        self.frames += 1;
+        let tag = FrameTag {
+            generation: worker.generation,
+            seq: self.frames,
+        };
+        let (send, shipments, in_arena) = finish_run(
             &mut self.buf,
-            job.batch(),
-            range.clone(),
+            tag,
+            timeout,
             entry,
-            timeout.is_some(),
+            shipments,
             worker,
             self.settings.options.max_nbytes,
         );
         worker.board.reset();
+        let first_index = job.batch().first_index() + range.start;
+        if worker.board.is_cut()
+            || (in_arena && worker.task_arena.as_ref().is_some_and(|a| a.is_cut()))
+        {
+            // Cut while it was idle (by a process a task left behind): no task of this frame
+            // is to blame.
+            let pid = worker.pid;
+            self.discard_worker();
+            return FrameEnd::Lost {
+                pid,
+                status: WorkerExit::Lost("replaced: its shared memory was cut short".into()),
+            };
+        }
         // The RUN goes first: the worker reads it, then exactly as many shipments as it
         // announces, so a frame with more shipments than the socket buffers cannot block the
         // driver.
@@ -252,21 +520,27 @@ impl Supervisor {
             self.buf = Vec::new();
         }
         let generation = worker.generation;
-        let first_index = job.batch().first_index() + range.start;
         if sent.is_err() {
             // The worker is gone; its waiter will say how.
-            return self.bury(first_index, range.len(), None, false, None);
+            return self.bury(first_index, range.len(), None, false, None, tag);
         }
         let mut timed_out = false;
+        // A timed frame's first look at the board: no task can be over before `limit`.
+        let mut look_at = timeout.map(|limit| Instant::now() + limit);
         loop {
-            let event = match timeout {
-                Some(limit) if !timed_out => {
-                    let poll =
-                        (limit / 10).clamp(Duration::from_millis(1), Duration::from_millis(20));
-                    match self.events.recv_timeout(poll) {
+            let event = match (timeout, look_at) {
+                (Some(limit), Some(at)) if !timed_out => {
+                    match self
+                        .events
+                        .recv_timeout(at.saturating_duration_since(Instant::now()))
+                    {
                         Ok(event) => event,
                         Err(RecvTimeoutError::Timeout) => {
-                            timed_out = self.kill_if_over(limit);
+                            match self.check_clock(limit) {
+                                Clock::Over => timed_out = true,
+                                Clock::Next(after) => look_at = Some(Instant::now() + after),
+                                Clock::Cut => return self.spoiled(first_index, "status board"),
+                            }
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => return FrameEnd::Closing,
@@ -282,9 +556,8 @@ impl Supervisor {
                     generation: g,
                     bytes,
                     new_arena,
-                } if g == generation && Kind::of(&bytes) == Ok(Kind::Done) => {
-                    let kept = self.worker.as_mut().and_then(|w| w.result_arena.take());
-                    return FrameEnd::Done(Done::new(bytes, new_arena, kept));
+                } if g == generation => {
+                    return self.reply(bytes, new_arena, tag, in_arena, first_index);
                 }
                 Event::Disconnected { generation: g } if g == generation => {
                     return self.bury(
@@ -293,6 +566,7 @@ impl Supervisor {
                         None,
                         true,
                         timeout.filter(|_| timed_out),
+                        tag,
                     );
                 }
                 Event::Exited {
@@ -305,13 +579,14 @@ impl Supervisor {
                         Some(status),
                         false,
                         timeout.filter(|_| timed_out),
+                        tag,
                     );
                 }
                 Event::Close => {
                     if let Some(worker) = &self.worker {
                         worker.child.kill();
                     }
-                    self.bury(first_index, range.len(), None, false, None);
+                    self.bury(first_index, range.len(), None, false, None, tag);
                     return FrameEnd::Closing;
                 }
                 _ => {} // about an earlier worker of this slot
@@ -319,8 +594,91 @@ impl Supervisor {
         }
     }
 
+    /// A reply came from the worker while frame `tag` (whose first task is `first_index`) was
+    /// out: its `DONE`, or a sign that the worker cannot be trusted with the frame.
+    fn reply(
+        &mut self,
+        bytes: Vec<u8>,
+        new_arena: Option<Arena>,
+        tag: FrameTag,
+        in_arena: bool,
+        first_index: usize,
+    ) -> FrameEnd {
+        let header = match DoneHeader::decode(&bytes) {
+            Ok((header, _)) if header.tag == tag => header,
+            Ok((header, _)) => {
+                // Another process shares the worker's channels (a task forked, and the copy
+                // answered too): never take its reply for this frame's.
+                return self.stray(
+                    first_index,
+                    format!(
+                        "sent a reply for another frame (frame {} of worker generation {}, while \
+                         frame {} of generation {} was out): a process it forked shares its \
+                         channels",
+                        header.tag.seq, header.tag.generation, tag.seq, tag.generation
+                    ),
+                );
+            }
+            Err(e) => return self.stray(first_index, format!("sent a malformed reply ({e})")),
+        };
+        let kept = self.worker.as_mut().and_then(|w| w.result_arena.take());
+        let done = Done::new(header, bytes, new_arena, kept);
+        if let Some(what) = self.cut_memory(&done, in_arena) {
+            return self.spoiled(first_index, what);
+        }
+        FrameEnd::Done(done)
+    }
+
+    /// Which shared memory of the frame's (the board, the arenas it used) was cut short, if
+    /// any. Costs one load of the board when nothing was (and a byte of each arena used).
+    fn cut_memory(&self, done: &Done, in_arena: bool) -> Option<&'static str> {
+        let worker = self.worker.as_ref()?;
+        if worker.board.is_cut() {
+            return Some("status board");
+        }
+        if in_arena && worker.task_arena.as_ref().is_some_and(|a| a.is_cut()) {
+            return Some("task arena");
+        }
+        let in_result_arena = matches!(done.header.outcomes, FrameAt::Arena { .. });
+        if in_result_arena && done.arena.as_ref().is_some_and(|a| a.is_cut()) {
+            return Some("result arena");
+        }
+        None
+    }
+
+    /// The worker's `what` was cut short during the frame: replaces the worker.
+    fn spoiled(&mut self, first_index: usize, what: &str) -> FrameEnd {
+        let pid = self.worker.as_ref().map_or(0, |w| w.pid);
+        self.discard_worker();
+        let message = format!(
+            "task {first_index}: worker {} (pid {pid}) was killed and replaced: the {what} it \
+             shares with the driver was cut short while the task ran (a task must not truncate \
+             parjob's shared memory)",
+            self.index
+        );
+        FrameEnd::Spoiled {
+            error: Error::worker(self.index, message),
+        }
+    }
+
+    /// The worker `did` something no worker of this build does mid-frame: replaces it and
+    /// blames the frame's first task.
+    fn stray(&mut self, first_index: usize, did: String) -> FrameEnd {
+        let pid = self.worker.as_ref().map_or(0, |w| w.pid);
+        self.discard_worker();
+        let message = format!(
+            "task {first_index}: worker {} (pid {pid}) {did}; it was killed and replaced",
+            self.index
+        );
+        FrameEnd::Died {
+            at: 0,
+            error: Error::worker(self.index, message),
+        }
+    }
+
     /// Forgets the worker if it died while idle (news of it waits in the event queue), so
-    /// that the next frame goes to a fresh one instead of being blamed for the death.
+    /// that the next frame goes to a fresh one instead of being blamed for the death. A worker
+    /// that replied while idle shares its channels with another process: it goes too.
     fn forget_if_dead(&mut self) {
         let Some(generation) = self.worker.as_ref().map(|w| w.generation) else {
             return;
@@ -334,7 +692,11 @@ impl Supervisor {
                     dead = true;
                     reaped = true;
                 }
-                Event::Disconnected { generation: g } if g == generation => dead = true,
+                Event::Disconnected { generation: g } | Event::Reply { generation: g, .. }
+                    if g == generation =>
+                {
+                    dead = true;
+                }
                 Event::Close => close = true,
                 _ => {}
             }
@@ -352,26 +714,47 @@ impl Supervisor {
         }
     }
 
-    /// Kills the worker if its current task started more than `limit` ago.
-    fn kill_if_over(&self, limit: Duration) -> bool {
-        let Some(worker) = &self.worker else {
-            return false;
+    /// Kills the worker, which can no longer be trusted with a frame, and waits until it is
+    /// reaped.
+    fn discard_worker(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
         };
-        let started = worker.board.started_count();
-        if started == 0 {
-            return false;
-        }
-        let since = monotonic_nanos().saturating_sub(worker.board.last_start());
-        if u128::from(since) < limit.as_nanos() || worker.board.started_count() != started {
-            return false;
-        }
         worker.child.kill();
-        true
+        await_exit(&self.events, &self.events_tx, worker.generation);
+        worker.wait_for_output();
     }
 
-    /// The worker died during a frame of `len` tasks starting at input index `first_index`:
-    /// learns how (waiting for its waiter if `status` is not known yet), forgets it, and says
-    /// which task it held.
+    /// Where the task the board shows stands against `limit`: killed if it ran past it, or
+    /// when to look again (at the moment it would, so a timeout is reported within about a
+    /// millisecond of the limit, and a frame of short tasks wakes about once per `limit`).
+    fn check_clock(&self, limit: Duration) -> Clock {
+        let Some(worker) = &self.worker else {
+            return Clock::Next(limit);
+        };
+        if worker.board.is_cut() {
+            return Clock::Cut;
+        }
+        let started = worker.board.started_count();
+        if started == 0 {
+            return Clock::Next(limit);
+        }
+        let since = monotonic_nanos().saturating_sub(worker.board.last_start());
+        if worker.board.started_count() != started {
+            // The next task started meanwhile: read the board again.
+            return Clock::Next(Duration::ZERO);
+        }
+        let limit_nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+        if since < limit_nanos {
+            return Clock::Next(Duration::from_nanos(limit_nanos - since));
+        }
+        worker.child.kill();
+        Clock::Over
+    }
+
+    /// The worker died during frame `tag` of `len` tasks starting at input index
+    /// `first_index`: learns how (waiting for its waiter if `status` is not known yet), forgets
+    /// it, and says which task it held.
     fn bury(
         &mut self,
         first_index: usize,
@@ -379,6 +762,7 @@ impl Supervisor {
         mut status: Option<WorkerExit>,
         mut disconnected: bool,
         timed_out: Option<Duration>,
+        tag: FrameTag,
     ) -> FrameEnd {
         let Some(mut worker) = self.worker.take() else {
             return FrameEnd::Closing;
@@ -408,8 +792,13 @@ impl Supervisor {
                     generation: g,
                     bytes,
                     new_arena,
-                }) if g == generation && Kind::of(&bytes) == Ok(Kind::Done) => {
-                    late_reply = Some((bytes, new_arena));
+                }) if g == generation => {
+                    // Only this frame's own DONE counts; anything else dies with the worker.
+                    if let Ok((header, _)) = DoneHeader::decode(&bytes)
+                        && header.tag == tag
+                    {
+                        late_reply = Some((header, bytes, new_arena));
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -430,16 +819,26 @@ impl Supervisor {
             }
         }
         worker.wait_for_output();
-        if let Some((bytes, new_arena)) = late_reply {
+        let pid = worker.pid;
+        if worker.board.is_cut() {
+            return self.spoiled_dead(first_index, pid, "status board");
+        }
+        if let Some((header, bytes, new_arena)) = late_reply {
             // The worker is dead: nobody writes its result arena any more.
-            return FrameEnd::Done(Done::new(bytes, new_arena, worker.result_arena.take()));
+            let done = Done::new(header, bytes, new_arena, worker.result_arena.take());
+            let cut = matches!(done.header.outcomes, FrameAt::Arena { .. })
+                && done.arena.as_ref().is_some_and(|a| a.is_cut());
+            if cut {
+                return self.spoiled_dead(first_index, pid, "result arena");
+            }
+            return FrameEnd::Done(done);
         }
         let started = worker.board.started_count();
         if started == 0 && timed_out.is_none() {
             // It died before any task of the frame started (killed while idle, or while
             // receiving the frame): no task is to blame yet.
             return FrameEnd::Lost {
-                pid: worker.pid,
+                pid,
                 status: status.unwrap_or_else(|| WorkerExit::Lost("lost".into())),
             };
         }
@@ -450,11 +849,24 @@ impl Supervisor {
             None => Error::worker_crashed(
                 index,
                 self.index,
-                worker.pid,
+                pid,
                 status.unwrap_or_else(|| WorkerExit::Lost("lost".into())),
             ),
         };
         FrameEnd::Died { at, error }
+    }
+
+    /// [`Supervisor::spoiled`] for a worker that is already dead and forgotten.
+    fn spoiled_dead(&mut self, first_index: usize, pid: u32, what: &str) -> FrameEnd {
+        let message = format!(
+            "task {first_index}: worker {} (pid {pid}) died and was replaced: the {what} it \
+             shares with the driver was cut short while the task ran (a task must not truncate \
+             parjob's shared memory)",
+            self.index
+        );
+        FrameEnd::Spoiled {
+            error: Error::worker(self.index, message),
+        }
     }
 
     /// Tells an idle worker to exit (status 0) and waits until it has; kills it if it takes
@@ -463,33 +875,46 @@ impl Supervisor {
         let Some(worker) = self.worker.take() else {
             return;
         };
-        if worker.tasks.send(&[Kind::Shutdown.byte()]).is_err() {
+        if worker
+            .tasks
+            .send(&[parjob_remote::Kind::Shutdown.byte()])
+            .is_err()
+        {
             worker.child.kill();
         }
         let mut deadline = Instant::now() + SHUTDOWN_GRACE;
         let mut killed = false;
+        let mut close = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(Event::Exited { generation: g, .. }) if g == worker.generation => {
                     worker.wait_for_output();
-                    return;
+                    break;
                 }
+                // A worker recycled mid-job: the pool's closing is for the frames to come.
+                Ok(Event::Close) => close = true,
                 Ok(_) => {}
                 Err(_) if !killed => {
                     worker.child.kill();
                     killed = true;
                     deadline = Instant::now() + SHUTDOWN_GRACE;
                 }
-                Err(_) => return,
+                Err(_) => break,
             }
+        }
+        if close {
+            let _ = self.events_tx.send(Event::Close);
         }
     }
 }
 
-/// Records `error` as the outcome of every task of `job` that has none.
-fn fail_the_rest(job: &mut Job, error: &Error) {
+/// Records `error` as the outcome of every task of `job` that has none, but for a task
+/// `recovery` already blames, which keeps its own error (a crash, a timeout).
+fn fail_the_rest(job: &mut Job, recovery: &mut Recovery, error: &Error) {
     while job.batch().outcomes_len() < job.batch().len() {
-        job.batch_mut().push_failure(error.clone());
+        let next = job.batch().outcomes_len();
+        let error = recovery.due(next).unwrap_or_else(|| error.clone());
+        job.batch_mut().push_failure(error);
     }
 }

@@ -25,8 +25,16 @@ impl ChildWatch {
     pub(crate) fn kill(&self) {
         let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
         if !*reaped {
-            // SAFETY: the process is our child and not reaped, so `pid` still names it.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            // The worker leads its own process group once it entered `init()`: killing the
+            // group kills the processes its tasks started too (until then there is no such
+            // group, and the second call kills the worker alone).
+            // SAFETY: the process is our child and not reaped, so `pid` still names it; Linux
+            // never reuses a pid that names a live process group either, so the group `pid`,
+            // if there is one, is the one this process made.
+            unsafe {
+                libc::kill(-(self.pid as libc::pid_t), libc::SIGKILL);
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
         }
     }
 
@@ -92,10 +100,15 @@ pub(crate) enum Sink {
     Stderr,
 }
 
+/// The longest piece of a line the driver holds before forwarding it: a worker that prints
+/// without a newline (200 MB of it, say) cannot make the driver buffer it whole.
+const LINE_PIECE_MAX: usize = 64 << 10;
+
 /// Copies a worker's output to ours a whole line at a time, so that lines of different
 /// workers never interleave mid-line (stderr is unbuffered: one `eprintln!` may be several
-/// writes). With `drop_banner`, the test harness's own `running 1 test` banner is dropped.
-/// `done` is dropped when the pipe ends.
+/// writes). A line longer than [`LINE_PIECE_MAX`] goes in pieces of that size (another worker's
+/// line may then fall between two pieces). With `drop_banner`, the test harness's own `running
+/// 1 test` banner is dropped. `done` is dropped when the pipe ends.
 pub(crate) fn forward_lines(
     pipe: impl std::io::Read + Send + 'static,
     sink: Sink,
@@ -103,45 +116,95 @@ pub(crate) fn forward_lines(
     drop_banner: bool,
     done: Sender<()>,
 ) {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     let body = move || {
         let _done = done;
-        let mut reader = std::io::BufReader::new(pipe);
-        let mut line = Vec::new();
-        let mut banner = drop_banner && matches!(sink, Sink::Stdout);
+        let banner = drop_banner && matches!(sink, Sink::Stdout);
         let prefix = prefix.unwrap_or_default();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if banner {
-                if line == b"\n" {
-                    continue;
-                }
-                banner = false;
-                if line.starts_with(b"running 1 test") {
-                    continue;
-                }
-            }
-            let mut text = Vec::with_capacity(prefix.len() + line.len() + 1);
-            text.extend_from_slice(prefix.as_bytes());
-            text.extend_from_slice(&line);
-            if !text.ends_with(b"\n") {
-                text.push(b'\n');
-            }
+        copy_lines(pipe, prefix.as_bytes(), banner, |text| {
             let _ = match sink {
                 Sink::Stdout => {
                     let mut out = std::io::stdout().lock();
-                    out.write_all(&text).and_then(|()| out.flush())
+                    out.write_all(text).and_then(|()| out.flush())
                 }
-                Sink::Stderr => std::io::stderr().lock().write_all(&text),
+                Sink::Stderr => std::io::stderr().lock().write_all(text),
             };
-        }
+        });
     };
     // Without the thread the output is lost, not the worker: nothing to report.
     let _ = spawn_thread("parjob-output".into(), body);
+}
+
+/// What [`forward_lines`] does, writing through `write`: each line (or piece of a long one)
+/// once, `prefix` before each line, and a newline after a last line that lacks one.
+fn copy_lines(
+    pipe: impl std::io::Read,
+    prefix: &[u8],
+    mut banner: bool,
+    mut write: impl FnMut(&[u8]),
+) {
+    let mut reader = std::io::BufReader::with_capacity(LINE_PIECE_MAX, pipe);
+    let mut piece = Vec::new();
+    let mut text = Vec::new();
+    let mut at_line_start = true;
+    loop {
+        piece.clear();
+        if read_piece(&mut reader, &mut piece).is_err() || piece.is_empty() {
+            if !at_line_start {
+                write(b"\n");
+            }
+            return;
+        }
+        let ends_line = piece.ends_with(b"\n");
+        if banner && at_line_start && ends_line {
+            if piece == b"\n" {
+                continue;
+            }
+            banner = false;
+            if piece.starts_with(b"running 1 test") {
+                continue;
+            }
+        }
+        text.clear();
+        if at_line_start {
+            text.extend_from_slice(prefix);
+        }
+        text.extend_from_slice(&piece);
+        write(&text);
+        at_line_start = ends_line;
+        if text.capacity() > 2 * LINE_PIECE_MAX {
+            text = Vec::new();
+        }
+    }
+}
+
+/// Appends to `piece` the rest of the current line, up to and with its newline, or
+/// [`LINE_PIECE_MAX`] bytes of it, or what is left before the end of the pipe (nothing at the
+/// end).
+fn read_piece(reader: &mut impl std::io::BufRead, piece: &mut Vec<u8>) -> std::io::Result<()> {
+    while piece.len() < LINE_PIECE_MAX {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            break;
+        }
+        let room = available.len().min(LINE_PIECE_MAX - piece.len());
+        match available[..room].iter().position(|&b| b == b'\n') {
+            Some(newline) => {
+                piece.extend_from_slice(&available[..=newline]);
+                reader.consume(newline + 1);
+                break;
+            }
+            None => {
+                piece.extend_from_slice(&available[..room]);
+                reader.consume(room);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits (briefly) until the forwarders whose `done` senders `output_done` belongs to have
@@ -160,6 +223,43 @@ pub(crate) fn wait_for_output(output_done: &Receiver<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forwarded(input: &[u8], prefix: &str, banner: bool) -> Vec<Vec<u8>> {
+        let mut writes = Vec::new();
+        copy_lines(input, prefix.as_bytes(), banner, |text| {
+            writes.push(text.to_vec())
+        });
+        writes
+    }
+
+    #[test]
+    fn lines_are_forwarded_whole_with_their_prefix() {
+        let writes = forwarded(b"one\ntwo\nthree", "[w] ", false);
+        assert_eq!(
+            writes,
+            [&b"[w] one\n"[..], b"[w] two\n", b"[w] three", b"\n"]
+        );
+        let writes = forwarded(b"\nrunning 1 test\nhello\n", "", true);
+        assert_eq!(writes, [b"hello\n"], "the harness's banner is dropped");
+    }
+
+    #[test]
+    fn a_line_without_a_newline_is_forwarded_in_pieces_not_held_whole() {
+        let long = vec![b'x'; 5 * LINE_PIECE_MAX / 2];
+        let mut input = long.clone();
+        input.extend_from_slice(b"\nnext\n");
+        let writes = forwarded(&input, "[w] ", false);
+        assert!(writes.iter().all(|w| w.len() <= LINE_PIECE_MAX + 4));
+        assert_eq!(writes.len(), 4, "three pieces, then the next line");
+        assert!(
+            writes[0].starts_with(b"[w] x"),
+            "the prefix starts the line only"
+        );
+        assert!(writes[1].starts_with(b"x") && writes[2].starts_with(b"x"));
+        assert_eq!(writes[3], b"[w] next\n");
+        let joined: Vec<u8> = writes[..3].concat();
+        assert_eq!(joined.len(), 4 + long.len() + 1, "every byte, once");
+    }
 
     #[test]
     fn exit_statuses_read_like_the_shell_says_them() {

@@ -11,17 +11,30 @@ use ipc_channel::ipc::{IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender,
 use parjob_remote::{Kind, RemoteError};
 use serde::{Deserialize, Serialize};
 
-use crate::mapping::raw_parts;
+use crate::mapping::{Watch, raw_parts};
 
 /// This backend's protocol version (its `Hello`, `Shipment` and `FORGET`), compared at the
-/// handshake with parjob-remote's `LAYOUT`. Bumped whenever one of them changes.
-pub(crate) const PROTOCOL: u32 = 3;
+/// handshake with parjob-remote's `LAYOUT`. Bumped whenever one of them changes (4: the
+/// `Hello` carries the worker's proof of its handshake secret; 5: the worker answers frames by
+/// their tag and reports a task that overran its timeout).
+pub(crate) const PROTOCOL: u32 = 5;
 
 /// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
 /// enter the worker loop in a process whose parent is that driver.
 pub(crate) const ENV_SERVER: &str = "PARJOB_PROCESS_SERVER";
 /// The worker's index in its pool.
 pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
+/// The worker's handshake secret (`parjob_remote::HandshakeSecret::to_hex`). The environment
+/// of a process is readable only by its own user (`/proc/PID/environ`), unlike its arguments,
+/// and never passes through the server's socket, which a stranger may reach first.
+pub(crate) const ENV_SECRET: &str = "PARJOB_PROCESS_SECRET";
+
+/// A worker's exit status when its handshake failed after it entered `init()` (`EX_TEMPFAIL`):
+/// never 0, which, before the handshake, tells the driver the program never called `init()`.
+pub(crate) const EXIT_HANDSHAKE_FAILED: i32 = 75;
+/// A worker's exit status when it refused a welcome that did not prove it comes from its own
+/// driver (`EX_NOPERM`); nothing the welcome asked was done.
+pub(crate) const EXIT_REFUSED_DRIVER: i32 = 77;
 
 /// The worker's first message, sent on the channel it connects to the driver's server.
 ///
@@ -30,6 +43,10 @@ pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
 /// the disconnection at once (ipc-channel #281).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Hello {
+    /// The `worker` half of the handshake secret the driver gave this worker: the driver
+    /// refuses a `Hello` without it (another process got to the server first) before it looks
+    /// at anything else in it.
+    pub(crate) proof: [u8; 16],
     /// `parjob_remote::Identity::encode`: build, protocol, executable, pid.
     pub(crate) identity: Vec<u8>,
     /// Driver to worker: messages, and frames up to `max_nbytes`.
@@ -127,6 +144,9 @@ pub(crate) fn monotonic_nanos() -> u64 {
 /// count (to 0) only before it sends a `RUN`, while the worker waits for that message. Both
 /// sides read at any time. Every access, on both sides, is atomic.
 pub(crate) struct Board {
+    /// The mapping's registration with the `SIGBUS` guard (a task may cut the board's segment
+    /// short); declared first so that it is dropped before the mapping.
+    watch: Watch,
     /// Keeps the mapping alive; only reached through `words`.
     _memory: IpcSharedMemory,
     words: *mut AtomicU64,
@@ -157,9 +177,17 @@ impl Board {
             return None;
         }
         Some(Board {
+            watch: Watch::new(start, len),
             _memory: memory,
             words: start.cast::<AtomicU64>(),
         })
+    }
+
+    /// Whether the board's segment was cut short (see `mapping`): it then tells nothing, and
+    /// its worker must be replaced. Reads the first word, which faults if it is gone.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.started_count();
+        self.watch.is_cut()
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {

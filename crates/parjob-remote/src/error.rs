@@ -50,6 +50,13 @@ pub enum RemoteError {
         /// The panic message and location.
         message: String,
     },
+    /// A handshake message that does not carry the proof of the worker's
+    /// [`HandshakeSecret`](crate::HandshakeSecret): it comes from a process other than the
+    /// worker's own driver or worker, and is refused before anything it says is used.
+    WrongSecret {
+        /// The message, e.g. `WELCOME`.
+        message: &'static str,
+    },
     /// The peer is another build of the program (or speaks another protocol): nothing that
     /// names code may be exchanged with it.
     OtherBuild {
@@ -94,6 +101,11 @@ impl fmt::Display for RemoteError {
             RemoteError::InitializerPanicked { message } => {
                 write!(f, "the initializer panicked: {message}")
             }
+            RemoteError::WrongSecret { message } => write!(
+                f,
+                "refused a {message} that does not prove it knows this worker's handshake \
+                 secret: it was not sent by the process that started the worker"
+            ),
             RemoteError::OtherBuild { worker, driver } => write!(
                 f,
                 "refused: worker executable {} (pid {}, build {}, protocol {}) is not the same \

@@ -5,18 +5,26 @@
 //!
 //! | message | direction | layout |
 //! | --- | --- | --- |
-//! | [`Welcome`] | driver to worker | `[1][max_nbytes u64][has initializer u8][initializer offset u64]` |
-//! | [`RunHeader`] | driver to worker | `[2][flags u8][entry offset u64][arena length u64][attachments u32]`, then the frame unless it is in the arena |
+//! | [`Welcome`] | driver to worker | `[1][max_nbytes u64][has initializer u8][initializer offset u64][driver proof, 16 bytes]` |
+//! | [`RunHeader`] | driver to worker | `[2][flags u8][entry offset u64][arena length u64][attachments u32][generation u64][seq u64][timeout nanos u64]`, then the frame unless it is in the arena |
 //! | `SHUTDOWN` | driver to worker | `[3]`: exit with status 0 |
 //! | `READY` | worker to driver | `[4]`: the initializer (if any) ran |
 //! | [`InitFailed`] | worker to driver | `[5][reason, UTF-8]` |
-//! | [`DoneHeader`] | worker to driver | `[6][flags u8][busy nanos u64][arena length u64]`, then the outcomes unless they are in the arena |
+//! | [`DoneHeader`] | worker to driver | `[6][flags u8][busy nanos u64][arena length u64][generation u64][seq u64][overrun u32]`, then the outcomes unless they are in the arena |
 //! | a backend's own | either | `[64..=255]...`: kinds from [`Kind::FIRST_BACKEND`] up are the backend's |
 //!
-//! `RUN` flags: 1 = timed (the worker stamps each task's start), 2 = the frame is the first
-//! `arena length` bytes of the task arena. `DONE` flags: 2 = the outcomes are the first `arena
-//! length` bytes of the result arena, 4 = that arena is a new one, sent alongside. The arena
-//! length is 0 when the frame is inline. Unknown flags are malformed.
+//! `RUN` flags: 1 = timed (the worker stamps each task's start and measures it against `timeout
+//! nanos`), 2 = the frame is the first `arena length` bytes of the task arena. `DONE` flags: 2 =
+//! the outcomes are the first `arena length` bytes of the result arena, 4 = that arena is a new
+//! one, sent alongside, 8 = task `overrun` of the frame (a position) ran longer than the timeout.
+//! The arena length is 0 when the frame is inline; the timeout and the overrun are 0 when their
+//! flag is not set. Unknown flags are malformed.
+//!
+//! `generation` and `seq` name the frame: the driver numbers every `RUN` it sends a worker slot
+//! (`seq`, never reused by that slot) and says which of the slot's workers it is for
+//! (`generation`); the `DONE` echoes both, so that a reply that belongs to another frame (from
+//! a process a task forked, say, which shares the worker's channels) is recognised as such and
+//! never taken for this frame's outcomes.
 //!
 //! The frame itself (tasks on the way out, outcomes on the way back) is parjob-core's:
 //! `ErasedBatch::encode_tasks` writes it, the batch's `RemoteEntry` runs it, and
@@ -24,7 +32,7 @@
 
 use std::time::Duration;
 
-use crate::{CodeOffset, RemoteError};
+use crate::{CodeOffset, Nonce, RemoteError};
 
 /// What a message is: its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,6 +133,17 @@ impl FrameAt {
 const FLAG_TIMED: u8 = 1;
 const FLAG_ARENA: u8 = 2;
 const FLAG_NEW_ARENA: u8 = 4;
+const FLAG_OVERRUN: u8 = 8;
+
+/// Which frame a `RUN` carries, echoed by its `DONE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FrameTag {
+    /// Which of the worker slot's processes the frame is for (its generation: 1 for the first
+    /// worker of the slot, 2 for its first replacement, ...).
+    pub generation: u64,
+    /// The frame's number, unique among the frames the driver sends that slot.
+    pub seq: u64,
+}
 
 /// The driver's first message after a successful handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,11 +152,15 @@ pub struct Welcome {
     pub max_nbytes: u64,
     /// The function the worker runs once before its first frame, if any.
     pub initializer: Option<CodeOffset>,
+    /// That this is the worker's own driver: the `driver` half of the
+    /// [`HandshakeSecret`](crate::HandshakeSecret) it was given. A worker checks it
+    /// ([`Welcome::check`]) before anything else, and does nothing a welcome without it asks.
+    pub proof: Nonce,
 }
 
 impl Welcome {
     /// Length of an encoded welcome.
-    pub const LEN: usize = 18;
+    pub const LEN: usize = 34;
 
     /// The message.
     pub fn encode(&self) -> [u8; Welcome::LEN] {
@@ -145,19 +168,21 @@ impl Welcome {
         out.u64(self.max_nbytes);
         out.u8(u8::from(self.initializer.is_some()));
         out.u64(self.initializer.map_or(0, CodeOffset::get));
+        out.put(&self.proof.to_bytes());
         out.finish()
     }
 
-    /// Reads a welcome.
+    /// Reads a welcome. Its proof is not checked here: see [`Welcome::check`].
     ///
     /// # Errors
-    /// When `message` is not a welcome, is too short (a missing offset is an error, never
-    /// offset 0), or its initializer flag is neither 0 nor 1.
+    /// When `message` is not a welcome, is too short (a missing offset or proof is an error,
+    /// never zeros), or its initializer flag is neither 0 nor 1.
     pub fn decode(message: &[u8]) -> Result<Welcome, RemoteError> {
         let mut r = Reader::new(message, Kind::Welcome, Welcome::LEN)?;
         let max_nbytes = r.u64();
         let has_initializer = r.u8();
         let offset = CodeOffset(r.u64());
+        let proof = Nonce::from_bytes(r.take());
         let initializer = match has_initializer {
             0 => None,
             1 => Some(offset),
@@ -166,15 +191,31 @@ impl Welcome {
         Ok(Welcome {
             max_nbytes,
             initializer,
+            proof,
         })
+    }
+
+    /// Checks that this welcome comes from the driver that holds the worker's secret.
+    ///
+    /// # Errors
+    /// [`RemoteError::WrongSecret`] when its proof is not `expected`.
+    pub fn check(&self, expected: &Nonce) -> Result<(), RemoteError> {
+        if self.proof == *expected {
+            Ok(())
+        } else {
+            Err(RemoteError::WrongSecret { message: "WELCOME" })
+        }
     }
 }
 
-/// The header of a `RUN`: which function runs the frame, and where the frame is.
+/// The header of a `RUN`: which frame it is, which function runs it, and where the frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunHeader {
-    /// The worker stamps each task's start time (a timeout is set).
-    pub timed: bool,
+    /// Which frame this is; the `DONE` echoes it.
+    pub tag: FrameTag,
+    /// The per-task time limit, if one is set: the worker then stamps each task's start time
+    /// and reports the first task that ran longer ([`DoneHeader::overrun`]).
+    pub timeout: Option<Duration>,
     /// The batch's `RemoteEntry`.
     pub entry: CodeOffset,
     /// Where the frame of tasks is.
@@ -186,12 +227,17 @@ pub struct RunHeader {
 
 impl RunHeader {
     /// Length of the header; an inline frame follows it.
-    pub const LEN: usize = 22;
+    pub const LEN: usize = 46;
 
-    /// The header's bytes, to put in front of an inline frame or send alone.
+    /// The header's bytes, to put in front of an inline frame or send alone. A timeout
+    /// saturates at `u64::MAX` nanoseconds (585 years).
     pub fn encode(&self) -> [u8; RunHeader::LEN] {
         let mut out = Writer::new(Kind::Run);
-        let timed = if self.timed { FLAG_TIMED } else { 0 };
+        let timed = if self.timeout.is_some() {
+            FLAG_TIMED
+        } else {
+            0
+        };
         let arena = match self.frame {
             FrameAt::Inline => 0,
             FrameAt::Arena { .. } => FLAG_ARENA,
@@ -200,6 +246,9 @@ impl RunHeader {
         out.u64(self.entry.get());
         out.u64(self.frame.arena_len());
         out.u32(self.attachments);
+        out.u64(self.tag.generation);
+        out.u64(self.tag.seq);
+        out.u64(self.timeout.map_or(0, nanos));
         out.finish()
     }
 
@@ -215,13 +264,19 @@ impl RunHeader {
         let entry = CodeOffset(r.u64());
         let arena_len = r.u64();
         let attachments = r.u32();
+        let tag = FrameTag {
+            generation: r.u64(),
+            seq: r.u64(),
+        };
+        let timeout = Duration::from_nanos(r.u64());
         let frame = if flags & FLAG_ARENA != 0 {
             FrameAt::Arena { len: arena_len }
         } else {
             FrameAt::Inline
         };
         let header = RunHeader {
-            timed: flags & FLAG_TIMED != 0,
+            tag,
+            timeout: (flags & FLAG_TIMED != 0).then_some(timeout),
             entry,
             frame,
             attachments,
@@ -230,32 +285,46 @@ impl RunHeader {
     }
 }
 
-/// The header of a `DONE`: the time the frame took and where its outcomes are.
+/// The header of a `DONE`: which frame it answers, the time the frame took, where its outcomes
+/// are, and which task (if any) overran the frame's timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DoneHeader {
+    /// The tag of the `RUN` this answers.
+    pub tag: FrameTag,
     /// Time spent running the frame's tasks in the worker.
     pub busy: Duration,
     /// Where the outcomes are.
     pub outcomes: FrameAt,
     /// The outcomes are in a new arena, replacing the previous one, sent alongside.
     pub new_arena: bool,
+    /// In a timed frame, the position (in the frame) of the first task whose run time in the
+    /// worker exceeded the `RUN`'s timeout, although it finished before the driver killed it.
+    pub overrun: Option<u32>,
 }
 
 impl DoneHeader {
     /// Length of the header; inline outcomes follow it.
-    pub const LEN: usize = 18;
+    pub const LEN: usize = 38;
 
     /// The header's bytes. The busy time saturates at `u64::MAX` nanoseconds.
     pub fn encode(&self) -> [u8; DoneHeader::LEN] {
         let mut out = Writer::new(Kind::Done);
-        let flags = match self.outcomes {
+        let arena = match self.outcomes {
             FrameAt::Inline => 0,
             FrameAt::Arena { .. } if self.new_arena => FLAG_ARENA | FLAG_NEW_ARENA,
             FrameAt::Arena { .. } => FLAG_ARENA,
         };
-        out.u8(flags);
-        out.u64(u64::try_from(self.busy.as_nanos()).unwrap_or(u64::MAX));
+        let overrun = if self.overrun.is_some() {
+            FLAG_OVERRUN
+        } else {
+            0
+        };
+        out.u8(arena | overrun);
+        out.u64(nanos(self.busy));
         out.u64(self.outcomes.arena_len());
+        out.u64(self.tag.generation);
+        out.u64(self.tag.seq);
+        out.u32(self.overrun.unwrap_or(0));
         out.finish()
     }
 
@@ -267,9 +336,14 @@ impl DoneHeader {
     /// announces a new arena for inline outcomes.
     pub fn decode(message: &[u8]) -> Result<(DoneHeader, &[u8]), RemoteError> {
         let mut r = Reader::new(message, Kind::Done, DoneHeader::LEN)?;
-        let flags = r.flags(FLAG_ARENA | FLAG_NEW_ARENA)?;
+        let flags = r.flags(FLAG_ARENA | FLAG_NEW_ARENA | FLAG_OVERRUN)?;
         let busy = Duration::from_nanos(r.u64());
         let arena_len = r.u64();
+        let tag = FrameTag {
+            generation: r.u64(),
+            seq: r.u64(),
+        };
+        let overrun = r.u32();
         let outcomes = if flags & FLAG_ARENA != 0 {
             FrameAt::Arena { len: arena_len }
         } else if flags & FLAG_NEW_ARENA != 0 {
@@ -278,12 +352,19 @@ impl DoneHeader {
             FrameAt::Inline
         };
         let header = DoneHeader {
+            tag,
             busy,
             outcomes,
             new_arena: flags & FLAG_NEW_ARENA != 0,
+            overrun: (flags & FLAG_OVERRUN != 0).then_some(overrun),
         };
         Ok((header, r.rest()))
     }
+}
+
+/// A duration in nanoseconds, saturating at `u64::MAX`.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The worker's answer to a [`Welcome`] whose initializer failed.
@@ -465,17 +546,33 @@ mod tests {
         CodeOffset(n)
     }
 
+    /// A `DONE` of inline outcomes with no overrun.
+    fn done() -> DoneHeader {
+        DoneHeader {
+            tag: FrameTag::default(),
+            busy: Duration::ZERO,
+            outcomes: FrameAt::Inline,
+            new_arena: false,
+            overrun: None,
+        }
+    }
+
     #[test]
     fn a_run_header_survives_the_round_trip_with_its_inline_frame() {
         for header in [
             RunHeader {
-                timed: false,
+                tag: FrameTag::default(),
+                timeout: None,
                 entry: offset(0x1234),
                 frame: FrameAt::Inline,
                 attachments: 0,
             },
             RunHeader {
-                timed: true,
+                tag: FrameTag {
+                    generation: 3,
+                    seq: u64::MAX,
+                },
+                timeout: Some(Duration::from_millis(250)),
                 entry: offset(u64::MAX),
                 frame: FrameAt::Arena { len: 5 << 30 },
                 attachments: 2000,
@@ -494,18 +591,22 @@ mod tests {
         for header in [
             DoneHeader {
                 busy: Duration::from_nanos(17),
-                outcomes: FrameAt::Inline,
-                new_arena: false,
+                ..done()
             },
             DoneHeader {
+                tag: FrameTag {
+                    generation: 7,
+                    seq: 1 << 40,
+                },
                 busy: Duration::from_secs(3),
                 outcomes: FrameAt::Arena { len: 1 << 21 },
                 new_arena: true,
+                overrun: Some(0),
             },
             DoneHeader {
-                busy: Duration::ZERO,
                 outcomes: FrameAt::Arena { len: 1 },
-                new_arena: false,
+                overrun: Some(u32::MAX),
+                ..done()
             },
         ] {
             let message = header.encode();
@@ -521,13 +622,17 @@ mod tests {
             Welcome {
                 max_nbytes: 1 << 20,
                 initializer: None,
+                proof: Nonce::from_bytes([7; 16]),
             },
             Welcome {
                 max_nbytes: u64::MAX,
                 initializer: Some(offset(0x42)),
+                proof: Nonce::from_bytes(*b"0123456789abcdef"),
             },
         ] {
-            assert_eq!(Welcome::decode(&welcome.encode()), Ok(welcome));
+            let back = Welcome::decode(&welcome.encode()).unwrap();
+            assert_eq!(back, welcome);
+            assert_eq!(back.proof.to_bytes(), welcome.proof.to_bytes());
         }
         let failed = InitFailed {
             reason: "the initializer panicked: no model".into(),
@@ -536,11 +641,32 @@ mod tests {
     }
 
     #[test]
+    fn a_welcome_without_the_workers_secret_is_refused() {
+        let secret = Nonce::from_bytes([0x5a; 16]);
+        let welcome = Welcome {
+            max_nbytes: 1,
+            initializer: Some(offset(0x42)),
+            proof: secret,
+        };
+        assert_eq!(welcome.check(&secret), Ok(()));
+        let mut other = [0x5a; 16];
+        other[15] ^= 1;
+        assert_eq!(
+            welcome.check(&Nonce::from_bytes(other)),
+            Err(RemoteError::WrongSecret { message: "WELCOME" })
+        );
+        // The welcome of the layout before the proof (18 bytes) is too short, not a zero proof.
+        assert!(matches!(
+            Welcome::decode(&welcome.encode()[..18]),
+            Err(RemoteError::Truncated { .. })
+        ));
+    }
+
+    #[test]
     fn the_busy_time_saturates_instead_of_wrapping() {
         let header = DoneHeader {
             busy: Duration::MAX,
-            outcomes: FrameAt::Inline,
-            new_arena: false,
+            ..done()
         };
         let (back, _) = DoneHeader::decode(&header.encode()).unwrap();
         assert_eq!(back.busy, Duration::from_nanos(u64::MAX));
@@ -549,7 +675,8 @@ mod tests {
     #[test]
     fn a_short_header_is_an_error_never_a_zero_offset() {
         let run = RunHeader {
-            timed: false,
+            tag: FrameTag::default(),
+            timeout: None,
             entry: offset(0x99),
             frame: FrameAt::Inline,
             attachments: 0,
@@ -569,6 +696,7 @@ mod tests {
         let welcome = Welcome {
             max_nbytes: 1,
             initializer: Some(offset(7)),
+            proof: Nonce::from_bytes([1; 16]),
         }
         .encode();
         for len in 1..Welcome::LEN {
@@ -577,12 +705,7 @@ mod tests {
                 Err(RemoteError::Truncated { .. })
             ));
         }
-        let done = DoneHeader {
-            busy: Duration::ZERO,
-            outcomes: FrameAt::Inline,
-            new_arena: false,
-        }
-        .encode();
+        let done = done().encode();
         for len in 1..DoneHeader::LEN {
             assert!(matches!(
                 DoneHeader::decode(&done[..len]),
@@ -593,12 +716,7 @@ mod tests {
 
     #[test]
     fn a_message_of_another_kind_is_refused() {
-        let done = DoneHeader {
-            busy: Duration::ZERO,
-            outcomes: FrameAt::Inline,
-            new_arena: false,
-        }
-        .encode();
+        let done = done().encode();
         assert_eq!(
             RunHeader::decode(&done).unwrap_err(),
             RemoteError::UnexpectedKind {
@@ -619,7 +737,8 @@ mod tests {
     #[test]
     fn unknown_flags_and_impossible_combinations_are_malformed() {
         let mut run = RunHeader {
-            timed: true,
+            tag: FrameTag::default(),
+            timeout: Some(Duration::ZERO),
             entry: offset(1),
             frame: FrameAt::Inline,
             attachments: 0,
@@ -630,12 +749,7 @@ mod tests {
         assert!(matches!(err, RemoteError::Malformed { message: "RUN", .. }));
         assert!(err.to_string().contains("unknown flags 0x81"), "{err}");
 
-        let mut done = DoneHeader {
-            busy: Duration::ZERO,
-            outcomes: FrameAt::Inline,
-            new_arena: false,
-        }
-        .encode();
+        let mut done = done().encode();
         done[1] = FLAG_NEW_ARENA;
         assert!(matches!(
             DoneHeader::decode(&done),
@@ -645,6 +759,7 @@ mod tests {
         let mut welcome = Welcome {
             max_nbytes: 1,
             initializer: None,
+            proof: Nonce::from_bytes([1; 16]),
         }
         .encode();
         welcome[9] = 2;

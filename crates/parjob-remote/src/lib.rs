@@ -11,7 +11,11 @@
 //!   calls it with [`call_entry`] or [`call_initializer`], which refuse an offset outside its
 //!   own executable code. One private function turns an address into a function: the crate's
 //!   single `unsafe` that trusts another process, audited in `src/code.rs`.
-//! - [`Welcome`], [`RunHeader`], [`DoneHeader`], [`InitFailed`] and [`Kind`]: the messages,
+//! - [`HandshakeSecret`]: the per-worker secret both ends of a handshake prove they know
+//!   (the worker in its first message, the driver in its [`Welcome`]), handed to the worker
+//!   privately, never through the rendezvous a stranger could reach.
+//! - [`Welcome`], [`RunHeader`], [`DoneHeader`] (each `RUN` and its `DONE` carry the same
+//!   [`FrameTag`]), [`InitFailed`] and [`Kind`]: the messages,
 //!   with `encode` and `decode` at both ends; their layout is documented once, in
 //!   [`header`]. Decoders return [`RemoteError`] on short or malformed input,
 //!   never panic.
@@ -20,7 +24,7 @@
 //! data, and its own messages (kinds from [`Kind::FIRST_BACKEND`] up).
 //!
 //! ```
-//! use parjob_remote::{call_entry, CodeOffset, FrameAt, RunHeader};
+//! use parjob_remote::{call_entry, CodeOffset, FrameAt, FrameTag, RunHeader};
 //!
 //! // A stand-in for the `RemoteEntry` of a batch (`ErasedBatch::remote_entry`).
 //! fn entry(frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn FnMut(usize)) {
@@ -30,7 +34,13 @@
 //!
 //! // Driver: name the function and put the frame behind a header.
 //! let offset = CodeOffset::of_entry(entry, "doc::entry")?;
-//! let header = RunHeader { timed: false, entry: offset, frame: FrameAt::Inline, attachments: 0 };
+//! let header = RunHeader {
+//!     tag: FrameTag { generation: 1, seq: 1 },
+//!     timeout: None,
+//!     entry: offset,
+//!     frame: FrameAt::Inline,
+//!     attachments: 0,
+//! };
 //! let mut message = header.encode().to_vec();
 //! message.extend_from_slice(b"tasks");
 //!
@@ -53,8 +63,10 @@ mod code;
 mod error;
 pub mod header;
 mod program;
+mod secret;
 
 pub use build_id::{Identity, LAYOUT, build_id};
 pub use code::{CodeOffset, call_entry, call_initializer};
 pub use error::RemoteError;
-pub use header::{DoneHeader, FrameAt, InitFailed, Kind, RunHeader, Welcome};
+pub use header::{DoneHeader, FrameAt, FrameTag, InitFailed, Kind, RunHeader, Welcome};
+pub use secret::{HandshakeSecret, Nonce};

@@ -1,0 +1,961 @@
+//! The process backend under faults, with fixed seeds: user code that panics in the driver's
+//! supervisor, replacements that fail to start, tasks that fork or cut shared memory short,
+//! output without newlines, short timeout overruns, random `kill -9`s of workers and of their
+//! replacements, a descriptor limit of 64, and the driver itself killed at random points.
+//!
+//! Every wait is bounded: a run that could hang goes through [`within`], and whatever could
+//! kill or disturb the test binary (a `SIGBUS`, `setrlimit`, counting child processes, killing
+//! the driver) runs in a child process.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed};
+use parjob_tests::{CHILD_LIMIT, run_child_test, wait_within};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+// `enable_test_support!` is in `process.rs`: one per test binary.
+
+fn processes(n_jobs: i32) -> Parallel {
+    Parallel::new(n_jobs).backend(Backend::Process)
+}
+
+/// How long one bounded run may take before the test calls it hung.
+const HUNG: Duration = Duration::from_secs(60);
+
+/// Runs `body` on a thread of its own and returns what it returns, or fails the test if it
+/// takes longer than `limit` (the thread is left behind: it is hung).
+fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)));
+    });
+    match receiver.recv_timeout(limit) {
+        Ok(Ok(value)) => value,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("hung: no answer within {limit:?}"),
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so that every run of a seed does the same.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The pids of this process's children.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let zombie = fields.first() == Some(&"Z");
+        if !zombie && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` runs (a zombie counts as dead).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+// ---------------------------------------------------------------- panics on the supervisor
+
+/// Its `Serialize` panics for the value 3: user code that runs on the driver's supervisor.
+#[derive(Debug)]
+struct PanicsOnEncode(u32);
+
+impl Serialize for PanicsOnEncode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        assert_ne!(self.0, 3, "PanicsOnEncode refuses to encode 3");
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PanicsOnEncode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u32::deserialize(d).map(PanicsOnEncode)
+    }
+}
+
+/// Its `Deserialize` panics for the value 5: it runs on the driver's supervisor, on a result.
+#[derive(Debug, PartialEq)]
+struct PanicsOnDecode(u32);
+
+impl Serialize for PanicsOnDecode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PanicsOnDecode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = u32::deserialize(d)?;
+        assert_ne!(value, 5, "PanicsOnDecode refuses to decode 5");
+        Ok(PanicsOnDecode(value))
+    }
+}
+
+fn unwrap_encode(x: PanicsOnEncode) -> u32 {
+    x.0
+}
+
+fn wrap_decode(x: u32) -> PanicsOnDecode {
+    PanicsOnDecode(x)
+}
+
+#[test]
+fn a_panicking_serialize_fails_its_task_and_the_next_run_works() {
+    within(HUNG, || {
+        // One worker: a supervisor lost to the panic would leave nobody to run the next job.
+        let parallel = processes(1).batch_size(BatchSize::Fixed(8));
+        let results: Vec<_> = parallel
+            .run_iter((0..8).map(|i| delayed(unwrap_encode, PanicsOnEncode(i))))
+            .collect();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(v) => assert_eq!(v as usize, i),
+                Err(err @ Error::Worker { .. }) if i == 3 => {
+                    let text = err.to_string();
+                    assert!(text.contains("task 3: cannot encode"), "{text}");
+                    assert!(text.contains("Serialize impl panicked"), "{text}");
+                    assert!(
+                        text.contains("PanicsOnEncode refuses to encode 3"),
+                        "{text}"
+                    );
+                }
+                other => panic!("task {i}: {other:?}"),
+            }
+        }
+        let out = parallel
+            .run((10..20).map(|i| delayed(unwrap_encode, PanicsOnEncode(i))))
+            .unwrap();
+        assert_eq!(out, (10..20).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn a_panicking_deserialize_of_a_result_fails_its_task_and_the_next_run_works() {
+    within(HUNG, || {
+        let parallel = processes(1).batch_size(BatchSize::Fixed(8));
+        let results: Vec<_> = parallel
+            .run_iter((0..8).map(|i| delayed(wrap_decode, i)))
+            .collect();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(v) => assert_eq!(v, PanicsOnDecode(i as u32)),
+                Err(err @ Error::Worker { .. }) if i == 5 => {
+                    let text = err.to_string();
+                    assert!(text.contains("task 5: cannot decode"), "{text}");
+                    assert!(text.contains("Deserialize impl panicked"), "{text}");
+                    assert!(
+                        text.contains("PanicsOnDecode refuses to decode 5"),
+                        "{text}"
+                    );
+                }
+                other => panic!("task {i}: {other:?}"),
+            }
+        }
+        let err = parallel
+            .run((0..8).map(|i| delayed(wrap_decode, i)))
+            .unwrap_err();
+        assert!(err.to_string().contains("task 5"), "{err}");
+        let out = parallel
+            .run((10..20).map(|i| delayed(wrap_decode, i)))
+            .unwrap();
+        assert_eq!(out, (10..20).map(PanicsOnDecode).collect::<Vec<_>>());
+    });
+}
+
+// ---------------------------------------------------------------- replacements that fail
+
+fn abort_on_five(i: u32) -> u32 {
+    if i == 5 {
+        std::process::abort();
+    }
+    i
+}
+
+/// A worker executable that fails to start (exit status 1 before its handshake) as many times
+/// as its counter file says, then runs this test binary.
+struct FlakyExe {
+    dir: std::path::PathBuf,
+    script: std::path::PathBuf,
+    counter: std::path::PathBuf,
+}
+
+impl FlakyExe {
+    fn new(name: &str) -> FlakyExe {
+        let dir = std::env::temp_dir().join(format!("parjob-faults-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("worker.sh");
+        let counter = dir.join("failures");
+        let exe = std::env::current_exe().unwrap();
+        std::fs::write(&counter, "0").unwrap();
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nn=$(cat '{counter}')\nif [ \"$n\" -gt 0 ]; then\n  echo $((n - 1)) > \
+                 '{counter}'\n  exit 1\nfi\nexec '{exe}' \"$@\"\n",
+                counter = counter.display(),
+                exe = exe.display()
+            ),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&script, perms).unwrap();
+        FlakyExe {
+            dir,
+            script,
+            counter,
+        }
+    }
+
+    /// The next `n` starts fail.
+    fn fail_next(&self, n: u32) {
+        std::fs::write(&self.counter, n.to_string()).unwrap();
+    }
+}
+
+impl Drop for FlakyExe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_replacement_that_fails_to_start_is_tried_again_and_only_the_crash_is_reported() {
+    let exe = FlakyExe::new("transient");
+    let script = exe.script.clone();
+    let exe = Arc::new(exe);
+    let flaky = Arc::clone(&exe);
+    within(HUNG, move || {
+        let parallel = processes(1)
+            .worker_exe(&script)
+            .batch_size(BatchSize::Fixed(20));
+        assert_eq!(parallel.run([delayed(abort_on_five, 0)]).unwrap(), [0]);
+        // The crash's replacement fails twice before it starts.
+        flaky.fail_next(2);
+        let results: Vec<_> = parallel
+            .run_iter((0..20).map(|i| delayed(abort_on_five, i)))
+            .collect();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(v) => assert_eq!(v as usize, i),
+                Err(Error::WorkerCrashed {
+                    index: 5, status, ..
+                }) => {
+                    assert_eq!(i, 5);
+                    assert_eq!(status.to_string(), "killed by signal 6 (SIGABRT)");
+                }
+                other => panic!("task {i}: {other:?}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn when_no_worker_can_be_started_the_run_fails_naming_why_and_the_crash_keeps_its_error() {
+    let exe = FlakyExe::new("permanent");
+    let script = exe.script.clone();
+    let exe = Arc::new(exe);
+    let flaky = Arc::clone(&exe);
+    within(HUNG, move || {
+        let parallel = processes(1)
+            .worker_exe(&script)
+            .batch_size(BatchSize::Fixed(20));
+        assert_eq!(parallel.run([delayed(abort_on_five, 0)]).unwrap(), [0]);
+        flaky.fail_next(1000);
+        let results: Vec<_> = parallel
+            .run_iter((0..20).map(|i| delayed(abort_on_five, i)))
+            .collect();
+        assert!(
+            matches!(results[5], Err(Error::WorkerCrashed { index: 5, .. })),
+            "{:?}",
+            results[5]
+        );
+        for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 5) {
+            let Err(err @ Error::Worker { .. }) = result else {
+                panic!("task {i}: {result:?}");
+            };
+            // The wrapper's own failure, not the crash's nor a lost worker's.
+            let text = err.to_string();
+            assert!(text.contains("exit status 1"), "{text}");
+        }
+        // Once workers start again, so does the pool.
+        flaky.fail_next(0);
+        let out = parallel
+            .run((0..4).map(|i| delayed(abort_on_five, i)))
+            .unwrap();
+        assert_eq!(out, [0, 1, 2, 3]);
+    });
+}
+
+// ---------------------------------------------------------------- a task that forks
+
+/// Forks on every sixteenth task; the child returns from the task normally, as a task that
+/// forks by mistake (or through a library) would, with a value of its own.
+fn forks_now_and_then(i: u64) -> u64 {
+    if i % 16 == 5 {
+        // SAFETY: fork in a worker on purpose: the child returns into the worker loop.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            return 2 * i + 1;
+        }
+    }
+    2 * i
+}
+
+#[test]
+fn a_forked_task_never_gives_another_task_its_value() {
+    within(HUNG, || {
+        for batch in [1, 4] {
+            let parallel = processes(2).batch_size(BatchSize::Fixed(batch));
+            let results: Vec<_> = parallel
+                .run_iter((0..400u64).map(|i| delayed(forks_now_and_then, i)))
+                .collect();
+            assert_eq!(results.len(), 400);
+            let mut failed = 0;
+            for (i, result) in results.into_iter().enumerate() {
+                match result {
+                    // The child's value (2i + 1) would still be its own task's.
+                    Ok(v) => assert_eq!(v / 2, i as u64, "task {i} got task {}'s value", v / 2),
+                    Err(Error::Worker { .. } | Error::WorkerCrashed { .. }) => failed += 1,
+                    Err(other) => panic!("task {i}: {other:?}"),
+                }
+            }
+            // The forked copies exit before they reply: no worker had to be replaced.
+            assert_eq!(failed, 0, "batch {batch}: {failed} failed");
+            // The pool goes on (with tasks that do not fork).
+            let out = parallel
+                .run((0..10u64).map(|i| delayed(forks_now_and_then, 16 * i)))
+                .unwrap();
+            assert_eq!(out, (0..10).map(|i| 32 * i).collect::<Vec<_>>());
+        }
+    });
+}
+
+// ---------------------------------------------------------------- cut shared memory
+
+/// Truncates to 0 every ipc-channel memfd of this process whose name says `pid` made it and
+/// whose size `keep` accepts. Returns how many it cut.
+fn cut_segments(pid: u32, keep: impl Fn(i64) -> bool) -> usize {
+    let mut cut = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        // `/memfd:/ipc-channel-shared-memory.<count>.<pid>.<secs>.<nanos> (deleted)`
+        let made_by = target
+            .split("ipc-channel-shared-memory.")
+            .nth(1)
+            .and_then(|rest| rest.split('.').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if made_by != Some(pid) {
+            continue;
+        }
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: fstat and ftruncate on a descriptor of this process, with a valid stat.
+        unsafe {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut stat) == 0 && keep(stat.st_size) {
+                cut += usize::from(libc::ftruncate(fd, 0) == 0);
+            }
+        }
+    }
+    cut
+}
+
+/// Cuts the worker's status board (its own 16-byte segment).
+fn cut_my_board(_: u32) -> usize {
+    cut_segments(std::process::id(), |size| size == 16)
+}
+
+/// Cuts the segments the driver made: the task arena its big argument came in.
+fn cut_task_arena((driver, _big): (u32, Vec<u8>)) -> usize {
+    cut_segments(driver, |size| size > 0)
+}
+
+/// Cuts the `SharedSlice` segment it was sent.
+fn cut_shared_slice((driver, _slice): (u32, SharedSlice<f64>)) -> usize {
+    cut_segments(driver, |size| size > 0)
+}
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn check_next_run(parallel: &Parallel) {
+    let out = parallel.run((0..8u64).map(|i| delayed(square, i))).unwrap();
+    assert_eq!(out[7], 49);
+}
+
+#[test]
+fn a_task_that_cuts_the_status_board_short_fails_and_the_driver_survives() {
+    run_child_test("faults::child_cuts_the_board", &[]);
+}
+
+#[test]
+#[ignore = "run by a_task_that_cuts_the_status_board_short_fails_and_the_driver_survives"]
+fn child_cuts_the_board() {
+    let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+    check_next_run(&parallel);
+    let results: Vec<_> = parallel
+        .run_iter((0..3).map(|i| delayed(cut_my_board, i)))
+        .collect();
+    for result in &results {
+        let Err(err @ Error::Worker { .. }) = result else {
+            panic!("{results:?}");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("status board") && text.contains("cut short"),
+            "{text}"
+        );
+    }
+    check_next_run(&parallel);
+    // In a batch of several tasks, the board cannot say which one did it: all three do here.
+    let parallel = processes(1).batch_size(BatchSize::Fixed(4));
+    let results: Vec<_> = parallel
+        .run_iter((0..3).map(|i| delayed(cut_my_board, i)))
+        .collect();
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    check_next_run(&parallel);
+}
+
+#[test]
+fn a_task_that_cuts_the_task_arena_short_fails_and_the_driver_survives() {
+    run_child_test("faults::child_cuts_the_task_arena", &[]);
+}
+
+#[test]
+#[ignore = "run by a_task_that_cuts_the_task_arena_short_fails_and_the_driver_survives"]
+fn child_cuts_the_task_arena() {
+    let me = std::process::id();
+    // Frames over 1 KiB travel in the task arena.
+    let parallel = processes(1)
+        .max_nbytes(1024)
+        .batch_size(BatchSize::Fixed(1));
+    let results: Vec<_> = parallel
+        .run_iter((0..3).map(|_| delayed(cut_task_arena, (me, vec![7u8; 64 << 10]))))
+        .collect();
+    for result in &results {
+        let Err(err) = result else {
+            panic!("{results:?}");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("task arena") && text.contains("cut short"),
+            "{text}"
+        );
+    }
+    check_next_run(&parallel);
+}
+
+#[test]
+fn a_task_that_cuts_a_shared_slice_short_cannot_kill_the_driver() {
+    run_child_test("faults::child_cuts_a_shared_slice", &[]);
+}
+
+#[test]
+#[ignore = "run by a_task_that_cuts_a_shared_slice_short_cannot_kill_the_driver"]
+fn child_cuts_a_shared_slice() {
+    let me = std::process::id();
+    let parallel = processes(1);
+    let slice = SharedSlice::from(vec![1.0f64; 1 << 17]);
+    assert!(slice.is_shared());
+    let cut = parallel.run([delayed(cut_shared_slice, (me, slice.clone()))]);
+    assert_eq!(cut.ok(), Some(vec![1]), "the task cut the segment");
+    // The driver reads what is left: zeros past the cut, and no SIGBUS.
+    assert_eq!(slice.iter().sum::<f64>(), 0.0);
+    check_next_run(&parallel);
+}
+
+// ---------------------------------------------------------------- output, timeouts
+
+#[test]
+fn a_worker_line_without_a_newline_is_not_buffered_whole_in_the_driver() {
+    // The child's stdout (where the worker's output goes) is /dev/null: 32 MiB of it need not
+    // be captured here.
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "faults::child_prints_a_long_line",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_within(&mut child, CHILD_LIMIT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child did not end within {CHILD_LIMIT:?}");
+    });
+    assert!(status.success(), "the child test failed: {status}");
+}
+
+/// The peak resident memory of this process, in KiB.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+#[ignore = "run by a_worker_line_without_a_newline_is_not_buffered_whole_in_the_driver"]
+fn child_prints_a_long_line() {
+    fn print_without_newline(megabytes: usize) -> usize {
+        use std::io::Write;
+        let chunk = vec![b'x'; 1 << 20];
+        let mut out = std::io::stdout().lock();
+        for _ in 0..megabytes {
+            out.write_all(&chunk).unwrap();
+        }
+        out.flush().unwrap();
+        megabytes
+    }
+    let parallel = processes(1);
+    assert_eq!(
+        parallel.run([delayed(print_without_newline, 1)]).unwrap(),
+        [1]
+    );
+    let before = peak_rss_kib();
+    assert_eq!(
+        parallel.run([delayed(print_without_newline, 32)]).unwrap(),
+        [32]
+    );
+    drop(parallel); // the worker's last output is forwarded before its exit is reported
+    let grown = peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < 8 << 10,
+        "the driver grew by {grown} KiB forwarding 32 MiB"
+    );
+}
+
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn a_task_that_overruns_its_timeout_by_a_little_is_a_timeout() {
+    within(HUNG, || {
+        let limit = Duration::from_millis(100);
+        let parallel = processes(1).timeout(limit);
+        assert_eq!(parallel.run([delayed(nap, 1)]).unwrap(), [1]);
+        for _ in 0..5 {
+            let err = parallel.run([delayed(nap, 104)]).unwrap_err();
+            assert_eq!(err, Error::timeout(0, limit, true));
+        }
+        // Tasks well within it are not.
+        assert_eq!(
+            parallel.run([20; 3].map(|ms| delayed(nap, ms))).unwrap(),
+            [20; 3]
+        );
+    });
+}
+
+/// Runs `ms` milliseconds while stamping the status board (its worker's own 16-byte segment)
+/// with "a task started now" every millisecond, so that the driver's clock never sees it
+/// overrun: only the worker's own measure of it can.
+fn hides_from_the_clock(ms: u64) -> u64 {
+    let me = std::process::id();
+    let mut board = None;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let target = target.to_string_lossy().into_owned();
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: fstat on a descriptor of this process, with a valid stat.
+        let size = unsafe {
+            let mut stat: libc::stat = std::mem::zeroed();
+            (libc::fstat(fd, &mut stat) == 0).then_some(stat.st_size)
+        };
+        if target.contains("ipc-channel-shared-memory")
+            && target.contains(&format!(".{me}."))
+            && size == Some(16)
+        {
+            board = Some(fd);
+        }
+    }
+    let fd = board.expect("the worker's status board");
+    // SAFETY: mapping the board's 16 bytes; written below only through atomics, as the
+    // driver and the worker access it.
+    let words = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            16,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(words, libc::MAP_FAILED);
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec; the board's second word is an aligned u64 both processes
+        // access atomically.
+        unsafe {
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+            let stamp = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+            (*words.cast::<std::sync::atomic::AtomicU64>().add(1)).store(stamp, Ordering::Release);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: unmapping what this function mapped.
+    unsafe { libc::munmap(words, 16) };
+    ms
+}
+
+#[test]
+fn a_task_past_its_timeout_is_a_timeout_even_if_the_driver_never_saw_it_run_over() {
+    within(HUNG, || {
+        let limit = Duration::from_millis(50);
+        let parallel = processes(1).timeout(limit).batch_size(BatchSize::Fixed(3));
+        let results: Vec<_> = parallel
+            .run_iter([5, 120, 5].map(|ms| delayed(hides_from_the_clock, ms)))
+            .collect();
+        assert_eq!(results[0], Ok(5));
+        assert_eq!(results[1], Err(Error::timeout(1, limit, true)));
+        assert_eq!(results[2], Ok(5), "the task after it runs again");
+    });
+}
+
+fn my_pid(_: u32) -> u32 {
+    std::process::id()
+}
+
+/// Waits up to `limit` for process `pid` to end; returns whether it did.
+fn await_death(pid: u32, limit: Duration) -> bool {
+    // SAFETY: pidfd_open on a pid with no flags; the descriptor is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return !alive(pid);
+    }
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one valid pollfd; closing the descriptor opened above.
+    unsafe {
+        let ready = libc::poll(&mut poll, 1, limit.as_millis() as i32);
+        libc::close(fd);
+        ready == 1
+    }
+}
+
+#[test]
+fn a_worker_past_its_timeout_is_killed_within_milliseconds_of_the_limit() {
+    within(HUNG, || {
+        let limit = Duration::from_millis(200);
+        // Two tasks in one frame: the second starts 10 ms in, so its limit falls between two
+        // looks of a driver that polls every 20 ms, not at one.
+        let parallel = Arc::new(processes(1).timeout(limit).batch_size(BatchSize::Fixed(2)));
+        let mut fastest = Duration::MAX;
+        for _ in 0..4 {
+            let pid = parallel.run([delayed(my_pid, 0)]).unwrap()[0];
+            let began = Instant::now();
+            let run = std::thread::spawn({
+                let parallel = Arc::clone(&parallel);
+                move || parallel.run([10, 60_000].map(|ms| delayed(nap, ms)))
+            });
+            assert!(
+                await_death(pid, Duration::from_secs(10)),
+                "worker {pid} still runs"
+            );
+            fastest = fastest.min(began.elapsed());
+            assert_eq!(run.join().unwrap(), Err(Error::timeout(1, limit, true)));
+        }
+        let ideal = limit + Duration::from_millis(10);
+        println!("killed {fastest:?} after the run began, ideally {ideal:?}");
+        assert!(
+            fastest < ideal + Duration::from_millis(8),
+            "killed {fastest:?} after the run began at best, for {ideal:?}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------- random kills
+
+/// About 10 us of work.
+fn busy(i: u64) -> u64 {
+    let until = Instant::now() + Duration::from_micros(10);
+    let mut x = i;
+    while Instant::now() < until {
+        x = std::hint::black_box(x.wrapping_mul(3).wrapping_add(1));
+    }
+    i.wrapping_mul(3)
+}
+
+#[test]
+fn random_kills_of_workers_and_replacements_lose_and_duplicate_nothing() {
+    run_child_test("faults::child_kills_workers_at_random", &[]);
+}
+
+#[test]
+#[ignore = "run by random_kills_of_workers_and_replacements_lose_and_duplicate_nothing"]
+fn child_kills_workers_at_random() {
+    const TASKS: u64 = 100_000;
+    for seed in [7, 1234] {
+        let parallel = processes(2).batch_size(BatchSize::Fixed(64));
+        assert_eq!(parallel.run([delayed(busy, 1)]).unwrap(), [3]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let kills = Arc::new(AtomicUsize::new(0));
+        let killer = {
+            let (stop, kills) = (Arc::clone(&stop), Arc::clone(&kills));
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed);
+                let me = std::process::id();
+                let mut seen = HashSet::new();
+                while !stop.load(Ordering::Relaxed) && kills.load(Ordering::Relaxed) < 40 {
+                    let workers = children_of(me);
+                    // A worker never seen before is a fresh replacement (maybe mid-handshake):
+                    // kill some of those at once.
+                    let fresh: Vec<u32> = workers
+                        .iter()
+                        .copied()
+                        .filter(|p| seen.insert(*p))
+                        .collect();
+                    let victim = match fresh.first() {
+                        Some(&pid) if rng.below(3) == 0 => Some(pid),
+                        _ if rng.below(4) == 0 && !workers.is_empty() => {
+                            Some(workers[rng.below(workers.len() as u64) as usize])
+                        }
+                        _ => None,
+                    };
+                    if let Some(pid) = victim {
+                        // SAFETY: signalling a child process of this test.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        kills.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(2 + rng.below(12)));
+                }
+            })
+        };
+        let mut seen = vec![false; TASKS as usize];
+        let mut failed = 0;
+        for (index, result) in parallel.run_unordered((0..TASKS).map(|i| delayed(busy, i))) {
+            assert!(!seen[index], "seed {seed}: task {index} ended twice");
+            seen[index] = true;
+            match result {
+                Ok(v) => assert_eq!(v, index as u64 * 3, "seed {seed}: task {index}"),
+                Err(Error::WorkerCrashed { index: i, .. }) => {
+                    assert_eq!(i, index);
+                    failed += 1;
+                }
+                Err(other) => panic!("seed {seed}: task {index}: {other}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        killer.join().unwrap();
+        assert!(seen.iter().all(|&s| s), "seed {seed}: a task was lost");
+        let kills = kills.load(Ordering::Relaxed);
+        println!("seed {seed}: {kills} kills, {failed} tasks failed");
+        assert!(
+            failed <= kills,
+            "seed {seed}: {failed} failures for {kills} kills"
+        );
+        // The pool goes on.
+        assert_eq!(parallel.run([delayed(busy, 2)]).unwrap(), [6]);
+    }
+}
+
+// ---------------------------------------------------------------- 64 descriptors
+
+#[test]
+fn a_limit_of_64_descriptors_fails_clearly_or_runs_and_never_poisons_later_runs() {
+    run_child_test("faults::child_runs_with_64_descriptors", &[]);
+}
+
+#[test]
+#[ignore = "run by a_limit_of_64_descriptors_fails_clearly_or_runs_and_never_poisons_later_runs"]
+fn child_runs_with_64_descriptors() {
+    let limit = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: 64,
+    };
+    // SAFETY: setrlimit with a valid rlimit, in this child process of its own.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let clear = |err: &Error| {
+        let text = err.to_string();
+        assert!(
+            !text.contains("parjob::init()"),
+            "not a missing init(): {text}"
+        );
+    };
+    let parallel = Arc::new(processes(2).batch_size(BatchSize::Fixed(4)));
+    for round in 0..3 {
+        match within(HUNG, {
+            let parallel = Arc::clone(&parallel);
+            move || parallel.run((0..40u32).map(|i| delayed(abort_on_five, i)))
+        }) {
+            Err(Error::WorkerCrashed { index: 5, .. }) => {}
+            Err(other) => {
+                clear(&other);
+                println!("round {round}: {other}");
+            }
+            Ok(out) => panic!("task 5 aborts: {out:?}"),
+        }
+    }
+    // Take nearly every descriptor left: workers cannot start, the run says so.
+    let mut held = Vec::new();
+    while let Ok(file) = std::fs::File::open("/dev/null") {
+        held.push(file);
+    }
+    let starved = processes(2);
+    match within(HUNG, move || {
+        starved.run((0..8u64).map(|i| delayed(square, i)))
+    }) {
+        Ok(out) => assert_eq!(out[7], 49),
+        Err(err) => {
+            clear(&err);
+            println!("starved: {err}");
+        }
+    }
+    drop(held);
+    // Descriptors back: new pools and the old one run again.
+    let out = within(HUNG, || {
+        processes(2).run((0..8u64).map(|i| delayed(square, i)))
+    })
+    .unwrap();
+    assert_eq!(out[7], 49);
+    let out = within(HUNG, move || {
+        parallel.run((0..8u64).map(|i| delayed(square, i)))
+    })
+    .unwrap();
+    assert_eq!(out[7], 49);
+}
+
+// ---------------------------------------------------------------- the driver killed
+
+#[test]
+fn a_driver_killed_at_random_points_leaves_no_worker_behind() {
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng::new(42);
+    for round in 0..4 {
+        let mut driver = Command::new(&exe)
+            .args([
+                "faults::child_works_until_killed",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env_remove("PARJOB_BACKEND")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = driver.id();
+        std::thread::sleep(Duration::from_millis(150 + rng.below(400)));
+        let workers = children_of(pid);
+        // SAFETY: killing the child test process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        assert!(wait_within(&mut driver, CHILD_LIMIT).is_some());
+        // Its workers die with it (PR_SET_PDEATHSIG), and so does any process it had started
+        // but not yet handshaken with (it finds its parent gone and exits).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<u32> = workers
+                .iter()
+                .copied()
+                .filter(|&w| alive(w))
+                .chain(workers_of(pid))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {left:?} outlived driver {pid}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Live processes whose environment names `driver` as their parjob driver.
+fn workers_of(driver: u32) -> Vec<u32> {
+    let marker = format!("PARJOB_PROCESS_SERVER={driver}:");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let named = environ
+            .split(|&b| b == 0)
+            .any(|var| var.starts_with(marker.as_bytes()));
+        if named && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "run by a_driver_killed_at_random_points_leaves_no_worker_behind"]
+fn child_works_until_killed() {
+    // Ordinary runs, crashes (replacements starting) and timeouts (kills) in turn, until the
+    // parent kills this process.
+    let parallel = processes(2)
+        .batch_size(BatchSize::Fixed(4))
+        .timeout(Duration::from_millis(50));
+    loop {
+        let _ = parallel.run((0..200u64).map(|i| delayed(square, i)));
+        let _ = parallel.run((0..12u32).map(|i| delayed(abort_on_five, i)));
+        let _ = parallel.run([delayed(nap, 10_000)]);
+    }
+}

@@ -1,0 +1,441 @@
+//! The process backend's handshake under attack and under stress: a rogue client that connects
+//! first, a permissive umask, a descriptor shortage, a pool closed mid-handshake, and the
+//! processes a task leaves behind when its worker is killed.
+//!
+//! Tests that change process-wide state (the umask, the open-file limit, `TMPDIR`) or count
+//! descriptors run in a child process (`run_child_test`), each with a temp directory of its own
+//! so that what they count or race for is theirs alone.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, BatchSize, Error, Parallel, delayed};
+use parjob_tests::{CHILD_LIMIT, run_child_test, wait_within};
+
+// `enable_test_support!` is in `process.rs`: one per test binary.
+
+fn processes(n_jobs: i32) -> Parallel {
+    Parallel::new(n_jobs).backend(Backend::Process)
+}
+
+fn my_pid(_: u32) -> u32 {
+    std::process::id()
+}
+
+/// A fresh, empty directory for one child test's `TMPDIR`; removed by the caller.
+fn private_temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("parjob-handshake-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs child test `name` with `TMPDIR` set to a directory of its own, then removes it (also
+/// when the child test fails).
+fn run_with_private_temp_dir(name: &str) -> std::process::Output {
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Removed(private_temp_dir(name.rsplit("::").next().unwrap_or(name)));
+    run_child_test(name, &[("TMPDIR", dir.0.to_str().unwrap())])
+}
+
+/// The handshake servers' socket directories (`.tmpXXXXXX/socket`) in `dir`.
+fn socket_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".tmp"))
+        })
+        .collect()
+}
+
+fn open_descriptors() -> usize {
+    // Minus the descriptor of the listing itself.
+    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+}
+
+/// Waits (up to 10 s) until `done` holds: helper threads of dead workers close their last
+/// descriptors as they end.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Whether `pid` runs (a zombie counts as dead).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Pids of this process's children.
+fn children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(me) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Writes an executable shell script into `dir`.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+// ---------------------------------------------------------------- a rogue client first
+
+#[test]
+fn a_rogue_client_that_connects_first_is_refused_and_the_run_still_succeeds() {
+    let output = run_with_private_temp_dir("handshake::child_races_a_rogue_client");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refused a handshake"), "{stderr}");
+}
+
+#[test]
+#[ignore = "run by a_rogue_client_that_connects_first_is_refused_and_the_run_still_succeeds"]
+fn child_races_a_rogue_client() {
+    // The rogue is this test binary too, started before the pool and watching this process's
+    // own temp directory: it connects the moment the server's socket appears, long before the
+    // real worker has even been loaded, with a Hello that is complete and of the same build,
+    // but does not know the worker's secret.
+    let exe = std::env::current_exe().unwrap();
+    let mut rogue = Command::new(exe)
+        .args([
+            "handshake::rogue_client",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read its stdout to the end on a helper thread (the harness prints more than our line).
+    let stdout = rogue.stdout.take().unwrap();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if line.contains("rogue ready") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    if ready.recv_timeout(CHILD_LIMIT).is_err() {
+        let _ = rogue.kill();
+        panic!("the rogue client did not get ready");
+    }
+
+    // The real worker starts 200 ms late, so that the rogue wins the race even on a loaded
+    // machine (it is already running and polling; the worker would still have to be loaded).
+    let exe = std::env::current_exe().unwrap();
+    let late_worker = script(
+        &std::env::temp_dir(),
+        "late-worker",
+        &format!("sleep 0.2; exec '{}' \"$@\"", exe.display()),
+    );
+    let pids = processes(1)
+        .worker_exe(&late_worker)
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..8u32).map(|i| delayed(my_pid, i)))
+        .unwrap();
+    let status = wait_within(&mut rogue, CHILD_LIMIT).unwrap_or_else(|| {
+        let _ = rogue.kill();
+        panic!("the rogue client did not end");
+    });
+    // No task ran in the rogue, and the rogue was sent nothing: it ended for want of a
+    // welcome (75: its handshake failed), not by a shutdown (0).
+    assert!(pids.iter().all(|&pid| pid != rogue.id()), "{pids:?}");
+    assert_eq!(status.code(), Some(75), "{status}");
+}
+
+#[test]
+#[ignore = "run by child_races_a_rogue_client"]
+fn rogue_client() {
+    let dir = std::env::temp_dir();
+    let before = socket_dirs(&dir);
+    println!("rogue ready");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let socket = loop {
+        assert!(Instant::now() < deadline, "no server appeared");
+        if let Some(new) = socket_dirs(&dir).into_iter().find(|d| !before.contains(d)) {
+            let socket = new.join("socket");
+            if socket.exists() {
+                break socket;
+            }
+        }
+        std::hint::spin_loop();
+    };
+    // SAFETY: getppid has no preconditions.
+    let driver = unsafe { libc::getppid() };
+    // SAFETY: the harness's main thread only waits for this test; no other thread of this
+    // process reads or writes the environment now.
+    unsafe {
+        std::env::set_var(
+            "PARJOB_PROCESS_SERVER",
+            format!("{driver}:{}", socket.display()),
+        );
+        std::env::set_var("PARJOB_PROCESS_WORKER", "0");
+        // Well-formed, but not the secret the driver gave its worker.
+        std::env::set_var("PARJOB_PROCESS_SECRET", "0".repeat(64));
+    }
+    // Greets the driver as its worker would; never returns.
+    parjob::init();
+    unreachable!("init() returns only in a process that is not a worker");
+}
+
+// ---------------------------------------------------------------- the socket's directory
+
+#[test]
+fn the_handshake_socket_is_private_even_under_umask_000() {
+    run_with_private_temp_dir("handshake::child_checks_the_socket_mode");
+}
+
+#[test]
+#[ignore = "run by the_handshake_socket_is_private_even_under_umask_000"]
+fn child_checks_the_socket_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask has no preconditions; this process exists for this test alone.
+    unsafe { libc::umask(0) };
+    let dir = std::env::temp_dir();
+    // A worker that says it started, then lingers without connecting: the server and its
+    // directory exist, made private (or not) before the worker was spawned.
+    let started = dir.join("started");
+    let worker = script(
+        &dir,
+        "lingering-worker",
+        &format!("touch '{}'; sleep 2; exit 1", started.display()),
+    );
+    let watcher = std::thread::spawn(move || {
+        assert!(eventually(|| started.exists()), "the worker never started");
+        let sockets: Vec<(u32, u32)> = socket_dirs(&std::env::temp_dir())
+            .into_iter()
+            .map(|d| {
+                let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+                (mode(&d), mode(&d.join("socket")))
+            })
+            .collect();
+        sockets
+    });
+    let err = processes(1)
+        .worker_exe(&worker)
+        .run([delayed(my_pid, 0)])
+        .unwrap_err();
+    assert!(matches!(err, Error::Worker { .. }), "{err:?}");
+    let sockets = watcher.join().unwrap();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    let (dir_mode, socket_mode) = sockets[0];
+    assert_eq!(dir_mode, 0o700, "directory mode {dir_mode:o}");
+    assert_eq!(socket_mode & 0o077, 0, "socket mode {socket_mode:o}");
+}
+
+// ---------------------------------------------------------------- a descriptor shortage
+
+#[test]
+fn a_descriptor_shortage_is_a_passing_error_not_a_missing_init() {
+    run_child_test("handshake::child_runs_short_of_descriptors", &[]);
+}
+
+#[test]
+#[ignore = "run by a_descriptor_shortage_is_a_passing_error_not_a_missing_init"]
+fn child_runs_short_of_descriptors() {
+    // Warm up: ipc-channel's own lazily made sockets exist before the limit is lowered.
+    assert_eq!(processes(1).run([delayed(my_pid, 0)]).unwrap().len(), 1);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid resource and a writable rlimit.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0);
+    let original = limit.rlim_cur;
+    let set_soft = |soft: u64| {
+        let lowered = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit with a valid resource and rlimit; the soft limit stays under the
+        // hard one.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+    };
+    // Every number of spare descriptors from none to plenty: the start fails at each step of
+    // the handshake in turn (spawning, accepting, receiving the Hello's channels).
+    let mut failures = Vec::new();
+    for spare in 0..16u64 {
+        let open = open_descriptors() as u64;
+        set_soft(open + spare);
+        let result = processes(1).run([delayed(my_pid, 0)]);
+        set_soft(original);
+        if let Err(err) = result {
+            failures.push(err);
+        }
+        // The failed start's helper threads close what they held.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!failures.is_empty(), "no start failed");
+    for err in &failures {
+        let text = err.to_string();
+        assert!(matches!(err, Error::Worker { .. }), "{err:?}");
+        assert!(!text.contains("parjob::init()"), "{text}");
+        assert!(
+            text.to_lowercase().contains("too many open files"),
+            "{text}"
+        );
+    }
+    // The shortage passed: the executable was not written off as "not a worker program".
+    let pids = processes(2)
+        .run((0..4u32).map(|i| delayed(my_pid, i)))
+        .unwrap();
+    assert_eq!(pids.len(), 4);
+}
+
+// ---------------------------------------------------------------- no leaks after a failure
+
+#[test]
+fn failed_starts_leak_no_descriptor_or_socket_directory() {
+    run_with_private_temp_dir("handshake::child_fails_to_start");
+}
+
+#[test]
+#[ignore = "run by failed_starts_leak_no_descriptor_or_socket_directory"]
+fn child_fails_to_start() {
+    let before = open_descriptors();
+    for _ in 0..5 {
+        let err = processes(2)
+            .worker_exe("/bin/false")
+            .run([delayed(my_pid, 0)])
+            .unwrap_err();
+        assert!(err.to_string().contains("exit status 1"), "{err}");
+    }
+    let dir = std::env::temp_dir();
+    assert!(
+        eventually(|| open_descriptors() == before && socket_dirs(&dir).is_empty()),
+        "{} descriptors open, {before} before; socket directories left: {:?}",
+        open_descriptors(),
+        socket_dirs(&dir)
+    );
+}
+
+#[test]
+fn a_pool_closed_mid_handshake_leaves_no_socket_directory_or_descriptor() {
+    run_with_private_temp_dir("handshake::child_closes_mid_handshake");
+}
+
+#[test]
+#[ignore = "run by a_pool_closed_mid_handshake_leaves_no_socket_directory_or_descriptor"]
+fn child_closes_mid_handshake() {
+    fn abort(_: u32) -> u32 {
+        std::process::abort()
+    }
+    let dir = std::env::temp_dir();
+    // A worker that takes its time to start, so that the pool is closed while the
+    // replacement of a crashed worker is still in its handshake.
+    let exe = std::env::current_exe().unwrap();
+    let slow = script(
+        &dir,
+        "slow-worker",
+        &format!("sleep 0.5; exec '{}' \"$@\"", exe.display()),
+    );
+    let before = open_descriptors();
+    for _ in 0..3 {
+        let parallel = processes(1).worker_exe(&slow);
+        assert_eq!(parallel.run([delayed(my_pid, 0)]).unwrap().len(), 1);
+        let first = children();
+        let err = parallel.run([delayed(abort, 0)]).unwrap_err();
+        assert!(matches!(err, Error::WorkerCrashed { .. }), "{err:?}");
+        // The replacement is spawned at once; its server is open until it connects.
+        assert!(
+            eventually(|| children().iter().any(|pid| !first.contains(pid))),
+            "no replacement was started"
+        );
+        drop(parallel);
+    }
+    assert!(
+        eventually(|| open_descriptors() == before && socket_dirs(&dir).is_empty()),
+        "{} descriptors open, {before} before; socket directories left: {:?}",
+        open_descriptors(),
+        socket_dirs(&dir)
+    );
+}
+
+// ---------------------------------------------------------------- a task's own processes
+
+// The `sleep` is never waited for on purpose: the test is that it dies with the worker.
+#[allow(clippy::zombie_processes)]
+fn start_a_sleep_then_hang(pid_file: String) -> u32 {
+    let sleep = Command::new("sleep")
+        .arg("1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, sleep.id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+    sleep.id()
+}
+
+#[test]
+fn a_process_a_task_started_is_killed_with_its_worker() {
+    let pid_file = std::env::temp_dir().join(format!(
+        "parjob-task-child-{}-{:?}",
+        std::process::id(),
+        Instant::now()
+    ));
+    let path = pid_file.to_str().unwrap().to_owned();
+    let err = processes(1)
+        .timeout(Duration::from_millis(500))
+        .run([delayed(start_a_sleep_then_hang, path)])
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { killed: true, .. }),
+        "{err:?}"
+    );
+    let sleep: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    let gone = eventually(|| !alive(sleep));
+    if !gone {
+        // SAFETY: killing the stray `sleep` this test's task started, so it does not linger.
+        unsafe { libc::kill(sleep as i32, libc::SIGKILL) };
+    }
+    assert!(
+        gone,
+        "the task's `sleep` (pid {sleep}) outlived its killed worker"
+    );
+}
