@@ -1131,3 +1131,20 @@ fn shared_slices_report_whether_they_travel_as_handles() {
     let sum = std::panic::catch_unwind(|| big.iter().sum::<f64>()).unwrap();
     assert_eq!(sum, (parjob::SHARED_MIN_BYTES / 8) as f64);
 }
+
+#[test]
+fn a_worker_executable_that_cannot_be_started_is_an_error_with_its_io_cause() {
+    let err = processes(1)
+        .worker_exe("/nonexistent/parjob-worker")
+        .run((0..2u64).map(|i| delayed(square, i)))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/parjob-worker"),
+        "{err}"
+    );
+    let source = std::error::Error::source(&err).expect("an io::Error is behind it");
+    let cause = source
+        .downcast_ref::<parjob::IoCause>()
+        .expect("the source is the io error");
+    assert_eq!(cause.io_error().kind(), std::io::ErrorKind::NotFound);
+}

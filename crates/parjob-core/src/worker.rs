@@ -8,6 +8,7 @@ use crate::Backend;
 
 /// Where the calling code runs, as [`worker_info()`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     /// The backend whose worker this is, or `None` outside any parjob worker.
     pub backend: Option<Backend>,

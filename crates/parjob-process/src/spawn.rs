@@ -207,10 +207,8 @@ impl Starter<'_> {
         let secret = HandshakeSecret::random()
             .map_err(|e| final_error(format!("cannot make a handshake secret: {e}")))?;
         let (server, name) = IpcOneShotServer::<Hello>::new().map_err(|e| {
-            final_error(format!(
-                "cannot open the handshake server: {}",
-                describe_io(&e)
-            ))
+            let message = format!("cannot open the handshake server: {}", describe_io(&e));
+            Failed::Final(Error::worker_io(self.index, message, e))
         })?;
         // Before the worker exists: from now on only this user can reach the server. A process
         // that got in before (possible only under a permissive umask, for a few microseconds)
@@ -259,11 +257,12 @@ impl Starter<'_> {
         // with this process's memory; a fork copies its page tables (65 ms for a pool of 2
         // next to 1 GB of data). The worker sets its parent-death signal itself, in `init`.
         let mut child = spawn_retrying(&mut command).map_err(|e| {
-            final_error(format!(
+            let message = format!(
                 "cannot start worker executable {}: {}",
                 exe.display(),
                 describe_io(&e)
-            ))
+            );
+            Failed::Final(Error::worker_io(self.index, message, e))
         })?;
         let (output_tx, output_done) = std::sync::mpsc::channel();
         let prefix = options
