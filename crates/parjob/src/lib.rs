@@ -21,7 +21,9 @@
 //!
 //! - [`Parallel`]: configure (`n_jobs`, backend, batching, timeout, progress) and run.
 //! - [`Executor`]: Python's `concurrent.futures` on the same backends: `submit` one task for a
-//!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers.
+//!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers. `Future`
+//!   keeps `concurrent.futures`' name; note that `use parjob::*` then shadows the 2024
+//!   prelude's `std::future::Future` in that module (import the names you use instead).
 //! - [`delayed`]: `delayed(f, x)` calls `f(x)`; `delayed(f, (a, b))` calls `f(a, b)`.
 //! - [`SharedSlice`]: big read-only arrays that process workers read in place (joblib's
 //!   memmapping): copied once into shared memory, then sent as a handle.
