@@ -46,17 +46,24 @@ fn run_with_private_temp_dir(name: &str) -> std::process::Output {
 
 /// The handshake servers' socket directories (`.tmpXXXXXX/socket`) in `dir`.
 fn socket_dirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .map(|e| e.path())
+    // ipc-channel's server directories, in the private root parjob points tempfile at (and, if
+    // that could not be set up, in the temporary directory itself).
+    [socket_root(dir), dir.to_path_buf()]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(".tmp"))
         })
         .collect()
+}
+
+/// `<temporary directory>/parjob-<uid>`: where the process backend has ipc-channel make its
+/// handshake sockets.
+fn socket_root(dir: &Path) -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    dir.join(format!("parjob-{}", unsafe { libc::geteuid() }))
 }
 
 fn open_descriptors() -> usize {
@@ -256,6 +263,12 @@ fn child_checks_the_socket_mode() {
         .unwrap_err();
     assert!(matches!(err, Error::Worker { .. }), "{err:?}");
     let sockets = watcher.join().unwrap();
+    let root_mode = std::fs::metadata(socket_root(&dir))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(root_mode, 0o700, "root mode {root_mode:o}");
     assert_eq!(sockets.len(), 1, "{sockets:?}");
     let (dir_mode, socket_mode) = sockets[0];
     assert_eq!(dir_mode, 0o700, "directory mode {dir_mode:o}");

@@ -206,6 +206,7 @@ impl Starter<'_> {
         let final_error = |message: String| Failed::Final(self.error(message));
         let secret = HandshakeSecret::random()
             .map_err(|e| final_error(format!("cannot make a handshake secret: {e}")))?;
+        private_socket_root();
         let (server, name) = IpcOneShotServer::<Hello>::new().map_err(|e| {
             let message = format!("cannot open the handshake server: {}", describe_io(&e));
             Failed::Final(Error::worker_io(self.index, message, e))
@@ -635,6 +636,58 @@ impl Drop for Pending<'_> {
 /// Makes the one-shot server's directory (ipc-channel makes it with the umask's mode: 0777
 /// under `umask 000`) and its socket reachable by this user only, and checks that nobody
 /// replaced the socket while the directory was open.
+/// Makes ipc-channel create its handshake sockets inside a directory only this user can
+/// enter, from the start.
+///
+/// ipc-channel puts each one-shot server's socket in a new directory under tempfile's default
+/// temporary directory, created with the process's umask: under a permissive umask another
+/// user could connect in the moments before [`make_private`] closes it, and ipc-channel's
+/// receive trusts the length a peer announces (a forged one aborts the driver on allocation).
+/// So, once per process, tempfile's default is pointed at `$TMPDIR/parjob-<uid>` (made with
+/// mode 0700, which no umask can widen; reused like tmux's `/tmp/tmux-<uid>`), after checking
+/// that it is a real directory of this user that nobody else may enter. That default is
+/// process-wide: other users of tempfile in the program then make their temporary files there
+/// too (private, still under `$TMPDIR`). If the directory is not safe (another user made it
+/// first) or tempfile's default was already set, a line on stderr says so and each socket's
+/// directory is only closed by `make_private`.
+fn private_socket_root() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(why) = point_tempfile_at_private_root() {
+            eprintln!(
+                "parjob: handshake sockets go to the usual temporary directory and are made \
+                 private only once created: {why}"
+            );
+        }
+    });
+}
+
+fn point_tempfile_at_private_root() -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let root = std::env::temp_dir().join(format!("parjob-{me}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot make {}: {e}", root.display())),
+    }
+    let meta = std::fs::symlink_metadata(&root)
+        .map_err(|e| format!("cannot inspect {}: {e}", root.display()))?;
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not a directory that only this user (uid {me}) may enter",
+            root.display()
+        ));
+    }
+    tempfile::env::override_temp_dir(&root).map_err(|set| {
+        format!(
+            "tempfile's default temporary directory was already set to {}",
+            set.display()
+        )
+    })
+}
+
 fn make_private(socket: &Path) -> Result<(), String> {
     use std::fs::{Permissions, set_permissions, symlink_metadata};
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
