@@ -18,12 +18,14 @@ use crate::Error;
 /// let err = "gpu".parse::<Backend>().unwrap_err().to_string();
 /// assert!(err.contains("gpu") && err.contains("threading"));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Backend {
     /// One task after another on the calling thread: for debugging and `n_jobs = 1`.
     Sequential,
-    /// A pool of `n_jobs` threads in this process (rayon). The default.
+    /// A pool of `n_jobs` threads in this process (rayon). The default (`Backend::default()`,
+    /// and what a `Parallel` uses when neither `.backend(..)` nor `PARJOB_BACKEND` says).
+    #[default]
     Threading,
     /// `n_jobs` worker processes: crash isolation and hard timeouts.
     Process,

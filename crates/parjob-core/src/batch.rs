@@ -65,8 +65,9 @@ pub trait ErasedBatch: Send + sealed::Sealed {
     /// The entry a worker process calls for this batch's task type.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] when the task's function is not a zero-sized `fn` item or
-    /// non-capturing closure, which another process could not call.
+    /// [`Error::InvalidConfig`] when the task's function is not a plain `fn` item (a closure,
+    /// even one that captures nothing, or a function pointer), which another process could
+    /// not call.
     fn remote_entry(&self) -> Result<RemoteEntry, Error>;
     /// The task function's type name, e.g. `my_crate::square`, for errors about it.
     fn function_name(&self) -> &'static str;
