@@ -414,7 +414,11 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
             });
             continue;
         }
-        let args = match codec::decode_prefix::<T::Args>(payload) {
+        // A user's `Deserialize` may panic: that is this task's decode error, not the worker's
+        // death.
+        let decoded = catch_task(|| codec::decode_prefix::<T::Args>(payload))
+            .unwrap_or_else(|panic| Err(format!("its Deserialize impl panicked: {panic}")));
+        let args = match decoded {
             Ok((args, _)) => args,
             Err(message) => {
                 write_record(out, b"", |buf, _| {
@@ -436,15 +440,21 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         let func: T::Func = unsafe { std::mem::zeroed() };
         let outcome = catch_task(|| T::call_with(func, args));
         write_record(out, b"result\0", |buf, start| match outcome {
-            Ok(value) => match codec::encode_into(&value, buf) {
-                Ok(()) => TAG_OK,
-                Err(message) => {
-                    buf.truncate(start);
-                    buf.extend_from_slice(b"result\0");
-                    buf.extend_from_slice(message.as_bytes());
-                    TAG_NOT_ENCODED
+            Ok(value) => {
+                // A user's `Serialize` may panic too: this task's encode error.
+                let encoded = catch_task(|| codec::encode_into(&value, buf))
+                    .unwrap_or_else(|panic| Err(format!("its Serialize impl panicked: {panic}")));
+                drop_quietly(value);
+                match encoded {
+                    Ok(()) => TAG_OK,
+                    Err(message) => {
+                        buf.truncate(start);
+                        buf.extend_from_slice(b"result\0");
+                        buf.extend_from_slice(message.as_bytes());
+                        TAG_NOT_ENCODED
+                    }
                 }
-            },
+            }
             Err(message) => {
                 buf.extend_from_slice(message.as_bytes());
                 TAG_PANICKED

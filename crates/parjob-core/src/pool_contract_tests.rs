@@ -313,3 +313,73 @@ fn a_panic_in_the_users_iterator_drops_the_values_already_written_in_place() {
     join_spawned();
     assert!(outcome.is_err());
 }
+
+/// A result whose `Serialize` panics, and an argument whose `Deserialize` panics, in the worker:
+/// each is that task's `Codec` error, not the end of the worker.
+#[test]
+fn serde_panics_on_the_worker_side_are_the_tasks_codec_errors() {
+    #[derive(Debug)]
+    struct Touchy(u32);
+    impl serde::Serialize for Touchy {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            assert!(self.0 != 3, "three cannot be written");
+            s.serialize_u32(self.0)
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Touchy {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let n = u32::deserialize(d)?;
+            assert!(n != 5, "five cannot be read");
+            Ok(Touchy(n))
+        }
+    }
+    fn make(i: u32) -> Touchy {
+        Touchy(i)
+    }
+    fn unwrap(t: Touchy) -> u32 {
+        t.0
+    }
+    fn remotely(mut job: Job) {
+        let len = job.batch().len();
+        let mut frame = Vec::new();
+        job.batch().encode_tasks(0..len, &mut frame);
+        let entry = job.batch().remote_entry().unwrap();
+        let mut outcomes = Vec::new();
+        entry(&frame, &mut outcomes, &mut |_| {});
+        job.batch_mut().decode_outcomes(&outcomes);
+        job.complete(Duration::ZERO);
+    }
+    // (Five is not made: its result would fail to decode in the driver, which is the
+    // supervisor's to catch, not the worker's.)
+    let made: Vec<_> = RunIter::new(
+        pool(remotely),
+        (0..5).map(|i| delayed(make, i)),
+        &options(5),
+    )
+    .collect();
+    let failed: Vec<usize> = (0..5).filter(|&i| made[i].is_err()).collect();
+    assert_eq!(failed, [3], "{made:?}");
+    assert!(
+        made[3]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("Serialize impl panicked")
+    );
+    // (Three is not sent: it would fail to encode in the driver.)
+    let read: Vec<_> = RunIter::new(
+        pool(remotely),
+        [0, 1, 2, 4, 5, 6].map(|i| delayed(unwrap, Touchy(i))),
+        &options(6),
+    )
+    .collect();
+    let failed: Vec<usize> = (0..6).filter(|&i| read[i].is_err()).collect();
+    assert_eq!(failed, [4], "{read:?}");
+    assert!(
+        read[4]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("Deserialize impl panicked")
+    );
+}

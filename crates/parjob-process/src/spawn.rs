@@ -358,7 +358,9 @@ impl Starter<'_> {
                                 ))),
                                 // Whatever reached the server was not this worker's Hello.
                                 None => Failed::Retry(worker_error(format!(
-                                    "refused a handshake: no valid Hello came ({e})"
+                                    "no valid Hello reached the handshake server ({e}): the \
+                                     worker may have died while greeting, or another process \
+                                     of this user connected first"
                                 ))),
                             });
                         }
@@ -402,8 +404,10 @@ impl Starter<'_> {
                 Some(_) => {}
                 None => {
                     return Err(Failed::Final(worker_error(format!(
-                        "did not connect within {HANDSHAKE_TIMEOUT:?}; does its main call \
-                         parjob::init() first?"
+                        "did not complete its handshake within {HANDSHAKE_TIMEOUT:?}: nothing \
+                         reached the handshake server, or something connected and stayed \
+                         silent (another process of this user may be holding it); a worker \
+                         program must call parjob::init() first thing in main"
                     ))));
                 }
             }
