@@ -399,9 +399,9 @@ fn cut_segments(pid: u32, keep: impl Fn(i64) -> bool) -> usize {
     cut
 }
 
-/// Cuts the worker's status board (its own 16-byte segment).
+/// Cuts the worker's status board (its own 24-byte segment).
 fn cut_my_board(_: u32) -> usize {
-    cut_segments(std::process::id(), |size| size == 16)
+    cut_segments(std::process::id(), |size| size == 24)
 }
 
 /// Cuts the segments the driver made: the task arena its big argument came in.
@@ -597,7 +597,7 @@ fn a_task_that_overruns_its_timeout_by_a_little_is_a_timeout() {
     });
 }
 
-/// Runs `ms` milliseconds while stamping the status board (its worker's own 16-byte segment)
+/// Runs `ms` milliseconds while stamping the status board (its worker's own 24-byte segment)
 /// with "a task started now" every millisecond, so that the driver's clock never sees it
 /// overrun: only the worker's own measure of it can.
 fn hides_from_the_clock(ms: u64) -> u64 {
@@ -616,18 +616,18 @@ fn hides_from_the_clock(ms: u64) -> u64 {
         };
         if target.contains("ipc-channel-shared-memory")
             && target.contains(&format!(".{me}."))
-            && size == Some(16)
+            && size == Some(24)
         {
             board = Some(fd);
         }
     }
     let fd = board.expect("the worker's status board");
-    // SAFETY: mapping the board's 16 bytes; written below only through atomics, as the
+    // SAFETY: mapping the board's 24 bytes; written below only through atomics, as the
     // driver and the worker access it.
     let words = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            16,
+            24,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd,
@@ -651,7 +651,7 @@ fn hides_from_the_clock(ms: u64) -> u64 {
         std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: unmapping what this function mapped.
-    unsafe { libc::munmap(words, 16) };
+    unsafe { libc::munmap(words, 24) };
     ms
 }
 
@@ -958,4 +958,125 @@ fn child_works_until_killed() {
         let _ = parallel.run((0..12u32).map(|i| delayed(abort_on_five, i)));
         let _ = parallel.run([delayed(nap, 10_000)]);
     }
+}
+
+// ---------------------------------------------------------------- stray bytes, stopped workers
+
+/// Writes one byte on every socket this worker holds (its channels to the driver among them):
+/// the driver's reader takes its `DONE` for the rest of a message that never ends.
+fn scribble_on_my_sockets(x: u32) -> u32 {
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let socket = std::fs::read_link(entry.path())
+            .is_ok_and(|link| link.to_string_lossy().starts_with("socket:"));
+        if socket {
+            // SAFETY: a one-byte send from a live buffer; a descriptor that is not a socket
+            // (any more) only makes it fail.
+            unsafe { libc::send(fd, b"x".as_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+        }
+    }
+    x
+}
+
+#[test]
+fn a_task_that_writes_on_its_workers_channels_fails_and_the_run_ends() {
+    // Untimed, and with a timeout shorter than the driver's grace for the reply: never a hang,
+    // never a `Timeout`.
+    for timeout in [None, Some(Duration::from_millis(300))] {
+        let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+        let parallel = match timeout {
+            Some(limit) => parallel.timeout(limit),
+            None => parallel,
+        };
+        let parallel = within(Duration::from_secs(20), move || {
+            check_next_run(&parallel);
+            let err = parallel
+                .run([delayed(scribble_on_my_sockets, 7)])
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, Error::Worker { .. }) && text.contains("reply never arrived"),
+                "timeout {timeout:?}: {err:?}"
+            );
+            check_next_run(&parallel);
+            parallel
+        });
+        drop(parallel);
+    }
+}
+
+fn nap_and_double(i: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(5));
+    2 * i
+}
+
+/// Whether `pid` is stopped (`T` in its stat).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
+}
+
+#[test]
+fn a_stopped_idle_worker_does_not_hang_a_timed_run() {
+    run_child_test("faults::child_stops_an_idle_worker", &[]);
+}
+
+#[test]
+#[ignore = "run by a_stopped_idle_worker_does_not_hang_a_timed_run"]
+fn child_stops_an_idle_worker() {
+    /// SIGKILLs the stopped worker when the test ends, however it ends, unless it is gone.
+    struct Unstop(u32);
+    impl Drop for Unstop {
+        fn drop(&mut self) {
+            if children_of(std::process::id()).contains(&self.0) {
+                // SAFETY: signalling a child process of this test (not reaped: still ours).
+                unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    let me = std::process::id();
+    let parallel = processes(2)
+        .batch_size(BatchSize::Fixed(1))
+        .timeout(Duration::from_millis(500));
+    let warm = parallel.run((0..20u64).map(|i| delayed(nap_and_double, i)));
+    assert_eq!(warm.unwrap()[19], 38);
+    let started = Instant::now();
+    while children_of(me).len() < 2 {
+        assert!(started.elapsed() < HUNG, "the pool never had two workers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = children_of(me)[0];
+    let _unstop = Unstop(victim);
+    // SAFETY: signalling a child process of this test.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
+    while !stopped(victim) {
+        assert!(started.elapsed() < HUNG, "worker {victim} never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let begun = Instant::now();
+    let parallel = within(Duration::from_secs(20), move || {
+        let out = parallel
+            .run((0..10u64).map(|i| delayed(nap_and_double, i)))
+            .unwrap();
+        assert_eq!(out, (0..10).map(|i| 2 * i).collect::<Vec<_>>());
+        parallel
+    });
+    println!("the run took {:?}", begun.elapsed());
+    let left: Vec<u32> = children_of(me)
+        .into_iter()
+        .filter(|&p| stopped(p))
+        .collect();
+    assert!(left.is_empty(), "stopped workers left: {left:?}");
+    assert!(!alive(victim), "the stopped worker {victim} still runs");
+    // The pool goes on.
+    let out = parallel.run((0..4u64).map(|i| delayed(nap_and_double, i)));
+    assert_eq!(out.unwrap(), [0, 2, 4, 6]);
 }

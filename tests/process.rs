@@ -1148,3 +1148,16 @@ fn a_worker_executable_that_cannot_be_started_is_an_error_with_its_io_cause() {
         .expect("the source is the io error");
     assert_eq!(cause.io_error().kind(), std::io::ErrorKind::NotFound);
 }
+
+fn calls_init_again(x: u64) -> u64 {
+    parjob::init();
+    x + 1
+}
+
+#[test]
+fn init_called_again_inside_a_task_does_nothing() {
+    let out = processes(2)
+        .run((0..4u64).map(|i| delayed(calls_init_again, i)))
+        .unwrap();
+    assert_eq!(out, [1, 2, 3, 4]);
+}

@@ -30,6 +30,17 @@ use crate::wire::{ARENA_KEEP_MAX, Forget, monotonic_nanos};
 /// How long a worker told to shut down may take before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a supervisor waiting for a frame's `DONE` looks at the status board (one atomic
+/// load), and how long after the board says the `DONE` was sent it may take to arrive before
+/// the worker is replaced: bytes a task wrote on the worker's channel make the reader thread
+/// take the `DONE` for the rest of a message that never ends.
+const REPLY_POLL: Duration = Duration::from_millis(250);
+const REPLY_GRACE: Duration = Duration::from_secs(1);
+
+/// How long past the timeout a timed frame may wait for its first task to start before its
+/// worker is taken for stopped or stuck and killed.
+const START_MARGIN: Duration = Duration::from_millis(250);
+
 /// How many times a lost worker's replacement is started before the slot gives up (its jobs
 /// then fail with the last start's error), and the pause after the first failed start, doubled
 /// after each one up to [`START_PAUSE_MAX`]: a descriptor shortage or a loaded machine usually
@@ -77,6 +88,9 @@ enum Stage {
 enum Clock {
     /// It ran past it: the worker was killed.
     Over,
+    /// No task of the frame started within the timeout (and a margin) of its sending: the
+    /// worker, stopped or stuck before its first task, was killed.
+    Stuck,
     /// Look again after this long.
     Next(Duration),
     /// The board was cut short: it tells nothing any more.
@@ -524,33 +538,112 @@ impl Supervisor {
             // The worker is gone; its waiter will say how.
             return self.bury(first_index, range.len(), None, false, None, tag);
         }
+        let sent_at = Instant::now();
         let mut timed_out = false;
+        // Set when the worker was killed because no task of the frame started in time: the
+        // frame is then lost, not any task's fault (see `FrameEnd::Lost`).
+        let mut stuck: Option<(u32, Duration)> = None;
         // A timed frame's first look at the board: no task can be over before `limit`.
-        let mut look_at = timeout.map(|limit| Instant::now() + limit);
+        let mut look_at = timeout.map(|limit| sent_at + limit);
+        // When the board first said this frame's DONE was sent (see `REPLY_POLL`).
+        let mut done_seen: Option<Instant> = None;
+        let mut poll_at = sent_at + REPLY_POLL;
         loop {
-            let event = match (timeout, look_at) {
-                (Some(limit), Some(at)) if !timed_out => {
-                    match self
-                        .events
-                        .recv_timeout(at.saturating_duration_since(Instant::now()))
-                    {
-                        Ok(event) => event,
-                        Err(RecvTimeoutError::Timeout) => {
-                            match self.check_clock(limit) {
-                                Clock::Over => timed_out = true,
-                                Clock::Next(after) => look_at = Some(Instant::now() + after),
-                                Clock::Cut => return self.spoiled(first_index, "status board"),
-                            }
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Disconnected) => return FrameEnd::Closing,
-                    }
+            let clock_at = look_at.filter(|_| timeout.is_some() && !timed_out);
+            let wake = clock_at.map_or(poll_at, |at| at.min(poll_at));
+            let event = match self
+                .events
+                .recv_timeout(wake.saturating_duration_since(Instant::now()))
+            {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Disconnected) => return FrameEnd::Closing,
+                Err(RecvTimeoutError::Timeout) if timed_out => {
+                    // Killed: waiting for the news of its death.
+                    poll_at = Instant::now() + REPLY_POLL;
+                    continue;
                 }
-                _ => match self.events.recv() {
-                    Ok(event) => event,
-                    Err(_) => return FrameEnd::Closing,
-                },
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = Instant::now();
+                    if done_seen.is_none()
+                        && self
+                            .worker
+                            .as_ref()
+                            .is_some_and(|w| w.board.last_done() == tag.seq)
+                    {
+                        done_seen = Some(now);
+                    }
+                    if let Some(seen) = done_seen {
+                        // The worker sent its DONE; the clock no longer runs.
+                        look_at = None;
+                        if now.duration_since(seen) >= REPLY_GRACE {
+                            return self.stray(
+                                first_index,
+                                "finished the frame but its reply never arrived: something \
+                                 else wrote on its channel (a task?)"
+                                    .into(),
+                            );
+                        }
+                        poll_at = (seen + REPLY_GRACE).min(now + REPLY_POLL);
+                        continue;
+                    }
+                    if now >= poll_at {
+                        poll_at = now + REPLY_POLL;
+                    }
+                    if let (Some(limit), Some(at)) = (timeout, clock_at)
+                        && now >= at
+                    {
+                        match self.check_clock(limit, sent_at) {
+                            Clock::Over => timed_out = true,
+                            Clock::Stuck => {
+                                timed_out = true;
+                                stuck = Some((self.worker.as_ref().map_or(0, |w| w.pid), limit));
+                            }
+                            Clock::Next(after) => look_at = Some(Instant::now() + after),
+                            Clock::Cut => return self.spoiled(first_index, "status board"),
+                        }
+                    }
+                    continue;
+                }
             };
+            if let Some((pid, limit)) = stuck {
+                // The worker was killed before any task of the frame started: whatever the
+                // board says now, no task of it is to blame (a DONE that made it still counts).
+                let len = range.len();
+                let end = match event {
+                    Event::Reply {
+                        generation: g,
+                        bytes,
+                        new_arena,
+                    } if g == generation => {
+                        // Sent just before the kill: its frame is done after all.
+                        return self.reply(bytes, new_arena, tag, in_arena, first_index);
+                    }
+                    Event::Disconnected { generation: g } if g == generation => {
+                        self.bury(first_index, len, None, true, None, tag)
+                    }
+                    Event::Exited {
+                        generation: g,
+                        status,
+                    } if g == generation => {
+                        self.bury(first_index, len, Some(status), false, None, tag)
+                    }
+                    Event::Close => {
+                        self.bury(first_index, range.len(), None, false, None, tag);
+                        return FrameEnd::Closing;
+                    }
+                    _ => continue,
+                };
+                return match end {
+                    FrameEnd::Lost { .. } | FrameEnd::Died { .. } => FrameEnd::Lost {
+                        pid,
+                        status: WorkerExit::Lost(format!(
+                            "killed: no task of its frame started within {limit:?} of its \
+                             sending (the worker was stopped, or stuck before its first task)"
+                        )),
+                    },
+                    other => other,
+                };
+            }
             match event {
                 Event::Reply {
                     generation: g,
@@ -728,7 +821,10 @@ impl Supervisor {
     /// Where the task the board shows stands against `limit`: killed if it ran past it, or
     /// when to look again (at the moment it would, so a timeout is reported within about a
     /// millisecond of the limit, and a frame of short tasks wakes about once per `limit`).
-    fn check_clock(&self, limit: Duration) -> Clock {
+    ///
+    /// A frame none of whose tasks started within `limit` (plus [`START_MARGIN`]) of `sent`
+    /// has a worker that is stopped or stuck before its first task: it is killed too.
+    fn check_clock(&self, limit: Duration, sent: Instant) -> Clock {
         let Some(worker) = &self.worker else {
             return Clock::Next(limit);
         };
@@ -737,7 +833,13 @@ impl Supervisor {
         }
         let started = worker.board.started_count();
         if started == 0 {
-            return Clock::Next(limit);
+            let waited = sent.elapsed();
+            let allowed = limit.saturating_add(START_MARGIN);
+            if waited < allowed {
+                return Clock::Next(allowed - waited);
+            }
+            worker.child.kill();
+            return Clock::Stuck;
         }
         let since = monotonic_nanos().saturating_sub(worker.board.last_start());
         if worker.board.started_count() != started {

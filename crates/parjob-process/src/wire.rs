@@ -16,8 +16,9 @@ use crate::mapping::{Watch, raw_parts};
 /// This backend's protocol version (its `Hello`, `Shipment` and `FORGET`), compared at the
 /// handshake with parjob-remote's `LAYOUT`. Bumped whenever one of them changes (4: the
 /// `Hello` carries the worker's proof of its handshake secret; 5: the worker answers frames by
-/// their tag and reports a task that overran its timeout).
-pub(crate) const PROTOCOL: u32 = 5;
+/// their tag and reports a task that overran its timeout; 6: the status board's third word, the
+/// last frame whose `DONE` was sent).
+pub(crate) const PROTOCOL: u32 = 6;
 
 /// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
 /// enter the worker loop in a process whose parent is that driver.
@@ -134,15 +135,18 @@ pub(crate) fn monotonic_nanos() -> u64 {
         .wrapping_add(now.tv_nsec as u64)
 }
 
-/// Two words of memory shared by the driver and one worker: how many tasks of the current
-/// frame have started, and (for timed frames) when the last one started. The driver reads it to
-/// name the task a crashed worker held and to time tasks from their start in the worker; it
-/// costs the worker one store per task, no message. The worker makes it and sends it in its
-/// `Hello`.
+/// Three words of memory shared by the driver and one worker: how many tasks of the current
+/// frame have started, (for timed frames) when the last one started, and the sequence number
+/// of the last frame whose `DONE` the worker sent. The driver reads it to name the task a
+/// crashed worker held, to time tasks from their start in the worker, and to notice a `DONE`
+/// that was sent but never arrived (something else wrote on the worker's channel); it costs the
+/// worker one store per task and one per frame, no message. The worker makes it and sends it in
+/// its `Hello`.
 ///
-/// Who writes what: the worker writes both words as each task starts; the driver writes the
-/// count (to 0) only before it sends a `RUN`, while the worker waits for that message. Both
-/// sides read at any time. Every access, on both sides, is atomic.
+/// Who writes what: the worker writes the first two words as each task starts, and the third
+/// right after it sends a frame's `DONE`; the driver writes the count (to 0) only before it
+/// sends a `RUN`, while the worker waits for that message. Both sides read at any time. Every
+/// access, on both sides, is atomic.
 pub(crate) struct Board {
     /// The mapping's registration with the `SIGBUS` guard (a task may cut the board's segment
     /// short); declared first so that it is dropped before the mapping.
@@ -159,7 +163,7 @@ unsafe impl Send for Board {}
 // sound as sharing it between processes.
 unsafe impl Sync for Board {}
 
-const BOARD_BYTES: usize = 2 * size_of::<u64>();
+const BOARD_BYTES: usize = 3 * size_of::<u64>();
 
 impl Board {
     /// A new, zeroed board (in the worker) and the handle to send to the driver.
@@ -191,8 +195,8 @@ impl Board {
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
-        debug_assert!(i < 2);
-        // SAFETY: `words` points to a live, aligned mapping of at least two u64 words (checked
+        debug_assert!(i < 3);
+        // SAFETY: `words` points to a live, aligned mapping of at least three u64 words (checked
         // in `from_shared`), writable (see `raw_parts`), and every process that maps it
         // accesses it only atomically, so a shared `&AtomicU64` to it is sound.
         unsafe { &*self.words.add(i) }
@@ -221,6 +225,17 @@ impl Board {
         }
         self.word(0).store(position as u64 + 1, Ordering::Release);
     }
+
+    /// Worker, right after sending the `DONE` of frame `seq` (its `FrameTag::seq`).
+    #[inline]
+    pub(crate) fn frame_done(&self, seq: u64) {
+        self.word(2).store(seq, Ordering::Release);
+    }
+
+    /// The `FrameTag::seq` of the last frame whose `DONE` the worker sent (0: none yet).
+    pub(crate) fn last_done(&self) -> u64 {
+        self.word(2).load(Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +261,11 @@ mod tests {
         worker.task_started(4, true);
         assert_eq!(driver.started_count(), 5);
         assert!(driver.last_start() > 0);
+        assert_eq!(driver.last_done(), 0);
+        worker.frame_done(7);
+        assert_eq!(driver.last_done(), 7);
         driver.reset();
         assert_eq!(worker.started_count(), 0);
+        assert_eq!(worker.last_done(), 7, "a reset leaves the last frame done");
     }
 }

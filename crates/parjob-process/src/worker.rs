@@ -55,6 +55,10 @@ pub(crate) fn in_worker_loop() -> bool {
 pub fn init() {
     // `SharedSlice`s made from now on live in shared memory.
     crate::shared::install();
+    if in_worker_loop() {
+        // Called again from a task in a worker: the worker loop already runs.
+        return;
+    }
     let Some(server) = server_name() else {
         return;
     };
@@ -285,6 +289,9 @@ fn serve(connected: Connected) -> Result<(), String> {
         results_tx
             .send(&out[..send])
             .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        // Only now: the driver takes this for "the DONE is on its way", and if it never
+        // arrives (a task wrote stray bytes on the channel), replaces this worker.
+        board.frame_done(header.tag.seq);
         if task_arena
             .as_ref()
             .is_some_and(|a| a.len() > ARENA_KEEP_MAX)
