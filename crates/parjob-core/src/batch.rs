@@ -316,31 +316,41 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
     }
 
     fn decode_outcomes(&mut self, mut bytes: &[u8]) -> usize {
-        let before = self.done();
-        while self.done() < self.len {
+        // The hot loop of a process backend's driver for tiny tasks: the room left is counted
+        // once, and a value goes straight to `values` (`push_outcome` would check again).
+        let room = self.len - self.done().min(self.len);
+        let mut taken = 0;
+        while taken < room {
             let Some((tag, payload, rest)) = read_record(bytes) else {
                 break;
             };
             bytes = rest;
+            taken += 1;
+            if tag == TAG_OK
+                && let Ok((value, _)) = codec::decode_prefix::<T::Output>(payload)
+            {
+                self.values.push(value);
+                continue;
+            }
             let index = self.next_index();
-            let outcome = match tag {
-                TAG_OK => codec::decode_prefix::<T::Output>(payload)
-                    .map(|(value, _)| value)
-                    .map_err(|message| Error::Codec {
-                        index,
-                        action: "decode",
-                        type_name: type_name::<T::Output>(),
-                        message,
-                    }),
-                TAG_PANICKED => Err(Error::TaskPanicked {
+            let error = match tag {
+                TAG_OK => Error::Codec {
+                    index,
+                    action: "decode",
+                    type_name: type_name::<T::Output>(),
+                    message: codec::decode_prefix::<T::Output>(payload)
+                        .err()
+                        .unwrap_or_default(),
+                },
+                TAG_PANICKED => Error::TaskPanicked {
                     index,
                     message: String::from_utf8_lossy(payload).into_owned(),
-                }),
-                _ => Err(codec_failure::<T>(index, payload)),
+                },
+                _ => codec_failure::<T>(index, payload),
             };
-            self.push_outcome(outcome);
+            self.push_outcome(Err(error));
         }
-        self.done() - before
+        taken
     }
 
     fn push_failure(&mut self, error: Error) {
@@ -414,21 +424,6 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
             });
             continue;
         }
-        // A user's `Deserialize` may panic: that is this task's decode error, not the worker's
-        // death.
-        let decoded = catch_task(|| codec::decode_prefix::<T::Args>(payload))
-            .unwrap_or_else(|panic| Err(format!("its Deserialize impl panicked: {panic}")));
-        let args = match decoded {
-            Ok((args, _)) => args,
-            Err(message) => {
-                write_record(out, b"", |buf, _| {
-                    buf.extend_from_slice(b"decode\0");
-                    buf.extend_from_slice(message.as_bytes());
-                    TAG_NOT_ENCODED
-                });
-                continue;
-            }
-        };
         // SAFETY: what is conjured is a value of `T::Func`. `Task` is sealed, so `T` is a
         // `Delayed<F, ..>` with `F: TaskFn`, which on stable Rust only `fn` items, closures and
         // function pointers implement (the `Fn` traits cannot be implemented by hand). This
@@ -438,29 +433,54 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
         // program may create by naming the function and which holds no bytes; `zeroed` gives
         // that value (the empty bit pattern), exactly what naming the function here would.
         let func: T::Func = unsafe { std::mem::zeroed() };
-        let outcome = catch_task(|| T::call_with(func, args));
-        write_record(out, b"result\0", |buf, start| match outcome {
-            Ok(value) => {
-                // A user's `Serialize` may panic too: this task's encode error.
-                let encoded = catch_task(|| codec::encode_into(&value, buf))
-                    .unwrap_or_else(|panic| Err(format!("its Serialize impl panicked: {panic}")));
-                drop_quietly(value);
-                match encoded {
-                    Ok(()) => TAG_OK,
-                    Err(message) => {
-                        buf.truncate(start);
-                        buf.extend_from_slice(b"result\0");
-                        buf.extend_from_slice(message.as_bytes());
-                        TAG_NOT_ENCODED
-                    }
+        write_record(out, b"result\0", |buf, start| {
+            // Decoding the arguments, the call, and encoding the result all run user code
+            // (`Deserialize`, the task, `Serialize`) that may panic: one catch for the three,
+            // with the step it reached, keeps tiny tasks at one catch each.
+            // A `Cell`: the step is read after a panic unwound out of the closure.
+            let step = std::cell::Cell::new(Step::Decode);
+            let caught = catch_task(|| {
+                let args = match codec::decode_prefix::<T::Args>(payload) {
+                    Ok((args, _)) => args,
+                    Err(message) => return Err(message),
+                };
+                step.set(Step::Call);
+                let value = T::call_with(func, args);
+                step.set(Step::Encode);
+                codec::encode_into(&value, buf)
+            });
+            let (side, message) = match (caught, step.get()) {
+                (Ok(Ok(())), _) => return TAG_OK,
+                (Ok(Err(message)), Step::Decode) => ("decode\0", message),
+                (Ok(Err(message)), _) => ("result\0", message),
+                (Err(panic), Step::Call) => {
+                    buf.truncate(start);
+                    buf.extend_from_slice(panic.as_bytes());
+                    return TAG_PANICKED;
                 }
-            }
-            Err(message) => {
-                buf.extend_from_slice(message.as_bytes());
-                TAG_PANICKED
-            }
+                (Err(panic), Step::Decode) => (
+                    "decode\0",
+                    format!("its Deserialize impl panicked: {panic}"),
+                ),
+                (Err(panic), Step::Encode) => (
+                    "result\0",
+                    format!("its Serialize impl panicked (or the value's Drop did): {panic}"),
+                ),
+            };
+            buf.truncate(start);
+            buf.extend_from_slice(side.as_bytes());
+            buf.extend_from_slice(message.as_bytes());
+            TAG_NOT_ENCODED
         });
     }
+}
+
+/// How far a task in a worker got: what a panic or an error is about.
+#[derive(Clone, Copy)]
+enum Step {
+    Decode,
+    Call,
+    Encode,
 }
 
 /// Appends one record. `fill(out, start)` appends the payload (which begins at `start`; it may
