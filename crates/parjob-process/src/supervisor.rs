@@ -605,76 +605,31 @@ impl Supervisor {
                     continue;
                 }
             };
-            if let Some((pid, limit)) = stuck {
-                // The worker was killed before any task of the frame started: whatever the
-                // board says now, no task of it is to blame (a DONE that made it still counts).
-                let len = range.len();
-                let end = match event {
-                    Event::Reply {
-                        generation: g,
-                        bytes,
-                        new_arena,
-                    } if g == generation => {
-                        // Sent just before the kill: its frame is done after all.
-                        return self.reply(bytes, new_arena, tag, in_arena, first_index);
-                    }
-                    Event::Disconnected { generation: g } if g == generation => {
-                        self.bury(first_index, len, None, true, None, tag)
-                    }
-                    Event::Exited {
-                        generation: g,
-                        status,
-                    } if g == generation => {
-                        self.bury(first_index, len, Some(status), false, None, tag)
-                    }
-                    Event::Close => {
-                        self.bury(first_index, range.len(), None, false, None, tag);
-                        return FrameEnd::Closing;
-                    }
-                    _ => continue,
-                };
-                return match end {
-                    FrameEnd::Lost { .. } | FrameEnd::Died { .. } => FrameEnd::Lost {
-                        pid,
-                        status: WorkerExit::Lost(format!(
-                            "killed: no task of its frame started within {limit:?} of its \
-                             sending (the worker was stopped, or stuck before its first task)"
-                        )),
-                    },
-                    other => other,
-                };
-            }
-            match event {
+            // A worker killed for being stuck before its first task timed no task out.
+            let timed_out_after = timeout.filter(|_| timed_out && stuck.is_none());
+            let end = match event {
                 Event::Reply {
                     generation: g,
                     bytes,
                     new_arena,
                 } if g == generation => {
+                    // Its DONE, even one sent just before a kill: the frame is done.
                     return self.reply(bytes, new_arena, tag, in_arena, first_index);
                 }
                 Event::Disconnected { generation: g } if g == generation => {
-                    return self.bury(
-                        first_index,
-                        range.len(),
-                        None,
-                        true,
-                        timeout.filter(|_| timed_out),
-                        tag,
-                    );
+                    self.bury(first_index, range.len(), None, true, timed_out_after, tag)
                 }
                 Event::Exited {
                     generation: g,
                     status,
-                } if g == generation => {
-                    return self.bury(
-                        first_index,
-                        range.len(),
-                        Some(status),
-                        false,
-                        timeout.filter(|_| timed_out),
-                        tag,
-                    );
-                }
+                } if g == generation => self.bury(
+                    first_index,
+                    range.len(),
+                    Some(status),
+                    false,
+                    timed_out_after,
+                    tag,
+                ),
                 Event::Close => {
                     if let Some(worker) = &self.worker {
                         worker.child.kill();
@@ -682,8 +637,22 @@ impl Supervisor {
                     self.bury(first_index, range.len(), None, false, None, tag);
                     return FrameEnd::Closing;
                 }
-                _ => {} // about an earlier worker of this slot
-            }
+                _ => continue, // about an earlier worker of this slot
+            };
+            return match (stuck, end) {
+                // Killed before any task of the frame started: whatever the board says now, no
+                // task of it is to blame.
+                (Some((pid, limit)), FrameEnd::Lost { .. } | FrameEnd::Died { .. }) => {
+                    FrameEnd::Lost {
+                        pid,
+                        status: WorkerExit::Lost(format!(
+                            "killed: no task of its frame started within {limit:?} of its \
+                             sending (the worker was stopped, or stuck before its first task)"
+                        )),
+                    }
+                }
+                (_, end) => end,
+            };
         }
     }
 
