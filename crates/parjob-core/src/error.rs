@@ -372,4 +372,23 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The same error about the task at `index` instead: for a layer that runs part of its
+    /// input as a run of its own (a cache that runs only the calls it has not stored) and
+    /// reports failures by the position in the whole input. An error about no task is
+    /// returned unchanged.
+    pub fn with_task_index(mut self, new_index: usize) -> Error {
+        match &mut self {
+            Error::TaskPanicked { index, .. }
+            | Error::WorkerCrashed { index, .. }
+            | Error::Timeout { index, .. }
+            | Error::Codec { index, .. }
+            | Error::Cancelled { index }
+            | Error::Abandoned { index }
+            | Error::ResultTaken { index }
+            | Error::WaitTimedOut { index, .. } => *index = new_index,
+            _ => {}
+        }
+        self
+    }
 }

@@ -31,6 +31,9 @@
 //!   `processes`, `loky`, `multiprocessing`: worker processes, Linux, the `process` feature;
 //!   see [`init`] and [`enable_test_support!`]).
 //! - [`Error`]: every failure, naming the task (`task 7 panicked: ...`).
+//! - [`Memory`] (the `memory` feature): joblib's disk cache in an SQLite file;
+//!   `parallel.memory(&memory).run(tasks)` runs only the tasks it has no stored result for,
+//!   so a killed run resumes where it stopped.
 //! - [`cpu_count`], [`effective_n_jobs`], [`worker_info`].
 //!
 //! A task function is a plain `fn` item (closures work on threads, not in worker processes), whose arguments
@@ -41,10 +44,16 @@
 #![deny(missing_docs)]
 
 mod executor;
+/// Cached results and resumable runs: [`Memory`] and [`Parallel::memory`] (the `memory`
+/// feature, on by default).
+#[cfg(feature = "memory")]
+pub mod memory;
 mod parallel;
 mod process;
 
 pub use executor::{Executor, Shutdown};
+#[cfg(feature = "memory")]
+pub use memory::{Memory, MemoryError};
 pub use parallel::Parallel;
 pub use parjob_core::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,

@@ -1,0 +1,1011 @@
+//! [`Memory`]: the handle users hold, the in-memory index of stored keys, and the thread that
+//! writes results to the file in batches.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parjob_core::Task;
+use parjob_core::codec;
+use rusqlite::Connection;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+use crate::store::{self, ChunkData, Fetched, FnMeta};
+
+/// Results wait at most this long in memory before they are written.
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// A chunk is written as soon as it holds this many results...
+const FLUSH_ENTRIES: usize = 65_536;
+/// ... or this many bytes.
+const FLUSH_BYTES: usize = 8 << 20;
+/// Chunks read back and kept in memory for the next hits, at most.
+const CHUNK_CACHE: usize = 16;
+
+/// Tag byte of a stored result.
+const TAG_VALUE: u8 = 0;
+/// Tag byte of a stored failure (`cache_errors`): the failure's text follows.
+const TAG_FAILURE: u8 = 1;
+
+/// What to do with a stored result that no longer decodes as the function's result type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnDecodeError {
+    /// Fail that task with [`Error::Decode`], which names the function and the fix (the
+    /// default: a type change without a version bump is a mistake worth hearing about).
+    #[default]
+    Fail,
+    /// Run the task again and store its new result in place of the old one.
+    Recompute,
+}
+
+/// What a cache holds and how this handle used it, from [`Memory::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Results stored in the file (every function, every process), failures included.
+    pub entries: u64,
+    /// Bytes they take in the file: keys, offsets and records (SQLite's own pages aside).
+    pub bytes: u64,
+    /// Chunks they are stored in (one per function per flush).
+    pub chunks: u64,
+    /// Calls this `Memory` (and its clones) answered from the cache since it was opened.
+    pub hits: u64,
+    /// Calls this `Memory` had to run since it was opened.
+    pub misses: u64,
+    /// Stored chunks that failed their checksum when read back; their results were run again.
+    pub corrupt_chunks: u64,
+    /// Results that could not be encoded for storing (they were returned, not cached).
+    pub not_stored: u64,
+}
+
+/// A disk cache of task results, joblib's `Memory`, in one SQLite file.
+///
+/// Open it once with [`Memory::open`] and use it for single calls ([`Memory::call`]) or for
+/// whole runs (`parallel.memory(&memory).run(tasks)` in the `parjob` crate): a call whose
+/// function, version and arguments were stored before returns the stored result without
+/// running; the others run and their results are stored as they complete. A run that was
+/// killed resumes where it stopped: see docs/MEMORY.md for what a key is made of, what
+/// invalidates an entry and what a crash can lose.
+///
+/// `Memory` is a cheap handle: clones share the file, the index and the writer. Results are
+/// written by a background thread in batches (at most every 50 ms, or every 65536 results);
+/// [`flush`](Memory::flush) writes what is pending and reports a failure to write. Dropping
+/// the last clone writes what is pending too.
+///
+/// ```
+/// use parjob::{delayed, Memory};
+///
+/// fn slow_square(x: u64) -> u64 { x * x }
+///
+/// # fn main() -> Result<(), parjob::MemoryError> {
+/// let dir = tempfile::tempdir().expect("a temporary folder");
+/// let memory = Memory::open(dir.path().join("cache.sqlite"))?;
+/// assert_eq!(memory.call(delayed(slow_square, 12))?, 144); // runs
+/// assert_eq!(memory.call(delayed(slow_square, 12))?, 144); // from the cache
+/// assert_eq!((memory.stats()?.hits, memory.stats()?.misses), (1, 1));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Memory {
+    handle: Arc<Handle>,
+    version: Arc<str>,
+    function_versions: Arc<HashMap<&'static str, String>>,
+    cache_errors: bool,
+    on_decode_error: OnDecodeError,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("path", &self.handle.inner.path)
+            .field("version", &self.version)
+            .field("function_versions", &self.function_versions)
+            .field("cache_errors", &self.cache_errors)
+            .field("on_decode_error", &self.on_decode_error)
+            .finish()
+    }
+}
+
+/// Owns the writer thread: the last clone of a `Memory` stops it after a final write.
+struct Handle {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.inner.state).stop = true;
+        self.inner.wake.notify_all();
+        if let Some(thread) = lock(&self.writer).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What every clone shares.
+pub(crate) struct Inner {
+    path: PathBuf,
+    /// Lookups and index loads.
+    read: Mutex<Connection>,
+    /// Writes: held by the writer for a whole flush, and by `clear`.
+    write: Mutex<Connection>,
+    state: Mutex<State>,
+    /// Wakes the writer.
+    wake: Condvar,
+    /// Wakes those waiting in `flush`.
+    flushed: Condvar,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    corrupt: AtomicU64,
+    not_stored: AtomicU64,
+}
+
+/// A 128-bit slice of a key, used as is as its own hash (keys are BLAKE3 output).
+type ShortKey = u128;
+
+/// Hashes a [`ShortKey`] by taking its low 64 bits: they are already uniformly random.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+/// Where a stored result is: a chunk (its id when written, or the negative number of a chunk
+/// still in memory) and its position there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    chunk: i64,
+    pos: u32,
+}
+
+/// Results of one function and version not yet handed to the writer.
+#[derive(Default)]
+struct Builder {
+    keys: Vec<[u8; 32]>,
+    data: ChunkData,
+}
+
+/// The index of one function and version: every key this process knows to be stored.
+struct FnIndex {
+    meta: FnMeta,
+    map: HashMap<ShortKey, Loc, BuildHasherDefault<KeyHasher>>,
+    /// Chunks of the file up to this id are in `map`.
+    loaded_up_to: i64,
+    /// Chunks above `loaded_up_to` that this process wrote (already in `map`).
+    own: BTreeSet<i64>,
+    builder: Builder,
+    /// The (negative) number `map` knows the builder's results by.
+    builder_chunk: i64,
+}
+
+/// A chunk handed to the writer and not yet written.
+struct Flushing {
+    fn_key: [u8; 32],
+    meta: FnMeta,
+    chunk: i64,
+    keys: Vec<[u8; 32]>,
+    data: Arc<ChunkData>,
+}
+
+#[derive(Default)]
+struct State {
+    functions: HashMap<[u8; 32], FnIndex>,
+    next_chunk: i64,
+    pending_entries: usize,
+    pending_bytes: usize,
+    first_pending: Option<Instant>,
+    /// Chunks being written, by their negative number: lookups still find their results.
+    in_flight: HashMap<i64, Arc<ChunkData>>,
+    /// Chunks read back, most recent last.
+    cache: Vec<(i64, Arc<ChunkData>)>,
+    /// Chunks found deleted (evicted or cleared elsewhere) or corrupt.
+    gone: HashSet<i64>,
+    /// Chunks hit since the last flush, for least-recently-used eviction.
+    touched: HashSet<i64>,
+    last_touched: i64,
+    bytes_limit: Option<u64>,
+    flush_requested: u64,
+    flushed: u64,
+    error: Option<Error>,
+    stop: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere while it was held; every state it guards is
+    // left consistent between statements that can panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a lookup found.
+pub(crate) enum Lookup<R> {
+    /// The stored result.
+    Hit(R),
+    /// A stored failure (`cache_errors`) or a result that does not decode.
+    Failed(Error),
+    /// Nothing usable: run the task.
+    Miss,
+}
+
+/// The record a key points to.
+enum Record {
+    Shared(Arc<ChunkData>, usize),
+    Owned(Vec<u8>),
+}
+
+/// Which function a run or a call is about, and its key prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Function {
+    pub(crate) meta: FnMeta,
+}
+
+impl Function {
+    /// The key of a call with `args`: BLAKE3 keyed by the function's key, over the codec's
+    /// bytes of the arguments. `scratch` is reused between calls.
+    pub(crate) fn key_of<A: Serialize>(
+        &self,
+        args: &A,
+        scratch: &mut Vec<u8>,
+        index: usize,
+    ) -> Result<[u8; 32], Error> {
+        scratch.clear();
+        codec::encode_into(args, scratch).map_err(|message| Error::Key {
+            index,
+            function: self.meta.name,
+            message,
+        })?;
+        Ok(*blake3::keyed_hash(&self.meta.key, scratch).as_bytes())
+    }
+}
+
+fn short(key: &[u8; 32]) -> ShortKey {
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&key[..16]);
+    u128::from_le_bytes(bytes)
+}
+
+impl Memory {
+    /// Opens the cache file at `path`, creating it (and not its folder) if needed.
+    ///
+    /// Several processes may open the same file at once: SQLite's locking lets them read
+    /// together and write one at a time (a writer waits up to 60 s for another).
+    ///
+    /// # Errors
+    /// [`Error::Open`] when the file cannot be opened or made, is not an SQLite database, or
+    /// was made by an incompatible version of parjob.
+    pub fn open(path: impl AsRef<Path>) -> Result<Memory, Error> {
+        let path = path.as_ref().to_path_buf();
+        let write = store::open(&path)?;
+        let read = store::open(&path)?;
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            read: Mutex::new(read),
+            write: Mutex::new(write),
+            state: Mutex::new(State {
+                next_chunk: -1,
+                ..State::default()
+            }),
+            wake: Condvar::new(),
+            flushed: Condvar::new(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            not_stored: AtomicU64::new(0),
+        });
+        let writer = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("parjob-memory-writer".into())
+                .spawn(move || inner.writer_loop())
+                .map_err(|e| Error::Open {
+                    path: path.clone(),
+                    source: rusqlite::Error::InvalidParameterName(format!(
+                        "cannot start the writer thread: {e}"
+                    )),
+                })?
+        };
+        Ok(Memory {
+            handle: Arc::new(Handle {
+                inner,
+                writer: Mutex::new(Some(writer)),
+            }),
+            version: Arc::from(""),
+            function_versions: Arc::new(HashMap::new()),
+            cache_errors: false,
+            on_decode_error: OnDecodeError::Fail,
+        })
+    }
+
+    /// The cache file's path.
+    pub fn path(&self) -> &Path {
+        &self.handle.inner.path
+    }
+
+    /// Sets the version every function's key is made with (default: empty). joblib hashes a
+    /// function's source to notice that it changed; Rust cannot, so bump this when a
+    /// function's results would change: results stored under another version are no longer
+    /// found (they stay in the file until cleared or evicted).
+    pub fn version(mut self, version: impl Into<String>) -> Memory {
+        self.version = Arc::from(version.into());
+        self
+    }
+
+    /// Sets the version of one function's keys, in place of [`version`](Memory::version).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), parjob::MemoryError> {
+    /// fn score(x: u64) -> u64 { x + 1 }
+    /// # let dir = tempfile::tempdir().expect("a temporary folder");
+    /// let memory = parjob::Memory::open(dir.path().join("c.sqlite"))?.function_version(score, "2");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn function_version<F: Copy + 'static>(
+        mut self,
+        _function: F,
+        version: impl Into<String>,
+    ) -> Memory {
+        Arc::make_mut(&mut self.function_versions)
+            .insert(std::any::type_name::<F>(), version.into());
+        self
+    }
+
+    /// Whether a task's failure (a panic, a timeout, a crashed worker) is stored too, and
+    /// returned as [`Error::CachedFailure`] by later calls instead of running the task again.
+    /// Off by default: a failure is often the machine's, not the task's.
+    pub fn cache_errors(mut self, enabled: bool) -> Memory {
+        self.cache_errors = enabled;
+        self
+    }
+
+    /// What a stored result that no longer decodes does: fail (the default) or run again.
+    pub fn on_decode_error(mut self, policy: OnDecodeError) -> Memory {
+        self.on_decode_error = policy;
+        self
+    }
+
+    /// Keeps the stored results at most `bytes` (joblib's `bytes_limit`), by deleting the
+    /// least recently used ones after each write; `None` (the default) keeps everything.
+    /// Results are evicted a chunk at a time (those written together), so the cache may
+    /// fall below the limit by up to one chunk. The limit is shared by every clone.
+    pub fn bytes_limit(self, bytes: Option<u64>) -> Memory {
+        lock(&self.handle.inner.state).bytes_limit = bytes;
+        self
+    }
+
+    /// Writes every pending result to the file now, and waits until it is written.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if a write failed since the last `flush` (its results were not
+    /// stored, and will run again next time).
+    pub fn flush(&self) -> Result<(), Error> {
+        let inner = &self.handle.inner;
+        let mut state = lock(&inner.state);
+        state.flush_requested += 1;
+        let want = state.flush_requested;
+        inner.wake.notify_all();
+        while state.flushed < want && !state.stop {
+            state = inner
+                .flushed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        match state.error.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes every stored result, of every function, from the file (and those not yet
+    /// written). Hit and miss counts are kept.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the file cannot be written.
+    pub fn clear(&self) -> Result<(), Error> {
+        let inner = &self.handle.inner;
+        let conn = lock(&inner.write);
+        store::clear_all(&conn).map_err(|e| Error::store(&inner.path, "clear the cache", e))?;
+        let mut state = lock(&inner.state);
+        let names: Vec<[u8; 32]> = state.functions.keys().copied().collect();
+        for key in names {
+            inner.forget_function(&mut state, &key);
+        }
+        state.cache.clear();
+        Ok(())
+    }
+
+    /// Deletes the stored results of `function`, every version of it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), parjob::MemoryError> {
+    /// fn score(x: u64) -> u64 { x + 1 }
+    /// # let dir = tempfile::tempdir().expect("a temporary folder");
+    /// let memory = parjob::Memory::open(dir.path().join("c.sqlite"))?;
+    /// memory.call(parjob::delayed(score, 1))?;
+    /// memory.clear_function(score)?;
+    /// assert_eq!(memory.stats()?.entries, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the file cannot be written.
+    pub fn clear_function<F: Copy + 'static>(&self, _function: F) -> Result<(), Error> {
+        let name = std::any::type_name::<F>();
+        let inner = &self.handle.inner;
+        let conn = lock(&inner.write);
+        store::clear_function(&conn, name)
+            .map_err(|e| Error::store(&inner.path, format!("clear the results of {name}"), e))?;
+        let mut state = lock(&inner.state);
+        let keys: Vec<[u8; 32]> = state
+            .functions
+            .iter()
+            .filter(|(_, f)| f.meta.name == name)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            inner.forget_function(&mut state, &key);
+        }
+        state.cache.clear();
+        Ok(())
+    }
+
+    /// What the file holds (after writing what is pending) and how this handle used it.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if pending results cannot be written or the file cannot be read.
+    pub fn stats(&self) -> Result<Stats, Error> {
+        self.flush()?;
+        let inner = &self.handle.inner;
+        let (entries, bytes, chunks) = store::totals(&lock(&inner.read))
+            .map_err(|e| Error::store(&inner.path, "count the stored results", e))?;
+        Ok(Stats {
+            entries,
+            bytes,
+            chunks,
+            hits: inner.hits.load(Ordering::Relaxed),
+            misses: inner.misses.load(Ordering::Relaxed),
+            corrupt_chunks: inner.corrupt.load(Ordering::Relaxed),
+            not_stored: inner.not_stored.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Runs `task` on the calling thread, or returns its stored result: joblib's
+    /// `memory.cache(f)(x)`. The result is stored before this returns (it is written to the
+    /// file within 50 ms, or by [`flush`](Memory::flush)).
+    ///
+    /// # Errors
+    /// The task's panic as [`Error::Task`] (not stored unless
+    /// [`cache_errors`](Memory::cache_errors)), a stored failure, a stored result that does not
+    /// decode ([`Error::Decode`]), or a function that is not a `fn` item.
+    pub fn call<T: Task>(&self, task: T) -> Result<T::Output, Error> {
+        let function = self.function::<T>()?;
+        self.refresh(&function)?;
+        let mut scratch = Vec::new();
+        let key = function.key_of(task.args(), &mut scratch, 0)?;
+        match self.lookup::<T::Output>(&function, &key, 0) {
+            Lookup::Hit(value) => return Ok(value),
+            Lookup::Failed(error) => return Err(error),
+            Lookup::Miss => {}
+        }
+        match parjob_core::catch_task(|| task.call()) {
+            Ok(value) => {
+                self.store(&function, key, Ok(&value));
+                Ok(value)
+            }
+            Err(message) => {
+                let error = parjob_core::Error::task_panicked(0, message);
+                self.store_failure::<T::Output>(&function, key, &error);
+                Err(Error::Task(error))
+            }
+        }
+    }
+
+    /// The function of tasks of type `T`, with its version and key prefix.
+    pub(crate) fn function<T: Task>(&self) -> Result<Function, Error> {
+        let name = std::any::type_name::<T::Func>();
+        if std::mem::size_of::<T::Func>() != 0
+            || name.contains("{{closure}}")
+            || name.starts_with("fn(")
+            || name.starts_with("fn<")
+            || name.contains(" fn(")
+        {
+            return Err(Error::NotAFunctionItem { function: name });
+        }
+        let version = self
+            .function_versions
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.version.to_string());
+        let args_type = std::any::type_name::<T::Args>();
+        let output_type = std::any::type_name::<T::Output>();
+        let mut hasher = blake3::Hasher::new();
+        for part in [
+            "parjob-memory key 1",
+            name,
+            args_type,
+            output_type,
+            version.as_str(),
+        ] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        Ok(Function {
+            meta: FnMeta {
+                key: *hasher.finalize().as_bytes(),
+                name,
+                version,
+                args_type,
+                output_type,
+            },
+        })
+    }
+
+    /// Loads into the index the keys other processes (or earlier runs) stored for `function`
+    /// since the last refresh.
+    pub(crate) fn refresh(&self, function: &Function) -> Result<(), Error> {
+        let inner = &self.handle.inner;
+        let meta = &function.meta;
+        let (after, own) = {
+            let mut state = lock(&inner.state);
+            let index = inner.index_of(&mut state, meta);
+            (index.loaded_up_to, index.own.clone())
+        };
+        let read_error =
+            |e| Error::store(&inner.path, format!("read the keys of {}", meta.name), e);
+        let mut loaded: Vec<(i64, Vec<u8>)> = Vec::new();
+        let mut last = after;
+        {
+            let conn = lock(&inner.read);
+            let Some(id) = store::find_function(&conn, &meta.key).map_err(read_error)? else {
+                return Ok(());
+            };
+            for chunk in store::chunk_ids_after(&conn, id, after).map_err(read_error)? {
+                last = last.max(chunk);
+                if own.contains(&chunk) {
+                    continue;
+                }
+                if let Some(keys) = store::chunk_keys(&conn, chunk).map_err(read_error)? {
+                    loaded.push((chunk, keys));
+                }
+            }
+        }
+        let mut state = lock(&inner.state);
+        let index = inner.index_of(&mut state, meta);
+        for (chunk, keys) in loaded {
+            for (pos, key) in keys.chunks_exact(32).enumerate() {
+                let mut full = [0u8; 32];
+                full.copy_from_slice(key);
+                let loc = Loc {
+                    chunk,
+                    pos: pos as u32,
+                };
+                index
+                    .map
+                    .entry(short(&full))
+                    .and_modify(|old| {
+                        // A result not yet written is this process's newest: keep it.
+                        if old.chunk > 0 {
+                            *old = loc;
+                        }
+                    })
+                    .or_insert(loc);
+            }
+        }
+        index.loaded_up_to = index.loaded_up_to.max(last);
+        let up_to = index.loaded_up_to;
+        index.own.retain(|&c| c > up_to);
+        Ok(())
+    }
+
+    /// The stored result of `key`, if there is a usable one. Counts a hit or a miss.
+    pub(crate) fn lookup<R: DeserializeOwned>(
+        &self,
+        function: &Function,
+        key: &[u8; 32],
+        index: usize,
+    ) -> Lookup<R> {
+        let inner = &self.handle.inner;
+        let found = inner.record(&function.meta.key, key);
+        let lookup = match found {
+            None => Lookup::Miss,
+            Some(record) => {
+                let bytes = match &record {
+                    Record::Shared(chunk, pos) => chunk.record(*pos),
+                    Record::Owned(bytes) => Some(bytes.as_slice()),
+                };
+                self.decode(function, bytes, index)
+            }
+        };
+        let counter = match lookup {
+            Lookup::Miss => &inner.misses,
+            _ => &inner.hits,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        lookup
+    }
+
+    fn decode<R: DeserializeOwned>(
+        &self,
+        function: &Function,
+        record: Option<&[u8]>,
+        index: usize,
+    ) -> Lookup<R> {
+        let decode_error = |message: String| match self.on_decode_error {
+            OnDecodeError::Recompute => Lookup::Miss,
+            _ => Lookup::Failed(Error::Decode {
+                index,
+                function: function.meta.name,
+                version: function.meta.version.clone(),
+                type_name: function.meta.output_type,
+                message,
+            }),
+        };
+        match record {
+            Some([TAG_VALUE, value @ ..]) => match codec::decode_prefix::<R>(value) {
+                Ok((value, used)) if used == value_len(record) => Lookup::Hit(value),
+                Ok(_) => decode_error("bytes are left over after the value".into()),
+                Err(message) => decode_error(message),
+            },
+            Some([TAG_FAILURE, text @ ..]) if self.cache_errors => {
+                Lookup::Failed(Error::CachedFailure {
+                    index,
+                    function: function.meta.name,
+                    message: String::from_utf8_lossy(text).into_owned(),
+                })
+            }
+            Some([TAG_FAILURE, ..]) => Lookup::Miss,
+            _ => decode_error("the stored record is empty or of an unknown kind".into()),
+        }
+    }
+
+    /// Stores a task's result (or the text of its failure) under `key`: it is found by
+    /// lookups at once, and written with the next flush.
+    pub(crate) fn store<R: Serialize>(
+        &self,
+        function: &Function,
+        key: [u8; 32],
+        outcome: Result<&R, &str>,
+    ) {
+        let inner = &self.handle.inner;
+        let mut state = lock(&inner.state);
+        let index = inner.index_of(&mut state, &function.meta);
+        let builder = &mut index.builder;
+        let start = builder.data.records.len();
+        let encoded = match outcome {
+            Ok(value) => {
+                builder.data.records.push(TAG_VALUE);
+                codec::encode_into(value, &mut builder.data.records)
+            }
+            Err(text) => {
+                builder.data.records.push(TAG_FAILURE);
+                builder.data.records.extend_from_slice(text.as_bytes());
+                Ok(())
+            }
+        };
+        let end = u32::try_from(builder.data.records.len()).ok();
+        let (Ok(()), Some(end)) = (encoded, end) else {
+            builder.data.records.truncate(start);
+            inner.not_stored.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let pos = builder.keys.len() as u32;
+        builder.keys.push(key);
+        builder.data.ends.push(end);
+        let loc = Loc {
+            chunk: index.builder_chunk,
+            pos,
+        };
+        index.map.insert(short(&key), loc);
+        let added = builder.data.records.len() - start + 36;
+        state.pending_entries += 1;
+        state.pending_bytes += added;
+        let first = state.first_pending.is_none();
+        if first {
+            // The writer sleeps until something is pending: wake it to time the flush.
+            state.first_pending = Some(Instant::now());
+        }
+        if first || state.pending_entries >= FLUSH_ENTRIES || state.pending_bytes >= FLUSH_BYTES {
+            inner.wake.notify_all();
+        }
+    }
+
+    /// Stores a task's failure when failures are cached and it is the task's own (a panic,
+    /// a timeout, a crashed worker), not the run's (a cancellation).
+    pub(crate) fn store_failure<R: Serialize>(
+        &self,
+        function: &Function,
+        key: [u8; 32],
+        error: &parjob_core::Error,
+    ) {
+        let own = matches!(
+            error,
+            parjob_core::Error::TaskPanicked { .. }
+                | parjob_core::Error::Timeout { .. }
+                | parjob_core::Error::WorkerCrashed { .. }
+        );
+        if self.cache_errors && own {
+            self.store::<R>(function, key, Err(&error.to_string()));
+        }
+    }
+}
+
+/// The length of a record's value, after its tag byte.
+fn value_len(record: Option<&[u8]>) -> usize {
+    record.map_or(0, |r| r.len().saturating_sub(1))
+}
+
+impl Inner {
+    /// The index of `meta`'s function, made empty if this process has not seen it.
+    fn index_of<'s>(&self, state: &'s mut State, meta: &FnMeta) -> &'s mut FnIndex {
+        let next = &mut state.next_chunk;
+        state.functions.entry(meta.key).or_insert_with(|| {
+            let chunk = *next;
+            *next -= 1;
+            FnIndex {
+                meta: meta.clone(),
+                map: HashMap::default(),
+                loaded_up_to: 0,
+                own: BTreeSet::new(),
+                builder: Builder::default(),
+                builder_chunk: chunk,
+            }
+        })
+    }
+
+    /// Drops what this process knows of a function's results, pending ones included.
+    fn forget_function(&self, state: &mut State, key: &[u8; 32]) {
+        let Some(index) = state.functions.get_mut(key) else {
+            return;
+        };
+        index.map.clear();
+        index.own.clear();
+        let dropped = index.builder.keys.len();
+        let bytes = index.builder.data.records.len() + 36 * dropped;
+        index.builder = Builder::default();
+        state.pending_entries = state.pending_entries.saturating_sub(dropped);
+        state.pending_bytes = state.pending_bytes.saturating_sub(bytes);
+    }
+
+    /// The record `key` points to, reading its chunk from the file if needed.
+    fn record(&self, fn_key: &[u8; 32], key: &[u8; 32]) -> Option<Record> {
+        let chunk = {
+            let mut state = lock(&self.state);
+            let index = state.functions.get(fn_key)?;
+            let loc = *index.map.get(&short(key))?;
+            if loc.chunk == index.builder_chunk {
+                let pos = loc.pos as usize;
+                return index
+                    .builder
+                    .data
+                    .record(pos)
+                    .map(|r| Record::Owned(r.to_vec()));
+            }
+            if loc.chunk < 0 {
+                return state
+                    .in_flight
+                    .get(&loc.chunk)
+                    .map(|c| Record::Shared(Arc::clone(c), loc.pos as usize));
+            }
+            if state.gone.contains(&loc.chunk) {
+                return None;
+            }
+            if state.last_touched != loc.chunk {
+                state.last_touched = loc.chunk;
+                state.touched.insert(loc.chunk);
+            }
+            if let Some(at) = state.cache.iter().rposition(|(id, _)| *id == loc.chunk) {
+                return Some(Record::Shared(
+                    Arc::clone(&state.cache[at].1),
+                    loc.pos as usize,
+                ));
+            }
+            loc
+        };
+        let fetched = store::fetch_chunk(&lock(&self.read), chunk.chunk);
+        let mut state = lock(&self.state);
+        match fetched {
+            Ok(Fetched::Chunk(data)) => {
+                let data = Arc::new(data);
+                if state.cache.len() >= CHUNK_CACHE {
+                    state.cache.remove(0);
+                }
+                state.cache.push((chunk.chunk, Arc::clone(&data)));
+                Some(Record::Shared(data, chunk.pos as usize))
+            }
+            Ok(Fetched::Corrupt) => {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                state.gone.insert(chunk.chunk);
+                None
+            }
+            // Gone, or unreadable now: run the task rather than fail it.
+            Ok(Fetched::Gone) | Err(_) => {
+                state.gone.insert(chunk.chunk);
+                None
+            }
+        }
+    }
+
+    /// The writer thread: writes pending results every `FLUSH_INTERVAL`, when enough are
+    /// pending, or when asked; a final time when the last `Memory` is dropped.
+    fn writer_loop(&self) {
+        loop {
+            let stop = {
+                let mut state = lock(&self.state);
+                loop {
+                    let due = state
+                        .first_pending
+                        .is_some_and(|t| t.elapsed() >= FLUSH_INTERVAL);
+                    let big = state.pending_entries >= FLUSH_ENTRIES
+                        || state.pending_bytes >= FLUSH_BYTES;
+                    let asked = state.flush_requested > state.flushed;
+                    if state.stop || due || big || asked {
+                        break;
+                    }
+                    let wait = match state.first_pending {
+                        Some(t) => FLUSH_INTERVAL.saturating_sub(t.elapsed()),
+                        // Touched chunks are written now and then even when nothing else is.
+                        None if !state.touched.is_empty() => FLUSH_INTERVAL * 20,
+                        None => Duration::from_secs(3600),
+                    };
+                    let (next, timeout) = self
+                        .wake
+                        .wait_timeout(state, wait.max(Duration::from_millis(1)))
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    if timeout.timed_out()
+                        && !state.touched.is_empty()
+                        && state.first_pending.is_none()
+                    {
+                        break;
+                    }
+                }
+                state.stop
+            };
+            self.flush_now();
+            if stop {
+                let mut state = lock(&self.state);
+                state.flushed = state.flush_requested;
+                self.flushed.notify_all();
+                return;
+            }
+        }
+    }
+
+    /// Writes every pending chunk, and the touched marks, in one transaction.
+    fn flush_now(&self) {
+        let conn = lock(&self.write);
+        let (jobs, touched, target, limit) = {
+            let mut state = lock(&self.state);
+            let mut jobs = Vec::new();
+            let mut next = state.next_chunk;
+            let mut in_flight = Vec::new();
+            for (fn_key, index) in state.functions.iter_mut() {
+                if index.builder.keys.is_empty() {
+                    continue;
+                }
+                let builder = std::mem::take(&mut index.builder);
+                let data = Arc::new(builder.data);
+                in_flight.push((index.builder_chunk, Arc::clone(&data)));
+                jobs.push(Flushing {
+                    fn_key: *fn_key,
+                    meta: index.meta.clone(),
+                    chunk: index.builder_chunk,
+                    keys: builder.keys,
+                    data,
+                });
+                index.builder_chunk = next;
+                next -= 1;
+            }
+            state.next_chunk = next;
+            state.in_flight.extend(in_flight);
+            state.pending_entries = 0;
+            state.pending_bytes = 0;
+            state.first_pending = None;
+            state.last_touched = 0;
+            let touched: Vec<i64> = state.touched.drain().collect();
+            (jobs, touched, state.flush_requested, state.bytes_limit)
+        };
+        let written = if jobs.is_empty() && touched.is_empty() {
+            Ok((Vec::new(), Vec::new()))
+        } else {
+            write_chunks(&conn, &jobs, &touched, limit)
+        };
+        drop(conn);
+        let mut state = lock(&self.state);
+        match written {
+            Ok((ids, evicted)) => {
+                for (job, id) in jobs.iter().zip(ids) {
+                    if let Some(index) = state.functions.get_mut(&job.fn_key) {
+                        index.own.insert(id);
+                        for (pos, key) in job.keys.iter().enumerate() {
+                            let old = Loc {
+                                chunk: job.chunk,
+                                pos: pos as u32,
+                            };
+                            if let Some(loc) = index.map.get_mut(&short(key))
+                                && *loc == old
+                            {
+                                *loc = Loc {
+                                    chunk: id,
+                                    pos: pos as u32,
+                                };
+                            }
+                        }
+                    }
+                    if state.cache.len() >= CHUNK_CACHE {
+                        state.cache.remove(0);
+                    }
+                    state.cache.push((id, Arc::clone(&job.data)));
+                }
+                for id in evicted {
+                    state.gone.insert(id);
+                    state.cache.retain(|(c, _)| *c != id);
+                }
+            }
+            Err(source) => {
+                let lost: usize = jobs.iter().map(|j| j.keys.len()).sum();
+                for job in &jobs {
+                    if let Some(index) = state.functions.get_mut(&job.fn_key) {
+                        index.map.retain(|_, loc| loc.chunk != job.chunk);
+                    }
+                }
+                state.error = Some(Error::store(
+                    &self.path,
+                    format!("store {lost} results (they will run again next time)"),
+                    source,
+                ));
+            }
+        }
+        for job in &jobs {
+            state.in_flight.remove(&job.chunk);
+        }
+        state.flushed = state.flushed.max(target);
+        self.flushed.notify_all();
+    }
+}
+
+/// One transaction: the chunks, the touched marks, then eviction down to `limit`. Returns
+/// the new chunks' ids and the evicted ones'.
+fn write_chunks(
+    conn: &Connection,
+    jobs: &[Flushing],
+    touched: &[i64],
+    limit: Option<u64>,
+) -> rusqlite::Result<(Vec<i64>, Vec<i64>)> {
+    let tx = store::immediate(conn)?;
+    let now = store::now_ms();
+    let mut ids = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let function = store::function_id(&tx, &job.meta)?;
+        ids.push(store::insert_chunk(
+            &tx, function, &job.keys, &job.data, now,
+        )?);
+    }
+    store::touch(&tx, touched, now)?;
+    let evicted = match limit {
+        Some(limit) => store::evict(&tx, limit)?,
+        None => Vec::new(),
+    };
+    tx.commit()?;
+    Ok((ids, evicted))
+}
