@@ -21,3 +21,5 @@ mod process;
 mod handshake;
 // Process faults: supervisor panics, failed restarts, forks, cut memory, random kills, 64 fds.
 mod faults;
+// Memory: stored results in runs, keys, versions, failures, eviction, SIGKILL-resume, two drivers.
+mod memory;
