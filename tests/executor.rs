@@ -500,6 +500,51 @@ fn dropping_a_daemon_executor_does_not_wait() {
     assert_eq!(future.result(), Ok(id));
 }
 
+fn where_daemon_runs(_: ()) -> (Option<String>, Option<usize>, Option<String>) {
+    let info = parjob::worker_info();
+    (
+        info.backend.map(|b| b.to_string()),
+        info.worker,
+        info.thread_name,
+    )
+}
+
+#[test]
+fn a_sequential_daemon_executor_runs_tasks_one_by_one_on_a_background_thread() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Sequential).daemon(true);
+    // An endless task (until the gate opens): `submit` returns while it runs.
+    let endless = executor.submit(delayed(gated, id));
+    gate.wait_until(|s| s.started == 1);
+    let next = executor.submit(delayed(square, 3));
+    let place = executor.submit(delayed(where_daemon_runs, ()));
+    assert!(!endless.is_done());
+    assert!(
+        !next.is_done(),
+        "tasks run one after another, as on sequential"
+    );
+    drop(executor);
+    gate.open();
+    assert_eq!(endless.result(), Ok(id));
+    assert_eq!(next.result(), Ok(9));
+    assert_eq!(
+        place.result(),
+        Ok((
+            Some("sequential".to_string()),
+            Some(0),
+            Some("parjob-daemon".to_string())
+        ))
+    );
+}
+
+#[test]
+fn a_sequential_executor_that_is_not_a_daemon_still_runs_tasks_in_submit() {
+    let executor = Executor::new(1).backend(Backend::Sequential);
+    let future = executor.submit(delayed(square, 4));
+    assert!(future.is_done());
+    assert_eq!(future.result(), Ok(16));
+}
+
 #[test]
 fn an_invalid_n_jobs_is_reported_through_the_future() {
     let future = Executor::new(0)

@@ -13,6 +13,10 @@ mod failures;
 mod threading;
 // delayed(): arities, closures; verbose lines.
 mod api;
+// Initializers and per-worker state on every backend.
+mod worker_state;
+// run_local: tasks that borrow, on threading and sequential; an error elsewhere.
+mod local;
 // Executor: submit, Future (result, timeout, cancel, error), map, as_completed, wait, shutdown.
 mod executor;
 // Process backend: crashes, timeouts, codec errors, no orphans, worker lifecycle.

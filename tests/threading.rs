@@ -1,8 +1,9 @@
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use parjob::{Backend, Parallel, delayed, worker_info};
+use parjob::{Backend, BatchSize, Error, Parallel, delayed, worker_info};
 
 fn where_am_i(_: u32) -> (Option<usize>, Option<String>, u32) {
     std::thread::sleep(Duration::from_millis(2));
@@ -97,4 +98,152 @@ fn a_task_may_run_its_own_parallel() {
         .run((1..5u64).map(|n| delayed(nested, n)))
         .unwrap();
     assert_eq!(out, [1, 3, 6, 10]);
+}
+
+/// Tasks that wait for one another: each arrives, then waits until `n` have arrived.
+struct Gathering {
+    arrived: Mutex<usize>,
+    all_here: Condvar,
+}
+
+impl Gathering {
+    const fn new() -> Self {
+        Gathering {
+            arrived: Mutex::new(0),
+            all_here: Condvar::new(),
+        }
+    }
+
+    /// Arrives and waits (blocked, for at most a minute) until `n` tasks have: whether they
+    /// all did, so ran at once, and the worker this one ran on.
+    fn meet(&self, n: usize) -> (bool, Option<usize>) {
+        let mut arrived = self.arrived.lock().unwrap();
+        *arrived += 1;
+        self.all_here.notify_all();
+        let (arrived, _) = self
+            .all_here
+            .wait_timeout_while(arrived, Duration::from_secs(60), |a| *a < n)
+            .unwrap();
+        (*arrived >= n, worker_info().worker)
+    }
+}
+
+static THOUSAND: Gathering = Gathering::new();
+
+fn gather_1000(_: u32) -> (bool, Option<usize>) {
+    THOUSAND.meet(1000)
+}
+
+#[test]
+fn a_thousand_waiting_tasks_wait_at_once_on_n_jobs_1000() {
+    let out = Parallel::new(1000)
+        .backend(Backend::Threading)
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..1000u32).map(|i| delayed(gather_1000, i)))
+        .unwrap();
+    assert!(out.iter().all(|(met, _)| *met), "not all 1000 ran at once");
+    let workers: HashSet<usize> = out.iter().filter_map(|(_, w)| *w).collect();
+    assert_eq!(workers.len(), 1000);
+    assert!(workers.iter().all(|&w| w < 1000));
+}
+
+/// The process's threads whose name starts with `prefix` (Linux: `/proc/self/task`).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task lists this process's threads")
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// This process's CPU time so far, in clock ticks (user + system, `/proc/self/stat`).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat is readable");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat
+        .rfind(')')
+        .expect("stat has the command in parentheses")
+        + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat, so 11 and 12 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[ignore = "run in a child process by a_big_idle_pool_starts_only_the_threads_it_needs_and_uses_no_cpu"]
+fn big_idle_pool_child() {
+    let parallel = Parallel::new(5000).backend(Backend::Threading);
+    let out = parallel
+        .run((0..4u32).map(|i| delayed(where_am_i, i)))
+        .unwrap();
+    assert!(out.iter().all(|(w, _, _)| w.is_some_and(|w| w < 4)));
+    let started = threads_named("parjob-worker");
+    assert!(
+        (1..=4).contains(&started),
+        "a pool of 5000 that ran 4 tasks started {started} threads"
+    );
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks() - before;
+    // Clock ticks are 10 ms on Linux: an idle pool's threads are parked and spend none.
+    assert!(
+        spent <= 5,
+        "an idle pool of 5000 spent {spent} ticks of CPU in 1 s"
+    );
+    drop(parallel);
+}
+
+#[test]
+fn a_big_idle_pool_starts_only_the_threads_it_needs_and_uses_no_cpu() {
+    parjob_tests::run_child_test("threading::big_idle_pool_child", &[]);
+}
+
+/// Set at the end of the test whose tasks wait for it, so that they end.
+static RELEASE_HUNG: AtomicBool = AtomicBool::new(false);
+/// Tasks of `hang_until_released` still running.
+static HUNG: AtomicUsize = AtomicUsize::new(0);
+
+fn hang_until_released(_: u32) -> u32 {
+    HUNG.fetch_add(1, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !RELEASE_HUNG.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    HUNG.fetch_sub(1, Ordering::SeqCst);
+    0
+}
+
+static AFTER_TIMEOUT: Gathering = Gathering::new();
+
+/// Whether two of these ran at once, on which worker, and how many hung tasks still ran then.
+fn meet_two(_: u32) -> (bool, Option<usize>, usize) {
+    let (met, worker) = AFTER_TIMEOUT.meet(2);
+    (met, worker, HUNG.load(Ordering::SeqCst))
+}
+
+#[test]
+fn a_timed_out_thread_is_replaced_so_the_next_run_gets_every_worker() {
+    let parallel = Parallel::new(2)
+        .backend(Backend::Threading)
+        .timeout(Duration::from_millis(100));
+    let error = parallel
+        .run((0..2u32).map(|i| delayed(hang_until_released, i)))
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error}");
+    // Both threads still run their abandoned tasks. The same pool (a longer limit keeps it)
+    // must run two tasks at once: they wait for each other.
+    let parallel = parallel.timeout(Duration::from_secs(120));
+    let out = parallel
+        .run((0..2u32).map(|i| delayed(meet_two, i)))
+        .unwrap();
+    RELEASE_HUNG.store(true, Ordering::SeqCst);
+    assert!(
+        out.iter().all(|&(met, _, hung)| met && hung == 2),
+        "the two tasks did not run at once beside the two abandoned ones: {out:?}"
+    );
+    // The replacements took over the indices of the threads they replaced.
+    assert!(
+        out.iter().all(|(_, w, _)| w.is_some_and(|w| w < 2)),
+        "{out:?}"
+    );
 }

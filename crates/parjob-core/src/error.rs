@@ -181,6 +181,17 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A task asked for its worker's state ([`with_worker_state`](crate::with_worker_state))
+    /// and there is none of that type.
+    #[error("no worker state of type {wanted} on this worker: {why}")]
+    #[non_exhaustive]
+    NoWorkerState {
+        /// The type the task asked for.
+        wanted: &'static str,
+        /// Why there is none: no initializer set one, it is of another type, or it is in use.
+        why: String,
+    },
+
     /// A `Future`'s result was asked for again after an earlier call took it.
     #[error("the result of task {index} was already taken from its future")]
     #[non_exhaustive]

@@ -33,6 +33,7 @@ mod dispatch;
 mod env;
 mod error;
 mod future;
+mod local;
 mod n_jobs;
 mod pool;
 #[cfg(test)]
@@ -42,6 +43,7 @@ mod progress;
 mod shared;
 mod task;
 mod worker;
+mod worker_state;
 
 pub use backend::Backend;
 pub use batch::{ErasedBatch, RemoteEntry};
@@ -52,6 +54,7 @@ pub use error::{Error, IoCause, WorkerExit};
 pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };
+pub use local::{LocalTask, LocalWork, run_local};
 pub use n_jobs::{MAX_PROCESSES, MAX_THREADS, check_worker_limit, cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
@@ -61,3 +64,6 @@ pub use shared::{
 };
 pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
 pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};
+pub use worker_state::{
+    WorkerInit, WorkerState, set_worker_state, swap_worker_state, with_worker_state,
+};

@@ -182,6 +182,16 @@ impl Job {
         self.complete(began.elapsed());
     }
 
+    /// Completes the job without running it: every task without an outcome fails with
+    /// `error` (e.g. a worker whose initializer failed).
+    pub fn fail(mut self, error: &crate::Error) {
+        let batch = self.batch_mut();
+        while batch.outcomes_len() < batch.len() {
+            batch.push_failure(error.clone());
+        }
+        self.complete(Duration::ZERO);
+    }
+
     /// Reports the job done, `busy` being how long its tasks ran (it steers auto batching).
     /// Tasks left without an outcome count as cancelled.
     pub fn complete(mut self, busy: Duration) {

@@ -20,6 +20,15 @@ pub enum Spread<const N: usize> {}
 /// run in worker processes): a one-parameter function takes its argument
 /// whole (`delayed(square, 3)`), a function of `N` parameters takes an `N`-tuple spread over
 /// them (`delayed(add, (1, 2))`). `Marker` only tells the two apart; it is inferred.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be called by `delayed` with `{Args}`",
+    label = "not a function of these arguments that `delayed` can call",
+    note = "`delayed(f, x)` calls `f(x)`, `delayed(f, (a, b))` calls `f(a, b)` (up to 8 \
+            parameters), `delayed(f, ())` calls `f()`; `f` is a `fn` item, or a closure that \
+            captures only `Copy` values (`Copy + Send + Sync + 'static`)",
+    note = "to capture borrowed or non-`Copy` data, use a closure task with \
+            `Parallel::run_local` (`move || f(&data)`) on threads"
+)]
 pub trait TaskFn<Args, Marker>: Copy + Send + Sync + 'static {
     /// What the function returns.
     type Output;
@@ -78,6 +87,16 @@ mod sealed {
 /// Sealed: [`delayed`] makes every task. That is what lets a worker process call the function
 /// without receiving it: its type is one [`TaskFn`] accepts (a `fn` item, a closure, or a
 /// function pointer), and only the zero-sized ones run in another process.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a parjob task: make one with `delayed(f, args)`, whose arguments \
+               and result are owned serde types",
+    label = "`run`, `run_iter`, `run_unordered` and `submit` need owned, serde arguments and result",
+    note = "a task's arguments and result are `Serialize + DeserializeOwned + Send + 'static`, so \
+            that every backend, worker processes included, can run it",
+    note = "to pass borrowed data (`&[T]`, `&str`) or return a value that is not serde \
+            (`Box<dyn Error>`, `Arc<T>`), use `Parallel::run_local` on threads; or own the data \
+            (`chunk.to_vec()`), or share a big array as a `parjob::SharedSlice`"
+)]
 pub trait Task: Send + 'static + sealed::Sealed {
     /// The function type: a `fn` item for the process backend; any `Copy` function for the
     /// others.
@@ -155,6 +174,17 @@ where
         func,
         args,
         marker: PhantomData,
+    }
+}
+
+impl<F, A, M> Delayed<F, A, M> {
+    /// Calls the function on the arguments, whatever their types (`run_local`).
+    #[inline]
+    pub(crate) fn call_local(self) -> F::Output
+    where
+        F: TaskFn<A, M>,
+    {
+        self.func.call_with(self.args)
     }
 }
 

@@ -6,9 +6,10 @@
 //! submitted so that shutting down can wait for it or cancel it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Pool, RunIter, Task};
+use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Job, Pool, RunIter, Task};
 
 use crate::Parallel;
 
@@ -29,7 +30,8 @@ pub enum Shutdown {
 /// `n_jobs`, [`backend`](Executor::backend) and `PARJOB_BACKEND` / `PARJOB_N_JOBS` work as
 /// for [`Parallel`], whose pool machinery the executor shares. The workers start with the
 /// first task, and the environment is read then. On the sequential backend,
-/// [`submit`](Executor::submit) runs the task before it returns.
+/// [`submit`](Executor::submit) runs the task before it returns, except on a
+/// [`daemon`](Executor::daemon) executor (see there).
 ///
 /// Dropping an executor is [`shutdown(Shutdown::Wait)`](Executor::shutdown), like leaving a
 /// Python `with` block, unless it is a [`daemon`](Executor::daemon).
@@ -121,6 +123,11 @@ impl Executor {
     /// Makes the workers daemon-like: dropping the executor does not wait for running tasks
     /// (they stop when the program ends; with the process backend, the workers are killed).
     /// [`shutdown`](Executor::shutdown) still waits when called explicitly.
+    ///
+    /// On the sequential backend (and a custom pool that runs jobs on the calling thread), a
+    /// daemon executor runs its tasks one after another on one background thread of its own,
+    /// named `parjob-daemon`, so that `submit` returns at once: daemon work is typically a
+    /// loop that never ends, which `submit` would otherwise run inline, for ever.
     pub fn daemon(mut self, daemon: bool) -> Executor {
         self.daemon = daemon;
         self
@@ -147,10 +154,21 @@ impl Executor {
         self
     }
 
-    /// Process backend: run `f` once in every new worker (see [`Parallel::initializer`];
-    /// Python's `ProcessPoolExecutor(initializer=...)`).
+    /// Runs `f` once on every worker before its first task, on every backend (see
+    /// [`Parallel::initializer`]; Python's `initializer=`).
     pub fn initializer(mut self, f: fn()) -> Executor {
         self.parallel = self.take_parallel().initializer(f);
+        self
+    }
+
+    /// Runs `f(args.clone())` once on every worker (see [`Parallel::initializer_with`];
+    /// Python's `initializer=` with `initargs=`).
+    pub fn initializer_with<A: Clone + Send + Sync + 'static>(
+        mut self,
+        f: fn(A),
+        args: A,
+    ) -> Executor {
+        self.parallel = self.take_parallel().initializer_with(f, args);
         self
     }
 
@@ -200,6 +218,10 @@ impl Executor {
         let pool = match &state.pool {
             Some(pool) => Arc::clone(pool),
             None => match self.parallel.pool() {
+                Ok(pool) if self.daemon && pool.runs_on_calling_thread() => {
+                    let background: Arc<dyn Pool> = Arc::new(OnBackgroundThread::new(pool));
+                    Arc::clone(state.pool.insert(background))
+                }
                 Ok(pool) => Arc::clone(state.pool.insert(pool)),
                 Err(error) => return Future::failed(index, error),
             },
@@ -275,5 +297,61 @@ impl Drop for Executor {
         } else {
             self.shutdown(Shutdown::Wait);
         }
+    }
+}
+
+/// A daemon executor's pool when its backend runs jobs on the calling thread: it hands every
+/// job to one background thread, started with the first, which submits it there. Jobs run in
+/// submission order, one at a time, as they would on the calling thread.
+struct OnBackgroundThread {
+    inner: Arc<dyn Pool>,
+    /// The background thread's queue; `None` before the first job, or if it could not start.
+    jobs: Mutex<Option<Sender<Job>>>,
+}
+
+impl OnBackgroundThread {
+    fn new(inner: Arc<dyn Pool>) -> Self {
+        OnBackgroundThread {
+            inner,
+            jobs: Mutex::new(None),
+        }
+    }
+}
+
+impl Pool for OnBackgroundThread {
+    fn workers(&self) -> usize {
+        1
+    }
+
+    fn submit(&self, job: Job) {
+        // The lock only guards the sender: no task runs under it.
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if jobs.is_none() {
+            let (sender, receiver) = mpsc::channel::<Job>();
+            let inner = Arc::clone(&self.inner);
+            let started = std::thread::Builder::new()
+                .name("parjob-daemon".into())
+                .spawn(move || {
+                    for job in receiver {
+                        inner.submit(job);
+                    }
+                });
+            if started.is_ok() {
+                *jobs = Some(sender);
+            }
+        }
+        // Without a thread the job is dropped here, which completes it as cancelled: a daemon
+        // task must not run inline and block its caller for ever.
+        if let Some(sender) = jobs.as_ref() {
+            let _ = sender.send(job);
+        }
+    }
+
+    fn default_pre_dispatch(&self) -> usize {
+        1
+    }
+
+    fn verbose_name(&self) -> &'static str {
+        self.inner.verbose_name()
     }
 }

@@ -50,6 +50,7 @@ mod executor;
 pub mod memory;
 mod parallel;
 mod process;
+mod sequential;
 
 pub use executor::{Executor, Shutdown};
 #[cfg(feature = "memory")]
@@ -63,6 +64,7 @@ pub use parjob_core::{
     SharedSlice, Spread, Task, TaskFn, Whole, WorkerExit, WorkerInfo, cpu_count, delayed,
     effective_n_jobs, worker_info,
 };
+pub use parjob_core::{LocalTask, set_worker_state, with_worker_state};
 
 /// The extension point for a backend of your own: implement [`Pool`](pool::Pool) and hand it
 /// to [`Parallel::with_pool`].

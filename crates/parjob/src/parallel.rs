@@ -4,13 +4,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use parjob_core::{
-    Backend, BatchSize, Error, Pool, RunIter, RunOptions, RunUnordered, SequentialPool, Task,
-    backend_from_env, check_worker_limit, n_jobs_from_env, resolve_workers,
+    Backend, BatchSize, Error, LocalTask, LocalWork, Pool, RunIter, RunOptions, RunUnordered,
+    SequentialPool, Task, WorkerInit, backend_from_env, check_worker_limit, n_jobs_from_env,
+    resolve_workers,
 };
 
 use parjob_core::ProcessOptions;
 
 use crate::process::start_process_pool;
+use crate::sequential::InitializedSequential;
 
 /// Runs many tasks in parallel, joblib's `Parallel(n_jobs, backend=...)`.
 ///
@@ -37,6 +39,8 @@ pub struct Parallel {
     backend: Option<Backend>,
     options: RunOptions,
     pub(crate) process: ProcessOptions,
+    /// `initializer_with`'s function and arguments (threads and sequential only, for now).
+    pub(crate) init_with: Option<WorkerInit>,
     /// A pool the user supplied ([`Parallel::with_pool`]): used instead of any backend.
     custom_pool: Option<CustomPool>,
     pool: Mutex<Option<CachedPool>>,
@@ -58,7 +62,34 @@ struct CachedPool {
     backend: Backend,
     workers: usize,
     process: ProcessOptions,
+    init_with: Option<WorkerInit>,
     pool: Arc<dyn Pool>,
+    /// How `run_local` reaches the same workers, on in-process backends.
+    local: Option<Arc<dyn LocalPool>>,
+}
+
+/// A pool, and how `run_local` reaches its workers when they are in this process.
+type Pools = (Arc<dyn Pool>, Option<Arc<dyn LocalPool>>);
+
+/// An in-process pool that can run `run_local`'s borrowing work on its workers.
+pub(crate) trait LocalPool: Send + Sync {
+    /// Runs or drops `work`, on a worker (or the calling thread, for sequential).
+    fn spawn_local(&self, work: LocalWork);
+}
+
+#[cfg(feature = "threading")]
+impl LocalPool for parjob_threading::ThreadPool {
+    fn spawn_local(&self, work: LocalWork) {
+        self.spawn(work);
+    }
+}
+
+impl LocalPool for SequentialPool {
+    fn spawn_local(&self, work: LocalWork) {
+        let previous = parjob_core::set_worker_identity(Some((Backend::Sequential, 0)));
+        work(Ok(()));
+        parjob_core::set_worker_identity(previous);
+    }
 }
 
 impl std::fmt::Debug for CachedPool {
@@ -99,6 +130,7 @@ impl Parallel {
                 ..RunOptions::default()
             },
             process: ProcessOptions::default(),
+            init_with: None,
             custom_pool: None,
             pool: Mutex::new(None),
         }
@@ -220,6 +252,11 @@ impl Parallel {
     /// The pool for the current configuration, started on first use and kept. `Executor`
     /// shares it.
     pub(crate) fn pool(&self) -> Result<Arc<dyn Pool>, Error> {
+        self.pools().map(|(pool, _)| pool)
+    }
+
+    /// The pool, and how `run_local` reaches its workers when they are in this process.
+    fn pools(&self) -> Result<Pools, Error> {
         if self.options.timeout == Some(Duration::ZERO) {
             // Every task runs longer than no time at all: say so once, the same on every
             // backend, rather than fail every task (or, polled, let the quick ones pass).
@@ -229,7 +266,7 @@ impl Parallel {
             ));
         }
         if let Some(CustomPool(pool)) = &self.custom_pool {
-            return Ok(Arc::clone(pool));
+            return Ok((Arc::clone(pool), None));
         }
         let backend = self.effective_backend()?;
         // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
@@ -248,22 +285,26 @@ impl Parallel {
         // A poisoned lock only means another run panicked while holding it; the cache is
         // still a valid Option.
         let mut cached = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = cached
-            .as_ref()
-            .filter(|c| c.backend == backend && c.workers == workers && c.process == self.process)
-        {
-            return Ok(Arc::clone(&c.pool));
+        if let Some(c) = cached.as_ref().filter(|c| {
+            c.backend == backend
+                && c.workers == workers
+                && c.process == self.process
+                && c.init_with == self.init_with
+        }) {
+            return Ok((Arc::clone(&c.pool), c.local.clone()));
         }
         // Drop the old pool first: its workers must not outlive the cache entry.
         *cached = None;
-        let pool = start_pool(backend, workers, &self.process)?;
+        let (pool, local) = start_pool(backend, workers, &self.process, self.init_with.as_ref())?;
         *cached = Some(CachedPool {
             backend,
             workers,
             process: self.process.clone(),
+            init_with: self.init_with.clone(),
             pool: Arc::clone(&pool),
+            local: local.clone(),
         });
-        Ok(pool)
+        Ok((pool, local))
     }
 
     /// Runs every task and returns the results in input order.
@@ -311,23 +352,110 @@ impl Parallel {
             Err(error) => RunUnordered::failed(error),
         }
     }
+
+    /// Runs tasks that borrow local data, on the threading and sequential backends, and
+    /// returns their results in input order: rayon's `par_iter` idiom, and the scoped
+    /// counterpart of [`run`](Parallel::run).
+    ///
+    /// A task is a closure `move || f(x)` or a `delayed(f, x)` whose arguments may be
+    /// references (`&[u64]`, `&str`, `&MyStruct`) and whose result is any `Send` type
+    /// (`Box<dyn Error + Send>`, `Arc<T>`, a reference into the input): nothing is encoded,
+    /// since nothing leaves this process. `run_local` returns only when every task it started
+    /// has ended, which is what lets them borrow.
+    ///
+    /// ```
+    /// use parjob::{Parallel, delayed};
+    ///
+    /// fn total(chunk: &[u64]) -> u64 { chunk.iter().sum() }
+    ///
+    /// let data: Vec<u64> = (1..=1000).collect();
+    /// let parallel = Parallel::new(4);
+    /// let sums = parallel.run_local(data.chunks(100).map(|c| delayed(total, c)))?;
+    /// assert_eq!(sums.iter().sum::<u64>(), 500_500);
+    /// // Closures may capture references too, and return what they like.
+    /// let longest = parallel.run_local(data.chunks(250).map(|c| move || c.iter().max()))?;
+    /// assert_eq!(longest[3], Some(&1000));
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    ///
+    /// Batching, `pre_dispatch`, the first-failure rule, initializers and worker state work
+    /// as for `run`, on the same workers. A `.timeout` is reported once the task returns
+    /// ([`Error::Timeout`]): a task that borrows cannot be left running.
+    ///
+    /// # Errors
+    /// The first task failure, as for [`run`](Parallel::run), or an invalid configuration.
+    /// On the process backend, and on a pool of your own ([`with_pool`](Parallel::with_pool)),
+    /// [`Error::InvalidConfig`]: another process cannot reach this one's memory; send owned
+    /// data with `run`, or share a big array as a [`SharedSlice`](crate::SharedSlice).
+    pub fn run_local<'env, I, T>(&self, tasks: I) -> Result<Vec<T::Output>, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: LocalTask + 'env,
+    {
+        let (pool, local) = self.pools()?;
+        let Some(local) = local else {
+            let place = match self.custom_pool {
+                Some(_) => "a pool of your own (`with_pool`)".to_string(),
+                None => format!("the {} backend", self.effective_backend()?),
+            };
+            return Err(Error::InvalidConfig(format!(
+                "run_local runs tasks that borrow this process's memory, so only on the \
+                 threading and sequential backends, not on {place}: use `run` with owned \
+                 arguments, or a `SharedSlice` for a big array"
+            )));
+        };
+        let spawn = |work: LocalWork| local.spawn_local(work);
+        // SAFETY: both `LocalPool`s call or drop every work they are given: the sequential
+        // ones call it before `spawn_local` returns; the thread pool queues it, and a queued
+        // work is run by a thread, failed (called with an error) if no thread can start, or
+        // run by the threads that drain the queue after the pool is dropped; `pool` keeps the
+        // pool alive here in any case.
+        let out = unsafe { parjob_core::run_local(&spawn, pool.workers(), tasks, &self.options) };
+        drop(pool);
+        out
+    }
+}
+
+/// Both handles on one in-process pool.
+fn in_process<P: Pool + LocalPool + 'static>(pool: P) -> Pools {
+    let pool = Arc::new(pool);
+    (
+        Arc::clone(&pool) as Arc<dyn Pool>,
+        Some(pool as Arc<dyn LocalPool>),
+    )
 }
 
 fn start_pool(
     backend: Backend,
     workers: usize,
     process: &ProcessOptions,
-) -> Result<Arc<dyn Pool>, Error> {
+    init_with: Option<&WorkerInit>,
+) -> Result<Pools, Error> {
+    // In this process an initializer is a closure like any other, with or without arguments.
+    let init = init_with
+        .cloned()
+        .or_else(|| process.initializer.map(|f| WorkerInit::new(f.0)));
     match backend {
-        Backend::Sequential => Ok(Arc::new(SequentialPool)),
+        Backend::Sequential => Ok(match init {
+            Some(init) => in_process(InitializedSequential::new(init)),
+            None => in_process(SequentialPool),
+        }),
         #[cfg(feature = "threading")]
-        Backend::Threading => Ok(Arc::new(parjob_threading::ThreadPool::new(workers)?)),
+        Backend::Threading => Ok(in_process(parjob_threading::ThreadPool::with_initializer(
+            workers, init,
+        )?)),
         #[cfg(not(feature = "threading"))]
         Backend::Threading => Err(Error::backend_unavailable(
             backend,
             "parjob was built without its `threading` feature",
         )),
-        Backend::Process => start_process_pool(workers, process),
+        Backend::Process if init_with.is_some() => Err(Error::InvalidConfig(
+            "initializer arguments (`initializer_with`) do not reach worker processes yet: on \
+             the process backend use `.initializer(f)` with an `fn()` that reads its settings \
+             itself (a `static`, a file, the environment)"
+                .into(),
+        )),
+        Backend::Process => Ok((start_process_pool(workers, process)?, None)),
         other => Err(Error::backend_unavailable(
             other,
             "not built in this version of parjob",

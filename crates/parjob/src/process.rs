@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use parjob_core::{Initializer, ProcessOptions};
+use parjob_core::{Initializer, ProcessOptions, WorkerInit};
 
 use crate::Parallel;
 
@@ -31,7 +31,8 @@ pub(crate) fn start_process_pool(
     ))
 }
 
-/// Process-backend settings; the other backends ignore them.
+/// Worker settings: the initializers, on every backend; the rest are the process backend's,
+/// which the other backends ignore.
 impl Parallel {
     /// Run workers from this executable instead of re-running the current one. It must be the
     /// same build of the same program (a copy, or the same file under another path) and call
@@ -42,11 +43,56 @@ impl Parallel {
         self
     }
 
-    /// Runs `f` once in every new worker process, before its first task (a replacement worker
-    /// after a crash or recycling runs it too). A panicking initializer makes the run fail
-    /// with [`Error::Worker`](crate::Error::Worker) carrying the panic message.
+    /// Runs `f` once on every worker before its first task, on every backend: once in each
+    /// worker process (a replacement after a crash or recycling too), once on each thread of
+    /// the threading backend (threads are started as work arrives, and a thread replacing
+    /// one abandoned after a timeout runs it too; Python's `ThreadPoolExecutor(initializer=)`),
+    /// and once on the sequential backend, before its first task. `f` typically sets up
+    /// per-worker state with [`set_worker_state`](crate::set_worker_state), which that
+    /// worker's tasks reach with [`with_worker_state`](crate::with_worker_state).
+    ///
+    /// A panicking initializer fails the tasks of that worker with
+    /// [`Error::Worker`](crate::Error::Worker) carrying the panic message (on processes, the
+    /// run fails with it).
     pub fn initializer(mut self, f: fn()) -> Parallel {
         self.process.initializer = Some(Initializer(f));
+        self.init_with = None;
+        self
+    }
+
+    /// [`initializer`](Parallel::initializer) with arguments: runs `f(args.clone())` once on
+    /// every worker (Python's `initargs`). It replaces an earlier `initializer`, and the other
+    /// way round.
+    ///
+    /// On the threading and sequential backends only, for now: the process backend refuses it
+    /// with [`Error::InvalidConfig`](crate::Error::InvalidConfig) when the pool starts (a
+    /// worker process would need the arguments sent to it), so there an `fn()` initializer
+    /// reads its settings itself.
+    ///
+    /// ```
+    /// struct Greeting(String);
+    ///
+    /// fn set_greeting(word: String) {
+    ///     parjob::set_worker_state(Greeting(word));
+    /// }
+    ///
+    /// fn greet(name: String) -> String {
+    ///     parjob::with_worker_state(|g: &mut Greeting| format!("{} {name}", g.0)).expect("set up")
+    /// }
+    ///
+    /// let out = parjob::Parallel::new(2)
+    ///     .initializer_with(set_greeting, "hello".to_string())
+    ///     .run(["ann", "bob"].map(|n| parjob::delayed(greet, n.to_string())))?;
+    /// assert_eq!(out, ["hello ann", "hello bob"]);
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    pub fn initializer_with<A: Clone + Send + Sync + 'static>(
+        mut self,
+        f: fn(A),
+        args: A,
+    ) -> Parallel {
+        self.init_with = Some(WorkerInit::with_args(f, args));
+        self.process.initializer = None;
         self
     }
 

@@ -21,6 +21,18 @@ pub const LOOP: &str = "sequential loop";
 pub const SLEEP_TASKS: u64 = 100;
 /// `sleep_io`: milliseconds each task sleeps.
 pub const SLEEP_MS: u64 = 10;
+/// `sleep_io` at this `n_jobs` and above: one task per worker, `n_jobs` tasks in all (the
+/// I/O-sized pool of DESIGN's section 7).
+pub const SLEEP_WIDE: u64 = 1000;
+
+/// `sleep_io`: how many tasks a run at `n_jobs` has.
+pub fn sleep_tasks(n_jobs: u64) -> u64 {
+    if n_jobs >= SLEEP_WIDE {
+        n_jobs
+    } else {
+        SLEEP_TASKS
+    }
+}
 /// `first_result`: milliseconds each task sleeps.
 pub const FIRST_RESULT_MS: u64 = 100;
 
@@ -73,7 +85,7 @@ pub fn reference_for(m: &Measurement) -> Reference {
         "cpu_halves" => row("n_jobs=1", LOOP),
         "sleep_io" => match n_jobs_of(&m.variant) {
             Some(n) => {
-                let waves = SLEEP_TASKS.div_ceil(n);
+                let waves = sleep_tasks(n).div_ceil(n);
                 let seconds = (waves * SLEEP_MS) as f64 / 1000.0;
                 Reference::Ideal {
                     label: format!("ideal {} ms", waves * SLEEP_MS),
@@ -152,6 +164,7 @@ pub fn target_for(m: &Measurement) -> Option<Target> {
         ("tiny", _) if process => Some(Target::RateAtLeast(3e7)),
         ("cpu_halves", "n_jobs=2") if threading || process => Some(Target::RatioAtLeast(1.9)),
         ("sleep_io", "n_jobs=100") if threading => Some(Target::SecondsAtMost(0.012)),
+        ("sleep_io", "n_jobs=1000") if threading => Some(Target::SecondsAtMost(0.050)),
         ("startup", "fresh pool") if process => Some(Target::SecondsAtMost(0.005)),
         ("startup", "warm pool") if process => Some(Target::SecondsAtMost(0.0002)),
         // "2 GB/s the first time, 5 GB/s when the same shared data is reused": shared data,
