@@ -399,19 +399,25 @@ fn cut_segments(pid: u32, keep: impl Fn(i64) -> bool) -> usize {
     cut
 }
 
-/// Cuts the worker's status board (its own 24-byte segment).
+/// The size of a status board's segment: three 64-bit words.
+const BOARD_BYTES: i64 = 24;
+
+/// Cuts the worker's status board (a 24-byte segment its driver made).
 fn cut_my_board(_: u32) -> usize {
-    cut_segments(std::process::id(), |size| size == 24)
+    cut_segments(std::os::unix::process::parent_id(), |size| {
+        size == BOARD_BYTES
+    })
 }
 
-/// Cuts the segments the driver made: the task arena its big argument came in.
+/// Cuts the task arena its big argument came in (a segment the driver made, bigger than the
+/// board).
 fn cut_task_arena((driver, _big): (u32, Vec<u8>)) -> usize {
-    cut_segments(driver, |size| size > 0)
+    cut_segments(driver, |size| size > BOARD_BYTES)
 }
 
 /// Cuts the `SharedSlice` segment it was sent.
 fn cut_shared_slice((driver, _slice): (u32, SharedSlice<f64>)) -> usize {
-    cut_segments(driver, |size| size > 0)
+    cut_segments(driver, |size| size > BOARD_BYTES)
 }
 
 fn square(x: u64) -> u64 {
@@ -454,6 +460,82 @@ fn child_cuts_the_board() {
         .collect();
     assert!(results.iter().all(Result::is_err), "{results:?}");
     check_next_run(&parallel);
+}
+
+/// Writes, on every socket of its worker, what would make a reader that trusts lengths
+/// allocate 64 TiB: the length prefix of parjob's line, ipc-channel's first-fragment size, each
+/// with a descriptor attached. Returns how many sockets it wrote on.
+fn forge_on_every_socket(_: u32) -> usize {
+    let memfd = std::fs::File::open("/proc/self/exe").unwrap();
+    let mut forged = (1u64 << 46).to_le_bytes().to_vec();
+    forged.extend([0xff; 56]);
+    let mut written = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: sendmsg on a descriptor of this process with valid buffers; a control
+        // buffer of one SCM_RIGHTS message built with the CMSG macros.
+        unsafe {
+            let mut iov = libc::iovec {
+                iov_base: forged.as_mut_ptr().cast(),
+                iov_len: forged.len(),
+            };
+            let space = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut message: libc::msghdr = std::mem::zeroed();
+            message.msg_iov = &mut iov;
+            message.msg_iovlen = 1;
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = space as _;
+            let header = libc::CMSG_FIRSTHDR(&message);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+            let passed = std::os::fd::AsRawFd::as_raw_fd(&memfd);
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), passed);
+            if libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) > 0 {
+                written += 1;
+            }
+        }
+    }
+    written
+}
+
+#[test]
+fn a_task_that_forges_huge_messages_on_its_workers_sockets_fails_and_the_driver_survives() {
+    run_child_test("faults::child_forges_on_sockets", &[]);
+}
+
+#[test]
+#[ignore = "run by a_task_that_forges_huge_messages_on_its_workers_sockets_fails_and_the_driver_survives"]
+fn child_forges_on_sockets() {
+    // Before the fix, the driver's receive of the worker's results (ipc-channel's) believed
+    // the forged size and aborted this process on a 64 TiB allocation.
+    let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+    check_next_run(&parallel);
+    let results: Vec<_> = within(HUNG, move || {
+        let out = parallel
+            .run_iter((0..2).map(|i| delayed(forge_on_every_socket, i)))
+            .collect::<Vec<_>>();
+        check_next_run(&parallel);
+        out
+    });
+    for result in &results {
+        let Err(err @ Error::Worker { .. }) = result else {
+            panic!("{results:?}");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("over the limit") && text.contains("replaced"),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -597,11 +679,11 @@ fn a_task_that_overruns_its_timeout_by_a_little_is_a_timeout() {
     });
 }
 
-/// Runs `ms` milliseconds while stamping the status board (its worker's own 24-byte segment)
+/// Runs `ms` milliseconds while stamping the status board (the 24-byte segment its driver made)
 /// with "a task started now" every millisecond, so that the driver's clock never sees it
 /// overrun: only the worker's own measure of it can.
 fn hides_from_the_clock(ms: u64) -> u64 {
-    let me = std::process::id();
+    let driver = std::os::unix::process::parent_id();
     let mut board = None;
     for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
@@ -615,8 +697,8 @@ fn hides_from_the_clock(ms: u64) -> u64 {
             (libc::fstat(fd, &mut stat) == 0).then_some(stat.st_size)
         };
         if target.contains("ipc-channel-shared-memory")
-            && target.contains(&format!(".{me}."))
-            && size == Some(24)
+            && target.contains(&format!(".{driver}."))
+            && size == Some(BOARD_BYTES)
         {
             board = Some(fd);
         }
@@ -926,7 +1008,7 @@ fn a_driver_killed_at_random_points_leaves_no_worker_behind() {
 
 /// Live processes whose environment names `driver` as their parjob driver.
 fn workers_of(driver: u32) -> Vec<u32> {
-    let marker = format!("PARJOB_PROCESS_SERVER={driver}:");
+    let marker = format!("PARJOB_PROCESS_DRIVER={driver}");
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -937,7 +1019,7 @@ fn workers_of(driver: u32) -> Vec<u32> {
         };
         let named = environ
             .split(|&b| b == 0)
-            .any(|var| var.starts_with(marker.as_bytes()));
+            .any(|var| var == marker.as_bytes());
         if named && alive(pid) {
             out.push(pid);
         }

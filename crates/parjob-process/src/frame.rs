@@ -11,7 +11,6 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use ipc_channel::ipc::{IpcSender, IpcSharedMemory};
 use parjob_core::{ErasedBatch, collect_shared};
 use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
@@ -70,8 +69,8 @@ pub(crate) fn finish_run(
             None => false,
         };
         if !written {
-            let arena = Arena::from_bytes(frame);
-            shipments.push(Planned::Ready(Shipment::Arena(arena.handle())));
+            let (arena, handle) = Arena::from_bytes(frame);
+            shipments.push(Planned::Ready(Shipment::Arena(handle)));
             worker.task_arena = (len <= ARENA_KEEP_MAX).then_some(arena);
         }
     }
@@ -188,11 +187,12 @@ pub(crate) fn task_frame<'a>(
 }
 
 /// Worker: turns `out` (room for a `DONE` header, then the outcomes) into the `DONE` to send
-/// for the frame `tag`, moving outcomes over `max_nbytes` into the result arena (a new one goes
-/// on `big_results`). Returns how many bytes of `out` to send.
+/// for the frame `tag`, moving outcomes over `max_nbytes` into the result arena, or into a new
+/// one when they do not fit it. Returns how many bytes of `out` to send, and the new arena,
+/// whose descriptor goes with them (the caller keeps it for the next frames, or not).
 ///
 /// # Errors
-/// When a new arena cannot be sent (the driver is gone).
+/// When a new arena cannot be made (out of memory or descriptors).
 pub(crate) fn finish_done(
     out: &mut [u8],
     tag: FrameTag,
@@ -200,8 +200,7 @@ pub(crate) fn finish_done(
     overrun: Option<u32>,
     max_nbytes: usize,
     result_arena: &mut Option<Arena>,
-    big_results: &IpcSender<IpcSharedMemory>,
-) -> Result<usize, String> {
+) -> Result<(usize, Option<Arena>), String> {
     let outcomes = &out[DoneHeader::LEN..];
     let len = outcomes.len();
     let mut header = DoneHeader {
@@ -211,6 +210,7 @@ pub(crate) fn finish_done(
         new_arena: false,
         overrun,
     };
+    let mut new_arena = None;
     if len > max_nbytes {
         header.outcomes = FrameAt::Arena { len: len as u64 };
         let written = match result_arena.as_mut() {
@@ -221,19 +221,21 @@ pub(crate) fn finish_done(
         };
         if !written {
             header.new_arena = true;
-            let arena = Arena::from_bytes(outcomes);
-            big_results
-                .send(arena.handle())
-                .map_err(|e| format!("cannot send shared outcomes: {e}"))?;
-            *result_arena = (len <= ARENA_KEEP_MAX).then_some(arena);
+            // The old one is of no more use, and the driver drops its mapping on this DONE.
+            *result_arena = None;
+            new_arena = Some(
+                Arena::sealed_from_bytes(outcomes)
+                    .map_err(|e| format!("cannot make shared memory for outcomes: {e}"))?,
+            );
         }
     }
     out[..DoneHeader::LEN].copy_from_slice(&header.encode());
-    Ok(if header.outcomes == FrameAt::Inline {
+    let send = if header.outcomes == FrameAt::Inline {
         out.len()
     } else {
         DoneHeader::LEN
-    })
+    };
+    Ok((send, new_arena))
 }
 
 #[cfg(test)]

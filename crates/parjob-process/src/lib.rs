@@ -16,6 +16,7 @@
 // The modules, each using only those listed before it (no module reaches back up):
 //
 // - registry: who hears that a `SharedSlice` segment was dropped (the pools' queues).
+// - link: the worker's line back to its driver (a socket pair), read with limits.
 // - mapping: shared memory both processes write, reached through one raw pointer, and the
 //   SIGBUS guard that lets the driver survive a segment cut short.
 // - wire: the `Hello`, shipments, `FORGET` and the status board.
@@ -29,6 +30,7 @@
 // - worker: the worker loop `init()` enters.
 // - pool: `ProcessPool`.
 mod frame;
+mod link;
 mod mapping;
 mod pool;
 mod queue;
@@ -46,3 +48,49 @@ pub use spawn::{TEST_WORKER_NAME, enable_test_support};
 pub use worker::init;
 
 pub use parjob_core::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
+
+/// Entry points for the fuzz targets under `fuzz/`, which reach what a worker sends its driver
+/// through them. Not part of the API: they may change in any release.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use crate::link::Reader;
+    use crate::wire::Hello;
+
+    /// Decodes `bytes` as a worker's `Hello`, as the driver does; a `Hello` that decodes
+    /// encodes back to itself.
+    ///
+    /// # Panics
+    /// When that round trip fails: a decoder bug.
+    pub fn hello(bytes: &[u8]) {
+        if let Ok(hello) = Hello::decode(bytes) {
+            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+        }
+    }
+
+    /// Puts `bytes` on a worker's line as a worker would write them, then reads messages from
+    /// it as the driver does, each no longer than `limit`, until the line ends or an error.
+    /// Returns the lengths of the messages read. `bytes` must fit in a socket's buffer (a
+    /// fuzzer's inputs do).
+    ///
+    /// # Panics
+    /// When a socket cannot be made or written.
+    pub fn line(bytes: &[u8], limit: usize) -> Vec<usize> {
+        let (driver, worker) = crate::link::pair().expect("a socket pair");
+        let mut worker = UnixStream::from(worker);
+        worker
+            .write_all(bytes)
+            .expect("the bytes fit in the socket's buffer");
+        drop(worker);
+        let mut reader = Reader::new(Arc::new(driver)).expect("a reader");
+        let mut lengths = Vec::new();
+        while let Ok(Some(message)) = reader.recv(limit) {
+            assert!(message.bytes.len() <= limit);
+            lengths.push(message.bytes.len());
+        }
+        lengths
+    }
+}

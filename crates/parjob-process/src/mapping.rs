@@ -46,13 +46,22 @@ pub(crate) struct Arena {
     /// The mapping's registration with the `SIGBUS` guard; declared first so that it is dropped
     /// (unregistered) before the mapping goes.
     watch: Watch,
-    /// Keeps the mapping alive (and is cloned to send it); never dereferenced.
-    memory: IpcSharedMemory,
+    /// Keeps the mapping alive; never dereferenced.
+    backing: Backing,
     start: *mut u8,
     len: usize,
 }
 
-// SAFETY: `start` points into the mapping `memory` owns, which moves with the arena and is
+/// What an arena's mapping belongs to.
+enum Backing {
+    /// A segment of ipc-channel's, which travels from the driver to a worker on its channels.
+    Ipc(#[allow(dead_code, reason = "kept for its mapping, never read")] IpcSharedMemory),
+    /// A memfd of parjob's own, which a worker sends the driver on its line (`link`) with the
+    /// descriptor itself: the driver never receives anything through ipc-channel.
+    Memfd(Memfd),
+}
+
+// SAFETY: `start` points into the mapping `backing` owns, which moves with the arena and is
 // unmapped only when it drops; nothing about it is tied to a thread.
 unsafe impl Send for Arena {}
 
@@ -62,26 +71,79 @@ impl Arena {
         let (start, len) = raw_parts(&mut memory);
         Arena {
             watch: Watch::new(start, len),
-            memory,
+            backing: Backing::Ipc(memory),
             start,
             len,
         }
     }
 
-    /// A new arena holding a copy of `bytes`.
-    pub(crate) fn from_bytes(bytes: &[u8]) -> Arena {
-        Arena::new(IpcSharedMemory::from_bytes(bytes))
+    /// A new arena holding a copy of `bytes`, and the handle to send to the other process (a
+    /// second mapping of the same memory).
+    pub(crate) fn from_bytes(bytes: &[u8]) -> (Arena, IpcSharedMemory) {
+        let memory = IpcSharedMemory::from_bytes(bytes);
+        let handle = memory.clone();
+        (Arena::new(memory), handle)
+    }
+
+    /// Worker: a new arena of parjob's own memfd holding a copy of `bytes`, sealed against
+    /// growing and shrinking (so that no process, the worker's tasks included, can cut it short
+    /// under the driver), whose descriptor [`Arena::descriptor`] gives, to send.
+    ///
+    /// # Errors
+    /// When the memfd cannot be made or mapped (out of memory or descriptors).
+    pub(crate) fn sealed_from_bytes(bytes: &[u8]) -> std::io::Result<Arena> {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create(
+            "parjob-results",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
+        rustix::fs::ftruncate(&fd, bytes.len() as u64)?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        let memfd = Memfd::map(fd, bytes.len())?;
+        let mut arena = Arena::of_memfd(memfd);
+        // SAFETY: nobody else has this segment yet, and it is exactly `bytes.len()` long.
+        unsafe { arena.write(bytes) };
+        Ok(arena)
+    }
+
+    /// Driver: the arena a worker sent as `fd`. The descriptor must be a regular file (a
+    /// memfd) open for reading and writing; its size is the arena's.
+    ///
+    /// # Errors
+    /// What is wrong with the descriptor, for the message that replaces its worker.
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd) -> Result<Arena, String> {
+        let stat = rustix::fs::fstat(&fd).map_err(|e| format!("cannot inspect it: {e}"))?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err("it is not shared memory".into());
+        }
+        let len = usize::try_from(stat.st_size)
+            .map_err(|_| format!("it claims a size of {} bytes", stat.st_size))?;
+        let memfd = Memfd::map(fd, len).map_err(|e| format!("cannot map it: {e}"))?;
+        Ok(Arena::of_memfd(memfd))
+    }
+
+    fn of_memfd(memfd: Memfd) -> Arena {
+        let (start, len) = (memfd.start, memfd.len);
+        Arena {
+            watch: Watch::new(start, len),
+            backing: Backing::Memfd(memfd),
+            start,
+            len,
+        }
+    }
+
+    /// The descriptor of an arena of parjob's own memfd, to send on the worker's line.
+    pub(crate) fn descriptor(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match &self.backing {
+            Backing::Memfd(memfd) => Some(memfd.fd.as_fd()),
+            Backing::Ipc(_) => None,
+        }
     }
 
     /// The arena's size in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// A handle to send to the other process (a new mapping of the same memory: this does
-    /// not touch the bytes).
-    pub(crate) fn handle(&self) -> IpcSharedMemory {
-        self.memory.clone()
     }
 
     /// Whether some process cut the arena's segment short (see the module's docs). Reads its
@@ -127,6 +189,59 @@ impl Arena {
         // lives; the caller guarantees nobody writes them while the slice is alive (the other
         // process by the protocol, this one because `write` takes `&mut self`).
         Some(unsafe { std::slice::from_raw_parts(self.start, len) })
+    }
+}
+
+/// A shared mapping of a memfd of parjob's own, unmapped when dropped.
+struct Memfd {
+    fd: std::os::fd::OwnedFd,
+    start: *mut u8,
+    len: usize,
+}
+
+impl Memfd {
+    /// Maps the first `len` bytes of `fd`, shared, for reading and writing.
+    fn map(fd: std::os::fd::OwnedFd, len: usize) -> std::io::Result<Memfd> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(Memfd {
+                fd,
+                start: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a new shared mapping at an address the kernel chooses, of a descriptor this
+        // function owns; nothing in this process refers to it yet. Pages past the file's end
+        // (another process may cut it short if it is not sealed) fault with SIGBUS, which the
+        // arena's `Watch` turns into a mark.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if start == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Memfd {
+            fd,
+            start: start.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Memfd {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `start..start + len` is the mapping `map` made, unmapped only here; the
+            // arena that owned it (and every slice it lent) is gone.
+            unsafe { libc::munmap(self.start.cast(), self.len) };
+        }
     }
 }
 
@@ -339,8 +454,8 @@ mod tests {
 
     #[test]
     fn what_one_mapping_of_an_arena_writes_the_other_reads() {
-        let mut driver = Arena::from_bytes(&[0; 8]);
-        let worker = Arena::new(driver.handle());
+        let (mut driver, handle) = Arena::from_bytes(&[0; 8]);
+        let worker = Arena::new(handle);
         assert_eq!(worker.len(), 8);
         // SAFETY: both mappings belong to this test, which takes the turns one at a time.
         unsafe {
@@ -373,8 +488,8 @@ mod tests {
     #[test]
     fn a_cut_segment_reads_as_zeros_and_is_marked_instead_of_killing_the_process() {
         guard_against_cuts();
-        let mut arena = Arena::from_bytes(&[7; 3 * 4096]);
-        let untouched = Arena::from_bytes(&[1; 64]);
+        let (mut arena, _) = Arena::from_bytes(&[7; 3 * 4096]);
+        let (untouched, _) = Arena::from_bytes(&[1; 64]);
         assert!(!arena.is_cut());
         // SAFETY: cutting a memfd this test made.
         assert_eq!(unsafe { libc::ftruncate(descriptor_of(arena.start), 0) }, 0);
@@ -390,7 +505,32 @@ mod tests {
         assert!(!untouched.is_cut());
         drop(arena);
         // A slot is freed with its mapping: a new one starts uncut.
-        let fresh = Arena::from_bytes(&[2; 64]);
+        let (fresh, _) = Arena::from_bytes(&[2; 64]);
         assert!(!fresh.is_cut());
+    }
+
+    #[test]
+    fn a_sealed_arena_sent_as_a_descriptor_is_read_by_its_adopter_and_cannot_be_cut() {
+        let mut worker = Arena::sealed_from_bytes(b"outcomes").unwrap();
+        let fd = worker.descriptor().unwrap().try_clone_to_owned().unwrap();
+        // Refused: it is sealed, whoever holds it.
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err());
+        assert!(rustix::fs::ftruncate(&fd, 1 << 20).is_err());
+        let driver = Arena::adopt(fd).unwrap();
+        assert_eq!(driver.len(), 8);
+        // SAFETY: both mappings belong to this test, which takes the turns one at a time.
+        unsafe {
+            assert_eq!(driver.read(8), Some(&b"outcomes"[..]));
+            assert!(worker.write(b"next"));
+            assert_eq!(driver.read(4), Some(&b"next"[..]));
+        }
+        assert!(!driver.is_cut());
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_shared_memory_is_refused() {
+        let (a, _b) = crate::link::pair().unwrap();
+        let refused = Arena::adopt(a).err().unwrap();
+        assert!(refused.contains("not shared memory"), "{refused}");
     }
 }

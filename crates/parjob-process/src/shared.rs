@@ -207,6 +207,8 @@ pub(crate) fn receive(shipment: Shipment) -> Option<IpcSharedMemory> {
             parjob_core::receive_shared(SharedSegment::new(id, Box::new(ShmMemory::new(memory))));
         }
         Shipment::Forget(ids) => ids.into_iter().for_each(parjob_core::forget_shared),
+        // Only ever the first message on the channel, taken by the handshake.
+        Shipment::Channels { .. } => {}
     }
     None
 }

@@ -10,17 +10,21 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ipc_channel::ipc::{IpcBytesSender, IpcOneShotServer, IpcSender};
+use std::os::fd::{AsFd, OwnedFd};
+
+use ipc_channel::ipc::{self, IpcBytesSender, IpcSender};
 use parjob_core::{Error, ProcessOptions, WorkerExit, cpu_count};
 use parjob_remote::{
     CodeOffset, DoneHeader, HandshakeSecret, Identity, InitFailed, Kind, Nonce, Welcome,
 };
 
+use crate::link;
 use crate::mapping::Arena;
 use crate::shared::SentSegments;
 use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
 use crate::wire::{
-    Board, ENV_INDEX, ENV_SECRET, ENV_SERVER, EXIT_HANDSHAKE_FAILED, Hello, PROTOCOL, Shipment,
+    Board, ENV_DRIVER, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_REFUSED_DRIVER, Hello,
+    PROTOCOL, Shipment, WELCOMED,
 };
 
 /// How long a started process may take to connect.
@@ -45,20 +49,25 @@ pub fn enable_test_support() {
 
 /// What a supervisor hears about its worker, from the threads watching it.
 pub(crate) enum Event {
-    /// The handshake's hello arrived (or the server failed), in try `attempt` of the start.
+    /// The worker's Hello arrived on its line (or something else did), in try `attempt` of
+    /// the start.
     Hello {
         generation: u64,
         attempt: u32,
-        hello: Result<Box<Hello>, String>,
+        hello: Result<Hello, String>,
     },
-    /// A message on the results channel, with the new result arena it announced, if any.
+    /// A message on the worker's line, with the new result arena it announced, if any.
     Reply {
         generation: u64,
         bytes: Vec<u8>,
         new_arena: Option<Arena>,
     },
-    /// The results channel closed: the worker is dead or dying.
+    /// The line closed: the worker is dead or dying. The reader's last event.
     Disconnected { generation: u64 },
+    /// Something came on the line that no worker of this build sends (a message over the
+    /// limit, a result arena that cannot be used): the worker cannot be trusted any more. The
+    /// reader's last event.
+    Broken { generation: u64, reason: String },
     /// The process ended; `status` says how (`exit status 3`, `killed by signal 9 (SIGKILL)`).
     Exited { generation: u64, status: WorkerExit },
     /// The pool is shutting down.
@@ -101,6 +110,8 @@ pub(crate) struct Worker {
     pub(crate) result_arena: Option<Arena>,
     /// The `SharedSlice` segments this worker has mapped.
     pub(crate) segments: SentSegments,
+    /// The worker's line to the driver, which its reader thread reads.
+    line: Arc<OwnedFd>,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
@@ -108,6 +119,12 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
+    /// Ends the worker's line for every process holding it: its reader thread stops at once,
+    /// even if a process the worker started (and that escaped its kill) still holds the line.
+    pub(crate) fn hang_up(&self) {
+        link::hang_up(self.line.as_fd());
+    }
+
     /// Waits (briefly) until the dead worker's last output has been forwarded.
     pub(crate) fn wait_for_output(&self) {
         wait_for_output(&self.output_done);
@@ -200,24 +217,17 @@ impl Starter<'_> {
         }
     }
 
-    /// One try at starting the worker: a new server, a new secret, a new process.
+    /// One try at starting the worker: a new line, a new secret, a new process.
     fn attempt(&self, generation: u64, attempt: u32, exe: &Path) -> Result<Worker, Failed> {
         let options = &self.settings.options;
         let final_error = |message: String| Failed::Final(self.error(message));
         let secret = HandshakeSecret::random()
             .map_err(|e| final_error(format!("cannot make a handshake secret: {e}")))?;
-        private_socket_root();
-        let (server, name) = IpcOneShotServer::<Hello>::new().map_err(|e| {
-            let message = format!("cannot open the handshake server: {}", describe_io(&e));
+        // The worker's line back: a socket pair nobody else can connect to. Everything the
+        // driver receives from the worker comes on it, read with limits (see `link`).
+        let (line, worker_end) = link::pair().map_err(|e| {
+            let message = format!("cannot make the worker's line: {}", describe_io(&e));
             Failed::Final(Error::worker_io(self.index, message, e))
-        })?;
-        // Before the worker exists: from now on only this user can reach the server. A process
-        // that got in before (possible only under a permissive umask, for a few microseconds)
-        // cannot prove it knows the secret, and the start is tried again.
-        make_private(Path::new(&name)).map_err(|reason| {
-            Failed::Retry(self.error(format!(
-                "refused a handshake server that was not private ({reason})"
-            )))
         })?;
 
         let mut command = if options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
@@ -238,14 +248,15 @@ impl Starter<'_> {
             command.args(["--exact", "__parjob_test_support_is_not_enabled", "-q"]);
         }
         command
-            .env(ENV_SERVER, format!("{}:{name}", std::process::id()))
+            .env(ENV_DRIVER, std::process::id().to_string())
             .env(ENV_INDEX, self.index.to_string())
             // In the environment, which only this user can read, never in the arguments,
             // which every user can (`/proc/PID/cmdline`).
             .env(ENV_SECRET, secret.to_hex())
             // A Parallel inside a task defaults to sequential: the pool already uses the CPUs.
             .env("PARJOB_BACKEND", "sequential")
-            .stdin(Stdio::null())
+            // The line, which `init()` takes and replaces with an empty input.
+            .stdin(Stdio::from(worker_end))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let threads = (cpu_count() / self.workers.max(1)).max(1).to_string();
@@ -257,7 +268,11 @@ impl Starter<'_> {
         // No pre_exec: std then spawns with posix_spawn (vfork-like), whose cost does not grow
         // with this process's memory; a fork copies its page tables (65 ms for a pool of 2
         // next to 1 GB of data). The worker sets its parent-death signal itself, in `init`.
-        let mut child = spawn_retrying(&mut command).map_err(|e| {
+        let spawned = spawn_retrying(&mut command);
+        // The command holds the worker's end of the line: only the worker may, or its end
+        // would never be seen to close.
+        drop(command);
+        let mut child = spawned.map_err(|e| {
             let message = format!(
                 "cannot start worker executable {}: {}",
                 exe.display(),
@@ -265,6 +280,10 @@ impl Starter<'_> {
             );
             Failed::Final(Error::worker_io(self.index, message, e))
         })?;
+        // The driver never writes on the line: a program that reads its input before
+        // `init()` (or never calls it) sees it end instead of waiting.
+        link::close_write(line.as_fd());
+        let line = Arc::new(line);
         let (output_tx, output_done) = std::sync::mpsc::channel();
         let prefix = options
             .prefix_output
@@ -284,18 +303,18 @@ impl Starter<'_> {
         }
         let child = Arc::new(ChildWatch::new(child.id()));
         let pid = child.pid;
-        // From here on, whatever fails kills the process and lets the server go (see `Pending`).
+        // From here on, whatever fails kills the process and hangs up its line (see `Pending`).
         let mut pending = Pending {
             events: self.events,
             events_tx: self.events_tx,
             generation,
-            attempt,
             child: Arc::clone(&child),
-            server: name,
-            accepted: Arc::new(AtomicBool::new(false)),
+            line: Arc::clone(&line),
+            server: None,
             waiting: false,
             reaped: false,
-            heard_accept: false,
+            reading: false,
+            heard_end: false,
             done: false,
         };
         let watch = Arc::clone(&child);
@@ -307,32 +326,28 @@ impl Starter<'_> {
         .map_err(&final_error)?;
         pending.waiting = true;
         let tx = self.events_tx.clone();
-        let accepted = Arc::clone(&pending.accepted);
-        spawn_thread(format!("parjob-accept-{pid}"), move || {
-            // ipc-channel panics on what it receives in some cases (a descriptor shortage
-            // truncates the Hello's channels; a malformed message names a channel that is not
-            // there): such a panic is this handshake's failure, never a silent thread death.
-            let received = std::panic::catch_unwind(AssertUnwindSafe(|| server.accept()));
-            accepted.store(true, Ordering::Release);
-            let hello = match received {
-                Ok(Ok((_, hello))) => Ok(Box::new(hello)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(panic) => Err(format!(
-                    "ipc-channel panicked receiving it: {}",
-                    panic_message(&*panic)
-                )),
-            };
-            let _ = tx.send(Event::Hello {
+        let reader_line = Arc::clone(&line);
+        let limit = options
+            .max_nbytes
+            .saturating_add(DoneHeader::LEN)
+            .clamp(1 + InitFailed::MAX_REASON, MAX_MESSAGE);
+        spawn_thread(format!("parjob-read-{pid}"), move || {
+            // Nothing in it is expected to panic; were it to, the supervisor hears of it
+            // rather than waiting for a reply that will never come.
+            let end = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                read_line(reader_line, generation, attempt, limit, &tx)
+            }))
+            .unwrap_or_else(|panic| Event::Broken {
                 generation,
-                attempt,
-                hello,
+                reason: format!(
+                    "the driver's reader of its line panicked: {}",
+                    panic_message(&*panic)
+                ),
             });
+            let _ = tx.send(end);
         })
-        .map_err(|e| {
-            // The closure, and the server with it, is gone: nothing will be heard.
-            pending.heard_accept = true;
-            final_error(e)
-        })?;
+        .map_err(&final_error)?;
+        pending.reading = true;
 
         let worker_error = |message: String| {
             self.error(format!(
@@ -347,25 +362,14 @@ impl Starter<'_> {
                     generation: g,
                     attempt: a,
                     hello,
-                }) if g == generation && a == attempt => {
-                    pending.heard_accept = true;
-                    match hello {
-                        Ok(hello) => break hello,
-                        Err(e) => {
-                            return Err(match descriptor_shortage() {
-                                Some(shortage) => Failed::Final(worker_error(format!(
-                                    "handshake failed ({e}): {shortage}"
-                                ))),
-                                // Whatever reached the server was not this worker's Hello.
-                                None => Failed::Retry(worker_error(format!(
-                                    "no valid Hello reached the handshake server ({e}): the \
-                                     worker may have died while greeting, or another process \
-                                     of this user connected first"
-                                ))),
-                            });
-                        }
+                }) if g == generation && a == attempt => match hello {
+                    Ok(hello) => break hello,
+                    Err(e) => {
+                        return Err(Failed::Retry(worker_error(format!(
+                            "sent a malformed Hello ({e})"
+                        ))));
                     }
-                }
+                },
                 Some(Event::Exited {
                     generation: g,
                     status,
@@ -390,9 +394,11 @@ impl Starter<'_> {
                                 });
                             Failed::Final(worker_error(ended_before_handshake(&status)))
                         }
-                        WorkerExit::Exited(EXIT_HANDSHAKE_FAILED) => Failed::Retry(worker_error(
-                            format!("its handshake failed ({status}; its stderr says why)"),
-                        )),
+                        WorkerExit::Exited(EXIT_HANDSHAKE_FAILED | EXIT_REFUSED_DRIVER) => {
+                            Failed::Retry(worker_error(format!(
+                                "its handshake failed ({status}; its stderr says why)"
+                            )))
+                        }
                         _ => Failed::Final(worker_error(ended_before_handshake(&status))),
                     });
                 }
@@ -401,81 +407,75 @@ impl Starter<'_> {
                         "the pool is shutting down".into(),
                     )));
                 }
+                Some(
+                    Event::Disconnected { generation: g } | Event::Broken { generation: g, .. },
+                ) if g == generation => {
+                    // The reader is done; the process's end (or its status) tells the rest.
+                    pending.heard_end = true;
+                }
                 Some(_) => {}
                 None => {
                     return Err(Failed::Final(worker_error(format!(
-                        "did not complete its handshake within {HANDSHAKE_TIMEOUT:?}: nothing \
-                         reached the handshake server, or something connected and stayed \
-                         silent (another process of this user may be holding it); a worker \
-                         program must call parjob::init() first thing in main"
+                        "did not complete its handshake within {HANDSHAKE_TIMEOUT:?}: it sent \
+                         no Hello on its line; a worker program must call parjob::init() \
+                         first thing in main"
                     ))));
                 }
             }
         };
-        let Hello {
-            proof,
-            identity,
-            tasks,
-            big_tasks,
-            results,
-            big_results,
-            board,
-        } = *hello;
-        // Before anything in it is used: a Hello without the secret comes from a process that
-        // reached the server before the worker did. Dropping it hangs up on that process.
-        if Nonce::from_bytes(proof) != secret.worker {
+        // Before anything in it is used: only the process this driver started was given the
+        // secret (another process of this user could have read it from its environment, and
+        // written on its line through /proc; such a Hello is refused).
+        if Nonce::from_bytes(hello.proof) != secret.worker {
             return Err(Failed::Retry(worker_error(
-                "refused a handshake whose Hello does not carry the worker's secret (another \
-                 process reached the server first)"
-                    .into(),
+                "refused a Hello that does not carry the worker's secret".into(),
             )));
         }
+        pending.server = Some(hello.server.clone());
         let final_error = |message: String| Failed::Final(worker_error(message));
         // Nothing that names code is sent before this check.
-        Identity::decode(&identity)
+        Identity::decode(&hello.identity)
             .and_then(|identity| identity.check_same_build(PROTOCOL))
             .map_err(|e| final_error(e.to_string()))?;
-        let board = Board::from_shared(board)
-            .ok_or_else(|| final_error("sent an unusable status board".into()))?;
-        let tx = self.events_tx.clone();
-        spawn_thread(format!("parjob-read-{pid}"), move || {
-            // ipc-channel panics when it cannot map a segment it received (out of descriptors
-            // or memory): the replies are lost then, and the supervisor, which may be waiting
-            // for one, must hear so, as from a closed channel.
-            let read = parjob_core::catch_task(|| {
-                while let Ok(bytes) = results.recv() {
-                    let announces_arena = Kind::of(&bytes) == Ok(Kind::Done)
-                        && DoneHeader::decode(&bytes).is_ok_and(|(done, _)| done.new_arena);
-                    let new_arena = if announces_arena {
-                        match big_results.recv() {
-                            Ok(memory) => Some(Arena::new(memory)),
-                            Err(_) => break,
-                        }
-                    } else {
-                        None
-                    };
-                    let reply = Event::Reply {
-                        generation,
-                        bytes,
-                        new_arena,
-                    };
-                    if tx.send(reply).is_err() {
-                        return false;
-                    }
-                }
-                true
+        // The driver's channels to the worker, through the server the worker opened. Whoever
+        // reached that server first (a process of this user racing the driver) gets nothing
+        // it can use: the worker obeys only a welcome that proves the driver's secret, and
+        // refuses the connection otherwise, and this start is tried again.
+        let big_tasks = IpcSender::<Shipment>::connect(hello.server).map_err(|e| {
+            Failed::Retry(worker_error(format!(
+                "cannot connect to the worker's server ({})",
+                describe_io(&e)
+            )))
+        })?;
+        let channel_error = |e: std::io::Error| {
+            Failed::Final(Error::worker_io(
+                self.index,
+                format!("cannot make a channel to the worker: {}", describe_io(&e)),
+                e,
+            ))
+        };
+        // ipc-channel asserts instead of failing when it cannot make, duplicate or send the
+        // board's descriptor: make sure they are there (with the channel's two, and a margin).
+        if !crate::shared::spare_descriptors(8) {
+            let why = descriptor_shortage().unwrap_or_else(|| {
+                "too many open files: raise the limit (ulimit -n) or lower n_jobs".into()
             });
-            if read == Ok(false) {
-                return; // nobody listens any more
-            }
-            // Close the channels before saying so: whoever hears of the disconnection may
-            // count this process's file descriptors.
-            drop(results);
-            drop(big_results);
-            let _ = tx.send(Event::Disconnected { generation });
-        })
-        .map_err(&final_error)?;
-
+            return Err(final_error(format!("cannot make its status board: {why}")));
+        }
+        let (board, board_handle) =
+            Board::new().ok_or_else(|| final_error("cannot make the status board".into()))?;
+        let (tasks, tasks_rx) = ipc::bytes_channel().map_err(channel_error)?;
+        big_tasks
+            .send(Shipment::Channels {
+                tasks: tasks_rx,
+                board: board_handle,
+            })
+            .map_err(|e| {
+                Failed::Retry(worker_error(format!(
+                    "cannot send the worker its channels: {e}"
+                )))
+            })?;
+        pending.server = None;
         let welcome = Welcome {
             max_nbytes: options.max_nbytes as u64,
             initializer: self.settings.initializer,
@@ -486,6 +486,14 @@ impl Starter<'_> {
             .map_err(|e| final_error(format!("cannot send the welcome: {e}")))?;
         // Set once the process has ended: its last reply may still be on its way.
         let mut ended: Option<WorkerExit> = None;
+        // Set once the worker took the welcome for its driver's: from then on a death is the
+        // initializer's, before it the handshake's (see `WELCOMED`).
+        let mut welcomed = false;
+        let handshake_failed = |status: &WorkerExit| {
+            Failed::Retry(worker_error(format!(
+                "its handshake failed: it ended ({status}) before it accepted the driver's                  welcome (something else may have reached its server first; its stderr says                  more)"
+            )))
+        };
         let mut deadline = Instant::now() + INITIALIZER_TIMEOUT;
         loop {
             match self.next_event(deadline) {
@@ -494,6 +502,7 @@ impl Starter<'_> {
                     bytes,
                     ..
                 }) if g == generation => match Kind::of(&bytes) {
+                    Ok(Kind::Backend(WELCOMED)) if bytes.len() == 1 => welcomed = true,
                     Ok(Kind::Ready) => break,
                     Ok(Kind::InitFailed) => {
                         let reason = InitFailed::decode(&bytes)
@@ -507,10 +516,21 @@ impl Starter<'_> {
                     status,
                 }) if g == generation => {
                     pending.reaped = true;
+                    if !welcomed {
+                        return Err(handshake_failed(&status));
+                    }
                     ended = Some(status);
                     deadline = deadline.min(Instant::now() + Duration::from_millis(200));
                 }
+                Some(Event::Broken {
+                    generation: g,
+                    reason,
+                }) if g == generation => {
+                    pending.heard_end = true;
+                    return Err(final_error(reason));
+                }
                 Some(Event::Disconnected { generation: g }) if g == generation => {
+                    pending.heard_end = true;
                     if let Some(status) = ended {
                         return Err(final_error(format!(
                             "ended during its initializer ({status})"
@@ -539,6 +559,7 @@ impl Starter<'_> {
             big_tasks,
             board,
             child,
+            line,
             tasks_run: 0,
             output_done,
             task_arena: None,
@@ -550,6 +571,73 @@ impl Starter<'_> {
     fn next_event(&self, deadline: Instant) -> Option<Event> {
         let left = deadline.saturating_duration_since(Instant::now());
         self.events.recv_timeout(left).ok()
+    }
+}
+
+/// The most bytes one message from a worker may have, whatever `max_nbytes` says: frames over
+/// it travel in shared memory.
+const MAX_MESSAGE: usize = (1 << 32) + DoneHeader::LEN;
+
+/// The reader thread of worker `generation`'s line (start try `attempt`): its Hello, then its
+/// replies, each with the result arena it announced. Returns the event that ends it: the line
+/// closed, or something on it that no worker of this build sends.
+fn read_line(
+    line: Arc<OwnedFd>,
+    generation: u64,
+    attempt: u32,
+    limit: usize,
+    tx: &Sender<Event>,
+) -> Event {
+    let broken = |reason: String| Event::Broken { generation, reason };
+    let mut reader = match link::Reader::new(line) {
+        Ok(reader) => reader,
+        Err(e) => return broken(format!("cannot read its line: {}", describe_io(&e))),
+    };
+    let hello = match reader.recv(Hello::MAX_LEN) {
+        Ok(Some(message)) => Hello::decode(&message.bytes).map_err(|e| e.to_string()),
+        // Closed before a word: the process's status says why.
+        Ok(None) => return Event::Disconnected { generation },
+        Err(e) => Err(e.to_string()),
+    };
+    let failed = hello.is_err();
+    let event = Event::Hello {
+        generation,
+        attempt,
+        hello,
+    };
+    if tx.send(event).is_err() || failed {
+        return Event::Disconnected { generation };
+    }
+    loop {
+        let message = match reader.recv(limit) {
+            Ok(Some(message)) => message,
+            Ok(None) => return Event::Disconnected { generation },
+            Err(e) => return broken(e.to_string()),
+        };
+        let announces_arena = Kind::of(&message.bytes) == Ok(Kind::Done)
+            && DoneHeader::decode(&message.bytes).is_ok_and(|(done, _)| done.new_arena);
+        // A descriptor that comes with any other message is closed here (dropped).
+        let new_arena = match (announces_arena, message.fd) {
+            (false, _) => None,
+            (true, None) => {
+                return broken("announced a new result arena but sent none".into());
+            }
+            (true, Some(fd)) => match Arena::adopt(fd) {
+                Ok(arena) => Some(arena),
+                Err(why) => {
+                    return broken(format!("sent a result arena the driver cannot use: {why}"));
+                }
+            },
+        };
+        let reply = Event::Reply {
+            generation,
+            bytes: message.bytes,
+            new_arena,
+        };
+        if tx.send(reply).is_err() {
+            // Nobody listens any more.
+            return Event::Disconnected { generation };
+        }
     }
 }
 
@@ -567,26 +655,27 @@ enum Failed {
 }
 
 /// A worker process whose handshake is not over. Dropped before it is `done` (whatever
-/// failed), it kills the process, unblocks the accept thread so that the server and its
-/// directory go away, and waits until both the process and the accept thread are heard of:
-/// a failed start leaves no process, thread, socket directory or descriptor behind, and no
-/// event that a later try could take for its own.
+/// failed), it kills the process, hangs up its line, removes the server the worker opened if
+/// the driver never connected to it, and waits until both the process and the line's reader
+/// are heard of: a failed start leaves no process, thread, socket directory or descriptor
+/// behind, and no event that a later try could take for its own.
 struct Pending<'a> {
     events: &'a Receiver<Event>,
     events_tx: &'a Sender<Event>,
     generation: u64,
-    attempt: u32,
     child: Arc<ChildWatch>,
-    /// The server's name (its socket's path).
-    server: String,
-    /// Set by the accept thread once `accept` returned.
-    accepted: Arc<AtomicBool>,
+    line: Arc<OwnedFd>,
+    /// The worker's server (its socket's path), once its Hello named it and until the driver
+    /// connected to it.
+    server: Option<String>,
     /// The waiter thread runs: its `Exited` event will come.
     waiting: bool,
     /// The `Exited` event was consumed.
     reaped: bool,
-    /// The accept thread's `Hello` event was consumed (or will never come).
-    heard_accept: bool,
+    /// The reader thread runs: its last event (`Disconnected` or `Broken`) will come.
+    reading: bool,
+    /// The reader's last event was consumed.
+    heard_end: bool,
     /// The handshake succeeded: the worker lives on.
     done: bool,
 }
@@ -597,21 +686,18 @@ impl Drop for Pending<'_> {
             return;
         }
         self.child.kill();
-        if !self.accepted.load(Ordering::Acquire) {
-            // `accept` has no timeout (ipc-channel #201, #261): connect and hang up, so that
-            // it returns and drops the server, whose directory is then removed.
-            if let Ok(sender) = IpcSender::<Hello>::connect(self.server.clone()) {
-                drop(sender);
-            }
-        }
+        link::hang_up(self.line.as_fd());
         if !self.waiting {
             // No waiter thread: reap the killed process here.
             self.child.wait();
             self.reaped = true;
         }
+        if !self.reading {
+            self.heard_end = true;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut close = false;
-        while !(self.reaped && self.heard_accept) {
+        while !(self.reaped && self.heard_end) {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(event) = self.events.recv_timeout(left) else {
                 break;
@@ -620,16 +706,18 @@ impl Drop for Pending<'_> {
                 Event::Exited { generation, .. } if generation == self.generation => {
                     self.reaped = true;
                 }
-                Event::Hello {
-                    generation,
-                    attempt,
-                    ..
-                } if generation == self.generation && attempt == self.attempt => {
-                    self.heard_accept = true;
+                Event::Disconnected { generation } | Event::Broken { generation, .. }
+                    if generation == self.generation =>
+                {
+                    self.heard_end = true;
                 }
                 Event::Close => close = true,
                 _ => {}
             }
+        }
+        if let Some(server) = self.server.take() {
+            // The killed worker could not remove it.
+            remove_server(Path::new(&server));
         }
         if close {
             let _ = self.events_tx.send(Event::Close);
@@ -637,16 +725,29 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Makes the one-shot server's directory (ipc-channel makes it with the umask's mode: 0777
-/// under `umask 000`) and its socket reachable by this user only, and checks that nobody
-/// replaced the socket while the directory was open.
+/// Removes a killed worker's one-shot server `socket` and its directory, if they are where
+/// this process's own servers are made (tempfile's directory, private to this user): a path a
+/// worker named is never trusted further.
+fn remove_server(socket: &Path) {
+    let Some(dir) = socket.parent() else { return };
+    let in_our_root = dir.parent() == Some(tempfile::env::temp_dir().as_path());
+    let plain_name = socket.file_name() == Some("socket".as_ref())
+        && dir
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with(".tmp"));
+    if in_our_root && plain_name {
+        let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// Makes ipc-channel create its handshake sockets inside a directory only this user can
 /// enter, from the start.
 ///
 /// ipc-channel puts each one-shot server's socket in a new directory under tempfile's default
 /// temporary directory, created with the process's umask: under a permissive umask another
-/// user could connect in the moments before [`make_private`] closes it, and ipc-channel's
-/// receive trusts the length a peer announces (a forged one aborts the driver on allocation).
+/// user could connect in the moments before [`make_private`] closes it. (Only workers open
+/// servers, for their driver to connect to; the driver never receives through ipc-channel.)
 /// So, once per process, tempfile's default is pointed at `$TMPDIR/parjob-<uid>` (made with
 /// mode 0700, which no umask can widen; reused like tmux's `/tmp/tmux-<uid>`), after checking
 /// that it is a real directory of this user that nobody else may enter. That default is
@@ -654,7 +755,7 @@ impl Drop for Pending<'_> {
 /// too (private, still under `$TMPDIR`). If the directory is not safe (another user made it
 /// first) or tempfile's default was already set, a line on stderr says so and each socket's
 /// directory is only closed by `make_private`.
-fn private_socket_root() {
+pub(crate) fn private_socket_root() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Err(why) = point_tempfile_at_private_root() {
@@ -692,7 +793,10 @@ fn point_tempfile_at_private_root() -> Result<(), String> {
     })
 }
 
-fn make_private(socket: &Path) -> Result<(), String> {
+/// Makes the one-shot server's directory (ipc-channel makes it with the umask's mode: 0777
+/// under `umask 000`) and its socket reachable by this user only, and checks that nobody
+/// replaced the socket while the directory was open.
+pub(crate) fn make_private(socket: &Path) -> Result<(), String> {
     use std::fs::{Permissions, set_permissions, symlink_metadata};
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let dir = socket.parent().ok_or("the socket has no directory")?;

@@ -616,6 +616,12 @@ impl Supervisor {
                     // Its DONE, even one sent just before a kill: the frame is done.
                     return self.reply(bytes, new_arena, tag, in_arena, first_index);
                 }
+                Event::Broken {
+                    generation: g,
+                    reason,
+                } if g == generation => {
+                    return self.stray(first_index, reason);
+                }
                 Event::Disconnected { generation: g } if g == generation => {
                     self.bury(first_index, range.len(), None, true, timed_out_after, tag)
                 }
@@ -754,7 +760,9 @@ impl Supervisor {
                     dead = true;
                     reaped = true;
                 }
-                Event::Disconnected { generation: g } | Event::Reply { generation: g, .. }
+                Event::Disconnected { generation: g }
+                | Event::Broken { generation: g, .. }
+                | Event::Reply { generation: g, .. }
                     if g == generation =>
                 {
                     dead = true;
@@ -783,6 +791,7 @@ impl Supervisor {
             return;
         };
         worker.child.kill();
+        worker.hang_up();
         await_exit(&self.events, &self.events_tx, worker.generation);
         worker.wait_for_output();
     }
@@ -856,7 +865,9 @@ impl Supervisor {
                     // the channel: do not wait long for it.
                     deadline = deadline.min(Instant::now() + Duration::from_millis(100));
                 }
-                Ok(Event::Disconnected { generation: g }) if g == generation => {
+                Ok(Event::Disconnected { generation: g } | Event::Broken { generation: g, .. })
+                    if g == generation =>
+                {
                     disconnected = true;
                 }
                 Ok(Event::Reply {

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ipc_channel::ipc::{IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender, IpcSharedMemory};
+use ipc_channel::ipc::{IpcBytesReceiver, IpcSharedMemory};
 use parjob_remote::{Kind, RemoteError};
 use serde::{Deserialize, Serialize};
 
@@ -17,12 +17,14 @@ use crate::mapping::{Watch, raw_parts};
 /// handshake with parjob-remote's `LAYOUT`. Bumped whenever one of them changes (4: the
 /// `Hello` carries the worker's proof of its handshake secret; 5: the worker answers frames by
 /// their tag and reports a task that overran its timeout; 6: the status board's third word, the
-/// last frame whose `DONE` was sent).
-pub(crate) const PROTOCOL: u32 = 6;
+/// last frame whose `DONE` was sent; 7: everything from the worker comes on its line, `link`,
+/// and the driver connects to the worker's server).
+pub(crate) const PROTOCOL: u32 = 7;
 
-/// Set in a worker's environment: `<driver pid>:<one-shot server name>`. It makes `init()`
-/// enter the worker loop in a process whose parent is that driver.
-pub(crate) const ENV_SERVER: &str = "PARJOB_PROCESS_SERVER";
+/// Set in a worker's environment: the driver's pid. It makes `init()` enter the worker loop in
+/// a process whose parent is that driver, with its line to the driver (`link`) as its
+/// standard input.
+pub(crate) const ENV_DRIVER: &str = "PARJOB_PROCESS_DRIVER";
 /// The worker's index in its pool.
 pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
 /// The worker's handshake secret (`parjob_remote::HandshakeSecret::to_hex`). The environment
@@ -37,35 +39,94 @@ pub(crate) const EXIT_HANDSHAKE_FAILED: i32 = 75;
 /// driver (`EX_NOPERM`); nothing the welcome asked was done.
 pub(crate) const EXIT_REFUSED_DRIVER: i32 = 77;
 
-/// The worker's first message, sent on the channel it connects to the driver's server.
+/// The worker's first message, on its line to the driver (`link`): proof that it is the
+/// process the driver started, its build, and the name of the one-shot server it opened for
+/// the driver to connect to (the driver's channels to the worker go through it).
 ///
-/// The worker makes every channel and keeps the ends it uses, so the driver never holds a
-/// clone of a sender the worker writes to: when the worker dies, the driver's receivers see
-/// the disconnection at once (ipc-channel #281).
-#[derive(Serialize, Deserialize)]
+/// `[HELLO][proof 16][name len u16 LE][name][identity]`: plain bytes, read with limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Hello {
-    /// The `worker` half of the handshake secret the driver gave this worker: the driver
-    /// refuses a `Hello` without it (another process got to the server first) before it looks
-    /// at anything else in it.
+    /// The `worker` half of the handshake secret the driver gave this worker.
     pub(crate) proof: [u8; 16],
+    /// The worker's one-shot server (a socket path in its private directory).
+    pub(crate) server: String,
     /// `parjob_remote::Identity::encode`: build, protocol, executable, pid.
     pub(crate) identity: Vec<u8>,
-    /// Driver to worker: messages, and frames up to `max_nbytes`.
-    pub(crate) tasks: IpcBytesSender,
-    /// Driver to worker: shared segments (arenas for frames over `max_nbytes`, and the data
-    /// of `SharedSlice`s), announced by a `RUN`'s attachments or a `FORGET`.
-    pub(crate) big_tasks: IpcSender<Shipment>,
-    /// Worker to driver: replies, and outcome frames up to `max_nbytes`.
-    pub(crate) results: IpcBytesReceiver,
-    /// Worker to driver: a new result arena, announced by its `DONE`.
-    pub(crate) big_results: IpcReceiver<IpcSharedMemory>,
-    /// The status board, see [`Board`].
-    pub(crate) board: IpcSharedMemory,
 }
+
+impl Hello {
+    /// The message's kind byte, the second of parjob-remote's backend kinds.
+    pub(crate) const KIND: u8 = Kind::FIRST_BACKEND + 1;
+    /// The most bytes a `Hello` may take (a long temporary directory and an identity).
+    pub(crate) const MAX_LEN: usize = 64 << 10;
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let name = self.server.as_bytes();
+        let name_len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+        let name = &name[..usize::from(name_len)];
+        let mut message = Vec::with_capacity(19 + name.len() + self.identity.len());
+        message.push(Hello::KIND);
+        message.extend_from_slice(&self.proof);
+        message.extend_from_slice(&name_len.to_le_bytes());
+        message.extend_from_slice(name);
+        message.extend_from_slice(&self.identity);
+        message
+    }
+
+    pub(crate) fn decode(message: &[u8]) -> Result<Hello, RemoteError> {
+        let truncated = |needed| RemoteError::Truncated {
+            message: "HELLO",
+            needed,
+            len: message.len(),
+        };
+        match message.first() {
+            Some(&Hello::KIND) => {}
+            found => {
+                return Err(RemoteError::UnexpectedKind {
+                    expected: "HELLO",
+                    found: found.copied(),
+                });
+            }
+        }
+        let proof: [u8; 16] = message
+            .get(1..17)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(truncated(19))?;
+        let name_len: [u8; 2] = message
+            .get(17..19)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(truncated(19))?;
+        let end = 19 + usize::from(u16::from_le_bytes(name_len));
+        let name = message.get(19..end).ok_or(truncated(end))?;
+        let server = String::from_utf8(name.to_vec()).map_err(|_| RemoteError::Malformed {
+            message: "HELLO",
+            reason: "its server name is not UTF-8".into(),
+        })?;
+        Ok(Hello {
+            proof,
+            server,
+            identity: message[end..].to_vec(),
+        })
+    }
+}
+
+/// Worker to driver, on its line, no reply: `[WELCOMED]`, sent once the driver's welcome
+/// proved it comes from the driver, before the initializer runs. A worker that ends before it
+/// has failed its handshake (a stranger may have reached its server first), and its start is
+/// tried again; one that ends after it failed in its initializer, which is reported.
+pub(crate) const WELCOMED: u8 = Kind::FIRST_BACKEND + 2;
 
 /// What the driver sends a worker on its `big_tasks` channel after a `RUN` or `FORGET`.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum Shipment {
+    /// The first message on the channel the driver connected to the worker's server: the
+    /// channel for messages and small frames, and the status board.
+    Channels {
+        /// Driver to worker: messages, and frames up to `max_nbytes`.
+        tasks: IpcBytesReceiver,
+        /// The status board, see [`Board`].
+        board: IpcSharedMemory,
+    },
     /// A new task arena for big frames, replacing the previous one.
     Arena(IpcSharedMemory),
     /// The segment of a `SharedSlice` the frame refers to, the first time this worker meets it.

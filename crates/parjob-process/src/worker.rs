@@ -1,11 +1,10 @@
 //! The worker side: what `init()` runs in a process the driver started.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ipc_channel::ipc::{
-    self, IpcBytesReceiver, IpcBytesSender, IpcReceiver, IpcSender, IpcSharedMemory,
-};
+use ipc_channel::ipc::{IpcBytesReceiver, IpcOneShotServer, IpcReceiver};
 use parjob_core::{Backend, set_worker_identity};
 use parjob_remote::{
     DoneHeader, HandshakeSecret, Identity, InitFailed, Kind, RunHeader, Welcome, call_entry,
@@ -13,37 +12,29 @@ use parjob_remote::{
 };
 
 use crate::frame::{finish_done, task_frame};
+use crate::link;
 use crate::mapping::Arena;
 use crate::shared::receive;
 use crate::wire::{
-    ARENA_KEEP_MAX, Board, ENV_INDEX, ENV_SECRET, ENV_SERVER, EXIT_HANDSHAKE_FAILED,
-    EXIT_REFUSED_DRIVER, Forget, Hello, PROTOCOL, Shipment, monotonic_nanos,
+    ARENA_KEEP_MAX, Board, ENV_DRIVER, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
+    EXIT_REFUSED_DRIVER, Forget, Hello, PROTOCOL, Shipment, WELCOMED, monotonic_nanos,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process was started as a worker (it may not have reached the loop yet).
 pub(crate) fn started_as_worker() -> bool {
-    server_name().is_some()
+    driver_pid().is_some()
 }
 
-/// The driver's pid, as the worker marker gives it.
-fn driver_pid() -> Option<libc::pid_t> {
-    let value = std::env::var(ENV_SERVER).ok()?;
-    value.split_once(':')?.0.parse().ok()
-}
-
-/// The driver's server name, if this process is a worker the driver started itself.
+/// The driver's pid, if this process is a worker the driver started itself.
 ///
-/// The variable reads `<driver pid>:<server name>`. A process a task starts inherits it, but
-/// its parent is the worker, not the driver: it is not a worker (a parjob program a task runs
-/// works normally).
-fn server_name() -> Option<String> {
-    let value = std::env::var(ENV_SERVER).ok()?;
-    let (driver, name) = value.split_once(':')?;
+/// A process a task starts inherits the variable, but its parent is the worker, not the
+/// driver: it is not a worker (a parjob program a task runs works normally).
+fn driver_pid() -> Option<libc::pid_t> {
+    let driver: libc::pid_t = std::env::var(ENV_DRIVER).ok()?.parse().ok()?;
     // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
-    (driver.parse::<libc::pid_t>().ok()? == parent).then(|| name.to_string())
+    (driver == unsafe { libc::getppid() }).then_some(driver)
 }
 
 /// Whether this process is running the worker loop.
@@ -59,7 +50,7 @@ pub fn init() {
         // Called again from a task in a worker: the worker loop already runs.
         return;
     }
-    let Some(server) = server_name() else {
+    let Some(driver) = driver_pid() else {
         return;
     };
     IN_WORKER.store(true, Ordering::Relaxed);
@@ -69,7 +60,7 @@ pub fn init() {
     // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     // SAFETY: getppid has no preconditions.
-    if driver_pid() != Some(unsafe { libc::getppid() }) {
+    if driver != unsafe { libc::getppid() } {
         // The driver died before the signal was set: nobody is waiting for this worker.
         std::process::exit(0);
     }
@@ -78,7 +69,7 @@ pub fn init() {
     // just spawned (EPERM is for a session leader); were it to, only the worker is killed.
     // SAFETY: setpgid(0, 0) only changes this process's own group.
     unsafe { libc::setpgid(0, 0) };
-    let code = match handshake(server) {
+    let code = match take_line().and_then(handshake) {
         Err(stop) => {
             if let Some(message) = stop.message {
                 eprintln!("parjob worker (pid {}): {message}", std::process::id());
@@ -97,6 +88,37 @@ pub fn init() {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     std::process::exit(code);
+}
+
+/// Takes the line to the driver (`link`) from standard input, where the driver put it, and
+/// gives the worker's tasks an empty standard input instead (as they had before).
+fn take_line() -> Result<OwnedFd, Stop> {
+    let stdin = std::io::stdin();
+    let is_socket = rustix::fs::fstat(stdin.as_fd()).is_ok_and(|s| {
+        rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Socket
+    });
+    if !is_socket {
+        return Err(Stop::failed(
+            "standard input is not the line to the driver (a worker is started by its driver \
+             only)"
+                .into(),
+        ));
+    }
+    let line = stdin
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Stop::failed(format!("cannot take the line to the driver: {e}")))?;
+    let null = std::fs::File::open("/dev/null")
+        .map_err(|e| Stop::failed(format!("cannot open /dev/null: {e}")))?;
+    // SAFETY: dup2 onto standard input of a descriptor this function owns; `std::io::stdin`
+    // reads descriptor 0 afresh on each read, and nothing reads it while the worker starts.
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } < 0 {
+        return Err(Stop::failed(format!(
+            "cannot give tasks an empty standard input: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(line)
 }
 
 /// Why a worker ends before its frame loop: its exit status, and what it prints (if anything).
@@ -128,14 +150,15 @@ impl Stop {
 struct Connected {
     tasks_rx: IpcBytesReceiver,
     big_tasks_rx: IpcReceiver<Shipment>,
-    results_tx: IpcBytesSender,
-    big_results_tx: IpcSender<IpcSharedMemory>,
+    /// The line to the driver: replies, and result arenas' descriptors.
+    line: OwnedFd,
     board: Board,
     max_nbytes: usize,
 }
 
-/// Greets the driver, authenticates its welcome, runs the initializer and says `READY`.
-fn handshake(server: String) -> Result<Connected, Stop> {
+/// Greets the driver on its line, takes the channels it connects with, authenticates its
+/// welcome, runs the initializer and says `READY`.
+fn handshake(line: OwnedFd) -> Result<Connected, Stop> {
     let index: usize = std::env::var(ENV_INDEX)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -147,34 +170,45 @@ fn handshake(server: String) -> Result<Connected, Stop> {
         })?;
     set_worker_identity(Some((Backend::Process, index)));
     tune_malloc();
-    let (board, board_handle) =
-        Board::new().ok_or_else(|| Stop::failed("cannot make the status board".into()))?;
-    let channel_error = |e: std::io::Error| Stop::failed(format!("cannot make a channel: {e}"));
-    let (tasks_tx, tasks_rx) = ipc::bytes_channel().map_err(channel_error)?;
-    let (big_tasks_tx, big_tasks_rx) = ipc::channel::<Shipment>().map_err(channel_error)?;
-    let (results_tx, results_rx) = ipc::bytes_channel().map_err(channel_error)?;
-    let (big_results_tx, big_results_rx) =
-        ipc::channel::<IpcSharedMemory>().map_err(channel_error)?;
+    // The server the driver connects to: in this user's private directory, like the driver's.
+    crate::spawn::private_socket_root();
+    let (server, name) = IpcOneShotServer::<Shipment>::new()
+        .map_err(|e| Stop::failed(format!("cannot open a server for the driver: {e}")))?;
+    crate::spawn::make_private(std::path::Path::new(&name))
+        .map_err(|why| Stop::failed(format!("refused a server that was not private ({why})")))?;
     let hello = Hello {
         proof: secret.worker.to_bytes(),
+        server: name,
         identity: Identity::current(PROTOCOL).encode(),
-        tasks: tasks_tx,
-        big_tasks: big_tasks_tx,
-        results: results_rx,
-        big_results: big_results_rx,
-        board: board_handle,
     };
-    let door = IpcSender::<Hello>::connect(server)
-        .map_err(|e| Stop::failed(format!("cannot connect to the driver: {e}")))?;
-    door.send(hello)
+    link::send(line.as_fd(), &hello.encode(), None)
         .map_err(|e| Stop::failed(format!("cannot greet the driver: {e}")))?;
-    drop(door);
 
-    // A driver that refuses this worker (another build), or whose handshake failed, drops the
-    // channel.
+    // A driver that refuses this worker (another build) hangs up instead of connecting: the
+    // line's end wakes the wait.
+    let (big_tasks_rx, first) = accept_or_hang_up(server, line.as_fd()).inspect_err(|_| {
+        // The accept thread still holds the server, and `exit` runs no destructor: remove
+        // its socket and directory here.
+        let socket = std::path::Path::new(&hello.server);
+        let _ = std::fs::remove_file(socket);
+        if let Some(dir) = socket.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    })?;
+    // Whoever connected first may not be the driver: nothing it sent is used before the
+    // welcome proves it is.
+    let Shipment::Channels {
+        tasks: tasks_rx,
+        board,
+    } = first
+    else {
+        return Err(Stop::refused(
+            "refused a connection to its server whose first message is not the driver's".into(),
+        ));
+    };
     let welcome = tasks_rx.recv().map_err(|_| {
         Stop::failed(
-            "the driver hung up before its welcome (it refused this worker, or could not take \
+            "the driver hung up before its welcome (it refused this worker, or could not make \
              its channels)"
                 .into(),
         )
@@ -184,16 +218,19 @@ fn handshake(server: String) -> Result<Connected, Stop> {
     let welcome = Welcome::decode(&welcome)
         .and_then(|welcome| welcome.check(&secret.driver).map(|()| welcome))
         .map_err(|e| Stop::refused(format!("refused the driver's welcome: {e}")))?;
+    let board = Board::from_shared(board)
+        .ok_or_else(|| Stop::failed("the driver sent an unusable status board".into()))?;
+    link::send(line.as_fd(), &[WELCOMED], None)
+        .map_err(|e| Stop::failed(format!("cannot reach the driver: {e}")))?;
     let max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
     if let Some(initializer) = welcome.initializer {
         // SAFETY: the welcome proved it comes from this worker's own driver, which sends one
         // only after checking at the handshake that this worker is the same build, and
         // measured this offset with `CodeOffset::of_initializer`.
         if let Err(error) = unsafe { call_initializer(initializer) } {
-            let reply = InitFailed {
-                reason: error.to_string(),
-            };
-            let _ = results_tx.send(&reply.encode());
+            let mut reason = error.to_string();
+            truncate_at_char(&mut reason, InitFailed::MAX_REASON);
+            let _ = link::send(line.as_fd(), &InitFailed { reason }.encode(), None);
             // The driver reports the reason; nothing to add.
             return Err(Stop {
                 code: 0,
@@ -201,17 +238,72 @@ fn handshake(server: String) -> Result<Connected, Stop> {
             });
         }
     }
-    results_tx
-        .send(&[Kind::Ready.byte()])
+    link::send(line.as_fd(), &[Kind::Ready.byte()], None)
         .map_err(|e| Stop::failed(format!("cannot reach the driver: {e}")))?;
     Ok(Connected {
         tasks_rx,
         big_tasks_rx,
-        results_tx,
-        big_results_tx,
+        line,
         board,
         max_nbytes,
     })
+}
+
+/// Shortens `text` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+/// Waits for the first connection to `server`, or for the driver to hang up the line.
+fn accept_or_hang_up(
+    server: IpcOneShotServer<Shipment>,
+    line: BorrowedFd<'_>,
+) -> Result<(IpcReceiver<Shipment>, Shipment), Stop> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("parjob-accept".into())
+        .spawn(move || {
+            let _ = tx.send(server.accept());
+        })
+        .map_err(|e| Stop::failed(format!("cannot start a thread: {e}")))?;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(Ok(accepted)) => return Ok(accepted),
+            Ok(Err(e)) => {
+                return Err(Stop::failed(format!(
+                    "the driver's connection to this worker failed: {e}"
+                )));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Stop::failed(
+                    "ipc-channel failed while accepting the driver's connection".into(),
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // The driver shut its writing side at once (see `link::close_write`); both
+                // sides shut means it hung up.
+                let mut poll = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&line),
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: poll on one valid pollfd, without waiting.
+                let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+                let hung_up = ready > 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0;
+                if hung_up {
+                    return Err(Stop::failed(
+                        "the driver hung up before connecting (it refused this worker)".into(),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// The frame loop: runs frames until the driver says `SHUTDOWN` or goes away.
@@ -219,8 +311,7 @@ fn serve(connected: Connected) -> Result<(), String> {
     let Connected {
         tasks_rx,
         big_tasks_rx,
-        results_tx,
-        big_results_tx,
+        line,
         board,
         max_nbytes,
     } = connected;
@@ -277,18 +368,21 @@ fn serve(connected: Connected) -> Result<(), String> {
             leave();
         }
         let overrun = clock.and_then(TaskClock::finished);
-        let send = finish_done(
+        let (send, new_arena) = finish_done(
             &mut out,
             header.tag,
             busy,
             overrun,
             max_nbytes,
             &mut result_arena,
-            &big_results_tx,
         )?;
-        results_tx
-            .send(&out[..send])
+        // A new result arena goes with its DONE, as a descriptor.
+        let descriptor = new_arena.as_ref().and_then(Arena::descriptor);
+        link::send(line.as_fd(), &out[..send], descriptor)
             .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        if let Some(arena) = new_arena.filter(|a| a.len() <= ARENA_KEEP_MAX) {
+            result_arena = Some(arena);
+        }
         // Only now: the driver takes this for "the DONE is on its way", and if it never
         // arrives (a task wrote stray bytes on the channel), replaces this worker.
         board.frame_done(header.tag.seq);
@@ -445,14 +539,11 @@ mod tests {
     // ------------------------------------------------------------ the handshake, from a driver
 
     use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc;
     use std::time::Duration;
 
-    use ipc_channel::ipc::IpcOneShotServer;
+    use ipc_channel::ipc::{self, IpcBytesSender, IpcSender};
     use parjob_core::Initializer;
     use parjob_remote::{CodeOffset, Nonce};
-
-    use crate::wire::EXIT_HANDSHAKE_FAILED;
 
     /// What the test initializer creates, so that a test can tell whether it was called.
     const ENV_MARK: &str = "PARJOB_TEST_INITIALIZER_MARK";
@@ -469,10 +560,16 @@ mod tests {
         init();
     }
 
-    /// A driver of these tests' own: its server, this test binary started as a worker with
-    /// `secret`, and the worker's Hello.
-    fn start_worker(secret: &HandshakeSecret, mark: &std::path::Path) -> (Child, Hello) {
-        let (server, name) = IpcOneShotServer::<Hello>::new().unwrap();
+    /// A driver of these tests' own: this test binary started as a worker with `secret`, its
+    /// line, and the Hello it sent on it.
+    struct Started {
+        child: Child,
+        line: link::Reader,
+        hello: Hello,
+    }
+
+    fn start_worker(secret: &HandshakeSecret, mark: &std::path::Path) -> Started {
+        let (line, worker_end) = link::pair().unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "worker::tests::worker_entry",
@@ -482,24 +579,35 @@ mod tests {
                 "--test-threads=1",
                 "-q",
             ])
-            .env(ENV_SERVER, format!("{}:{name}", std::process::id()))
+            .env(ENV_DRIVER, std::process::id().to_string())
             .env(ENV_INDEX, "0")
             .env(ENV_SECRET, secret.to_hex())
             .env(ENV_MARK, mark)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(worker_end))
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        // `accept` has no timeout: wait for it on a thread.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(server.accept().map(|(_, hello)| hello));
-        });
-        let hello = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the worker greets within a minute")
+        let mut line = link::Reader::new(std::sync::Arc::new(line)).unwrap();
+        let hello = line
+            .recv(Hello::MAX_LEN)
+            .unwrap()
+            .expect("the worker greets");
+        let hello = Hello::decode(&hello.bytes).unwrap();
+        Started { child, line, hello }
+    }
+
+    /// Connects to the worker's server as its driver would: its channel for messages.
+    fn connect(server: &str) -> (IpcSender<Shipment>, IpcBytesSender) {
+        let big_tasks = IpcSender::<Shipment>::connect(server.to_owned()).unwrap();
+        let (tasks, tasks_rx) = ipc::bytes_channel().unwrap();
+        let (_board, board) = Board::new().unwrap();
+        big_tasks
+            .send(Shipment::Channels {
+                tasks: tasks_rx,
+                board,
+            })
             .unwrap();
-        (child, hello)
+        (big_tasks, tasks)
     }
 
     fn exit_code(mut child: Child) -> Option<i32> {
@@ -536,13 +644,21 @@ mod tests {
     fn a_worker_greets_with_its_secret_and_obeys_a_welcome_that_proves_the_drivers() {
         let secret = HandshakeSecret::random().unwrap();
         let mark = mark_path("obeys");
-        let (child, hello) = start_worker(&secret, &mark);
-        assert_eq!(Nonce::from_bytes(hello.proof), secret.worker);
-        hello.tasks.send(&welcome(secret.driver)).unwrap();
-        assert_eq!(hello.results.recv().unwrap(), [Kind::Ready.byte()]);
+        let mut started = start_worker(&secret, &mark);
+        assert_eq!(Nonce::from_bytes(started.hello.proof), secret.worker);
+        let (_big_tasks, tasks) = connect(&started.hello.server);
+        tasks.send(&welcome(secret.driver)).unwrap();
+        let welcomed = started.line.recv(16).unwrap().unwrap();
+        assert_eq!(
+            welcomed.bytes,
+            [WELCOMED],
+            "it took the welcome for its driver's"
+        );
+        let ready = started.line.recv(16).unwrap().unwrap();
+        assert_eq!(ready.bytes, [Kind::Ready.byte()]);
         assert!(mark.exists(), "the initializer ran");
-        hello.tasks.send(&[Kind::Shutdown.byte()]).unwrap();
-        assert_eq!(exit_code(child), Some(0));
+        tasks.send(&[Kind::Shutdown.byte()]).unwrap();
+        assert_eq!(exit_code(started.child), Some(0));
         let _ = std::fs::remove_file(&mark);
     }
 
@@ -550,11 +666,52 @@ mod tests {
     fn a_worker_refuses_a_welcome_without_its_drivers_proof_and_calls_nothing() {
         let secret = HandshakeSecret::random().unwrap();
         let mark = mark_path("refuses");
-        let (child, hello) = start_worker(&secret, &mark);
-        // A fake driver: it knows the worker's half (it received the Hello), not the driver's.
-        hello.tasks.send(&welcome(secret.worker)).unwrap();
-        assert!(hello.results.recv().is_err(), "no READY, no INIT_FAILED");
-        assert_eq!(exit_code(child), Some(EXIT_REFUSED_DRIVER));
+        let mut started = start_worker(&secret, &mark);
+        // A stranger that reached the worker's server first: it knows the worker's half (it
+        // could have read the Hello), not the driver's.
+        let (_big_tasks, tasks) = connect(&started.hello.server);
+        tasks.send(&welcome(secret.worker)).unwrap();
+        assert!(
+            started.line.recv(16).unwrap().is_none(),
+            "no READY, no INIT_FAILED"
+        );
+        assert_eq!(exit_code(started.child), Some(EXIT_REFUSED_DRIVER));
+        assert!(!mark.exists(), "the initializer was called");
+    }
+
+    #[test]
+    fn a_stranger_that_reaches_the_workers_server_first_with_forged_bytes_gets_nothing_run() {
+        let secret = HandshakeSecret::random().unwrap();
+        let mark = mark_path("forged");
+        let mut started = start_worker(&secret, &mark);
+        // What ipc-channel's receive would take for a message of 2^46 bytes, and more noise,
+        // from a raw socket of the kind ipc-channel listens with.
+        // SAFETY: plain socket calls on a descriptor this test owns, with valid buffers.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (to, from) in addr.sun_path.iter_mut().zip(started.hello.server.bytes()) {
+                *to = from as libc::c_char;
+            }
+            let connected = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            );
+            assert_eq!(connected, 0, "{}", std::io::Error::last_os_error());
+            let mut forged = (1u64 << 46).to_le_bytes().to_vec();
+            forged.extend([0xff; 56]);
+            libc::send(fd, forged.as_ptr().cast(), forged.len(), 0);
+            libc::close(fd);
+        }
+        assert!(
+            started.line.recv(16).unwrap().is_none(),
+            "no WELCOMED, no READY"
+        );
+        let code = exit_code(started.child);
+        assert_ne!(code, Some(0), "a failed handshake is never status 0");
         assert!(!mark.exists(), "the initializer was called");
     }
 
@@ -562,9 +719,41 @@ mod tests {
     fn a_worker_whose_driver_hangs_up_before_its_welcome_exits_75_not_0() {
         let secret = HandshakeSecret::random().unwrap();
         let mark = mark_path("hangs-up");
-        let (child, hello) = start_worker(&secret, &mark);
-        drop(hello);
-        assert_eq!(exit_code(child), Some(EXIT_HANDSHAKE_FAILED));
+        let started = start_worker(&secret, &mark);
+        let channels = connect(&started.hello.server);
+        drop(channels);
+        assert_eq!(exit_code(started.child), Some(EXIT_HANDSHAKE_FAILED));
         assert!(!mark.exists());
+    }
+
+    #[test]
+    fn a_worker_whose_driver_hangs_up_instead_of_connecting_exits_75() {
+        let secret = HandshakeSecret::random().unwrap();
+        let mark = mark_path("never-connects");
+        let started = start_worker(&secret, &mark);
+        let Started { child, line, hello } = started;
+        // The driver refused the Hello (another build, say): it never connects, and closes
+        // the line. The worker's server goes with it.
+        drop(line);
+        assert_eq!(exit_code(child), Some(EXIT_HANDSHAKE_FAILED));
+        assert!(
+            !std::path::Path::new(&hello.server).exists(),
+            "the worker's server was removed"
+        );
+    }
+
+    #[test]
+    fn a_hello_survives_the_round_trip_and_a_short_one_is_an_error() {
+        let hello = Hello {
+            proof: [3; 16],
+            server: "/tmp/parjob-0/.tmpAbc/socket".into(),
+            identity: vec![1, 2, 3],
+        };
+        let bytes = hello.encode();
+        assert_eq!(Hello::decode(&bytes), Ok(hello));
+        for cut in 0..19 {
+            assert!(Hello::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(Hello::decode(&[Kind::Ready.byte(); 40]).is_err());
     }
 }

@@ -375,6 +375,10 @@ pub struct InitFailed {
 }
 
 impl InitFailed {
+    /// The longest reason a worker sends, in bytes (a longer one is cut at a character
+    /// boundary): the driver refuses longer messages from a worker before the first frame.
+    pub const MAX_REASON: usize = 16 << 10;
+
     /// The message.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + self.reason.len());
