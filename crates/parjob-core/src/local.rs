@@ -225,7 +225,12 @@ impl<T: LocalTask> LocalBatch<T> {
         let tasks = std::mem::take(&mut self.tasks);
         let mut outcomes = Vec::with_capacity(tasks.len());
         match ready {
-            Err(error) => outcomes.push(Err(error)),
+            Err(error) => {
+                // Before the outcomes are sent: once they are, the caller may free what the
+                // tasks borrow.
+                drop(tasks);
+                outcomes.push(Err(error));
+            }
             Ok(()) => {
                 for (position, task) in tasks.into_iter().enumerate() {
                     let index = self.first + position;
