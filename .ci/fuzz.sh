@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzz smoke: every fuzz target under fuzz/ runs for FUZZ_SECONDS (20 by default; 60 s in all for the three targets) from its
+# Fuzz smoke: every fuzz target under fuzz/ runs for FUZZ_SECONDS (20 by default; 80 s in all for the four targets) from its
 # committed corpus, with libFuzzer's allocation limit so that a decoder allocating far beyond
 # its input fails as surely as one that panics. The targets are built with the coverage flags
 # `cargo fuzz` uses, without its sanitizer, so CI needs no cargo-fuzz install and no nightly;
