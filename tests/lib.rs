@@ -103,7 +103,7 @@ fn read_in_background(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receive
 }
 
 /// Where a test runs its tasks: one of parjob's backends, or a pool of the test's own handed to
-/// [`Parallel::with_pool`], which must behave the same (ordering, laziness, failures).
+/// [`parjob::Parallel::with_pool`], which must behave the same (ordering, laziness, failures).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// A built-in backend.

@@ -25,5 +25,7 @@ mod process;
 mod handshake;
 // Process faults: supervisor panics, failed restarts, forks, cut memory, random kills, 64 fds.
 mod faults;
+// API docs: examples of re-exported items use `parjob::` paths.
+mod docs;
 // Memory: stored results in runs, keys, versions, failures, eviction, SIGKILL-resume, two drivers.
 mod memory;

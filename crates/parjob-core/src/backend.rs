@@ -11,7 +11,7 @@ use crate::Error;
 /// name back.
 ///
 /// ```
-/// use parjob_core::Backend;
+/// use parjob::Backend;
 /// assert_eq!("threads".parse::<Backend>().unwrap(), Backend::Threading);
 /// assert_eq!("loky".parse::<Backend>().unwrap(), Backend::Process);
 /// assert_eq!(Backend::Process.to_string(), "process");
@@ -23,7 +23,7 @@ use crate::Error;
 pub enum Backend {
     /// One task after another on the calling thread: for debugging and `n_jobs = 1`.
     Sequential,
-    /// A pool of `n_jobs` threads in this process (rayon). The default (`Backend::default()`,
+    /// A pool of up to `n_jobs` threads in this process, started as work arrives. The default (`Backend::default()`,
     /// and what a `Parallel` uses when neither `.backend(..)` nor `PARJOB_BACKEND` says).
     #[default]
     Threading,

@@ -24,7 +24,8 @@ use crate::pool::{CANCELLED_BEFORE_START, Completion, Job, Pool, Reply, RunContr
 use crate::{Error, Task};
 
 /// The outcome of one task submitted on its own, available once the task is done:
-/// `concurrent.futures.Future` for parjob. Made by `Executor::submit` (or [`submit`]).
+/// `concurrent.futures.Future` for parjob. Made by `parjob::Executor::submit` (an executor
+/// runs on a pool of your own too: `Executor::from_parallel(Parallel::new(n).with_pool(pool))`).
 ///
 /// Wait for it with [`result`](Future::result), [`result_timeout`](Future::result_timeout),
 /// [`wait`](Future::wait), [`as_completed`] or [`wait`](crate::wait); look without blocking
@@ -39,21 +40,25 @@ use crate::{Error, Task};
 /// waits, as in Python.
 ///
 /// ```
-/// use parjob_core::{delayed, submit, SequentialPool};
+/// use parjob::{delayed, Backend, Executor};
 ///
 /// fn half(x: u32) -> u32 { assert!(x % 2 == 0, "{x} is odd"); x / 2 }
-/// let even = submit(&SequentialPool, 0, delayed(half, 8));
-/// let odd = submit(&SequentialPool, 1, delayed(half, 7));
+///
+/// let executor = Executor::new(2).backend(Backend::Threading);
+/// let even = executor.submit(delayed(half, 8)); // task 0
+/// let odd = executor.submit(delayed(half, 7)); // task 1
 /// assert_eq!(even.result(), Ok(4));
-/// assert!(odd.error().unwrap().to_string().starts_with("task 1 panicked: 7 is odd"));
+/// let error = odd.error().expect("7 is odd, so task 1 failed");
+/// assert!(error.to_string().starts_with("task 1 panicked: 7 is odd"));
 /// ```
 ///
 /// [`result`](Future::result) takes the future, so the value cannot be asked for twice:
 ///
 /// ```compile_fail
-/// use parjob_core::{delayed, submit, SequentialPool};
+/// use parjob::{delayed, Executor};
 /// fn half(x: u32) -> u32 { x / 2 }
-/// let future = submit(&SequentialPool, 0, delayed(half, 8));
+/// let executor = Executor::new(2);
+/// let future = executor.submit(delayed(half, 8));
 /// let value = future.result();
 /// let again = future.result(); // error: use of moved value `future`
 /// ```
@@ -518,18 +523,18 @@ impl Notifier {
 /// executors and backends.
 ///
 /// ```
-/// use std::sync::Arc;
-/// use parjob_core::{as_completed, delayed, submit, SequentialPool};
+/// use parjob::{as_completed, delayed, Backend, Executor};
 ///
 /// fn square(x: u64) -> u64 { x * x }
-/// let pool = SequentialPool;
-/// let futures: Vec<_> = (0..3).map(|i| submit(&pool, i, delayed(square, i as u64))).collect();
+///
+/// let executor = Executor::new(2).backend(Backend::Threading);
+/// let futures: Vec<_> = (0..3u64).map(|i| executor.submit(delayed(square, i))).collect();
 /// let mut total = 0;
 /// for future in as_completed(futures) {
 ///     total += future.result()?;
 /// }
 /// assert_eq!(total, 5);
-/// # Ok::<(), parjob_core::Error>(())
+/// # Ok::<(), parjob::Error>(())
 /// ```
 pub fn as_completed<R>(futures: impl IntoIterator<Item = Future<R>>) -> AsCompleted<R> {
     let futures: Vec<Option<Future<R>>> = futures.into_iter().map(Some).collect();
@@ -606,10 +611,12 @@ pub struct Waited<R> {
 /// backends.
 ///
 /// ```
-/// use parjob_core::{delayed, submit, wait, SequentialPool, Until};
+/// use parjob::{delayed, wait, Backend, Executor, Until};
 ///
 /// fn square(x: u64) -> u64 { x * x }
-/// let futures = (0..3).map(|i| submit(&SequentialPool, i, delayed(square, i as u64)));
+///
+/// let executor = Executor::new(2).backend(Backend::Threading);
+/// let futures = (0..3u64).map(|i| executor.submit(delayed(square, i)));
 /// let waited = wait(futures, Until::AllCompleted);
 /// assert_eq!((waited.done.len(), waited.not_done.len()), (3, 0));
 /// ```

@@ -28,7 +28,7 @@ fn read_cpu_count() -> usize {
 /// `n_jobs == 0` is [`Error::InvalidNJobs`].
 ///
 /// ```
-/// use parjob_core::{cpu_count, effective_n_jobs};
+/// use parjob::{cpu_count, effective_n_jobs};
 /// assert_eq!(effective_n_jobs(3).unwrap(), 3);
 /// assert_eq!(effective_n_jobs(-1).unwrap(), cpu_count());
 /// assert!(effective_n_jobs(0).is_err());

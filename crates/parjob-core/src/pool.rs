@@ -242,7 +242,8 @@ impl Drop for Job {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use parjob_core::{delayed, run, Job, Pool, RunOptions};
+/// use parjob::pool::{Job, Pool};
+/// use parjob::{delayed, Parallel};
 ///
 /// /// Runs every batch on a new thread.
 /// struct ThreadPerBatch;
@@ -254,9 +255,10 @@ impl Drop for Job {
 /// }
 ///
 /// fn square(x: u64) -> u64 { x * x }
-/// let out = run(Arc::new(ThreadPerBatch), (0..100u64).map(|i| delayed(square, i)), &RunOptions::default())?;
+/// let parallel = Parallel::new(4).with_pool(Arc::new(ThreadPerBatch));
+/// let out = parallel.run((0..100u64).map(|i| delayed(square, i)))?;
 /// assert_eq!(out[9], 81);
-/// # Ok::<(), parjob_core::Error>(())
+/// # Ok::<(), parjob::Error>(())
 /// ```
 pub trait Pool: Send + Sync {
     /// How many jobs run at once.

@@ -137,15 +137,15 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
 /// behaves the same (an `Arc`).
 ///
 /// ```
-/// use parjob_core::SharedSlice; // `parjob::SharedSlice` in the parjob crate
+/// use parjob::{delayed, Parallel, SharedSlice};
 ///
 /// fn total(part: SharedSlice<f64>) -> f64 { part.iter().sum() }
 ///
 /// let data = SharedSlice::from(vec![1.0, 2.0, 3.0, 4.0]);
-/// // With parjob: parallel.run(data.chunks(2).map(|part| parjob::delayed(total, part)))
-/// let sums: Vec<f64> = data.chunks(2).map(total).collect();
+/// let sums = Parallel::new(2).run(data.chunks(2).map(|part| delayed(total, part)))?;
 /// assert_eq!(sums, [3.0, 7.0]);
 /// assert_eq!(&data[1..3], &[2.0, 3.0]);
+/// # Ok::<(), parjob::Error>(())
 /// ```
 ///
 /// Return big results from tasks as a `Vec<T>`: a `SharedSlice` returned by a task travels by

@@ -143,9 +143,51 @@ impl<F, A: std::fmt::Debug, M> std::fmt::Debug for Delayed<F, A, M> {
 /// Captures a call of `func` on `args` to run later, joblib's `delayed(f)(x)`.
 ///
 /// A one-parameter function takes `args` whole; a function of several parameters takes a
-/// tuple spread over them; a function of none takes `()`. [`TaskFn`] is the bound that says
-/// so: it is implemented for every `Fn` of 0 to 8 parameters that is `Copy + Send + Sync +
-/// 'static`, and its `Marker` parameter, inferred, only tells the two forms apart.
+/// tuple spread over them; a function of none takes `()`.
+///
+/// ```
+/// use parjob::{delayed, Parallel, Task};
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// fn add(a: i32, b: i32) -> i32 { a + b }
+/// fn answer() -> u8 { 42 }
+///
+/// assert_eq!(delayed(square, 3).call(), 9); // `call` runs it here and now
+/// assert_eq!(delayed(add, (1, 2)).call(), 3);
+/// assert_eq!(delayed(answer, ()).call(), 42);
+/// let squares = Parallel::new(2).run((0..4u64).map(|i| delayed(square, i)))?;
+/// assert_eq!(squares, [0, 1, 4, 9]);
+/// # Ok::<(), parjob::Error>(())
+/// ```
+///
+/// # Reading the signature
+///
+/// `F: TaskFn<A, M>` says "`func` can be called with `args`". [`TaskFn`] is implemented for
+/// every `Fn` of 0 to 8 parameters that is `Copy + Send + Sync + 'static`: a `fn` item, a
+/// closure that captures only `Copy` values, a function pointer. `M` is a marker the compiler
+/// infers and you never write: [`Whole`] when `func` takes `args` as its one parameter,
+/// [`Spread<N>`](Spread) when `func` takes `N` parameters and `args` is an `N`-tuple. It
+/// exists only so that both forms can be implemented without overlapping (a one-parameter
+/// function of a tuple would otherwise match both). When the call does not fit, the compiler
+/// says "cannot be called by `delayed` with ..." and lists the forms.
+///
+/// The result, [`Delayed<F, A, M>`](Delayed), is a [`Task`] when `A` and the function's
+/// output are owned `serde` types. To name it in a signature of your own, write
+/// `impl Task<Output = R>`:
+///
+/// ```
+/// use parjob::{delayed, Parallel, Task};
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// fn squares(n: u64) -> impl Iterator<Item = impl Task<Output = u64>> {
+///     (0..n).map(|i| delayed(square, i))
+/// }
+/// assert_eq!(Parallel::new(2).run(squares(3))?, [0, 1, 4]);
+/// # Ok::<(), parjob::Error>(())
+/// ```
+///
+/// Borrowed arguments (`&[T]`, `&str`) and results that are not `serde` types are not a
+/// `Task`; run such calls with `Parallel::run_local` on threads.
 ///
 /// # In worker processes
 ///
@@ -156,16 +198,6 @@ impl<F, A: std::fmt::Debug, M> std::fmt::Debug for Delayed<F, A, M> {
 /// refused even when they capture nothing, because a closure capturing only zero-sized
 /// values looks the same, and the worker would have to conjure those values. Closures work on
 /// the threading and sequential backends.
-///
-/// ```
-/// use parjob_core::{delayed, Task};
-/// fn square(x: u64) -> u64 { x * x }
-/// fn add(a: i32, b: i32) -> i32 { a + b }
-/// fn answer() -> u8 { 42 }
-/// assert_eq!(delayed(square, 3).call(), 9);
-/// assert_eq!(delayed(add, (1, 2)).call(), 3);
-/// assert_eq!(delayed(answer, ()).call(), 42);
-/// ```
 pub fn delayed<F, A, M>(func: F, args: A) -> Delayed<F, A, M>
 where
     F: TaskFn<A, M>,

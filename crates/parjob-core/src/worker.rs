@@ -29,7 +29,7 @@ thread_local! {
 /// Tells a task where it runs: backend, worker index, process id and thread name.
 ///
 /// ```
-/// let info = parjob_core::worker_info();
+/// let info = parjob::worker_info();
 /// assert_eq!(info.pid, std::process::id());
 /// assert_eq!(info.worker, None); // not inside a parjob worker
 /// ```
