@@ -216,6 +216,11 @@ struct FlakyExe {
 
 impl FlakyExe {
     fn new(name: &str) -> FlakyExe {
+        FlakyExe::failing_with(name, "exit 1")
+    }
+
+    /// One whose failed starts end with the shell command `fail` (e.g. `kill -9 $$`).
+    fn failing_with(name: &str, fail: &str) -> FlakyExe {
         let dir = std::env::temp_dir().join(format!("parjob-faults-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -227,7 +232,7 @@ impl FlakyExe {
             &script,
             format!(
                 "#!/bin/sh\nn=$(cat '{counter}')\nif [ \"$n\" -gt 0 ]; then\n  echo $((n - 1)) > \
-                 '{counter}'\n  exit 1\nfi\nexec '{exe}' \"$@\"\n",
+                 '{counter}'\n  {fail}\nfi\nexec '{exe}' \"$@\"\n",
                 counter = counter.display(),
                 exe = exe.display()
             ),
@@ -283,6 +288,22 @@ fn a_replacement_that_fails_to_start_is_tried_again_and_only_the_crash_is_report
                 other => panic!("task {i}: {other:?}"),
             }
         }
+    });
+}
+
+#[test]
+fn a_worker_killed_during_its_start_is_started_again_not_taken_for_a_program_without_init() {
+    let exe = FlakyExe::failing_with("killed", "kill -9 $$");
+    let script = exe.script.clone();
+    let exe = Arc::new(exe);
+    let flaky = Arc::clone(&exe);
+    within(HUNG, move || {
+        // The first two starts of the pool's worker are killed (a stray kill, the OOM killer):
+        // a start killed by a signal is tried again, and says nothing about init().
+        flaky.fail_next(2);
+        let parallel = processes(1).worker_exe(&script);
+        let out = parallel.run((0..4u64).map(|i| delayed(square, i)));
+        assert_eq!(out.unwrap(), [0, 1, 4, 9]);
     });
 }
 
@@ -536,6 +557,180 @@ fn child_forges_on_sockets() {
             "{text}"
         );
     }
+}
+
+/// The worker's line to its driver: its only stream socket (ipc-channel's are `SOCK_SEQPACKET`).
+fn my_line() -> libc::c_int {
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        let mut kind: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a descriptor of this process with a valid out-buffer.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&raw mut kind).cast(),
+                &mut len,
+            )
+        };
+        if got == 0 && kind == libc::SOCK_STREAM {
+            return fd;
+        }
+    }
+    panic!("no line to the driver");
+}
+
+/// Sends `message` on the line as parjob frames it, with `fd` attached if given.
+fn send_on_line(line: libc::c_int, message: &[u8], fd: Option<libc::c_int>) -> bool {
+    let mut framed = (message.len() as u64).to_le_bytes().to_vec();
+    framed.extend_from_slice(message);
+    // SAFETY: sendmsg on a descriptor of this process with valid buffers; a control buffer of
+    // one SCM_RIGHTS message built with the CMSG macros, when there is a descriptor.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: framed.as_mut_ptr().cast(),
+            iov_len: framed.len(),
+        };
+        let space = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+        }
+        libc::sendmsg(line, &header, libc::MSG_NOSIGNAL) == framed.len() as isize
+    }
+}
+
+/// A `DONE` of frame (`generation`, `seq`) whose outcomes, `len` bytes, are in a new result
+/// arena sent with it (parjob-remote's layout: `[6][flags][busy u64][arena len u64]
+/// [generation u64][seq u64][overrun u32]`; flags 2 = in an arena, 4 = a new one).
+fn done_in_new_arena(generation: u64, seq: u64, len: u64) -> Vec<u8> {
+    let mut done = vec![6u8, 2 | 4];
+    done.extend_from_slice(&0u64.to_le_bytes());
+    done.extend_from_slice(&len.to_le_bytes());
+    done.extend_from_slice(&generation.to_le_bytes());
+    done.extend_from_slice(&seq.to_le_bytes());
+    done.extend_from_slice(&0u32.to_le_bytes());
+    done
+}
+
+/// A memfd sealed against shrinking, as parjob's result arenas are.
+fn sealed_memfd() -> libc::c_int {
+    // SAFETY: memfd_create with a valid C string; ftruncate and fcntl on the new descriptor.
+    unsafe {
+        let fd = libc::memfd_create(
+            c"forged".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, 4096), 0);
+        assert_eq!(libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK), 0);
+        fd
+    }
+}
+
+/// Returns at once, leaving a thread that, once the driver is idle, floods the line with
+/// `messages` messages of 1 MiB (each under the line's limit) and as many `DONE`s that each
+/// bring a result arena: what piles up in a driver that reads whatever comes.
+fn flood_the_line_later(messages: u32) -> u32 {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let line = my_line();
+        let arena = sealed_memfd();
+        let big = vec![0x40u8; 1 << 20];
+        for _ in 0..messages {
+            if !send_on_line(line, &big, None)
+                || !send_on_line(line, &done_in_new_arena(1, 1, 0), Some(arena))
+            {
+                break;
+            }
+        }
+    });
+    1
+}
+
+fn driver_rss_and_descriptors() -> (u64, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    (rss, fds)
+}
+
+#[test]
+fn a_task_that_floods_its_line_while_the_pool_is_idle_cannot_grow_the_driver() {
+    run_child_test("faults::child_floods_the_line", &[]);
+}
+
+#[test]
+#[ignore = "run by a_task_that_floods_its_line_while_the_pool_is_idle_cannot_grow_the_driver"]
+fn child_floods_the_line() {
+    let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+    check_next_run(&parallel);
+    let (rss_before, fds_before) = driver_rss_and_descriptors();
+    assert_eq!(
+        parallel.run([delayed(flood_the_line_later, 1000)]).unwrap(),
+        [1]
+    );
+    // Idle: nobody asks the worker for anything. Before the fix the driver read on, about
+    // 200 MB a second, and kept a descriptor and a mapping per forged DONE.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (rss_after, fds_after) = driver_rss_and_descriptors();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "the driver grew from {rss_before} kB to {rss_after} kB"
+    );
+    assert!(
+        fds_after < fds_before + 16,
+        "the driver went from {fds_before} to {fds_after} descriptors"
+    );
+    // The flooding worker is replaced and the pool goes on.
+    check_next_run(&parallel);
+}
+
+/// Sends, on the line, a `DONE` for the first frame of a fresh pool's worker (generation 1,
+/// frame 1: this one) before its real one, then lingers: the real `DONE` comes after the
+/// driver took the forged one, while it already waits for the next frame.
+fn forge_my_done_and_linger(ms: u64) -> u64 {
+    let line = my_line();
+    assert!(send_on_line(
+        line,
+        &done_in_new_arena(1, 1, 0),
+        Some(sealed_memfd())
+    ));
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn a_late_reply_of_an_earlier_frame_is_not_blamed_on_the_next_frames_task() {
+    within(HUNG, || {
+        let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+        // The forged DONE holds no outcome: its task fails, as a task may fail its own frame.
+        assert!(
+            parallel
+                .run([delayed(forge_my_done_and_linger, 300)])
+                .is_err()
+        );
+        // Sent while the worker still runs the first frame; the first frame's real DONE then
+        // arrives before any task of this one started: the frame goes to a fresh worker.
+        check_next_run(&parallel);
+    });
 }
 
 #[test]

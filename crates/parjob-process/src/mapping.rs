@@ -116,6 +116,13 @@ impl Arena {
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
             return Err("it is not shared memory".into());
         }
+        // A worker of this build seals its arenas: one that is not sealed could be cut short
+        // under the driver (survived, see `Watch`, but never needed).
+        let seals =
+            rustix::fs::fcntl_get_seals(&fd).map_err(|e| format!("it has no seals: {e}"))?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err("it is not sealed against shrinking".into());
+        }
         let len = usize::try_from(stat.st_size)
             .map_err(|_| format!("it claims a size of {} bytes", stat.st_size))?;
         let memfd = Memfd::map(fd, len).map_err(|e| format!("cannot map it: {e}"))?;
@@ -528,9 +535,17 @@ mod tests {
     }
 
     #[test]
-    fn a_descriptor_that_is_not_shared_memory_is_refused() {
+    fn a_descriptor_that_is_not_sealed_shared_memory_is_refused() {
         let (a, _b) = crate::link::pair().unwrap();
         let refused = Arena::adopt(a).err().unwrap();
         assert!(refused.contains("not shared memory"), "{refused}");
+        let unsealed =
+            rustix::fs::memfd_create("parjob-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&unsealed, 4096).unwrap();
+        let refused = Arena::adopt(unsealed).err().unwrap();
+        assert!(
+            refused.contains("sealed") || refused.contains("seals"),
+            "{refused}"
+        );
     }
 }

@@ -112,6 +112,11 @@ pub(crate) struct Worker {
     pub(crate) segments: SentSegments,
     /// The worker's line to the driver, which its reader thread reads.
     line: Arc<OwnedFd>,
+    /// How many more messages the worker may send on its line (see [`Allowance`]).
+    allowance: Arc<Allowance>,
+    /// The worker's one-shot server, removed (if it is still there) when this is dropped: a
+    /// worker killed in its handshake cannot remove it itself.
+    server: String,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
@@ -119,6 +124,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
+    /// The worker is sent a frame: it may send one more message, its `DONE`.
+    pub(crate) fn expect_reply(&self) {
+        self.allowance.grant(1);
+    }
+
     /// Ends the worker's line for every process holding it: its reader thread stops at once,
     /// even if a process the worker started (and that escaped its kill) still holds the line.
     pub(crate) fn hang_up(&self) {
@@ -128,6 +138,38 @@ impl Worker {
     /// Waits (briefly) until the dead worker's last output has been forwarded.
     pub(crate) fn wait_for_output(&self) {
         wait_for_output(&self.output_done);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.server.is_empty() {
+            remove_server(Path::new(&self.server));
+        }
+    }
+}
+
+/// How many more messages a worker may send on its line: a worker of this build sends one
+/// `DONE` per `RUN` (and two messages in its handshake), so its reader stops, and the worker
+/// is replaced, once it has read more than the driver asked for plus [`Allowance::SLACK`]
+/// (which leaves room for the stray reply of a forked task, reported as such).
+pub(crate) struct Allowance(std::sync::atomic::AtomicI64);
+
+impl Allowance {
+    /// Messages beyond those asked for that are still read (and judged by the supervisor).
+    const SLACK: i64 = 4;
+
+    fn new(asked: i64) -> Allowance {
+        Allowance(std::sync::atomic::AtomicI64::new(asked + Allowance::SLACK))
+    }
+
+    fn grant(&self, messages: i64) {
+        self.0.fetch_add(messages, Ordering::AcqRel);
+    }
+
+    /// Takes one message's allowance; `false` if there is none left.
+    fn take(&self) -> bool {
+        self.0.fetch_sub(1, Ordering::AcqRel) > 0
     }
 }
 
@@ -327,6 +369,9 @@ impl Starter<'_> {
         pending.waiting = true;
         let tx = self.events_tx.clone();
         let reader_line = Arc::clone(&line);
+        // Its WELCOMED, and its READY or INIT_FAILED, and some slack.
+        let allowance = Arc::new(Allowance::new(2));
+        let reader_allowance = Arc::clone(&allowance);
         let limit = options
             .max_nbytes
             .saturating_add(DoneHeader::LEN)
@@ -335,7 +380,14 @@ impl Starter<'_> {
             // Nothing in it is expected to panic; were it to, the supervisor hears of it
             // rather than waiting for a reply that will never come.
             let end = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                read_line(reader_line, generation, attempt, limit, &tx)
+                read_line(
+                    reader_line,
+                    &reader_allowance,
+                    generation,
+                    attempt,
+                    limit,
+                    &tx,
+                )
             }))
             .unwrap_or_else(|panic| Event::Broken {
                 generation,
@@ -399,6 +451,11 @@ impl Starter<'_> {
                                 "its handshake failed ({status}; its stderr says why)"
                             )))
                         }
+                        // Killed from outside (a task of another worker, the OOM killer, a
+                        // stray kill): nothing says the program cannot become a worker.
+                        WorkerExit::Signaled(_) => Failed::Retry(worker_error(format!(
+                            "was killed during its start ({status})"
+                        ))),
                         _ => Failed::Final(worker_error(ended_before_handshake(&status))),
                     });
                 }
@@ -475,7 +532,6 @@ impl Starter<'_> {
                     "cannot send the worker its channels: {e}"
                 )))
             })?;
-        pending.server = None;
         let welcome = Welcome {
             max_nbytes: options.max_nbytes as u64,
             initializer: self.settings.initializer,
@@ -560,6 +616,8 @@ impl Starter<'_> {
             board,
             child,
             line,
+            allowance,
+            server: pending.server.take().unwrap_or_default(),
             tasks_run: 0,
             output_done,
             task_arena: None,
@@ -583,6 +641,7 @@ const MAX_MESSAGE: usize = (1 << 32) + DoneHeader::LEN;
 /// closed, or something on it that no worker of this build sends.
 fn read_line(
     line: Arc<OwnedFd>,
+    allowance: &Allowance,
     generation: u64,
     attempt: u32,
     limit: usize,
@@ -614,6 +673,16 @@ fn read_line(
             Ok(None) => return Event::Disconnected { generation },
             Err(e) => return broken(e.to_string()),
         };
+        // Read no further than the driver asked: what a stray writer (a thread or process a
+        // task left behind) sends while nobody listens would otherwise pile up in the driver,
+        // each message with its memory and perhaps a descriptor and a mapping.
+        if !allowance.take() {
+            return broken(
+                "sent more messages on its line than it was asked for (something other than \
+                 parjob wrote on it: a task?)"
+                    .into(),
+            );
+        }
         let announces_arena = Kind::of(&message.bytes) == Ok(Kind::Done)
             && DoneHeader::decode(&message.bytes).is_ok_and(|(done, _)| done.new_arena);
         // A descriptor that comes with any other message is closed here (dropped).
@@ -730,7 +799,7 @@ impl Drop for Pending<'_> {
 /// worker named is never trusted further.
 fn remove_server(socket: &Path) {
     let Some(dir) = socket.parent() else { return };
-    let in_our_root = dir.parent() == Some(tempfile::env::temp_dir().as_path());
+    let in_our_root = dir.parent() == Some(private_root().as_path());
     let plain_name = socket.file_name() == Some("socket".as_ref())
         && dir
             .file_name()
@@ -767,11 +836,18 @@ pub(crate) fn private_socket_root() {
     });
 }
 
+/// `$TMPDIR/parjob-<uid>`: where workers open their servers (see [`private_socket_root`]).
+fn private_root() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::env::temp_dir().join(format!("parjob-{me}"))
+}
+
 fn point_tempfile_at_private_root() -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let root = std::env::temp_dir().join(format!("parjob-{me}"));
+    let root = private_root();
     match std::fs::DirBuilder::new().mode(0o700).create(&root) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

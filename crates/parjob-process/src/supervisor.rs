@@ -509,6 +509,7 @@ impl Supervisor {
             self.settings.options.max_nbytes,
         );
         worker.board.reset();
+        worker.expect_reply();
         let first_index = job.batch().first_index() + range.start;
         if worker.board.is_cut()
             || (in_arena && worker.task_arena.as_ref().is_some_and(|a| a.is_cut()))
@@ -674,6 +675,23 @@ impl Supervisor {
     ) -> FrameEnd {
         let header = match DoneHeader::decode(&bytes) {
             Ok((header, _)) if header.tag == tag => header,
+            Ok((header, _))
+                if header.tag.generation == tag.generation && header.tag.seq < tag.seq =>
+            {
+                // The reply of an earlier frame: the worker was still running it when this one
+                // was sent (something else wrote a DONE for it on its line, which the driver
+                // took). No task of this frame is to blame: it goes to a fresh worker.
+                let pid = self.worker.as_ref().map_or(0, |w| w.pid);
+                self.discard_worker();
+                return FrameEnd::Lost {
+                    pid,
+                    status: WorkerExit::Lost(format!(
+                        "replaced: it answered frame {} of generation {} after frame {} was sent \
+                         (something other than parjob wrote on its line: a task?)",
+                        header.tag.seq, header.tag.generation, tag.seq
+                    )),
+                };
+            }
             Ok((header, _)) => {
                 // Another process shares the worker's channels (a task forked, and the copy
                 // answered too): never take its reply for this frame's.
