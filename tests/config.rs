@@ -156,3 +156,30 @@ fn child_env_n_jobs_zero() {
     let err = Parallel::new(0).effective_n_jobs().unwrap_err();
     assert!(!err.to_string().contains("PARJOB_N_JOBS"), "{err}");
 }
+
+#[test]
+fn n_jobs_takes_a_usize_or_u32_count() {
+    let half: usize = cpu_count().div_ceil(2);
+    assert_eq!(Parallel::new(half).effective_n_jobs(), Ok(half));
+    assert_eq!(Parallel::new(3u32).effective_n_jobs(), Ok(3));
+    assert_eq!(parjob::Executor::new(2usize).effective_n_jobs(), Ok(2));
+    let out = Parallel::new(4usize)
+        .backend(Backend::Threading)
+        .run((0..8u32).map(|i| delayed(identity, i)))
+        .unwrap();
+    assert_eq!(out, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_usize_count_beyond_any_backend_is_an_error_not_a_panic() {
+    let err = Parallel::new(usize::MAX)
+        .backend(Backend::Threading)
+        .run((0..3u32).map(|i| delayed(identity, i)))
+        .unwrap_err();
+    assert!(matches!(err, Error::TooManyWorkers { .. }), "{err:?}");
+    let zero = Parallel::new(0usize).effective_n_jobs().unwrap_err();
+    assert!(
+        matches!(zero, Error::InvalidNJobs { value: 0, .. }),
+        "{zero:?}"
+    );
+}

@@ -1012,3 +1012,179 @@ fn a_future_prints_its_state() {
         "Future { index: 0, state: \"finished\" }"
     );
 }
+
+#[test]
+fn a_done_callback_runs_once_the_task_is_done_and_leaves_the_value() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let future = executor.submit(delayed(gated, id));
+    let (sender, called) = mpsc::channel();
+    future.add_done_callback(move |done: Future<u64>| {
+        let _ = sender.send((done.is_done(), done.error()));
+    });
+    gate.wait_until(|s| s.started == 1);
+    assert!(
+        called.try_recv().is_err(),
+        "called before the task was done"
+    );
+    gate.open();
+    assert_eq!(called.recv_timeout(WAIT_LIMIT), Ok((true, None)));
+    // The callback looked at the outcome without taking it.
+    assert_eq!(future.result(), Ok(id));
+}
+
+#[test]
+fn a_done_callback_can_take_the_value() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(2).backend(backend);
+        let (sender, results) = mpsc::channel();
+        for i in 0..5u64 {
+            let sender = sender.clone();
+            // The future itself is dropped at once: the callback still runs.
+            executor
+                .submit(delayed(square, i))
+                .add_done_callback(move |done| {
+                    let _ = sender.send(done.result());
+                });
+        }
+        drop(sender);
+        let mut squares: Vec<u64> = results
+            .iter()
+            .map(|r| r.expect("each task succeeds"))
+            .collect();
+        squares.sort_unstable();
+        assert_eq!(squares, [0, 1, 4, 9, 16], "{backend}");
+    }
+}
+
+#[test]
+fn a_done_callback_on_a_done_future_runs_at_once_on_the_calling_thread() {
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let future = executor.submit(delayed(square, 3));
+    future.wait();
+    let here = std::thread::current().id();
+    let ran_on = Arc::new(Mutex::new(None));
+    let record = Arc::clone(&ran_on);
+    future.add_done_callback(move |_| {
+        *record.lock().unwrap() = Some(std::thread::current().id());
+    });
+    assert_eq!(*ran_on.lock().unwrap(), Some(here));
+    assert_eq!(future.result(), Ok(9));
+}
+
+#[test]
+fn done_callbacks_run_in_order_and_a_panicking_one_stops_nothing() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let future = executor.submit(delayed(gated, id));
+    let (sender, called) = mpsc::channel();
+    for n in 0..3 {
+        let sender = sender.clone();
+        future.add_done_callback(move |_| {
+            let _ = sender.send(n);
+            assert!(n != 1, "callback {n} fails");
+        });
+    }
+    drop(sender);
+    gate.open();
+    let order: Vec<i32> = called.iter().collect();
+    assert_eq!(order, [0, 1, 2]);
+    assert_eq!(future.result(), Ok(id));
+    // The worker that ran the callbacks still runs tasks.
+    assert_eq!(executor.submit(delayed(square, 4)).result(), Ok(16));
+}
+
+#[test]
+fn a_done_callback_of_a_cancelled_future_sees_the_cancellation() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let running = executor.submit(delayed(gated, id));
+    let queued = executor.submit(delayed(square, 5));
+    let (sender, called) = mpsc::channel();
+    queued.add_done_callback(move |done| {
+        let _ = sender.send(done.result());
+    });
+    gate.wait_until(|s| s.started == 1);
+    assert!(queued.cancel());
+    assert_eq!(
+        called.recv_timeout(WAIT_LIMIT),
+        Ok(Err(Error::cancelled(1)))
+    );
+    gate.open();
+    assert_eq!(running.result(), Ok(id));
+}
+
+#[test]
+fn map_timeout_yields_every_result_in_input_order_when_in_time() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(4).backend(backend);
+        let out: Vec<Result<u64, Error>> = executor
+            .map_timeout((0..40u64).map(|x| delayed(nap_then_square, x)), WAIT_LIMIT)
+            .collect();
+        let expected: Vec<Result<u64, Error>> = (0..40).map(|x| Ok(x * x)).collect();
+        assert_eq!(out, expected, "{backend}");
+    }
+}
+
+#[test]
+fn map_timeout_yields_a_failure_and_goes_on() {
+    for backend in IN_PROCESS {
+        let executor = Executor::new(2).backend(backend);
+        let mut out = executor.map_timeout([fails, square].map(|f| delayed(f, 3)), WAIT_LIMIT);
+        assert!(
+            matches!(out.next(), Some(Err(Error::TaskPanicked { index: 0, .. }))),
+            "{backend}"
+        );
+        assert_eq!(out.next(), Some(Ok(9)), "{backend}");
+        assert_eq!(out.next(), None, "{backend}");
+    }
+}
+
+#[test]
+fn map_timeout_ends_with_a_timeout_error_when_a_result_is_late() {
+    let (id, gate) = new_gate();
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let limit = Duration::from_millis(50);
+    let mut out = executor.map_timeout(
+        [delayed(gated, id), delayed(gated, id), delayed(gated, id)],
+        limit,
+    );
+    let err = out.next().expect("one item").unwrap_err();
+    assert_eq!(err, Error::wait_timed_out(0, limit));
+    assert_eq!(out.next(), None, "nothing after the timeout");
+    // The tasks behind the late one were cancelled: only the running one finishes.
+    gate.wait_until(|s| s.started == 1);
+    gate.open();
+    drop(out);
+    executor.shutdown(Shutdown::Wait);
+    assert_eq!(gate.finished(), 1);
+}
+
+#[test]
+fn map_timeout_is_lazy_with_bounded_look_ahead() {
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    let executor = Executor::new(2).backend(Backend::Threading);
+    let endless = (0u64..).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        delayed(square, i)
+    });
+    let first: Vec<u64> = executor
+        .map_timeout(endless, WAIT_LIMIT)
+        .take(10)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(first, (0..10).map(|i| i * i).collect::<Vec<_>>());
+    let pulled = pulled.load(Ordering::SeqCst);
+    assert!(pulled <= 10 + 2 * 2, "pulled {pulled} tasks for 10 results");
+}
+
+#[test]
+fn map_timeout_after_shutdown_is_one_error() {
+    let executor = Executor::new(2).backend(Backend::Threading);
+    executor.shutdown(Shutdown::Wait);
+    let out: Vec<Result<u64, Error>> = executor
+        .map_timeout((0u64..).map(|i| delayed(square, i)), WAIT_LIMIT)
+        .collect();
+    assert_eq!(out, [Err(Error::ExecutorShutdown)]);
+}

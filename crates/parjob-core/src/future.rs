@@ -78,10 +78,19 @@ struct Shared<R> {
 
 enum Slot<R> {
     /// Not done; whom to tell when it is.
-    Pending(Vec<Waiter>),
+    Pending(Watchers),
     Done(Result<R, Error>),
     /// The outcome was moved out; a failure is kept for [`Future::error`].
     Taken(Option<Error>),
+}
+
+/// Whom a future that is not done tells when it is.
+#[derive(Default)]
+struct Watchers {
+    waiters: Vec<Waiter>,
+    /// [`Future::add_done_callback`]s, in the order added, each holding a weak handle on the
+    /// future's state.
+    callbacks: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 /// An [`as_completed`] or [`wait`] call waiting on this future as its number `id`.
@@ -98,13 +107,13 @@ impl<R> Shared<R> {
     }
 
     /// Sets the outcome unless one is set already (a cancelled future ignores its job's late
-    /// completion). Wakes every waiter.
+    /// completion). Wakes every waiter, then runs the done callbacks, outside the lock.
     fn resolve(&self, outcome: Result<R, Error>) {
         let mut slot = self.lock();
-        let Slot::Pending(waiters) = &mut *slot else {
+        let Slot::Pending(watchers) = &mut *slot else {
             return;
         };
-        let waiters = std::mem::take(waiters);
+        let Watchers { waiters, callbacks } = std::mem::take(watchers);
         *slot = Slot::Done(outcome);
         drop(slot);
         self.done.notify_all();
@@ -112,6 +121,9 @@ impl<R> Shared<R> {
             if let Some(notifier) = waiter.notifier.upgrade() {
                 notifier.ready(waiter.id);
             }
+        }
+        for callback in callbacks {
+            run_callback(callback);
         }
     }
 
@@ -144,7 +156,7 @@ impl<R> Shared<R> {
     fn subscribe(&self, notifier: &Arc<Notifier>, id: usize) {
         let mut slot = self.lock();
         match &mut *slot {
-            Slot::Pending(waiters) => {
+            Slot::Pending(Watchers { waiters, .. }) => {
                 // Drop registrations of earlier waits that have returned.
                 waiters.retain(|w| w.notifier.strong_count() > 0);
                 waiters.push(Waiter {
@@ -187,6 +199,13 @@ impl<R> Shared<R> {
     }
 }
 
+/// Runs one done callback. A panic in it is caught (the panic hook reports it, as Python logs
+/// an exception raised by a callback), so that it cannot take down the thread that completed
+/// the task (a pool's worker or supervisor), nor keep the later callbacks from running.
+fn run_callback(callback: Box<dyn FnOnce() + Send>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback));
+}
+
 /// Moves the outcome out of a done slot.
 fn take<R>(slot: &mut Slot<R>, index: usize) -> Result<R, Error> {
     match std::mem::replace(slot, Slot::Taken(None)) {
@@ -212,7 +231,7 @@ impl<R> Future<R> {
         // finished task.
         let (slot, stamp) = match outcome {
             Some(outcome) => (Slot::Done(outcome), 1),
-            None => (Slot::Pending(Vec::new()), 0),
+            None => (Slot::Pending(Watchers::default()), 0),
         };
         Future {
             shared: Arc::new(Shared {
@@ -319,6 +338,59 @@ impl<R> Future<R> {
     /// with a worker picking the task up, exactly one of them wins and the answer is true.
     pub fn cancel(&self) -> bool {
         self.shared.cancel()
+    }
+
+    /// Calls `callback` with this future once the task is done (returned, failed or
+    /// cancelled): Python's `Future.add_done_callback`. Callbacks run in the order they were
+    /// added, on the thread that completed the task (a pool's thread; the calling thread for
+    /// a future that is already done, or for [`cancel`](Future::cancel)), so they should be
+    /// quick. A panic in a callback is caught and reported by the panic hook; it changes
+    /// nothing else.
+    ///
+    /// The callback receives the future itself (one more handle on the same outcome, as in
+    /// Python): [`result`](Future::result) there takes the value, after which this handle
+    /// gives [`Error::ResultTaken`], so take it in one place; [`error`](Future::error) leaves
+    /// it where it is.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use parjob::{delayed, Backend, Executor};
+    ///
+    /// fn square(x: u64) -> u64 { x * x }
+    ///
+    /// let executor = Executor::new(2).backend(Backend::Threading);
+    /// let (sender, done) = mpsc::channel();
+    /// for i in 0..3u64 {
+    ///     let sender = sender.clone();
+    ///     executor.submit(delayed(square, i)).add_done_callback(move |future| {
+    ///         let _ = sender.send(future.result());
+    ///     });
+    /// }
+    /// drop(sender);
+    /// let mut squares: Vec<u64> = done.iter().collect::<Result<_, _>>()?;
+    /// squares.sort();
+    /// assert_eq!(squares, [0, 1, 4]);
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    pub fn add_done_callback(&self, callback: impl FnOnce(Future<R>) + Send + 'static)
+    where
+        R: Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.shared);
+        let call = Box::new(move || {
+            // Whoever completes the future holds it: the upgrade fails only for a future
+            // dropped by everyone, whose callback has nobody left to tell.
+            if let Some(shared) = weak.upgrade() {
+                callback(Future { shared });
+            }
+        });
+        let mut slot = self.shared.lock();
+        if let Slot::Pending(watchers) = &mut *slot {
+            watchers.callbacks.push(call);
+            return;
+        }
+        drop(slot);
+        run_callback(call);
     }
 
     /// An untyped handle on this future, e.g. for an executor that waits for all it made.

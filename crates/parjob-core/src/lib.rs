@@ -55,6 +55,7 @@ pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };
 pub use local::{LocalTask, LocalWork, run_local};
+pub use n_jobs::NJobs;
 pub use n_jobs::{MAX_PROCESSES, MAX_THREADS, check_worker_limit, cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};

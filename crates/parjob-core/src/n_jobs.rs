@@ -37,6 +37,49 @@ pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
     resolve_n_jobs(n_jobs, cpu_count, "")
 }
 
+/// `n_jobs` as `Parallel::new` and `Executor::new` take it, from the integer a program holds:
+/// an `i32` by joblib's rules (`n > 0` workers, `-1` all CPUs, `-k` all but `k - 1`), or a
+/// count as a `usize` or `u32` (from `cpu_count()`, a `len()`, a clap argument).
+///
+/// A count above `i32::MAX` counts as `i32::MAX`: more workers than any backend starts, so the
+/// run refuses it with [`Error::TooManyWorkers`]. `0` is refused as [`Error::InvalidNJobs`].
+///
+/// ```
+/// use parjob::{cpu_count, Parallel};
+///
+/// let workers: usize = cpu_count().div_ceil(2);
+/// assert_eq!(Parallel::new(workers).effective_n_jobs()?, workers);
+/// assert_eq!(Parallel::new(-1).effective_n_jobs()?, cpu_count());
+/// # Ok::<(), parjob::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NJobs(i32);
+
+impl NJobs {
+    /// The value by joblib's rules.
+    pub fn get(self) -> i32 {
+        self.0
+    }
+}
+
+impl From<i32> for NJobs {
+    fn from(n_jobs: i32) -> NJobs {
+        NJobs(n_jobs)
+    }
+}
+
+impl From<usize> for NJobs {
+    fn from(workers: usize) -> NJobs {
+        NJobs(i32::try_from(workers).unwrap_or(i32::MAX))
+    }
+}
+
+impl From<u32> for NJobs {
+    fn from(workers: u32) -> NJobs {
+        NJobs(i32::try_from(workers).unwrap_or(i32::MAX))
+    }
+}
+
 /// The most threads the threading backend starts: far above what I/O-bound work needs (a
 /// thread blocked in a read costs memory, not CPU), far below what would exhaust the machine's
 /// thread or memory limits.

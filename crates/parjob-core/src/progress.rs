@@ -147,41 +147,64 @@ impl Reporter {
 /// The progress bar on stderr, with the `progress` feature: indicatif's.
 #[cfg(feature = "progress")]
 mod bar {
+    use std::io::Write;
+
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-    pub(super) struct Bar(ProgressBar);
+    pub(super) struct Bar {
+        bar: ProgressBar,
+        /// Where the bar draws (stderr), for the line break after its last drawing.
+        terminal: Box<dyn Write + Send>,
+    }
 
     impl Bar {
         /// A bar for `total` tasks (unknown: `None`). indicatif draws nothing when stderr is
         /// not a terminal.
         pub(super) fn new(total: Option<usize>) -> Option<Bar> {
-            let bar = ProgressBar::with_draw_target(
-                total.map(|n| n as u64),
+            Some(Bar::drawn_to(
+                total,
                 ProgressDrawTarget::stderr(),
-            );
+                Box::new(std::io::stderr()),
+            ))
+        }
+
+        /// A bar drawn to `target`, which writes to `terminal`.
+        pub(super) fn drawn_to(
+            total: Option<usize>,
+            target: ProgressDrawTarget,
+            terminal: Box<dyn Write + Send>,
+        ) -> Bar {
+            let bar = ProgressBar::with_draw_target(total.map(|n| n as u64), target);
             let style = ProgressStyle::with_template(
                 "{elapsed_precise} [{wide_bar}] {pos}/{len} tasks (eta {eta})",
             );
             if let Ok(style) = style {
                 bar.set_style(style);
             }
-            Some(Bar(bar))
+            Bar { bar, terminal }
         }
 
         pub(super) fn set_length(&self, total: usize) {
-            self.0.set_length(total as u64);
+            self.bar.set_length(total as u64);
         }
 
         pub(super) fn inc(&self, tasks: usize) {
-            self.0.inc(tasks as u64);
+            self.bar.inc(tasks as u64);
         }
 
-        /// Leaves the bar full when the run finished (`ok`), where it stopped otherwise.
-        pub(super) fn finish(self, ok: bool) {
+        /// Leaves the bar full when the run finished (`ok`), where it stopped otherwise, and
+        /// the cursor at the start of the next line. indicatif leaves it at the end of the
+        /// bar's line (padded to the terminal's width, so that only a terminal that wraps
+        /// there moves on), and whatever the program prints next would land on the bar.
+        pub(super) fn finish(mut self, ok: bool) {
             if ok {
-                self.0.finish();
+                self.bar.finish();
             } else {
-                self.0.abandon();
+                self.bar.abandon();
+            }
+            if !self.bar.is_hidden() {
+                let _ = self.terminal.write_all(b"\n");
+                let _ = self.terminal.flush();
             }
         }
     }
@@ -309,6 +332,78 @@ mod tests {
         reporter.completed(3);
         reporter.finished(true);
         assert!(lines(&shared).is_empty());
+    }
+
+    /// A terminal 40 columns wide that records what is drawn on it, escapes included.
+    #[cfg(feature = "progress")]
+    #[derive(Clone, Default)]
+    struct Screen(Shared);
+
+    #[cfg(feature = "progress")]
+    impl std::fmt::Debug for Screen {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Screen")
+        }
+    }
+
+    #[cfg(feature = "progress")]
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            40
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.write_str(&format!("\x1b[{n}A"))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.write_str(&format!("\x1b[{n}B"))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.write_str(&format!("\x1b[{n}C"))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.write_str(&format!("\x1b[{n}D"))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.0.lock().unwrap().extend_from_slice(s.as_bytes());
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.write_str("\r\x1b[2K")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[cfg(feature = "progress")]
+    #[test]
+    fn a_finished_bar_leaves_the_cursor_on_a_fresh_line() {
+        for ok in [true, false] {
+            let screen = Screen::default();
+            let target = indicatif::ProgressDrawTarget::term_like(Box::new(screen.clone()));
+            let bar = bar::Bar::drawn_to(Some(3), target, Box::new(screen.0.clone()));
+            bar.inc(if ok { 3 } else { 1 });
+            bar.finish(ok);
+            let text = String::from_utf8(screen.0.0.lock().unwrap().clone()).unwrap();
+            let drawn = if ok { "3/3 tasks" } else { "1/3 tasks" };
+            assert!(text.contains(drawn), "{text:?}");
+            // What the program prints next starts a line of its own.
+            assert!(text.ends_with('\n'), "{text:?}");
+        }
+    }
+
+    #[cfg(feature = "progress")]
+    #[test]
+    fn a_bar_that_is_not_drawn_adds_no_line() {
+        let written = Shared::default();
+        let target = indicatif::ProgressDrawTarget::hidden();
+        let bar = bar::Bar::drawn_to(Some(3), target, Box::new(written.clone()));
+        bar.inc(3);
+        bar.finish(true);
+        assert!(written.0.lock().unwrap().is_empty());
     }
 
     #[test]

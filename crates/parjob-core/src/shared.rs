@@ -151,6 +151,18 @@ fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
 /// Return big results from tasks as a `Vec<T>`: a `SharedSlice` returned by a task travels by
 /// value and is then copied into new shared memory in the driver.
 ///
+/// # Memory
+///
+/// Once `parjob::init()` has set up the process backend, a slice of at least
+/// [`SHARED_MIN_BYTES`] is copied into shared memory when it is made, even if it then only
+/// meets threads: while `from_vec` copies, the values are in memory twice, and when it
+/// returns the `Vec` is freed and they are there once. The copy is made then on purpose.
+/// Moving the values later, when a process backend first sends them, would keep them twice for
+/// as long as the slice lives: a slice cannot free the memory it started in while other clones
+/// of it (every chunk handed to a task) may be reading it through `&[T]`. So a program that
+/// only ever uses threads and is short of memory can leave out `parjob::init()` (or the
+/// `process` feature): its slices then stay in the `Vec` they were made from, without a copy.
+///
 /// Values are in the machine's byte order, and a handle is valid only in the run that sent it:
 /// a `SharedSlice` serialized anywhere else (or returned from a task) travels as an inline copy.
 pub struct SharedSlice<T> {

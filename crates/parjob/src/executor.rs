@@ -2,12 +2,14 @@
 //!
 //! An executor is a thin layer over a [`Parallel`]: the same `n_jobs` rules, backends,
 //! environment defaults and pool, and `map` is `Parallel::run_iter`. What it adds is
-//! submitting one task at a time ([`parjob_core::submit`]) and keeping track of what it
+//! submitting one task at a time (`parjob_core::submit`) and keeping track of what it
 //! submitted so that shutting down can wait for it or cancel it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use parjob_core::{Backend, BatchSize, Error, Future, FutureHandle, Job, Pool, RunIter, Task};
 
@@ -89,7 +91,7 @@ impl Default for Executor {
 impl Executor {
     /// An executor with `n_jobs` workers, by joblib's rules (see [`Parallel::new`]). Never
     /// panics: an invalid `n_jobs` is reported by the futures of the first tasks.
-    pub fn new(n_jobs: i32) -> Executor {
+    pub fn new(n_jobs: impl Into<crate::NJobs>) -> Executor {
         Executor::from_parallel(Parallel::new(n_jobs))
     }
 
@@ -209,6 +211,11 @@ impl Executor {
     /// configuration (`n_jobs` of 0, an unknown `PARJOB_BACKEND`, a backend not built in).
     pub fn submit<T: Task>(&self, task: T) -> Future<T::Output> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        self.submit_numbered(index, task)
+    }
+
+    /// [`submit`](Executor::submit) with the number errors name the task by.
+    fn submit_numbered<T: Task>(&self, index: usize, task: T) -> Future<T::Output> {
         // The lock is held while submitting so that a concurrent shutdown sees every future
         // submitted before it.
         let mut state = self.lock();
@@ -247,7 +254,7 @@ impl Executor {
     /// [`Parallel::run_iter`] on the executor's pool. Dropping the iterator stops the run.
     ///
     /// After [`shutdown`](Executor::shutdown), yields [`Error::ExecutorShutdown`] as its only
-    /// item.
+    /// item. For a time limit on the whole map, see [`map_timeout`](Executor::map_timeout).
     pub fn map<I, T>(&self, tasks: I) -> RunIter<I::IntoIter, T>
     where
         I: IntoIterator<Item = T>,
@@ -257,6 +264,51 @@ impl Executor {
             return RunIter::failed(Error::ExecutorShutdown);
         }
         self.parallel.run_iter(tasks)
+    }
+
+    /// [`map`](Executor::map) with Python's `Executor.map(..., timeout=...)`: the results in
+    /// input order, but when the next one is not there `timeout` after this call, the
+    /// iterator yields [`Error::WaitTimedOut`] for that task and ends. The tasks of the map
+    /// that have not started are then cancelled; those running go on to their end, as in
+    /// Python.
+    ///
+    /// Each task is submitted on its own, as by [`submit`](Executor::submit), and numbered by
+    /// its position in `tasks` (errors name it so); at most twice `n_jobs` are submitted ahead
+    /// of the consumer, so `tasks` may be endless. A failed task yields its `Err` and the map
+    /// goes on. Dropping the iterator cancels the tasks that have not started.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use parjob::{delayed, Backend, Error, Executor};
+    ///
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    ///
+    /// let executor = Executor::new(2).backend(Backend::Threading).daemon(true);
+    /// let mut results = executor.map_timeout([1, 60_000].map(|ms| delayed(nap, ms)), Duration::from_secs(2));
+    /// assert_eq!(results.next(), Some(Ok(1)));
+    /// assert!(matches!(results.next(), Some(Err(Error::WaitTimedOut { index: 1, .. }))));
+    /// assert_eq!(results.next(), None);
+    /// ```
+    pub fn map_timeout<I, T>(&self, tasks: I, timeout: Duration) -> MapTimeout<'_, I::IntoIter, T>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        let window = self
+            .effective_n_jobs()
+            .unwrap_or(1)
+            .saturating_mul(2)
+            .max(2);
+        MapTimeout {
+            executor: self,
+            tasks: tasks.into_iter(),
+            next_index: 0,
+            in_flight: VecDeque::new(),
+            window,
+            timeout,
+            deadline: Instant::now().checked_add(timeout),
+            ended: false,
+        }
     }
 
     /// Stops taking tasks, waits as `how` says, then releases the workers. Later
@@ -297,6 +349,84 @@ impl Drop for Executor {
         } else {
             self.shutdown(Shutdown::Wait);
         }
+    }
+}
+
+/// The iterator [`Executor::map_timeout`] returns: each task's result in input order, until
+/// the time limit passes.
+pub struct MapTimeout<'a, I, T: Task> {
+    executor: &'a Executor,
+    tasks: I,
+    next_index: usize,
+    /// Submitted and not yet yielded, in input order.
+    in_flight: VecDeque<Future<T::Output>>,
+    window: usize,
+    timeout: Duration,
+    /// `None` when `timeout` reaches beyond what `Instant` can hold: no limit.
+    deadline: Option<Instant>,
+    ended: bool,
+}
+
+impl<I: Iterator<Item = T>, T: Task> Iterator for MapTimeout<'_, I, T> {
+    type Item = Result<T::Output, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.ended {
+            return None;
+        }
+        while self.in_flight.len() < self.window {
+            let Some(task) = self.tasks.next() else {
+                break;
+            };
+            let future = self.executor.submit_numbered(self.next_index, task);
+            self.next_index += 1;
+            self.in_flight.push_back(future);
+        }
+        let mut future = self.in_flight.pop_front()?;
+        let outcome = match self.deadline {
+            None => future.result(),
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match future.result_timeout(left) {
+                    Err(Error::WaitTimedOut { index, .. }) => {
+                        self.end();
+                        Err(Error::wait_timed_out(index, self.timeout))
+                    }
+                    outcome => outcome,
+                }
+            }
+        };
+        if matches!(outcome, Err(Error::ExecutorShutdown)) {
+            self.end();
+        }
+        Some(outcome)
+    }
+}
+
+impl<I, T: Task> MapTimeout<'_, I, T> {
+    /// Yields nothing more and cancels what has not started.
+    fn end(&mut self) {
+        self.ended = true;
+        for future in self.in_flight.drain(..) {
+            future.cancel();
+        }
+    }
+}
+
+impl<I, T: Task> Drop for MapTimeout<'_, I, T> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl<I, T: Task> std::fmt::Debug for MapTimeout<'_, I, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapTimeout")
+            .field("submitted", &self.next_index)
+            .field("in_flight", &self.in_flight.len())
+            .field("timeout", &self.timeout)
+            .field("ended", &self.ended)
+            .finish()
     }
 }
 

@@ -52,7 +52,7 @@ mod parallel;
 mod process;
 mod sequential;
 
-pub use executor::{Executor, Shutdown};
+pub use executor::{Executor, MapTimeout, Shutdown};
 #[cfg(feature = "memory")]
 pub use memory::{Memory, MemoryError};
 pub use parallel::Parallel;
@@ -60,7 +60,7 @@ pub use parjob_core::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, wait, wait_timeout,
 };
 pub use parjob_core::{
-    Backend, BatchSize, Delayed, Error, IoCause, RunIter, RunUnordered, SHARED_MIN_BYTES,
+    Backend, BatchSize, Delayed, Error, IoCause, NJobs, RunIter, RunUnordered, SHARED_MIN_BYTES,
     SharedSlice, Spread, Task, TaskFn, Whole, WorkerExit, WorkerInfo, cpu_count, delayed,
     effective_n_jobs, worker_info,
 };

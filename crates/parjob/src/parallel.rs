@@ -117,9 +117,11 @@ impl Default for Parallel {
 
 impl Parallel {
     /// A `Parallel` with `n_jobs` workers, by joblib's rules: `n > 0` workers, `-1` for all
-    /// CPUs ([`cpu_count`](crate::cpu_count)), `-k` for all but `k - 1`. Never panics: an
-    /// invalid `n_jobs` (0) is reported by the first run.
-    pub fn new(n_jobs: i32) -> Parallel {
+    /// CPUs ([`cpu_count`](crate::cpu_count)), `-k` for all but `k - 1`; a `usize` or `u32`
+    /// count works too ([`NJobs`](crate::NJobs)). Never panics: an invalid `n_jobs` (0, or
+    /// more workers than the backend starts) is reported by the first run.
+    pub fn new(n_jobs: impl Into<crate::NJobs>) -> Parallel {
+        let n_jobs = n_jobs.into().get();
         Parallel {
             n_jobs,
             n_jobs_from_env: false,

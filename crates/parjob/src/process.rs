@@ -147,6 +147,10 @@ pub fn enable_test_support_now() {
 /// pool re-runs it as `<test binary> __parjob_test_worker --nocapture --test-threads=1`. In the
 /// ordinary test run that test does nothing and passes.
 ///
+/// That test shows in test lists (`cargo test -- --list`) and in the run's output: Rust's
+/// test harness has no way to hide a test, and `#[ignore]` would keep it from running in the
+/// worker too, which runs it by name without `--ignored`.
+///
 /// ```ignore
 /// parjob::enable_test_support!();
 ///

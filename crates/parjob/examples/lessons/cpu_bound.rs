@@ -1,12 +1,15 @@
-//! Lesson: CPU-bound work (sum of squares of 10^7 pseudo-random integers, in two halves) runs
-//! about twice as fast on two workers as on one.
+//! Lesson: CPU-bound work (sum of squares of 3 x 10^8 pseudo-random integers, in two halves)
+//! runs about twice as fast on two workers as on one.
+//!
+//! One worker takes about a second (in a release build), so that the work, not the cost of
+//! starting tasks or a burst of other load on the machine, decides the speedup.
 
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, Parallel, delayed};
 
-/// How many integers the lesson squares.
-pub const COUNT: u64 = 10_000_000;
+/// How many integers the lesson squares: about a second of work for one worker.
+pub const COUNT: u64 = 300_000_000;
 
 /// The `i`-th pseudo-random integer in 0..1000 (splitmix64): the same in every process.
 fn random_int(i: u64) -> u64 {
@@ -39,11 +42,11 @@ fn median(mut times: Vec<Duration>) -> Duration {
 
 /// How many times each configuration runs; the median is reported, so that a burst of other
 /// work on the machine does not decide the lesson.
-const REPEATS: usize = 7;
+const REPEATS: usize = 3;
 
 /// Runs the lesson; returns the speedup of two workers over one.
 pub fn run(backend: Backend) -> Result<f64, parjob::Error> {
-    super::banner("CPU-bound: sum of squares of 10^7 integers", backend);
+    super::banner("CPU-bound: sum of squares of 3 x 10^8 integers", backend);
     let one_worker = Parallel::new(1).backend(backend);
     let two_workers = Parallel::new(2).backend(backend);
     // Warm up: start the workers before timing.
