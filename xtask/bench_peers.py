@@ -29,7 +29,8 @@ try:
 except ImportError:  # the numpy scenarios then say why they did not run
     np = None
 
-SCENARIOS = ["small", "tiny", "cpu_halves", "sleep_io", "startup", "big_input", "crash", "first_result"]
+SCENARIOS = ["small", "tiny", "cpu_halves", "sleep_io", "startup", "big_input", "crash", "first_result",
+             "memory"]
 JT, JL, TP, PP = "joblib threading", "joblib loky", "ThreadPoolExecutor", "ProcessPoolExecutor"
 
 
@@ -346,6 +347,46 @@ def small(a):
     return [unavailable("small", "", impl,
                         "not run: a 1 us task is a different amount of work in Python; tiny shows the per-call overhead")
             for impl in (JT, JL, TP, PP)]
+
+
+def memory(a):
+    """joblib.Memory, one pickle file per call: a fully cached re-run, and a first run that
+    stores every result (the Rust rows store spin's results; here square's, per call)."""
+    import shutil
+    import tempfile
+    from joblib import Memory
+    # joblib writes a folder and files per call: a few thousand calls take tens of seconds.
+    n = 500 if a.quick else 5_000
+    n_store = 100 if a.quick else 1_000
+    impl = "joblib.Memory"
+    cached_dir = tempfile.mkdtemp(prefix="parjob-bench-joblib-memory-")
+    cached_square = Memory(cached_dir, verbose=0).cache(square)
+    for i in range(n):
+        cached_square(i)
+
+    def rerun():
+        return [cached_square(i) for i in range(n)]
+
+    def store():
+        d = tempfile.mkdtemp(prefix="parjob-bench-joblib-memory-")
+        f = Memory(d, verbose=0).cache(square)
+        start = time.perf_counter()
+        out = [f(i) for i in range(n_store)]
+        elapsed = time.perf_counter() - start
+        del out
+        shutil.rmtree(d, ignore_errors=True)
+        return elapsed
+
+    note = f"{n} calls, one after another (fewer than the Rust rows: Python is slower per call)"
+    cands = [
+        {"variant": "cached re-run", "impl": impl, "run": lambda: timed(rerun),
+         "work": float(n), "unit": "tasks", "note": note},
+        {"variant": "tiny, storing", "impl": impl, "run": store, "work": float(n_store), "unit": "tasks",
+         "note": f"{n_store} calls of square into an empty cache, one after another: every call stored"},
+    ]
+    out = interleaved("memory", cands, 1, a.repeats)
+    shutil.rmtree(cached_dir, ignore_errors=True)
+    return out
 
 
 def main():

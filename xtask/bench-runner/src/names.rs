@@ -4,7 +4,7 @@
 //! spends a minute on the release build: one list, two binaries.
 
 /// The scenarios, in report order.
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "small",
     "tiny",
     "cpu_halves",
@@ -13,4 +13,5 @@ pub const SCENARIOS: [&str; 8] = [
     "big_input",
     "crash",
     "first_result",
+    "memory",
 ];

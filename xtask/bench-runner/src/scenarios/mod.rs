@@ -5,6 +5,7 @@ mod big_input;
 mod cpu_halves;
 mod crash;
 mod first_result;
+mod memory;
 mod sleep_io;
 mod small;
 mod startup;
@@ -42,6 +43,7 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "big_input" => big_input::size(),
         "crash" => crash::size(),
         "first_result" => first_result::size(ctx),
+        "memory" => memory::size(ctx),
         _ => String::new(),
     }
 }
@@ -57,6 +59,7 @@ pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
         "big_input" => big_input::run(ctx),
         "crash" => crash::run(ctx),
         "first_result" => first_result::run(ctx),
+        "memory" => memory::run(ctx),
         _ => Vec::new(),
     }
 }
