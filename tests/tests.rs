@@ -29,3 +29,5 @@ mod faults;
 mod docs;
 // Memory: stored results in runs, keys, versions, failures, eviction, SIGKILL-resume, two drivers.
 mod memory;
+// Long runs: keep going, retries, per-task limits, events, insights, the Chrome trace.
+mod long_runs;

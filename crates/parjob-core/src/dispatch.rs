@@ -5,7 +5,8 @@
 //! Data flows one way: user iterator -> batches -> pool -> completions -> reorder -> user.
 //! The user's iterator never leaves the calling thread, so it may borrow local data.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -13,8 +14,10 @@ use std::time::Duration;
 
 use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
+use crate::events::{EventSink, Observer};
 use crate::pool::{Completion, Job, Pool, RunControl};
 use crate::progress::Reporter;
+use crate::retry::{Retrier, Retry};
 use crate::{Error, Task};
 
 /// How one run is carried out: everything `Parallel`'s builder sets apart from the pool.
@@ -32,6 +35,12 @@ pub struct RunOptions {
     pub verbose: u32,
     /// Whether to draw a progress bar on stderr (only drawn on a terminal).
     pub progress: bool,
+    /// How failed tasks are retried (by default they are not).
+    pub retry: Retry,
+    /// Who receives the run's [`Event`](crate::Event)s, if anyone.
+    pub on_event: Option<EventSink>,
+    /// Where to write a Chrome trace of the run; without it, `PARJOB_TRACE` if set.
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -43,6 +52,9 @@ impl Default for RunOptions {
             timeout: None,
             verbose: 0,
             progress: false,
+            retry: Retry::default(),
+            on_event: None,
+            trace: None,
         }
     }
 }
@@ -137,6 +149,8 @@ struct Watched {
     seq: u64,
     first_index: usize,
     started: Arc<AtomicU64>,
+    /// The task's limit: its own, or the run's.
+    timeout: Duration,
 }
 
 pub(crate) struct Dispatcher<I, T: Task> {
@@ -165,6 +179,12 @@ pub(crate) struct Dispatcher<I, T: Task> {
     in_place: Option<InPlace<T::Output>>,
     /// Emptied task buffers of finished batches, to fill again.
     spare_buffers: Vec<Vec<T>>,
+    /// Events, insights and the trace, when anyone listens.
+    pub(crate) observer: Option<Box<Observer>>,
+    /// Retries, when the run has any.
+    retrier: Option<Box<Retrier<T>>>,
+    /// Batches ready for the consumer that `wait` has not returned yet (retries resolved).
+    ready: VecDeque<Finished<T::Output>>,
     marker: std::marker::PhantomData<fn() -> T>,
 }
 
@@ -175,10 +195,12 @@ where
 {
     pub(crate) fn new(pool: Arc<dyn Pool>, tasks: I, options: &RunOptions) -> Self {
         let workers = pool.workers().max(1);
-        let watch_timeouts = options.timeout.is_some() && !pool.enforces_timeout();
+        let watch_timeouts =
+            (options.timeout.is_some() || T::HAS_OWN_TIMEOUT) && !pool.enforces_timeout();
         // A thread cannot be stopped, so a timed-out batch is abandoned whole: keep batches to
-        // one task so that a timeout abandons only the task that caused it.
-        let batch_size = if watch_timeouts {
+        // one task so that a timeout abandons only the task that caused it. A task with a
+        // limit of its own runs alone under it.
+        let batch_size = if watch_timeouts || T::HAS_OWN_TIMEOUT {
             BatchSize::Fixed(1)
         } else {
             options.batch_size
@@ -200,6 +222,10 @@ where
             max_in_flight,
         );
         reporter.started(pool.verbose_name(), workers);
+        let mut observer = Observer::new(options);
+        if let Some(observer) = observer.as_mut() {
+            observer.started(pool.verbose_name(), workers);
+        }
         Dispatcher {
             tasks,
             exhausted: false,
@@ -219,6 +245,9 @@ where
             watch_timeouts,
             in_place: None,
             spare_buffers: Vec::new(),
+            observer,
+            retrier: Retrier::new(options.retry),
+            ready: VecDeque::new(),
             marker: std::marker::PhantomData,
         }
     }
@@ -230,7 +259,8 @@ where
     /// values do not fit in memory. The dispatcher owns that vector, and its `Drop` waits for
     /// every batch that may write into it before freeing it.
     pub(crate) fn collect_in_place(&mut self, len: usize) {
-        if self.watch_timeouts {
+        // With retries a batch's values are put together from several attempts.
+        if self.watch_timeouts || self.retrier.is_some() {
             return;
         }
         let mut buffer = Vec::new();
@@ -320,15 +350,14 @@ where
         if self.exhausted {
             self.reporter.exhausted();
         }
-        let started = self.watches_timeouts().then(|| {
-            let started = Arc::new(AtomicU64::new(0));
-            self.watched.push(Watched {
-                seq,
-                first_index,
-                started: Arc::clone(&started),
-            });
-            started
-        });
+        if let Some(observer) = self.observer.as_mut() {
+            observer.dispatched(seq, first_index, tasks.len(), 1);
+        }
+        if let Some(retrier) = self.retrier.as_mut() {
+            retrier.keep_copies(seq, &tasks);
+        }
+        let (control, timeout) = self.control_for(&tasks);
+        let started = self.watch(seq, first_index, timeout);
         let batch = match self.in_place.as_mut() {
             Some(in_place)
                 if started.is_none() && first_index + tasks.len() <= in_place.capacity =>
@@ -354,27 +383,137 @@ where
         };
         self.outstanding
             .insert(seq, (first_index, self.next_index - first_index));
-        let job = Job::new(
-            seq,
-            batch,
-            Arc::clone(&self.control),
-            started,
-            self.reply.clone(),
-        );
+        let job = Job::new(seq, batch, control, started, self.reply.clone());
         self.running += 1;
         self.pool.submit(job);
         true
     }
 
+    /// The control a batch runs under, and the time limit of its task: the run's, or, for a
+    /// task with a limit of its own (alone in its batch), a control carrying that limit.
+    fn control_for(&self, tasks: &[T]) -> (Arc<RunControl>, Option<Duration>) {
+        if T::HAS_OWN_TIMEOUT
+            && let [task] = tasks
+            && let Some(limit) = task.own_timeout()
+        {
+            return (
+                Arc::new(self.control.with_timeout(Some(limit))),
+                Some(limit),
+            );
+        }
+        (Arc::clone(&self.control), self.control.timeout())
+    }
+
+    /// The start stamp of a batch whose time the dispatcher watches itself, if it does.
+    fn watch(
+        &mut self,
+        seq: u64,
+        first_index: usize,
+        timeout: Option<Duration>,
+    ) -> Option<Arc<AtomicU64>> {
+        let timeout = timeout.filter(|_| self.watches_timeouts())?;
+        let started = Arc::new(AtomicU64::new(0));
+        self.watched.push(Watched {
+            seq,
+            first_index,
+            started: Arc::clone(&started),
+            timeout,
+        });
+        Some(started)
+    }
+
+    /// Sends the retries whose backoff is over (or, once the run is stopped, gives up on
+    /// them); returns how long until the next one is due.
+    fn send_due_retries(&mut self) -> Option<Duration> {
+        let retrier = self.retrier.as_mut()?;
+        let cancelled = self.control.is_cancelled();
+        let (due, wake) = retrier.take_due(cancelled);
+        for retry in due {
+            match retry {
+                crate::retry::Due::Send {
+                    seq,
+                    index,
+                    attempt,
+                    waited,
+                    task,
+                } => {
+                    if let Some(observer) = self.observer.as_mut() {
+                        observer.retried(index, attempt, waited);
+                        observer.dispatched(seq, index, 1, attempt);
+                    }
+                    let tasks = vec![task];
+                    let (control, timeout) = self.control_for(&tasks);
+                    let started = self.watch(seq, index, timeout);
+                    self.outstanding.insert(seq, (index, 1));
+                    let batch = Box::new(TypedBatch::new(index, tasks));
+                    let job = Job::new(seq, batch, control, started, self.reply.clone());
+                    self.pool.submit(job);
+                }
+                crate::retry::Due::Resolved(finished) => {
+                    self.running -= 1;
+                    self.ready.push_back(finished);
+                }
+            }
+        }
+        wake
+    }
+
+    /// A batch (or a retry) that came back: reports it, and either hands it to the consumer
+    /// (through `ready`) or holds it while its failed tasks are retried.
+    fn settle(&mut self, finished: Finished<T::Output>, worker: Option<usize>, busy: Duration) {
+        if let Some(observer) = self.observer.as_mut() {
+            observer.completed(
+                finished.seq,
+                finished.first_index,
+                finished.len,
+                &finished.failures,
+                worker,
+                busy,
+            );
+        }
+        let Some(retrier) = self.retrier.as_mut() else {
+            if let Some(observer) = self.observer.as_mut() {
+                for (position, error) in &finished.failures {
+                    observer.task_failed(finished.first_index + position, 1, error, false);
+                }
+            }
+            self.running -= 1;
+            self.ready.push_back(finished);
+            return;
+        };
+        let cancelled = self.control.is_cancelled();
+        let settled = retrier.settle(finished, cancelled, self.observer.as_deref_mut());
+        if let Some(finished) = settled {
+            self.running -= 1;
+            self.ready.push_back(finished);
+        }
+    }
+
     /// Waits for the next finished batch; `None` when none is running.
     pub(crate) fn wait(&mut self) -> Option<Finished<T::Output>> {
-        while self.running > 0 {
-            let completion = if self.watches_timeouts() {
-                match self.completions.recv_timeout(self.next_timeout_check()) {
+        loop {
+            if let Some(finished) = self.ready.pop_front() {
+                return Some(finished);
+            }
+            if self.running == 0 {
+                return None;
+            }
+            let retry_wake = self.send_due_retries();
+            if !self.ready.is_empty() {
+                continue;
+            }
+            let completion = if self.watches_timeouts() || retry_wake.is_some() {
+                let mut limit = retry_wake.unwrap_or(Duration::MAX);
+                if self.watches_timeouts() {
+                    limit = limit.min(self.next_timeout_check());
+                }
+                match self.completions.recv_timeout(limit) {
                     Ok(completion) => completion,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Some(finished) = self.abandon_timed_out() {
-                            return Some(finished);
+                        if self.watches_timeouts()
+                            && let Some(finished) = self.abandon_timed_out()
+                        {
+                            self.settle(finished, None, Duration::ZERO);
                         }
                         continue;
                     }
@@ -391,14 +530,23 @@ where
             if self.abandoned.remove(&completion.seq) {
                 continue;
             }
-            self.running -= 1;
+            let timeout = self
+                .watched
+                .iter()
+                .find(|w| w.seq == completion.seq)
+                .map(|w| w.timeout);
             self.watched.retain(|w| w.seq != completion.seq);
-            return Some(self.restore(completion));
+            let (worker, busy) = (completion.worker, completion.busy);
+            let finished = self.restore(completion, timeout);
+            self.settle(finished, worker, busy);
         }
-        None
     }
 
-    fn restore(&mut self, completion: Completion) -> Finished<T::Output> {
+    fn restore(
+        &mut self,
+        completion: Completion,
+        timeout: Option<Duration>,
+    ) -> Finished<T::Output> {
         let len = completion.batch.len();
         self.sizer
             .observe(completion.batch.outcomes_len(), completion.busy);
@@ -411,7 +559,9 @@ where
         if buffer.capacity() > 0 && self.spare_buffers.len() < self.max_in_flight {
             self.spare_buffers.push(buffer);
         }
-        self.reporter.completed(len);
+        if completion.seq < crate::retry::RETRY_SEQ_BASE {
+            self.reporter.completed(len);
+        }
         let in_place = batch.destination.is_some();
         if in_place {
             self.place(&mut batch);
@@ -428,8 +578,7 @@ where
         // A watched task (alone in its batch) that came back after its timeout failed all the
         // same: the sequential pool runs it on this very thread, so only now can it be seen,
         // and on threads its completion may beat the timer.
-        if let Some(timeout) = self.control.timeout()
-            && self.watches_timeouts()
+        if let Some(timeout) = timeout
             && len == 1
             && completion.busy > timeout
         {
@@ -455,7 +604,7 @@ where
             .iter()
             .filter_map(|w| match w.started.load(Ordering::Acquire) {
                 0 => None,
-                started => Some((started - 1).saturating_add(nanos(timeout))),
+                started => Some((started - 1).saturating_add(nanos(w.timeout))),
             })
             .min();
         let poll = timeout
@@ -473,16 +622,17 @@ where
     }
 
     fn abandon_timed_out(&mut self) -> Option<Finished<T::Output>> {
-        let timeout = self.control.timeout()?;
         let now = self.control_nanos();
         let position = self.watched.iter().position(|w| {
             let started = w.started.load(Ordering::Acquire);
-            started != 0 && now.saturating_sub(started - 1) >= nanos(timeout)
+            started != 0 && now.saturating_sub(started - 1) >= nanos(w.timeout)
         })?;
         let watched = self.watched.swap_remove(position);
+        let timeout = watched.timeout;
         self.abandoned.insert(watched.seq);
-        self.running -= 1;
-        self.reporter.completed(1);
+        if watched.seq < crate::retry::RETRY_SEQ_BASE {
+            self.reporter.completed(1);
+        }
         Some(Finished {
             seq: watched.seq,
             first_index: watched.first_index,
@@ -502,6 +652,10 @@ where
     }
 
     pub(crate) fn finish_report(&mut self, ok: bool) {
+        // The summary first: joblib's `Done ... finished` stays the last verbose line.
+        if let Some(observer) = self.observer.as_mut() {
+            observer.finished(ok);
+        }
         self.reporter.finished(ok);
     }
 }
@@ -526,6 +680,10 @@ impl<I, T: Task> Dispatcher<I, T> {
 
 impl<I, T: Task> Drop for Dispatcher<I, T> {
     fn drop(&mut self) {
+        if let Some(observer) = self.observer.as_mut() {
+            // A run that stopped early (a failure, a dropped iterator); nothing if it finished.
+            observer.finished(false);
+        }
         let Some(out) = self.in_place.as_ref().map(|in_place| in_place.out) else {
             return;
         };
@@ -654,10 +812,19 @@ where
         let complete = finished.failures.is_empty()
             && finished.written + finished.values.len() == finished.len;
         if !complete {
-            let error = finished.into_first_error();
+            // Deterministic: the failure of the lowest task index among every batch that had
+            // come back once the run stopped (a stopped task, `Cancelled`, only if nothing
+            // else failed), not whichever batch happened to come back first.
+            let mut error = finished.into_first_error();
             dispatcher.cancel();
             if !matches!(error, Error::Timeout { killed: false, .. }) {
-                while dispatcher.wait().is_some() {}
+                while let Some(finished) = dispatcher.wait() {
+                    let complete = finished.failures.is_empty()
+                        && finished.written + finished.values.len() == finished.len;
+                    if !complete {
+                        error = earlier_failure(error, finished.into_first_error());
+                    }
+                }
             }
             // Dropping the dispatcher waits for any batch still writing in place, then drops
             // the values written so far.
@@ -681,6 +848,33 @@ where
         }
     }
     Ok(out)
+}
+
+/// Of two failures, the one to report: a task that failed before one that was only stopped
+/// (`Cancelled`), else the lower task index.
+fn earlier_failure(a: Error, b: Error) -> Error {
+    let rank = |e: &Error| {
+        (
+            matches!(e, Error::Cancelled { .. }),
+            e.task_index().unwrap_or(usize::MAX),
+        )
+    };
+    if rank(&b) < rank(&a) { b } else { a }
+}
+
+/// Runs every task and returns every outcome, in input order: the keep-going form of [`run`].
+/// A failed task is its `Err`, in its place, and the run goes on; exactly one outcome per
+/// input task. Pulls the input as lazily as `run`.
+pub fn run_results<I, T>(
+    pool: Arc<dyn Pool>,
+    tasks: I,
+    options: &RunOptions,
+) -> Vec<Result<T::Output, Error>>
+where
+    I: IntoIterator<Item = T>,
+    T: Task,
+{
+    RunIter::new(pool, tasks, options).collect()
 }
 
 /// What [`RunIter`] and [`RunUnordered`] share: a dispatcher kept topped up, and the outcomes

@@ -192,6 +192,17 @@ pub enum Error {
         why: String,
     },
 
+    /// The task failed on every attempt it was given ([`Retry`](crate::Retry)): each
+    /// attempt's error, in order, the last one last.
+    #[error("task {index} failed {} times: {}", attempts.len(), AttemptList(attempts))]
+    #[non_exhaustive]
+    RetriesExhausted {
+        /// Position of the task in the input.
+        index: usize,
+        /// What each attempt ended with (at least two).
+        attempts: Vec<Error>,
+    },
+
     /// A `Future`'s result was asked for again after an earlier call took it.
     #[error("the result of task {index} was already taken from its future")]
     #[non_exhaustive]
@@ -230,6 +241,21 @@ impl std::fmt::Display for IoCause {
 impl std::error::Error for IoCause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
+    }
+}
+
+/// Lists the attempts of [`Error::RetriesExhausted`]: `[1] ...; [2] ...`.
+struct AttemptList<'a>(&'a [Error]);
+
+impl std::fmt::Display for AttemptList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (n, attempt) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "[{}] {attempt}", n + 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -379,7 +405,8 @@ impl Error {
             | Error::Cancelled { index }
             | Error::Abandoned { index }
             | Error::ResultTaken { index }
-            | Error::WaitTimedOut { index, .. } => Some(*index),
+            | Error::WaitTimedOut { index, .. }
+            | Error::RetriesExhausted { index, .. } => Some(*index),
             _ => None,
         }
     }
@@ -398,6 +425,13 @@ impl Error {
             | Error::Abandoned { index }
             | Error::ResultTaken { index }
             | Error::WaitTimedOut { index, .. } => *index = new_index,
+            Error::RetriesExhausted { index, attempts } => {
+                *index = new_index;
+                for attempt in attempts.iter_mut() {
+                    *attempt = std::mem::replace(attempt, Error::ExecutorShutdown)
+                        .with_task_index(new_index);
+                }
+            }
             _ => {}
         }
         self

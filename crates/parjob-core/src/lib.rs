@@ -32,7 +32,9 @@ pub mod codec;
 mod dispatch;
 mod env;
 mod error;
+mod events;
 mod future;
+mod insights;
 mod local;
 mod n_jobs;
 mod pool;
@@ -40,30 +42,35 @@ mod pool;
 mod pool_contract_tests;
 mod process_options;
 mod progress;
+mod retry;
 mod shared;
 mod task;
+mod trace;
 mod worker;
 mod worker_state;
 
 pub use backend::Backend;
 pub use batch::{ErasedBatch, RemoteEntry};
 pub use batching::BatchSize;
-pub use dispatch::{RunIter, RunOptions, RunUnordered, run};
+pub use dispatch::{RunIter, RunOptions, RunUnordered, run, run_results};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
 pub use error::{Error, IoCause, WorkerExit};
+pub use events::{Event, EventSink};
 pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };
+pub use insights::Insights;
 pub use local::{LocalTask, LocalWork, run_local};
 pub use n_jobs::NJobs;
 pub use n_jobs::{MAX_PROCESSES, MAX_THREADS, check_worker_limit, cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
+pub use retry::Retry;
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,
     forget_shared, receive_shared, set_shared_allocator,
 };
-pub use task::{Delayed, Spread, Task, TaskFn, Whole, delayed};
+pub use task::{Delayed, Spread, Task, TaskFn, Timed, Whole, delayed};
 pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};
 pub use worker_state::{
     WorkerInit, WorkerState, set_worker_state, swap_worker_state, with_worker_state,

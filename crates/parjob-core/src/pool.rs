@@ -13,7 +13,8 @@ use crate::worker::set_worker_identity;
 /// What every batch of one run shares: the cancel flag and the per-task timeout.
 #[derive(Debug)]
 pub struct RunControl {
-    cancelled: AtomicBool,
+    /// Shared with the controls of tasks that carry a time limit of their own.
+    cancelled: Arc<AtomicBool>,
     epoch: Instant,
     timeout: Option<Duration>,
 }
@@ -21,8 +22,18 @@ pub struct RunControl {
 impl RunControl {
     pub(crate) fn new(timeout: Option<Duration>) -> Self {
         RunControl {
-            cancelled: AtomicBool::new(false),
+            cancelled: Arc::new(AtomicBool::new(false)),
             epoch: Instant::now(),
+            timeout,
+        }
+    }
+
+    /// The same run (cancel flag, clock) under another per-task limit: for a task with a
+    /// limit of its own, so that a pool that enforces `timeout()` enforces that one.
+    pub(crate) fn with_timeout(&self, timeout: Option<Duration>) -> Self {
+        RunControl {
+            cancelled: Arc::clone(&self.cancelled),
+            epoch: self.epoch,
             timeout,
         }
     }
@@ -64,6 +75,7 @@ pub struct Job {
     seq: u64,
     started: Option<Arc<AtomicU64>>,
     reply: Option<Reply>,
+    worker: Option<usize>,
 }
 
 /// Where a job's completion goes: the dispatcher's channel, or straight into a
@@ -97,6 +109,9 @@ pub(crate) struct Completion {
     pub(crate) seq: u64,
     pub(crate) batch: Box<dyn ErasedBatch>,
     pub(crate) busy: Duration,
+    /// The worker that ran it, when the pool ran it with `run_here` on a worker that knows
+    /// its index (for events and insights).
+    pub(crate) worker: Option<usize>,
 }
 
 impl Job {
@@ -113,6 +128,7 @@ impl Job {
             seq,
             started,
             reply: Some(reply.into()),
+            worker: None,
         }
     }
 
@@ -177,6 +193,7 @@ impl Job {
             return;
         }
         let began = Instant::now();
+        self.worker = crate::worker::current_worker();
         let control = Arc::clone(&self.control);
         self.batch_mut().run_here(&control);
         self.complete(began.elapsed());
@@ -206,6 +223,7 @@ impl Job {
             seq: self.seq,
             batch,
             busy,
+            worker: self.worker,
         };
         match reply {
             // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.

@@ -112,6 +112,24 @@ pub trait Task: Send + 'static + sealed::Sealed {
     fn args(&self) -> &Self::Args;
     /// Calls `func` on `args`: how a worker process runs a decoded task.
     fn call_with(func: Self::Func, args: Self::Args) -> Self::Output;
+
+    /// The task's own time limit ([`Delayed::timeout`]), which replaces the run's.
+    #[doc(hidden)]
+    fn own_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Whether tasks of this type may carry a time limit of their own: then each runs in a
+    /// batch of its own, under its limit.
+    #[doc(hidden)]
+    const HAS_OWN_TIMEOUT: bool = false;
+
+    /// A copy of the task for a retry, made through the codec (arguments need not be
+    /// `Clone`); `None` if the arguments cannot be encoded and decoded back.
+    #[doc(hidden)]
+    fn copy_for_retry(&self) -> Option<Self>
+    where
+        Self: Sized;
 }
 
 /// A function and its arguments, made by [`delayed`].
@@ -245,6 +263,105 @@ where
     #[inline]
     fn call_with(func: F, args: A) -> F::Output {
         func.call_with(args)
+    }
+
+    fn copy_for_retry(&self) -> Option<Self> {
+        let mut bytes = Vec::new();
+        crate::codec::encode_into(&self.args, &mut bytes).ok()?;
+        let (args, _) = crate::codec::decode_prefix::<A>(&bytes).ok()?;
+        Some(Delayed {
+            func: self.func,
+            args,
+            marker: PhantomData,
+        })
+    }
+}
+
+impl<F, A, M> Delayed<F, A, M> {
+    /// This task with a time limit of its own, which replaces the `Parallel`'s `.timeout` for
+    /// it: a task over it fails with [`Error::Timeout`](crate::Error::Timeout) (and, with
+    /// retries, is retried). Tasks with a limit of their own run one per batch. Mix tasks with
+    /// and without one through [`Timed::new`] with an `Option`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use parjob::{delayed, Parallel};
+    ///
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// let out = Parallel::new(2).run_results([1, 5_000, 2].map(|ms| {
+    ///     delayed(nap, ms).timeout(Duration::from_millis(200))
+    /// }))?;
+    /// assert_eq!(out[0], Ok(1));
+    /// assert!(matches!(out[1], Err(parjob::Error::Timeout { index: 1, .. })));
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    pub fn timeout(self, limit: std::time::Duration) -> Timed<Self> {
+        Timed {
+            task: self,
+            limit: Some(limit),
+        }
+    }
+}
+
+/// A task with a time limit of its own, made by [`Delayed::timeout`] or [`Timed::new`].
+#[derive(Debug, Clone)]
+pub struct Timed<T> {
+    task: T,
+    limit: Option<std::time::Duration>,
+}
+
+impl<T: Task> Timed<T> {
+    /// `task` with the limit `limit`, or the run's `.timeout` when `None`: lets one iterator
+    /// mix tasks with and without a limit of their own.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use parjob::{delayed, Timed};
+    ///
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let tasks = (0..4u64).map(|i| {
+    ///     let limit = (i == 3).then(|| Duration::from_secs(60));
+    ///     Timed::new(delayed(square, i), limit)
+    /// });
+    /// assert_eq!(parjob::Parallel::new(2).run(tasks)?, [0, 1, 4, 9]);
+    /// # Ok::<(), parjob::Error>(())
+    /// ```
+    pub fn new(task: T, limit: Option<std::time::Duration>) -> Self {
+        Timed { task, limit }
+    }
+}
+
+impl<T> sealed::Sealed for Timed<T> {}
+
+impl<T: Task> Task for Timed<T> {
+    type Func = T::Func;
+    type Args = T::Args;
+    type Output = T::Output;
+    const HAS_OWN_TIMEOUT: bool = true;
+
+    #[inline]
+    fn call(self) -> T::Output {
+        self.task.call()
+    }
+
+    fn args(&self) -> &T::Args {
+        self.task.args()
+    }
+
+    #[inline]
+    fn call_with(func: T::Func, args: T::Args) -> T::Output {
+        T::call_with(func, args)
+    }
+
+    fn own_timeout(&self) -> Option<std::time::Duration> {
+        self.limit
+    }
+
+    fn copy_for_retry(&self) -> Option<Self> {
+        Some(Timed {
+            task: self.task.copy_for_retry()?,
+            limit: self.limit,
+        })
     }
 }
 

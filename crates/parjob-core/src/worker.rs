@@ -51,6 +51,11 @@ pub fn set_worker_identity(identity: Option<(Backend, usize)>) -> Option<(Backen
     IDENTITY.with(|cell| cell.replace(identity))
 }
 
+/// The index of the worker this thread is, if it is one (for events).
+pub(crate) fn current_worker() -> Option<usize> {
+    IDENTITY.with(Cell::get).map(|(_, index)| index)
+}
+
 /// Installs, once per process, a panic hook that stays quiet for panics inside tasks: it
 /// records their message and location for the `TaskPanicked` error instead of printing them
 /// (and a backtrace, which costs about 70 ms with `RUST_BACKTRACE=1`). Panics elsewhere, and

@@ -37,7 +37,9 @@ pub struct Parallel {
     /// A value of `PARJOB_N_JOBS` that could not be read, reported by `run`.
     env_error: Option<Error>,
     backend: Option<Backend>,
-    options: RunOptions,
+    pub(crate) options: RunOptions,
+    /// Retries, events, insights and traces (`long_runs.rs`).
+    pub(crate) long_run: crate::long_runs::LongRun,
     pub(crate) process: ProcessOptions,
     /// `initializer_with`'s function and arguments (threads and sequential only, for now).
     pub(crate) init_with: Option<WorkerInit>,
@@ -131,6 +133,7 @@ impl Parallel {
                 n_jobs,
                 ..RunOptions::default()
             },
+            long_run: crate::long_runs::LongRun::default(),
             process: ProcessOptions::default(),
             init_with: None,
             custom_pool: None,

@@ -1,0 +1,181 @@
+//! Insights: the summary of a run (mpire's insights), gathered from its events.
+
+use std::time::Duration;
+
+/// How many of the slowest batches a summary keeps.
+const SLOWEST: usize = 5;
+
+/// What a run did, in figures: `Parallel::last_insights()` after a run with
+/// `.insights(true)`, [`Event::RunFinished`](crate::Event::RunFinished), and printed at the
+/// end of a run with `verbose >= 1`. `Display` gives a few lines.
+///
+/// ```
+/// use parjob::{delayed, Parallel};
+///
+/// fn square(x: u64) -> u64 { x * x }
+/// let parallel = Parallel::new(2).insights(true);
+/// parallel.run((0..1000u64).map(|i| delayed(square, i)))?;
+/// let insights = parallel.last_insights().expect("the run gathered insights");
+/// assert_eq!(insights.tasks, 1000);
+/// assert_eq!(insights.failed, 0);
+/// println!("{insights}");
+/// # Ok::<(), parjob::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Insights {
+    /// The pool's name, e.g. `ThreadingBackend`.
+    pub backend: &'static str,
+    /// How many workers it has.
+    pub workers: usize,
+    /// Tasks that came back (first attempts), with or without a value.
+    pub tasks: usize,
+    /// Tasks that failed for good (after their retries).
+    pub failed: usize,
+    /// Attempts made again after a failure.
+    pub retries: usize,
+    /// Worker processes that died while running a task.
+    pub worker_crashes: usize,
+    /// The run's wall-clock time.
+    pub wall: Duration,
+    /// The time workers spent running tasks, every batch summed.
+    pub busy: Duration,
+    /// The same by worker index, for pools that say which worker ran a batch (in-process
+    /// pools); empty otherwise.
+    pub busy_by_worker: Vec<Duration>,
+    /// Batches that came back (retries included).
+    pub batches: usize,
+    /// The smallest and largest batch dispatched (first attempts), in tasks.
+    pub batch_sizes: (usize, usize),
+    /// The slowest batches, slowest first: (first task index, tasks, busy time).
+    pub slowest: Vec<(usize, usize, Duration)>,
+}
+
+impl Insights {
+    /// The share of the workers' time (`workers x wall`) spent running tasks, in percent; the
+    /// rest went to dispatching, encoding, moving and decoding data, and waiting for work.
+    pub fn busy_percent(&self) -> f64 {
+        let capacity = self.wall.as_secs_f64() * self.workers.max(1) as f64;
+        if capacity <= 0.0 {
+            return 0.0;
+        }
+        (100.0 * self.busy.as_secs_f64() / capacity).min(100.0)
+    }
+}
+
+impl std::fmt::Display for Insights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean = self.tasks as f64 / self.batches.max(1) as f64;
+        writeln!(
+            f,
+            "Insights: {} tasks in {} batches (sizes {}..{}, mean {mean:.1}), {} failed, {} retries, {} worker crashes, wall {:.3}s",
+            self.tasks,
+            self.batches,
+            self.batch_sizes.0,
+            self.batch_sizes.1,
+            self.failed,
+            self.retries,
+            self.worker_crashes,
+            self.wall.as_secs_f64()
+        )?;
+        write!(
+            f,
+            "  in tasks {:.3}s = {:.0}% of {} workers x wall (the rest: dispatch, encode, IPC, decode, idle)",
+            self.busy.as_secs_f64(),
+            self.busy_percent(),
+            self.workers
+        )?;
+        if !self.busy_by_worker.is_empty() && !self.wall.is_zero() {
+            f.write_str("\n  busy by worker:")?;
+            for (worker, busy) in self.busy_by_worker.iter().enumerate() {
+                let percent = 100.0 * busy.as_secs_f64() / self.wall.as_secs_f64();
+                write!(f, " w{worker} {:.0}%", percent.min(100.0))?;
+            }
+        }
+        if !self.slowest.is_empty() {
+            f.write_str("\n  slowest batches:")?;
+            for (n, (first, tasks, busy)) in self.slowest.iter().enumerate() {
+                let sep = if n == 0 { " " } else { ", " };
+                match tasks {
+                    1 => write!(f, "{sep}task {first} {:.3}s", busy.as_secs_f64())?,
+                    _ => write!(
+                        f,
+                        "{sep}tasks {first}..{} {:.3}s",
+                        first + tasks,
+                        busy.as_secs_f64()
+                    )?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gathers [`Insights`] batch by batch.
+#[derive(Default)]
+pub(crate) struct InsightsBuilder {
+    insights: Insights,
+}
+
+impl InsightsBuilder {
+    pub(crate) fn started(&mut self, backend: &'static str, workers: usize) {
+        self.insights.backend = backend;
+        self.insights.workers = workers;
+    }
+
+    pub(crate) fn dispatched(&mut self, tasks: usize, attempt: u32) {
+        if attempt > 1 {
+            return;
+        }
+        let (low, high) = &mut self.insights.batch_sizes;
+        *low = if *low == 0 { tasks } else { (*low).min(tasks) };
+        *high = (*high).max(tasks);
+    }
+
+    pub(crate) fn completed(
+        &mut self,
+        first_index: usize,
+        tasks: usize,
+        _failed: usize,
+        worker: Option<usize>,
+        busy: Duration,
+    ) {
+        let insights = &mut self.insights;
+        insights.batches += 1;
+        insights.busy += busy;
+        if let Some(worker) = worker {
+            if insights.busy_by_worker.len() <= worker {
+                insights.busy_by_worker.resize(worker + 1, Duration::ZERO);
+            }
+            insights.busy_by_worker[worker] += busy;
+        }
+        let slowest = &mut insights.slowest;
+        if slowest.len() < SLOWEST || slowest.last().is_some_and(|s| s.2 < busy) {
+            let at = slowest.partition_point(|s| s.2 >= busy);
+            slowest.insert(at, (first_index, tasks, busy));
+            slowest.truncate(SLOWEST);
+        }
+    }
+
+    pub(crate) fn counted(&mut self, tasks: usize) {
+        self.insights.tasks += tasks;
+    }
+
+    pub(crate) fn failed(&mut self, _index: usize) {
+        self.insights.failed += 1;
+    }
+
+    pub(crate) fn retried(&mut self) {
+        self.insights.retries += 1;
+    }
+
+    pub(crate) fn crashed(&mut self) {
+        self.insights.worker_crashes += 1;
+    }
+
+    pub(crate) fn build(&mut self, wall: Duration) -> Insights {
+        let mut insights = self.insights.clone();
+        insights.wall = wall;
+        insights
+    }
+}
