@@ -44,19 +44,21 @@ fn run_with_private_temp_dir(name: &str) -> std::process::Output {
     run_child_test(name, &[("TMPDIR", dir.0.to_str().unwrap())])
 }
 
-/// The handshake servers' socket directories (`.tmpXXXXXX/socket`) in `dir`.
+/// What workers leave in `dir`: every entry of the private root (each worker's own directory,
+/// `w-<pid>-<n>`, with its server's `.tmpXXXXXX/socket` inside, removed by the driver when
+/// the worker ends), and server directories made in `dir` itself (were the root unusable).
 fn socket_dirs(dir: &Path) -> Vec<PathBuf> {
-    // ipc-channel's server directories, in the private root parjob points tempfile at (and, if
-    // that could not be set up, in the temporary directory itself).
-    [socket_root(dir), dir.to_path_buf()]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
+    let in_root = std::fs::read_dir(socket_root(dir))
+        .into_iter()
+        .flat_map(|entries| entries.flatten().map(|e| e.path()));
+    let in_dir = std::fs::read_dir(dir)
+        .into_iter()
         .flat_map(|entries| entries.flatten().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(".tmp"))
-        })
-        .collect()
+        });
+    in_root.chain(in_dir).collect()
 }
 
 /// `<temporary directory>/parjob-<uid>`: where the process backend has ipc-channel make its
@@ -284,6 +286,64 @@ fn child_closes_mid_handshake() {
     assert!(
         eventually(|| open_descriptors() == before && socket_dirs(&dir).is_empty()),
         "{} descriptors open, {before} before; socket directories left: {:?}",
+        open_descriptors(),
+        socket_dirs(&dir)
+    );
+}
+
+#[test]
+fn workers_killed_at_random_in_their_starts_leave_no_directory_or_descriptor() {
+    run_with_private_temp_dir("handshake::child_kills_starting_workers");
+}
+
+#[test]
+#[ignore = "run by workers_killed_at_random_in_their_starts_leave_no_directory_or_descriptor"]
+fn child_kills_starting_workers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let dir = std::env::temp_dir();
+    let before = open_descriptors();
+    // A killer thread sends SIGKILL to a random child every 2 ms, landing in every step of
+    // the starts (before the server exists, between it and the Hello, mid-handshake) as well
+    // as in running tasks. Before the driver made each worker's directory itself, a storm
+    // like this left a directory behind for about one kill in ten.
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicU32::new(0));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let kills = Arc::clone(&kills);
+        std::thread::spawn(move || {
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            while !stop.load(Ordering::Relaxed) {
+                let pids = children();
+                if !pids.is_empty() {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let pid = pids[(seed % pids.len() as u64) as usize];
+                    // SAFETY: kill with a valid signal; `pid` is a child of this process.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    kills.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kills.load(Ordering::Relaxed) < 300 && Instant::now() < deadline {
+        // Whatever each run returns (values, crashes, a start that failed): only what is left
+        // afterwards counts here.
+        let parallel = processes(2).batch_size(parjob::BatchSize::Fixed(1));
+        let _ = parallel.run((0..20u32).map(|i| delayed(my_pid, i)));
+        drop(parallel);
+    }
+    stop.store(true, Ordering::Relaxed);
+    killer.join().unwrap();
+    let kills = kills.load(Ordering::Relaxed);
+    assert!(kills >= 300, "only {kills} kills in 30 s");
+    assert!(
+        eventually(|| open_descriptors() <= before && socket_dirs(&dir).is_empty()),
+        "after {kills} kills: {} descriptors open, {before} before; left behind: {:?}",
         open_descriptors(),
         socket_dirs(&dir)
     );

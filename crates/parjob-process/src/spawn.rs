@@ -23,8 +23,8 @@ use crate::mapping::Arena;
 use crate::shared::SentSegments;
 use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
 use crate::wire::{
-    Board, ENV_DRIVER, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_REFUSED_DRIVER, Hello,
-    PROTOCOL, Shipment, WELCOMED,
+    Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_REFUSED_DRIVER,
+    Hello, PROTOCOL, Shipment, WELCOMED,
 };
 
 /// How long a started process may take to connect.
@@ -114,9 +114,9 @@ pub(crate) struct Worker {
     line: Arc<OwnedFd>,
     /// How many more messages the worker may send on its line (see [`Allowance`]).
     allowance: Arc<Allowance>,
-    /// The worker's one-shot server, removed (if it is still there) when this is dropped: a
-    /// worker killed in its handshake cannot remove it itself.
-    server: String,
+    /// The worker's temporary directory (its server's, and its tasks' `tempfile` default),
+    /// removed when this is dropped: a worker killed cannot remove it itself.
+    home: Option<WorkerHome>,
     /// Tasks run since it started, for `max_tasks_per_worker`.
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
@@ -143,9 +143,11 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if !self.server.is_empty() {
-            remove_server(Path::new(&self.server));
-        }
+        // Its reader thread ends now, even if a process the worker started (a daemon that
+        // left its group) still holds the other end.
+        self.hang_up();
+        // Its home goes with it (`WorkerHome::drop`).
+        self.home.take();
     }
 }
 
@@ -272,6 +274,11 @@ impl Starter<'_> {
             Failed::Final(Error::worker_io(self.index, message, e))
         })?;
 
+        let home = WorkerHome::make().map_err(|why| {
+            final_error(format!(
+                "cannot make the worker's temporary directory: {why}"
+            ))
+        })?;
         let mut command = if options.worker_exe.is_none() && Path::new(SELF_EXE).exists() {
             // The very file this process runs, even if a rebuild has since replaced or
             // deleted it at `exe` (which would then be another build, refused).
@@ -295,6 +302,7 @@ impl Starter<'_> {
             // In the environment, which only this user can read, never in the arguments,
             // which every user can (`/proc/PID/cmdline`).
             .env(ENV_SECRET, secret.to_hex())
+            .env(ENV_HOME, home.path())
             // A Parallel inside a task defaults to sequential: the pool already uses the CPUs.
             .env("PARJOB_BACKEND", "sequential")
             // The line, which `init()` takes and replaces with an empty input.
@@ -352,7 +360,7 @@ impl Starter<'_> {
             generation,
             child: Arc::clone(&child),
             line: Arc::clone(&line),
-            server: None,
+            home: Some(home),
             waiting: false,
             reaped: false,
             reading: false,
@@ -488,7 +496,6 @@ impl Starter<'_> {
                 "refused a Hello that does not carry the worker's secret".into(),
             )));
         }
-        pending.server = Some(hello.server.clone());
         let final_error = |message: String| Failed::Final(worker_error(message));
         // Nothing that names code is sent before this check.
         Identity::decode(&hello.identity)
@@ -546,11 +553,21 @@ impl Starter<'_> {
         // initializer's, before it the handshake's (see `WELCOMED`).
         let mut welcomed = false;
         let handshake_failed = |status: &WorkerExit| {
+            let why = if matches!(status, WorkerExit::Signaled(_)) {
+                "it was killed during its start"
+            } else {
+                "something else may have reached its server first; its stderr says more"
+            };
             Failed::Retry(worker_error(format!(
-                "its handshake failed: it ended ({status}) before it accepted the driver's                  welcome (something else may have reached its server first; its stderr says                  more)"
+                "its handshake failed: it ended ({status}) before it accepted the driver's \
+                 welcome ({why})"
             )))
         };
-        let mut deadline = Instant::now() + INITIALIZER_TIMEOUT;
+        // Until its WELCOMED, the handshake's deadline (from its spawn): a process of this user
+        // that reached the worker's server first (and stays silent, or sent half a message)
+        // holds the worker's accept, and the start is tried again. After it, the
+        // initializer's.
+        let mut deadline = deadline;
         loop {
             match self.next_event(deadline) {
                 Some(Event::Reply {
@@ -558,7 +575,10 @@ impl Starter<'_> {
                     bytes,
                     ..
                 }) if g == generation => match Kind::of(&bytes) {
-                    Ok(Kind::Backend(WELCOMED)) if bytes.len() == 1 => welcomed = true,
+                    Ok(Kind::Backend(WELCOMED)) if bytes.len() == 1 => {
+                        welcomed = true;
+                        deadline = Instant::now() + INITIALIZER_TIMEOUT;
+                    }
                     Ok(Kind::Ready) => break,
                     Ok(Kind::InitFailed) => {
                         let reason = InitFailed::decode(&bytes)
@@ -597,6 +617,12 @@ impl Starter<'_> {
                     return Err(final_error("the pool is shutting down".into()));
                 }
                 Some(_) => {}
+                None if !welcomed => {
+                    return Err(Failed::Retry(worker_error(format!(
+                        "did not accept the driver's welcome within {HANDSHAKE_TIMEOUT:?} of its \
+                         start (another process of this user may be holding its server)"
+                    ))));
+                }
                 None => {
                     return Err(final_error(match ended {
                         Some(status) => format!("ended during its initializer ({status})"),
@@ -617,7 +643,7 @@ impl Starter<'_> {
             child,
             line,
             allowance,
-            server: pending.server.take().unwrap_or_default(),
+            home: pending.home.take(),
             tasks_run: 0,
             output_done,
             task_arena: None,
@@ -724,8 +750,8 @@ enum Failed {
 }
 
 /// A worker process whose handshake is not over. Dropped before it is `done` (whatever
-/// failed), it kills the process, hangs up its line, removes the server the worker opened if
-/// the driver never connected to it, and waits until both the process and the line's reader
+/// failed), it kills the process, hangs up its line, removes the worker's directory (its
+/// server's included), and waits until both the process and the line's reader
 /// are heard of: a failed start leaves no process, thread, socket directory or descriptor
 /// behind, and no event that a later try could take for its own.
 struct Pending<'a> {
@@ -734,9 +760,8 @@ struct Pending<'a> {
     generation: u64,
     child: Arc<ChildWatch>,
     line: Arc<OwnedFd>,
-    /// The worker's server (its socket's path), once its Hello named it and until the driver
-    /// connected to it.
-    server: Option<String>,
+    /// The worker's own directory, until the worker lives on (see [`WorkerHome`]).
+    home: Option<WorkerHome>,
     /// The waiter thread runs: its `Exited` event will come.
     waiting: bool,
     /// The `Exited` event was consumed.
@@ -784,29 +809,48 @@ impl Drop for Pending<'_> {
                 _ => {}
             }
         }
-        if let Some(server) = self.server.take() {
-            // The killed worker could not remove it.
-            remove_server(Path::new(&server));
-        }
+        // The killed worker could not remove it (`WorkerHome::drop`).
+        self.home.take();
         if close {
             let _ = self.events_tx.send(Event::Close);
         }
     }
 }
 
-/// Removes a killed worker's one-shot server `socket` and its directory, if they are where
-/// this process's own servers are made (tempfile's directory, private to this user): a path a
-/// worker named is never trusted further.
-fn remove_server(socket: &Path) {
-    let Some(dir) = socket.parent() else { return };
-    let in_our_root = dir.parent() == Some(private_root().as_path());
-    let plain_name = socket.file_name() == Some("socket".as_ref())
-        && dir
-            .file_name()
-            .is_some_and(|name| name.to_string_lossy().starts_with(".tmp"));
-    if in_our_root && plain_name {
-        let _ = std::fs::remove_file(socket);
-        let _ = std::fs::remove_dir(dir);
+/// A worker's own directory, `$TMPDIR/parjob-<uid>/w-<driver pid>-<n>`, made private (0700)
+/// by the driver before the worker starts and removed with everything in it when dropped. The
+/// worker makes it tempfile's default (see [`private_socket_root`]), so its one-shot server,
+/// and the temporary files its tasks make with tempfile, go there: whatever a killed worker
+/// leaves is removed by its driver.
+pub(crate) struct WorkerHome {
+    path: PathBuf,
+}
+
+impl WorkerHome {
+    fn make() -> Result<WorkerHome, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let root = checked_private_root()?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = root.join(format!("w-{}-{n}", std::process::id()));
+        // Left by a driver of the same pid before this one (pids are reused).
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot make {}: {}", path.display(), describe_io(&e)))?;
+        Ok(WorkerHome { path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkerHome {
+    fn drop(&mut self) {
+        // Symbolic links inside are removed, never followed.
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -827,7 +871,8 @@ fn remove_server(socket: &Path) {
 pub(crate) fn private_socket_root() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if let Err(why) = point_tempfile_at_private_root() {
+        let home = std::env::var_os(ENV_HOME).map(PathBuf::from);
+        if let Err(why) = point_tempfile_at_private_dir(home) {
             eprintln!(
                 "parjob: handshake sockets go to the usual temporary directory and are made \
                  private only once created: {why}"
@@ -843,25 +888,46 @@ fn private_root() -> PathBuf {
     std::env::temp_dir().join(format!("parjob-{me}"))
 }
 
-fn point_tempfile_at_private_root() -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+/// The private root, made if missing, and checked to be a directory only this user may enter.
+fn checked_private_root() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
     let root = private_root();
     match std::fs::DirBuilder::new().mode(0o700).create(&root) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(format!("cannot make {}: {e}", root.display())),
     }
-    let meta = std::fs::symlink_metadata(&root)
-        .map_err(|e| format!("cannot inspect {}: {e}", root.display()))?;
+    check_private(&root)?;
+    Ok(root)
+}
+
+/// Checks that `dir` is a real directory (not a link) of this user that nobody else may enter.
+fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
     if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
         return Err(format!(
             "{} is not a directory that only this user (uid {me}) may enter",
-            root.display()
+            dir.display()
         ));
     }
-    tempfile::env::override_temp_dir(&root).map_err(|set| {
+    Ok(())
+}
+
+/// Points tempfile's default at `home` (the worker's own directory, which its driver made
+/// private), or, without one, at the private root.
+fn point_tempfile_at_private_dir(home: Option<PathBuf>) -> Result<(), String> {
+    let dir = match home {
+        Some(home) => {
+            check_private(&home)?;
+            home
+        }
+        None => checked_private_root()?,
+    };
+    tempfile::env::override_temp_dir(&dir).map_err(|set| {
         format!(
             "tempfile's default temporary directory was already set to {}",
             set.display()

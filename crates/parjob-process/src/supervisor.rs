@@ -798,7 +798,9 @@ impl Supervisor {
                 worker.child.kill();
                 await_exit(&self.events, &self.events_tx, generation);
             }
-            worker.wait_for_output();
+            // No crash to report: its last output is forwarded as it comes, and dropping it
+            // hangs up its line.
+            drop(worker);
         }
     }
 
@@ -867,6 +869,13 @@ impl Supervisor {
         };
         let generation = worker.generation;
         let mut deadline = Instant::now() + SHUTDOWN_GRACE;
+        if status.is_some() {
+            // Dead: what it sent is in the line's buffer, which the reader still drains after
+            // a hang-up, and then it ends even if a process the worker started (a daemon that
+            // left its group) holds the other end.
+            worker.hang_up();
+            deadline = Instant::now() + Duration::from_millis(100);
+        }
         let mut killed = false;
         let mut late_reply = None;
         // Wait for the exit status, and for the reader to drain what the worker sent before
@@ -879,8 +888,8 @@ impl Supervisor {
                     status: s,
                 }) if g == generation => {
                     status = Some(s);
-                    // The reader's disconnection follows at once unless a grandchild holds
-                    // the channel: do not wait long for it.
+                    // Dead (see above): the reader ends once it has drained the line.
+                    worker.hang_up();
                     deadline = deadline.min(Instant::now() + Duration::from_millis(100));
                 }
                 Ok(Event::Disconnected { generation: g } | Event::Broken { generation: g, .. })

@@ -25,6 +25,9 @@ pub(crate) const PROTOCOL: u32 = 7;
 /// a process whose parent is that driver, with its line to the driver (`link`) as its
 /// standard input.
 pub(crate) const ENV_DRIVER: &str = "PARJOB_PROCESS_DRIVER";
+/// The worker's own directory, which its driver made private and removes when the worker
+/// ends: the worker makes it tempfile's default (its server goes there).
+pub(crate) const ENV_HOME: &str = "PARJOB_PROCESS_HOME";
 /// The worker's index in its pool.
 pub(crate) const ENV_INDEX: &str = "PARJOB_PROCESS_WORKER";
 /// The worker's handshake secret (`parjob_remote::HandshakeSecret::to_hex`). The environment
@@ -98,10 +101,13 @@ impl Hello {
             .ok_or(truncated(19))?;
         let end = 19 + usize::from(u16::from_le_bytes(name_len));
         let name = message.get(19..end).ok_or(truncated(end))?;
-        let server = String::from_utf8(name.to_vec()).map_err(|_| RemoteError::Malformed {
-            message: "HELLO",
-            reason: "its server name is not UTF-8".into(),
-        })?;
+        let server = String::from_utf8(name.to_vec())
+            .ok()
+            .filter(|name| !name.contains('\0'))
+            .ok_or_else(|| RemoteError::Malformed {
+                message: "HELLO",
+                reason: "its server name is not a path (not UTF-8, or a NUL in it)".into(),
+            })?;
         Ok(Hello {
             proof,
             server,
