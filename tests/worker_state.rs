@@ -114,10 +114,11 @@ fn greet(name: String) -> String {
 }
 
 #[test]
-fn initializer_arguments_reach_every_in_process_worker() {
-    for backend in [Backend::Sequential, Backend::Threading] {
+fn initializer_arguments_reach_every_worker_on_every_backend() {
+    for backend in BACKENDS {
         let out = Parallel::new(3)
             .backend(backend)
+            .batch_size(parjob::BatchSize::Fixed(1))
             .initializer_with(set_greeting, "hello".to_string())
             .run(["ann", "bob", "cy", "di"].map(|n| delayed(greet, n.to_string())))
             .unwrap();
@@ -129,15 +130,50 @@ fn initializer_arguments_reach_every_in_process_worker() {
     }
 }
 
+/// Greets with the word it was given, after checking it is not empty.
+fn set_checked_greeting(word: String) {
+    assert!(!word.is_empty(), "an empty greeting");
+    set_worker_state(Greeting(word));
+}
+
+fn crash_once(i: u32) -> String {
+    if i == 1 {
+        std::process::abort();
+    }
+    greet(i.to_string())
+}
+
 #[test]
-fn initializer_arguments_on_processes_are_a_clear_error_not_ignored() {
-    let error = Parallel::new(2)
+fn a_replaced_worker_process_runs_the_initializer_with_its_arguments_again() {
+    let results: Vec<_> = Parallel::new(1)
         .backend(Backend::Process)
-        .initializer_with(set_greeting, "hello".to_string())
-        .run([delayed(greet, "ann".to_string())])
-        .unwrap_err();
-    assert!(matches!(error, Error::InvalidConfig(_)), "{error}");
-    assert!(error.to_string().contains("initializer_with"), "{error}");
+        .batch_size(parjob::BatchSize::Fixed(1))
+        .initializer_with(set_checked_greeting, "hi".to_string())
+        .run_iter((0..3u32).map(|i| delayed(crash_once, i)))
+        .collect();
+    assert_eq!(results[0].as_deref().ok(), Some("hi 0"));
+    assert!(
+        matches!(results[1], Err(Error::WorkerCrashed { .. })),
+        "{results:?}"
+    );
+    assert_eq!(
+        results[2].as_deref().ok(),
+        Some("hi 2"),
+        "the replacement got the arguments"
+    );
+}
+
+#[test]
+fn an_initializer_that_panics_on_its_arguments_names_them_on_every_backend() {
+    for backend in BACKENDS {
+        let error = Parallel::new(2)
+            .backend(backend)
+            .initializer_with(set_checked_greeting, String::new())
+            .run([delayed(greet, "ann".to_string())])
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("an empty greeting"), "{backend}: {text}");
+    }
 }
 
 #[test]

@@ -64,7 +64,9 @@ pub use local::{LocalTask, LocalWork, run_local};
 pub use n_jobs::NJobs;
 pub use n_jobs::{MAX_PROCESSES, MAX_THREADS, check_worker_limit, cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
-pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
+pub use process_options::{
+    DEFAULT_MAX_NBYTES, Initializer, InitializerEntry, InitializerWith, ProcessOptions,
+};
 pub use retry::Retry;
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,

@@ -142,6 +142,9 @@ pub fn swap_worker_state(state: Option<WorkerState>) -> Option<WorkerState> {
 pub struct WorkerInit {
     call: Arc<dyn Fn() + Send + Sync>,
     name: &'static str,
+    /// How a worker process runs it (`with_args` only): the arguments encoded, or why they
+    /// could not be.
+    remote: Option<Result<crate::InitializerWith, String>>,
 }
 
 impl std::fmt::Debug for WorkerInit {
@@ -165,14 +168,37 @@ impl WorkerInit {
         WorkerInit {
             call: Arc::new(f),
             name: "fn()",
+            remote: None,
         }
     }
 
-    /// `f(args.clone())` on each worker.
-    pub fn with_args<A: Clone + Send + Sync + 'static>(f: fn(A), args: A) -> WorkerInit {
+    /// `f(args.clone())` on each worker; a worker process gets `args` encoded, as a task's
+    /// arguments are.
+    pub fn with_args<A>(f: fn(A), args: A) -> WorkerInit
+    where
+        A: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let remote = crate::InitializerWith::new(f, &args);
         WorkerInit {
             call: Arc::new(move || f(args.clone())),
             name: type_name::<fn(A)>(),
+            remote: Some(remote),
+        }
+    }
+
+    /// How a worker process runs this initializer, if it has arguments: `None` for a plain
+    /// `fn()` (which travels as `ProcessOptions::initializer`).
+    ///
+    /// # Errors
+    /// `Error::InvalidConfig` when its arguments could not be encoded.
+    pub fn for_processes(&self) -> Result<Option<crate::InitializerWith>, Error> {
+        match &self.remote {
+            None => Ok(None),
+            Some(Ok(remote)) => Ok(Some(remote.clone())),
+            Some(Err(message)) => Err(Error::InvalidConfig(format!(
+                "the arguments of the initializer `{}` cannot be sent to worker processes: {message}",
+                self.name
+            ))),
         }
     }
 

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use ipc_channel::ipc::{self, IpcBytesSender, IpcSender};
 use parjob_core::{Error, ProcessOptions, WorkerExit, cpu_count};
 use parjob_remote::{
-    CodeOffset, DoneHeader, HandshakeSecret, Identity, InitFailed, Kind, Nonce, Welcome,
+    CodeOffset, DoneHeader, HandshakeSecret, Identity, InitArgs, InitFailed, Kind, Nonce, Welcome,
 };
 
 use crate::link;
@@ -79,12 +79,26 @@ pub(crate) enum Event {
 pub(crate) struct Settings {
     pub(crate) options: ProcessOptions,
     pub(crate) initializer: Option<CodeOffset>,
+    /// An initializer with arguments: its function's offset and the arguments
+    /// (`initializer` is then its entry).
+    pub(crate) with_args: Option<InitArgs>,
 }
 
 impl Settings {
     /// # Errors
     /// `Error::InvalidConfig` when the initializer is not in this program's executable.
     pub(crate) fn new(options: ProcessOptions) -> Result<Settings, Error> {
+        if let Some(with) = &options.initializer_with {
+            let (entry, function) = CodeOffset::of_initializer_with(with)?;
+            return Ok(Settings {
+                initializer: Some(entry),
+                with_args: Some(InitArgs {
+                    function,
+                    args: with.args.to_vec(),
+                }),
+                options,
+            });
+        }
         let initializer = options
             .initializer
             .map(CodeOffset::of_initializer)
@@ -92,6 +106,7 @@ impl Settings {
         Ok(Settings {
             options,
             initializer,
+            with_args: None,
         })
     }
 }
@@ -542,6 +557,7 @@ impl Starter<'_> {
         let welcome = Welcome {
             max_nbytes: options.max_nbytes as u64,
             initializer: self.settings.initializer,
+            with_args: self.settings.with_args.clone(),
             proof: secret.driver,
         };
         tasks

@@ -8,7 +8,7 @@ use ipc_channel::ipc::{IpcBytesReceiver, IpcOneShotServer, IpcReceiver};
 use parjob_core::{Backend, set_worker_identity};
 use parjob_remote::{
     DoneHeader, HandshakeSecret, Identity, InitFailed, Kind, RunHeader, Welcome, call_entry,
-    call_initializer,
+    call_initializer, call_initializer_with,
 };
 
 use crate::frame::{finish_done, task_frame};
@@ -224,10 +224,16 @@ fn handshake(line: OwnedFd) -> Result<Connected, Stop> {
         .map_err(|e| Stop::failed(format!("cannot reach the driver: {e}")))?;
     let max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
     if let Some(initializer) = welcome.initializer {
-        // SAFETY: the welcome proved it comes from this worker's own driver, which sends one
-        // only after checking at the handshake that this worker is the same build, and
-        // measured this offset with `CodeOffset::of_initializer`.
-        if let Err(error) = unsafe { call_initializer(initializer) } {
+        let called = match &welcome.with_args {
+            // SAFETY: the welcome proved it comes from this worker's own driver, which sends
+            // one only after checking at the handshake that this worker is the same build, and
+            // measured these offsets with `CodeOffset::of_initializer_with` and encoded the
+            // arguments for them.
+            Some(with) => unsafe { call_initializer_with(initializer, with.function, &with.args) },
+            // SAFETY: as above, with an offset measured by `CodeOffset::of_initializer`.
+            None => unsafe { call_initializer(initializer) },
+        };
+        if let Err(error) = called {
             let mut reason = error.to_string();
             truncate_at_char(&mut reason, InitFailed::MAX_REASON);
             let _ = link::send(line.as_fd(), &InitFailed { reason }.encode(), None);
@@ -631,10 +637,11 @@ mod tests {
         path
     }
 
-    fn welcome(proof: Nonce) -> [u8; Welcome::LEN] {
+    fn welcome(proof: Nonce) -> Vec<u8> {
         Welcome {
             max_nbytes: 1 << 20,
             initializer: Some(CodeOffset::of_initializer(Initializer(leave_a_mark)).unwrap()),
+            with_args: None,
             proof,
         }
         .encode()

@@ -14,8 +14,9 @@ use crate::program::each_object;
 /// The version of this crate's message layouts ([`crate::header`]). A peer whose layout or
 /// backend protocol differs is refused like another build. 2: the `WELCOME` carries the
 /// driver's proof of the handshake secret. 3: `RUN` and `DONE` carry the frame's tag, the
-/// `RUN` its timeout and the `DONE` the task that overran it.
-pub const LAYOUT: u32 = 3;
+/// `RUN` its timeout and the `DONE` the task that overran it. 4: the `WELCOME` may carry an
+/// initializer's arguments.
+pub const LAYOUT: u32 = 4;
 
 /// This build's identity: `gnu:` and the GNU build-id in lowercase hex, or, for an executable
 /// without one, `file:`, its length and a hash of its bytes.

@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use parjob_core::{Error, Initializer, RemoteEntry};
+use parjob_core::{Error, Initializer, InitializerEntry, InitializerWith, RemoteEntry};
 
 use crate::RemoteError;
 use crate::program::{main_program_code, object_holding};
@@ -53,6 +53,25 @@ impl CodeOffset {
         code()
             .offset_of(address)
             .ok_or_else(|| refused("the initializer", address))
+    }
+
+    /// The offsets of an initializer with arguments: its entry (which decodes the arguments)
+    /// and the user's function, for a worker of this build to call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when either is not in this program's executable.
+    pub fn of_initializer_with(init: &InitializerWith) -> Result<(CodeOffset, CodeOffset), Error> {
+        let entry = init.entry as usize;
+        let entry = code()
+            .offset_of(entry)
+            .ok_or_else(|| refused("the initializer's entry", entry))?;
+        let function = code().offset_of(init.function).ok_or_else(|| {
+            refused(
+                &format!("the initializer `{}`", init.type_name),
+                init.function,
+            )
+        })?;
+        Ok((entry, function))
     }
 
     /// The offset as a number, e.g. to log it.
@@ -114,12 +133,46 @@ pub unsafe fn call_initializer(offset: CodeOffset) -> Result<(), RemoteError> {
         .map_err(|message| RemoteError::InitializerPanicked { message })
 }
 
-/// The two kinds of function an offset may name.
+/// Runs an initializer with arguments in this worker: the entry at `entry` decodes `args`
+/// and calls the function at `function` with them, after both offsets are checked as for
+/// [`call_entry`]; a panic is caught.
+///
+/// # Errors
+/// [`RemoteError::OutsideExecutable`] (or [`RemoteError::NoExecutableCode`]) or
+/// [`RemoteError::Malformed`] (arguments that do not decode) without calling anything;
+/// [`RemoteError::InitializerPanicked`] with the panic's message and location.
+///
+/// # Safety
+/// As for [`call_entry`], with offsets made by [`CodeOffset::of_initializer_with`], and
+/// `args` what the driver encoded for them.
+pub unsafe fn call_initializer_with(
+    entry: CodeOffset,
+    function: CodeOffset,
+    args: &[u8],
+) -> Result<(), RemoteError> {
+    // SAFETY: this function's own contract: `entry` names an initializer entry of this build.
+    let entry: InitializerEntry = unsafe { function_at(entry)? };
+    let function = code()
+        .address_at(function)
+        .ok_or(RemoteError::OutsideExecutable { offset: function.0 })?;
+    // SAFETY: the driver measured `entry` from the entry made for the argument type of the
+    // function it measured `function` from (`InitializerWith::new` makes both together), in
+    // this same build, and `address_at` checked the function's address is in this
+    // executable's code.
+    let called = unsafe { entry(function, args) }.map_err(|reason| RemoteError::Malformed {
+        message: "WELCOME",
+        reason,
+    })?;
+    called.map_err(|message| RemoteError::InitializerPanicked { message })
+}
+
+/// The kinds of function an offset may name.
 mod sealed {
     /// A function pointer type that offsets are made for.
     pub trait Callable: Copy {}
     impl Callable for parjob_core::RemoteEntry {}
     impl Callable for fn() {}
+    impl Callable for parjob_core::InitializerEntry {}
 }
 
 /// The function of type `F` at `offset`, checked to be in this program's code.

@@ -5,7 +5,7 @@
 //!
 //! | message | direction | layout |
 //! | --- | --- | --- |
-//! | [`Welcome`] | driver to worker | `[1][max_nbytes u64][has initializer u8][initializer offset u64][driver proof, 16 bytes]` |
+//! | [`Welcome`] | driver to worker | `[1][max_nbytes u64][initializer u8: 0 none, 1 fn(), 2 with arguments][initializer offset u64][driver proof, 16 bytes]`, then for 2: `[function offset u64][arguments]` |
 //! | [`RunHeader`] | driver to worker | `[2][flags u8][entry offset u64][arena length u64][attachments u32][generation u64][seq u64][timeout nanos u64]`, then the frame unless it is in the arena |
 //! | `SHUTDOWN` | driver to worker | `[3]`: exit with status 0 |
 //! | `READY` | worker to driver | `[4]`: the initializer (if any) ran |
@@ -146,51 +146,83 @@ pub struct FrameTag {
 }
 
 /// The driver's first message after a successful handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// Frames over this many bytes travel in an arena rather than inline.
     pub max_nbytes: u64,
-    /// The function the worker runs once before its first frame, if any.
+    /// The function the worker runs once before its first frame, if any: a `fn()`, or, with
+    /// `with_args`, the entry that decodes the arguments and calls the user's function.
     pub initializer: Option<CodeOffset>,
+    /// The user's function and its encoded arguments, for an initializer with arguments
+    /// (`initializer` is then its entry).
+    pub with_args: Option<InitArgs>,
     /// That this is the worker's own driver: the `driver` half of the
     /// [`HandshakeSecret`](crate::HandshakeSecret) it was given. A worker checks it
     /// ([`Welcome::check`]) before anything else, and does nothing a welcome without it asks.
     pub proof: Nonce,
 }
 
+/// An initializer's function and arguments, in a [`Welcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitArgs {
+    /// The user's function (`CodeOffset::of_initializer_with`).
+    pub function: CodeOffset,
+    /// Its arguments, encoded with parjob's codec.
+    pub args: Vec<u8>,
+}
+
 impl Welcome {
-    /// Length of an encoded welcome.
+    /// Length of an encoded welcome without initializer arguments (which follow it).
     pub const LEN: usize = 34;
 
-    /// The message.
-    pub fn encode(&self) -> [u8; Welcome::LEN] {
-        let mut out = Writer::new(Kind::Welcome);
+    /// The message: the fixed fields, then, for an initializer with arguments, the function's
+    /// offset and the arguments.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Writer::<{ Welcome::LEN }>::new(Kind::Welcome);
         out.u64(self.max_nbytes);
-        out.u8(u8::from(self.initializer.is_some()));
+        let flag = match (self.initializer, &self.with_args) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => 2,
+        };
+        out.u8(flag);
         out.u64(self.initializer.map_or(0, CodeOffset::get));
         out.put(&self.proof.to_bytes());
-        out.finish()
+        let mut message = out.finish().to_vec();
+        if let (Some(_), Some(with)) = (self.initializer, &self.with_args) {
+            message.extend_from_slice(&with.function.get().to_le_bytes());
+            message.extend_from_slice(&with.args);
+        }
+        message
     }
 
     /// Reads a welcome. Its proof is not checked here: see [`Welcome::check`].
     ///
     /// # Errors
     /// When `message` is not a welcome, is too short (a missing offset or proof is an error,
-    /// never zeros), or its initializer flag is neither 0 nor 1.
+    /// never zeros), or its initializer flag is not 0 (none), 1 (a `fn()`) or 2 (with
+    /// arguments, whose function offset must follow).
     pub fn decode(message: &[u8]) -> Result<Welcome, RemoteError> {
         let mut r = Reader::new(message, Kind::Welcome, Welcome::LEN)?;
         let max_nbytes = r.u64();
         let has_initializer = r.u8();
         let offset = CodeOffset(r.u64());
         let proof = Nonce::from_bytes(r.take());
-        let initializer = match has_initializer {
-            0 => None,
-            1 => Some(offset),
+        let (initializer, with_args) = match has_initializer {
+            0 => (None, None),
+            1 => (Some(offset), None),
+            2 => {
+                r.need(8)?;
+                let function = CodeOffset(r.u64());
+                let args = r.rest().to_vec();
+                (Some(offset), Some(InitArgs { function, args }))
+            }
             other => return Err(r.malformed(format!("initializer flag {other}"))),
         };
         Ok(Welcome {
             max_nbytes,
             initializer,
+            with_args,
             proof,
         })
     }
@@ -626,12 +658,23 @@ mod tests {
             Welcome {
                 max_nbytes: 1 << 20,
                 initializer: None,
+                with_args: None,
                 proof: Nonce::from_bytes([7; 16]),
             },
             Welcome {
                 max_nbytes: u64::MAX,
                 initializer: Some(offset(0x42)),
+                with_args: None,
                 proof: Nonce::from_bytes(*b"0123456789abcdef"),
+            },
+            Welcome {
+                max_nbytes: 7,
+                initializer: Some(offset(0x42)),
+                with_args: Some(InitArgs {
+                    function: offset(0x99),
+                    args: b"arguments".to_vec(),
+                }),
+                proof: Nonce::from_bytes([3; 16]),
             },
         ] {
             let back = Welcome::decode(&welcome.encode()).unwrap();
@@ -650,6 +693,7 @@ mod tests {
         let welcome = Welcome {
             max_nbytes: 1,
             initializer: Some(offset(0x42)),
+            with_args: None,
             proof: secret,
         };
         assert_eq!(welcome.check(&secret), Ok(()));
@@ -700,6 +744,7 @@ mod tests {
         let welcome = Welcome {
             max_nbytes: 1,
             initializer: Some(offset(7)),
+            with_args: None,
             proof: Nonce::from_bytes([1; 16]),
         }
         .encode();
@@ -763,13 +808,20 @@ mod tests {
         let mut welcome = Welcome {
             max_nbytes: 1,
             initializer: None,
+            with_args: None,
             proof: Nonce::from_bytes([1; 16]),
         }
         .encode();
-        welcome[9] = 2;
+        welcome[9] = 3;
         assert!(matches!(
             Welcome::decode(&welcome),
             Err(RemoteError::Malformed { .. })
+        ));
+        // With arguments, but no function offset after the fixed fields: short, not zero.
+        welcome[9] = 2;
+        assert!(matches!(
+            Welcome::decode(&welcome),
+            Err(RemoteError::Truncated { .. })
         ));
     }
 

@@ -165,11 +165,10 @@ impl Executor {
 
     /// Runs `f(args.clone())` once on every worker (see [`Parallel::initializer_with`];
     /// Python's `initializer=` with `initargs=`).
-    pub fn initializer_with<A: Clone + Send + Sync + 'static>(
-        mut self,
-        f: fn(A),
-        args: A,
-    ) -> Executor {
+    pub fn initializer_with<A>(mut self, f: fn(A), args: A) -> Executor
+    where
+        A: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    {
         self.parallel = self.take_parallel().initializer_with(f, args);
         self
     }

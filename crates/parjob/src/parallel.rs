@@ -454,13 +454,15 @@ fn start_pool(
             backend,
             "parjob was built without its `threading` feature",
         )),
-        Backend::Process if init_with.is_some() => Err(Error::InvalidConfig(
-            "initializer arguments (`initializer_with`) do not reach worker processes yet: on \
-             the process backend use `.initializer(f)` with an `fn()` that reads its settings \
-             itself (a `static`, a file, the environment)"
-                .into(),
-        )),
-        Backend::Process => Ok((start_process_pool(workers, process)?, None)),
+        Backend::Process => match init_with.map(WorkerInit::for_processes).transpose()? {
+            // With arguments: they travel to each worker, encoded.
+            Some(with) => {
+                let mut process = process.clone();
+                process.initializer_with = with;
+                Ok((start_process_pool(workers, &process)?, None))
+            }
+            None => Ok((start_process_pool(workers, process)?, None)),
+        },
         other => Err(Error::backend_unavailable(
             other,
             "not built in this version of parjob",

@@ -61,13 +61,14 @@ impl Parallel {
     }
 
     /// [`initializer`](Parallel::initializer) with arguments: runs `f(args.clone())` once on
-    /// every worker (Python's `initargs`). It replaces an earlier `initializer`, and the other
-    /// way round.
+    /// every worker (Python's `initargs`), on every backend. It replaces an earlier
+    /// `initializer`, and the other way round.
     ///
-    /// On the threading and sequential backends only, for now: the process backend refuses it
-    /// with [`Error::InvalidConfig`](crate::Error::InvalidConfig) when the pool starts (a
-    /// worker process would need the arguments sent to it), so there an `fn()` initializer
-    /// reads its settings itself.
+    /// The arguments follow the rules of a task's: a serde type, encoded once when a process
+    /// pool starts and decoded in each worker process (a replacement too), and `f` a plain
+    /// function of the program (a non-capturing closure coerces to `fn(A)` too). Arguments that
+    /// cannot be encoded fail the run with [`Error::InvalidConfig`](crate::Error::InvalidConfig)
+    /// when a process pool starts.
     ///
     /// ```
     /// struct Greeting(String);
@@ -86,11 +87,10 @@ impl Parallel {
     /// assert_eq!(out, ["hello ann", "hello bob"]);
     /// # Ok::<(), parjob::Error>(())
     /// ```
-    pub fn initializer_with<A: Clone + Send + Sync + 'static>(
-        mut self,
-        f: fn(A),
-        args: A,
-    ) -> Parallel {
+    pub fn initializer_with<A>(mut self, f: fn(A), args: A) -> Parallel
+    where
+        A: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    {
         self.init_with = Some(WorkerInit::with_args(f, args));
         self.process.initializer = None;
         self
