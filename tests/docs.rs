@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 /// The crates whose items `parjob` re-exports, and so whose item docs appear on its pages.
-const DEFINING_CRATES: [&str; 2] = ["parjob-core", "parjob-threading"];
+const DEFINING_CRATES: [&str; 3] = ["parjob-core", "parjob-threading", "parjob-memory"];
 
 fn sources(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -36,7 +36,10 @@ fn foreign_paths(file: &Path, text: &str) -> Vec<String> {
             in_example = !in_example;
             continue;
         }
-        if in_example && (doc.contains("parjob_core") || doc.contains("parjob_threading")) {
+        let names_one = DEFINING_CRATES
+            .iter()
+            .any(|krate| doc.contains(&krate.replace('-', "_")));
+        if in_example && names_one {
             found.push(format!("{}:{}: {doc}", file.display(), number + 1));
         }
     }
