@@ -282,11 +282,18 @@ impl Executor {
     ///
     /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
     ///
+    /// // A daemon executor: dropping it does not wait for the minute-long nap.
     /// let executor = Executor::new(2).backend(Backend::Threading).daemon(true);
-    /// let mut results = executor.map_timeout([1, 60_000].map(|ms| delayed(nap, ms)), Duration::from_secs(2));
-    /// assert_eq!(results.next(), Some(Ok(1)));
-    /// assert!(matches!(results.next(), Some(Err(Error::WaitTimedOut { index: 1, .. }))));
+    /// let tasks = [60_000, 1].map(|ms| delayed(nap, ms));
+    /// let mut results = executor.map_timeout(tasks, Duration::from_millis(100));
+    /// // Task 0 is not done 100 ms after the call: the map ends there.
+    /// assert!(matches!(results.next(), Some(Err(Error::WaitTimedOut { index: 0, .. }))));
     /// assert_eq!(results.next(), None);
+    ///
+    /// let quick = Executor::new(2).backend(Backend::Threading);
+    /// let naps = quick.map_timeout((0..4u64).map(|ms| delayed(nap, ms)), Duration::from_secs(60));
+    /// assert_eq!(naps.collect::<Result<Vec<_>, _>>()?, [0, 1, 2, 3]);
+    /// # Ok::<(), parjob::Error>(())
     /// ```
     pub fn map_timeout<I, T>(&self, tasks: I, timeout: Duration) -> MapTimeout<'_, I::IntoIter, T>
     where
