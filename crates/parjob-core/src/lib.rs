@@ -39,6 +39,7 @@ mod pool;
 mod pool_contract_tests;
 mod process_options;
 mod progress;
+mod relay;
 mod shared;
 mod task;
 mod worker;
@@ -55,6 +56,7 @@ pub use future::{
 pub use n_jobs::{MAX_PROCESSES, MAX_THREADS, check_worker_limit, cpu_count, effective_n_jobs};
 pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use process_options::{DEFAULT_MAX_NBYTES, Initializer, ProcessOptions};
+pub use relay::{Relayed, RelayedOutcomes};
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,
     forget_shared, receive_shared, set_shared_allocator,

@@ -66,7 +66,7 @@ mod program;
 mod secret;
 
 pub use build_id::{Identity, LAYOUT, build_id};
-pub use code::{CodeOffset, call_entry, call_initializer};
+pub use code::{CodeOffset, call_entry, call_initializer, entry_at};
 pub use error::RemoteError;
 pub use header::{DoneHeader, FrameAt, FrameTag, InitFailed, Kind, RunHeader, Welcome};
 pub use secret::{HandshakeSecret, Nonce};
