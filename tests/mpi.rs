@@ -150,6 +150,23 @@ mod suite {
         ms
     }
 
+    fn rank_of_worker(_: u64) -> (Option<usize>, String) {
+        let info = parjob::worker_info();
+        (info.rank, info.host)
+    }
+
+    /// `worker_info()` in a task names a worker rank and its host.
+    fn worker_info_names_the_rank() -> Result<(), String> {
+        let out = mpi(-1)
+            .run((0..50u64).map(|i| delayed(rank_of_worker, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|(rank, host)| rank.is_some_and(|r| r >= 1) && !host.is_empty()),
+            || format!("{out:?}"),
+        )
+    }
+
     fn where_am_i(_: u64) -> (u32, u32) {
         // SAFETY: getppid has no preconditions.
         (std::process::id(), unsafe { libc::getppid() } as u32)
@@ -472,6 +489,7 @@ mod suite {
             ("laziness", laziness),
             ("tasks_run_outside_rank_0", tasks_run_outside_rank_0),
             ("n_jobs_picks_ranks", n_jobs_picks_ranks),
+            ("worker_info_names_the_rank", worker_info_names_the_rank),
             ("panic", panic),
             ("abort", abort),
             ("segfault", segfault),

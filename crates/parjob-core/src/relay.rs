@@ -25,6 +25,8 @@ pub struct RelayedOutcomes {
     pub busy: Duration,
     /// One entry per task that has an outcome, in task order.
     pub outcomes: Vec<Relayed>,
+    /// The records the [`Relayed::Record`] entries point into, back to back.
+    pub records: Vec<u8>,
     /// How many tasks the frame held.
     pub len: usize,
 }
@@ -32,8 +34,9 @@ pub struct RelayedOutcomes {
 /// One task's outcome in [`RelayedOutcomes`].
 #[derive(Debug)]
 pub enum Relayed {
-    /// The record (`[tag u8][len u32 LE][payload]`) the task's remote entry wrote.
-    Record(Vec<u8>),
+    /// The record (`[tag u8][len u32 LE][payload]`) the task's remote entry wrote: where it is
+    /// in [`RelayedOutcomes::records`].
+    Record(Range<usize>),
     /// The failure the local pool recorded (its `index` counts from the frame's first index).
     Failed(Error),
 }
@@ -46,6 +49,7 @@ struct RelayedBatch {
     /// Where each task's record is in `frame`.
     tasks: Vec<Range<usize>>,
     outcomes: Vec<Relayed>,
+    records: Vec<u8>,
 }
 
 impl ErasedBatch for RelayedBatch {
@@ -107,7 +111,9 @@ impl ErasedBatch for RelayedBatch {
                 break;
             };
             let len = 5 + payload.len();
-            self.outcomes.push(Relayed::Record(bytes[..len].to_vec()));
+            let at = self.records.len();
+            self.records.extend_from_slice(&bytes[..len]);
+            self.outcomes.push(Relayed::Record(at..at + len));
             bytes = rest;
             taken += 1;
         }
@@ -166,6 +172,7 @@ impl Job {
             frame,
             tasks,
             outcomes: Vec::new(),
+            records: Vec::new(),
         };
         let reply = Reply::Call(Box::new(move |completion: Completion| {
             let busy = completion.busy;
@@ -175,6 +182,7 @@ impl Job {
                     busy,
                     len: batch.tasks.len(),
                     outcomes: batch.outcomes,
+                    records: batch.records,
                 },
                 // Only this function makes the job, with a RelayedBatch, and a pool cannot
                 // swap a job's batch: unreachable, but answered rather than panicking.
@@ -182,6 +190,7 @@ impl Job {
                     busy,
                     len: 0,
                     outcomes: Vec::new(),
+                    records: Vec::new(),
                 },
             };
             done(outcomes);
@@ -234,7 +243,9 @@ mod tests {
         SequentialPool.submit(job);
         let outcomes = rx.recv().unwrap();
         assert_eq!(outcomes.len, 2);
-        assert!(matches!(&outcomes.outcomes[1], Relayed::Record(r) if r[5..] == *b"bc"));
+        assert!(
+            matches!(&outcomes.outcomes[1], Relayed::Record(r) if outcomes.records[r.clone()][5..] == *b"bc")
+        );
     }
 
     #[test]

@@ -1013,6 +1013,7 @@ fn run_frame(
         let outcomes = RelayedOutcomes {
             busy: Duration::ZERO,
             len: 1,
+            records: Vec::new(),
             outcomes: vec![Relayed::Failed(Error::worker(
                 rank,
                 format!("task {first_index}: {message}"),
@@ -1078,17 +1079,20 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
             *count = 0;
         }
     };
+    let records = &outcomes.records;
     for (position, outcome) in outcomes.outcomes.into_iter().enumerate() {
         match outcome {
-            Relayed::Record(record) if record.first() == Some(&RECORD_PANICKED) => {
-                flush(&mut out, &mut run, &mut count);
-                let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
-                let index = usize::try_from(first_index).unwrap_or(0) + position;
-                wire::put_failure(&mut out, &Error::task_panicked(index, message));
-            }
-            Relayed::Record(record) => {
-                run.extend_from_slice(&record);
-                count += 1;
+            Relayed::Record(at) => {
+                let record = records.get(at).unwrap_or_default();
+                if record.first() == Some(&RECORD_PANICKED) {
+                    flush(&mut out, &mut run, &mut count);
+                    let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
+                    let index = usize::try_from(first_index).unwrap_or(0) + position;
+                    wire::put_failure(&mut out, &Error::task_panicked(index, message));
+                } else {
+                    run.extend_from_slice(record);
+                    count += 1;
+                }
             }
             Relayed::Failed(error) => {
                 flush(&mut out, &mut run, &mut count);
