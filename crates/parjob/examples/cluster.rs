@@ -23,6 +23,11 @@ fn fragile(i: u32) -> u32 {
     i * 2
 }
 
+/// The tiny task of the throughput line.
+fn square(x: u64) -> u64 {
+    x * x
+}
+
 /// Where a task ran: the pid of its local worker process.
 fn pid_of_worker(_: u32) -> u32 {
     worker_info().pid
@@ -56,6 +61,35 @@ fn run() -> Result<(), Error> {
         std::process::id()
     );
 
+    // Tiny tasks: auto batching packs thousands into one MPI message.
+    let tiny = Parallel::new(-1).backend(Backend::Mpi);
+    tiny.run((0..1000u64).map(|i| delayed(square, i)))?; // warm up the batch sizer
+    let began = Instant::now();
+    let squares = tiny.run((0..1_000_000u64).map(|i| delayed(square, i)))?;
+    let took = began.elapsed();
+    let correct = squares
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == (i as u64) * (i as u64));
+    println!(
+        "10^6 tiny tasks: {:.0} ms, {:.2e} tasks/s, results correct: {correct}",
+        took.as_secs_f64() * 1e3,
+        1e6 / took.as_secs_f64()
+    );
+    let mut calls: Vec<f64> = (0..200)
+        .map(|i| {
+            let began = Instant::now();
+            tiny.run([delayed(square, i)])
+                .map(|_| began.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    calls.sort_by(f64::total_cmp);
+    println!(
+        "a warm call of one task: median {:.3} ms, p90 {:.3} ms",
+        calls[calls.len() / 2],
+        calls[calls.len() * 9 / 10]
+    );
+
     let speedup = lessons::cpu_bound::run(Backend::Mpi)?;
     println!("CPU-bound halves: {speedup:.2}x on 2 worker ranks over 1");
 
@@ -69,6 +103,8 @@ fn run() -> Result<(), Error> {
         Ok(_) => println!("run: every task answered (task 13 should have aborted)"),
     }
     let out = everyone.run((0..8u32).map(|i| delayed(fragile, i)))?;
-    println!("the same ranks, next run: {out:?} (the rank replaced its local worker; mpirun never saw a crash)");
+    println!(
+        "the same ranks, next run: {out:?} (the rank replaced its local worker; mpirun never saw a crash)"
+    );
     Ok(())
 }
