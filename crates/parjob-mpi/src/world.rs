@@ -304,6 +304,8 @@ struct DriverState<'w> {
     slots: Vec<Slot>,
     /// Ranks not heard from yet (handshake), with what they said so far.
     hellos: HashMap<usize, RankInfo>,
+    /// Ranks refused at the handshake (another build, no local pool): they wait for `STOP`.
+    refused: Vec<usize>,
     hello_error: Option<Error>,
     started: Instant,
     queue: VecDeque<(Job, usize)>,
@@ -323,6 +325,7 @@ impl<'w> DriverState<'w> {
             driver,
             slots: Vec::new(),
             hellos: HashMap::new(),
+            refused: Vec::new(),
             hello_error: None,
             started: Instant::now(),
             queue: VecDeque::new(),
@@ -425,6 +428,10 @@ impl<'w> DriverState<'w> {
             if let Ok(send) = isend(this.world, from, TAG_WELCOME, vec![0]) {
                 this.sends.push(send);
             }
+            if !this.refused.contains(&from) {
+                this.refused.push(from);
+            }
+            this.complete_handshake_if_all_answered();
         };
         let Some(hello) = Hello::decode(bytes) else {
             return refuse(self, "sent a malformed HELLO".into());
@@ -454,7 +461,12 @@ impl<'w> DriverState<'w> {
                 workers: hello.workers.max(1) as usize,
             },
         );
-        if self.hellos.len() == self.size - 1 {
+        self.complete_handshake_if_all_answered();
+    }
+
+    /// Once every rank answered (accepted or refused), tells the pools what the world is.
+    fn complete_handshake_if_all_answered(&mut self) {
+        if self.hellos.len() + self.refused.len() == self.size - 1 && !self.handshaken() {
             let mut ranks: Vec<RankInfo> = self.hellos.values().cloned().collect();
             ranks.sort_by_key(|r| r.rank);
             self.slots = ranks
@@ -481,8 +493,7 @@ impl<'w> DriverState<'w> {
             return false;
         }
         let mut sent = false;
-        while let Some((job, ranks)) = self.queue.front() {
-            let limit = *ranks;
+        while let Some(limit) = self.queue.front().map(|(_, ranks)| *ranks) {
             let candidates = self
                 .slots
                 .iter()
@@ -524,7 +535,6 @@ impl<'w> DriverState<'w> {
             let Some(best) = best else {
                 break;
             };
-            let _ = job;
             let Some((job, _)) = self.queue.pop_front() else {
                 break;
             };
@@ -718,11 +728,8 @@ impl<'w> DriverState<'w> {
             job.complete(Duration::ZERO);
         }
         let ranks: Vec<usize> = if self.handshaken() {
-            self.slots
-                .iter()
-                .filter(|s| s.alive)
-                .map(|s| s.info.rank)
-                .collect()
+            let alive = self.slots.iter().filter(|s| s.alive).map(|s| s.info.rank);
+            alive.chain(self.refused.iter().copied()).collect()
         } else {
             (1..self.size).collect()
         };
@@ -926,7 +933,6 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let (done_tx, done_rx) = mpsc::channel::<(u64, u64, RelayedOutcomes)>();
     let mut last_beat = Instant::now();
     let mut backoff = Backoff { idle_since: None };
-    let mut in_flight = 0usize;
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = try_receive(world) {
@@ -935,15 +941,10 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 continue;
             }
             match tag {
-                TAG_WELCOME => {
-                    welcomed = bytes.first() == Some(&1);
-                    if !welcomed {
-                        // Rank 0 refused this rank (another build, no pool): wait for STOP.
-                    }
-                }
+                // A refused rank (another build, no local pool) gets no RUN: it waits for STOP.
+                TAG_WELCOME => welcomed = bytes.first() == Some(&1),
                 TAG_RUN if welcomed => {
                     if let Some(pool) = &pool {
-                        in_flight += 1;
                         run_frame(pool, rank, &bytes, &done_tx, world, &mut sends);
                     }
                 }
@@ -970,7 +971,6 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         while let Ok((id, first_index, outcomes)) = done_rx.try_recv() {
             busy = true;
-            in_flight = in_flight.saturating_sub(1);
             let message = encode_done(rank as u64, id, first_index, outcomes);
             if let Ok(send) = isend(world, 0, TAG_DONE, message) {
                 sends.push(send);
@@ -986,7 +986,6 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         if busy {
             backoff.busy();
         } else {
-            let _ = in_flight;
             backoff.idle();
         }
     }
