@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MPI backend: lint it with the `mpi` feature, then run its suite (tests/mpi.rs) under
-# mpirun with 3 and 5 ranks, oversubscribed, and run the `cluster` example once.
+# mpirun with 3 and 5 ranks, oversubscribed, run the `cluster` example once, and once more
+# through a one-node Slurm (tests/slurm/run.sh).
 #
 # Open MPI (and libclang, for rsmpi's bindgen) is installed when `mpirun` is missing. CI sets
 # PARJOB_MPI_REQUIRED=1 (.ci/run does), which turns an MPI that cannot be installed or a suite
@@ -48,4 +49,18 @@ for ranks in 3 5; do
         cargo test -p parjob-tests --features mpi --test mpi
 done
 cargo build --release -p parjob --features mpi --example cluster
-mpirun --oversubscribe -n 3 target/release/examples/cluster
+# One local worker per rank, so that the CPU-bound lesson compares 1 rank with 2.
+PARJOB_MPI_WORKERS_PER_RANK=1 mpirun --oversubscribe -n 3 target/release/examples/cluster
+
+# Slurm: a one-node slurmctld + slurmd, the example through `srun --mpi=pmix` (about 20 s once
+# installed). Slurm is installed when missing; a machine that cannot have it says so in one
+# line (Slurm is how users launch, not a part of parjob, so it does not fail the build).
+if ! command -v slurmd >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y slurmctld slurmd slurm-client \
+        >/tmp/parjob-slurm-apt.log 2>&1 || true
+fi
+if command -v slurmd >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    tests/slurm/run.sh
+else
+    echo "slurm: SKIPPED, slurmd is not installed or this is not root: tests/slurm/run.sh was not run"
+fi

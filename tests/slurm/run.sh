@@ -72,4 +72,6 @@ done
 sinfo
 
 export OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo OMPI_MCA_mpi_yield_when_idle=1
+# One local worker per rank, so that the CPU-bound lesson compares 1 rank with 2.
+export PARJOB_MPI_WORKERS_PER_RANK=1
 timeout 300 srun -n 3 --overcommit --mpi=pmix "$example"

@@ -898,13 +898,24 @@ fn local_workers() -> usize {
     {
         return n;
     }
+    // Slurm writes e.g. `3` or `2(x4)` in SLURM_STEP_TASKS_PER_NODE: the leading number is
+    // this node's (on a uniform allocation).
     let on_node = [
         "OMPI_COMM_WORLD_LOCAL_SIZE",
         "MPI_LOCALNRANKS",
         "SLURM_NTASKS_PER_NODE",
+        "SLURM_STEP_TASKS_PER_NODE",
     ]
     .iter()
-    .find_map(|var| std::env::var(var).ok()?.trim().parse::<usize>().ok())
+    .find_map(|var| {
+        let value = std::env::var(var).ok()?;
+        let digits: String = value
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<usize>().ok()
+    })
     .filter(|&n| n > 0)
     .unwrap_or(1);
     (cpu_count() / on_node).max(1)
