@@ -48,6 +48,38 @@ for ranks in 3 5; do
     PARJOB_MPI_LAUNCH="mpirun --oversubscribe --enable-recovery -n $ranks" \
         cargo test -p parjob-tests --features mpi --test mpi
 done
+
+# Rank 0 SIGKILLed mid-run under --enable-recovery: the worker ranks must notice (rank 0 beats,
+# and its pid is watched on its own host), stop their local workers and end, so that mpirun
+# returns: no hang and no process of the suite left behind. (The suite cannot test this from
+# inside rank 0.)
+suite=$(cargo test -p parjob-tests --features mpi --test mpi --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+[[ -x $suite ]] || { echo "mpi: cannot find the MPI suite's binary"; exit 1; }
+rcfile=$(mktemp)
+(
+    PARJOB_MPI_CASES=million_tiny_tasks timeout 60 \
+        mpirun --oversubscribe --enable-recovery -n 3 "$suite" >/dev/null 2>&1
+    echo $? >"$rcfile"
+) &
+sleep 3
+for pid in $(pgrep -f "$suite" || true); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=0; then
+        kill -9 "$pid"
+        break
+    fi
+done
+wait
+rc=$(cat "$rcfile")
+rm -f "$rcfile"
+sleep 1
+if [[ $rc == 124 ]] || pgrep -f "$suite" >/dev/null; then
+    echo "mpi: FAILED, after rank 0 was killed the job hung or left processes behind"
+    pgrep -af "$suite" || true
+    exit 1
+fi
+echo "mpi: rank 0 killed mid-run: every rank ended by itself (mpirun status $rc)"
+
 cargo build --release -p parjob --features mpi --example cluster
 # One local worker per rank, so that the CPU-bound lesson compares 1 rank with 2.
 PARJOB_MPI_WORKERS_PER_RANK=1 mpirun --oversubscribe -n 3 target/release/examples/cluster

@@ -5,12 +5,12 @@
 //! | MPI tag | direction | layout |
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
-//! | `WELCOME` | 0 to rank | `[accepted u8]`: 1 = same build, frames will follow |
+//! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host]`: 1 = same build, frames will follow |
 //! | `RUN` | 0 to rank | `[first index u64][RunHeader][tasks frame]` |
 //! | `DONE` | rank to 0 | `[DoneHeader]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]` |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |
-//! | `BEAT` | rank to 0 | empty, every `BEAT_EVERY`: the rank is alive |
+//! | `BEAT` | either way | empty, every `BEAT_EVERY`: the sender is alive (rank 0 beats once the handshake is over) |
 //!
 //! A failure is `[kind u8][task index u64]` then: 1 panicked `[len u32][message]`; 2 local
 //! worker crashed `[worker u32][pid u32][status u8][code i32][len u32][text]` (status 0 exited

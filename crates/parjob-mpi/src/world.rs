@@ -13,9 +13,9 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use mpi::datatype::Equivalence;
 use mpi::ffi;
-use mpi::point_to_point::MatchedReceiveVec;
-use mpi::raw::AsRaw;
+use mpi::raw::{AsRaw, AsRawMut};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Source;
 use parjob_core::{Backend, Error, Job, Pool, ProcessOptions, Relayed, RelayedOutcomes, cpu_count};
@@ -232,15 +232,54 @@ fn test_sends(sends: &mut Vec<PendingSend>) {
     });
 }
 
+/// The MPI tag `try_receive` reports for a message that began to arrive but stopped halfway
+/// (its sender died mid-transfer): the caller treats the sender as lost.
+const TAG_BROKEN: i32 = -1;
+
 /// The next message from anyone, if one has arrived: (source rank, tag, bytes).
+///
+/// The receive itself is non-blocking (`MPI_Imrecv`, then `MPI_Test` until it completes): a
+/// big message whose sender dies mid-transfer would block `MPI_Mrecv` for ever. After
+/// `silence_limit()` it gives up, leaks the buffer (MPI may still write it) and reports the
+/// message as `TAG_BROKEN`.
 fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
-    let probed = world.any_process().immediate_matched_probe()?;
-    let (bytes, status) = probed.matched_receive_vec::<u8>();
-    Some((
-        usize::try_from(status.source_rank()).unwrap_or(usize::MAX),
-        status.tag(),
-        bytes,
-    ))
+    let (mut message, status) = world.any_process().immediate_matched_probe()?;
+    let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
+    let count = status.count(u8::equivalent_datatype());
+    let mut buffer = vec![0u8; usize::try_from(count).unwrap_or(0)];
+    // SAFETY: reading an MPI constant the C shim defines.
+    let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+    // SAFETY: `buffer` holds `count` bytes and outlives the request (it is returned only once
+    // MPI_Test says the receive completed, or leaked); `message` was matched by the probe, and
+    // MPI_Imrecv sets it to MPI_MESSAGE_NULL, which is what dropping it expects.
+    let code = unsafe {
+        ffi::MPI_Imrecv(
+            buffer.as_mut_ptr().cast(),
+            count,
+            ffi::RSMPI_UINT8_T,
+            message.as_raw_mut(),
+            &mut request,
+        )
+    };
+    if code != 0 {
+        std::mem::forget(message);
+        std::mem::forget(buffer);
+        return Some((from, TAG_BROKEN, Vec::new()));
+    }
+    let deadline = Instant::now() + silence_limit();
+    loop {
+        let mut flag = 0;
+        // SAFETY: `request` came from MPI_Imrecv and has not completed yet.
+        let code = unsafe { ffi::MPI_Test(&mut request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        if code == 0 && flag != 0 {
+            return Some((from, status.tag(), buffer));
+        }
+        if code != 0 || Instant::now() > deadline {
+            std::mem::forget(buffer);
+            return Some((from, TAG_BROKEN, Vec::new()));
+        }
+        std::thread::yield_now();
+    }
 }
 
 /// Waits a little when idle, more the longer it has been idle, so that busy-polling ranks do
@@ -315,6 +354,7 @@ struct DriverState<'w> {
     leaked: Vec<Vec<u8>>,
     host: String,
     last_check: Instant,
+    last_beat: Instant,
 }
 
 impl<'w> DriverState<'w> {
@@ -335,6 +375,7 @@ impl<'w> DriverState<'w> {
             leaked: Vec::new(),
             host: host_name(),
             last_check: Instant::now(),
+            last_beat: Instant::now(),
         }
     }
 
@@ -387,6 +428,9 @@ impl<'w> DriverState<'w> {
                 busy = true;
             }
             self.check_ranks();
+            if self.size > 1 {
+                self.beat();
+            }
             if busy {
                 backoff.busy();
             } else if self.out.is_empty() && self.queue.is_empty() && self.handshaken() {
@@ -417,6 +461,7 @@ impl<'w> DriverState<'w> {
         match tag {
             TAG_HELLO => self.hello(from, bytes),
             TAG_DONE => self.done(from, bytes),
+            TAG_BROKEN => self.lose(from, "a message from it stopped halfway"),
             _ => {} // BEAT (already noted), BYE outside shutdown
         }
     }
@@ -449,7 +494,10 @@ impl<'w> DriverState<'w> {
                 format!("on {} (pid {}): {}", hello.host, identity.pid, hello.error),
             );
         }
-        if let Ok(send) = isend(self.world, from, TAG_WELCOME, vec![1]) {
+        let mut welcome = vec![1];
+        put_u32(&mut welcome, std::process::id());
+        put_bytes(&mut welcome, self.host.as_bytes());
+        if let Ok(send) = isend(self.world, from, TAG_WELCOME, welcome) {
             self.sends.push(send);
         }
         self.hellos.insert(
@@ -640,6 +688,35 @@ impl<'w> DriverState<'w> {
             .iter()
             .find(|s| s.info.rank == rank)
             .map_or_else(|| "<unknown host>".into(), |s| s.info.host.clone())
+    }
+
+    /// Tells every rank still in the world, every `BEAT_EVERY`, that rank 0 is alive: a rank
+    /// that stops hearing it (rank 0 killed under `--enable-recovery`) ends itself.
+    fn beat(&mut self) {
+        if self.last_beat.elapsed() < BEAT_EVERY {
+            return;
+        }
+        self.last_beat = Instant::now();
+        // Before the handshake is over, the ranks welcomed so far (they count silence from
+        // their WELCOME); after it, those not lost.
+        let welcomed: Vec<usize> = if self.handshaken() {
+            self.slots
+                .iter()
+                .filter(|s| s.alive)
+                .map(|s| s.info.rank)
+                .collect()
+        } else {
+            self.hellos.keys().copied().collect()
+        };
+        let ranks: Vec<usize> = welcomed
+            .into_iter()
+            .chain(self.refused.iter().copied())
+            .collect();
+        for rank in ranks {
+            if let Ok(send) = isend(self.world, rank, TAG_BEAT, Vec::new()) {
+                self.sends.push(send);
+            }
+        }
     }
 
     /// Declares ranks lost whose process is gone or that went silent.
@@ -943,6 +1020,11 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut welcomed = false;
     let (done_tx, done_rx) = mpsc::channel::<(u64, u64, RelayedOutcomes)>();
     let mut last_beat = Instant::now();
+    // Rank 0's pid and whether it shares this host, from its WELCOME; when it last spoke.
+    let mut rank0: Option<(u32, bool)> = None;
+    let mut heard_from_0 = Instant::now();
+    let mut last_check = Instant::now();
+    let my_host = host_name();
     let mut backoff = Backoff { idle_since: None };
     loop {
         let mut busy = false;
@@ -951,9 +1033,21 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             if from != 0 {
                 continue;
             }
+            heard_from_0 = Instant::now();
             match tag {
+                TAG_BROKEN => {
+                    // Rank 0 died while sending: nobody will say STOP.
+                    drop(pool);
+                    return 3;
+                }
                 // A refused rank (another build, no local pool) gets no RUN: it waits for STOP.
-                TAG_WELCOME => welcomed = bytes.first() == Some(&1),
+                TAG_WELCOME => {
+                    welcomed = bytes.first() == Some(&1);
+                    let mut r = Reader(bytes.get(1..).unwrap_or_default());
+                    if let (Some(pid), Some(host)) = (r.u32(), r.text()) {
+                        rank0 = Some((pid, host == my_host));
+                    }
+                }
                 TAG_RUN if welcomed => {
                     if let Some(pool) = &pool {
                         run_frame(pool, rank, &bytes, &done_tx, world, &mut sends);
@@ -988,6 +1082,20 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             }
         }
         test_sends(&mut sends);
+        if last_check.elapsed() >= Duration::from_millis(100) {
+            last_check = Instant::now();
+            let gone = match rank0 {
+                Some((pid, true)) => process_gone(pid),
+                _ => false,
+            };
+            // Rank 0 beats only once the handshake is over: silence counts from then.
+            if gone || (rank0.is_some() && heard_from_0.elapsed() > silence_limit()) {
+                // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
+                // the local workers and leave without MPI_Finalize, rather than serve nobody.
+                drop(pool);
+                return 3;
+            }
+        }
         if last_beat.elapsed() >= BEAT_EVERY {
             last_beat = Instant::now();
             if let Ok(send) = isend(world, 0, TAG_BEAT, Vec::new()) {
