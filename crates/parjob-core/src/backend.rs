@@ -29,11 +29,20 @@ pub enum Backend {
     Threading,
     /// `n_jobs` worker processes: crash isolation and hard timeouts.
     Process,
+    /// The ranks of an MPI world started by `mpirun` or `srun`: rank 0 drives, every other
+    /// rank runs tasks in a local process pool (the `mpi` feature of `parjob`; see
+    /// docs/CLUSTER.md).
+    Mpi,
 }
 
 impl Backend {
     /// Every backend, in the order the docs list them.
-    pub const ALL: [Backend; 3] = [Backend::Sequential, Backend::Threading, Backend::Process];
+    pub const ALL: [Backend; 4] = [
+        Backend::Sequential,
+        Backend::Threading,
+        Backend::Process,
+        Backend::Mpi,
+    ];
 
     /// The canonical name, as accepted by `FromStr` and printed by `Display`.
     pub fn name(self) -> &'static str {
@@ -41,6 +50,7 @@ impl Backend {
             Backend::Sequential => "sequential",
             Backend::Threading => "threading",
             Backend::Process => "process",
+            Backend::Mpi => "mpi",
         }
     }
 
@@ -51,6 +61,7 @@ impl Backend {
             "sequential" => Ok(Backend::Sequential),
             "threading" | "threads" => Ok(Backend::Threading),
             "process" | "processes" | "loky" | "multiprocessing" => Ok(Backend::Process),
+            "mpi" => Ok(Backend::Mpi),
             _ => Err(Error::UnknownBackend {
                 name: name.to_string(),
                 source_note: source_note.to_string(),

@@ -516,7 +516,7 @@ fn write_record_within(
     out[header_at + 1..start].copy_from_slice(&len.to_le_bytes());
 }
 
-fn read_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn read_record(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = bytes.split_first()?;
     let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     let payload = rest.get(4..4 + len)?;

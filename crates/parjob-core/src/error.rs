@@ -65,7 +65,7 @@ pub enum Error {
 
     /// A backend name that parjob does not know.
     #[error(
-        "unknown backend {name:?}{source_note}: valid names are sequential, threading (alias threads), process (aliases processes, loky, multiprocessing)"
+        "unknown backend {name:?}{source_note}: valid names are sequential, threading (alias threads), process (aliases processes, loky, multiprocessing), mpi"
     )]
     #[non_exhaustive]
     UnknownBackend {
@@ -114,6 +114,36 @@ pub enum Error {
         /// The backend asked for.
         backend: Backend,
         /// Why, and what to do about it.
+        reason: String,
+    },
+
+    /// A task failed on a worker rank of the MPI backend: `error` is what happened there (a
+    /// panic, a crashed local worker, a timeout), and the rank and host say where.
+    #[error("{error} (on MPI rank {rank}, host {host})")]
+    #[non_exhaustive]
+    OnRank {
+        /// The MPI rank whose local pool ran the task.
+        rank: usize,
+        /// That rank's host name.
+        host: String,
+        /// The failure as the rank saw it, naming the task, local worker and pid.
+        error: Box<Error>,
+    },
+
+    /// The MPI rank running the task was lost (killed, its node failed, it stopped answering):
+    /// the task's outcome will never be known.
+    #[error("task {index}: MPI rank {rank} (host {host}, pid {pid}) was lost: {reason}")]
+    #[non_exhaustive]
+    RankLost {
+        /// Position of the task in the input.
+        index: usize,
+        /// The rank that was lost.
+        rank: usize,
+        /// Its host name.
+        host: String,
+        /// Its process id on that host.
+        pid: u32,
+        /// How the loss was noticed.
         reason: String,
     },
 
@@ -380,6 +410,32 @@ impl Error {
         }
     }
 
+    /// [`Error::OnRank`].
+    pub fn on_rank(rank: usize, host: impl Into<String>, error: Error) -> Error {
+        Error::OnRank {
+            rank,
+            host: host.into(),
+            error: Box::new(error),
+        }
+    }
+
+    /// [`Error::RankLost`].
+    pub fn rank_lost(
+        index: usize,
+        rank: usize,
+        host: impl Into<String>,
+        pid: u32,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::RankLost {
+            index,
+            rank,
+            host: host.into(),
+            pid,
+            reason: reason.into(),
+        }
+    }
+
     /// [`Error::Cancelled`].
     pub fn cancelled(index: usize) -> Error {
         Error::Cancelled { index }
@@ -402,11 +458,13 @@ impl Error {
             | Error::WorkerCrashed { index, .. }
             | Error::Timeout { index, .. }
             | Error::Codec { index, .. }
+            | Error::RankLost { index, .. }
             | Error::Cancelled { index }
             | Error::Abandoned { index }
             | Error::ResultTaken { index }
             | Error::WaitTimedOut { index, .. }
             | Error::RetriesExhausted { index, .. } => Some(*index),
+            Error::OnRank { error, .. } => error.task_index(),
             _ => None,
         }
     }

@@ -42,6 +42,7 @@ mod pool;
 mod pool_contract_tests;
 mod process_options;
 mod progress;
+mod relay;
 mod retry;
 mod shared;
 mod task;
@@ -67,6 +68,7 @@ pub use pool::{Job, Pool, RunControl, SequentialPool};
 pub use process_options::{
     DEFAULT_MAX_NBYTES, Initializer, InitializerEntry, InitializerWith, ProcessOptions,
 };
+pub use relay::{Relayed, RelayedOutcomes};
 pub use retry::Retry;
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,

@@ -18,6 +18,13 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// This thread's name, e.g. `parjob-worker-1`, or `None` for an unnamed thread.
     pub thread_name: Option<String>,
+    /// The MPI rank this process belongs to, when it was started by an MPI launcher or is a
+    /// local worker of such a rank (the MPI backend's workers: `worker` is then the local
+    /// worker's index in its rank's pool), read from the launcher's environment
+    /// (`OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, `PMI_RANK`).
+    pub rank: Option<usize>,
+    /// This machine's host name, for telling the nodes of a cluster apart.
+    pub host: String,
 }
 
 thread_local! {
@@ -40,7 +47,23 @@ pub fn worker_info() -> WorkerInfo {
         worker: identity.map(|(_, i)| i),
         pid: std::process::id(),
         thread_name: std::thread::current().name().map(str::to_owned),
+        rank: place().0,
+        host: place().1.clone(),
     }
+}
+
+/// This process's MPI rank and host name, read once.
+fn place() -> &'static (Option<usize>, String) {
+    static PLACE: std::sync::OnceLock<(Option<usize>, String)> = std::sync::OnceLock::new();
+    PLACE.get_or_init(|| {
+        let rank = ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
+            .iter()
+            .find_map(|var| std::env::var(var).ok()?.trim().parse().ok());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_default();
+        (rank, host)
+    })
 }
 
 /// Marks the current thread as worker `index` of a `backend` pool, for [`worker_info()`].

@@ -117,6 +117,21 @@ pub unsafe fn call_entry(
     Ok(())
 }
 
+/// The [`RemoteEntry`] at `offset`, after the same check as [`call_entry`], for a process
+/// that relays a frame to workers of its own rather than running it (the MPI backend's worker
+/// ranks hand it to `Job::relayed`, and their process pool measures the offset again).
+///
+/// # Errors
+/// [`RemoteError::OutsideExecutable`] (or [`RemoteError::NoExecutableCode`]).
+///
+/// # Safety
+/// As for [`call_entry`]: `offset` was made by [`CodeOffset::of_entry`] in a process running
+/// this same build, checked at a handshake, and reached this process unchanged.
+pub unsafe fn entry_at(offset: CodeOffset) -> Result<RemoteEntry, RemoteError> {
+    // SAFETY: this function's own contract: `offset` names a `RemoteEntry` of this build.
+    unsafe { function_at(offset) }
+}
+
 /// Runs the initializer at `offset` in this worker, after the same check as [`call_entry`],
 /// catching a panic (its message is not printed: the driver reports it).
 ///

@@ -66,7 +66,7 @@ mod program;
 mod secret;
 
 pub use build_id::{Identity, LAYOUT, build_id};
-pub use code::{CodeOffset, call_entry, call_initializer, call_initializer_with};
+pub use code::{CodeOffset, call_entry, call_initializer, call_initializer_with, entry_at};
 pub use error::RemoteError;
 pub use header::{DoneHeader, FrameAt, FrameTag, InitArgs, InitFailed, Kind, RunHeader, Welcome};
 pub use secret::{HandshakeSecret, Nonce};

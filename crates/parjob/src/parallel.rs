@@ -278,6 +278,8 @@ impl Parallel {
         let n_jobs = self.effective_n_jobs()?;
         let workers = match backend {
             Backend::Sequential => 1,
+            // n_jobs counts worker ranks: -1 every one (0 here), n the first n.
+            Backend::Mpi => usize::try_from(self.n_jobs).unwrap_or(0),
             _ => {
                 let note = if self.n_jobs_from_env {
                     " (from PARJOB_N_JOBS)"
@@ -463,6 +465,20 @@ fn start_pool(
             }
             None => Ok((start_process_pool(workers, process)?, None)),
         },
+        #[cfg(all(feature = "mpi", target_os = "linux"))]
+        Backend::Mpi if init.is_some() => Err(Error::InvalidConfig(
+            "initializers do not reach the worker processes of MPI ranks yet: on the mpi \
+             backend, have tasks set their state up themselves"
+                .into(),
+        )),
+        #[cfg(all(feature = "mpi", target_os = "linux"))]
+        Backend::Mpi => Ok((Arc::new(parjob_mpi::MpiPool::new(workers)?), None)),
+        #[cfg(not(all(feature = "mpi", target_os = "linux")))]
+        Backend::Mpi => Err(Error::backend_unavailable(
+            backend,
+            "parjob was built without its `mpi` feature (build with `--features parjob/mpi`, \
+             then start the program with `mpirun -n 3 ./prog`); see docs/CLUSTER.md",
+        )),
         other => Err(Error::backend_unavailable(
             other,
             "not built in this version of parjob",

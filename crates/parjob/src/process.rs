@@ -127,9 +127,15 @@ impl Parallel {
 /// With the process backend compiled in, it also makes big [`SharedSlice`](crate::SharedSlice)s
 /// live in shared memory, and raises the soft limit on open files to the hard limit (as Go's
 /// runtime does): each shared segment holds a file descriptor.
+///
+/// With the `mpi` feature, under an MPI launcher (`mpirun`, `srun`), it then starts MPI: rank 0
+/// returns and runs `main`; every other rank serves rank 0's tasks in a local process pool and
+/// ends when the program on rank 0 exits, never returning from `init`.
 pub fn init() {
     #[cfg(all(feature = "process", target_os = "linux"))]
     parjob_process::init();
+    #[cfg(all(feature = "mpi", target_os = "linux"))]
+    parjob_mpi::init();
 }
 
 #[doc(hidden)]

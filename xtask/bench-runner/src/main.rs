@@ -89,7 +89,11 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.backends.is_empty() {
-        args.backends = Backend::ALL.to_vec();
+        // The MPI backend runs only under mpirun: its numbers come from the `mpi` group.
+        args.backends = Backend::ALL
+            .into_iter()
+            .filter(|b| *b != Backend::Mpi)
+            .collect();
     }
     if args.scenarios.is_empty() {
         args.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();

@@ -1,0 +1,268 @@
+//! Relayed frames: a batch whose tasks arrived already encoded, for a backend that forwards
+//! another process's frames to a local pool (the MPI backend's worker ranks hand what rank 0
+//! sent to their own process pool).
+//!
+//! The batch never decodes a task or an outcome: the frame goes to the local pool's workers
+//! as it came, and the outcomes they write are kept as records, interleaved with the failures
+//! the local pool reports itself (a crashed worker, a timeout), for the relaying backend to
+//! send back.
+
+use std::any::Any;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::{RemoteEntry, read_record, sealed};
+use crate::pool::{Completion, Job, Reply, RunControl};
+use crate::{ErasedBatch, Error};
+
+/// What a local pool made of a relayed frame, in task order: each task's outcome record as its
+/// remote entry wrote it, or the failure the pool recorded for it. Tasks after the last
+/// outcome have none (the pool dropped the job, or the run was cancelled).
+#[derive(Debug)]
+pub struct RelayedOutcomes {
+    /// How long the tasks ran, as the pool measured it.
+    pub busy: Duration,
+    /// One entry per task that has an outcome, in task order.
+    pub outcomes: Vec<Relayed>,
+    /// The records the [`Relayed::Record`] entries point into, back to back.
+    pub records: Vec<u8>,
+    /// How many tasks the frame held.
+    pub len: usize,
+}
+
+/// One task's outcome in [`RelayedOutcomes`].
+#[derive(Debug)]
+pub enum Relayed {
+    /// The record (`[tag u8][len u32 LE][payload]`) the task's remote entry wrote: where it is
+    /// in [`RelayedOutcomes::records`].
+    Record(Range<usize>),
+    /// The failure the local pool recorded (its `index` counts from the frame's first index).
+    Failed(Error),
+}
+
+/// A batch of already encoded tasks (see the module docs).
+struct RelayedBatch {
+    first_index: usize,
+    entry: RemoteEntry,
+    frame: Vec<u8>,
+    /// Where each task's record is in `frame`.
+    tasks: Vec<Range<usize>>,
+    outcomes: Vec<Relayed>,
+    records: Vec<u8>,
+}
+
+impl ErasedBatch for RelayedBatch {
+    fn first_index(&self) -> usize {
+        self.first_index
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn outcomes_len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    fn run_here(&mut self, control: &RunControl) {
+        // An in-process pool runs the frame through its entry, as a worker process would.
+        let done = self.outcomes.len();
+        if done >= self.tasks.len() || control.is_cancelled() {
+            return;
+        }
+        let start = self.tasks[done].start;
+        let mut out = Vec::new();
+        let frame = &self.frame[start..];
+        let entry = self.entry;
+        match crate::catch_task(|| entry(frame, &mut out, &mut |_| {})) {
+            Ok(()) => {
+                self.decode_outcomes(&out);
+            }
+            Err(message) => {
+                let index = self.first_index + self.outcomes.len();
+                self.push_failure(Error::task_panicked(index, message));
+            }
+        }
+    }
+
+    fn remote_entry(&self) -> Result<RemoteEntry, Error> {
+        Ok(self.entry)
+    }
+
+    fn function_name(&self) -> &'static str {
+        "a task function of a relayed frame"
+    }
+
+    fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        let (Some(first), Some(last)) = (
+            self.tasks.get(range.start),
+            range.end.checked_sub(1).and_then(|i| self.tasks.get(i)),
+        ) else {
+            return;
+        };
+        out.extend_from_slice(&self.frame[first.start..last.end]);
+    }
+
+    fn decode_outcomes(&mut self, mut bytes: &[u8]) -> usize {
+        let mut taken = 0;
+        while self.outcomes.len() < self.tasks.len() {
+            let Some((_, payload, rest)) = read_record(bytes) else {
+                break;
+            };
+            let len = 5 + payload.len();
+            let at = self.records.len();
+            self.records.extend_from_slice(&bytes[..len]);
+            self.outcomes.push(Relayed::Record(at..at + len));
+            bytes = rest;
+            taken += 1;
+        }
+        taken
+    }
+
+    fn push_failure(&mut self, error: Error) {
+        if self.outcomes.len() < self.tasks.len() {
+            self.outcomes.push(Relayed::Failed(error));
+        }
+    }
+}
+
+impl sealed::Sealed for RelayedBatch {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+impl Job {
+    /// A job for tasks that arrived already encoded: `frame` as `ErasedBatch::encode_tasks`
+    /// wrote it in another process of this build, `entry` the batch's [`RemoteEntry`] there
+    /// (found again in this process, e.g. with `parjob_remote::entry_at`), `first_index` the
+    /// input position of its first task (failures are numbered from it). Submit it to a pool
+    /// of this process; `done` receives what the pool made of it, exactly once.
+    ///
+    /// For backends that relay frames (the MPI backend's worker ranks); user code never needs
+    /// it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `frame` is not a sequence of whole records.
+    pub fn relayed(
+        first_index: usize,
+        entry: RemoteEntry,
+        frame: Vec<u8>,
+        timeout: Option<Duration>,
+        done: impl FnOnce(RelayedOutcomes) + Send + Sync + 'static,
+    ) -> Result<Job, Error> {
+        let mut tasks = Vec::new();
+        let mut rest = &frame[..];
+        let mut at = 0;
+        while !rest.is_empty() {
+            let Some((_, payload, tail)) = read_record(rest) else {
+                return Err(Error::InvalidConfig(format!(
+                    "a relayed frame of {} bytes has a malformed record at byte {at}",
+                    frame.len()
+                )));
+            };
+            tasks.push(at..at + 5 + payload.len());
+            at += 5 + payload.len();
+            rest = tail;
+        }
+        let batch = RelayedBatch {
+            first_index,
+            entry,
+            frame,
+            tasks,
+            outcomes: Vec::new(),
+            records: Vec::new(),
+        };
+        let reply = Reply::Call(Box::new(move |completion: Completion| {
+            let busy = completion.busy;
+            let batch = sealed::Sealed::into_any(completion.batch);
+            let outcomes = match batch.downcast::<RelayedBatch>() {
+                Ok(batch) => RelayedOutcomes {
+                    busy,
+                    len: batch.tasks.len(),
+                    outcomes: batch.outcomes,
+                    records: batch.records,
+                },
+                // Only this function makes the job, with a RelayedBatch, and a pool cannot
+                // swap a job's batch: unreachable, but answered rather than panicking.
+                Err(_) => RelayedOutcomes {
+                    busy,
+                    len: 0,
+                    outcomes: Vec::new(),
+                    records: Vec::new(),
+                },
+            };
+            done(outcomes);
+        }));
+        Ok(Job::new(
+            0,
+            Box::new(batch),
+            Arc::new(RunControl::new(timeout)),
+            None,
+            reply,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Pool, SequentialPool};
+
+    fn echo(frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn FnMut(usize)) {
+        let mut rest = frame;
+        let mut i = 0;
+        while let Some((_, payload, tail)) = read_record(rest) {
+            on_start(i);
+            i += 1;
+            out.push(0);
+            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(payload);
+            rest = tail;
+        }
+    }
+
+    #[test]
+    fn a_relayed_frame_comes_back_as_its_records() {
+        let mut frame = Vec::new();
+        for payload in [&b"a"[..], b"bc"] {
+            frame.push(0);
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            frame.extend_from_slice(payload);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = Job::relayed(10, echo, frame.clone(), None, move |o| {
+            let _ = tx.send(o);
+        })
+        .unwrap();
+        assert_eq!(job.batch().len(), 2);
+        let mut encoded = Vec::new();
+        job.batch().encode_tasks(1..2, &mut encoded);
+        assert_eq!(encoded, frame[6..]);
+        SequentialPool.submit(job);
+        let outcomes = rx.recv().unwrap();
+        assert_eq!(outcomes.len, 2);
+        assert!(
+            matches!(&outcomes.outcomes[1], Relayed::Record(r) if outcomes.records[r.clone()][5..] == *b"bc")
+        );
+    }
+
+    #[test]
+    fn a_malformed_frame_is_refused() {
+        let err = Job::relayed(0, echo, vec![0, 9, 0, 0, 0], None, |_| {}).unwrap_err();
+        assert!(err.to_string().contains("malformed record"), "{err}");
+    }
+
+    #[test]
+    fn a_dropped_relayed_job_still_answers() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job = Job::relayed(0, echo, vec![0, 0, 0, 0, 0], None, move |o| {
+            let _ = tx.send(o);
+        })
+        .unwrap();
+        drop(job);
+        let outcomes = rx.recv().unwrap();
+        assert_eq!((outcomes.len, outcomes.outcomes.len()), (1, 0));
+    }
+}

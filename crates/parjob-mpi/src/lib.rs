@@ -1,0 +1,81 @@
+//! parjob's MPI backend: the same `delayed(...)` tasks on every rank of a world started by
+//! `mpirun`/`mpiexec` or Slurm's `srun`.
+//!
+//! Rank 0 runs `main` and drives; every other rank becomes a *rank server* in
+//! [`init`] and never returns: it supervises a local parjob process pool and relays the frames
+//! rank 0 sends it to that pool (`Job::relayed`), so a task that aborts, segfaults or exits
+//! kills a local worker process, never the rank, and `mpirun` never tears the job down.
+//!
+//! - [`init`]: under a launcher, turns ranks 1.. into rank servers; elsewhere a no-op.
+//! - [`MpiPool`]: the [`Pool`](parjob_core::Pool) `Parallel` uses for
+//!   [`Backend::Mpi`](parjob_core::Backend::Mpi).
+//! - [`launched_by_mpi`], [`LAUNCH_HINT`]: whether this process was started by a launcher,
+//!   and how to start it so.
+//!
+//! The backend itself is behind this crate's `mpi` feature (which `parjob`'s `mpi` feature
+//! turns on): without it, the crate builds without MPI or libclang, and [`MpiPool::new`]
+//! reports the backend unavailable. How it works and what it survives: `docs/CLUSTER.md`.
+#![deny(missing_docs)]
+
+/// How to start a program so that the MPI backend can run, for error messages.
+pub const LAUNCH_HINT: &str = "start the program under an MPI launcher, e.g. `mpirun -n 3 \
+    ./myprog --backend mpi` (rank 0 drives, ranks 1.. run tasks; Open MPI as root also needs \
+    --allow-run-as-root, more ranks than cores --oversubscribe) or `srun -n 3 --mpi=pmix \
+    ./myprog` under Slurm";
+
+/// Whether this process was started by an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra,
+/// or Slurm's `srun` with PMI/PMIx), judged by the environment variables they set. Only then
+/// does [`init`] start MPI.
+pub fn launched_by_mpi() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|var| std::env::var_os(var).is_some())
+}
+
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+mod wire;
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+mod world;
+
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+pub use world::{MpiPool, init, world_size};
+
+#[cfg(not(all(feature = "mpi", target_os = "linux")))]
+mod unavailable {
+    use parjob_core::{Backend, Error};
+
+    /// The MPI backend's pool: not in this build.
+    #[derive(Debug)]
+    pub struct MpiPool(());
+
+    impl MpiPool {
+        /// Always [`Error::BackendUnavailable`]: this build has no MPI.
+        ///
+        /// # Errors
+        /// Always.
+        pub fn new(_ranks: usize) -> Result<MpiPool, Error> {
+            Err(Error::backend_unavailable(
+                Backend::Mpi,
+                "parjob-mpi was built without its `mpi` feature (build with \
+                 `--features parjob/mpi`), or not for Linux",
+            ))
+        }
+    }
+
+    /// Does nothing: this build has no MPI.
+    pub fn init() {}
+
+    /// `None`: this build has no MPI.
+    pub fn world_size() -> Option<usize> {
+        None
+    }
+}
+
+#[cfg(not(all(feature = "mpi", target_os = "linux")))]
+pub use unavailable::{MpiPool, init, world_size};

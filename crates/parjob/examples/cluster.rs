@@ -1,0 +1,110 @@
+//! The seeds' CPU-bound halves and a crash lesson on an MPI world: rank 0 drives, every other
+//! rank runs tasks in a local process pool. Build with the `mpi` feature and start it under a
+//! launcher (as root, Open MPI also wants `--allow-run-as-root`; see docs/CLUSTER.md):
+//!
+//! ```text
+//! cargo build --release --features parjob/mpi --example cluster
+//! mpirun --oversubscribe -n 3 target/release/examples/cluster
+//! ```
+//!
+//! Started without a launcher it says how to start it and exits with status 2.
+
+mod lessons;
+
+use std::time::Instant;
+
+use parjob::{Backend, Error, Parallel, delayed, worker_info};
+
+/// Doubles `i`, except that task 13 aborts its (local worker) process.
+fn fragile(i: u32) -> u32 {
+    if i == 13 {
+        std::process::abort();
+    }
+    i * 2
+}
+
+/// The tiny task of the throughput line.
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Where a task ran: the pid of its local worker process.
+fn pid_of_worker(_: u32) -> u32 {
+    worker_info().pid
+}
+
+fn main() -> std::process::ExitCode {
+    parjob::init(); // ranks 1.. serve here and never return
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error @ Error::BackendUnavailable { .. }) => {
+            eprintln!("{error}");
+            std::process::ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Error> {
+    let everyone = Parallel::new(-1).backend(Backend::Mpi);
+    let pids = everyone.run((0..64u32).map(|i| delayed(pid_of_worker, i)))?;
+    let mut distinct = pids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    println!(
+        "parjob cluster: 64 tasks ran in {} local worker processes across the worker ranks \
+         (rank 0, pid {}, only drives)",
+        distinct.len(),
+        std::process::id()
+    );
+
+    // Tiny tasks: auto batching packs thousands into one MPI message.
+    let tiny = Parallel::new(-1).backend(Backend::Mpi);
+    tiny.run((0..1000u64).map(|i| delayed(square, i)))?; // warm up the batch sizer
+    let began = Instant::now();
+    let squares = tiny.run((0..1_000_000u64).map(|i| delayed(square, i)))?;
+    let took = began.elapsed();
+    let correct = squares
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == (i as u64) * (i as u64));
+    println!(
+        "10^6 tiny tasks: {:.0} ms, {:.2e} tasks/s, results correct: {correct}",
+        took.as_secs_f64() * 1e3,
+        1e6 / took.as_secs_f64()
+    );
+    let mut calls: Vec<f64> = (0..200)
+        .map(|i| {
+            let began = Instant::now();
+            tiny.run([delayed(square, i)])
+                .map(|_| began.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    calls.sort_by(f64::total_cmp);
+    println!(
+        "a warm call of one task: median {:.3} ms, p90 {:.3} ms",
+        calls[calls.len() / 2],
+        calls[calls.len() * 9 / 10]
+    );
+
+    let speedup = lessons::cpu_bound::run(Backend::Mpi)?;
+    println!("CPU-bound halves: {speedup:.2}x on 2 worker ranks over 1");
+
+    println!("\n== a task that aborts, on a cluster ==");
+    let began = Instant::now();
+    match everyone.run((0..100u32).map(|i| delayed(fragile, i))) {
+        Err(error) => println!(
+            "run: {error} (returned after {:.1} ms)",
+            began.elapsed().as_secs_f64() * 1e3
+        ),
+        Ok(_) => println!("run: every task answered (task 13 should have aborted)"),
+    }
+    let out = everyone.run((0..8u32).map(|i| delayed(fragile, i)))?;
+    println!(
+        "the same ranks, next run: {out:?} (the rank replaced its local worker; mpirun never saw a crash)"
+    );
+    Ok(())
+}

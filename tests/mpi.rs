@@ -1,0 +1,538 @@
+//! The MPI backend's suite, run under `mpirun` (not a libtest harness: every rank runs this
+//! `main`, `parjob::init()` turns ranks 1.. into rank servers, and rank 0 runs the cases).
+//!
+//! - Built without the `mpi` feature, or started without a launcher: prints one line saying
+//!   the suite was not run and how to run it, and passes, unless `PARJOB_MPI_REQUIRED=1`
+//!   (CI), which makes that a failure.
+//! - With `PARJOB_MPI_LAUNCH` set (e.g. `mpirun --oversubscribe --enable-recovery -n 3`) and
+//!   no launcher around it, it starts itself under that command and passes when rank 0 says
+//!   every case passed: `cargo test -p parjob-tests --features mpi --test mpi` then runs the
+//!   whole suite.
+//!
+//! The last case SIGKILLs a worker rank: Open MPI needs `--enable-recovery` for rank 0 to
+//! outlive it (without it, mpirun ends the whole job about 1 s after a rank dies).
+
+use std::process::ExitCode;
+
+const HOW: &str = "build with `--features mpi` and set PARJOB_MPI_LAUNCH=\"mpirun \
+    --oversubscribe --enable-recovery -n 3\" (as root also OMPI_ALLOW_RUN_AS_ROOT=1 \
+    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1): `PARJOB_MPI_LAUNCH=... cargo test -p parjob-tests \
+    --features mpi --test mpi` (or `.ci/run`)";
+
+fn not_run(why: &str) -> ExitCode {
+    let required = std::env::var("PARJOB_MPI_REQUIRED").is_ok_and(|v| v == "1");
+    println!(
+        "MPI suite: NOT RUN ({why}); {HOW}{}",
+        if required {
+            " -- PARJOB_MPI_REQUIRED=1 makes this a failure"
+        } else {
+            ""
+        }
+    );
+    if required {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(not(all(feature = "mpi", target_os = "linux")))]
+fn main() -> ExitCode {
+    parjob::init();
+    not_run("this test binary was built without the `mpi` feature")
+}
+
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+fn main() -> ExitCode {
+    parjob::init(); // worker ranks (and local worker processes) never return from here
+    if !parjob_mpi_launched() {
+        return match std::env::var("PARJOB_MPI_LAUNCH") {
+            Ok(launch) if !launch.trim().is_empty() => suite::launch(&launch),
+            _ => not_run("not started by an MPI launcher and PARJOB_MPI_LAUNCH is not set"),
+        };
+    }
+    suite::run_cases()
+}
+
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+fn parjob_mpi_launched() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|var| std::env::var_os(var).is_some())
+}
+
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+mod suite {
+    use std::collections::BTreeSet;
+    use std::process::{Command, ExitCode};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use parjob::{
+        Backend, BatchSize, Error, Executor, Parallel, WorkerExit, as_completed, delayed,
+    };
+
+    /// Runs this binary under `launch` (a command line) and passes when rank 0 reported that
+    /// every case passed. mpirun's own status is not enough: after the rank-loss case it may
+    /// report the rank that was killed on purpose.
+    pub(crate) fn launch(launch: &str) -> ExitCode {
+        let mut words = launch.split_whitespace();
+        let Some(program) = words.next() else {
+            return ExitCode::FAILURE;
+        };
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => {
+                println!("MPI suite: cannot find this test binary: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let report = std::env::temp_dir().join(format!("parjob-mpi-suite-{}", std::process::id()));
+        let _ = std::fs::remove_file(&report);
+        println!("MPI suite: running under `{launch}`");
+        let status = Command::new(program)
+            .args(words)
+            .arg(&exe)
+            .env("PARJOB_MPI_REPORT", &report)
+            .status();
+        let verdict = std::fs::read_to_string(&report).unwrap_or_default();
+        let _ = std::fs::remove_file(&report);
+        match status {
+            Ok(status) => {
+                println!("MPI suite: the launcher ended with {status}; rank 0 said {verdict:?}")
+            }
+            Err(e) => {
+                println!("MPI suite: cannot run `{launch}`: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        if verdict.trim() == "ok" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+
+    fn square(x: u64) -> u64 {
+        x * x
+    }
+
+    fn panics_at_7(x: u64) -> u64 {
+        assert!(x != 7, "task seven refuses");
+        x
+    }
+
+    fn aborts_at_3(x: u64) -> u64 {
+        if x == 3 {
+            std::process::abort();
+        }
+        x
+    }
+
+    fn segfaults_at_2(x: u64) -> u64 {
+        if x == 2 {
+            // SAFETY: none: writing to an unmapped address to crash the local worker on purpose
+            // (as tests/process.rs does; `raise` would meet Rust's own SIGSEGV handler).
+            unsafe { std::ptr::write_volatile(std::ptr::dangling_mut::<u64>(), 1) };
+        }
+        x
+    }
+
+    fn sleeps(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
+    fn rank_of_worker(_: u64) -> (Option<usize>, String) {
+        let info = parjob::worker_info();
+        (info.rank, info.host)
+    }
+
+    /// `worker_info()` in a task names a worker rank and its host.
+    fn worker_info_names_the_rank() -> Result<(), String> {
+        let out = mpi(-1)
+            .run((0..50u64).map(|i| delayed(rank_of_worker, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|(rank, host)| rank.is_some_and(|r| r >= 1) && !host.is_empty()),
+            || format!("{out:?}"),
+        )
+    }
+
+    fn where_am_i(_: u64) -> (u32, u32) {
+        // SAFETY: getppid has no preconditions.
+        (std::process::id(), unsafe { libc::getppid() } as u32)
+    }
+
+    /// Kills the rank server that runs this local worker (its parent) at task 5, after
+    /// writing the pids of every local worker of that rank to `report`.
+    fn kills_its_rank(x: u64, report: String) -> u64 {
+        if x == 5 {
+            // SAFETY: getppid has no preconditions.
+            let rank_pid = unsafe { libc::getppid() };
+            let mut children = Vec::new();
+            if let Ok(dir) = std::fs::read_dir("/proc") {
+                for entry in dir.flatten() {
+                    let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                        continue;
+                    };
+                    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                        continue;
+                    };
+                    let ppid = stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<i32>().ok());
+                    if ppid == Some(rank_pid) {
+                        children.push(pid.to_string());
+                    }
+                }
+            }
+            let _ = std::fs::write(&report, children.join(" "));
+            // SAFETY: sending a signal is sound; it ends the rank server on purpose.
+            unsafe { libc::kill(rank_pid, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        x
+    }
+
+    fn gone(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+            Err(_) => true,
+        }
+    }
+
+    fn mpi(n_jobs: i32) -> Parallel {
+        Parallel::new(n_jobs).backend(Backend::Mpi)
+    }
+
+    type Case = (&'static str, fn() -> Result<(), String>);
+
+    fn check(condition: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+        if condition { Ok(()) } else { Err(what()) }
+    }
+
+    fn ordering() -> Result<(), String> {
+        let parallel = mpi(-1);
+        let out = parallel
+            .run((0..10_000u64).map(|i| delayed(square, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out == (0..10_000u64).map(square).collect::<Vec<_>>(),
+            || "run: wrong results".into(),
+        )?;
+        let iter: Vec<u64> = parallel
+            .run_iter((0..500u64).map(|i| delayed(square, i)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        check(iter == (0..500u64).map(square).collect::<Vec<_>>(), || {
+            "run_iter: wrong order".into()
+        })?;
+        let unordered: BTreeSet<(usize, u64)> = parallel
+            .run_unordered((0..500u64).map(|i| delayed(square, i)))
+            .map(|(i, r)| r.map(|v| (i, v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let expected: BTreeSet<(usize, u64)> =
+            (0..500u64).map(|i| (i as usize, square(i))).collect();
+        check(unordered == expected, || {
+            "run_unordered: wrong pairs".into()
+        })
+    }
+
+    fn laziness() -> Result<(), String> {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&pulled);
+        let parallel = mpi(-1).batch_size(BatchSize::Fixed(1)).pre_dispatch(4);
+        let endless = (0u64..).map(move |i| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            delayed(square, i)
+        });
+        let mut results = parallel.run_iter(endless);
+        let first: Vec<u64> = results
+            .by_ref()
+            .take(10)
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        check(first == (0..10u64).map(square).collect::<Vec<_>>(), || {
+            format!("{first:?}")
+        })?;
+        let after = pulled.load(Ordering::SeqCst);
+        drop(results);
+        check(after <= 10 + 4 + 1, || {
+            format!("pulled {after} tasks for 10 results")
+        })?;
+        // Auto batching over an endless input stays bounded too.
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&pulled);
+        let endless = (0u64..).map(move |i| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            delayed(square, i)
+        });
+        let taken = mpi(-1).run_iter(endless).take(100_000).count();
+        let pulled = pulled.load(Ordering::SeqCst);
+        check(
+            taken == 100_000 && pulled <= 100_000 + 64 * (1 << 20),
+            || format!("pulled {pulled}"),
+        )
+    }
+
+    /// The failure names the rank, and the same `Parallel` runs again afterwards.
+    fn failure_then_recovery<F: parjob::TaskFn<u64, parjob::Whole, Output = u64> + Copy>(
+        task: F,
+        index: usize,
+        expect: impl Fn(&Error) -> bool,
+    ) -> Result<(), String> {
+        let parallel = mpi(-1);
+        let err = match parallel.run((0..20u64).map(|i| delayed(task, i))) {
+            Ok(_) => return Err("the run succeeded".into()),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        let Error::OnRank { rank, error, .. } = &err else {
+            return Err(format!("not an OnRank error: {text}"));
+        };
+        check(
+            *rank >= 1 && text.contains("MPI rank") && text.contains("host"),
+            || text.clone(),
+        )?;
+        check(error.task_index() == Some(index), || {
+            format!("wrong task: {text}")
+        })?;
+        check(expect(error), || format!("wrong failure: {text}"))?;
+        let again = parallel
+            .run((0..1000u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("the next run failed: {e}"))?;
+        check(again[999] == 999 * 999, || "the next run is wrong".into())
+    }
+
+    fn panic() -> Result<(), String> {
+        failure_then_recovery(
+            panics_at_7,
+            7,
+            |e| matches!(e, Error::TaskPanicked { message, .. } if message.contains("task seven refuses")),
+        )
+    }
+
+    fn abort() -> Result<(), String> {
+        failure_then_recovery(
+            aborts_at_3,
+            3,
+            |e| matches!(e, Error::WorkerCrashed { status: WorkerExit::Signaled(6), pid, .. } if *pid > 0),
+        )
+    }
+
+    fn segfault() -> Result<(), String> {
+        failure_then_recovery(segfaults_at_2, 2, |e| {
+            matches!(
+                e,
+                Error::WorkerCrashed {
+                    status: WorkerExit::Signaled(11),
+                    ..
+                }
+            )
+        })
+    }
+
+    fn timeout() -> Result<(), String> {
+        let parallel = mpi(-1).timeout(Duration::from_millis(300));
+        let err = parallel
+            .run([1u64, 1, 60_000, 1].map(|ms| delayed(sleeps, ms)))
+            .err()
+            .ok_or("the run succeeded")?;
+        let text = err.to_string();
+        let Error::OnRank { error, .. } = &err else {
+            return Err(format!("not an OnRank error: {text}"));
+        };
+        check(
+            matches!(
+                **error,
+                Error::Timeout {
+                    index: 2,
+                    killed: true,
+                    ..
+                }
+            ),
+            || text.clone(),
+        )?;
+        let again = parallel
+            .run((0..10u64).map(|i| delayed(square, i)))
+            .map_err(|e| e.to_string())?;
+        check(again[3] == 9, || "the next run is wrong".into())
+    }
+
+    fn executor() -> Result<(), String> {
+        let executor = Executor::new(-1).backend(Backend::Mpi);
+        let futures: Vec<_> = (0..50u64)
+            .map(|i| executor.submit(delayed(square, i)))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for future in as_completed(futures) {
+            seen.insert(future.result().map_err(|e| e.to_string())?);
+        }
+        check(seen == (0..50u64).map(square).collect(), || {
+            format!("{seen:?}")
+        })?;
+        let mapped: Vec<u64> = executor
+            .map((0..100u64).map(|i| delayed(square, i)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        check(mapped[10] == 100, || "map is wrong".into())
+    }
+
+    fn million_tiny_tasks() -> Result<(), String> {
+        let out = mpi(-1)
+            .run((0..1_000_000u64).map(|i| delayed(square, i)))
+            .map_err(|e| e.to_string())?;
+        check(out.len() == 1_000_000, || format!("{} results", out.len()))?;
+        let wrong = out
+            .iter()
+            .enumerate()
+            .find(|&(i, &v)| v != (i as u64) * (i as u64));
+        check(wrong.is_none(), || format!("wrong result {wrong:?}"))
+    }
+
+    fn tasks_run_outside_rank_0() -> Result<(), String> {
+        let out = mpi(-1)
+            .run((0..20u64).map(|i| delayed(where_am_i, i)))
+            .map_err(|e| e.to_string())?;
+        let me = std::process::id();
+        check(
+            out.iter().all(|&(pid, parent)| pid != me && parent != me),
+            || format!("a task ran in rank 0 or one of its children: {out:?}"),
+        )
+    }
+
+    fn n_jobs_picks_ranks() -> Result<(), String> {
+        let one: Vec<(u32, u32)> = mpi(1)
+            .run((0..200u64).map(|i| delayed(where_am_i, i)))
+            .map_err(|e| e.to_string())?;
+        let parents: BTreeSet<u32> = one.iter().map(|&(_, p)| p).collect();
+        check(parents.len() == 1, || {
+            format!("n_jobs = 1 used rank servers {parents:?}")
+        })
+    }
+
+    /// Last: it kills a worker rank for good.
+    fn rank_killed() -> Result<(), String> {
+        let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
+        let path = report.display().to_string();
+        let began = Instant::now();
+        let result = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..40u64).map(|i| delayed(kills_its_rank, (i, path.clone()))));
+        let took = began.elapsed();
+        let err = result.err().ok_or("the run succeeded")?;
+        let text = err.to_string();
+        check(matches!(err, Error::RankLost { .. }), || {
+            format!("not RankLost: {text}")
+        })?;
+        check(text.contains("MPI rank") && text.contains("host"), || {
+            text.clone()
+        })?;
+        // "Within seconds": generous for a loaded machine, far below a hang.
+        check(took < Duration::from_secs(60), || format!("took {took:?}"))?;
+        let children = std::fs::read_to_string(&report).unwrap_or_default();
+        let _ = std::fs::remove_file(&report);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let left = loop {
+            let left: Vec<&str> = children.split_whitespace().filter(|p| !gone(p)).collect();
+            if left.is_empty() || Instant::now() > deadline {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        check(!children.is_empty(), || {
+            "the task did not list the rank's workers".into()
+        })?;
+        check(left.is_empty(), || {
+            format!("orphans of the killed rank: {left:?}")
+        })?;
+        // The surviving ranks (if any) still run tasks.
+        if parjob_mpi_world_size() > 2 {
+            let out = mpi(-1)
+                .run((0..100u64).map(|i| delayed(square, i)))
+                .map_err(|e| format!("after the loss: {e}"))?;
+            check(out[9] == 81, || "wrong after the loss".into())?;
+        }
+        Ok(())
+    }
+
+    fn parjob_mpi_world_size() -> usize {
+        std::env::var("OMPI_COMM_WORLD_SIZE")
+            .or_else(|_| std::env::var("PMI_SIZE"))
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn run_cases() -> ExitCode {
+        // A hang is a failure: end the whole run after 10 minutes.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(600));
+            println!("MPI suite: still running after 600 s, a hang: aborting");
+            std::process::exit(2);
+        });
+        let cases: &[Case] = &[
+            ("ordering", ordering),
+            ("laziness", laziness),
+            ("tasks_run_outside_rank_0", tasks_run_outside_rank_0),
+            ("n_jobs_picks_ranks", n_jobs_picks_ranks),
+            ("worker_info_names_the_rank", worker_info_names_the_rank),
+            ("panic", panic),
+            ("abort", abort),
+            ("segfault", segfault),
+            ("timeout", timeout),
+            ("executor", executor),
+            ("million_tiny_tasks", million_tiny_tasks),
+            ("rank_killed", rank_killed),
+        ];
+        let filter = std::env::var("PARJOB_MPI_CASES").unwrap_or_default();
+        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+        println!(
+            "\nrunning {} MPI cases on {} ranks",
+            cases.len(),
+            parjob_mpi_world_size()
+        );
+        for (name, case) in cases {
+            if !filter.is_empty() && !filter.split(',').any(|f| f == *name) {
+                skipped += 1;
+                continue;
+            }
+            let began = Instant::now();
+            match case() {
+                Ok(()) => {
+                    passed += 1;
+                    println!("test mpi::{name} ... ok ({:.2?})", began.elapsed());
+                }
+                Err(why) => {
+                    failed += 1;
+                    println!("test mpi::{name} ... FAILED: {why}");
+                }
+            }
+        }
+        println!(
+            "\ntest result: {}. {passed} passed; {failed} failed; {skipped} ignored; 0 measured; 0 filtered out\n",
+            if failed == 0 { "ok" } else { "FAILED" }
+        );
+        if let Ok(report) = std::env::var("PARJOB_MPI_REPORT") {
+            let _ = std::fs::write(report, if failed == 0 { "ok" } else { "failed" });
+        }
+        if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
