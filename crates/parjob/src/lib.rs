@@ -20,6 +20,9 @@
 //! ```
 //!
 //! - [`Parallel`]: configure (`n_jobs`, backend, batching, timeout, progress) and run.
+//!   For long runs: [`Parallel::run_results`] keeps going past failures, [`Retry`] retries
+//!   crashed and timed-out tasks, [`Delayed::timeout`] gives a task its own limit, and
+//!   [`Event`]s, [`Insights`] and a Chrome trace ([`Parallel::trace`]) show what a run did.
 //! - [`Executor`]: Python's `concurrent.futures` on the same backends: `submit` one task for a
 //!   [`Future`], `map`, [`as_completed`], [`wait`], [`Shutdown`], daemon workers. `Future`
 //!   keeps `concurrent.futures`' name; note that `use parjob::*` then shadows the 2024
