@@ -258,6 +258,47 @@ fn failures_are_not_cached_unless_asked_and_name_their_task() {
     assert!(err.to_string().contains("seven is refused"), "{err}");
 }
 
+static HEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn fails_on_seven_until_healed(x: u64) -> u64 {
+    CALLS.fetch_add(1, Ordering::SeqCst);
+    assert!(x != 7 || HEALED.load(Ordering::SeqCst), "seven is refused");
+    x
+}
+
+/// A re-run walks stored chunks in order before it asks the index: a stored failure that a
+/// later run replaced by a value must still give the value, not run the task again.
+#[test]
+fn a_stored_failure_replaced_by_a_value_is_not_run_again() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let parallel = Parallel::new(2).backend(Backend::Threading);
+    let tasks = || (0..40u64).map(|i| delayed(fails_on_seven_until_healed, i));
+    HEALED.store(false, Ordering::SeqCst);
+    {
+        let memory = open(&dir).cache_errors(true);
+        let outcomes: Vec<Result<u64, MemoryError>> =
+            parallel.memory(&memory).run_iter(tasks()).collect();
+        assert!(outcomes[7].is_err());
+    }
+    HEALED.store(true, Ordering::SeqCst);
+    {
+        // Without cache_errors the stored failure is ignored: 7 runs, its value is stored.
+        let memory = open(&dir);
+        CALLS.store(0, Ordering::SeqCst);
+        let out = parallel.memory(&memory).run(tasks()).unwrap();
+        assert_eq!(out[7], 7);
+        assert_eq!(CALLS.load(Ordering::SeqCst), 1);
+    }
+    let memory = open(&dir);
+    CALLS.store(0, Ordering::SeqCst);
+    for _ in 0..2 {
+        let out = parallel.memory(&memory).run(tasks()).unwrap();
+        assert_eq!(out, (0..40u64).collect::<Vec<_>>());
+    }
+    assert_eq!(CALLS.load(Ordering::SeqCst), 0, "nothing ran");
+}
+
 /// A result type whose decoding fails while `STRICT` is set: a type that changed.
 #[derive(Debug, PartialEq, serde::Serialize)]
 struct Picky(u64);

@@ -1,6 +1,7 @@
 //! [`Memory`]: the handle users hold, the in-memory index of stored keys, and the thread that
 //! writes results to the file in batches.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
@@ -170,12 +171,65 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// A cheap hasher for the small maps keyed by chunk numbers and function keys (std's
+/// SipHash showed in profiles of the lookup path).
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl FastHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517C_C1B7_2722_0A95);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.add(n as u64);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
+
 /// Where a stored result is: a chunk (its id when written, or the negative number of a chunk
 /// still in memory) and its position there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
     chunk: i64,
     pos: u32,
+}
+
+/// The chunk number of an index entry made by a lookup that found nothing: its `pos` is the
+/// entry's place in `FnIndex::slots`, which says where the result is once it is stored.
+/// Storing a result then writes a slot (in about the order lookups made them) instead of a
+/// second random access into the index.
+const SLOT: i64 = i64::MIN;
+/// A slot whose result is not stored (yet): chunk numbers are never 0.
+const EMPTY: Loc = Loc { chunk: 0, pos: 0 };
+
+/// What storing a result needs to know about its key: the key, and the slot its lookup made
+/// in the index (with the index's generation, so that a slot made before a `clear` is not
+/// used after it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    key: [u8; 32],
+    slot: Option<(u64, u32)>,
 }
 
 /// Results of one function and version not yet handed to the writer.
@@ -196,6 +250,24 @@ struct FnIndex {
     builder: Builder,
     /// The (negative) number `map` knows the builder's results by.
     builder_chunk: i64,
+    /// Where the last hit was found: the next lookup tries the record after it before the
+    /// index, since a re-run asks for results in about the order they were stored.
+    cursor: Option<Cursor>,
+    /// Where the results of keys whose index entry is a [`SLOT`] are.
+    slots: Vec<Loc>,
+    /// Bumped when the index is emptied: tickets of an older generation have no slot.
+    generation: u64,
+    /// The read connection's `PRAGMA data_version` when the index was last refreshed: while
+    /// it stays the same, nothing was written to the file since, and a refresh has nothing
+    /// to read.
+    data_version: Option<i64>,
+}
+
+/// A written chunk (its id) and the position in it the next lookup tries first.
+struct Cursor {
+    chunk: i64,
+    next: usize,
+    data: Arc<ChunkData>,
 }
 
 /// A chunk handed to the writer and not yet written.
@@ -203,25 +275,27 @@ struct Flushing {
     fn_key: [u8; 32],
     meta: FnMeta,
     chunk: i64,
-    keys: Vec<[u8; 32]>,
+    /// Its keys are in `data.keys`.
     data: Arc<ChunkData>,
 }
 
 #[derive(Default)]
 struct State {
-    functions: HashMap<[u8; 32], FnIndex>,
+    functions: FastMap<[u8; 32], FnIndex>,
     next_chunk: i64,
     pending_entries: usize,
     pending_bytes: usize,
     first_pending: Option<Instant>,
     /// Chunks being written, by their negative number: lookups still find their results.
-    in_flight: HashMap<i64, Arc<ChunkData>>,
+    in_flight: FastMap<i64, Arc<ChunkData>>,
+    /// Chunks this process wrote: their negative number (which `map` keeps) to their id.
+    written: FastMap<i64, i64>,
     /// Chunks read back, most recent last.
     cache: Vec<(i64, Arc<ChunkData>)>,
     /// Chunks found deleted (evicted or cleared elsewhere) or corrupt.
-    gone: HashSet<i64>,
+    gone: FastSet<i64>,
     /// Chunks hit since the last flush, for least-recently-used eviction.
-    touched: HashSet<i64>,
+    touched: FastSet<i64>,
     last_touched: i64,
     bytes_limit: Option<u64>,
     flush_requested: u64,
@@ -244,6 +318,14 @@ pub(crate) enum Lookup<R> {
     Failed(Error),
     /// Nothing usable: run the task.
     Miss,
+}
+
+/// What [`Inner::record`] found for a key.
+enum Found {
+    /// Its record, and whether the cursor found it (rather than the index).
+    Record(Record, bool),
+    /// No usable record; the index slot the result is to be stored in, if one was made.
+    Absent(Option<(u64, u32)>),
 }
 
 /// The record a key points to.
@@ -502,19 +584,19 @@ impl Memory {
         self.refresh(&function)?;
         let mut scratch = Vec::new();
         let key = function.key_of(task.args(), &mut scratch, 0)?;
-        match self.lookup::<T::Output>(&function, &key, 0) {
-            Lookup::Hit(value) => return Ok(value),
-            Lookup::Failed(error) => return Err(error),
-            Lookup::Miss => {}
-        }
+        let ticket = match self.lookup::<T::Output>(&function, &key, 0) {
+            (Lookup::Hit(value), _) => return Ok(value),
+            (Lookup::Failed(error), _) => return Err(error),
+            (Lookup::Miss, ticket) => ticket,
+        };
         match parjob_core::catch_task(|| task.call()) {
             Ok(value) => {
-                self.store(&function, key, Ok(&value));
+                self.store(&function, ticket, Ok(&value));
                 Ok(value)
             }
             Err(message) => {
                 let error = parjob_core::Error::task_panicked(0, message);
-                self.store_failure::<T::Output>(&function, key, &error);
+                self.store_failure::<T::Output>(&function, ticket, &error);
                 Err(Error::Task(error))
             }
         }
@@ -565,18 +647,26 @@ impl Memory {
     pub(crate) fn refresh(&self, function: &Function) -> Result<(), Error> {
         let inner = &self.handle.inner;
         let meta = &function.meta;
+        let read_error =
+            |e| Error::store(&inner.path, format!("read the keys of {}", meta.name), e);
+        let conn = lock(&inner.read);
+        // Read first: a commit after this is seen by the next refresh.
+        let data_version = store::data_version(&conn).map_err(read_error)?;
         let (after, own) = {
             let mut state = lock(&inner.state);
             let index = inner.index_of(&mut state, meta);
+            if index.data_version == Some(data_version) {
+                // Nothing was committed to the file since the last refresh.
+                return Ok(());
+            }
             (index.loaded_up_to, index.own.clone())
         };
-        let read_error =
-            |e| Error::store(&inner.path, format!("read the keys of {}", meta.name), e);
         let mut loaded: Vec<(i64, Vec<u8>)> = Vec::new();
         let mut last = after;
         {
-            let conn = lock(&inner.read);
             let Some(id) = store::find_function(&conn, &meta.key).map_err(read_error)? else {
+                let mut state = lock(&inner.state);
+                inner.index_of(&mut state, meta).data_version = Some(data_version);
                 return Ok(());
             };
             for chunk in store::chunk_ids_after(&conn, id, after).map_err(read_error)? {
@@ -589,8 +679,13 @@ impl Memory {
                 }
             }
         }
+        drop(conn);
         let mut state = lock(&inner.state);
         let index = inner.index_of(&mut state, meta);
+        index
+            .map
+            .reserve(loaded.iter().map(|(_, keys)| keys.len() / 32).sum());
+        let slots = &index.slots;
         for (chunk, keys) in loaded {
             for (pos, key) in keys.chunks_exact(32).enumerate() {
                 let mut full = [0u8; 32];
@@ -603,8 +698,12 @@ impl Memory {
                     .map
                     .entry(short(&full))
                     .and_modify(|old| {
-                        // A result not yet written is this process's newest: keep it.
-                        if old.chunk > 0 {
+                        // A result of this process's is its newest: keep it.
+                        let own = match old.chunk {
+                            SLOT => slots.get(old.pos as usize).is_some_and(|s| *s != EMPTY),
+                            chunk => chunk < 0,
+                        };
+                        if !own {
                             *old = loc;
                         }
                     })
@@ -614,7 +713,20 @@ impl Memory {
         index.loaded_up_to = index.loaded_up_to.max(last);
         let up_to = index.loaded_up_to;
         index.own.retain(|&c| c > up_to);
+        index.data_version = Some(data_version);
         Ok(())
+    }
+
+    /// Makes room in `function`'s index for `additional` results if it is empty (a `run` into
+    /// a new cache, which pulls every task), so that storing does not rehash it again and
+    /// again.
+    pub(crate) fn reserve(&self, function: &Function, additional: usize) {
+        let inner = &self.handle.inner;
+        let mut state = lock(&inner.state);
+        let index = inner.index_of(&mut state, &function.meta);
+        if index.map.is_empty() {
+            let _ = index.map.try_reserve(additional.min(1 << 21));
+        }
     }
 
     /// The stored result of `key`, if there is a usable one. Counts a hit or a miss.
@@ -623,25 +735,38 @@ impl Memory {
         function: &Function,
         key: &[u8; 32],
         index: usize,
-    ) -> Lookup<R> {
+    ) -> (Lookup<R>, Ticket) {
         let inner = &self.handle.inner;
-        let found = inner.record(&function.meta.key, key);
-        let lookup = match found {
-            None => Lookup::Miss,
-            Some(record) => {
-                let bytes = match &record {
-                    Record::Shared(chunk, pos) => chunk.record(*pos),
-                    Record::Owned(bytes) => Some(bytes.as_slice()),
-                };
-                self.decode(function, bytes, index)
+        let mut ticket = Ticket {
+            key: *key,
+            slot: None,
+        };
+        let decode = |record: &Record| {
+            let bytes = match record {
+                Record::Shared(chunk, pos) => chunk.record(*pos),
+                Record::Owned(bytes) => Some(bytes.as_slice()),
+            };
+            self.decode(function, bytes, index)
+        };
+        let mut found = |use_cursor| match inner.record(&function.meta.key, key, use_cursor) {
+            Found::Record(record, by_cursor) => (decode(&record), by_cursor),
+            Found::Absent(slot) => {
+                ticket.slot = slot;
+                (Lookup::Miss, false)
             }
+        };
+        let lookup = match found(true) {
+            (hit @ Lookup::Hit(_), _) | (hit, false) => hit,
+            // The cursor found an older record of this key that is not a usable value (a
+            // failure, or bytes that no longer decode): the index knows the newest.
+            (_, true) => found(false).0,
         };
         let counter = match lookup {
             Lookup::Miss => &inner.misses,
             _ => &inner.hits,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        lookup
+        (lookup, ticket)
     }
 
     fn decode<R: DeserializeOwned>(
@@ -683,9 +808,10 @@ impl Memory {
     pub(crate) fn store<R: Serialize>(
         &self,
         function: &Function,
-        key: [u8; 32],
+        ticket: Ticket,
         outcome: Result<&R, &str>,
     ) {
+        let key = ticket.key;
         let inner = &self.handle.inner;
         let mut state = lock(&inner.state);
         let index = inner.index_of(&mut state, &function.meta);
@@ -715,7 +841,18 @@ impl Memory {
             chunk: index.builder_chunk,
             pos,
         };
-        index.map.insert(short(&key), loc);
+        let slot = match ticket.slot {
+            Some((generation, seq)) if generation == index.generation => {
+                index.slots.get_mut(seq as usize)
+            }
+            _ => None,
+        };
+        match slot {
+            Some(slot) => *slot = loc,
+            None => {
+                index.map.insert(short(&key), loc);
+            }
+        }
         let added = builder.data.records.len() - start + 36;
         state.pending_entries += 1;
         state.pending_bytes += added;
@@ -734,7 +871,7 @@ impl Memory {
     pub(crate) fn store_failure<R: Serialize>(
         &self,
         function: &Function,
-        key: [u8; 32],
+        ticket: Ticket,
         error: &parjob_core::Error,
     ) {
         let own = matches!(
@@ -744,7 +881,7 @@ impl Memory {
                 | parjob_core::Error::WorkerCrashed { .. }
         );
         if self.cache_errors && own {
-            self.store::<R>(function, key, Err(&error.to_string()));
+            self.store::<R>(function, ticket, Err(&error.to_string()));
         }
     }
 }
@@ -768,6 +905,10 @@ impl Inner {
                 own: BTreeSet::new(),
                 builder: Builder::default(),
                 builder_chunk: chunk,
+                cursor: None,
+                slots: Vec::new(),
+                generation: 0,
+                data_version: None,
             }
         })
     }
@@ -779,6 +920,10 @@ impl Inner {
         };
         index.map.clear();
         index.own.clear();
+        index.cursor = None;
+        index.data_version = None;
+        index.slots = Vec::new();
+        index.generation += 1;
         let dropped = index.builder.keys.len();
         let bytes = index.builder.data.records.len() + 36 * dropped;
         index.builder = Builder::default();
@@ -786,43 +931,94 @@ impl Inner {
         state.pending_bytes = state.pending_bytes.saturating_sub(bytes);
     }
 
-    /// The record `key` points to, reading its chunk from the file if needed.
-    fn record(&self, fn_key: &[u8; 32], key: &[u8; 32]) -> Option<Record> {
+    /// The record `key` points to, reading its chunk from the file if needed, and whether it
+    /// was found by the cursor (the record after the last hit) rather than the index.
+    fn record(&self, fn_key: &[u8; 32], key: &[u8; 32], use_cursor: bool) -> Found {
         let chunk = {
-            let mut state = lock(&self.state);
-            let index = state.functions.get(fn_key)?;
-            let loc = *index.map.get(&short(key))?;
+            let mut guard = lock(&self.state);
+            let state = &mut *guard;
+            let Some(index) = state.functions.get_mut(fn_key) else {
+                return Found::Absent(None);
+            };
+            if use_cursor
+                && let Some(cursor) = index.cursor.as_mut()
+                && cursor.data.keys.get(cursor.next) == Some(key)
+            {
+                let pos = cursor.next;
+                cursor.next += 1;
+                let chunk = cursor.chunk;
+                let data = Arc::clone(&cursor.data);
+                if state.last_touched != chunk {
+                    state.last_touched = chunk;
+                    state.touched.insert(chunk);
+                }
+                return Found::Record(Record::Shared(data, pos), true);
+            }
+            let generation = index.generation;
+            let mut loc = match index.map.entry(short(key)) {
+                Entry::Occupied(entry) => *entry.get(),
+                Entry::Vacant(entry) => {
+                    // Nothing stored: the entry made here says where the result will be.
+                    let Ok(seq) = u32::try_from(index.slots.len()) else {
+                        return Found::Absent(None);
+                    };
+                    entry.insert(Loc {
+                        chunk: SLOT,
+                        pos: seq,
+                    });
+                    index.slots.push(EMPTY);
+                    return Found::Absent(Some((generation, seq)));
+                }
+            };
+            if loc.chunk == SLOT {
+                let seq = loc.pos;
+                loc = index.slots.get(seq as usize).copied().unwrap_or(EMPTY);
+                if loc == EMPTY {
+                    return Found::Absent(Some((generation, seq)));
+                }
+            }
+            let pos = loc.pos as usize;
             if loc.chunk == index.builder_chunk {
-                let pos = loc.pos as usize;
-                return index
-                    .builder
-                    .data
-                    .record(pos)
-                    .map(|r| Record::Owned(r.to_vec()));
+                return match index.builder.data.record(pos) {
+                    Some(r) => Found::Record(Record::Owned(r.to_vec()), false),
+                    None => Found::Absent(None),
+                };
             }
-            if loc.chunk < 0 {
-                return state
-                    .in_flight
-                    .get(&loc.chunk)
-                    .map(|c| Record::Shared(Arc::clone(c), loc.pos as usize));
+            let mut chunk = loc.chunk;
+            if chunk < 0 {
+                // This process's own: being written, or written as `written` says.
+                if let Some(data) = state.in_flight.get(&chunk) {
+                    return Found::Record(Record::Shared(Arc::clone(data), pos), false);
+                }
+                match state.written.get(&chunk) {
+                    Some(id) => chunk = *id,
+                    None => return Found::Absent(None),
+                }
             }
-            if state.gone.contains(&loc.chunk) {
-                return None;
+            if !state.gone.is_empty() && state.gone.contains(&chunk) {
+                return Found::Absent(None);
             }
-            if state.last_touched != loc.chunk {
-                state.last_touched = loc.chunk;
-                state.touched.insert(loc.chunk);
+            if state.last_touched != chunk {
+                state.last_touched = chunk;
+                state.touched.insert(chunk);
             }
-            if let Some(at) = state.cache.iter().rposition(|(id, _)| *id == loc.chunk) {
-                return Some(Record::Shared(
-                    Arc::clone(&state.cache[at].1),
-                    loc.pos as usize,
-                ));
+            if let Some(at) = state.cache.iter().rposition(|(id, _)| *id == chunk) {
+                let data = Arc::clone(&state.cache[at].1);
+                index.cursor = Some(Cursor {
+                    chunk,
+                    next: pos + 1,
+                    data: Arc::clone(&data),
+                });
+                return Found::Record(Record::Shared(data, pos), false);
             }
-            loc
+            Loc {
+                chunk,
+                pos: loc.pos,
+            }
         };
         let fetched = store::fetch_chunk(&lock(&self.read), chunk.chunk);
-        let mut state = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
         match fetched {
             Ok(Fetched::Chunk(data)) => {
                 let data = Arc::new(data);
@@ -830,17 +1026,25 @@ impl Inner {
                     state.cache.remove(0);
                 }
                 state.cache.push((chunk.chunk, Arc::clone(&data)));
-                Some(Record::Shared(data, chunk.pos as usize))
+                let pos = chunk.pos as usize;
+                if let Some(index) = state.functions.get_mut(fn_key) {
+                    index.cursor = Some(Cursor {
+                        chunk: chunk.chunk,
+                        next: pos + 1,
+                        data: Arc::clone(&data),
+                    });
+                }
+                Found::Record(Record::Shared(data, pos), false)
             }
             Ok(Fetched::Corrupt) => {
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
                 state.gone.insert(chunk.chunk);
-                None
+                Found::Absent(None)
             }
             // Gone, or unreadable now: run the task rather than fail it.
             Ok(Fetched::Gone) | Err(_) => {
                 state.gone.insert(chunk.chunk);
-                None
+                Found::Absent(None)
             }
         }
     }
@@ -904,13 +1108,14 @@ impl Inner {
                     continue;
                 }
                 let builder = std::mem::take(&mut index.builder);
-                let data = Arc::new(builder.data);
+                let mut data = builder.data;
+                data.keys = builder.keys;
+                let data = Arc::new(data);
                 in_flight.push((index.builder_chunk, Arc::clone(&data)));
                 jobs.push(Flushing {
                     fn_key: *fn_key,
                     meta: index.meta.clone(),
                     chunk: index.builder_chunk,
-                    keys: builder.keys,
                     data,
                 });
                 index.builder_chunk = next;
@@ -937,21 +1142,11 @@ impl Inner {
                 for (job, id) in jobs.iter().zip(ids) {
                     if let Some(index) = state.functions.get_mut(&job.fn_key) {
                         index.own.insert(id);
-                        for (pos, key) in job.keys.iter().enumerate() {
-                            let old = Loc {
-                                chunk: job.chunk,
-                                pos: pos as u32,
-                            };
-                            if let Some(loc) = index.map.get_mut(&short(key))
-                                && *loc == old
-                            {
-                                *loc = Loc {
-                                    chunk: id,
-                                    pos: pos as u32,
-                                };
-                            }
-                        }
                     }
+                    // The index keeps the chunk's negative number for its keys (re-pointing
+                    // each of them cost a random memory access per result, under the lock):
+                    // lookups translate it.
+                    state.written.insert(job.chunk, id);
                     if state.cache.len() >= CHUNK_CACHE {
                         state.cache.remove(0);
                     }
@@ -960,13 +1155,21 @@ impl Inner {
                 for id in evicted {
                     state.gone.insert(id);
                     state.cache.retain(|(c, _)| *c != id);
+                    for index in state.functions.values_mut() {
+                        if index.cursor.as_ref().is_some_and(|c| c.chunk == id) {
+                            index.cursor = None;
+                        }
+                    }
                 }
             }
             Err(source) => {
-                let lost: usize = jobs.iter().map(|j| j.keys.len()).sum();
+                let lost: usize = jobs.iter().map(|j| j.data.keys.len()).sum();
                 for job in &jobs {
                     if let Some(index) = state.functions.get_mut(&job.fn_key) {
                         index.map.retain(|_, loc| loc.chunk != job.chunk);
+                        for slot in index.slots.iter_mut().filter(|s| s.chunk == job.chunk) {
+                            *slot = EMPTY;
+                        }
                     }
                 }
                 state.error = Some(Error::store(
@@ -998,7 +1201,11 @@ fn write_chunks(
     for job in jobs {
         let function = store::function_id(&tx, &job.meta)?;
         ids.push(store::insert_chunk(
-            &tx, function, &job.keys, &job.data, now,
+            &tx,
+            function,
+            &job.data.keys,
+            &job.data,
+            now,
         )?);
     }
     store::touch(&tx, touched, now)?;

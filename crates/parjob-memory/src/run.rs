@@ -19,7 +19,7 @@ use std::rc::Rc;
 
 use parjob_core::Task;
 
-use crate::memory::{Function, Lookup};
+use crate::memory::{Function, Lookup, Ticket};
 use crate::{Error, Memory};
 
 /// Stored results a run keeps waiting at most while it looks for the next task to run.
@@ -46,7 +46,7 @@ enum Slot<R> {
 
 enum Pulled<T: Task> {
     Found(usize, Result<T::Output, Error>),
-    Miss(T, usize, [u8; 32]),
+    Miss(T, usize, Ticket),
     End,
 }
 
@@ -65,10 +65,10 @@ struct Source<I, T: Task> {
     /// Unordered: results found in the cache by the feed, not yet yielded.
     ready: VecDeque<(usize, Result<T::Output, Error>)>,
     /// A miss found by the outer stream, for the feed to hand out first.
-    pending: Option<(T, usize, [u8; 32])>,
+    pending: Option<(T, usize, Ticket)>,
     /// Misses handed to the current inner run, by their position in it: (input position,
     /// key), `None` once its result came back.
-    handed: VecDeque<Option<(usize, [u8; 32])>>,
+    handed: VecDeque<Option<(usize, Ticket)>>,
     handed_base: usize,
     /// The feed told the current inner run that its input ended.
     feed_ended: bool,
@@ -92,9 +92,9 @@ impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
             Err(error) => return Pulled::Found(index, Err(error)),
         };
         match self.memory.lookup(&self.function, &key, index) {
-            Lookup::Hit(value) => Pulled::Found(index, Ok(value)),
-            Lookup::Failed(error) => Pulled::Found(index, Err(error)),
-            Lookup::Miss => Pulled::Miss(task, index, key),
+            (Lookup::Hit(value), _) => Pulled::Found(index, Ok(value)),
+            (Lookup::Failed(error), _) => Pulled::Found(index, Err(error)),
+            (Lookup::Miss, ticket) => Pulled::Miss(task, index, ticket),
         }
     }
 
@@ -106,12 +106,12 @@ impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
         }
     }
 
-    fn hand(&mut self, index: usize, key: [u8; 32]) {
+    fn hand(&mut self, index: usize, key: Ticket) {
         self.handed.push_back(Some((index, key)));
     }
 
     /// The input position and key of the inner run's task `position`, forgotten there.
-    fn take_handed(&mut self, position: usize) -> Option<(usize, [u8; 32])> {
+    fn take_handed(&mut self, position: usize) -> Option<(usize, Ticket)> {
         let at = position.checked_sub(self.handed_base)?;
         let taken = self.handed.get_mut(at)?.take();
         while matches!(self.handed.front(), Some(None)) {
@@ -437,10 +437,13 @@ where
     I: Iterator<Item = T>,
     T: Task,
 {
-    let hint = run
-        .source
-        .as_ref()
-        .map_or(0, |s| s.borrow().tasks.size_hint().0);
+    let hint = run.source.as_ref().map_or(0, |s| {
+        let s = s.borrow();
+        let hint = s.tasks.size_hint().0;
+        // Every task will be pulled: an empty index can be sized for all of them at once.
+        s.memory.reserve(&s.function, hint);
+        hint
+    });
     let mut out = Vec::new();
     // An input may claim more than memory holds; grow as results come instead.
     let _ = out.try_reserve_exact(hint.min(1 << 24));

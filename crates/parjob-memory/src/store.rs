@@ -119,6 +119,10 @@ pub(crate) struct FnMeta {
 /// One chunk's results as they are written and read back.
 #[derive(Debug, Default)]
 pub(crate) struct ChunkData {
+    /// The key of each record (empty while the chunk is being built: the builder keeps
+    /// them). Lookups walk them in order to skip the index when results come back in the
+    /// order they were stored.
+    pub(crate) keys: Vec<[u8; 32]>,
     /// Where each record ends in `records`.
     pub(crate) ends: Vec<u32>,
     /// The records, back to back: a tag byte, then the value's or the failure's bytes.
@@ -165,6 +169,13 @@ pub(crate) fn function_id(tx: &Connection, meta: &FnMeta) -> rusqlite::Result<i6
     ])?;
     tx.prepare_cached("SELECT id FROM functions WHERE key = ?1")?
         .query_row([&meta.key[..]], |row| row.get(0))
+}
+
+/// `PRAGMA data_version` of `conn`: it changes when another connection (of this process or
+/// another) commits to the file.
+pub(crate) fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |row| row.get(0))
 }
 
 /// The id of a function's row, if it has one.
@@ -216,16 +227,17 @@ pub(crate) enum Fetched {
 /// Reads a chunk's records.
 pub(crate) fn fetch_chunk(conn: &Connection, id: i64) -> rusqlite::Result<Fetched> {
     let row = conn
-        .prepare_cached("SELECT ends, records, checksum FROM chunks WHERE id = ?1")?
+        .prepare_cached("SELECT ends, records, checksum, keys FROM chunks WHERE id = ?1")?
         .query_row([id], |row| {
             Ok((
                 row.get::<_, Vec<u8>>(0)?,
                 row.get::<_, Vec<u8>>(1)?,
                 row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, Vec<u8>>(3)?,
             ))
         })
         .optional()?;
-    let Some((ends, records, checksum)) = row else {
+    let Some((ends, records, checksum, key_bytes)) = row else {
         return Ok(Fetched::Gone);
     };
     if ends.len() % 4 != 0 || ChunkData::checksum(&ends, &records)[..] != checksum[..] {
@@ -240,7 +252,25 @@ pub(crate) fn fetch_chunk(conn: &Connection, id: i64) -> rusqlite::Result<Fetche
     if !consistent {
         return Ok(Fetched::Corrupt);
     }
-    Ok(Fetched::Chunk(ChunkData { ends, records }))
+    // The keys are not under the checksum (the index is loaded from them as they are): a
+    // damaged key only makes its result unreachable, as it does in the index.
+    let keys = if key_bytes.len() == ends.len() * 32 {
+        key_bytes
+            .chunks_exact(32)
+            .map(|k| {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(k);
+                key
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Fetched::Chunk(ChunkData {
+        keys,
+        ends,
+        records,
+    }))
 }
 
 /// Ids of a function's chunks above `after`, in order.
