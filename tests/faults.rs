@@ -248,6 +248,12 @@ impl FlakyExe {
         }
     }
 
+    /// The script's path, and the exe shared with the test's thread (the directory goes when
+    /// the last holder drops it).
+    fn shared(self) -> (std::path::PathBuf, Arc<FlakyExe>) {
+        (self.script.clone(), Arc::new(self))
+    }
+
     /// The next `n` starts fail.
     fn fail_next(&self, n: u32) {
         std::fs::write(&self.counter, n.to_string()).unwrap();
@@ -262,9 +268,7 @@ impl Drop for FlakyExe {
 
 #[test]
 fn a_replacement_that_fails_to_start_is_tried_again_and_only_the_crash_is_reported() {
-    let exe = FlakyExe::new("transient");
-    let script = exe.script.clone();
-    let exe = Arc::new(exe);
+    let (script, exe) = FlakyExe::new("transient").shared();
     let flaky = Arc::clone(&exe);
     within(HUNG, move || {
         let parallel = processes(1)
@@ -293,9 +297,7 @@ fn a_replacement_that_fails_to_start_is_tried_again_and_only_the_crash_is_report
 
 #[test]
 fn a_worker_killed_during_its_start_is_started_again_not_taken_for_a_program_without_init() {
-    let exe = FlakyExe::failing_with("killed", "kill -9 $$");
-    let script = exe.script.clone();
-    let exe = Arc::new(exe);
+    let (script, exe) = FlakyExe::failing_with("killed", "kill -9 $$").shared();
     let flaky = Arc::clone(&exe);
     within(HUNG, move || {
         // The first two starts of the pool's worker are killed (a stray kill, the OOM killer):
@@ -309,9 +311,7 @@ fn a_worker_killed_during_its_start_is_started_again_not_taken_for_a_program_wit
 
 #[test]
 fn when_no_worker_can_be_started_the_run_fails_naming_why_and_the_crash_keeps_its_error() {
-    let exe = FlakyExe::new("permanent");
-    let script = exe.script.clone();
-    let exe = Arc::new(exe);
+    let (script, exe) = FlakyExe::new("permanent").shared();
     let flaky = Arc::clone(&exe);
     within(HUNG, move || {
         let parallel = processes(1)
@@ -500,29 +500,10 @@ fn forge_on_every_socket(_: u32) -> usize {
         if !is_socket {
             continue;
         }
-        // SAFETY: sendmsg on a descriptor of this process with valid buffers; a control
-        // buffer of one SCM_RIGHTS message built with the CMSG macros.
-        unsafe {
-            let mut iov = libc::iovec {
-                iov_base: forged.as_mut_ptr().cast(),
-                iov_len: forged.len(),
-            };
-            let space = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
-            let mut control = vec![0u8; space];
-            let mut message: libc::msghdr = std::mem::zeroed();
-            message.msg_iov = &mut iov;
-            message.msg_iovlen = 1;
-            message.msg_control = control.as_mut_ptr().cast();
-            message.msg_controllen = space as _;
-            let header = libc::CMSG_FIRSTHDR(&message);
-            (*header).cmsg_level = libc::SOL_SOCKET;
-            (*header).cmsg_type = libc::SCM_RIGHTS;
-            (*header).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
-            let passed = std::os::fd::AsRawFd::as_raw_fd(&memfd);
-            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), passed);
-            if libc::sendmsg(fd, &message, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) > 0 {
-                written += 1;
-            }
+        let passed = std::os::fd::AsRawFd::as_raw_fd(&memfd);
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        if sendmsg_with_fd(fd, &forged, Some(passed), flags) > 0 {
+            written += 1;
         }
     }
     written
@@ -584,16 +565,21 @@ fn my_line() -> libc::c_int {
     panic!("no line to the driver");
 }
 
-/// Sends `message` on the line as parjob frames it, with `fd` attached if given.
-fn send_on_line(line: libc::c_int, message: &[u8], fd: Option<libc::c_int>) -> bool {
-    let mut framed = (message.len() as u64).to_le_bytes().to_vec();
-    framed.extend_from_slice(message);
-    // SAFETY: sendmsg on a descriptor of this process with valid buffers; a control buffer of
-    // one SCM_RIGHTS message built with the CMSG macros, when there is a descriptor.
+/// `sendmsg` of `bytes` on `socket`, with descriptor `fd` attached (`SCM_RIGHTS`) if given.
+/// Returns what `sendmsg` returned.
+fn sendmsg_with_fd(
+    socket: libc::c_int,
+    bytes: &[u8],
+    fd: Option<libc::c_int>,
+    flags: libc::c_int,
+) -> isize {
+    // SAFETY: sendmsg on a descriptor of this process with valid buffers (the kernel only
+    // reads `bytes`); a control buffer of one SCM_RIGHTS message built with the CMSG macros,
+    // when there is a descriptor.
     unsafe {
         let mut iov = libc::iovec {
-            iov_base: framed.as_mut_ptr().cast(),
-            iov_len: framed.len(),
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
         };
         let space = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
         let mut control = vec![0u8; space];
@@ -609,8 +595,15 @@ fn send_on_line(line: libc::c_int, message: &[u8], fd: Option<libc::c_int>) -> b
             (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
             std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
         }
-        libc::sendmsg(line, &header, libc::MSG_NOSIGNAL) == framed.len() as isize
+        libc::sendmsg(socket, &header, flags)
     }
+}
+
+/// Sends `message` on the line as parjob frames it, with `fd` attached if given.
+fn send_on_line(line: libc::c_int, message: &[u8], fd: Option<libc::c_int>) -> bool {
+    let mut framed = (message.len() as u64).to_le_bytes().to_vec();
+    framed.extend_from_slice(message);
+    sendmsg_with_fd(line, &framed, fd, libc::MSG_NOSIGNAL) == framed.len() as isize
 }
 
 /// A `DONE` of frame (`generation`, `seq`) whose outcomes, `len` bytes, are in a new result
