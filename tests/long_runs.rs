@@ -399,6 +399,161 @@ fn retries_show_as_events_and_in_the_insights() {
     );
 }
 
+fn total_len(bytes: Vec<u8>) -> usize {
+    bytes.len()
+}
+
+#[test]
+fn batches_carry_transport_figures_on_processes_and_none_in_process() {
+    for target in EVERY_TARGET {
+        let (parallel, events) = recorded(target.parallel(2).insights(true));
+        // 40 tasks of 20 kB each: at least 800 kB go to the workers, far less comes back.
+        let out = parallel
+            .run((0..40usize).map(|i| delayed(total_len, vec![i as u8; 20_000])))
+            .unwrap();
+        assert_eq!(out, vec![20_000; 40]);
+        let events = events.lock().unwrap();
+        let mut sum = parjob::Transport::default();
+        let mut batches = 0;
+        for event in events.iter() {
+            if let Event::BatchCompleted { transport, .. } = event {
+                batches += 1;
+                match (target, transport) {
+                    (parjob_tests::Target::Backend(Backend::Process), Some(t)) => {
+                        assert!(t.bytes_sent > 0 && t.bytes_received > 0, "{t:?}");
+                        assert!(!t.encode.is_zero() && !t.decode.is_zero(), "{t:?}");
+                        sum.add(t);
+                    }
+                    (parjob_tests::Target::Backend(Backend::Process), None) => {
+                        panic!("{target}: a batch without transport figures")
+                    }
+                    (_, None) => {}
+                    (_, Some(t)) => panic!("{target}: an in-process batch with {t:?}"),
+                }
+            }
+        }
+        assert!(batches > 0, "{target}");
+        let insights = parallel.last_insights().unwrap();
+        assert_eq!(insights.transport, sum, "{target}");
+        if target == parjob_tests::Target::Backend(Backend::Process) {
+            assert!(sum.bytes_sent >= 800_000, "{sum:?}");
+            assert!(sum.bytes_received < 100_000, "{sum:?}");
+            let text = insights.to_string();
+            assert!(text.contains("transport: "), "{text}");
+            // The process pool says which worker ran each batch.
+            assert!(!insights.busy_by_worker.is_empty(), "{insights:?}");
+        } else {
+            assert!(!insights.to_string().contains("transport"));
+        }
+    }
+}
+
+#[test]
+fn a_crashed_worker_is_replaced_and_the_event_names_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    // One worker and one batch of all 20 tasks: the crashes at 3, 7 and 11 each cost the
+    // worker, and the slot starts a new one within the batch to run the tasks after it.
+    let trace = dir.path().join("trace.json");
+    let (parallel, events) = recorded(
+        processes(1)
+            .batch_size(BatchSize::Fixed(20))
+            .retries(1)
+            .insights(true)
+            .trace(&trace),
+    );
+    let out = parallel.run(fails_once_tasks(&dir, ABORT)).unwrap();
+    assert_eq!(out, (0..20).map(|i| i * 10).collect::<Vec<u32>>());
+    let events = events.lock().unwrap();
+    let mut crashed = Vec::new();
+    let mut replaced = Vec::new();
+    for event in events.iter() {
+        match event {
+            Event::WorkerCrashed { pid, worker, .. } => {
+                assert_eq!(*worker, 0);
+                crashed.push(*pid);
+            }
+            Event::WorkerReplaced {
+                worker,
+                old_pid,
+                new_pid,
+                reason,
+                ..
+            } => {
+                assert_eq!(*worker, 0);
+                assert!(
+                    crashed.contains(old_pid),
+                    "replaced {old_pid} before its crash was reported: {crashed:?}"
+                );
+                assert_ne!(old_pid, new_pid);
+                assert!(reason.contains("SIGABRT"), "{reason}");
+                replaced.push(*old_pid);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(crashed.len(), 3, "{crashed:?}");
+    assert_eq!(replaced, crashed);
+    let insights = parallel.last_insights().unwrap();
+    assert_eq!(insights.worker_crashes, 3);
+    assert!(insights.worker_replacements >= 3, "{insights:?}");
+    // The trace shows each crash and replacement on the worker's row, and each batch (the
+    // one of 20 and the three retries) with its transport figures.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let trace_events = json["traceEvents"].as_array().unwrap();
+    let on_row = |what: &str| {
+        trace_events
+            .iter()
+            .filter(|e| {
+                e["ph"] == "i" && e["tid"] == 0 && e["name"].as_str().unwrap().starts_with(what)
+            })
+            .count()
+    };
+    assert_eq!(on_row("worker 0 (pid "), 3, "{json}");
+    assert!(on_row("worker 0 replaced (pid ") >= 3, "{json}");
+    let complete: Vec<_> = trace_events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(complete.len(), 4);
+    assert!(
+        complete
+            .iter()
+            .all(|e| e["args"]["bytes_sent"].as_u64().unwrap() > 0)
+    );
+}
+
+#[test]
+fn a_recycled_worker_is_reported_and_replaced() {
+    let (parallel, events) = recorded(
+        processes(1)
+            .batch_size(BatchSize::Fixed(10))
+            .max_tasks_per_worker(5)
+            .insights(true),
+    );
+    let out = parallel.run((0..10u64).map(|i| delayed(square, i))).unwrap();
+    assert_eq!(out[9], 81);
+    let events = events.lock().unwrap();
+    let recycled: Vec<(u32, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::WorkerRecycled { pid, tasks_run, .. } => Some((*pid, *tasks_run)),
+            _ => None,
+        })
+        .collect();
+    assert!(!recycled.is_empty(), "{events:?}");
+    assert!(recycled.iter().all(|&(_, n)| n == 5), "{recycled:?}");
+    // The first recycled worker's slot got a new one within the batch, for tasks 5..10.
+    let (first_pid, _) = recycled[0];
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::WorkerReplaced { old_pid, reason, .. }
+                if *old_pid == first_pid && reason.contains("recycled after 5 tasks")
+        )),
+        "{events:?}"
+    );
+    let insights = parallel.last_insights().unwrap();
+    assert!(insights.worker_recycles >= 1 && insights.worker_replacements >= 1);
+}
+
 #[test]
 fn insights_count_tasks_failures_and_each_workers_share() {
     let parallel = Parallel::new(2).backend(Backend::Threading).insights(true);

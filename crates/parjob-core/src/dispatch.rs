@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
 use crate::events::{EventSink, Observer};
-use crate::pool::{Completion, Job, Pool, RunControl};
+use crate::pool::{Completion, Job, JobReport, Pool, RunControl};
 use crate::progress::Reporter;
 use crate::retry::{Retrier, Retry};
 use crate::{Error, Task};
@@ -460,8 +460,18 @@ where
 
     /// A batch (or a retry) that came back: reports it, and either hands it to the consumer
     /// (through `ready`) or holds it while its failed tasks are retried.
-    fn settle(&mut self, finished: Finished<T::Output>, worker: Option<usize>, busy: Duration) {
+    fn settle(
+        &mut self,
+        finished: Finished<T::Output>,
+        worker: Option<usize>,
+        busy: Duration,
+        report: Option<Box<JobReport>>,
+    ) {
         if let Some(observer) = self.observer.as_mut() {
+            let (transport, changes) = match report {
+                Some(report) => (report.transport, report.changes),
+                None => (None, Vec::new()),
+            };
             observer.completed(
                 finished.seq,
                 finished.first_index,
@@ -469,6 +479,8 @@ where
                 &finished.failures,
                 worker,
                 busy,
+                transport,
+                changes,
             );
         }
         let Some(retrier) = self.retrier.as_mut() else {
@@ -502,7 +514,7 @@ where
             if !self.ready.is_empty() {
                 continue;
             }
-            let completion = if self.watches_timeouts() || retry_wake.is_some() {
+            let mut completion = if self.watches_timeouts() || retry_wake.is_some() {
                 let mut limit = retry_wake.unwrap_or(Duration::MAX);
                 if self.watches_timeouts() {
                     limit = limit.min(self.next_timeout_check());
@@ -513,7 +525,7 @@ where
                         if self.watches_timeouts()
                             && let Some(finished) = self.abandon_timed_out()
                         {
-                            self.settle(finished, None, Duration::ZERO);
+                            self.settle(finished, None, Duration::ZERO, None);
                         }
                         continue;
                     }
@@ -537,8 +549,9 @@ where
                 .map(|w| w.timeout);
             self.watched.retain(|w| w.seq != completion.seq);
             let (worker, busy) = (completion.worker, completion.busy);
+            let report = completion.report.take();
             let finished = self.restore(completion, timeout);
-            self.settle(finished, worker, busy);
+            self.settle(finished, worker, busy, report);
         }
     }
 

@@ -69,6 +69,9 @@ pub enum Event {
         worker: Option<usize>,
         /// How long its tasks ran, as the pool measured it.
         busy: Duration,
+        /// What moving it to another process and back cost, for pools that run batches in
+        /// other processes (the process backend); `None` for in-process pools.
+        transport: Option<Transport>,
         /// Time since the run began, when it came back.
         at: Duration,
     },
@@ -102,6 +105,42 @@ pub enum Event {
         status: WorkerExit,
         /// The task it was running.
         index: usize,
+    },
+    /// A worker process started in an empty slot of the pool (reported with the first batch
+    /// its slot completes, so a pool started before the run reports it in its first run).
+    WorkerStarted {
+        /// Index of the worker in its pool.
+        worker: usize,
+        /// Its process id.
+        pid: u32,
+        /// Time since the run began (zero for a start before it).
+        at: Duration,
+    },
+    /// A worker process started in place of one that crashed, was killed or was recycled.
+    WorkerReplaced {
+        /// Index of the worker in its pool.
+        worker: usize,
+        /// The process id of the one that went.
+        old_pid: u32,
+        /// The new process's id.
+        new_pid: u32,
+        /// Why the old one went.
+        reason: String,
+        /// Time since the run began (zero for a start before it).
+        at: Duration,
+    },
+    /// A worker process was told to exit after running its share of tasks
+    /// (`max_tasks_per_worker`); a [`WorkerReplaced`](Event::WorkerReplaced) follows when the
+    /// slot gets work again.
+    WorkerRecycled {
+        /// Index of the worker in its pool.
+        worker: usize,
+        /// Its process id.
+        pid: u32,
+        /// How many tasks it ran.
+        tasks_run: usize,
+        /// Time since the run began.
+        at: Duration,
     },
     /// The run ended (also when it stopped at a failure, or its iterator was dropped).
     RunFinished {
@@ -142,6 +181,71 @@ impl PartialEq for EventSink {
 }
 
 impl Eq for EventSink {}
+
+/// What moving one batch to another process and back cost: bytes each way and the time spent
+/// encoding the arguments, on the line (the round trip less the worker's busy time) and
+/// decoding the outcomes. A pool that runs batches in another process reports it with
+/// [`Job::add_transport`](crate::Job::add_transport); in-process pools have none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transport {
+    /// Bytes of encoded tasks sent to the worker (over its socket or through a shared arena).
+    pub bytes_sent: u64,
+    /// Bytes of encoded outcomes received back.
+    pub bytes_received: u64,
+    /// Time spent encoding the tasks (their `Serialize`, and framing).
+    pub encode: Duration,
+    /// Time between sending the tasks and receiving the outcomes that the worker did not
+    /// spend running them: the line both ways and the worker's own decoding and encoding.
+    pub ipc: Duration,
+    /// Time spent decoding the outcomes (their `Deserialize`).
+    pub decode: Duration,
+}
+
+impl Transport {
+    /// Adds `other`'s figures to these.
+    pub fn add(&mut self, other: &Transport) {
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.encode += other.encode;
+        self.ipc += other.ipc;
+        self.decode += other.decode;
+    }
+}
+
+/// A change to one of a pool's worker processes, as the pool reports it with a job
+/// ([`Job::note_worker`](crate::Job::note_worker)); the run turns it into an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerChange {
+    /// A worker started in an empty slot (its pool's first start there).
+    Started {
+        /// The slot's index in its pool.
+        worker: usize,
+        /// The new process's id.
+        pid: u32,
+    },
+    /// A worker started in place of one that is gone.
+    Replaced {
+        /// The slot's index in its pool.
+        worker: usize,
+        /// The process id of the one that is gone (0 if it never started).
+        old_pid: u32,
+        /// The new process's id.
+        new_pid: u32,
+        /// Why the old one went (a crash, a timeout, recycling).
+        reason: String,
+    },
+    /// A worker was told to exit after running its share of tasks (`max_tasks_per_worker`).
+    Recycled {
+        /// The slot's index in its pool.
+        worker: usize,
+        /// Its process id.
+        pid: u32,
+        /// How many tasks it ran.
+        tasks_run: usize,
+    },
+}
 
 /// What the dispatcher reports to while someone listens: the user's callback, the insights
 /// being gathered, the trace being recorded, the verbose summary.
@@ -218,15 +322,33 @@ impl Observer {
         failures: &[(usize, Error)],
         worker: Option<usize>,
         busy: Duration,
+        transport: Option<Transport>,
+        mut changes: Vec<(Instant, WorkerChange)>,
     ) {
+        // Starts come first, then the crashes the batch saw, then the replacements and
+        // recycling they led to, then the batch itself.
+        for (when, change) in changes.extract_if(.., |c| matches!(c.1, WorkerChange::Started { .. })) {
+            self.worker_changed(change, when);
+        }
         let at = self.now();
         self.insights
             .completed(first_index, tasks, failures.len(), worker, busy);
+        if let Some(transport) = &transport {
+            self.insights.transport(transport);
+        }
         if batch < crate::retry::RETRY_SEQ_BASE {
             self.insights.counted(tasks);
         }
         if let Some(trace) = &mut self.trace {
-            trace.batch(first_index, tasks, failures.len(), worker, busy, at);
+            trace.batch(
+                first_index,
+                tasks,
+                failures.len(),
+                worker,
+                busy,
+                at,
+                transport,
+            );
         }
         for (_, error) in failures {
             if let Error::WorkerCrashed {
@@ -239,7 +361,11 @@ impl Observer {
             {
                 self.insights.crashed();
                 if let Some(trace) = &mut self.trace {
-                    trace.instant(format!("worker {worker} (pid {pid}) crashed: {status}"), at);
+                    trace.worker_instant(
+                        *worker,
+                        format!("worker {worker} (pid {pid}) crashed: {status}"),
+                        at,
+                    );
                 }
                 self.send(|| Event::WorkerCrashed {
                     worker: *worker,
@@ -249,6 +375,9 @@ impl Observer {
                 });
             }
         }
+        for (when, change) in changes {
+            self.worker_changed(change, when);
+        }
         self.send(|| Event::BatchCompleted {
             batch,
             first_index,
@@ -256,7 +385,65 @@ impl Observer {
             failed: failures.len(),
             worker,
             busy,
+            transport,
             at,
+        });
+    }
+
+    /// A change to a worker that a pool reported with a batch; `when` is when it happened
+    /// (before the run began counts as its start).
+    pub(crate) fn worker_changed(&mut self, change: WorkerChange, when: Instant) {
+        let at = when.saturating_duration_since(self.began);
+        self.insights.worker_changed(&change);
+        if let Some(trace) = &mut self.trace {
+            let (worker, name) = match &change {
+                WorkerChange::Started { worker, pid } => {
+                    (*worker, format!("worker {worker} started (pid {pid})"))
+                }
+                WorkerChange::Replaced {
+                    worker,
+                    old_pid,
+                    new_pid,
+                    reason,
+                } => (
+                    *worker,
+                    format!("worker {worker} replaced (pid {old_pid} -> {new_pid}): {reason}"),
+                ),
+                WorkerChange::Recycled {
+                    worker,
+                    pid,
+                    tasks_run,
+                } => (
+                    *worker,
+                    format!("worker {worker} (pid {pid}) recycled after {tasks_run} tasks"),
+                ),
+            };
+            trace.worker_instant(worker, name, at);
+        }
+        self.send(|| match change {
+            WorkerChange::Started { worker, pid } => Event::WorkerStarted { worker, pid, at },
+            WorkerChange::Replaced {
+                worker,
+                old_pid,
+                new_pid,
+                reason,
+            } => Event::WorkerReplaced {
+                worker,
+                old_pid,
+                new_pid,
+                reason,
+                at,
+            },
+            WorkerChange::Recycled {
+                worker,
+                pid,
+                tasks_run,
+            } => Event::WorkerRecycled {
+                worker,
+                pid,
+                tasks_run,
+                at,
+            },
         });
     }
 

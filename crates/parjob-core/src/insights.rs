@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::events::{Transport, WorkerChange};
+
 /// How many of the slowest batches a summary keeps.
 const SLOWEST: usize = 5;
 
@@ -36,6 +38,15 @@ pub struct Insights {
     pub retries: usize,
     /// Worker processes that died while running a task.
     pub worker_crashes: usize,
+    /// Worker processes started in empty slots, as the pool reported them during the run.
+    pub worker_starts: usize,
+    /// Worker processes started in place of one that crashed, was killed or was recycled.
+    pub worker_replacements: usize,
+    /// Worker processes told to exit after their share of tasks (`max_tasks_per_worker`).
+    pub worker_recycles: usize,
+    /// What moving batches to other processes and back cost, every batch summed: bytes
+    /// each way, time encoding, on the line, decoding. Zero for in-process pools.
+    pub transport: Transport,
     /// The run's wall-clock time.
     pub wall: Duration,
     /// The time workers spent running tasks, every batch summed.
@@ -85,6 +96,26 @@ impl std::fmt::Display for Insights {
             self.busy_percent(),
             self.workers
         )?;
+        let t = &self.transport;
+        if t.bytes_sent > 0 || t.bytes_received > 0 {
+            write!(
+                f,
+                "\n  transport: {} sent, {} received; encode {:.3}s, IPC {:.3}s, decode {:.3}s (vs {:.3}s in tasks)",
+                bytes(t.bytes_sent),
+                bytes(t.bytes_received),
+                t.encode.as_secs_f64(),
+                t.ipc.as_secs_f64(),
+                t.decode.as_secs_f64(),
+                self.busy.as_secs_f64()
+            )?;
+        }
+        if self.worker_starts + self.worker_replacements + self.worker_recycles > 0 {
+            write!(
+                f,
+                "\n  workers: {} started, {} replaced, {} recycled",
+                self.worker_starts, self.worker_replacements, self.worker_recycles
+            )?;
+        }
         if !self.busy_by_worker.is_empty() && !self.wall.is_zero() {
             f.write_str("\n  busy by worker:")?;
             for (worker, busy) in self.busy_by_worker.iter().enumerate() {
@@ -108,6 +139,16 @@ impl std::fmt::Display for Insights {
             }
         }
         Ok(())
+    }
+}
+
+/// `n` bytes in B, kB, MB or GB (powers of 1000), three significant digits or so.
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
     }
 }
 
@@ -167,6 +208,18 @@ impl InsightsBuilder {
 
     pub(crate) fn retried(&mut self) {
         self.insights.retries += 1;
+    }
+
+    pub(crate) fn transport(&mut self, transport: &Transport) {
+        self.insights.transport.add(transport);
+    }
+
+    pub(crate) fn worker_changed(&mut self, change: &WorkerChange) {
+        match change {
+            WorkerChange::Started { .. } => self.insights.worker_starts += 1,
+            WorkerChange::Replaced { .. } => self.insights.worker_replacements += 1,
+            WorkerChange::Recycled { .. } => self.insights.worker_recycles += 1,
+        }
     }
 
     pub(crate) fn crashed(&mut self) {

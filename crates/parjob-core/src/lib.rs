@@ -56,7 +56,7 @@ pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run, run_results};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
 pub use error::{Error, IoCause, WorkerExit};
-pub use events::{Event, EventSink};
+pub use events::{Event, EventSink, Transport, WorkerChange};
 pub use future::{
     AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
 };

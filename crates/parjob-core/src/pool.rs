@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::Backend;
 use crate::batch::ErasedBatch;
+use crate::events::{Transport, WorkerChange};
 use crate::worker::set_worker_identity;
 
 /// What every batch of one run shares: the cancel flag and the per-task timeout.
@@ -76,6 +77,17 @@ pub struct Job {
     started: Option<Arc<AtomicU64>>,
     reply: Option<Reply>,
     worker: Option<usize>,
+    /// What a pool that runs batches elsewhere reported (boxed: in-process pools report
+    /// nothing, and a job stays small).
+    report: Option<Box<JobReport>>,
+}
+
+/// What a pool reported about a job besides its outcomes: the transport figures and the
+/// changes to its workers.
+#[derive(Debug, Default)]
+pub(crate) struct JobReport {
+    pub(crate) transport: Option<Transport>,
+    pub(crate) changes: Vec<(Instant, WorkerChange)>,
 }
 
 /// Where a job's completion goes: the dispatcher's channel, or straight into a
@@ -110,8 +122,10 @@ pub(crate) struct Completion {
     pub(crate) batch: Box<dyn ErasedBatch>,
     pub(crate) busy: Duration,
     /// The worker that ran it, when the pool ran it with `run_here` on a worker that knows
-    /// its index (for events and insights).
+    /// its index (for events and insights), or that said so with [`Job::ran_on`].
     pub(crate) worker: Option<usize>,
+    /// What the pool reported with it ([`Job::add_transport`], [`Job::note_worker`]).
+    pub(crate) report: Option<Box<JobReport>>,
 }
 
 impl Job {
@@ -129,6 +143,7 @@ impl Job {
             started,
             reply: Some(reply.into()),
             worker: None,
+            report: None,
         }
     }
 
@@ -199,6 +214,33 @@ impl Job {
         self.complete(began.elapsed());
     }
 
+    /// Says which of the pool's workers ran the batch (for events, insights and the trace's
+    /// rows): for pools that do not use [`run_here`](Job::run_here).
+    pub fn ran_on(&mut self, worker: usize) {
+        self.worker = Some(worker);
+    }
+
+    /// Adds what moving (part of) the batch to another process and back cost to the batch's
+    /// figures ([`Event::BatchCompleted`](crate::Event::BatchCompleted)'s `transport`, the
+    /// insights' sum). For pools that run batches in other processes.
+    pub fn add_transport(&mut self, transport: &Transport) {
+        self.report
+            .get_or_insert_default()
+            .transport
+            .get_or_insert_default()
+            .add(transport);
+    }
+
+    /// Reports a change to one of the pool's worker processes (started, replaced, recycled),
+    /// which happened at `when`: the run turns it into an [`Event`](crate::Event) when the job
+    /// comes back.
+    pub fn note_worker(&mut self, change: WorkerChange, when: Instant) {
+        self.report
+            .get_or_insert_default()
+            .changes
+            .push((when, change));
+    }
+
     /// Completes the job without running it: every task without an outcome fails with
     /// `error` (e.g. a worker whose initializer failed).
     pub fn fail(mut self, error: &crate::Error) {
@@ -224,6 +266,7 @@ impl Job {
             batch,
             busy,
             worker: self.worker,
+            report: self.report.take(),
         };
         match reply {
             // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.

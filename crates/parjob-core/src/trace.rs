@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::events::Transport;
+
 /// Where a run writes its trace: `RunOptions::trace`, else `PARJOB_TRACE` if set and not
 /// empty.
 pub(crate) fn trace_path(options: &crate::RunOptions) -> Option<PathBuf> {
@@ -25,6 +27,7 @@ struct Span {
     worker: Option<usize>,
     start: Duration,
     busy: Duration,
+    transport: Option<Transport>,
 }
 
 /// Records batches as they come back, and writes the file at the end of the run.
@@ -33,7 +36,8 @@ pub(crate) struct TraceRecorder {
     backend: &'static str,
     workers: usize,
     spans: Vec<Span>,
-    instants: Vec<(String, Duration)>,
+    /// Name, time, and the worker's row for an event about one worker (else global).
+    instants: Vec<(String, Duration, Option<usize>)>,
 }
 
 impl TraceRecorder {
@@ -53,6 +57,7 @@ impl TraceRecorder {
     }
 
     /// A batch that came back at `at` (since the run began) after running `busy`.
+    #[allow(clippy::too_many_arguments)] // one batch's figures, as the event carries them
     pub(crate) fn batch(
         &mut self,
         first_index: usize,
@@ -61,6 +66,7 @@ impl TraceRecorder {
         worker: Option<usize>,
         busy: Duration,
         at: Duration,
+        transport: Option<Transport>,
     ) {
         self.spans.push(Span {
             first_index,
@@ -69,11 +75,17 @@ impl TraceRecorder {
             worker,
             start: at.saturating_sub(busy),
             busy,
+            transport,
         });
     }
 
     pub(crate) fn instant(&mut self, name: String, at: Duration) {
-        self.instants.push((name, at));
+        self.instants.push((name, at, None));
+    }
+
+    /// An event about one worker, on its row.
+    pub(crate) fn worker_instant(&mut self, worker: usize, name: String, at: Duration) {
+        self.instants.push((name, at, Some(worker)));
     }
 
     /// The JSON text. Batches whose worker is not known (pools that run them elsewhere) are
@@ -102,7 +114,9 @@ impl TraceRecorder {
         }
         let row_count = rows
             .iter()
-            .map(|&r| r + 1)
+            .copied()
+            .chain(self.instants.iter().filter_map(|i| i.2))
+            .map(|r| r + 1)
             .max()
             .unwrap_or(0)
             .max(self.workers);
@@ -126,7 +140,7 @@ impl TraceRecorder {
             };
             let _ = write!(
                 out,
-                ",\n{{\"name\":\"{name}\",\"cat\":\"{}\",\"ph\":\"X\",\"ts\":{},\"dur\":{},\"pid\":1,\"tid\":{row},\"args\":{{\"first_index\":{},\"tasks\":{},\"failed\":{}}}}}",
+                ",\n{{\"name\":\"{name}\",\"cat\":\"{}\",\"ph\":\"X\",\"ts\":{},\"dur\":{},\"pid\":1,\"tid\":{row},\"args\":{{\"first_index\":{},\"tasks\":{},\"failed\":{}",
                 if span.failed > 0 { "failed" } else { "batch" },
                 micros(span.start),
                 micros(span.busy),
@@ -134,11 +148,27 @@ impl TraceRecorder {
                 span.tasks,
                 span.failed
             );
+            if let Some(t) = &span.transport {
+                let _ = write!(
+                    out,
+                    ",\"bytes_sent\":{},\"bytes_received\":{},\"encode_us\":{},\"ipc_us\":{},\"decode_us\":{}",
+                    t.bytes_sent,
+                    t.bytes_received,
+                    micros(t.encode),
+                    micros(t.ipc),
+                    micros(t.decode)
+                );
+            }
+            out.push_str("}}");
         }
-        for (name, at) in &self.instants {
+        for (name, at, worker) in &self.instants {
+            let (cat, scope, row) = match worker {
+                Some(worker) => ("worker", "t", *worker),
+                None => ("event", "g", 0),
+            };
             let _ = write!(
                 out,
-                ",\n{{\"name\":\"{}\",\"cat\":\"event\",\"ph\":\"i\",\"s\":\"g\",\"ts\":{},\"pid\":1,\"tid\":0}}",
+                ",\n{{\"name\":\"{}\",\"cat\":\"{cat}\",\"ph\":\"i\",\"s\":\"{scope}\",\"ts\":{},\"pid\":1,\"tid\":{row}}}",
                 escape(name),
                 micros(*at)
             );
@@ -184,9 +214,9 @@ mod tests {
         let mut trace = TraceRecorder::new(PathBuf::from("unused"));
         trace.started("Test\"Backend", 2);
         let ms = Duration::from_millis;
-        trace.batch(0, 4, 0, None, ms(10), ms(10));
-        trace.batch(4, 4, 0, None, ms(10), ms(12));
-        trace.batch(8, 1, 1, None, ms(5), ms(20));
+        trace.batch(0, 4, 0, None, ms(10), ms(10), None);
+        trace.batch(4, 4, 0, None, ms(10), ms(12), None);
+        trace.batch(8, 1, 1, None, ms(5), ms(20), None);
         trace.instant("a \"quoted\" crash".into(), ms(20));
         let json = trace.to_json();
         assert!(json.contains("Test\\\"Backend"), "{json}");

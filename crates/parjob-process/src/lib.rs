@@ -26,6 +26,7 @@
 // - frame: `RUN` and `DONE` frames, inline or in an arena, on both sides.
 // - recovery: who is blamed, and what runs again, when a worker dies mid-frame.
 // - queue: a pool's jobs.
+// - report: a job's transport figures and worker changes, for the run's events.
 // - supervisor: one worker's life: frames, deaths, replacement.
 // - worker: the worker loop `init()` enters.
 // - pool: `ProcessPool`.
@@ -36,6 +37,7 @@ mod pool;
 mod queue;
 mod recovery;
 mod registry;
+mod report;
 mod shared;
 mod spawn;
 mod supervisor;

@@ -24,6 +24,7 @@ use crate::frame::{Done, encode_tasks, finish_run, outcomes, records_len};
 use crate::mapping::Arena;
 use crate::queue::{Next, Queue};
 use crate::recovery::Recovery;
+use crate::report::{SlotReport, reason};
 use crate::spawn::{Event, Settings, Starter, Worker, await_exit};
 use crate::wire::{ARENA_KEEP_MAX, Forget, monotonic_nanos};
 
@@ -119,6 +120,8 @@ pub(crate) struct Supervisor {
     stage: Stage,
     /// The `RUN` being built, kept between frames (up to a size) to save its allocation.
     buf: Vec<u8>,
+    /// Transport figures and worker changes, reported with each job.
+    report: SlotReport,
 }
 
 impl Supervisor {
@@ -142,6 +145,7 @@ impl Supervisor {
             frames: 0,
             stage: Stage::Frame,
             buf: Vec::new(),
+            report: SlotReport::default(),
         }
     }
 
@@ -221,7 +225,9 @@ impl Supervisor {
                 format!("starting a worker panicked: {message}"),
             ))
         });
-        self.worker = Some(started?);
+        let worker = started?;
+        self.report.started(self.index, worker.pid);
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -285,6 +291,7 @@ impl Supervisor {
         while let Err(message) = catch_task(|| self.run_frames(&mut job, entry, &mut progress)) {
             self.recover_from_panic(&mut job, &mut progress.recovery, &message);
         }
+        self.report.deliver(&mut job, self.index);
         job.complete(progress.busy);
     }
 
@@ -327,13 +334,20 @@ impl Supervisor {
                     progress.busy += self.take_outcomes(job, done, start..end, recovery);
                 }
                 FrameEnd::Lost { pid, status } => {
+                    self.report.gone(|| format!("it was lost: {status}"));
                     let index = job.batch().first_index() + start;
                     let worker = self.index;
                     recovery
                         .frame_lost(start, || Error::worker_crashed(index, worker, pid, status));
                 }
-                FrameEnd::Died { at, error } => recovery.worker_died(start + at, error),
-                FrameEnd::Spoiled { error } => recovery.frame_spoiled(start, end, || error),
+                FrameEnd::Died { at, error } => {
+                    self.report.gone(|| reason(&error));
+                    recovery.worker_died(start + at, error);
+                }
+                FrameEnd::Spoiled { error } => {
+                    self.report.gone(|| reason(&error));
+                    recovery.frame_spoiled(start, end, || error);
+                }
                 FrameEnd::Closing => return,
             }
         }
@@ -429,6 +443,11 @@ impl Supervisor {
             .overrun
             .and_then(|at| usize::try_from(at).ok())
             .filter(|&at| at < sent && job.control().timeout().is_some());
+        let in_arena = match header.outcomes {
+            FrameAt::Arena { len } => len,
+            FrameAt::Inline => 0,
+        };
+        self.report.replied(bytes.len() as u64 + in_arena, header.busy);
         let before = job.batch().outcomes_len();
         let failure = match outcomes(&bytes, arena) {
             Ok(outcomes) => {
@@ -441,7 +460,9 @@ impl Supervisor {
                 match outcomes {
                     Some(outcomes) => {
                         self.stage = Stage::Decoding;
+                        let decoding = Instant::now();
                         let decoded = job.batch_mut().decode_outcomes(outcomes);
+                        self.report.decoded(decoding);
                         self.stage = Stage::Frame;
                         (decoded < expected)
                             .then(|| format!("returned {decoded} outcomes for {expected} tasks"))
@@ -465,7 +486,9 @@ impl Supervisor {
             decoded += 1;
         } else if let (Some(at), Some(limit)) = (overrun, job.control().timeout()) {
             let index = job.batch().first_index() + range.start + at;
-            recovery.worker_died(range.start + at, Error::timeout(index, limit, true));
+            let error = Error::timeout(index, limit, true);
+            self.report.gone(|| reason(&error));
+            recovery.worker_died(range.start + at, error);
             self.discard_worker();
         }
         if let Some(worker) = &mut self.worker {
@@ -476,6 +499,8 @@ impl Supervisor {
                 .max_tasks_per_worker
                 .is_some_and(|max| worker.tasks_run >= max)
             {
+                self.report
+                    .recycled(self.index, worker.pid, worker.tasks_run);
                 self.retire_worker();
             }
         }
@@ -492,6 +517,7 @@ impl Supervisor {
             start: range.start,
             end: range.end,
         };
+        let encoding = Instant::now();
         let shipments = encode_tasks(&mut self.buf, job.batch(), range.clone(), worker);
         self.stage = Stage::Frame;
         self.frames += 1;
@@ -508,6 +534,7 @@ impl Supervisor {
             worker,
             self.settings.options.max_nbytes,
         );
+        self.report.encoded(encoding, self.buf.len());
         worker.board.reset();
         worker.expect_reply();
         let first_index = job.batch().first_index() + range.start;
@@ -794,6 +821,7 @@ impl Supervisor {
             let _ = self.events_tx.send(Event::Close);
         }
         if dead && let Some(worker) = self.worker.take() {
+            self.report.gone(|| "it died while idle".to_string());
             if !reaped {
                 worker.child.kill();
                 await_exit(&self.events, &self.events_tx, generation);

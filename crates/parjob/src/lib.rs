@@ -68,7 +68,7 @@ pub use parjob_core::{
     SharedSlice, Spread, Task, TaskFn, Whole, WorkerExit, WorkerInfo, cpu_count, delayed,
     effective_n_jobs, worker_info,
 };
-pub use parjob_core::{Event, EventSink, Insights, Retry, Timed};
+pub use parjob_core::{Event, EventSink, Insights, Retry, Timed, Transport, WorkerChange};
 pub use parjob_core::{LocalTask, set_worker_state, with_worker_state};
 
 /// The extension point for a backend of your own: implement [`Pool`](pool::Pool) and hand it

@@ -1,0 +1,112 @@
+//! What a supervisor reports with each job besides its outcomes: the transport figures of its
+//! frames (bytes each way, time encoding, on the line, decoding) and the changes to its
+//! worker (started, replaced, recycled), for the run's events, insights and trace.
+//!
+//! Kept apart from the supervisor's frame logic: the supervisor only says when a frame is
+//! encoded, sent, back and decoded, and when its worker starts or goes.
+
+use std::time::{Duration, Instant};
+
+use parjob_core::{Error, Job, Transport, WorkerChange};
+
+/// Why a worker went, said from the worker's side, for [`SlotReport::gone`].
+pub(crate) fn reason(error: &Error) -> String {
+    match error {
+        Error::WorkerCrashed { index, status, .. } => {
+            format!("it crashed in task {index}: {status}")
+        }
+        Error::Timeout { index, after, .. } => {
+            format!("it was killed: task {index} ran past its limit of {after:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// One slot's figures for the job in hand, and its worker changes not yet reported.
+#[derive(Default)]
+pub(crate) struct SlotReport {
+    transport: Transport,
+    /// When the frame out now was sent.
+    sent_at: Option<Instant>,
+    changes: Vec<(Instant, WorkerChange)>,
+    /// The process id of the slot's last worker, once one has started.
+    last_pid: Option<u32>,
+    /// Why the last worker went, once it has (the first reason given wins).
+    gone: Option<String>,
+}
+
+impl SlotReport {
+    /// A frame of `len` bytes was encoded, which took since `began`, and is about to be sent.
+    pub(crate) fn encoded(&mut self, began: Instant, len: usize) {
+        self.transport.encode += began.elapsed();
+        self.transport.bytes_sent += len as u64;
+        self.sent_at = Some(Instant::now());
+    }
+
+    /// The frame's `DONE` came back holding `len` bytes of outcomes after the worker ran its
+    /// tasks for `busy`: the rest of the round trip was the line's.
+    pub(crate) fn replied(&mut self, len: u64, busy: Duration) {
+        self.transport.bytes_received += len;
+        if let Some(sent_at) = self.sent_at.take() {
+            self.transport.ipc += sent_at.elapsed().saturating_sub(busy);
+        }
+    }
+
+    /// Decoding the frame's outcomes took since `began`.
+    pub(crate) fn decoded(&mut self, began: Instant) {
+        self.transport.decode += began.elapsed();
+    }
+
+    /// A worker `pid` started in slot `worker`.
+    pub(crate) fn started(&mut self, worker: usize, pid: u32) {
+        let change = match self.last_pid.replace(pid) {
+            None => WorkerChange::Started { worker, pid },
+            Some(old_pid) => WorkerChange::Replaced {
+                worker,
+                old_pid,
+                new_pid: pid,
+                reason: self
+                    .gone
+                    .take()
+                    .unwrap_or_else(|| "it was lost".to_string()),
+            },
+        };
+        self.gone = None;
+        self.changes.push((Instant::now(), change));
+    }
+
+    /// The slot's worker went (or is going) for `reason`; the first reason given since it
+    /// started is the one its replacement reports.
+    pub(crate) fn gone(&mut self, reason: impl FnOnce() -> String) {
+        if self.gone.is_none() && self.last_pid.is_some() {
+            self.gone = Some(reason());
+        }
+    }
+
+    /// Worker `pid` of slot `worker` is told to exit after running `tasks_run` tasks.
+    pub(crate) fn recycled(&mut self, worker: usize, pid: u32, tasks_run: usize) {
+        self.gone(|| format!("recycled after {tasks_run} tasks"));
+        self.changes.push((
+            Instant::now(),
+            WorkerChange::Recycled {
+                worker,
+                pid,
+                tasks_run,
+            },
+        ));
+    }
+
+    /// Hands the job's figures and the pending worker changes to `job`, which ran on slot
+    /// `worker`, and starts afresh for the next job.
+    pub(crate) fn deliver(&mut self, job: &mut Job, worker: usize) {
+        job.ran_on(worker);
+        let transport = std::mem::take(&mut self.transport);
+        if transport != Transport::default() {
+            job.add_transport(&transport);
+        }
+        self.sent_at = None;
+        for (when, change) in self.changes.drain(..) {
+            job.note_worker(change, when);
+        }
+    }
+}
