@@ -136,6 +136,8 @@ pub fn rows(measurements: &[Measurement]) -> Vec<Row> {
                     });
                     let label = if variant == m.variant {
                         implementation.clone()
+                    } else if variant.is_empty() {
+                        format!("{implementation} (plain)")
                     } else {
                         format!("{implementation} ({variant})")
                     };

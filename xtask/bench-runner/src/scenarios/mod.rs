@@ -10,6 +10,7 @@ mod sleep_io;
 mod small;
 mod startup;
 
+pub use small::TRACED;
 pub use startup::NOOP_ARG;
 mod tiny;
 
@@ -93,9 +94,16 @@ fn scope_map(n: u64, threads: usize, f: impl Fn(u64) -> u64 + Copy + Send) -> Ve
 }
 
 /// The throughput scenarios (`small`, `tiny`): `n` calls of `f` on every parjob backend and
-/// on the references, results collected in order. `f` is a `fn` item (zero-sized), so the
-/// process backend can call it.
-fn map_calls<F>(ctx: &Context, name: &'static str, n: u64, f: F) -> Vec<Measurement>
+/// on the references, results collected in order, and the `extra` candidates of the scenario
+/// (`small, traced`) interleaved with them. `f` is a `fn` item (zero-sized), so the process
+/// backend can call it.
+fn map_calls<F>(
+    ctx: &Context,
+    name: &'static str,
+    n: u64,
+    f: F,
+    extra: Vec<crate::measure::Candidate>,
+) -> Vec<Measurement>
 where
     F: Fn(u64) -> u64 + Copy + Send + Sync + 'static,
 {
@@ -123,6 +131,7 @@ where
     candidates.push(Candidate::reference("", LOOP, move || {
         (0..n).map(f).collect::<Vec<u64>>()
     }));
+    candidates.extend(extra);
     let outcomes = interleaved(name, ctx.plan, candidates);
     Measurement::from_outcomes(name, outcomes, |_| (n as f64, "tasks"))
 }

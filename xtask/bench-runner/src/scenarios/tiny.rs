@@ -19,5 +19,5 @@ pub fn size(ctx: &Context) -> String {
 
 /// Times parjob's backends and the references on this scenario, interleaved.
 pub fn run(ctx: &Context) -> Vec<Measurement> {
-    map_calls(ctx, "tiny", calls(ctx), square)
+    map_calls(ctx, "tiny", calls(ctx), square, Vec::new())
 }
