@@ -31,3 +31,5 @@ mod docs;
 mod memory;
 // Long runs: keep going, retries, per-task limits, events, insights, the Chrome trace.
 mod long_runs;
+// The `tracing` feature: a run and its batches as spans, crashes and replacements as events.
+mod tracing;

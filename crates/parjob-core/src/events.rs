@@ -257,13 +257,25 @@ pub(crate) struct Observer {
     /// `[Parallel(n_jobs=..)]: ` when the summary is printed at the end (`verbose >= 1`).
     print_prefix: Option<String>,
     finished: bool,
+    /// The run as `tracing` spans and events (the `tracing` feature), when a subscriber
+    /// listens.
+    #[cfg(feature = "tracing")]
+    tracing: Option<crate::tracing_bridge::TracingBridge>,
 }
 
 impl Observer {
     /// An observer if anyone listens, else `None`.
     pub(crate) fn new(options: &crate::RunOptions) -> Option<Box<Observer>> {
         let trace = crate::trace::trace_path(options).map(TraceRecorder::new);
-        if options.on_event.is_none() && trace.is_none() && options.verbose == 0 {
+        #[cfg(feature = "tracing")]
+        let tracing = crate::tracing_bridge::TracingBridge::new();
+        #[cfg(not(feature = "tracing"))]
+        let tracing: Option<()> = None;
+        if options.on_event.is_none()
+            && trace.is_none()
+            && options.verbose == 0
+            && tracing.is_none()
+        {
             return None;
         }
         Some(Box::new(Observer {
@@ -274,6 +286,8 @@ impl Observer {
             print_prefix: (options.verbose > 0)
                 .then(|| format!("[Parallel(n_jobs={})]: ", options.n_jobs)),
             finished: false,
+            #[cfg(feature = "tracing")]
+            tracing,
         }))
     }
 
@@ -292,6 +306,10 @@ impl Observer {
         if let Some(trace) = &mut self.trace {
             trace.started(backend, workers);
         }
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &mut self.tracing {
+            bridge.started(backend, workers);
+        }
         self.send(|| Event::RunStarted { backend, workers });
     }
 
@@ -304,6 +322,10 @@ impl Observer {
     ) {
         let at = self.now();
         self.insights.dispatched(tasks, attempt);
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &mut self.tracing {
+            bridge.dispatched(batch, first_index, tasks, attempt);
+        }
         self.send(|| Event::BatchDispatched {
             batch,
             first_index,
@@ -327,7 +349,9 @@ impl Observer {
     ) {
         // Starts come first, then the crashes the batch saw, then the replacements and
         // recycling they led to, then the batch itself.
-        for (when, change) in changes.extract_if(.., |c| matches!(c.1, WorkerChange::Started { .. })) {
+        for (when, change) in
+            changes.extract_if(.., |c| matches!(c.1, WorkerChange::Started { .. }))
+        {
             self.worker_changed(change, when);
         }
         let at = self.now();
@@ -360,6 +384,10 @@ impl Observer {
             } = error
             {
                 self.insights.crashed();
+                #[cfg(feature = "tracing")]
+                if let Some(bridge) = &self.tracing {
+                    bridge.crashed(*worker, *pid, status, *index);
+                }
                 if let Some(trace) = &mut self.trace {
                     trace.worker_instant(
                         *worker,
@@ -378,6 +406,10 @@ impl Observer {
         for (when, change) in changes {
             self.worker_changed(change, when);
         }
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &mut self.tracing {
+            bridge.completed(batch, failures.len(), worker, busy, transport.as_ref());
+        }
         self.send(|| Event::BatchCompleted {
             batch,
             first_index,
@@ -395,6 +427,10 @@ impl Observer {
     pub(crate) fn worker_changed(&mut self, change: WorkerChange, when: Instant) {
         let at = when.saturating_duration_since(self.began);
         self.insights.worker_changed(&change);
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &self.tracing {
+            bridge.worker_changed(&change);
+        }
         if let Some(trace) = &mut self.trace {
             let (worker, name) = match &change {
                 WorkerChange::Started { worker, pid } => {
@@ -457,6 +493,10 @@ impl Observer {
         if !retrying {
             self.insights.failed(index);
         }
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &self.tracing {
+            bridge.task_failed(index, attempt, error, retrying);
+        }
         self.send(|| Event::TaskFailed {
             index,
             attempt,
@@ -468,6 +508,10 @@ impl Observer {
     pub(crate) fn retried(&mut self, index: usize, attempt: u32, waited: Duration) {
         let at = self.now();
         self.insights.retried();
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &self.tracing {
+            bridge.retried(index, attempt, waited);
+        }
         if let Some(trace) = &mut self.trace {
             trace.instant(format!("retry task {index} (attempt {attempt})"), at);
         }
@@ -485,6 +529,10 @@ impl Observer {
         }
         let insights = Arc::new(self.insights.build(self.now()));
         let ok = ok && insights.failed == 0;
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &mut self.tracing {
+            bridge.finished(ok);
+        }
         if let Some(trace) = self.trace.take()
             && let Err(message) = trace.write()
         {

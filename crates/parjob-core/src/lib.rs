@@ -47,6 +47,8 @@ mod retry;
 mod shared;
 mod task;
 mod trace;
+#[cfg(feature = "tracing")]
+mod tracing_bridge;
 mod worker;
 mod worker_state;
 
