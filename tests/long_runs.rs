@@ -528,7 +528,9 @@ fn a_recycled_worker_is_reported_and_replaced() {
             .max_tasks_per_worker(5)
             .insights(true),
     );
-    let out = parallel.run((0..10u64).map(|i| delayed(square, i))).unwrap();
+    let out = parallel
+        .run((0..10u64).map(|i| delayed(square, i)))
+        .unwrap();
     assert_eq!(out[9], 81);
     let events = events.lock().unwrap();
     let recycled: Vec<(u32, usize)> = events

@@ -447,7 +447,8 @@ impl Supervisor {
             FrameAt::Arena { len } => len,
             FrameAt::Inline => 0,
         };
-        self.report.replied(bytes.len() as u64 + in_arena, header.busy);
+        self.report
+            .replied(bytes.len() as u64 + in_arena, header.busy);
         let before = job.batch().outcomes_len();
         let failure = match outcomes(&bytes, arena) {
             Ok(outcomes) => {
