@@ -3,8 +3,11 @@
 //! - `cargo xtask ci`: what CI runs (format check, clippy with warnings denied, the tests).
 //! - `cargo xtask bench`: parjob's speed as ratios against rayon, std threads, a loop and
 //!   Python's joblib; see docs/BENCHMARKS.md.
+//! - `cargo xtask trace-shot`: runs the `flaky` example with a trace and screenshots it
+//!   (rendered by `timeline.html`) with headless Chromium into docs/flaky-trace.png.
 
 mod bench;
+mod trace_shot;
 
 use std::process::{Command, ExitCode};
 
@@ -24,12 +27,16 @@ enum Chore {
     /// Times parjob's backends against rayon, std threads, a loop (and Python's joblib with
     /// --peers); writes target/bench/report.md, report.json and plots.
     Bench(bench::BenchArgs),
+    /// Runs the flaky example with PARJOB_TRACE set and screenshots its trace, rendered as a
+    /// timeline, with headless Chromium: docs/flaky-trace.png.
+    TraceShot(trace_shot::TraceShotArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Chore::Ci => ci(),
         Chore::Bench(args) => bench::run(args),
+        Chore::TraceShot(args) => trace_shot::run(args),
     }
 }
 
