@@ -77,8 +77,7 @@ fn record(run: impl FnOnce()) -> Seen {
     let recorder = Recorder::default();
     let subscriber = tracing_subscriber::registry().with(recorder.clone());
     tracing::subscriber::with_default(subscriber, run);
-    let seen = recorder.0.lock().unwrap().clone();
-    seen
+    recorder.0.lock().unwrap().clone()
 }
 
 fn square(x: u64) -> u64 {
