@@ -11,6 +11,7 @@ mod small;
 mod startup;
 
 pub use startup::NOOP_ARG;
+mod timeout;
 mod tiny;
 
 use parjob::Backend;
@@ -42,6 +43,7 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "startup" => startup::size(),
         "big_input" => big_input::size(),
         "crash" => crash::size(),
+        "timeout" => timeout::size(),
         "first_result" => first_result::size(ctx),
         "memory" => memory::size(ctx),
         _ => String::new(),
@@ -58,6 +60,7 @@ pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
         "startup" => startup::run(ctx),
         "big_input" => big_input::run(ctx),
         "crash" => crash::run(ctx),
+        "timeout" => timeout::run(ctx),
         "first_result" => first_result::run(ctx),
         "memory" => memory::run(ctx),
         _ => Vec::new(),
