@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use parjob_core::Job;
 
@@ -12,12 +13,20 @@ use crate::registry::SegmentListener;
 /// A pool's queue of jobs, shared by its supervisors.
 #[derive(Default)]
 pub(crate) struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Jobs>,
     ready: Condvar,
     closing: AtomicBool,
     /// Bumped when a `SharedSlice` segment is dropped in this process: idle supervisors wake
     /// and tell their workers to unmap it.
     sweep_epoch: AtomicU64,
+}
+
+/// The queued jobs, and how many supervisors with a worker wait for one.
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<Job>,
+    /// Supervisors waiting in [`Queue::next`] (those with a worker).
+    ready_waiting: usize,
 }
 
 /// What an idle supervisor is woken for.
@@ -27,16 +36,18 @@ pub(crate) enum Next {
     Sweep {
         epoch: u64,
     },
+    /// Time to start the slot's replacement worker (see [`Queue::next_without_worker`]).
+    Replace,
 }
 
 impl Queue {
-    fn jobs(&self) -> MutexGuard<'_, VecDeque<Job>> {
+    fn jobs(&self) -> MutexGuard<'_, Jobs> {
         // A panic while holding the lock leaves a valid queue behind.
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn push(&self, job: Job) {
-        self.jobs().push_back(job);
+        self.jobs().queue.push_back(job);
         self.ready.notify_one();
     }
 
@@ -54,7 +65,7 @@ impl Queue {
 
     /// The jobs nobody took.
     pub(crate) fn drain(&self) -> Vec<Job> {
-        self.jobs().drain(..).collect()
+        self.jobs().queue.drain(..).collect()
     }
 
     /// The sweep epoch a supervisor starts from.
@@ -70,17 +81,57 @@ impl Queue {
             if self.closing() {
                 return None;
             }
-            if let Some(job) = jobs.pop_front() {
+            if let Some(job) = jobs.queue.pop_front() {
                 return Some(Next::Job(job));
             }
             let epoch = self.sweep_epoch();
             if epoch != swept {
                 return Some(Next::Sweep { epoch });
             }
+            jobs.ready_waiting += 1;
             jobs = self
                 .ready
                 .wait(jobs)
                 .unwrap_or_else(PoisonError::into_inner);
+            jobs.ready_waiting -= 1;
+        }
+    }
+
+    /// [`Queue::next`] for a supervisor whose worker was lost: its replacement is started
+    /// ([`Next::Replace`]) at once if no supervisor with a worker is waiting for a job (a job
+    /// would have to wait for it), and otherwise at `quiet_until`, or as soon as more jobs are
+    /// queued than such supervisors wait for. So the start of a replacement, which takes a
+    /// CPU for a millisecond or more, does not compete with the calls that come right after
+    /// the loss and that a worker standing idle can take.
+    pub(crate) fn next_without_worker(&self, swept: u64, quiet_until: Instant) -> Option<Next> {
+        let mut jobs = self.jobs();
+        if jobs.ready_waiting == 0 && !self.closing() {
+            return Some(Next::Replace);
+        }
+        loop {
+            if self.closing() {
+                return None;
+            }
+            if jobs.queue.len() > jobs.ready_waiting {
+                return jobs.queue.pop_front().map(Next::Job);
+            }
+            if !jobs.queue.is_empty() {
+                // Woken for a job that a supervisor with a worker waits for: wake it.
+                self.ready.notify_all();
+            }
+            let epoch = self.sweep_epoch();
+            if epoch != swept {
+                return Some(Next::Sweep { epoch });
+            }
+            let left = quiet_until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(Next::Replace);
+            }
+            jobs = self
+                .ready
+                .wait_timeout(jobs, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
