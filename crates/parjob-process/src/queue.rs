@@ -14,7 +14,11 @@ use crate::registry::SegmentListener;
 #[derive(Default)]
 pub(crate) struct Queue {
     jobs: Mutex<Jobs>,
+    /// Where supervisors with a worker wait ([`Queue::next`]).
     ready: Condvar,
+    /// Where supervisors without one wait ([`Queue::next_without_worker`]): woken only for
+    /// jobs that the others are too few to take, so a job does not wake them first.
+    unmanned: Condvar,
     closing: AtomicBool,
     /// Bumped when a `SharedSlice` segment is dropped in this process: idle supervisors wake
     /// and tell their workers to unmap it.
@@ -47,8 +51,12 @@ impl Queue {
     }
 
     pub(crate) fn push(&self, job: Job) {
-        self.jobs().queue.push_back(job);
+        let mut jobs = self.jobs();
+        jobs.queue.push_back(job);
         self.ready.notify_one();
+        if jobs.queue.len() > jobs.ready_waiting {
+            self.unmanned.notify_one();
+        }
     }
 
     /// Whether the pool is shutting down.
@@ -61,6 +69,7 @@ impl Queue {
         self.closing.store(true, Ordering::Release);
         let _jobs = self.jobs();
         self.ready.notify_all();
+        self.unmanned.notify_all();
     }
 
     /// The jobs nobody took.
@@ -115,10 +124,6 @@ impl Queue {
             if jobs.queue.len() > jobs.ready_waiting {
                 return jobs.queue.pop_front().map(Next::Job);
             }
-            if !jobs.queue.is_empty() {
-                // Woken for a job that a supervisor with a worker waits for: wake it.
-                self.ready.notify_all();
-            }
             let epoch = self.sweep_epoch();
             if epoch != swept {
                 return Some(Next::Sweep { epoch });
@@ -128,7 +133,7 @@ impl Queue {
                 return Some(Next::Replace);
             }
             jobs = self
-                .ready
+                .unmanned
                 .wait_timeout(jobs, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
@@ -142,5 +147,6 @@ impl SegmentListener for Queue {
         let _jobs = self.jobs();
         self.sweep_epoch.fetch_add(1, Ordering::AcqRel);
         self.ready.notify_all();
+        self.unmanned.notify_all();
     }
 }
