@@ -743,6 +743,50 @@ fn child_drop_leaves_no_child() {
 }
 
 #[test]
+fn a_worker_killed_for_a_timeout_is_reaped_and_replaced_while_the_pool_is_idle() {
+    run_child_test("process::child_timeout_replacement_starts_while_idle", &[]);
+}
+
+#[test]
+#[ignore = "run by a_worker_killed_for_a_timeout_is_reaped_and_replaced_while_the_pool_is_idle \
+            in a child process"]
+fn child_timeout_replacement_starts_while_idle() {
+    let limit = Duration::from_millis(100);
+    let parallel = start_two_workers().timeout(limit);
+    let before: Vec<u32> = children().into_iter().map(|(pid, _)| pid).collect();
+    assert_eq!(
+        parallel.run([delayed(nap, 60_000)]).unwrap_err(),
+        Error::timeout(0, limit, true)
+    );
+    // No call comes: the killed worker is reaped (no zombie), and its replacement starts on
+    // its own once the pool is quiet (the timeout is reported without waiting for either).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = children();
+        let fresh = now.iter().filter(|(pid, _)| !before.contains(pid)).count();
+        if now.len() == 2 && fresh == 1 && now.iter().all(|&(_, zombie)| !zombie) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "children {now:?}, before the timeout {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pids: HashSet<u32> = parallel
+        .run((0..20u32).map(|i| delayed(my_pid, i)))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        pids.iter()
+            .all(|pid| children().iter().any(|(c, _)| c == pid))
+    );
+    drop(parallel);
+    assert_eq!(children(), []);
+}
+
+#[test]
 fn a_panicking_driver_leaves_no_child_process() {
     run_child_test("process::child_panic_leaves_no_child", &[]);
 }

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use parjob_core::Job;
 
@@ -12,12 +13,24 @@ use crate::registry::SegmentListener;
 /// A pool's queue of jobs, shared by its supervisors.
 #[derive(Default)]
 pub(crate) struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Jobs>,
+    /// Where supervisors with a worker wait ([`Queue::next`]).
     ready: Condvar,
+    /// Where supervisors without one wait ([`Queue::next_without_worker`]): woken only for
+    /// jobs that the others are too few to take, so a job does not wake them first.
+    unmanned: Condvar,
     closing: AtomicBool,
     /// Bumped when a `SharedSlice` segment is dropped in this process: idle supervisors wake
     /// and tell their workers to unmap it.
     sweep_epoch: AtomicU64,
+}
+
+/// The queued jobs, and how many supervisors with a worker wait for one.
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<Job>,
+    /// Supervisors waiting in [`Queue::next`] (those with a worker).
+    ready_waiting: usize,
 }
 
 /// What an idle supervisor is woken for.
@@ -27,17 +40,23 @@ pub(crate) enum Next {
     Sweep {
         epoch: u64,
     },
+    /// Time to start the slot's replacement worker (see [`Queue::next_without_worker`]).
+    Replace,
 }
 
 impl Queue {
-    fn jobs(&self) -> MutexGuard<'_, VecDeque<Job>> {
+    fn jobs(&self) -> MutexGuard<'_, Jobs> {
         // A panic while holding the lock leaves a valid queue behind.
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn push(&self, job: Job) {
-        self.jobs().push_back(job);
+        let mut jobs = self.jobs();
+        jobs.queue.push_back(job);
         self.ready.notify_one();
+        if jobs.queue.len() > jobs.ready_waiting {
+            self.unmanned.notify_one();
+        }
     }
 
     /// Whether the pool is shutting down.
@@ -50,11 +69,12 @@ impl Queue {
         self.closing.store(true, Ordering::Release);
         let _jobs = self.jobs();
         self.ready.notify_all();
+        self.unmanned.notify_all();
     }
 
     /// The jobs nobody took.
     pub(crate) fn drain(&self) -> Vec<Job> {
-        self.jobs().drain(..).collect()
+        self.jobs().queue.drain(..).collect()
     }
 
     /// The sweep epoch a supervisor starts from.
@@ -70,17 +90,53 @@ impl Queue {
             if self.closing() {
                 return None;
             }
-            if let Some(job) = jobs.pop_front() {
+            if let Some(job) = jobs.queue.pop_front() {
                 return Some(Next::Job(job));
             }
             let epoch = self.sweep_epoch();
             if epoch != swept {
                 return Some(Next::Sweep { epoch });
             }
+            jobs.ready_waiting += 1;
             jobs = self
                 .ready
                 .wait(jobs)
                 .unwrap_or_else(PoisonError::into_inner);
+            jobs.ready_waiting -= 1;
+        }
+    }
+
+    /// [`Queue::next`] for a supervisor whose worker was lost: its replacement is started
+    /// ([`Next::Replace`]) at once if no supervisor with a worker is waiting for a job (a job
+    /// would have to wait for it), and otherwise at `quiet_until`, or as soon as more jobs are
+    /// queued than such supervisors wait for. So the start of a replacement, which takes a
+    /// CPU for a millisecond or more, does not compete with the calls that come right after
+    /// the loss and that a worker standing idle can take.
+    pub(crate) fn next_without_worker(&self, swept: u64, quiet_until: Instant) -> Option<Next> {
+        let mut jobs = self.jobs();
+        if jobs.ready_waiting == 0 && !self.closing() {
+            return Some(Next::Replace);
+        }
+        loop {
+            if self.closing() {
+                return None;
+            }
+            if jobs.queue.len() > jobs.ready_waiting {
+                return jobs.queue.pop_front().map(Next::Job);
+            }
+            let epoch = self.sweep_epoch();
+            if epoch != swept {
+                return Some(Next::Sweep { epoch });
+            }
+            let left = quiet_until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(Next::Replace);
+            }
+            jobs = self
+                .unmanned
+                .wait_timeout(jobs, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -91,5 +147,6 @@ impl SegmentListener for Queue {
         let _jobs = self.jobs();
         self.sweep_epoch.fetch_add(1, Ordering::AcqRel);
         self.ready.notify_all();
+        self.unmanned.notify_all();
     }
 }

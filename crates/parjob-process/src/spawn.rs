@@ -150,6 +150,13 @@ impl Worker {
         link::hang_up(self.line.as_fd());
     }
 
+    /// Lets go of the worker's arenas now (a killed worker left in a slot's graveyard keeps
+    /// only what is needed to see it reaped).
+    pub(crate) fn release_memory(&mut self) {
+        self.task_arena = None;
+        self.result_arena = None;
+    }
+
     /// Waits (briefly) until the dead worker's last output has been forwarded.
     pub(crate) fn wait_for_output(&self) {
         wait_for_output(&self.output_done);

@@ -42,6 +42,11 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// worker is taken for stopped or stuck and killed.
 const START_MARGIN: Duration = Duration::from_millis(250);
 
+/// How long a slot that lost its worker waits for the pool to be quiet before it starts the
+/// replacement, while another slot stands idle with a worker (see
+/// `Queue::next_without_worker`).
+const REPLACE_QUIET: Duration = Duration::from_millis(10);
+
 /// How many times a lost worker's replacement is started before the slot gives up (its jobs
 /// then fail with the last start's error), and the pause after the first failed start, doubled
 /// after each one up to [`START_PAUSE_MAX`]: a descriptor shortage or a loaded machine usually
@@ -122,6 +127,10 @@ pub(crate) struct Supervisor {
     buf: Vec<u8>,
     /// Transport figures and worker changes, reported with each job.
     report: SlotReport,
+    /// Workers killed for a timeout and left to die: their waiter threads reap them, and they
+    /// are forgotten once reaped (see [`Supervisor::leave_to_die`]); the slot waits for the
+    /// rest before it retires, so a dropped pool leaves no zombie.
+    graveyard: Vec<Worker>,
 }
 
 impl Supervisor {
@@ -146,6 +155,7 @@ impl Supervisor {
             stage: Stage::Frame,
             buf: Vec::new(),
             report: SlotReport::default(),
+            graveyard: Vec::new(),
         }
     }
 
@@ -160,9 +170,25 @@ impl Supervisor {
 
     fn serve(&mut self) {
         let mut swept = self.queue.sweep_epoch();
-        while let Some(next) = self.queue.next(swept) {
+        // When the replacement of a lost worker is due, if it was not started yet.
+        let mut replace_at: Option<Instant> = None;
+        loop {
+            let next = match replace_at {
+                Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
+                _ => self.queue.next(swept),
+            };
+            let Some(next) = next else {
+                break;
+            };
+            self.sweep_graveyard();
             match next {
                 Next::Job(job) => self.run_job(job),
+                Next::Replace => {
+                    // If that fails, the next job tries again and reports why.
+                    replace_at = None;
+                    let _ = self.replace_worker();
+                    continue;
+                }
                 Next::Sweep { epoch } => {
                     swept = epoch;
                     // ipc-channel panics when a descriptor cannot be duplicated; the worker
@@ -172,13 +198,31 @@ impl Supervisor {
                     }
                 }
             }
-            if self.worker.is_none() && !self.queue.closing() {
-                // Replace a dead worker now so that the next run finds it ready; if that
-                // fails, the next job reports why.
-                let _ = self.replace_worker();
+            if self.worker.is_none() && replace_at.is_none() && !self.queue.closing() {
+                // Replace a dead worker before the next run needs it, but not on the path of
+                // the calls right after the loss (see `Queue::next_without_worker`).
+                replace_at = Some(Instant::now() + REPLACE_QUIET);
             }
         }
         self.retire_worker();
+        self.empty_graveyard();
+    }
+
+    /// Forgets the workers of the graveyard that have been reaped (their waiter did it).
+    fn sweep_graveyard(&mut self) {
+        self.graveyard.retain(|worker| !worker.child.is_reaped());
+    }
+
+    /// Waits (up to a few seconds) until every worker of the graveyard is reaped and its last
+    /// output forwarded, and forgets them.
+    fn empty_graveyard(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.graveyard.iter().any(|w| !w.child.is_reaped()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for worker in self.graveyard.drain(..) {
+            worker.wait_for_output();
+        }
     }
 
     /// Tells an idle worker which of its segments the driver has dropped, so that it unmaps
@@ -622,7 +666,18 @@ impl Supervisor {
                         && now >= at
                     {
                         match self.check_clock(limit, sent_at) {
-                            Clock::Over => timed_out = true,
+                            Clock::Over => {
+                                if let Some(end) = self.leave_to_die(
+                                    first_index,
+                                    range.len(),
+                                    tag,
+                                    in_arena,
+                                    limit,
+                                ) {
+                                    return end;
+                                }
+                                timed_out = true;
+                            }
                             Clock::Stuck => {
                                 timed_out = true;
                                 stuck = Some((self.worker.as_ref().map_or(0, |w| w.pid), limit));
@@ -843,6 +898,66 @@ impl Supervisor {
         worker.hang_up();
         await_exit(&self.events, &self.events_tx, worker.generation);
         worker.wait_for_output();
+    }
+
+    /// The worker was just killed (`check_clock`) for running a task of frame `tag` past the
+    /// timeout: reports the timeout now, without waiting for the process to end, and leaves
+    /// the worker to die in the graveyard (its waiter thread reaps it; the slot's next worker
+    /// starts meanwhile). Returns `None`, leaving it to [`Supervisor::bury`], when the frame's
+    /// `DONE` may already be on its way (the board says it was sent) or the board was cut.
+    ///
+    /// A `DONE` the worker sends in the moment between the kill and its death is not waited
+    /// for: the task it held is reported as timed out, as one that finished just past its
+    /// limit is (the tasks before it in the frame run again, as after any kill).
+    fn leave_to_die(
+        &mut self,
+        first_index: usize,
+        len: usize,
+        tag: FrameTag,
+        in_arena: bool,
+        limit: Duration,
+    ) -> Option<FrameEnd> {
+        let worker = self.worker.as_ref()?;
+        let started = worker.board.started_count();
+        if started == 0 || worker.board.last_done() == tag.seq || worker.board.is_cut() {
+            return None;
+        }
+        let generation = worker.generation;
+        // A reply the reader took before the kill is the frame's end, as in `run_frame` (the
+        // other news then goes back for whoever waits next). Without one, the news of this
+        // worker's death is not needed any more; only a `Close` goes back.
+        let mut held = Vec::new();
+        let mut reply = None;
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                Event::Reply {
+                    generation: g,
+                    bytes,
+                    new_arena,
+                } if g == generation => {
+                    reply = Some((bytes, new_arena));
+                    break;
+                }
+                event => held.push(event),
+            }
+        }
+        for event in held {
+            if reply.is_some() || matches!(event, Event::Close) {
+                let _ = self.events_tx.send(event);
+            }
+        }
+        if let Some((bytes, new_arena)) = reply {
+            return Some(self.reply(bytes, new_arena, tag, in_arena, first_index));
+        }
+        let mut worker = self.worker.take()?;
+        worker.release_memory();
+        worker.hang_up();
+        self.graveyard.push(worker);
+        let at = (started.saturating_sub(1) as usize).min(len.saturating_sub(1));
+        Some(FrameEnd::Died {
+            at,
+            error: Error::timeout(first_index + at, limit, true),
+        })
     }
 
     /// Where the task the board shows stands against `limit`: killed if it ran past it, or

@@ -38,6 +38,11 @@ impl ChildWatch {
         }
     }
 
+    /// Whether its waiter has reaped it: the process is gone, and so is its zombie.
+    pub(crate) fn is_reaped(&self) -> bool {
+        *self.reaped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Waits for the process to end without reaping it, then reaps it under the lock that
     /// `kill` takes. Returns how it ended.
     pub(crate) fn wait(&self) -> WorkerExit {

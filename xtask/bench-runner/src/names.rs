@@ -4,7 +4,7 @@
 //! spends a minute on the release build: one list, two binaries.
 
 /// The scenarios, in report order.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "small",
     "tiny",
     "cpu_halves",
@@ -12,6 +12,7 @@ pub const SCENARIOS: [&str; 9] = [
     "startup",
     "big_input",
     "crash",
+    "timeout",
     "first_result",
     "memory",
 ];

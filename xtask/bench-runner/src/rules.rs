@@ -36,6 +36,11 @@ pub fn sleep_tasks(n_jobs: u64) -> u64 {
 /// `first_result`: milliseconds each task sleeps.
 pub const FIRST_RESULT_MS: u64 = 100;
 
+/// `timeout`: the per-task limit, and how long the task that runs past it would sleep.
+pub const TIMEOUT_LIMIT_MS: u64 = 100;
+/// `timeout`: milliseconds the task sleeps (it is killed at the limit).
+pub const TIMEOUT_TASK_MS: u64 = 10_000;
+
 /// What a row's ratio is taken against.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reference {
@@ -102,6 +107,12 @@ pub fn reference_for(m: &Measurement) -> Reference {
             label: format!("ideal {FIRST_RESULT_MS} ms"),
             seconds: FIRST_RESULT_MS as f64 / 1000.0,
         },
+        "timeout" if m.variant == "limit to error" => Reference::Ideal {
+            label: format!("ideal {TIMEOUT_LIMIT_MS} ms"),
+            seconds: TIMEOUT_LIMIT_MS as f64 / 1000.0,
+        },
+        // The call after a worker was killed, against a call on a pool that lost none.
+        "timeout" if m.variant == "next call" => row("warm call", &m.implementation),
         _ => Reference::None,
     }
 }
@@ -179,6 +190,12 @@ pub fn target_for(m: &Measurement) -> Option<Target> {
         ("big_input", "shared, reused") if process => Some(Target::RateAtLeast(5.0)),
         ("crash", "abort to error") if process => Some(Target::SecondsAtMost(0.010)),
         ("crash", "next call") if process => Some(Target::Succeeds),
+        // Issue 15: a timeout within 1 ms of its limit, and the next call as fast as a warm
+        // call (the warm-call target).
+        ("timeout", "limit to error") if process => Some(Target::SecondsAtMost(
+            (TIMEOUT_LIMIT_MS + 1) as f64 / 1000.0,
+        )),
+        ("timeout", "next call") if process => Some(Target::SecondsAtMost(0.0002)),
         ("first_result", _) if threading || process => Some(Target::SecondsAtMost(0.101)),
         // Issue 13: a fully cached re-run at 1e6 tasks/s, storing within 10% on small.
         ("memory", "cached re-run") => Some(Target::RateAtLeast(1e6)),

@@ -12,6 +12,7 @@ mod startup;
 
 pub use small::TRACED;
 pub use startup::NOOP_ARG;
+mod timeout;
 mod tiny;
 
 use parjob::Backend;
@@ -43,6 +44,7 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "startup" => startup::size(),
         "big_input" => big_input::size(),
         "crash" => crash::size(),
+        "timeout" => timeout::size(),
         "first_result" => first_result::size(ctx),
         "memory" => memory::size(ctx),
         _ => String::new(),
@@ -59,6 +61,7 @@ pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
         "startup" => startup::run(ctx),
         "big_input" => big_input::run(ctx),
         "crash" => crash::run(ctx),
+        "timeout" => timeout::run(ctx),
         "first_result" => first_result::run(ctx),
         "memory" => memory::run(ctx),
         _ => Vec::new(),

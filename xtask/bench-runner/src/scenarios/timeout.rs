@@ -1,0 +1,85 @@
+//! `timeout`: a process worker runs past its per-task limit; how long until `run` returns
+//! `Error::Timeout`, and how long the next call on the same pool takes (its worker was killed
+//! and is being replaced) beside a call on a warm pool.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parjob::{Backend, Parallel, delayed};
+
+use super::Context;
+use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
+use crate::report::{Measurement, Status};
+use crate::rules::{TIMEOUT_LIMIT_MS, TIMEOUT_TASK_MS};
+use crate::work::{nap, square};
+
+/// What one run of this scenario does, for the report.
+pub fn size() -> String {
+    format!(
+        "a warm pool of 2 process workers with a {TIMEOUT_LIMIT_MS} ms per-task timeout runs one \
+         task that sleeps {TIMEOUT_TASK_MS} ms; limit to error: that `run` until it returns \
+         `Error::Timeout` (ideal: the limit); next call: one `x * x` task on the same `Parallel` \
+         right after; warm call: the same on a pool that lost no worker"
+    )
+}
+
+/// Times the process backend on this scenario, interleaved.
+pub fn run(ctx: &Context) -> Vec<Measurement> {
+    let mut all = Vec::new();
+    for &b in &ctx.backends {
+        if b != Backend::Process {
+            // A thread cannot be killed: the threading backend reports the timeout and lets
+            // the task run on, so "the next call" would not measure a replacement.
+            all.push(Measurement {
+                scenario: "timeout".into(),
+                variant: "limit to error".into(),
+                implementation: parjob_name(b),
+                group: Group::Parjob,
+                work: 0.0,
+                unit: String::new(),
+                samples: Vec::new(),
+                status: Status::Unavailable(format!(
+                    "the {b} backend cannot kill a task that runs in the bench's own process"
+                )),
+                note: String::new(),
+            });
+        }
+    }
+    if !ctx.backends.contains(&Backend::Process) {
+        return all;
+    }
+    let limit = Duration::from_millis(TIMEOUT_LIMIT_MS);
+    let p = Arc::new(Parallel::new(2).backend(Backend::Process).timeout(limit));
+    let q = Arc::clone(&p);
+    let warm = Parallel::new(2).backend(Backend::Process).timeout(limit);
+    let candidates = vec![
+        Candidate::timed(
+            "limit to error",
+            parjob_name(Backend::Process),
+            Group::Parjob,
+            move || {
+                let start = Instant::now();
+                let out = p.run([delayed(nap, TIMEOUT_TASK_MS)]);
+                let elapsed = start.elapsed();
+                match out {
+                    Err(parjob::Error::Timeout { .. }) => Ok(elapsed),
+                    Err(other) => Err(Failure::from(other)),
+                    Ok(_) => Err(Failure::Failed(format!(
+                        "the {TIMEOUT_TASK_MS} ms task returned a result instead of timing out"
+                    ))),
+                }
+            },
+        ),
+        Candidate::parjob("next call", Backend::Process, move || {
+            q.run([delayed(square, 3)])
+        }),
+        Candidate::parjob("warm call", Backend::Process, move || {
+            warm.run([delayed(square, 3)])
+        }),
+    ];
+    let outcomes = interleaved("timeout", ctx.short_plan, candidates);
+    all.extend(Measurement::from_outcomes("timeout", outcomes, |_| {
+        (0.0, "")
+    }));
+    all
+}
