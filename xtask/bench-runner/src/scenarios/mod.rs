@@ -2,6 +2,7 @@
 //! parjob's backends beside references doing the same calls, interleaved (see `measure`).
 
 mod big_input;
+mod big_result;
 mod cpu_halves;
 mod crash;
 mod first_result;
@@ -41,6 +42,7 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "sleep_io" => sleep_io::size(ctx),
         "startup" => startup::size(),
         "big_input" => big_input::size(),
+        "big_result" => big_result::size(),
         "crash" => crash::size(),
         "first_result" => first_result::size(ctx),
         "memory" => memory::size(ctx),
@@ -57,6 +59,7 @@ pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
         "sleep_io" => sleep_io::run(ctx),
         "startup" => startup::run(ctx),
         "big_input" => big_input::run(ctx),
+        "big_result" => big_result::run(ctx),
         "crash" => crash::run(ctx),
         "first_result" => first_result::run(ctx),
         "memory" => memory::run(ctx),
