@@ -146,6 +146,16 @@ fn big_inputs_travel_through_shared_memory() {
     assert_eq!(out, expected);
 }
 
+/// A [`Payload`] with its floating-point numbers as bits.
+type PayloadBits = (
+    String,
+    Vec<u64>,
+    Vec<u8>,
+    Vec<(u16, Vec<u32>)>,
+    Option<Vec<i64>>,
+    Vec<u32>,
+);
+
 /// A value mixing what the codec copies whole (vectors of numbers) with what it does not.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Payload {
@@ -159,16 +169,7 @@ struct Payload {
 
 impl Payload {
     /// Every field as bits, so that NaNs compare by their payload.
-    fn bits(
-        &self,
-    ) -> (
-        String,
-        Vec<u64>,
-        Vec<u8>,
-        Vec<(u16, Vec<u32>)>,
-        Option<Vec<i64>>,
-        Vec<u32>,
-    ) {
+    fn bits(&self) -> PayloadBits {
         (
             self.label.clone(),
             self.values.iter().map(|v| v.to_bits()).collect(),
