@@ -848,4 +848,46 @@ mod tests {
         assert!(decode_prefix::<char>(&[0xe2, 0x82]).is_err());
         assert!(decode_prefix::<String>(&[1, 0, 0, 0, 0, 0, 0, 0, 0xff]).is_err());
     }
+
+    #[test]
+    fn every_cut_and_flipped_byte_of_a_nested_value_is_an_error_or_a_value_never_a_panic() {
+        let value = Nested {
+            name: "cut".into(),
+            values: vec![1.0, f64::NAN, -2.5],
+            pairs: vec![(9, vec![0.5; 3])],
+            maybe: None,
+            boxed: vec![7].into_boxed_slice(),
+            bytes: vec![1, 2, 3, 4, 5],
+            map: [("k".to_string(), vec![3i64])].into_iter().collect(),
+            shape: Shape::Struct {
+                xs: vec![1, 2],
+                label: "s".into(),
+            },
+            c: 'q',
+            flag: false,
+            wide: (1, 2),
+        };
+        let mut bytes = Vec::new();
+        encode_into(&value, &mut bytes).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_prefix::<Nested>(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for at in 0..bytes.len() {
+            for _ in 0..8 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let mut flipped = bytes.clone();
+                flipped[at] ^= (state as u8) | 1;
+                let _ = decode_prefix::<Nested>(&flipped);
+            }
+            let mut huge = bytes.clone();
+            huge[at] = 0xff;
+            let _ = decode_prefix::<Nested>(&huge);
+        }
+    }
 }
