@@ -146,6 +146,113 @@ fn big_inputs_travel_through_shared_memory() {
     assert_eq!(out, expected);
 }
 
+/// A [`Payload`] with its floating-point numbers as bits.
+type PayloadBits = (
+    String,
+    Vec<u64>,
+    Vec<u8>,
+    Vec<(u16, Vec<u32>)>,
+    Option<Vec<i64>>,
+    Vec<u32>,
+);
+
+/// A value mixing what the codec copies whole (vectors of numbers) with what it does not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Payload {
+    label: String,
+    values: Vec<f64>,
+    bytes: Vec<u8>,
+    nested: Vec<(u16, Vec<f32>)>,
+    maybe: Option<Vec<i64>>,
+    boxed: Box<[u32]>,
+}
+
+impl Payload {
+    /// Every field as bits, so that NaNs compare by their payload.
+    fn bits(&self) -> PayloadBits {
+        (
+            self.label.clone(),
+            self.values.iter().map(|v| v.to_bits()).collect(),
+            self.bytes.clone(),
+            self.nested
+                .iter()
+                .map(|(k, v)| (*k, v.iter().map(|x| x.to_bits()).collect()))
+                .collect(),
+            self.maybe.clone(),
+            self.boxed.to_vec(),
+        )
+    }
+
+    /// A payload of about `n` values, NaNs and odd lengths in it.
+    fn of(n: usize) -> Payload {
+        let mut values: Vec<f64> = (0..n).map(|i| i as f64 * 0.5 - 3.0).collect();
+        for (i, nan) in [f64::NAN, -f64::NAN, f64::from_bits(0x7ff0_0000_0000_0001)]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(v) = values.get_mut(i * 7) {
+                *v = nan;
+            }
+        }
+        Payload {
+            label: format!("{n} values"),
+            bytes: (0..n * 3 + 5).map(|i| i as u8).collect(),
+            nested: vec![
+                (1, vec![f32::NAN; n % 3]),
+                (2, vec![]),
+                (3, vec![1.5; n / 2 + 1]),
+            ],
+            maybe: (n % 2 == 1).then(|| (0..n as i64).collect()),
+            boxed: (0..n as u32).rev().collect(),
+            values,
+        }
+    }
+}
+
+fn echo(payload: Payload) -> Payload {
+    payload
+}
+
+fn echo_values(values: Vec<f64>) -> Vec<f64> {
+    values
+}
+
+#[test]
+fn payloads_of_every_size_come_back_from_workers_bit_for_bit() {
+    // Inline frames and arena frames (over max_nbytes: the 3 MB ones, and every one at 64), both
+    // ways.
+    let sizes = [0usize, 1, 2, 3, 7, 9, 1000, 400_001];
+    let payloads: Vec<Payload> = sizes.iter().map(|&n| Payload::of(n)).collect();
+    for parallel in [processes(2), processes(2).max_nbytes(64)] {
+        let out = parallel
+            .run(payloads.iter().map(|p| delayed(echo, p.clone())))
+            .unwrap();
+        assert_eq!(out.len(), payloads.len());
+        for (back, sent) in out.iter().zip(&payloads) {
+            assert_eq!(back.bits(), sent.bits(), "{}", sent.label);
+        }
+    }
+}
+
+#[test]
+fn a_big_vector_goes_to_a_worker_and_back_whole() {
+    let values: Vec<f64> = (0..6_000_001u64)
+        .map(|i| f64::from_bits(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+        .collect();
+    let parallel = processes(2);
+    for _ in 0..2 {
+        let out = parallel
+            .run([
+                delayed(echo_values, values.clone()),
+                delayed(echo_values, values[1..].to_vec()),
+            ])
+            .unwrap();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out[0]), bits(&values));
+        assert_eq!(bits(&out[1]), bits(&values[1..]));
+    }
+}
+
 /// The line of this process's memory map that holds `address`.
 fn mapping_of(address: usize) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;

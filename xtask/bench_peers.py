@@ -29,8 +29,8 @@ try:
 except ImportError:  # the numpy scenarios then say why they did not run
     np = None
 
-SCENARIOS = ["small", "tiny", "cpu_halves", "sleep_io", "startup", "big_input", "crash", "first_result",
-             "memory"]
+SCENARIOS = ["small", "tiny", "cpu_halves", "sleep_io", "startup", "big_input", "big_result", "crash",
+             "first_result", "memory"]
 JT, JL, TP, PP = "joblib threading", "joblib loky", "ThreadPoolExecutor", "ProcessPoolExecutor"
 
 
@@ -272,6 +272,52 @@ def big_input(a):
             c["note"] = "sums views of one array: nothing is copied or freed, unlike the Rust rows"
     out = interleaved("big_input", cands, 1, a.repeats)
     tp.shutdown()
+    pp.shutdown()
+    return out
+
+
+def make_values(n):
+    return (np.arange(n) % 1000) * 0.5
+
+
+def big_result(a):
+    """2 tasks each making 12.5e6 float64 (100 MB) and returning them, as the Rust rows do."""
+    if np is None:
+        return [unavailable("big_result", v, i, "numpy is not installed in the venv")
+                for v in ("first send", "warm pool") for i in (JT, JL, PP)]
+    n = 12_500_000
+    gb = 2 * n * 8 / 1e9
+    pp = ProcessPoolExecutor(2)
+
+    def loky():
+        return timed(lambda: Parallel(n_jobs=2, backend="loky")(delayed(make_values)(n) for _ in range(2)))
+
+    def first_loky():
+        shutdown_loky()
+        Parallel(n_jobs=2, backend="loky")([delayed(square)(1)])
+        return loky()
+
+    def first_pp():
+        pool = ProcessPoolExecutor(2)
+        pool.submit(square, 1).result()
+        pool.submit(square, 1).result()
+        elapsed = timed(lambda: list(pool.map(make_values, [n, n])))
+        pool.shutdown()
+        return elapsed
+
+    jt = lambda: timed(lambda: Parallel(n_jobs=2, backend="threading")(delayed(make_values)(n) for _ in range(2)))  # noqa: E731
+    cands = [
+        {"variant": "first send", "impl": JT, "run": jt},
+        {"variant": "first send", "impl": JL, "run": first_loky, "note": "results pickled back"},
+        {"variant": "first send", "impl": PP, "run": first_pp, "note": "results pickled back"},
+        {"variant": "warm pool", "impl": JT, "run": jt},
+        {"variant": "warm pool", "impl": JL, "run": loky, "note": "results pickled back"},
+        {"variant": "warm pool", "impl": PP, "run": lambda: timed(lambda: list(pp.map(make_values, [n, n]))),
+         "note": "results pickled back"},
+    ]
+    for c in cands:
+        c["work"], c["unit"] = gb, "GB"
+    out = interleaved("big_result", cands, 1, a.repeats)
     pp.shutdown()
     return out
 

@@ -32,7 +32,7 @@ usage: parjob-bench [--quick] [--backend NAME]... [--scenario NAME]... [--out DI
   --quick             smaller sizes and 3 counted repeats: a smoke test (under 2 minutes)
   --backend NAME      a parjob backend to run (sequential, threading, process); default: all
   --scenario NAME     a scenario to run; default: all of
-                      small tiny cpu_halves sleep_io startup big_input crash timeout first_result memory
+                      small tiny cpu_halves sleep_io startup big_input big_result crash timeout first_result memory
   --out DIR           where report.md, report.json and the plots go (default: target/bench)
   --peers-json FILE   rows of the Python peers, as written by xtask/bench_peers.py";
 

@@ -50,6 +50,11 @@ pub fn sum_owned(values: Vec<f64>) -> f64 {
     sum_slice(&values)
 }
 
+/// Makes `n` values and returns them whole (`big_result`): the same values `big_input` sums.
+pub fn make_values(n: u64) -> Vec<f64> {
+    (0..n).map(|i| (i % 1000) as f64 * 0.5).collect()
+}
+
 /// Sums a part of a shared array in place (`big_input`, shared rows).
 pub fn sum_shared(values: parjob::SharedSlice<f64>) -> f64 {
     sum_slice(&values)

@@ -2,6 +2,7 @@
 //! parjob's backends beside references doing the same calls, interleaved (see `measure`).
 
 mod big_input;
+mod big_result;
 mod cpu_halves;
 mod crash;
 mod first_result;
@@ -43,6 +44,7 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "sleep_io" => sleep_io::size(ctx),
         "startup" => startup::size(),
         "big_input" => big_input::size(),
+        "big_result" => big_result::size(),
         "crash" => crash::size(),
         "timeout" => timeout::size(),
         "first_result" => first_result::size(ctx),
@@ -60,6 +62,7 @@ pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
         "sleep_io" => sleep_io::run(ctx),
         "startup" => startup::run(ctx),
         "big_input" => big_input::run(ctx),
+        "big_result" => big_result::run(ctx),
         "crash" => crash::run(ctx),
         "timeout" => timeout::run(ctx),
         "first_result" => first_result::run(ctx),
