@@ -82,6 +82,43 @@ fn never_more_tasks_at_once_than_n_jobs() {
     assert_eq!(POOL_PEAK.load(Ordering::SeqCst), 3);
 }
 
+static SHORT_RUNNING: AtomicUsize = AtomicUsize::new(0);
+static SHORT_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn short(i: u32) -> u32 {
+    let now = SHORT_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+    SHORT_PEAK.fetch_max(now, Ordering::SeqCst);
+    let out = std::hint::black_box(i);
+    SHORT_RUNNING.fetch_sub(1, Ordering::SeqCst);
+    out
+}
+
+#[test]
+fn short_batches_queued_as_workers_run_out_all_run_within_n_jobs() {
+    // A worker that runs out of work keeps looking for a moment before it parks, and a batch
+    // queued meanwhile is handed to it without a wake-up. With one batch in flight every
+    // batch takes that path; with three on two workers, some meet a looking thread and some a
+    // running one. None may be lost (the run would hang) or run beside two others.
+    for pre_dispatch in [1, 3] {
+        let parallel = Parallel::new(2)
+            .backend(Backend::Threading)
+            .batch_size(BatchSize::Fixed(1))
+            .pre_dispatch(pre_dispatch);
+        for _ in 0..20 {
+            let out: Vec<u32> = parallel
+                .run_iter((0..300u32).map(|i| delayed(short, i)))
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(out, (0..300).collect::<Vec<_>>());
+        }
+    }
+    let peak = SHORT_PEAK.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&peak),
+        "{peak} tasks ran at once on 2 workers"
+    );
+}
+
 fn nested(n: u64) -> u64 {
     Parallel::new(2)
         .backend(Backend::Threading)

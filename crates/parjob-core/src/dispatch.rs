@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::time::{Duration, Instant};
 
 use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
@@ -175,6 +175,8 @@ pub(crate) struct Dispatcher<I, T: Task> {
     /// Whether the dispatcher watches timeouts itself (asked of the pool once: an answer that
     /// changed between calls must not make a batch both in place and abandonable).
     watch_timeouts: bool,
+    /// How long `wait` polls for a completion before it blocks ([`Pool::completion_spin`]).
+    spin: Duration,
     /// The output buffer batches write into directly, when `run` asked for one.
     in_place: Option<InPlace<T::Output>>,
     /// Emptied task buffers of finished batches, to fill again.
@@ -233,6 +235,8 @@ where
             next_seq: 0,
             sizer: Sizer::new(batch_size, pool.target_batch_duration(), workers),
             control: Arc::new(RunControl::new(options.timeout)),
+            // Spinning longer than this would only burn CPU a blocked wait leaves free.
+            spin: pool.completion_spin().min(Duration::from_millis(1)),
             pool,
             reply,
             completions,
@@ -330,10 +334,14 @@ where
             return false;
         }
         let size = self.sizer.next_size(self.tasks.size_hint().0);
-        let mut tasks = self.spare_buffers.pop().unwrap_or_default();
         // A fixed batch size is the user's and may be huge: reserve no more than an auto
         // batch would hold, and let the vector grow if the input really has that many.
-        tasks.reserve(size.min(crate::batching::MAX_AUTO_BATCH));
+        let room = size.min(crate::batching::MAX_AUTO_BATCH);
+        let mut tasks = match self.spare_buffers.pop() {
+            Some(spare) if spare.capacity() >= room => spare,
+            // Growing an empty spare would have `realloc` copy its whole old capacity.
+            _ => Vec::with_capacity(room),
+        };
         tasks.extend(self.tasks.by_ref().take(size));
         if tasks.len() < size {
             self.exhausted = true;
@@ -532,9 +540,7 @@ where
                     Err(RecvTimeoutError::Disconnected) => return None,
                 }
             } else {
-                // The dispatcher holds a sender itself, so this only fails if a pool dropped
-                // a job without completing it while nothing else runs: treat as no work.
-                self.completions.recv().ok()?
+                self.recv()?
             };
             if !self.take_outstanding(&completion) {
                 continue;
@@ -553,6 +559,32 @@ where
             let finished = self.restore(completion, timeout);
             self.settle(finished, worker, busy, report);
         }
+    }
+
+    /// The next completion, polled for up to `spin` before blocking: a thread woken for
+    /// each completion costs a system call on the worker and a trip through the scheduler
+    /// here, which add up over the short batches auto batching starts with.
+    fn recv(&self) -> Option<Completion> {
+        if !self.spin.is_zero() {
+            let began = Instant::now();
+            loop {
+                for _ in 0..64 {
+                    match self.completions.try_recv() {
+                        Ok(completion) => return Some(completion),
+                        Err(TryRecvError::Disconnected) => return None,
+                        Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                    }
+                }
+                if began.elapsed() >= self.spin {
+                    break;
+                }
+                // Workers may share this CPU: let them run.
+                std::thread::yield_now();
+            }
+        }
+        // The dispatcher holds a sender itself, so this only fails if a pool dropped a job
+        // without completing it while nothing else runs: treat as no work.
+        self.completions.recv().ok()
     }
 
     fn restore(

@@ -343,6 +343,12 @@ pub trait Pool: Send + Sync {
     fn runs_on_calling_thread(&self) -> bool {
         false
     }
+    /// How long the dispatcher polls for a finished job before it blocks on the next one:
+    /// worth a few microseconds where jobs finish that close together (threads), zero (the
+    /// default) where a round trip takes longer anyway. At most 1 ms is used.
+    fn completion_spin(&self) -> Duration {
+        Duration::ZERO
+    }
     /// How many batches the dispatcher keeps ahead of the results unless the user sets
     /// `pre_dispatch`: twice the number of workers, so that a worker finds its next batch
     /// queued when it finishes one.
