@@ -25,6 +25,8 @@ pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 const FLUSH_ENTRIES: usize = 65_536;
 /// ... or this many bytes.
 const FLUSH_BYTES: usize = 8 << 20;
+/// Keys loaded from the file at once that still go into the filter as they are loaded.
+const FILTER_LOAD: usize = 65_536;
 /// Chunks read back and kept in memory for the next hits, at most.
 const CHUNK_CACHE: usize = 16;
 
@@ -343,12 +345,19 @@ type OwnEntry = (ShortKey, Loc);
 struct FnIndex {
     meta: FnMeta,
     map: HashMap<ShortKey, Loc, BuildHasherDefault<KeyHasher>>,
-    /// Every key in `map`, `runs` and `recent`, and those of misses looked up in this epoch
-    /// (whose results are to be stored), and, rarely, a key no longer in any of them.
+    /// Every key in `runs` and `recent` (and in `map` if `filter_has_map`), those of misses
+    /// looked up in this epoch (whose results are to be stored), and, rarely, a key no longer
+    /// in any of them.
     filter: Filter,
     /// Bumped when the filter is rebuilt or emptied: a ticket of an older epoch has its key
     /// added to the filter again when its result is stored.
     filter_epoch: u64,
+    /// Whether the filter holds the map's keys too. Loading many keys from the file clears
+    /// it (putting each in the filter would cost a cache miss per key to every load, and a
+    /// fully cached re-run does not need it); lookups then probe the map, and count in
+    /// `probed_misses` the misses that probing cost, until the filter is completed.
+    filter_has_map: bool,
+    probed_misses: usize,
     /// Keys this process stored since `runs` was last made, in the order they were stored
     /// (appending is a sequential write; a random write into `map` per result cost more than
     /// the rest of storing it).
@@ -378,9 +387,15 @@ struct FnIndex {
 }
 
 impl FnIndex {
-    /// Keys in the three parts of the index (with repeats).
+    /// Keys the filter is to hold (with repeats): this process's, and the map's if
+    /// [`filter_has_map`](FnIndex::filter_has_map).
     fn keys_held(&self) -> usize {
-        self.map.len() + self.recent.len() + self.runs.iter().map(Vec::len).sum::<usize>()
+        let own = self.recent.len() + self.runs.iter().map(Vec::len).sum::<usize>();
+        own + if self.filter_has_map {
+            self.map.len()
+        } else {
+            0
+        }
     }
 
     /// Makes the filter hold `additional` more keys at its intended fill, rebuilding it from
@@ -392,10 +407,17 @@ impl FnIndex {
             return;
         }
         let held = self.keys_held();
-        let mut filter =
-            Filter::with_capacity(need.max(held.saturating_add(additional)).max(2 * held));
-        for key in self.map.keys() {
-            filter.insert(*key);
+        self.rebuild_filter(need.max(held.saturating_add(additional)).max(2 * held));
+    }
+
+    /// Makes the filter anew for `capacity` keys, with this process's keys and, if
+    /// `filter_has_map`, the map's.
+    fn rebuild_filter(&mut self, capacity: usize) {
+        let mut filter = Filter::with_capacity(capacity);
+        if self.filter_has_map {
+            for key in self.map.keys() {
+                filter.insert(*key);
+            }
         }
         for (key, _) in self.runs.iter().flatten().chain(&self.recent) {
             filter.insert(*key);
@@ -403,6 +425,19 @@ impl FnIndex {
         self.filter = filter;
         // Keys added by lookups whose results are not stored yet are not in the new filter.
         self.filter_epoch += 1;
+    }
+
+    /// Puts the map's keys in the filter, once enough misses paid a probe of the map for it:
+    /// a fully cached re-run (whose hits mostly come from the cursor) never builds it, and
+    /// a run with many misses builds it after a sixteenth of the map's size of them.
+    fn complete_filter_if_due(&mut self) {
+        if self.filter_has_map || self.probed_misses < (self.map.len() / 16).max(4096) {
+            return;
+        }
+        self.filter_has_map = true;
+        self.probed_misses = 0;
+        let held = self.keys_held();
+        self.rebuild_filter(2 * held);
     }
 
     /// Records a result this process stored (no slot made for it): into `recent` (a
@@ -893,7 +928,16 @@ impl Memory {
         let index = inner.index_of(&mut state, meta);
         let loading = loaded.iter().map(|(_, keys)| keys.len() / 32).sum();
         index.map.reserve(loading);
-        index.grow_filter(loading);
+        // A few keys (a call, a run after another process's short one) go into the filter; a
+        // big load leaves the filter without the map's keys until misses make it worth it.
+        if index.filter_has_map && loading > FILTER_LOAD {
+            index.filter_has_map = false;
+            index.probed_misses = 0;
+        }
+        let into_filter = index.filter_has_map;
+        if into_filter {
+            index.grow_filter(loading);
+        }
         let slots = &index.slots;
         let filter = &mut index.filter;
         for (chunk, keys) in loaded {
@@ -904,7 +948,9 @@ impl Memory {
                     chunk,
                     pos: pos as u32,
                 };
-                filter.insert(short(&full));
+                if into_filter {
+                    filter.insert(short(&full));
+                }
                 index
                     .map
                     .entry(short(&full))
@@ -1115,6 +1161,8 @@ impl Inner {
                 map: HashMap::default(),
                 filter: Filter::default(),
                 filter_epoch: 0,
+                filter_has_map: true,
+                probed_misses: 0,
                 recent: Vec::new(),
                 runs: Vec::new(),
                 loaded_up_to: 0,
@@ -1137,6 +1185,8 @@ impl Inner {
         index.map.clear();
         index.filter = Filter::default();
         index.filter_epoch += 1;
+        index.filter_has_map = true;
+        index.probed_misses = 0;
         index.recent = Vec::new();
         index.runs = Vec::new();
         index.own.clear();
@@ -1176,20 +1226,30 @@ impl Inner {
             }
             let generation = index.generation;
             let short_key = short(key);
-            if !index.filter_test_and_add(short_key) {
+            index.complete_filter_if_due();
+            let maybe = index.filter_test_and_add(short_key);
+            if !maybe && index.filter_has_map {
                 // Neither stored by this process nor loaded from the file: a miss, found
                 // without a random access into the index. The key is in the filter from now
                 // on (harmless if its result is never stored: a lookup the filter lets
                 // through goes on to the index); storing it appends to `recent`.
                 return Found::New(index.filter_epoch);
             }
-            let own = index.own_result(short_key);
+            // The filter holds every key of this process's: one it rules out is not there.
+            let own = if maybe {
+                index.own_result(short_key)
+            } else {
+                None
+            };
             let mut loc = match own {
                 Some(loc) => loc,
                 None => match index.map.entry(short_key) {
                     Entry::Occupied(entry) => *entry.get(),
                     Entry::Vacant(entry) => {
                         // Nothing stored: the entry made here says where the result will be.
+                        if !index.filter_has_map {
+                            index.probed_misses += 1;
+                        }
                         let Ok(seq) = u32::try_from(index.slots.len()) else {
                             return Found::Absent(None);
                         };
@@ -1569,6 +1629,47 @@ mod tests {
             assert_eq!(index.own_result(key(*n)), Some(*loc), "key {n}");
         }
         assert_eq!(index.own_result(key(1_000_000)), None);
+    }
+
+    static SEVENS: AtomicUsize = AtomicUsize::new(0);
+
+    fn times_seven(x: u64) -> u64 {
+        SEVENS.fetch_add(1, Ordering::SeqCst);
+        x * 7
+    }
+
+    #[test]
+    fn a_big_load_leaves_the_map_out_of_the_filter_until_misses_put_it_in() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let stored = FILTER_LOAD as u64 + 1000;
+        {
+            let writer = Memory::open(&path).expect("open");
+            for x in 0..stored {
+                writer.call(delayed(times_seven, x)).expect("call");
+            }
+        }
+        let ran = SEVENS.load(Ordering::SeqCst);
+        let memory = Memory::open(&path).expect("open");
+        let has_map = |memory: &Memory| {
+            let state = lock(&memory.handle.inner.state);
+            state.functions.values().next().expect("an index").filter_has_map
+        };
+        // Loaded keys are found through the map while the filter does not hold them.
+        for x in (0..stored).step_by(97) {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert!(!has_map(&memory), "a big load leaves the map out of the filter");
+        // Misses probe the map until there were enough of them to build the whole filter.
+        for x in stored..stored + 5000 {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert!(has_map(&memory), "5000 misses put the map's keys in the filter");
+        // Then the filter holds every key: loaded ones, and those stored here, are found.
+        for x in (0..stored + 5000).step_by(89) {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert_eq!(SEVENS.load(Ordering::SeqCst) - ran, 5000, "only the new keys ran");
     }
 
     #[test]
