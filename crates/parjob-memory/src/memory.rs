@@ -1653,23 +1653,38 @@ mod tests {
         let memory = Memory::open(&path).expect("open");
         let has_map = |memory: &Memory| {
             let state = lock(&memory.handle.inner.state);
-            state.functions.values().next().expect("an index").filter_has_map
+            state
+                .functions
+                .values()
+                .next()
+                .expect("an index")
+                .filter_has_map
         };
         // Loaded keys are found through the map while the filter does not hold them.
         for x in (0..stored).step_by(97) {
             assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
         }
-        assert!(!has_map(&memory), "a big load leaves the map out of the filter");
+        assert!(
+            !has_map(&memory),
+            "a big load leaves the map out of the filter"
+        );
         // Misses probe the map until there were enough of them to build the whole filter.
         for x in stored..stored + 5000 {
             assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
         }
-        assert!(has_map(&memory), "5000 misses put the map's keys in the filter");
+        assert!(
+            has_map(&memory),
+            "5000 misses put the map's keys in the filter"
+        );
         // Then the filter holds every key: loaded ones, and those stored here, are found.
         for x in (0..stored + 5000).step_by(89) {
             assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
         }
-        assert_eq!(SEVENS.load(Ordering::SeqCst) - ran, 5000, "only the new keys ran");
+        assert_eq!(
+            SEVENS.load(Ordering::SeqCst) - ran,
+            5000,
+            "only the new keys ran"
+        );
     }
 
     #[test]
