@@ -25,6 +25,8 @@ pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 const FLUSH_ENTRIES: usize = 65_536;
 /// ... or this many bytes.
 const FLUSH_BYTES: usize = 8 << 20;
+/// Keys loaded from the file at once that still go into the filter as they are loaded.
+const FILTER_LOAD: usize = 65_536;
 /// Chunks read back and kept in memory for the next hits, at most.
 const CHUNK_CACHE: usize = 16;
 
@@ -151,6 +153,93 @@ pub(crate) struct Inner {
 /// A 128-bit slice of a key, used as is as its own hash (keys are BLAKE3 output).
 type ShortKey = u128;
 
+/// A cache line of a [`Filter`].
+#[derive(Clone, Copy, Default)]
+#[repr(align(64))]
+struct Block([u64; 8]);
+
+/// A blocked Bloom filter of short keys: each key sets one bit in each of the 8 words of one
+/// cache line, so a question costs one memory access, into a table of 2 bytes per key (2 MiB
+/// for 10^6 keys, small enough to stay in the caches where a 64 MiB index cannot). It never
+/// forgets a key it was given; it wrongly lets through about 1 key in 1000 it was not given,
+/// which then goes on to the index (and is a miss there).
+#[derive(Default)]
+struct Filter {
+    /// A power of two of them, or none (an empty filter, which holds nothing).
+    blocks: Vec<Block>,
+    /// Keys inserted since it was made (with repeats).
+    len: usize,
+}
+
+impl Filter {
+    /// Keys per block at the filter's intended fill: 16 bits per key.
+    const KEYS_PER_BLOCK: usize = 32;
+
+    /// An empty filter with room for `keys` keys.
+    fn with_capacity(keys: usize) -> Filter {
+        let count = keys
+            .div_ceil(Self::KEYS_PER_BLOCK)
+            .max(32)
+            .next_power_of_two();
+        Filter {
+            blocks: vec![Block::default(); count],
+            len: 0,
+        }
+    }
+
+    /// How many keys it holds before it lets through more than about 1 in 1000 others.
+    fn capacity(&self) -> usize {
+        self.blocks.len() * Self::KEYS_PER_BLOCK
+    }
+
+    /// The block of `key` (from its high 64 bits) and the bit it sets in each word (from
+    /// its low 48 bits): a key's bytes are BLAKE3 output, already uniformly random.
+    fn place(&self, key: ShortKey) -> (usize, [u64; 8]) {
+        let mask = self.blocks.len().wrapping_sub(1);
+        let block = ((key >> 64) as u64 as usize) & mask;
+        let low = key as u64;
+        let mut bits = [0u64; 8];
+        for (i, bit) in bits.iter_mut().enumerate() {
+            *bit = 1 << ((low >> (6 * i)) & 63);
+        }
+        (block, bits)
+    }
+
+    fn insert(&mut self, key: ShortKey) {
+        self.test_and_insert(key);
+    }
+
+    /// Inserts `key`; returns whether it may have been there before (see
+    /// [`may_contain`](Filter::may_contain)).
+    fn test_and_insert(&mut self, key: ShortKey) -> bool {
+        if self.blocks.is_empty() {
+            *self = Filter::with_capacity(0);
+        }
+        let (block, bits) = self.place(key);
+        let mut present = true;
+        if let Some(block) = self.blocks.get_mut(block) {
+            for (word, bit) in block.0.iter_mut().zip(bits) {
+                present &= *word & bit != 0;
+                *word |= bit;
+            }
+        }
+        self.len += 1;
+        present
+    }
+
+    /// False if `key` was never inserted; true if it was (and, rarely, if it was not).
+    #[cfg(test)]
+    fn may_contain(&self, key: ShortKey) -> bool {
+        if self.blocks.is_empty() {
+            return false;
+        }
+        let (block, bits) = self.place(key);
+        self.blocks
+            .get(block)
+            .is_some_and(|block| block.0.iter().zip(bits).all(|(word, bit)| word & bit != 0))
+    }
+}
+
 /// Hashes a [`ShortKey`] by taking its low 64 bits: they are already uniformly random.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -230,6 +319,9 @@ const EMPTY: Loc = Loc { chunk: 0, pos: 0 };
 pub(crate) struct Ticket {
     key: [u8; 32],
     slot: Option<(u64, u32)>,
+    /// The filter epoch in which the lookup added the key to the filter, if it did: storing
+    /// then has nothing to add (one access into the filter per task, not two).
+    filtered: Option<u64>,
 }
 
 /// Results of one function and version not yet handed to the writer.
@@ -239,10 +331,41 @@ struct Builder {
     data: ChunkData,
 }
 
+/// A key this process stored with where its result is, in the order of [`FnIndex::recent`]
+/// and [`FnIndex::runs`].
+type OwnEntry = (ShortKey, Loc);
+
 /// The index of one function and version: every key this process knows to be stored.
+///
+/// Three parts, asked in this order: the results this process stored (`recent`, then `runs`,
+/// newest first: a result of this process's is the newest of its key), then `map`, the keys
+/// loaded from the file (and the slots of misses the filter could not rule out). `filter`
+/// holds every key of the three: a key it rules out is a miss without touching any of them,
+/// which is what a run into an empty cache asks about every task.
 struct FnIndex {
     meta: FnMeta,
     map: HashMap<ShortKey, Loc, BuildHasherDefault<KeyHasher>>,
+    /// Every key in `runs` and `recent` (and in `map` if `filter_has_map`), those of misses
+    /// looked up in this epoch (whose results are to be stored), and, rarely, a key no longer
+    /// in any of them.
+    filter: Filter,
+    /// Bumped when the filter is rebuilt or emptied: a ticket of an older epoch has its key
+    /// added to the filter again when its result is stored.
+    filter_epoch: u64,
+    /// Whether the filter holds the map's keys too. Loading many keys from the file clears
+    /// it (putting each in the filter would cost a cache miss per key to every load, and a
+    /// fully cached re-run does not need it); lookups then probe the map, and count in
+    /// `probed_misses` the misses that probing cost, until the filter is completed.
+    filter_has_map: bool,
+    probed_misses: usize,
+    /// Keys this process stored since `runs` was last made, in the order they were stored
+    /// (appending is a sequential write; a random write into `map` per result cost more than
+    /// the rest of storing it).
+    recent: Vec<OwnEntry>,
+    /// Earlier keys of this process, in sorted runs (oldest first; within a run, equal keys
+    /// in the order they were stored), made from `recent` when a lookup the filter could not
+    /// rule out needs them; each run is at most a quarter of the one before it.
+    runs: Vec<Vec<OwnEntry>>,
     /// Chunks of the file up to this id are in `map`.
     loaded_up_to: i64,
     /// Chunks above `loaded_up_to` that this process wrote (already in `map`).
@@ -261,6 +384,125 @@ struct FnIndex {
     /// it stays the same, nothing was written to the file since, and a refresh has nothing
     /// to read.
     data_version: Option<i64>,
+}
+
+impl FnIndex {
+    /// Keys the filter is to hold (with repeats): this process's, and the map's if
+    /// [`filter_has_map`](FnIndex::filter_has_map).
+    fn keys_held(&self) -> usize {
+        let own = self.recent.len() + self.runs.iter().map(Vec::len).sum::<usize>();
+        own + if self.filter_has_map {
+            self.map.len()
+        } else {
+            0
+        }
+    }
+
+    /// Makes the filter hold `additional` more keys at its intended fill, rebuilding it from
+    /// the index if it must grow (at least doubling, so that a growing index rebuilds it a
+    /// bounded number of times per key).
+    fn grow_filter(&mut self, additional: usize) {
+        let need = self.filter.len.saturating_add(additional);
+        if need <= self.filter.capacity() {
+            return;
+        }
+        let held = self.keys_held();
+        self.rebuild_filter(need.max(held.saturating_add(additional)).max(2 * held));
+    }
+
+    /// Makes the filter anew for `capacity` keys, with this process's keys and, if
+    /// `filter_has_map`, the map's.
+    fn rebuild_filter(&mut self, capacity: usize) {
+        let mut filter = Filter::with_capacity(capacity);
+        if self.filter_has_map {
+            for key in self.map.keys() {
+                filter.insert(*key);
+            }
+        }
+        for (key, _) in self.runs.iter().flatten().chain(&self.recent) {
+            filter.insert(*key);
+        }
+        self.filter = filter;
+        // Keys added by lookups whose results are not stored yet are not in the new filter.
+        self.filter_epoch += 1;
+    }
+
+    /// Puts the map's keys in the filter, once enough misses paid a probe of the map for it:
+    /// a fully cached re-run (whose hits mostly come from the cursor) never builds it, and
+    /// a run with many misses builds it after a sixteenth of the map's size of them.
+    fn complete_filter_if_due(&mut self) {
+        if self.filter_has_map || self.probed_misses < (self.map.len() / 16).max(4096) {
+            return;
+        }
+        self.filter_has_map = true;
+        self.probed_misses = 0;
+        let held = self.keys_held();
+        self.rebuild_filter(2 * held);
+    }
+
+    /// Records a result this process stored (no slot made for it): into `recent` (a
+    /// sequential write), and into the filter unless its lookup put it there in this epoch.
+    fn add_own(&mut self, key: ShortKey, loc: Loc, filtered: Option<u64>) {
+        if filtered != Some(self.filter_epoch) {
+            self.filter_test_and_add(key);
+        }
+        self.recent.push((key, loc));
+    }
+
+    /// Whether the filter may hold `key` (false: it holds it from now on, and the index does
+    /// not have it), in one access to the filter.
+    fn filter_test_and_add(&mut self, key: ShortKey) -> bool {
+        if self.filter.len >= self.filter.capacity() {
+            self.grow_filter(self.filter.len.max(1024));
+        }
+        self.filter.test_and_insert(key)
+    }
+
+    /// Where this process's newest result of `key` is, if it stored one (without a slot).
+    fn own_result(&mut self, key: ShortKey) -> Option<Loc> {
+        if !self.recent.is_empty() {
+            self.seal_recent();
+        }
+        self.runs.iter().rev().find_map(|run| {
+            // The last of equal keys is the newest: the sorts and merges are stable.
+            let end = run.partition_point(|(k, _)| *k <= key);
+            let (k, loc) = run.get(end.checked_sub(1)?)?;
+            (*k == key).then_some(*loc)
+        })
+    }
+
+    /// Sorts `recent` into a run, then merges the newest runs while one is not at least
+    /// four times the size of the next (so each key is merged a few times in all, and a
+    /// lookup searches a few runs).
+    fn seal_recent(&mut self) {
+        let mut run = std::mem::take(&mut self.recent);
+        run.sort_by_key(|(k, _)| *k);
+        while let Some(older) = self.runs.pop() {
+            if older.len() >= 4 * run.len() {
+                self.runs.push(older);
+                break;
+            }
+            run = merge_runs(older, run);
+        }
+        self.runs.push(run);
+    }
+}
+
+/// Merges two sorted runs into one; of equal keys, `older`'s come first.
+fn merge_runs(older: Vec<OwnEntry>, newer: Vec<OwnEntry>) -> Vec<OwnEntry> {
+    let mut out = Vec::with_capacity(older.len() + newer.len());
+    let mut a = older.into_iter().peekable();
+    let mut b = newer.into_iter().peekable();
+    loop {
+        let take_older = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.0 <= y.0,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return out,
+        };
+        let next = if take_older { a.next() } else { b.next() };
+        out.extend(next);
+    }
 }
 
 /// A written chunk (its id) and the position in it the next lookup tries first.
@@ -326,6 +568,8 @@ enum Found {
     Record(Record, bool),
     /// No usable record; the index slot the result is to be stored in, if one was made.
     Absent(Option<(u64, u32)>),
+    /// Not in the index, as the filter said; the key was added to the filter in this epoch.
+    New(u64),
 }
 
 /// The record a key points to.
@@ -682,10 +926,20 @@ impl Memory {
         drop(conn);
         let mut state = lock(&inner.state);
         let index = inner.index_of(&mut state, meta);
-        index
-            .map
-            .reserve(loaded.iter().map(|(_, keys)| keys.len() / 32).sum());
+        let loading = loaded.iter().map(|(_, keys)| keys.len() / 32).sum();
+        index.map.reserve(loading);
+        // A few keys (a call, a run after another process's short one) go into the filter; a
+        // big load leaves the filter without the map's keys until misses make it worth it.
+        if index.filter_has_map && loading > FILTER_LOAD {
+            index.filter_has_map = false;
+            index.probed_misses = 0;
+        }
+        let into_filter = index.filter_has_map;
+        if into_filter {
+            index.grow_filter(loading);
+        }
         let slots = &index.slots;
+        let filter = &mut index.filter;
         for (chunk, keys) in loaded {
             for (pos, key) in keys.chunks_exact(32).enumerate() {
                 let mut full = [0u8; 32];
@@ -694,6 +948,9 @@ impl Memory {
                     chunk,
                     pos: pos as u32,
                 };
+                if into_filter {
+                    filter.insert(short(&full));
+                }
                 index
                     .map
                     .entry(short(&full))
@@ -717,16 +974,13 @@ impl Memory {
         Ok(())
     }
 
-    /// Makes room in `function`'s index for `additional` results if it is empty (a `run` into
-    /// a new cache, which pulls every task), so that storing does not rehash it again and
-    /// again.
+    /// Makes room in `function`'s filter for `additional` more keys (a `run`, which pulls
+    /// every task), so that storing does not rebuild it again and again as it grows.
     pub(crate) fn reserve(&self, function: &Function, additional: usize) {
         let inner = &self.handle.inner;
         let mut state = lock(&inner.state);
         let index = inner.index_of(&mut state, &function.meta);
-        if index.map.is_empty() {
-            let _ = index.map.try_reserve(additional.min(1 << 21));
-        }
+        index.grow_filter(additional.min(1 << 22));
     }
 
     /// The stored result of `key`, if there is a usable one. Counts a hit or a miss.
@@ -740,6 +994,7 @@ impl Memory {
         let mut ticket = Ticket {
             key: *key,
             slot: None,
+            filtered: None,
         };
         let decode = |record: &Record| {
             let bytes = match record {
@@ -750,6 +1005,10 @@ impl Memory {
         };
         let mut found = |use_cursor| match inner.record(&function.meta.key, key, use_cursor) {
             Found::Record(record, by_cursor) => (decode(&record), by_cursor),
+            Found::New(epoch) => {
+                ticket.filtered = Some(epoch);
+                (Lookup::Miss, false)
+            }
             Found::Absent(slot) => {
                 ticket.slot = slot;
                 (Lookup::Miss, false)
@@ -837,6 +1096,7 @@ impl Memory {
         let pos = builder.keys.len() as u32;
         builder.keys.push(key);
         builder.data.ends.push(end);
+        let added = builder.data.records.len() - start + 36;
         let loc = Loc {
             chunk: index.builder_chunk,
             pos,
@@ -848,12 +1108,10 @@ impl Memory {
             _ => None,
         };
         match slot {
+            // The filter lets this key through already: its lookup made the slot.
             Some(slot) => *slot = loc,
-            None => {
-                index.map.insert(short(&key), loc);
-            }
+            None => index.add_own(short(&key), loc, ticket.filtered),
         }
-        let added = builder.data.records.len() - start + 36;
         state.pending_entries += 1;
         state.pending_bytes += added;
         let first = state.first_pending.is_none();
@@ -901,6 +1159,12 @@ impl Inner {
             FnIndex {
                 meta: meta.clone(),
                 map: HashMap::default(),
+                filter: Filter::default(),
+                filter_epoch: 0,
+                filter_has_map: true,
+                probed_misses: 0,
+                recent: Vec::new(),
+                runs: Vec::new(),
                 loaded_up_to: 0,
                 own: BTreeSet::new(),
                 builder: Builder::default(),
@@ -919,6 +1183,12 @@ impl Inner {
             return;
         };
         index.map.clear();
+        index.filter = Filter::default();
+        index.filter_epoch += 1;
+        index.filter_has_map = true;
+        index.probed_misses = 0;
+        index.recent = Vec::new();
+        index.runs = Vec::new();
         index.own.clear();
         index.cursor = None;
         index.data_version = None;
@@ -955,20 +1225,42 @@ impl Inner {
                 return Found::Record(Record::Shared(data, pos), true);
             }
             let generation = index.generation;
-            let mut loc = match index.map.entry(short(key)) {
-                Entry::Occupied(entry) => *entry.get(),
-                Entry::Vacant(entry) => {
-                    // Nothing stored: the entry made here says where the result will be.
-                    let Ok(seq) = u32::try_from(index.slots.len()) else {
-                        return Found::Absent(None);
-                    };
-                    entry.insert(Loc {
-                        chunk: SLOT,
-                        pos: seq,
-                    });
-                    index.slots.push(EMPTY);
-                    return Found::Absent(Some((generation, seq)));
-                }
+            let short_key = short(key);
+            index.complete_filter_if_due();
+            let maybe = index.filter_test_and_add(short_key);
+            if !maybe && index.filter_has_map {
+                // Neither stored by this process nor loaded from the file: a miss, found
+                // without a random access into the index. The key is in the filter from now
+                // on (harmless if its result is never stored: a lookup the filter lets
+                // through goes on to the index); storing it appends to `recent`.
+                return Found::New(index.filter_epoch);
+            }
+            // The filter holds every key of this process's: one it rules out is not there.
+            let own = if maybe {
+                index.own_result(short_key)
+            } else {
+                None
+            };
+            let mut loc = match own {
+                Some(loc) => loc,
+                None => match index.map.entry(short_key) {
+                    Entry::Occupied(entry) => *entry.get(),
+                    Entry::Vacant(entry) => {
+                        // Nothing stored: the entry made here says where the result will be.
+                        if !index.filter_has_map {
+                            index.probed_misses += 1;
+                        }
+                        let Ok(seq) = u32::try_from(index.slots.len()) else {
+                            return Found::Absent(None);
+                        };
+                        entry.insert(Loc {
+                            chunk: SLOT,
+                            pos: seq,
+                        });
+                        index.slots.push(EMPTY);
+                        return Found::Absent(Some((generation, seq)));
+                    }
+                },
             };
             if loc.chunk == SLOT {
                 let seq = loc.pos;
@@ -1167,6 +1459,10 @@ impl Inner {
                 for job in &jobs {
                     if let Some(index) = state.functions.get_mut(&job.fn_key) {
                         index.map.retain(|_, loc| loc.chunk != job.chunk);
+                        index.recent.retain(|(_, loc)| loc.chunk != job.chunk);
+                        for run in &mut index.runs {
+                            run.retain(|(_, loc)| loc.chunk != job.chunk);
+                        }
                         for slot in index.slots.iter_mut().filter(|s| s.chunk == job.chunk) {
                             *slot = EMPTY;
                         }
@@ -1215,4 +1511,219 @@ fn write_chunks(
     };
     tx.commit()?;
     Ok((ids, evicted))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use parjob_core::delayed;
+
+    use super::*;
+
+    fn key(n: u64) -> ShortKey {
+        short(blake3::hash(&n.to_le_bytes()).as_bytes())
+    }
+
+    #[test]
+    fn the_filter_never_forgets_a_key_and_rarely_lets_another_through() {
+        let mut filter = Filter::with_capacity(100_000);
+        assert!(!filter.may_contain(key(0)), "an empty filter holds nothing");
+        for n in 0..100_000 {
+            filter.insert(key(n));
+        }
+        assert!((0..100_000).all(|n| filter.may_contain(key(n))));
+        let through = (100_000..200_000)
+            .filter(|&n| filter.may_contain(key(n)))
+            .count();
+        // About 1 in 1000 at this fill; 1 in 100 would mean the bits are not spread.
+        assert!(
+            through < 1000,
+            "{through} of 100000 keys not inserted let through"
+        );
+        assert!(!Filter::default().may_contain(key(1)));
+    }
+
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    fn triple(x: u64) -> u64 {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        x * 3
+    }
+
+    static QUINTUPLES: AtomicUsize = AtomicUsize::new(0);
+
+    fn quintuple(x: u64) -> u64 {
+        QUINTUPLES.fetch_add(1, Ordering::SeqCst);
+        x * 5
+    }
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    /// Sets every bit of every function's filter: every lookup is then a false positive
+    /// (or a true one), and must find its answer in the index and the runs.
+    fn saturate(memory: &Memory) {
+        let mut state = lock(&memory.handle.inner.state);
+        for index in state.functions.values_mut() {
+            for block in &mut index.filter.blocks {
+                block.0 = [u64::MAX; 8];
+            }
+        }
+    }
+
+    #[test]
+    fn keys_a_saturated_filter_lets_through_are_answered_by_the_index() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let memory = Memory::open(dir.path().join("c.sqlite")).expect("open");
+        let before = RUNS.load(Ordering::SeqCst);
+        assert_eq!(memory.call(delayed(triple, 1000)).expect("call"), 3000);
+        saturate(&memory);
+        // Misses let through: each runs once and gives its own value, never another's.
+        for x in 0..300u64 {
+            assert_eq!(memory.call(delayed(triple, x)).expect("call"), 3 * x);
+        }
+        assert_eq!(RUNS.load(Ordering::SeqCst) - before, 301);
+        // Hits let through: the results stored by this process are found again.
+        for x in (0..300u64).rev() {
+            assert_eq!(memory.call(delayed(triple, x)).expect("call"), 3 * x);
+        }
+        memory.flush().expect("flush");
+        saturate(&memory);
+        for x in 0..300u64 {
+            assert_eq!(memory.call(delayed(triple, x)).expect("call"), 3 * x);
+        }
+        assert_eq!(
+            RUNS.load(Ordering::SeqCst) - before,
+            301,
+            "nothing ran again"
+        );
+        let stats = memory.stats().expect("stats");
+        assert_eq!((stats.hits, stats.misses), (600, 301));
+    }
+
+    #[test]
+    fn own_results_are_found_newest_first_across_sorted_runs() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let memory = Memory::open(dir.path().join("c.sqlite")).expect("open");
+        memory.call(delayed(double, 1)).expect("call");
+        let mut state = lock(&memory.handle.inner.state);
+        let index = state.functions.values_mut().next().expect("an index");
+        let at = |pos| Loc { chunk: -7, pos };
+        // Rounds of overlapping keys, each followed by a lookup (which sorts what was stored
+        // since into a run, merged with the newest runs unless they are much bigger).
+        let mut newest = HashMap::new();
+        let mut pos = 0;
+        for (round, size) in [2000u64, 400, 700, 90, 20, 5, 300].into_iter().enumerate() {
+            let first = round as u64 * 37;
+            for n in first..first + size {
+                index.add_own(key(n), at(pos), None);
+                newest.insert(n, at(pos));
+                pos += 1;
+            }
+            assert_eq!(index.own_result(key(first)), Some(newest[&first]));
+        }
+        assert!(index.runs.len() > 1, "the test exercises several runs");
+        for (n, loc) in &newest {
+            assert_eq!(index.own_result(key(*n)), Some(*loc), "key {n}");
+        }
+        assert_eq!(index.own_result(key(1_000_000)), None);
+    }
+
+    static SEVENS: AtomicUsize = AtomicUsize::new(0);
+
+    fn times_seven(x: u64) -> u64 {
+        SEVENS.fetch_add(1, Ordering::SeqCst);
+        x * 7
+    }
+
+    #[test]
+    fn a_big_load_leaves_the_map_out_of_the_filter_until_misses_put_it_in() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let stored = FILTER_LOAD as u64 + 1000;
+        {
+            let writer = Memory::open(&path).expect("open");
+            for x in 0..stored {
+                writer.call(delayed(times_seven, x)).expect("call");
+            }
+        }
+        let ran = SEVENS.load(Ordering::SeqCst);
+        let memory = Memory::open(&path).expect("open");
+        let has_map = |memory: &Memory| {
+            let state = lock(&memory.handle.inner.state);
+            state
+                .functions
+                .values()
+                .next()
+                .expect("an index")
+                .filter_has_map
+        };
+        // Loaded keys are found through the map while the filter does not hold them.
+        for x in (0..stored).step_by(97) {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert!(
+            !has_map(&memory),
+            "a big load leaves the map out of the filter"
+        );
+        // Misses probe the map until there were enough of them to build the whole filter.
+        for x in stored..stored + 5000 {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert!(
+            has_map(&memory),
+            "5000 misses put the map's keys in the filter"
+        );
+        // Then the filter holds every key: loaded ones, and those stored here, are found.
+        for x in (0..stored + 5000).step_by(89) {
+            assert_eq!(memory.call(delayed(times_seven, x)).expect("call"), 7 * x);
+        }
+        assert_eq!(
+            SEVENS.load(Ordering::SeqCst) - ran,
+            5000,
+            "only the new keys ran"
+        );
+    }
+
+    #[test]
+    fn a_key_another_handle_stores_during_a_run_is_found_after_or_run_again() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        // Two handles on one file have their own indexes and filters, as two processes do.
+        let here = Memory::open(&path).expect("open");
+        let there = Memory::open(&path).expect("open");
+        let before = QUINTUPLES.load(Ordering::SeqCst);
+        assert_eq!(here.call(delayed(quintuple, 5)).expect("call"), 25);
+        let function = Function {
+            meta: lock(&here.handle.inner.state)
+                .functions
+                .values()
+                .next()
+                .expect("an index")
+                .meta
+                .clone(),
+        };
+        let mut scratch = Vec::new();
+        let eight = function.key_of(&8u64, &mut scratch, 0).expect("a key");
+        // `here` looks 8 up (as a run does) before `there` stores it: a miss, to be run.
+        assert!(matches!(
+            here.lookup::<u64>(&function, &eight, 0).0,
+            Lookup::Miss
+        ));
+        assert_eq!(there.call(delayed(quintuple, 7)).expect("call"), 35);
+        assert_eq!(there.call(delayed(quintuple, 8)).expect("call"), 40);
+        there.flush().expect("flush");
+        // A call starts by loading what other handles wrote: 7 and 8 are found, with their
+        // values (7 was never looked up here: only loading it put it in the filter).
+        assert_eq!(here.call(delayed(quintuple, 7)).expect("call"), 35);
+        assert_eq!(here.call(delayed(quintuple, 8)).expect("call"), 40);
+        assert_eq!(
+            QUINTUPLES.load(Ordering::SeqCst) - before,
+            3,
+            "5, 7 and 8 ran once"
+        );
+        assert_eq!(here.stats().expect("stats").hits, 2);
+    }
 }
