@@ -312,8 +312,13 @@ fn recorded(parallel: Parallel) -> (Parallel, Arc<Mutex<Vec<Event>>>) {
 fn events_arrive_in_a_consistent_order_on_every_target() {
     for target in EVERY_TARGET {
         let (parallel, events) = recorded(target.parallel(2));
+        // `filter` hides the input's length until it runs out.
         let results = parallel
-            .run_results((0..300u32).map(|i| delayed(panics_on_sevens, i)))
+            .run_results(
+                (0..600u32)
+                    .filter(|i| i % 2 == 0)
+                    .map(|i| delayed(panics_on_sevens, i / 2)),
+            )
             .unwrap();
         let events = events.lock().unwrap();
         assert!(
@@ -329,13 +334,28 @@ fn events_arrive_in_a_consistent_order_on_every_target() {
         let mut open: HashMap<u64, usize> = HashMap::new();
         let mut completed_tasks = 0;
         let mut failed_events = 0;
+        let mut dispatched_tasks = 0;
+        let mut input_ended = Vec::new();
         for event in events.iter() {
             match event {
-                Event::BatchDispatched { batch, tasks, .. } => {
+                Event::BatchDispatched {
+                    batch,
+                    tasks,
+                    attempt,
+                    ..
+                } => {
                     assert!(
                         open.insert(*batch, *tasks).is_none(),
                         "{target}: batch {batch} twice"
                     );
+                    if *attempt == 1 {
+                        assert!(input_ended.is_empty(), "{target}: dispatched after the end");
+                        dispatched_tasks += tasks;
+                    }
+                }
+                Event::InputEnded { tasks, .. } => {
+                    assert_eq!(*tasks, dispatched_tasks, "{target}");
+                    input_ended.push(*tasks);
                 }
                 Event::BatchCompleted { batch, tasks, .. } => {
                     let dispatched = open.remove(batch);
@@ -358,6 +378,9 @@ fn events_arrive_in_a_consistent_order_on_every_target() {
             "{target}: batches never completed: {open:?}"
         );
         assert_eq!(completed_tasks, 300, "{target}");
+        // Told once, with the count of an input whose length was not known beforehand (the
+        // progress bar takes its length from it).
+        assert_eq!(input_ended, [300], "{target}");
         assert_eq!(
             failed_events,
             results.iter().filter(|r| r.is_err()).count(),

@@ -171,7 +171,8 @@ pub(crate) struct Dispatcher<I, T: Task> {
     watched: Vec<Watched>,
     abandoned: HashSet<u64>,
     sizer: Sizer,
-    reporter: Reporter,
+    /// Whether the observer was told the input ran out.
+    input_end_reported: bool,
     /// Whether the dispatcher watches timeouts itself (asked of the pool once: an answer that
     /// changed between calls must not make a batch both in place and abandonable).
     watch_timeouts: bool,
@@ -216,15 +217,14 @@ where
             .pre_dispatch
             .unwrap_or_else(|| pool.default_pre_dispatch())
             .max(1);
-        let mut reporter = Reporter::new(
+        let reporter = Reporter::new(
             options.n_jobs,
             options.verbose,
             options.progress,
             total_hint,
             max_in_flight,
         );
-        reporter.started(pool.verbose_name(), workers);
-        let mut observer = Observer::new(options);
+        let mut observer = Observer::new(options, reporter);
         if let Some(observer) = observer.as_mut() {
             observer.started(pool.verbose_name(), workers);
         }
@@ -245,7 +245,7 @@ where
             max_in_flight,
             watched: Vec::new(),
             abandoned: HashSet::new(),
-            reporter,
+            input_end_reported: false,
             watch_timeouts,
             in_place: None,
             spare_buffers: Vec::new(),
@@ -347,19 +347,18 @@ where
             self.exhausted = true;
         }
         if tasks.is_empty() {
-            self.reporter.exhausted();
+            self.report_input_end();
             return false;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         let first_index = self.next_index;
         self.next_index += tasks.len();
-        self.reporter.dispatched(tasks.len());
-        if self.exhausted {
-            self.reporter.exhausted();
-        }
         if let Some(observer) = self.observer.as_mut() {
             observer.dispatched(seq, first_index, tasks.len(), 1);
+        }
+        if self.exhausted {
+            self.report_input_end();
         }
         if let Some(retrier) = self.retrier.as_mut() {
             retrier.keep_copies(seq, &tasks);
@@ -604,9 +603,6 @@ where
         if buffer.capacity() > 0 && self.spare_buffers.len() < self.max_in_flight {
             self.spare_buffers.push(buffer);
         }
-        if completion.seq < crate::retry::RETRY_SEQ_BASE {
-            self.reporter.completed(len);
-        }
         let in_place = batch.destination.is_some();
         if in_place {
             self.place(&mut batch);
@@ -675,9 +671,6 @@ where
         let watched = self.watched.swap_remove(position);
         let timeout = watched.timeout;
         self.abandoned.insert(watched.seq);
-        if watched.seq < crate::retry::RETRY_SEQ_BASE {
-            self.reporter.completed(1);
-        }
         Some(Finished {
             seq: watched.seq,
             first_index: watched.first_index,
@@ -697,11 +690,18 @@ where
     }
 
     pub(crate) fn finish_report(&mut self, ok: bool) {
-        // The summary first: joblib's `Done ... finished` stays the last verbose line.
         if let Some(observer) = self.observer.as_mut() {
             observer.finished(ok);
         }
-        self.reporter.finished(ok);
+    }
+
+    /// Tells the observer, once, how many tasks the input held.
+    fn report_input_end(&mut self) {
+        if !std::mem::replace(&mut self.input_end_reported, true)
+            && let Some(observer) = self.observer.as_mut()
+        {
+            observer.input_ended(self.next_index);
+        }
     }
 }
 

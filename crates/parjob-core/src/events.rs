@@ -1,13 +1,16 @@
 //! Events: what a run did, as typed values, for a callback of the user's
-//! (`Parallel::on_event`), the insights summary and the Chrome trace.
+//! (`Parallel::on_event`), the insights summary, the Chrome trace, the `tracing` bridge, and
+//! the verbose lines and progress bar (whose [`Reporter`] consumes the same [`Event`]s).
 //!
 //! The dispatcher reports to an [`Observer`] only when someone listens (a callback, a trace,
-//! insights, or `verbose >= 1`); otherwise it holds `None` and each batch costs one branch.
+//! insights, `verbose >= 1` or a progress bar); otherwise it holds `None` and each batch
+//! costs one branch.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::insights::{Insights, InsightsBuilder};
+use crate::progress::Reporter;
 use crate::trace::TraceRecorder;
 use crate::{Error, WorkerExit};
 
@@ -52,6 +55,14 @@ pub enum Event {
         tasks: usize,
         /// 1 for a first attempt, 2 and more for a retry.
         attempt: u32,
+        /// Time since the run began.
+        at: Duration,
+    },
+    /// The input ran out: the run has `tasks` tasks in all (for an input without an exact
+    /// length, known only now). The progress bar takes its length from this.
+    InputEnded {
+        /// How many tasks the input held.
+        tasks: usize,
         /// Time since the run began.
         at: Duration,
     },
@@ -248,10 +259,12 @@ pub enum WorkerChange {
 }
 
 /// What the dispatcher reports to while someone listens: the user's callback, the insights
-/// being gathered, the trace being recorded, the verbose summary.
+/// being gathered, the trace being recorded, the verbose summary, the verbose lines and bar.
 pub(crate) struct Observer {
     began: Instant,
     sink: Option<EventSink>,
+    /// The verbose lines and progress bar, fed every event.
+    reporter: Option<Reporter>,
     insights: InsightsBuilder,
     trace: Option<TraceRecorder>,
     /// `[Parallel(n_jobs=..)]: ` when the summary is printed at the end (`verbose >= 1`).
@@ -264,8 +277,11 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    /// An observer if anyone listens, else `None`.
-    pub(crate) fn new(options: &crate::RunOptions) -> Option<Box<Observer>> {
+    /// An observer if anyone listens, else `None`. `reporter` shows verbose lines or a bar.
+    pub(crate) fn new(
+        options: &crate::RunOptions,
+        reporter: Option<Reporter>,
+    ) -> Option<Box<Observer>> {
         let trace = crate::trace::trace_path(options).map(TraceRecorder::new);
         #[cfg(feature = "tracing")]
         let tracing = crate::tracing_bridge::TracingBridge::new();
@@ -275,12 +291,14 @@ impl Observer {
             && trace.is_none()
             && options.verbose == 0
             && tracing.is_none()
+            && reporter.is_none()
         {
             return None;
         }
         Some(Box::new(Observer {
             began: Instant::now(),
             sink: options.on_event.clone(),
+            reporter,
             insights: InsightsBuilder::default(),
             trace,
             print_prefix: (options.verbose > 0)
@@ -295,10 +313,24 @@ impl Observer {
         self.began.elapsed()
     }
 
-    fn send(&self, event: impl FnOnce() -> Event) {
-        if let Some(sink) = &self.sink {
-            sink.send(&event());
+    /// Builds the event only if the reporter or the user's callback takes it.
+    fn send(&mut self, event: impl FnOnce() -> Event) {
+        if self.sink.is_none() && self.reporter.is_none() {
+            return;
         }
+        let event = event();
+        if let Some(reporter) = &mut self.reporter {
+            reporter.on_event(&event);
+        }
+        if let Some(sink) = &self.sink {
+            sink.send(&event);
+        }
+    }
+
+    /// The input ran out after `tasks` tasks.
+    pub(crate) fn input_ended(&mut self, tasks: usize) {
+        let at = self.now();
+        self.send(|| Event::InputEnded { tasks, at });
     }
 
     pub(crate) fn started(&mut self, backend: &'static str, workers: usize) {

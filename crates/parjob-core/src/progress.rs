@@ -1,5 +1,9 @@
 //! Progress reporting: joblib-style verbose lines and an indicatif bar, both on stderr.
 //!
+//! The [`Reporter`] is one more consumer of a run's [`Event`]s: the dispatcher's observer
+//! hands it every event it builds (see [`Reporter::on_event`]), so what the bar and the
+//! verbose lines count is exactly what a user's `on_event` callback sees.
+//!
 //! The bar needs the `progress` cargo feature (on by default). Without it the API is the same
 //! and `progress: true` draws nothing; the verbose lines do not depend on the feature.
 
@@ -7,6 +11,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bar::Bar;
+
+use crate::Event;
 
 /// Where verbose lines go: stderr, or a buffer in tests.
 pub(crate) type Sink = Box<dyn Write + Send>;
@@ -19,7 +25,6 @@ pub(crate) struct Reporter {
     sink: Sink,
     bar: Option<Bar>,
     dispatched_batches: usize,
-    dispatched_tasks: usize,
     /// Known once the input iterator is exhausted.
     total: Option<usize>,
     completed: usize,
@@ -27,16 +32,39 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    /// `pre_dispatch` is how many tasks may be in flight; joblib's line spacing uses it.
+    /// A reporter on stderr, or `None` when it would show nothing (`verbose` is 0 and no bar
+    /// can be drawn). `pre_dispatch` is how many tasks may be in flight; joblib's line
+    /// spacing uses it.
     pub(crate) fn new(
         n_jobs: i32,
         verbose: u32,
         progress: bool,
         total_hint: Option<usize>,
         pre_dispatch: usize,
-    ) -> Self {
+    ) -> Option<Self> {
         let sink = Box::new(std::io::stderr());
-        Self::with_sink(n_jobs, verbose, progress, total_hint, pre_dispatch, sink)
+        let reporter = Self::with_sink(n_jobs, verbose, progress, total_hint, pre_dispatch, sink);
+        (reporter.verbose > 0 || reporter.bar.is_some()).then_some(reporter)
+    }
+
+    /// Follows one event of the run: the only way the dispatcher reports to it.
+    pub(crate) fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::RunStarted { backend, workers } => self.started(backend, *workers),
+            Event::BatchDispatched { attempt: 1, .. } => self.dispatched(),
+            Event::InputEnded { tasks, .. } => self.exhausted(*tasks),
+            // A retry's task was counted with the batch it first ran in.
+            Event::BatchCompleted { batch, tasks, .. } if *batch < crate::retry::RETRY_SEQ_BASE => {
+                self.completed(*tasks);
+            }
+            // Finished when every task of a known input came back (with a value or an error:
+            // a run that keeps going finishes with its failures).
+            Event::RunFinished { .. } => {
+                let all_back = self.total.is_some_and(|total| self.completed >= total);
+                self.finished(all_back);
+            }
+            _ => {}
+        }
     }
 
     pub(crate) fn with_sink(
@@ -55,7 +83,6 @@ impl Reporter {
             sink,
             bar,
             dispatched_batches: 0,
-            dispatched_tasks: 0,
             total: None,
             completed: 0,
             pre_dispatch_tasks: pre_dispatch,
@@ -74,16 +101,17 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn dispatched(&mut self, tasks: usize) {
+    /// One more batch was sent (joblib spaces its lines by batches while the input is read).
+    pub(crate) fn dispatched(&mut self) {
         self.dispatched_batches += 1;
-        self.dispatched_tasks += tasks;
     }
 
-    pub(crate) fn exhausted(&mut self) {
+    /// The input ran out after `tasks` tasks.
+    pub(crate) fn exhausted(&mut self, tasks: usize) {
         if self.total.is_none() {
-            self.total = Some(self.dispatched_tasks);
+            self.total = Some(tasks);
             if let Some(bar) = &self.bar {
-                bar.set_length(self.dispatched_tasks);
+                bar.set_length(tasks);
             }
         }
     }
@@ -288,19 +316,49 @@ mod tests {
         assert_eq!(short_format_time(Duration::from_secs(90)), " 1.5min");
     }
 
+    /// The events of a run of `n` one-task batches whose input ends after the last one.
+    fn events_of_a_run(n: usize) -> Vec<Event> {
+        let at = Duration::ZERO;
+        let mut events = vec![Event::RunStarted {
+            backend: "ThreadingBackend",
+            workers: 2,
+        }];
+        for i in 0..n {
+            events.push(Event::BatchDispatched {
+                batch: i as u64,
+                first_index: i,
+                tasks: 1,
+                attempt: 1,
+                at,
+            });
+        }
+        events.push(Event::InputEnded { tasks: n, at });
+        for i in 0..n {
+            events.push(Event::BatchCompleted {
+                batch: i as u64,
+                first_index: i,
+                tasks: 1,
+                failed: 0,
+                worker: Some(i % 2),
+                busy: at,
+                transport: None,
+                at,
+            });
+        }
+        events.push(Event::RunFinished {
+            ok: true,
+            insights: Default::default(),
+        });
+        events
+    }
+
     #[test]
     fn verbose_run_prints_joblib_lines() {
         let shared = Shared::default();
         let mut reporter = Reporter::with_sink(2, 5, false, None, 4, Box::new(shared.clone()));
-        reporter.started("ThreadingBackend", 2);
-        for _ in 0..100 {
-            reporter.dispatched(1);
+        for event in events_of_a_run(100) {
+            reporter.on_event(&event);
         }
-        reporter.exhausted();
-        for _ in 0..100 {
-            reporter.completed(1);
-        }
-        reporter.finished(true);
         let lines = lines(&shared);
         assert_eq!(
             lines[0],
@@ -323,15 +381,41 @@ mod tests {
     }
 
     #[test]
+    fn retries_are_not_counted_twice_and_a_stopped_run_does_not_say_finished() {
+        let shared = Shared::default();
+        let mut reporter = Reporter::with_sink(2, 1, false, None, 4, Box::new(shared.clone()));
+        let mut events = events_of_a_run(10);
+        // The last two batches never came back (the run stopped), and a retry came back.
+        let finished = events.pop().unwrap();
+        events.truncate(events.len() - 2);
+        events.push(Event::BatchCompleted {
+            batch: crate::retry::RETRY_SEQ_BASE,
+            first_index: 3,
+            tasks: 1,
+            failed: 0,
+            worker: None,
+            busy: Duration::ZERO,
+            transport: None,
+            at: Duration::ZERO,
+        });
+        events.push(finished);
+        for event in &events {
+            reporter.on_event(event);
+        }
+        assert_eq!(reporter.completed, 8);
+        let lines = lines(&shared);
+        assert!(!lines.iter().any(|l| l.ends_with("finished")), "{lines:?}");
+    }
+
+    #[test]
     fn quiet_run_prints_nothing() {
         let shared = Shared::default();
         let mut reporter = Reporter::with_sink(4, 0, false, None, 8, Box::new(shared.clone()));
-        reporter.started("ThreadingBackend", 4);
-        reporter.dispatched(3);
-        reporter.exhausted();
-        reporter.completed(3);
-        reporter.finished(true);
+        for event in events_of_a_run(3) {
+            reporter.on_event(&event);
+        }
         assert!(lines(&shared).is_empty());
+        assert!(Reporter::new(4, 0, false, None, 8).is_none());
     }
 
     /// A terminal 40 columns wide that records what is drawn on it, escapes included.
