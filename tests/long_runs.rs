@@ -174,6 +174,34 @@ fn retries_after_abort_segfault_and_timeout_put_the_values_in_place() {
 }
 
 #[test]
+fn an_executor_keeps_going_and_its_map_retries_crashed_tasks() {
+    let executor = parjob::Executor::new(2)
+        .backend(Backend::Process)
+        .batch_size(BatchSize::Fixed(4));
+    // Without retries: the three crashes fail their own items and nothing else.
+    let dir = tempfile::tempdir().unwrap();
+    let results: Vec<Result<u32, Error>> = executor.map(fails_once_tasks(&dir, ABORT)).collect();
+    assert_eq!(results.len(), 20);
+    for (i, result) in results.iter().enumerate() {
+        match result {
+            Err(Error::WorkerCrashed { index, .. }) if [3, 7, 11].contains(&i) => {
+                assert_eq!(*index, i);
+            }
+            Ok(value) if ![3, 7, 11].contains(&i) => assert_eq!(*value as usize, i * 10),
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+    // With retries, the map yields every value in its place.
+    let executor = executor.retries(2);
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<u32> = executor
+        .map(fails_once_tasks(&dir, ABORT))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(values, (0..20u32).map(|i| i * 10).collect::<Vec<_>>());
+}
+
+#[test]
 fn retries_on_threads_cover_timeouts_and_asked_for_panics() {
     for target in IN_PROCESS {
         let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,11 @@ pub enum Shutdown {
 /// Dropping an executor is [`shutdown(Shutdown::Wait)`](Executor::shutdown), like leaving a
 /// Python `with` block, unless it is a [`daemon`](Executor::daemon).
 ///
+/// An executor always keeps going, as `concurrent.futures` does: a failed task fails only
+/// its own [`Future`] or its own item of [`map`](Executor::map), never the others (for
+/// fail-fast, use [`Parallel::run`]). [`retries`](Executor::retries) re-runs the crashed or
+/// timed-out tasks of a `map`.
+///
 /// ```
 /// use parjob::{delayed, Backend, Executor};
 ///
@@ -245,6 +250,24 @@ impl Executor {
         let future = parjob_core::submit(&*pool, index, task);
         state.submitted.push(future.handle());
         future
+    }
+
+    /// Retries a task of [`map`](Executor::map) whose worker crashed or that timed out, up to
+    /// `retries` more times: [`Parallel::retries`] for the executor's maps. See
+    /// [`retry`](Executor::retry).
+    pub fn retries(self, retries: u32) -> Executor {
+        self.retry(crate::Retry::new(retries))
+    }
+
+    /// How [`map`](Executor::map) retries failed tasks ([`Parallel::retry`]): a task that
+    /// succeeds on a retry yields its value in its place, one that fails every time yields
+    /// [`Error::RetriesExhausted`] listing every attempt, and the map goes on either way.
+    ///
+    /// A [`submit`](Executor::submit)ted task is not retried: its [`Future`] holds the
+    /// outcome of its one run, as in `concurrent.futures`; submit it again to retry it.
+    pub fn retry(mut self, retry: crate::Retry) -> Executor {
+        self.parallel = self.take_parallel().retry(retry);
+        self
     }
 
     /// Runs `tasks` and yields their results in input order, each as soon as it and those
