@@ -150,3 +150,37 @@ fn crashes_and_worker_replacements_are_events_in_the_run_span() {
     assert_eq!(messages("task failed"), 1);
     assert_eq!(messages("worker replaced"), 1);
 }
+
+#[test]
+fn tracing_chrome_writes_a_trace_with_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.json");
+    let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+        .file(&path)
+        .trace_style(tracing_chrome::TraceStyle::Async)
+        .build();
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::with_default(subscriber, || {
+        let out = Parallel::new(2)
+            .backend(Backend::Process)
+            .batch_size(BatchSize::Fixed(10))
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .unwrap();
+        assert_eq!(out[99], 99 * 99);
+    });
+    // The file is complete once the guard is dropped.
+    drop(guard);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let events: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let count = |name: &str, phase: &str| {
+        events
+            .iter()
+            .filter(|e| e["name"] == name && e["ph"] == phase)
+            .count()
+    };
+    // Async style: a span is a begin ("b") and an end ("e") event.
+    assert_eq!(count("parjob_run", "b"), 1, "{text}");
+    assert_eq!(count("parjob_run", "e"), 1, "{text}");
+    assert_eq!(count("parjob_batch", "b"), 10, "{text}");
+    assert_eq!(count("parjob_batch", "e"), 10, "{text}");
+}
