@@ -4,7 +4,7 @@
 //! spends a minute on the release build: one list, two binaries.
 
 /// The scenarios, in report order.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "small",
     "tiny",
     "cpu_halves",
@@ -14,4 +14,5 @@ pub const SCENARIOS: [&str; 9] = [
     "crash",
     "first_result",
     "memory",
+    "mpi",
 ];
