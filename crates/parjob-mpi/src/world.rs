@@ -246,7 +246,10 @@ fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
     let (mut message, status) = world.any_process().immediate_matched_probe()?;
     let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
     let count = status.count(u8::equivalent_datatype());
-    let mut buffer = vec![0u8; usize::try_from(count).unwrap_or(0)];
+    let len = usize::try_from(count).unwrap_or(0);
+    // Not zeroed first (a big frame's memset cost as much as its copy): MPI writes all `len`
+    // bytes, and the length is set only once MPI_Test says it did.
+    let mut buffer: Vec<u8> = Vec::with_capacity(len);
     // SAFETY: reading an MPI constant the C shim defines.
     let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
     // SAFETY: `buffer` holds `count` bytes and outlives the request (it is returned only once
@@ -272,6 +275,9 @@ fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
         // SAFETY: `request` came from MPI_Imrecv and has not completed yet.
         let code = unsafe { ffi::MPI_Test(&mut request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
         if code == 0 && flag != 0 {
+            // SAFETY: the receive completed: MPI wrote the `count` bytes it matched into the
+            // first `len` bytes of the buffer's capacity.
+            unsafe { buffer.set_len(len) };
             return Some((from, status.tag(), buffer));
         }
         if code != 0 || Instant::now() > deadline {
@@ -612,7 +618,18 @@ impl<'w> DriverState<'w> {
                 return;
             }
         };
-        let mut buffer = Vec::with_capacity(8 + RunHeader::LEN + 64 * batch.len());
+        let len = batch.len();
+        // The tasks first and the fixed-size trailer last: the rank then hands the message's
+        // own buffer, cut short, to its local pool instead of copying the frame out of it.
+        let mut buffer = Vec::with_capacity(RUN_TRAILER + 16 * len);
+        // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
+        let encoded = parjob_core::catch_task(|| batch.encode_tasks(0..len, &mut buffer));
+        if let Err(message) = encoded {
+            let index = job.batch().first_index();
+            job.batch_mut().push_failure(codec_error(index, message));
+            job.complete(Duration::ZERO);
+            return;
+        }
         put_u64(&mut buffer, batch.first_index() as u64);
         let header = RunHeader {
             tag: FrameTag {
@@ -625,15 +642,6 @@ impl<'w> DriverState<'w> {
             attachments: 0,
         };
         buffer.extend_from_slice(&header.encode());
-        let len = batch.len();
-        // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
-        let encoded = parjob_core::catch_task(|| batch.encode_tasks(0..len, &mut buffer));
-        if let Err(message) = encoded {
-            let index = job.batch().first_index();
-            job.batch_mut().push_failure(codec_error(index, message));
-            job.complete(Duration::ZERO);
-            return;
-        }
         match isend(self.world, rank, TAG_RUN, buffer) {
             Ok(send) => {
                 self.sends.push(send);
@@ -1050,7 +1058,7 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 }
                 TAG_RUN if welcomed => {
                     if let Some(pool) = &pool {
-                        run_frame(pool, rank, &bytes, &done_tx, world, &mut sends);
+                        run_frame(pool, rank, bytes, &done_tx, world, &mut sends);
                     }
                 }
                 TAG_STOP => {
@@ -1110,22 +1118,29 @@ fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     }
 }
 
+/// The bytes after a `RUN`'s tasks frame: `[first index u64][RunHeader]`.
+const RUN_TRAILER: usize = 8 + RunHeader::LEN;
+
 /// Hands one `RUN` to the local pool; a frame that cannot be run is answered at once.
 fn run_frame(
     pool: &ProcessPool,
     rank: usize,
-    bytes: &[u8],
+    mut frame: Vec<u8>,
     done: &Sender<(u64, u64, RelayedOutcomes)>,
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
 ) {
-    let mut r = Reader(bytes);
+    let Some(at) = frame.len().checked_sub(RUN_TRAILER) else {
+        return;
+    };
+    let mut r = Reader(&frame[at..]);
     let Some(first_index) = r.u64() else {
         return;
     };
-    let Ok((header, frame)) = RunHeader::decode(r.0) else {
+    let Ok((header, _)) = RunHeader::decode(r.0) else {
         return;
     };
+    frame.truncate(at);
     let id = header.tag.seq;
     let failed = |message: String| {
         let outcomes = RelayedOutcomes {
@@ -1155,7 +1170,7 @@ fn run_frame(
     let job = Job::relayed(
         usize::try_from(first_index).unwrap_or(usize::MAX),
         entry,
-        frame.to_vec(),
+        frame,
         header.timeout,
         move |outcomes| {
             let _ = done.send((id, first, outcomes));
@@ -1185,39 +1200,126 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
         new_arena: false,
         overrun: None,
     };
-    let mut out = header.encode().to_vec();
-    let mut run: Vec<u8> = Vec::new();
-    let mut count = 0u32;
-    let flush = |out: &mut Vec<u8>, run: &mut Vec<u8>, count: &mut u32| {
-        if *count > 0 {
-            out.push(0);
-            put_u32(out, *count);
-            put_bytes(out, run);
-            run.clear();
-            *count = 0;
+    let records = &outcomes.records;
+    let mut out = Vec::with_capacity(DoneHeader::LEN + 16 + records.len());
+    out.extend_from_slice(&header.encode());
+    // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
+    // copied span by span (the local pool stores them back to back), its count and length
+    // filled in when the run ends.
+    let mut run: Option<(usize, u32)> = None; // (where its count is in `out`, records so far)
+    let mut span: Option<std::ops::Range<usize>> = None; // records not copied yet
+    let flush_span = |out: &mut Vec<u8>, span: &mut Option<std::ops::Range<usize>>| {
+        if let Some(span) = span.take() {
+            out.extend_from_slice(records.get(span).unwrap_or_default());
         }
     };
-    let records = &outcomes.records;
-    for (position, outcome) in outcomes.outcomes.into_iter().enumerate() {
-        match outcome {
+    let end_run = |out: &mut Vec<u8>, run: &mut Option<(usize, u32)>| {
+        if let Some((at, count)) = run.take() {
+            let len = out.len() - at - 8;
+            out[at..at + 4].copy_from_slice(&count.to_le_bytes());
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            out[at + 4..at + 8].copy_from_slice(&len.to_le_bytes());
+        }
+    };
+    // By reference: moving each (large) outcome out cost more than encoding it.
+    for (position, outcome) in outcomes.outcomes.iter().enumerate() {
+        let panicked;
+        let failure = match outcome {
             Relayed::Record(at) => {
-                let record = records.get(at).unwrap_or_default();
+                let record = records.get(at.clone()).unwrap_or_default();
                 if record.first() == Some(&RECORD_PANICKED) {
-                    flush(&mut out, &mut run, &mut count);
                     let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
                     let index = usize::try_from(first_index).unwrap_or(0) + position;
-                    wire::put_failure(&mut out, &Error::task_panicked(index, message));
+                    panicked = Error::task_panicked(index, message);
+                    &panicked
                 } else {
-                    run.extend_from_slice(record);
-                    count += 1;
+                    if run.is_none() {
+                        out.push(0);
+                        run = Some((out.len(), 0));
+                        out.extend_from_slice(&[0; 8]);
+                    }
+                    if let Some((_, count)) = &mut run {
+                        *count += 1;
+                    }
+                    match &mut span {
+                        Some(s) if s.end == at.start => s.end = at.end,
+                        _ => {
+                            flush_span(&mut out, &mut span);
+                            span = Some(at.clone());
+                        }
+                    }
+                    continue;
                 }
             }
-            Relayed::Failed(error) => {
-                flush(&mut out, &mut run, &mut count);
-                wire::put_failure(&mut out, &error);
-            }
-        }
+            Relayed::Failed(error) => error,
+        };
+        flush_span(&mut out, &mut span);
+        end_run(&mut out, &mut run);
+        wire::put_failure(&mut out, failure);
     }
-    flush(&mut out, &mut run, &mut count);
+    flush_span(&mut out, &mut span);
+    end_run(&mut out, &mut run);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        put_bytes(&mut out, payload);
+        out
+    }
+
+    /// Consecutive records travel as one entry with the right count and length; a panic
+    /// record and a failure split them, in task order.
+    #[test]
+    fn done_groups_records_and_keeps_failures_in_order() {
+        let (a, b) = (record(0, b"aa"), record(0, b"bbb"));
+        let panic = record(RECORD_PANICKED, b"boom");
+        let d = record(0, b"d");
+        let mut records = Vec::new();
+        let mut at = |r: &[u8]| {
+            let start = records.len();
+            records.extend_from_slice(r);
+            Relayed::Record(start..records.len())
+        };
+        let outcomes = vec![
+            at(&a),
+            at(&b),
+            at(&panic),
+            Relayed::Failed(Error::timeout(13, Duration::from_millis(5), true)),
+            at(&d),
+        ];
+        let done = encode_done(
+            1,
+            9,
+            10,
+            RelayedOutcomes {
+                busy: Duration::from_micros(3),
+                outcomes,
+                records,
+                len: 5,
+            },
+        );
+        let (header, body) = DoneHeader::decode(&done).expect("a DONE header");
+        assert_eq!((header.tag.generation, header.tag.seq), (1, 9));
+        let mut r = Reader(body);
+        assert_eq!((r.u8(), r.u32()), (Some(0), Some(2)));
+        assert_eq!(r.bytes(), Some([a, b].concat().as_slice()));
+        assert_eq!(r.u8(), Some(1));
+        assert_eq!(
+            wire::read_failure(&mut r),
+            Some(Error::task_panicked(12, "boom"))
+        );
+        assert_eq!(r.u8(), Some(1));
+        assert_eq!(
+            wire::read_failure(&mut r),
+            Some(Error::timeout(13, Duration::from_millis(5), true))
+        );
+        assert_eq!((r.u8(), r.u32()), (Some(0), Some(1)));
+        assert_eq!(r.bytes(), Some(d.as_slice()));
+        assert!(r.0.is_empty());
+    }
 }

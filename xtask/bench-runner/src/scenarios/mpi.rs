@@ -87,6 +87,18 @@ pub fn run_group(ctx: &Context, out: &Path) -> Result<(), String> {
     std::fs::write(out, text).map_err(|e| format!("cannot write {}: {e}", out.display()))
 }
 
+/// The candidates `PARJOB_BENCH_MPI_VARIANTS` (variants separated by commas, e.g. `tiny`)
+/// names, or all: to profile one variant (`perf record` under mpirun) without the others.
+fn chosen(candidates: Vec<Candidate>) -> Vec<Candidate> {
+    match std::env::var("PARJOB_BENCH_MPI_VARIANTS") {
+        Ok(names) if !names.trim().is_empty() => candidates
+            .into_iter()
+            .filter(|c| names.split(',').any(|n| n.trim() == c.variant))
+            .collect(),
+        _ => candidates,
+    }
+}
+
 fn run(ctx: &Context) -> Vec<Measurement> {
     let mpi = |n_jobs: i32| Parallel::new(n_jobs).backend(Backend::Mpi);
     let (tiny_n, small_n) = (tiny_calls(ctx), small_calls(ctx));
@@ -110,7 +122,7 @@ fn run(ctx: &Context) -> Vec<Measurement> {
     ];
     let mut all = Measurement::from_outcomes(
         SCENARIO,
-        interleaved(SCENARIO, ctx.plan, throughput),
+        interleaved(SCENARIO, ctx.plan, chosen(throughput)),
         |variant| match variant {
             "tiny" => (tiny_n as f64, "tasks"),
             "small" => (small_n as f64, "tasks"),
@@ -151,7 +163,7 @@ fn run(ctx: &Context) -> Vec<Measurement> {
     ];
     all.extend(Measurement::from_outcomes(
         SCENARIO,
-        interleaved(SCENARIO, ctx.short_plan, short),
+        interleaved(SCENARIO, ctx.short_plan, chosen(short)),
         |_| (0.0, ""),
     ));
     all
