@@ -5,6 +5,7 @@
 //! `--release` and runs: xtask itself is a dev build, and figures from one would mean nothing.
 //! With `--peers`, `xtask/bench_peers.py` runs first, in a venv under `target/bench/venv`
 //! made here; when that cannot be set up, the peers' rows say why and the rest still runs.
+//! The `mpi` group runs under `mpirun` as a step of its own first (see `bench/mpi.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
