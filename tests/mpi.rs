@@ -424,6 +424,28 @@ mod suite {
         })
     }
 
+    fn where_am_i_slowly(ms: u64) -> (u32, u32) {
+        std::thread::sleep(Duration::from_millis(ms));
+        where_am_i(ms)
+    }
+
+    /// `n_jobs = -2` is every worker rank but one (joblib's `-k`: all but `k - 1`), at least 1:
+    /// slow tasks, one per batch, never reach more rank servers than that.
+    fn n_jobs_minus_k() -> Result<(), String> {
+        let worker_ranks = parjob_mpi_world_size().saturating_sub(1);
+        let expected = worker_ranks.saturating_sub(1).max(1);
+        let out: Vec<(u32, u32)> = mpi(-2)
+            .run((0..24u64).map(|_| delayed(where_am_i_slowly, 20)))
+            .map_err(|e| e.to_string())?;
+        let parents: BTreeSet<u32> = out.iter().map(|&(_, p)| p).collect();
+        check(parents.len() == expected, || {
+            format!(
+                "n_jobs = -2 of {worker_ranks} worker ranks used rank servers {parents:?}, \
+                 expected {expected}"
+            )
+        })
+    }
+
     /// Last: it kills a worker rank for good.
     fn rank_killed() -> Result<(), String> {
         let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
@@ -489,6 +511,7 @@ mod suite {
             ("laziness", laziness),
             ("tasks_run_outside_rank_0", tasks_run_outside_rank_0),
             ("n_jobs_picks_ranks", n_jobs_picks_ranks),
+            ("n_jobs_minus_k", n_jobs_minus_k),
             ("worker_info_names_the_rank", worker_info_names_the_rank),
             ("panic", panic),
             ("abort", abort),

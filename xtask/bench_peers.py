@@ -7,6 +7,10 @@ the same kind of work as the Rust rows; where the work must differ (Python is ~1
 per call), the row's `work` and `note` say so and the ratio is taken on throughput.
 
     python bench_peers.py --out peers.json [--quick] [--scenario NAME]...
+
+With --mpi it runs the `mpi` group's peer instead, mpi4py.futures, and must be started as
+`mpirun -n 3 python -m mpi4py.futures bench_peers.py --mpi --out mpi_peers.json` (rank 0 runs
+this script, ranks 1 and 2 are MPIPoolExecutor's workers); `cargo xtask bench --peers` does.
 """
 
 import argparse
@@ -30,7 +34,7 @@ except ImportError:  # the numpy scenarios then say why they did not run
     np = None
 
 SCENARIOS = ["small", "tiny", "cpu_halves", "sleep_io", "startup", "big_input", "big_result", "crash",
-             "first_result", "memory"]
+             "first_result", "memory", "mpi"]
 JT, JL, TP, PP = "joblib threading", "joblib loky", "ThreadPoolExecutor", "ProcessPoolExecutor"
 
 
@@ -435,14 +439,79 @@ def memory(a):
     return out
 
 
+def mpi(a):
+    """The `mpi` group's peer runs under mpirun (--mpi): nothing to do in the main run."""
+    return []
+
+
+def mpi_group(a):
+    """mpi4py.futures on the `mpi` group's variants, in a world of rank 0 and 2 workers started
+    by `mpirun -n 3 python -m mpi4py.futures`. The rows are written before the crash variant,
+    which ends the whole job (mpirun tears it down when a rank aborts): its row then keeps the
+    reason written for it."""
+    import mpi4py
+    from mpi4py.futures import MPIPoolExecutor
+    impl = "mpi4py.futures"
+    n = 200_000 if a.quick else 1_000_000
+    ex = MPIPoolExecutor()
+    list(ex.map(square, range(100)))  # the workers are up
+    cands = [
+        {"variant": "tiny", "impl": impl, "work": float(n), "unit": "tasks",
+         "note": "MPIPoolExecutor.map(square, ..., chunksize=10000)",
+         "run": lambda: timed(lambda: list(ex.map(square, range(n), chunksize=10_000)))},
+    ]
+    if np is not None:
+        halves = [(1, 5_000_000), (2, 5_000_000)]
+        cands += [
+            {"variant": "cpu_halves, 1 rank", "impl": impl,
+             "note": "one half at a time (submit, result, submit, result)",
+             "run": lambda: timed(lambda: [ex.submit(sum_squares, *h).result() for h in halves])},
+            {"variant": "cpu_halves, 2 ranks", "impl": impl,
+             "run": lambda: timed(lambda: [f.result() for f in [ex.submit(sum_squares, *h) for h in halves]])},
+        ]
+    rows = interleaved("mpi", cands, 1, a.repeats)
+    if np is None:
+        rows += [unavailable("mpi", v, impl, "numpy is not installed") for v in
+                 ("cpu_halves, 1 rank", "cpu_halves, 2 ranks")]
+    rows += interleaved("mpi", [{"variant": "warm small call", "impl": impl,
+                                 "run": lambda: timed(lambda: ex.submit(square, 3).result())}],
+                        1, a.short_repeats)
+    versions = (f"{platform.python_implementation()} {platform.python_version()}, "
+                f"mpi4py {mpi4py.__version__}")
+
+    def write(extra):
+        with open(a.out, "w") as f:
+            json.dump({"versions": versions, "rows": rows + extra}, f, indent=1)
+
+    died = ("a task's abort() ended the whole mpirun job (Open MPI tears it down when a rank "
+            "dies): rank 0 never saw an exception")
+    write([row("mpi", "abort to error", impl, status={"kind": "failed", "reason": died}),
+           row("mpi", "next call", impl, status={"kind": "failed", "reason": died})])
+    start = time.perf_counter()
+    try:
+        ex.submit(abort_now).result(timeout=30)
+        crash = row("mpi", "abort to error", impl, status={"kind": "failed", "reason": "the abort returned"})
+    except Exception as e:
+        crash = row("mpi", "abort to error", impl, [time.perf_counter() - start],
+                    note=f"{type(e).__name__}")
+    try:
+        nxt = row("mpi", "next call", impl, [timed(lambda: ex.submit(square, 3).result(timeout=30))])
+    except Exception as e:
+        nxt = row("mpi", "next call", impl, status={"kind": "failed", "reason": f"{type(e).__name__}: {e}"})
+    write([crash, nxt])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--scenario", action="append", choices=SCENARIOS)
+    p.add_argument("--mpi", action="store_true", help="the mpi group's peer (under mpirun)")
     a = p.parse_args()
     a.repeats = 3 if a.quick else 5
     a.short_repeats = 5 if a.quick else 10
+    if a.mpi:
+        return mpi_group(a)
     rows = []
     for name in a.scenario or SCENARIOS:
         start = time.perf_counter()

@@ -5,9 +5,12 @@
 //! `--release` and runs: xtask itself is a dev build, and figures from one would mean nothing.
 //! With `--peers`, `xtask/bench_peers.py` runs first, in a venv under `target/bench/venv`
 //! made here; when that cannot be set up, the peers' rows say why and the rest still runs.
+//! The `mpi` group runs under `mpirun` as a step of its own first (see `bench/mpi.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+
+mod mpi;
 
 #[path = "../bench-runner/src/names.rs"]
 mod names;
@@ -46,12 +49,12 @@ pub struct BenchArgs {
 }
 
 /// The workspace root: xtask's parent folder.
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -74,20 +77,47 @@ pub fn run(args: BenchArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    eprintln!("xtask bench: building parjob-bench with --release");
-    let built = cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--package", "parjob-bench"])
-        .status();
-    match built {
-        Ok(s) if s.success() => {}
-        Ok(s) => {
-            eprintln!("xtask bench: building parjob-bench failed ({s})");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("xtask bench: cannot run cargo: {e}");
-            return ExitCode::FAILURE;
+    // The `mpi` group needs parjob-bench built with its `mpi` feature, which needs an MPI
+    // library: built so only when `mpirun` is on PATH (and again without it if that fails).
+    let mpi_wanted = args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "mpi");
+    let mut mpi_missing = (!mpi_wanted)
+        .then(|| "not asked for".to_string())
+        .or_else(|| {
+            (!on_path("mpirun")).then(|| {
+                "mpirun is not on PATH: install Open MPI (docs/CLUSTER.md) to run this group"
+                    .to_string()
+            })
+        });
+    let mut features: &[&str] = if mpi_missing.is_none() {
+        &["--features", "mpi"]
+    } else {
+        &[]
+    };
+    loop {
+        eprintln!("xtask bench: building parjob-bench with --release {features:?}");
+        let built = cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "--package", "parjob-bench"])
+            .args(features)
+            .status();
+        match built {
+            Ok(s) if s.success() => break,
+            Ok(s) if !features.is_empty() => {
+                eprintln!("xtask bench: building with --features mpi failed ({s}); without it");
+                mpi_missing = Some(format!(
+                    "building parjob-bench with --features mpi failed ({s}): libopenmpi-dev \
+                     and libclang are needed (docs/CLUSTER.md)"
+                ));
+                features = &[];
+            }
+            Ok(s) => {
+                eprintln!("xtask bench: building parjob-bench failed ({s})");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("xtask bench: cannot run cargo: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
 
@@ -108,17 +138,29 @@ pub fn run(args: BenchArgs) -> ExitCode {
         runner_args.extend(["--peers-json".into(), peers_json.display().to_string()]);
     }
 
+    if mpi_wanted {
+        let mpi_json = out.join("mpi.json");
+        match &mpi_missing {
+            Some(why) => write_unavailable(&mpi_json, why),
+            None => mpi::run_group(&root, &args, &mpi_json),
+        }
+        runner_args.extend(["--mpi-json".into(), mpi_json.display().to_string()]);
+        if args.peers {
+            let peers_json = out.join("mpi_peers.json");
+            match &mpi_missing {
+                Some(why) => write_unavailable(&peers_json, why),
+                None => mpi::run_peer(&root, &args, &peers_json),
+            }
+            runner_args.extend(["--mpi-peers-json".into(), peers_json.display().to_string()]);
+        }
+    }
+
     // `cargo run` finds the binary wherever CARGO_TARGET_DIR puts it; the build is done.
     let status = cargo()
         .current_dir(&root)
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "parjob-bench",
-            "--",
-        ])
+        .args(["run", "--quiet", "--release", "--package", "parjob-bench"])
+        .args(features)
+        .arg("--")
         .args(&runner_args)
         .status();
     match status {
@@ -162,15 +204,26 @@ fn run_peers(root: &Path, args: &BenchArgs, peers_json: &Path) {
     });
     if let Err(why) = outcome {
         eprintln!("xtask bench: Python peers unavailable: {why}");
-        let text = json_string(&why);
-        if let Err(e) = std::fs::write(peers_json, format!("{{\"unavailable\": {text}}}\n")) {
-            eprintln!("xtask bench: cannot write {}: {e}", peers_json.display());
-        }
+        write_unavailable(peers_json, &why);
     }
 }
 
+/// Writes a rows file that holds only why there are no rows.
+pub(crate) fn write_unavailable(path: &Path, why: &str) {
+    let text = json_string(why);
+    if let Err(e) = std::fs::write(path, format!("{{\"unavailable\": {text}}}\n")) {
+        eprintln!("xtask bench: cannot write {}: {e}", path.display());
+    }
+}
+
+/// Whether `program` is an executable file in a folder of `PATH`.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
 /// The venv's python with joblib importable, made with `python3 -m venv` and pip if needed.
-fn venv_python(root: &Path) -> Result<PathBuf, String> {
+pub(crate) fn venv_python(root: &Path) -> Result<PathBuf, String> {
     let venv = root.join("target").join("bench").join("venv");
     let python = venv.join("bin").join("python");
     let imports = |module: &str| {

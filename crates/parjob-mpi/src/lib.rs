@@ -38,6 +38,27 @@ pub fn launched_by_mpi() -> bool {
     .any(|var| std::env::var_os(var).is_some())
 }
 
+/// How many worker ranks `n_jobs` asks for in a world of `worker_ranks` (every rank but 0), by
+/// joblib's rules with worker ranks in place of CPUs: `n > 0` is `n` (a pool uses at most
+/// every rank), `-1` every worker rank, `-k` all but `k - 1`, at least 1. `0`, which
+/// `Parallel` refuses before this, counts as every rank.
+///
+/// ```
+/// assert_eq!(parjob_mpi::ranks_for(-1, 8), 8);
+/// assert_eq!(parjob_mpi::ranks_for(-3, 8), 6);
+/// assert_eq!(parjob_mpi::ranks_for(-20, 8), 1);
+/// assert_eq!(parjob_mpi::ranks_for(3, 8), 3);
+/// ```
+pub fn ranks_for(n_jobs: i32, worker_ranks: usize) -> usize {
+    match n_jobs {
+        0 => worker_ranks.max(1),
+        n if n > 0 => n.unsigned_abs() as usize,
+        n => (worker_ranks + 1)
+            .saturating_sub(n.unsigned_abs() as usize)
+            .max(1),
+    }
+}
+
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 mod wire;
 #[cfg(all(feature = "mpi", target_os = "linux"))]
@@ -79,3 +100,21 @@ mod unavailable {
 
 #[cfg(not(all(feature = "mpi", target_os = "linux")))]
 pub use unavailable::{MpiPool, init, world_size};
+
+#[cfg(test)]
+mod tests {
+    use super::ranks_for;
+
+    #[test]
+    fn n_jobs_counts_worker_ranks_like_cpus() {
+        assert_eq!(ranks_for(-1, 4), 4);
+        assert_eq!(ranks_for(-2, 4), 3);
+        assert_eq!(ranks_for(-4, 4), 1);
+        assert_eq!(ranks_for(-5, 4), 1);
+        assert_eq!(ranks_for(i32::MIN, 4), 1);
+        assert_eq!(ranks_for(2, 4), 2);
+        assert_eq!(ranks_for(9, 4), 9);
+        assert_eq!(ranks_for(0, 4), 4);
+        assert_eq!(ranks_for(-1, 0), 1);
+    }
+}

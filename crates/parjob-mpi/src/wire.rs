@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
 //! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host]`: 1 = same build, frames will follow |
-//! | `RUN` | 0 to rank | `[first index u64][RunHeader][tasks frame]` |
+//! | `RUN` | 0 to rank | `[tasks frame][first index u64][RunHeader]`: the fixed-size trailer last, so the rank hands the received buffer itself, cut short, to its local pool |
 //! | `DONE` | rank to 0 | `[DoneHeader]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]` |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |

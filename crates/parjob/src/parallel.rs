@@ -278,8 +278,9 @@ impl Parallel {
         let n_jobs = self.effective_n_jobs()?;
         let workers = match backend {
             Backend::Sequential => 1,
-            // n_jobs counts worker ranks: -1 every one (0 here), n the first n.
-            Backend::Mpi => usize::try_from(self.n_jobs).unwrap_or(0),
+            // n_jobs counts worker ranks by joblib's rules: n the first n, -1 every one, -k
+            // all but k - 1.
+            Backend::Mpi => parjob_mpi_ranks(self.n_jobs),
             _ => {
                 let note = if self.n_jobs_from_env {
                     " (from PARJOB_N_JOBS)"
@@ -424,6 +425,20 @@ impl Parallel {
 }
 
 /// Both handles on one in-process pool.
+/// The worker ranks `n_jobs` asks for in this MPI world (`parjob_mpi::ranks_for`, with every
+/// rank but 0 counted).
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+fn parjob_mpi_ranks(n_jobs: i32) -> usize {
+    let worker_ranks = parjob_mpi::world_size().map_or(0, |size| size.saturating_sub(1));
+    parjob_mpi::ranks_for(n_jobs, worker_ranks)
+}
+
+/// Without MPI in this build the pool refuses to start, whatever the count.
+#[cfg(not(all(feature = "mpi", target_os = "linux")))]
+fn parjob_mpi_ranks(_n_jobs: i32) -> usize {
+    1
+}
+
 fn in_process<P: Pool + LocalPool + 'static>(pool: P) -> Pools {
     let pool = Arc::new(pool);
     (

@@ -28,13 +28,19 @@ use crate::scenarios::Context;
 
 const USAGE: &str = "\
 usage: parjob-bench [--quick] [--backend NAME]... [--scenario NAME]... [--out DIR] [--peers-json FILE]
+                    [--mpi-json FILE] [--mpi-peers-json FILE]
+       mpirun --oversubscribe -n 3 parjob-bench --mpi-group --out FILE [--quick]
 
   --quick             smaller sizes and 3 counted repeats: a smoke test (under 2 minutes)
   --backend NAME      a parjob backend to run (sequential, threading, process); default: all
   --scenario NAME     a scenario to run; default: all of
-                      small tiny cpu_halves sleep_io startup big_input big_result crash timeout first_result memory
+                      small tiny cpu_halves sleep_io startup big_input big_result crash timeout first_result memory mpi
   --out DIR           where report.md, report.json and the plots go (default: target/bench)
-  --peers-json FILE   rows of the Python peers, as written by xtask/bench_peers.py";
+  --peers-json FILE   rows of the Python peers, as written by xtask/bench_peers.py
+  --mpi-json FILE     rows of the `mpi` group, as written by --mpi-group under mpirun
+  --mpi-peers-json FILE  mpi4py.futures' rows, as written by bench_peers.py --mpi
+  --mpi-group         under mpirun (built with --features mpi): time the `mpi` group on
+                      rank 0 and write its rows to --out FILE";
 
 /// The flags, parsed.
 struct Args {
@@ -43,6 +49,10 @@ struct Args {
     scenarios: Vec<String>,
     out: PathBuf,
     peers_json: Option<PathBuf>,
+    /// `--mpi-group`: run the `mpi` group (under mpirun) and write its rows to `out`.
+    mpi_group: bool,
+    mpi_json: Option<PathBuf>,
+    mpi_peers_json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +64,9 @@ fn parse_args() -> Result<Args, String> {
         scenarios: Vec::new(),
         out: PathBuf::from("target/bench"),
         peers_json: None,
+        mpi_group: false,
+        mpi_json: None,
+        mpi_peers_json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +97,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--out" => args.out = PathBuf::from(value("--out")?),
             "--peers-json" => args.peers_json = Some(PathBuf::from(value("--peers-json")?)),
+            "--mpi-json" => args.mpi_json = Some(PathBuf::from(value("--mpi-json")?)),
+            "--mpi-peers-json" => {
+                args.mpi_peers_json = Some(PathBuf::from(value("--mpi-peers-json")?));
+            }
+            "--mpi-group" => args.mpi_group = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
         }
@@ -113,7 +131,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match bench(&args) {
+    let outcome = if args.mpi_group {
+        scenarios::mpi::run_group(&context(&args), &args.out)
+    } else {
+        bench(&args)
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("parjob-bench: {message}");
@@ -122,9 +145,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(args: &Args) -> Result<(), String> {
-    let started = Instant::now();
-    let ctx = Context {
+fn context(args: &Args) -> Context {
+    Context {
         quick: args.quick,
         backends: args.backends.clone(),
         plan: Plan {
@@ -138,7 +160,40 @@ fn bench(args: &Args) -> Result<(), String> {
             time_limit: measure::HUNG_AFTER,
         },
         workers: parjob::cpu_count(),
-    };
+    }
+}
+
+/// The `mpi` group's rows from the files `cargo xtask bench` wrote, or rows saying why not.
+fn mpi_rows(args: &Args) -> Vec<Measurement> {
+    use crate::measure::Group;
+    use crate::scenarios::mpi::{SCENARIO, unavailable};
+    let scenario = [SCENARIO.to_string()];
+    let mut rows = Vec::new();
+    let sources = [
+        (&args.mpi_json, "parjob mpi", Group::Parjob),
+        (&args.mpi_peers_json, "mpi4py.futures", Group::Peer),
+    ];
+    for (file, implementation, group) in sources {
+        let loaded = match file {
+            Some(path) => peers::load(path, &scenario).map(|(rows, _)| rows),
+            None if group == Group::Peer => Err("not asked for (run with --peers)".to_string()),
+            None => Err(
+                "this group runs under mpirun: `cargo xtask bench` starts it when `mpirun` is \
+                 on PATH"
+                    .to_string(),
+            ),
+        };
+        match loaded {
+            Ok(found) => rows.extend(found),
+            Err(why) => rows.push(unavailable(implementation, group, &why)),
+        }
+    }
+    rows
+}
+
+fn bench(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let ctx = context(args);
     let mut machine = Machine::read();
     let (mut peer_rows, peers_unavailable) = match &args.peers_json {
         None => (
@@ -151,7 +206,16 @@ fn bench(args: &Args) -> Result<(), String> {
                 (rows, None)
             }
             // One row per scenario, so that the table itself says why the peers are missing.
-            Err(why) => (peers::unavailable_rows(&args.scenarios, &why), Some(why)),
+            // (The `mpi` group's peer, mpi4py.futures, has rows of its own: see `mpi_rows`.)
+            Err(why) => {
+                let scenarios: Vec<String> = args
+                    .scenarios
+                    .iter()
+                    .filter(|s| *s != scenarios::mpi::SCENARIO)
+                    .cloned()
+                    .collect();
+                (peers::unavailable_rows(&scenarios, &why), Some(why))
+            }
         },
     };
     // `crash` runs last: a backend that hangs on a dead worker then costs nothing else.
@@ -175,7 +239,11 @@ fn bench(args: &Args) -> Result<(), String> {
     for scenario in order {
         let t = Instant::now();
         eprintln!("parjob-bench: {scenario} ...");
-        measured.extend(scenarios::run(scenario, &ctx));
+        if scenario == scenarios::mpi::SCENARIO {
+            measured.extend(mpi_rows(args));
+        } else {
+            measured.extend(scenarios::run(scenario, &ctx));
+        }
         eprintln!(
             "parjob-bench: {scenario} done in {:.1} s",
             t.elapsed().as_secs_f64()

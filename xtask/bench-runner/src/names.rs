@@ -4,7 +4,7 @@
 //! spends a minute on the release build: one list, two binaries.
 
 /// The scenarios, in report order.
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "small",
     "tiny",
     "cpu_halves",
@@ -16,4 +16,5 @@ pub const SCENARIOS: [&str; 11] = [
     "timeout",
     "first_result",
     "memory",
+    "mpi",
 ];

@@ -103,6 +103,8 @@ pub fn reference_for(m: &Measurement) -> Reference {
             }
             None => Reference::None,
         },
+        // The MPI group: speedup of 2 worker ranks over 1, for parjob and mpi4py.futures alike.
+        "mpi" if m.variant == "cpu_halves, 2 ranks" => row("cpu_halves, 1 rank", &m.implementation),
         "first_result" => Reference::Ideal {
             label: format!("ideal {FIRST_RESULT_MS} ms"),
             seconds: FIRST_RESULT_MS as f64 / 1000.0,
@@ -202,6 +204,12 @@ pub fn target_for(m: &Measurement) -> Option<Target> {
         )),
         ("timeout", "next call") if process => Some(Target::SecondsAtMost(0.0002)),
         ("first_result", _) if threading || process => Some(Target::SecondsAtMost(0.101)),
+        // Issue 11: the MPI group, 2 worker ranks under `mpirun --oversubscribe -n 3`.
+        ("mpi", "tiny") if backend == "mpi" => Some(Target::RateAtLeast(1e7)),
+        ("mpi", "cpu_halves, 2 ranks") if backend == "mpi" => Some(Target::RatioAtLeast(1.8)),
+        ("mpi", "warm small call") if backend == "mpi" => Some(Target::SecondsAtMost(0.0003)),
+        ("mpi", "abort to error") if backend == "mpi" => Some(Target::SecondsAtMost(0.020)),
+        ("mpi", "next call") if backend == "mpi" => Some(Target::Succeeds),
         // Issue 13: a fully cached re-run at 1e6 tasks/s, storing within 10% on small.
         ("memory", "cached re-run") => Some(Target::RateAtLeast(1e6)),
         ("memory", "small, storing") => Some(Target::RatioAtLeast(1.0 / 1.1)),

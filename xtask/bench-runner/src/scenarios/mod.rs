@@ -7,6 +7,7 @@ mod cpu_halves;
 mod crash;
 mod first_result;
 mod memory;
+pub mod mpi;
 mod sleep_io;
 mod small;
 mod startup;
@@ -49,11 +50,13 @@ pub fn size(scenario: &str, ctx: &Context) -> String {
         "timeout" => timeout::size(),
         "first_result" => first_result::size(ctx),
         "memory" => memory::size(ctx),
+        "mpi" => mpi::size(ctx),
         _ => String::new(),
     }
 }
 
-/// Runs one scenario by name (one of `report::SCENARIOS`).
+/// Runs one scenario by name (one of `report::SCENARIOS`). `mpi` is not run here: its rows
+/// come from the step `cargo xtask bench` runs under `mpirun` (see [`mpi`]).
 pub fn run(scenario: &str, ctx: &Context) -> Vec<Measurement> {
     match scenario {
         "small" => small::run(ctx),

@@ -1,0 +1,567 @@
+//! Rank 0's driver thread: the handshake, dispatching jobs to worker ranks, their `DONE`s,
+//! beats, lost ranks and the shutdown.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use mpi::topology::SimpleCommunicator;
+use parjob_core::{Backend, Error, Job};
+use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
+
+use crate::LAUNCH_HINT;
+use crate::wire::{
+    self, BEAT_EVERY, Hello, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_HELLO, TAG_RUN,
+    TAG_STOP, TAG_WELCOME, put_bytes, put_u32, put_u64,
+};
+
+use super::server::RUN_TRAILER;
+use super::transport::{
+    Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends, try_receive,
+};
+use super::{BYE_DEADLINE, Command, Driver, HELLO_DEADLINE, RankInfo, silence_limit};
+
+/// A job out on a rank.
+struct Out {
+    job: Job,
+    rank: usize,
+}
+
+struct Slot {
+    info: RankInfo,
+    alive: bool,
+    in_flight: usize,
+    last_heard: Instant,
+    same_host: bool,
+}
+
+pub(super) struct DriverState<'w> {
+    world: &'w SimpleCommunicator,
+    size: usize,
+    driver: Arc<Driver>,
+    slots: Vec<Slot>,
+    /// Ranks not heard from yet (handshake), with what they said so far.
+    hellos: HashMap<usize, RankInfo>,
+    /// Ranks refused at the handshake (another build, no local pool): they wait for `STOP`.
+    refused: Vec<usize>,
+    hello_error: Option<Error>,
+    started: Instant,
+    queue: VecDeque<(Job, usize)>,
+    out: HashMap<u64, Out>,
+    next_id: u64,
+    sends: Vec<PendingSend>,
+    leaked: Vec<Vec<u8>>,
+    host: String,
+    last_check: Instant,
+    last_beat: Instant,
+}
+
+impl<'w> DriverState<'w> {
+    pub(super) fn new(world: &'w SimpleCommunicator, size: usize, driver: Arc<Driver>) -> Self {
+        DriverState {
+            world,
+            size,
+            driver,
+            slots: Vec::new(),
+            hellos: HashMap::new(),
+            refused: Vec::new(),
+            hello_error: None,
+            started: Instant::now(),
+            queue: VecDeque::new(),
+            out: HashMap::new(),
+            next_id: 1,
+            sends: Vec::new(),
+            leaked: Vec::new(),
+            host: host_name(),
+            last_check: Instant::now(),
+            last_beat: Instant::now(),
+        }
+    }
+
+    fn handshaken(&self) -> bool {
+        self.driver.ranks.get().is_some()
+    }
+
+    fn finish_handshake(&mut self, result: Result<Vec<RankInfo>, Error>) {
+        let _ = self.driver.ranks.set(result);
+        let (lock, ready) = &self.driver.ready;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        ready.notify_all();
+    }
+
+    /// The driver loop, until the program exits. Returns who to tell once MPI is finalized.
+    pub(super) fn run(&mut self, inbox: Receiver<Command>) -> Option<Sender<()>> {
+        if self.size < 2 {
+            self.finish_handshake(Err(Error::backend_unavailable(
+                Backend::Mpi,
+                format!("the MPI world has only rank 0, so no rank runs tasks; {LAUNCH_HINT}"),
+            )));
+        }
+        let mut backoff = Backoff { idle_since: None };
+        loop {
+            let mut busy = false;
+            // Commands from the pools.
+            loop {
+                match inbox.try_recv() {
+                    Ok(Command::Submit { job, ranks }) => {
+                        self.queue.push_back((job, ranks));
+                        busy = true;
+                    }
+                    Ok(Command::Shutdown(done)) => {
+                        self.shutdown();
+                        return Some(done);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.shutdown();
+                        return None;
+                    }
+                }
+            }
+            while let Some((from, tag, bytes)) = try_receive(self.world) {
+                busy = true;
+                self.receive(from, tag, &bytes);
+            }
+            test_sends(&mut self.sends);
+            if self.dispatch() {
+                busy = true;
+            }
+            self.check_ranks();
+            if self.size > 1 {
+                self.beat();
+            }
+            if busy {
+                backoff.busy();
+            } else if self.out.is_empty() && self.queue.is_empty() && self.handshaken() {
+                // Nothing to do: wait for a command (beats pile up meanwhile, harmlessly).
+                match inbox.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Command::Submit { job, ranks }) => self.queue.push_back((job, ranks)),
+                    Ok(Command::Shutdown(done)) => {
+                        self.shutdown();
+                        return Some(done);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.shutdown();
+                        return None;
+                    }
+                }
+                backoff.busy();
+            } else {
+                backoff.idle();
+            }
+        }
+    }
+
+    fn receive(&mut self, from: usize, tag: i32, bytes: &[u8]) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == from) {
+            slot.last_heard = Instant::now();
+        }
+        match tag {
+            TAG_HELLO => self.hello(from, bytes),
+            TAG_DONE => self.done(from, bytes),
+            TAG_BROKEN => self.lose(from, "a message from it stopped halfway"),
+            _ => {} // BEAT (already noted), BYE outside shutdown
+        }
+    }
+
+    fn hello(&mut self, from: usize, bytes: &[u8]) {
+        let refuse = |this: &mut Self, message: String| {
+            this.hello_error
+                .get_or_insert(Error::worker(from, format!("MPI rank {from}: {message}")));
+            if let Ok(send) = isend(this.world, from, TAG_WELCOME, vec![0]) {
+                this.sends.push(send);
+            }
+            if !this.refused.contains(&from) {
+                this.refused.push(from);
+            }
+            this.complete_handshake_if_all_answered();
+        };
+        let Some(hello) = Hello::decode(bytes) else {
+            return refuse(self, "sent a malformed HELLO".into());
+        };
+        let identity = match parjob_remote::Identity::decode(&hello.identity) {
+            Ok(identity) => identity,
+            Err(e) => return refuse(self, format!("on {}: {e}", hello.host)),
+        };
+        if let Err(e) = identity.check_same_build(PROTOCOL) {
+            return refuse(self, format!("on {}: {e}", hello.host));
+        }
+        if !hello.error.is_empty() {
+            return refuse(
+                self,
+                format!("on {} (pid {}): {}", hello.host, identity.pid, hello.error),
+            );
+        }
+        let mut welcome = vec![1];
+        put_u32(&mut welcome, std::process::id());
+        put_bytes(&mut welcome, self.host.as_bytes());
+        if let Ok(send) = isend(self.world, from, TAG_WELCOME, welcome) {
+            self.sends.push(send);
+        }
+        self.hellos.insert(
+            from,
+            RankInfo {
+                rank: from,
+                host: hello.host,
+                pid: identity.pid,
+                workers: hello.workers.max(1) as usize,
+            },
+        );
+        self.complete_handshake_if_all_answered();
+    }
+
+    /// Once every rank answered (accepted or refused), tells the pools what the world is.
+    fn complete_handshake_if_all_answered(&mut self) {
+        if self.hellos.len() + self.refused.len() == self.size - 1 && !self.handshaken() {
+            let mut ranks: Vec<RankInfo> = self.hellos.values().cloned().collect();
+            ranks.sort_by_key(|r| r.rank);
+            self.slots = ranks
+                .iter()
+                .map(|info| Slot {
+                    same_host: info.host == self.host,
+                    info: info.clone(),
+                    alive: true,
+                    in_flight: 0,
+                    last_heard: Instant::now(),
+                })
+                .collect();
+            let result = match self.hello_error.take() {
+                Some(error) => Err(error),
+                None => Ok(ranks),
+            };
+            self.finish_handshake(result);
+        }
+    }
+
+    /// Sends queued jobs to ranks with room. Returns whether it sent any.
+    fn dispatch(&mut self) -> bool {
+        if !self.handshaken() {
+            return false;
+        }
+        let mut sent = false;
+        while let Some(limit) = self.queue.front().map(|(_, ranks)| *ranks) {
+            let candidates = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.info.rank <= limit && s.alive);
+            let mut any_alive = false;
+            let mut best: Option<usize> = None;
+            for (i, slot) in candidates {
+                any_alive = true;
+                if slot.in_flight < 2 * slot.info.workers
+                    && best.is_none_or(|b| {
+                        self.slots[b].in_flight * slot.info.workers
+                            > slot.in_flight * self.slots[b].info.workers
+                    })
+                {
+                    best = Some(i);
+                }
+            }
+            if !any_alive {
+                let Some((mut job, _)) = self.queue.pop_front() else {
+                    break;
+                };
+                let lost: Vec<&Slot> = self.slots.iter().filter(|s| s.info.rank <= limit).collect();
+                let (rank, host, pid) = lost.first().map_or((0, String::new(), 0), |s| {
+                    (s.info.rank, s.info.host.clone(), s.info.pid)
+                });
+                fail_rest(&mut job, |index| {
+                    Error::rank_lost(
+                        index,
+                        rank,
+                        host.clone(),
+                        pid,
+                        "every worker rank of this pool was lost",
+                    )
+                });
+                job.complete(Duration::ZERO);
+                continue;
+            }
+            let Some(best) = best else {
+                break;
+            };
+            let Some((job, _)) = self.queue.pop_front() else {
+                break;
+            };
+            self.send_job(job, best);
+            sent = true;
+        }
+        sent
+    }
+
+    fn send_job(&mut self, mut job: Job, slot: usize) {
+        if job.control().is_cancelled() || !job.mark_started() {
+            job.complete(Duration::ZERO);
+            return;
+        }
+        let rank = self.slots[slot].info.rank;
+        let id = self.next_id;
+        self.next_id += 1;
+        let batch = job.batch();
+        let entry = match batch
+            .remote_entry()
+            .and_then(|entry| CodeOffset::of_entry(entry, batch.function_name()))
+        {
+            Ok(entry) => entry,
+            Err(error) => {
+                job.batch_mut().push_failure(error);
+                job.complete(Duration::ZERO);
+                return;
+            }
+        };
+        let len = batch.len();
+        // The tasks first and the fixed-size trailer last: the rank then hands the message's
+        // own buffer, cut short, to its local pool instead of copying the frame out of it.
+        let mut buffer = Vec::with_capacity(RUN_TRAILER + 16 * len);
+        // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
+        let encoded = parjob_core::catch_task(|| batch.encode_tasks(0..len, &mut buffer));
+        if let Err(message) = encoded {
+            let index = job.batch().first_index();
+            job.batch_mut().push_failure(codec_error(index, message));
+            job.complete(Duration::ZERO);
+            return;
+        }
+        put_u64(&mut buffer, batch.first_index() as u64);
+        let header = RunHeader {
+            tag: FrameTag {
+                generation: rank as u64,
+                seq: id,
+            },
+            timeout: job.control().timeout(),
+            entry,
+            frame: FrameAt::Inline,
+            attachments: 0,
+        };
+        buffer.extend_from_slice(&header.encode());
+        match isend(self.world, rank, TAG_RUN, buffer) {
+            Ok(send) => {
+                self.sends.push(send);
+                self.slots[slot].in_flight += 1;
+                self.out.insert(id, Out { job, rank });
+            }
+            Err(message) => {
+                let index = job.batch().first_index();
+                job.batch_mut()
+                    .push_failure(Error::InvalidConfig(format!("task {index}: {message}")));
+                job.complete(Duration::ZERO);
+            }
+        }
+    }
+
+    fn done(&mut self, from: usize, bytes: &[u8]) {
+        let Ok((header, mut body)) = DoneHeader::decode(bytes) else {
+            return self.lose(from, "it sent a malformed DONE");
+        };
+        let Some(Out { mut job, rank }) = self.out.remove(&header.tag.seq) else {
+            return;
+        };
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == rank) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+        }
+        let host = self.host_of(rank);
+        while let Some((&kind, rest)) = body.split_first() {
+            let mut r = Reader(rest);
+            match kind {
+                0 => {
+                    let (Some(_count), Some(records)) = (r.u32(), r.bytes()) else {
+                        break;
+                    };
+                    job.batch_mut().decode_outcomes(records);
+                }
+                1 => {
+                    let Some(error) = wire::read_failure(&mut r) else {
+                        break;
+                    };
+                    job.batch_mut()
+                        .push_failure(Error::on_rank(rank, host.clone(), error));
+                }
+                _ => break,
+            }
+            body = r.0;
+        }
+        job.complete(header.busy);
+    }
+
+    fn host_of(&self, rank: usize) -> String {
+        self.slots
+            .iter()
+            .find(|s| s.info.rank == rank)
+            .map_or_else(|| "<unknown host>".into(), |s| s.info.host.clone())
+    }
+
+    /// Tells every rank still in the world, every `BEAT_EVERY`, that rank 0 is alive: a rank
+    /// that stops hearing it (rank 0 killed under `--enable-recovery`) ends itself.
+    fn beat(&mut self) {
+        if self.last_beat.elapsed() < BEAT_EVERY {
+            return;
+        }
+        self.last_beat = Instant::now();
+        // Before the handshake is over, the ranks welcomed so far (they count silence from
+        // their WELCOME); after it, those not lost.
+        let welcomed: Vec<usize> = if self.handshaken() {
+            self.slots
+                .iter()
+                .filter(|s| s.alive)
+                .map(|s| s.info.rank)
+                .collect()
+        } else {
+            self.hellos.keys().copied().collect()
+        };
+        let ranks: Vec<usize> = welcomed
+            .into_iter()
+            .chain(self.refused.iter().copied())
+            .collect();
+        for rank in ranks {
+            if let Ok(send) = isend(self.world, rank, TAG_BEAT, Vec::new()) {
+                self.sends.push(send);
+            }
+        }
+    }
+
+    /// Declares ranks lost whose process is gone or that went silent.
+    fn check_ranks(&mut self) {
+        if self.last_check.elapsed() < Duration::from_millis(50) {
+            return;
+        }
+        self.last_check = Instant::now();
+        if !self.handshaken() {
+            if self.started.elapsed() > HELLO_DEADLINE {
+                let missing: Vec<usize> = (1..self.size)
+                    .filter(|r| !self.hellos.contains_key(r))
+                    .collect();
+                self.finish_handshake(Err(Error::backend_unavailable(
+                    Backend::Mpi,
+                    format!(
+                        "MPI ranks {missing:?} did not say hello within {HELLO_DEADLINE:?} \
+                         (did their program call parjob::init() first thing in main?)"
+                    ),
+                )));
+            }
+            return;
+        }
+        let limit = silence_limit();
+        let mut lost = Vec::new();
+        for slot in self.slots.iter().filter(|s| s.alive) {
+            if slot.same_host && process_gone(slot.info.pid) {
+                lost.push((
+                    slot.info.rank,
+                    "its process is gone (killed or crashed)".to_string(),
+                ));
+            } else if slot.last_heard.elapsed() > limit {
+                lost.push((
+                    slot.info.rank,
+                    format!("it sent nothing for {limit:?} (PARJOB_MPI_RANK_TIMEOUT)"),
+                ));
+            }
+        }
+        for (rank, reason) in lost {
+            self.lose(rank, &reason);
+        }
+    }
+
+    /// Marks `rank` lost and fails every job out on it.
+    fn lose(&mut self, rank: usize, reason: &str) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == rank) else {
+            return;
+        };
+        if !slot.alive {
+            return;
+        }
+        slot.alive = false;
+        slot.in_flight = 0;
+        let (host, pid) = (slot.info.host.clone(), slot.info.pid);
+        self.driver.lost.store(true, Ordering::SeqCst);
+        // Sends toward it may never complete, and MPI may still read their buffers.
+        let mut kept = Vec::new();
+        for send in self.sends.drain(..) {
+            if send.rank == rank {
+                self.leaked.push(send._buffer);
+            } else {
+                kept.push(send);
+            }
+        }
+        self.sends = kept;
+        let ids: Vec<u64> = self
+            .out
+            .iter()
+            .filter(|(_, out)| out.rank == rank)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(Out { mut job, .. }) = self.out.remove(&id) {
+                fail_rest(&mut job, |index| {
+                    Error::rank_lost(index, rank, host.clone(), pid, reason)
+                });
+                job.complete(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Tells every live rank to stop and waits (with a deadline) for their `BYE`s.
+    fn shutdown(&mut self) {
+        // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
+        for (job, _) in self.queue.drain(..) {
+            job.complete(Duration::ZERO);
+        }
+        let ranks: Vec<usize> = if self.handshaken() {
+            let alive = self.slots.iter().filter(|s| s.alive).map(|s| s.info.rank);
+            alive.chain(self.refused.iter().copied()).collect()
+        } else {
+            (1..self.size).collect()
+        };
+        // After a loss no rank may wait in MPI_Finalize for the lost one: they `_exit` too.
+        let finalize = u8::from(!self.driver.lost.load(Ordering::SeqCst));
+        for &rank in &ranks {
+            if let Ok(send) = isend(self.world, rank, TAG_STOP, vec![finalize]) {
+                self.sends.push(send);
+            }
+        }
+        let mut waiting: Vec<usize> = ranks;
+        let deadline = Instant::now() + BYE_DEADLINE;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            while let Some((from, tag, bytes)) = try_receive(self.world) {
+                if tag == TAG_BYE {
+                    waiting.retain(|&r| r != from);
+                } else if tag == TAG_DONE {
+                    self.done(from, &bytes);
+                }
+            }
+            test_sends(&mut self.sends);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for (_, out) in self.out.drain() {
+            out.job.complete(Duration::ZERO);
+        }
+        if !waiting.is_empty() {
+            self.driver.lost.store(true, Ordering::SeqCst);
+        }
+        if self.driver.lost.load(Ordering::SeqCst) {
+            // Their buffers may still be read by MPI: never freed (the process is ending).
+            for send in self.sends.drain(..) {
+                self.leaked.push(send._buffer);
+            }
+            std::mem::forget(std::mem::take(&mut self.leaked));
+        }
+    }
+}
+
+/// A codec error for a job whose arguments' `Serialize` panicked while encoding.
+fn codec_error(index: usize, message: String) -> Error {
+    Error::task_panicked(
+        index,
+        format!("encoding its arguments for an MPI rank panicked: {message}"),
+    )
+}
+
+/// Records `error(index)` for every task of `job` without an outcome.
+fn fail_rest(job: &mut Job, error: impl Fn(usize) -> Error) {
+    let batch = job.batch_mut();
+    while batch.outcomes_len() < batch.len() {
+        let index = batch.first_index() + batch.outcomes_len();
+        batch.push_failure(error(index));
+    }
+}

@@ -1,0 +1,182 @@
+//! The MPI world: one thread per rank makes every MPI call (rsmpi's communicator is `!Sync`
+//! under Open MPI). On rank 0 it is the driver thread, fed jobs by [`MpiPool`]; on the other
+//! ranks it is the rank server, which never returns.
+//!
+//! Sends are non-blocking (`MPI_Isend`, their buffers kept until `MPI_Test` says they went), so
+//! no call ever waits on a rank that may be dead; a rank that stops beating (or whose process
+//! is gone, when it shares rank 0's host) is declared lost after a deadline, and after a loss
+//! rank 0 leaves with `_exit` rather than wait in `MPI_Finalize`.
+
+//! The modules, one job each: `transport` (non-blocking sends and receives, idling, hosts and
+//! pids), `driver` (rank 0's driver thread), `pool` ([`MpiPool`], the handle `Parallel` uses)
+//! and `server` (a worker rank's server and its local pool). This file starts MPI and holds
+//! what they share.
+
+mod driver;
+mod pool;
+mod server;
+mod transport;
+
+pub use pool::MpiPool;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use mpi::topology::Communicator;
+use parjob_core::{Error, Job};
+
+use driver::DriverState;
+use server::serve;
+
+/// `serve`'s status for "stop without MPI_Finalize, successfully" (a rank was lost).
+const EXIT_WITHOUT_FINALIZE: i32 = -1;
+
+/// How long rank 0 waits for every rank's `HELLO` (their local pools start first).
+const HELLO_DEADLINE: Duration = Duration::from_secs(60);
+/// How long rank 0 waits for `BYE`s at exit before leaving without `MPI_Finalize`.
+const BYE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A rank that sent nothing for this long is lost (`PARJOB_MPI_RANK_TIMEOUT`, in seconds).
+fn silence_limit() -> Duration {
+    std::env::var("PARJOB_MPI_RANK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs(5), Duration::from_secs_f64)
+}
+
+/// What rank 0's driver thread is told.
+enum Command {
+    /// Run `job` on one of ranks `1..=ranks`.
+    Submit { job: Job, ranks: usize },
+    /// The program is exiting: stop the ranks.
+    Shutdown(Sender<()>),
+}
+
+/// A worker rank as rank 0 knows it after its `HELLO`.
+#[derive(Debug, Clone)]
+struct RankInfo {
+    rank: usize,
+    host: String,
+    pid: u32,
+    workers: usize,
+}
+
+/// Rank 0's handle on its driver thread.
+struct Driver {
+    commands: Mutex<Sender<Command>>,
+    /// Filled once every rank said hello: the ranks, or why the world cannot work.
+    ranks: OnceLock<Result<Vec<RankInfo>, Error>>,
+    ready: (Mutex<bool>, std::sync::Condvar),
+    lost: AtomicBool,
+}
+
+static DRIVER: OnceLock<Arc<Driver>> = OnceLock::new();
+static WORLD_SIZE: OnceLock<usize> = OnceLock::new();
+
+/// The number of ranks in the world, once [`init`] started MPI; `None` outside a launcher.
+pub fn world_size() -> Option<usize> {
+    WORLD_SIZE.get().copied()
+}
+
+/// Call first thing in `main` (after the process backend's `init`; `parjob::init()` does
+/// both). Outside an MPI launcher it does nothing. Under one, it starts MPI on a thread of its
+/// own; on rank 0 it returns, on every other rank it serves rank 0 until the program on rank
+/// 0 exits, then ends the process, never returning.
+pub fn init() {
+    if !crate::launched_by_mpi() || DRIVER.get().is_some() {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("parjob-mpi".into())
+        .spawn(move || mpi_thread(tx));
+    if let Err(e) = spawned {
+        eprintln!("parjob: cannot start the MPI thread: {e}; the MPI backend is unavailable");
+        return;
+    }
+    match rx.recv() {
+        // Rank 0: the driver thread runs on; main goes on.
+        Ok(0) => {}
+        // A worker rank: the MPI thread serves and ends the process.
+        Ok(_) => loop {
+            std::thread::park();
+        },
+        Err(_) => eprintln!("parjob: MPI did not start; the MPI backend is unavailable"),
+    }
+}
+
+fn mpi_thread(started: Sender<usize>) {
+    let Some((universe, _threading)) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+    else {
+        return;
+    };
+    let world = universe.world();
+    let rank = usize::try_from(world.rank()).unwrap_or(0);
+    let size = usize::try_from(world.size()).unwrap_or(1);
+    let _ = WORLD_SIZE.set(size);
+    if rank != 0 {
+        let _ = started.send(rank);
+        let status = serve(&world, rank);
+        drop(world);
+        if status == 0 {
+            drop(universe); // MPI_Finalize: rank 0 said STOP, every rank is finalizing
+            std::process::exit(0);
+        }
+        let status = if status == EXIT_WITHOUT_FINALIZE {
+            0
+        } else {
+            status
+        };
+        // SAFETY: `_exit` ends the process at once: no MPI_Finalize that would wait for a
+        // lost rank.
+        unsafe { libc::_exit(status) };
+    }
+    let (commands, inbox) = mpsc::channel();
+    let driver = Arc::new(Driver {
+        commands: Mutex::new(commands),
+        ranks: OnceLock::new(),
+        ready: (Mutex::new(false), std::sync::Condvar::new()),
+        lost: AtomicBool::new(false),
+    });
+    let _ = DRIVER.set(Arc::clone(&driver));
+    // SAFETY: `at_exit` is a plain `extern "C" fn()` that does not unwind.
+    unsafe { libc::atexit(at_exit) };
+    let _ = started.send(0);
+    let mut state = DriverState::new(&world, size, Arc::clone(&driver));
+    let exiting = state.run(inbox);
+    let lost = driver.lost.load(Ordering::SeqCst);
+    drop(state);
+    drop(world);
+    if lost {
+        // A lost rank would never join MPI_Finalize: leave without it (the caller of
+        // `exit` already flushed Rust's stdout).
+        // SAFETY: `_exit` ends the process at once, skipping MPI_Finalize.
+        unsafe { libc::_exit(0) };
+    }
+    drop(universe); // MPI_Finalize, with every rank finalizing after its BYE
+    // Only now may the exiting main thread go on (and end the process).
+    if let Some(done) = exiting {
+        let _ = done.send(());
+    }
+}
+
+/// Registered with `atexit` on rank 0: stops the ranks and waits for the driver thread, which
+/// finalizes MPI (or `_exit`s after a loss).
+extern "C" fn at_exit() {
+    let Some(driver) = DRIVER.get() else {
+        return;
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    let sent = driver
+        .commands
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(Command::Shutdown(done_tx))
+        .is_ok();
+    if sent {
+        let _ = done_rx.recv_timeout(BYE_DEADLINE + Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,372 @@
+//! A worker rank's server: its local process pool, the frames rank 0 sends it, and their
+//! `DONE`s.
+
+use std::sync::mpsc::{self, Sender};
+use std::time::{Duration, Instant};
+
+use mpi::topology::SimpleCommunicator;
+use parjob_core::{Error, Job, Pool, ProcessOptions, Relayed, RelayedOutcomes, cpu_count};
+use parjob_process::ProcessPool;
+use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader};
+
+use crate::wire::{
+    self, BEAT_EVERY, Hello, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE, TAG_DONE,
+    TAG_HELLO, TAG_RUN, TAG_STOP, TAG_WELCOME,
+};
+
+use super::transport::{
+    Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends, try_receive,
+};
+use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, silence_limit};
+
+/// How many local worker processes this rank runs: `PARJOB_MPI_WORKERS_PER_RANK`, else the
+/// CPUs divided among the ranks on this node.
+fn local_workers() -> usize {
+    if let Some(n) = std::env::var("PARJOB_MPI_WORKERS_PER_RANK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    // Slurm writes e.g. `3` or `2(x4)` in SLURM_STEP_TASKS_PER_NODE: the leading number is
+    // this node's (on a uniform allocation).
+    let on_node = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_STEP_TASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|var| {
+        let value = std::env::var(var).ok()?;
+        let digits: String = value
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<usize>().ok()
+    })
+    .filter(|&n| n > 0)
+    .unwrap_or(1);
+    (cpu_count() / on_node).max(1)
+}
+
+/// The rank server's loop. Returns the exit status: 0 after rank 0's `STOP`.
+pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
+    let host = host_name();
+    let workers = local_workers();
+    let (pool, error) = match ProcessPool::new(workers, ProcessOptions::default()) {
+        Ok(pool) => (Some(pool), String::new()),
+        Err(e) => (None, format!("its local process pool did not start: {e}")),
+    };
+    let hello = Hello {
+        identity: Identity::current(PROTOCOL).encode(),
+        host,
+        workers: u32::try_from(workers).unwrap_or(u32::MAX),
+        error,
+    };
+    let mut sends = Vec::new();
+    match isend(world, 0, TAG_HELLO, hello.encode()) {
+        Ok(send) => sends.push(send),
+        Err(_) => return 1,
+    }
+    let mut welcomed = false;
+    let (done_tx, done_rx) = mpsc::channel::<(u64, u64, RelayedOutcomes)>();
+    let mut last_beat = Instant::now();
+    // Rank 0's pid and whether it shares this host, from its WELCOME; when it last spoke.
+    let mut rank0: Option<(u32, bool)> = None;
+    let mut heard_from_0 = Instant::now();
+    let mut last_check = Instant::now();
+    let my_host = host_name();
+    let mut backoff = Backoff { idle_since: None };
+    loop {
+        let mut busy = false;
+        while let Some((from, tag, bytes)) = try_receive(world) {
+            busy = true;
+            if from != 0 {
+                continue;
+            }
+            heard_from_0 = Instant::now();
+            match tag {
+                TAG_BROKEN => {
+                    // Rank 0 died while sending: nobody will say STOP.
+                    drop(pool);
+                    return 3;
+                }
+                // A refused rank (another build, no local pool) gets no RUN: it waits for STOP.
+                TAG_WELCOME => {
+                    welcomed = bytes.first() == Some(&1);
+                    let mut r = Reader(bytes.get(1..).unwrap_or_default());
+                    if let (Some(pid), Some(host)) = (r.u32(), r.text()) {
+                        rank0 = Some((pid, host == my_host));
+                    }
+                }
+                TAG_RUN if welcomed => {
+                    if let Some(pool) = &pool {
+                        run_frame(pool, rank, bytes, &done_tx, world, &mut sends);
+                    }
+                }
+                TAG_STOP => {
+                    let finalize = bytes.first() == Some(&1);
+                    drop(pool);
+                    if let Ok(send) = isend(world, 0, TAG_BYE, Vec::new()) {
+                        sends.push(send);
+                    }
+                    let deadline = Instant::now() + BYE_DEADLINE;
+                    while !sends.is_empty() && Instant::now() < deadline {
+                        test_sends(&mut sends);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    return match (sends.is_empty(), finalize) {
+                        (true, true) => 0,
+                        // A rank was lost (or the BYE did not go): leave without finalizing.
+                        (true, false) => EXIT_WITHOUT_FINALIZE,
+                        (false, _) => 1,
+                    };
+                }
+                _ => {}
+            }
+        }
+        while let Ok((id, first_index, outcomes)) = done_rx.try_recv() {
+            busy = true;
+            let message = encode_done(rank as u64, id, first_index, outcomes);
+            if let Ok(send) = isend(world, 0, TAG_DONE, message) {
+                sends.push(send);
+            }
+        }
+        test_sends(&mut sends);
+        if last_check.elapsed() >= Duration::from_millis(100) {
+            last_check = Instant::now();
+            let gone = match rank0 {
+                Some((pid, true)) => process_gone(pid),
+                _ => false,
+            };
+            // Rank 0 beats only once the handshake is over: silence counts from then.
+            if gone || (rank0.is_some() && heard_from_0.elapsed() > silence_limit()) {
+                // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
+                // the local workers and leave without MPI_Finalize, rather than serve nobody.
+                drop(pool);
+                return 3;
+            }
+        }
+        if last_beat.elapsed() >= BEAT_EVERY {
+            last_beat = Instant::now();
+            if let Ok(send) = isend(world, 0, TAG_BEAT, Vec::new()) {
+                sends.push(send);
+            }
+        }
+        if busy {
+            backoff.busy();
+        } else {
+            backoff.idle();
+        }
+    }
+}
+
+/// The bytes after a `RUN`'s tasks frame: `[first index u64][RunHeader]`.
+pub(super) const RUN_TRAILER: usize = 8 + RunHeader::LEN;
+
+/// Hands one `RUN` to the local pool; a frame that cannot be run is answered at once.
+fn run_frame(
+    pool: &ProcessPool,
+    rank: usize,
+    mut frame: Vec<u8>,
+    done: &Sender<(u64, u64, RelayedOutcomes)>,
+    world: &SimpleCommunicator,
+    sends: &mut Vec<PendingSend>,
+) {
+    let Some(at) = frame.len().checked_sub(RUN_TRAILER) else {
+        return;
+    };
+    let mut r = Reader(&frame[at..]);
+    let Some(first_index) = r.u64() else {
+        return;
+    };
+    let Ok((header, _)) = RunHeader::decode(r.0) else {
+        return;
+    };
+    frame.truncate(at);
+    let id = header.tag.seq;
+    let failed = |message: String| {
+        let outcomes = RelayedOutcomes {
+            busy: Duration::ZERO,
+            len: 1,
+            records: Vec::new(),
+            outcomes: vec![Relayed::Failed(Error::worker(
+                rank,
+                format!("task {first_index}: {message}"),
+            ))],
+        };
+        encode_done(rank as u64, id, first_index, outcomes)
+    };
+    // SAFETY: rank 0 sends RUNs only after it checked this rank's identity (the same build,
+    // by GNU build-id) and welcomed it; the offset reached here unchanged inside the message.
+    let entry = match unsafe { parjob_remote::entry_at(header.entry) } {
+        Ok(entry) => entry,
+        Err(e) => {
+            if let Ok(send) = isend(world, 0, TAG_DONE, failed(e.to_string())) {
+                sends.push(send);
+            }
+            return;
+        }
+    };
+    let done = done.clone();
+    let first = first_index;
+    let job = Job::relayed(
+        usize::try_from(first_index).unwrap_or(usize::MAX),
+        entry,
+        frame,
+        header.timeout,
+        move |outcomes| {
+            let _ = done.send((id, first, outcomes));
+        },
+    );
+    match job {
+        Ok(job) => pool.submit(job),
+        Err(e) => {
+            if let Ok(send) = isend(world, 0, TAG_DONE, failed(e.to_string())) {
+                sends.push(send);
+            }
+        }
+    }
+}
+
+/// The `DONE` for frame `id`: consecutive records travel as they are, a panic record or a
+/// failure the local pool recorded as a failure entry (rank 0 wraps those in
+/// `Error::OnRank`).
+fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) -> Vec<u8> {
+    let header = DoneHeader {
+        tag: FrameTag {
+            generation: rank,
+            seq: id,
+        },
+        busy: outcomes.busy,
+        outcomes: FrameAt::Inline,
+        new_arena: false,
+        overrun: None,
+    };
+    let records = &outcomes.records;
+    let mut out = Vec::with_capacity(DoneHeader::LEN + 16 + records.len());
+    out.extend_from_slice(&header.encode());
+    // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
+    // copied span by span (the local pool stores them back to back), its count and length
+    // filled in when the run ends.
+    let mut run: Option<(usize, u32)> = None; // (where its count is in `out`, records so far)
+    let mut span: Option<std::ops::Range<usize>> = None; // records not copied yet
+    let flush_span = |out: &mut Vec<u8>, span: &mut Option<std::ops::Range<usize>>| {
+        if let Some(span) = span.take() {
+            out.extend_from_slice(records.get(span).unwrap_or_default());
+        }
+    };
+    let end_run = |out: &mut Vec<u8>, run: &mut Option<(usize, u32)>| {
+        if let Some((at, count)) = run.take() {
+            let len = out.len() - at - 8;
+            out[at..at + 4].copy_from_slice(&count.to_le_bytes());
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            out[at + 4..at + 8].copy_from_slice(&len.to_le_bytes());
+        }
+    };
+    // By reference: moving each (large) outcome out cost more than encoding it.
+    for (position, outcome) in outcomes.outcomes.iter().enumerate() {
+        let panicked;
+        let failure = match outcome {
+            Relayed::Record(at) => {
+                let record = records.get(at.clone()).unwrap_or_default();
+                if record.first() == Some(&RECORD_PANICKED) {
+                    let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
+                    let index = usize::try_from(first_index).unwrap_or(0) + position;
+                    panicked = Error::task_panicked(index, message);
+                    &panicked
+                } else {
+                    if run.is_none() {
+                        out.push(0);
+                        run = Some((out.len(), 0));
+                        out.extend_from_slice(&[0; 8]);
+                    }
+                    if let Some((_, count)) = &mut run {
+                        *count += 1;
+                    }
+                    match &mut span {
+                        Some(s) if s.end == at.start => s.end = at.end,
+                        _ => {
+                            flush_span(&mut out, &mut span);
+                            span = Some(at.clone());
+                        }
+                    }
+                    continue;
+                }
+            }
+            Relayed::Failed(error) => error,
+        };
+        flush_span(&mut out, &mut span);
+        end_run(&mut out, &mut run);
+        wire::put_failure(&mut out, failure);
+    }
+    flush_span(&mut out, &mut span);
+    end_run(&mut out, &mut run);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::put_bytes;
+
+    fn record(tag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        put_bytes(&mut out, payload);
+        out
+    }
+
+    /// Consecutive records travel as one entry with the right count and length; a panic
+    /// record and a failure split them, in task order.
+    #[test]
+    fn done_groups_records_and_keeps_failures_in_order() {
+        let (a, b) = (record(0, b"aa"), record(0, b"bbb"));
+        let panic = record(RECORD_PANICKED, b"boom");
+        let d = record(0, b"d");
+        let mut records = Vec::new();
+        let mut at = |r: &[u8]| {
+            let start = records.len();
+            records.extend_from_slice(r);
+            Relayed::Record(start..records.len())
+        };
+        let outcomes = vec![
+            at(&a),
+            at(&b),
+            at(&panic),
+            Relayed::Failed(Error::timeout(13, Duration::from_millis(5), true)),
+            at(&d),
+        ];
+        let done = encode_done(
+            1,
+            9,
+            10,
+            RelayedOutcomes {
+                busy: Duration::from_micros(3),
+                outcomes,
+                records,
+                len: 5,
+            },
+        );
+        let (header, body) = DoneHeader::decode(&done).expect("a DONE header");
+        assert_eq!((header.tag.generation, header.tag.seq), (1, 9));
+        let mut r = Reader(body);
+        assert_eq!((r.u8(), r.u32()), (Some(0), Some(2)));
+        assert_eq!(r.bytes(), Some([a, b].concat().as_slice()));
+        assert_eq!(r.u8(), Some(1));
+        assert_eq!(
+            wire::read_failure(&mut r),
+            Some(Error::task_panicked(12, "boom"))
+        );
+        assert_eq!(r.u8(), Some(1));
+        assert_eq!(
+            wire::read_failure(&mut r),
+            Some(Error::timeout(13, Duration::from_millis(5), true))
+        );
+        assert_eq!((r.u8(), r.u32()), (Some(0), Some(1)));
+        assert_eq!(r.bytes(), Some(d.as_slice()));
+        assert!(r.0.is_empty());
+    }
+}

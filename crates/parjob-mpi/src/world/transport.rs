@@ -1,0 +1,158 @@
+//! Non-blocking sends and receives (no call ever waits on a rank that may be dead), idling
+//! between polls, and this host's name and pids.
+
+use std::time::{Duration, Instant};
+
+use mpi::datatype::Equivalence;
+use mpi::ffi;
+use mpi::raw::{AsRaw, AsRawMut};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::traits::Source;
+
+use super::silence_limit;
+
+/// A non-blocking send in flight: its buffer lives until MPI says it went.
+pub(super) struct PendingSend {
+    pub(super) request: ffi::MPI_Request,
+    pub(super) _buffer: Vec<u8>,
+    pub(super) rank: usize,
+}
+
+/// Starts a non-blocking send of `buffer` to `rank` with `tag`.
+pub(super) fn isend(
+    world: &SimpleCommunicator,
+    rank: usize,
+    tag: i32,
+    buffer: Vec<u8>,
+) -> Result<PendingSend, String> {
+    let len = i32::try_from(buffer.len())
+        .map_err(|_| format!("a message of {} bytes is over MPI's 2 GiB", buffer.len()))?;
+    let dest = i32::try_from(rank).map_err(|_| format!("no rank {rank}"))?;
+    // SAFETY: reading an MPI constant the C shim defines.
+    let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+    // SAFETY: `buffer` holds `len` bytes and is kept (in the returned PendingSend, or leaked
+    // with it) until MPI_Test says the send completed; the communicator is this world's, used
+    // from this thread only.
+    let code = unsafe {
+        ffi::MPI_Isend(
+            buffer.as_ptr().cast(),
+            len,
+            ffi::RSMPI_UINT8_T,
+            dest,
+            tag,
+            world.as_raw(),
+            &mut request,
+        )
+    };
+    if code != 0 {
+        return Err(format!("MPI_Isend to rank {rank} failed with code {code}"));
+    }
+    Ok(PendingSend {
+        request,
+        _buffer: buffer,
+        rank,
+    })
+}
+
+/// Drops the sends that completed; keeps the others.
+pub(super) fn test_sends(sends: &mut Vec<PendingSend>) {
+    sends.retain_mut(|send| {
+        let mut flag = 0;
+        // SAFETY: `request` came from MPI_Isend and was not completed yet.
+        let code = unsafe { ffi::MPI_Test(&mut send.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        code == 0 && flag == 0
+    });
+}
+
+/// The MPI tag `try_receive` reports for a message that began to arrive but stopped halfway
+/// (its sender died mid-transfer): the caller treats the sender as lost.
+pub(super) const TAG_BROKEN: i32 = -1;
+
+/// The next message from anyone, if one has arrived: (source rank, tag, bytes).
+///
+/// The receive itself is non-blocking (`MPI_Imrecv`, then `MPI_Test` until it completes): a
+/// big message whose sender dies mid-transfer would block `MPI_Mrecv` for ever. After
+/// `silence_limit()` it gives up, leaks the buffer (MPI may still write it) and reports the
+/// message as `TAG_BROKEN`.
+pub(super) fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
+    let (mut message, status) = world.any_process().immediate_matched_probe()?;
+    let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
+    let count = status.count(u8::equivalent_datatype());
+    let len = usize::try_from(count).unwrap_or(0);
+    // Not zeroed first (a big frame's memset cost as much as its copy): MPI writes all `len`
+    // bytes, and the length is set only once MPI_Test says it did.
+    let mut buffer: Vec<u8> = Vec::with_capacity(len);
+    // SAFETY: reading an MPI constant the C shim defines.
+    let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+    // SAFETY: `buffer` holds `count` bytes and outlives the request (it is returned only once
+    // MPI_Test says the receive completed, or leaked); `message` was matched by the probe, and
+    // MPI_Imrecv sets it to MPI_MESSAGE_NULL, which is what dropping it expects.
+    let code = unsafe {
+        ffi::MPI_Imrecv(
+            buffer.as_mut_ptr().cast(),
+            count,
+            ffi::RSMPI_UINT8_T,
+            message.as_raw_mut(),
+            &mut request,
+        )
+    };
+    if code != 0 {
+        std::mem::forget(message);
+        std::mem::forget(buffer);
+        return Some((from, TAG_BROKEN, Vec::new()));
+    }
+    let deadline = Instant::now() + silence_limit();
+    loop {
+        let mut flag = 0;
+        // SAFETY: `request` came from MPI_Imrecv and has not completed yet.
+        let code = unsafe { ffi::MPI_Test(&mut request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        if code == 0 && flag != 0 {
+            // SAFETY: the receive completed: MPI wrote the `count` bytes it matched into the
+            // first `len` bytes of the buffer's capacity.
+            unsafe { buffer.set_len(len) };
+            return Some((from, status.tag(), buffer));
+        }
+        if code != 0 || Instant::now() > deadline {
+            std::mem::forget(buffer);
+            return Some((from, TAG_BROKEN, Vec::new()));
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Waits a little when idle, more the longer it has been idle, so that busy-polling ranks do
+/// not starve the workers on an oversubscribed node.
+pub(super) struct Backoff {
+    pub(super) idle_since: Option<Instant>,
+}
+
+impl Backoff {
+    pub(super) fn busy(&mut self) {
+        self.idle_since = None;
+    }
+    pub(super) fn idle(&mut self) {
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_micros(200) {
+            std::thread::yield_now();
+        } else if since.elapsed() < Duration::from_millis(20) {
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+pub(super) fn host_name() -> String {
+    mpi::environment::processor_name().unwrap_or_else(|_| "<unknown host>".into())
+}
+
+/// Whether process `pid` of this host is gone (or a zombie).
+pub(super) fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
