@@ -446,6 +446,54 @@ mod suite {
         })
     }
 
+    /// Every batch's completion names the rank slot that ran it and what moving it cost
+    /// (bytes each way, encode and decode time), and the insights sum them.
+    fn batches_carry_transport_figures() -> Result<(), String> {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let parallel = mpi(-1)
+            .batch_size(BatchSize::Fixed(10))
+            .insights(true)
+            .on_event(move |event: &parjob::Event| {
+                if let parjob::Event::BatchCompleted {
+                    worker, transport, ..
+                } = event
+                {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((*worker, *transport));
+                }
+            });
+        let out = parallel
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| e.to_string())?;
+        check(out[99] == 99 * 99, || "wrong result".into())?;
+        let seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        check(seen.len() == 10, || format!("{} completions", seen.len()))?;
+        let ranks = parjob_mpi_world_size().saturating_sub(1);
+        for (worker, transport) in &seen {
+            check(worker.is_some_and(|w| w < ranks), || {
+                format!("worker {worker:?} of {ranks} ranks")
+            })?;
+            let t = transport.ok_or("a batch without transport figures")?;
+            // Ten 8-byte arguments out, ten 8-byte values back, with their framing.
+            check(t.bytes_sent >= 80 && t.bytes_received >= 80, || {
+                format!("{t:?}")
+            })?;
+        }
+        let insights = parallel.last_insights().ok_or("no insights")?;
+        let sent: u64 = seen
+            .iter()
+            .filter_map(|(_, t)| *t)
+            .map(|t| t.bytes_sent)
+            .sum();
+        let total = insights.transport;
+        check(total.bytes_sent == sent, || format!("{total:?} vs {sent}"))
+    }
+
     /// Last: it kills a worker rank for good.
     fn rank_killed() -> Result<(), String> {
         let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
@@ -519,6 +567,10 @@ mod suite {
             ("timeout", timeout),
             ("executor", executor),
             ("million_tiny_tasks", million_tiny_tasks),
+            (
+                "batches_carry_transport_figures",
+                batches_carry_transport_figures,
+            ),
             ("rank_killed", rank_killed),
         ];
         let filter = std::env::var("PARJOB_MPI_CASES").unwrap_or_default();

@@ -8,7 +8,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Backend, Error, Job};
+use parjob_core::{Backend, Error, Job, Transport};
 use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::LAUNCH_HINT;
@@ -27,6 +27,13 @@ use super::{BYE_DEADLINE, Command, Driver, HELLO_DEADLINE, RankInfo, silence_lim
 struct Out {
     job: Job,
     rank: usize,
+    /// The slot of the rank (the batch's worker in events and insights).
+    slot: usize,
+    /// When the `RUN` was handed to MPI, and what making it cost: the batch's transport
+    /// figures.
+    sent_at: Instant,
+    encode: Duration,
+    bytes_sent: u64,
 }
 
 struct Slot {
@@ -318,6 +325,7 @@ impl<'w> DriverState<'w> {
         // own buffer, cut short, to its local pool instead of copying the frame out of it.
         let mut buffer = Vec::with_capacity(RUN_TRAILER + 16 * len);
         // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
+        let encode_began = Instant::now();
         let encoded = parjob_core::catch_task(|| batch.encode_tasks(0..len, &mut buffer));
         if let Err(message) = encoded {
             let index = job.batch().first_index();
@@ -337,11 +345,21 @@ impl<'w> DriverState<'w> {
             attachments: 0,
         };
         buffer.extend_from_slice(&header.encode());
+        let encode = encode_began.elapsed();
+        let bytes_sent = buffer.len() as u64;
         match isend(self.world, rank, TAG_RUN, buffer) {
             Ok(send) => {
                 self.sends.push(send);
                 self.slots[slot].in_flight += 1;
-                self.out.insert(id, Out { job, rank });
+                let out = Out {
+                    job,
+                    rank,
+                    slot,
+                    sent_at: Instant::now(),
+                    encode,
+                    bytes_sent,
+                };
+                self.out.insert(id, out);
             }
             Err(message) => {
                 let index = job.batch().first_index();
@@ -356,7 +374,16 @@ impl<'w> DriverState<'w> {
         let Ok((header, mut body)) = DoneHeader::decode(bytes) else {
             return self.lose(from, "it sent a malformed DONE");
         };
-        let Some(Out { mut job, rank }) = self.out.remove(&header.tag.seq) else {
+        let received_at = Instant::now();
+        let Some(Out {
+            mut job,
+            rank,
+            slot,
+            sent_at,
+            encode,
+            bytes_sent,
+        }) = self.out.remove(&header.tag.seq)
+        else {
             return;
         };
         if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == rank) {
@@ -383,6 +410,17 @@ impl<'w> DriverState<'w> {
             }
             body = r.0;
         }
+        job.ran_on(slot);
+        // `Transport` is non-exhaustive: filled field by field.
+        let mut transport = Transport::default();
+        transport.bytes_sent = bytes_sent;
+        transport.bytes_received = bytes.len() as u64;
+        transport.encode = encode;
+        transport.ipc = received_at
+            .saturating_duration_since(sent_at)
+            .saturating_sub(header.busy);
+        transport.decode = received_at.elapsed();
+        job.add_transport(&transport);
         job.complete(header.busy);
     }
 
