@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::measure::Group;
-use crate::report::{Measurement, Status};
+use crate::report::Measurement;
 
 /// The peers file: rows, or why there are none.
 #[derive(Debug, Deserialize)]
@@ -42,16 +42,6 @@ pub fn load(path: &Path, scenarios: &[String]) -> Result<(Vec<Measurement>, Stri
 pub fn unavailable_rows(scenarios: &[String], why: &str) -> Vec<Measurement> {
     scenarios
         .iter()
-        .map(|scenario| Measurement {
-            scenario: scenario.clone(),
-            variant: String::new(),
-            implementation: "Python peers".into(),
-            group: Group::Peer,
-            work: 0.0,
-            unit: String::new(),
-            samples: Vec::new(),
-            status: Status::Unavailable(why.to_string()),
-            note: String::new(),
-        })
+        .map(|scenario| Measurement::unavailable(scenario, "", "Python peers", Group::Peer, why))
         .collect()
 }

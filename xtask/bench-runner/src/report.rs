@@ -55,6 +55,27 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// A row with no figures, saying `why`: a variant an implementation cannot run here.
+    pub fn unavailable(
+        scenario: &str,
+        variant: &str,
+        implementation: &str,
+        group: Group,
+        why: impl Into<String>,
+    ) -> Measurement {
+        Measurement {
+            scenario: scenario.into(),
+            variant: variant.into(),
+            implementation: implementation.into(),
+            group,
+            work: 0.0,
+            unit: String::new(),
+            samples: Vec::new(),
+            status: Status::Unavailable(why.into()),
+            note: String::new(),
+        }
+    }
+
     /// Turns a scenario's timing outcomes into rows; `work` gives each one's work and unit.
     pub fn from_outcomes(
         scenario: &str,

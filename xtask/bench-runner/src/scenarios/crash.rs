@@ -8,7 +8,7 @@ use parjob::{Backend, Parallel, delayed};
 
 use super::Context;
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
-use crate::report::{Measurement, Status};
+use crate::report::Measurement;
 use crate::work::{abort_now, square};
 
 /// What one run of this scenario does, for the report.
@@ -25,19 +25,15 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
     // Threads share the bench's process: an abort there would end the bench itself.
     for &b in &ctx.backends {
         if b != Backend::Process {
-            all.push(Measurement {
-                scenario: "crash".into(),
-                variant: "abort to error".into(),
-                implementation: parjob_name(b),
-                group: Group::Parjob,
-                work: 0.0,
-                unit: String::new(),
-                samples: Vec::new(),
-                status: Status::Unavailable(format!(
+            all.push(Measurement::unavailable(
+                "crash",
+                "abort to error",
+                &parjob_name(b),
+                Group::Parjob,
+                format!(
                     "the {b} backend runs tasks in the bench's own process, which an abort would end"
-                )),
-                note: String::new(),
-            });
+                ),
+            ));
         }
     }
     if !ctx.backends.contains(&Backend::Process) {

@@ -17,7 +17,7 @@ use parjob::{Backend, Error, Parallel, delayed};
 
 use super::Context;
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
-use crate::report::{Measurement, Status};
+use crate::report::Measurement;
 use crate::work::{abort_now, spin, square, sum_squares};
 
 /// The scenario name every row of this group carries.
@@ -52,17 +52,7 @@ pub fn size(ctx: &Context) -> String {
 
 /// One row saying why the group has no figures (not under mpirun, no MPI in this build).
 pub fn unavailable(implementation: &str, group: Group, why: &str) -> Measurement {
-    Measurement {
-        scenario: SCENARIO.into(),
-        variant: String::new(),
-        implementation: implementation.into(),
-        group,
-        work: 0.0,
-        unit: String::new(),
-        samples: Vec::new(),
-        status: Status::Unavailable(why.to_string()),
-        note: String::new(),
-    }
+    Measurement::unavailable(SCENARIO, "", implementation, group, why)
 }
 
 /// Times the group (on rank 0 of an MPI world) and writes its rows to `out` as JSON, in the

@@ -9,7 +9,7 @@ use parjob::{Backend, Parallel, delayed};
 
 use super::Context;
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
-use crate::report::{Measurement, Status};
+use crate::report::Measurement;
 use crate::rules::{TIMEOUT_LIMIT_MS, TIMEOUT_TASK_MS};
 use crate::work::{nap, square};
 
@@ -30,19 +30,13 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
         if b != Backend::Process {
             // A thread cannot be killed: the threading backend reports the timeout and lets
             // the task run on, so "the next call" would not measure a replacement.
-            all.push(Measurement {
-                scenario: "timeout".into(),
-                variant: "limit to error".into(),
-                implementation: parjob_name(b),
-                group: Group::Parjob,
-                work: 0.0,
-                unit: String::new(),
-                samples: Vec::new(),
-                status: Status::Unavailable(format!(
-                    "the {b} backend cannot kill a task that runs in the bench's own process"
-                )),
-                note: String::new(),
-            });
+            all.push(Measurement::unavailable(
+                "timeout",
+                "limit to error",
+                &parjob_name(b),
+                Group::Parjob,
+                format!("the {b} backend cannot kill a task that runs in the bench's own process"),
+            ));
         }
     }
     if !ctx.backends.contains(&Backend::Process) {
