@@ -489,9 +489,19 @@ fn start_driver(file: &Path, backend: &str) -> Child {
         .env_remove("PARJOB_N_JOBS")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(driver_log(file, backend))
         .spawn()
         .unwrap()
+}
+
+/// Where a driver's stderr goes (beside the cache file), for a failure to show.
+fn driver_log(file: &Path, backend: &str) -> std::fs::File {
+    std::fs::File::create(file.with_extension(format!("{backend}.log"))).unwrap()
+}
+
+/// What a driver wrote on stderr.
+fn driver_said(file: &Path, backend: &str) -> String {
+    std::fs::read_to_string(file.with_extension(format!("{backend}.log"))).unwrap_or_default()
 }
 
 /// A cheap pseudo-random sequence (xorshift), seeded from the clock: kill times differ from
@@ -589,9 +599,13 @@ fn two_drivers_share_one_cache_file_at_once() {
     let file = dir.path().join("shared.sqlite");
     let mut first = start_driver(&file, "threading");
     let mut second = start_driver(&file, "process");
-    for child in [&mut first, &mut second] {
+    for (child, backend) in [(&mut first, "threading"), (&mut second, "process")] {
         let status = wait_within(child, CHILD_LIMIT).expect("a driver ends");
-        assert!(status.success(), "a driver failed: {status}");
+        assert!(
+            status.success(),
+            "the {backend} driver failed: {status}; it said:\n{}",
+            driver_said(&file, backend)
+        );
     }
     let memory = Memory::open(&file).unwrap();
     let stats = memory.stats().unwrap();

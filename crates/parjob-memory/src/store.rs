@@ -61,9 +61,13 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
     // WAL: readers never block the writer, and a commit is one append to the log. NORMAL
     // synchronous: a commit survives a crash of the process (SIGKILL) at once, and a power
     // loss from the next checkpoint on; never a corrupt file.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
-        .map_err(open_error)?;
+    //
+    // Changing the journal mode needs the file to itself, and SQLite answers SQLITE_BUSY at
+    // once (without its busy handler) while another process is opening or writing the same
+    // new file: asked again, with short pauses, within the same time limit.
+    let mode: String =
+        retry_while_busy(|| conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)))
+            .map_err(open_error)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(open_error(rusqlite::Error::InvalidParameterName(format!(
             "the file refuses WAL mode (journal mode {mode})"
@@ -88,6 +92,27 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         tx.commit().map_err(open_error)?;
     }
     Ok(conn)
+}
+
+/// Runs `step` again while SQLite says the file is busy or locked, for up to
+/// [`BUSY_TIMEOUT`], pausing a little longer each time; then returns its last answer.
+fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// A write transaction that takes the write lock at once, so that it never has to give up
@@ -359,4 +384,33 @@ pub(crate) fn clear_function(conn: &Connection, name: &str) -> rusqlite::Result<
     tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
     tx.commit()?;
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    /// Connections that open one new file at the same moment all get it: the switch to WAL
+    /// mode, which SQLite refuses at once while another connection holds the file, is asked
+    /// again rather than failing the open with "database is locked".
+    #[test]
+    fn connections_opening_one_new_file_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let path = dir.path().join(format!("cache-{round}.sqlite"));
+            let start = Arc::new(Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, start) = (path.clone(), Arc::clone(&start));
+                    std::thread::spawn(move || {
+                        start.wait();
+                        super::open(&path).map(|_| ())
+                    })
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap();
+            }
+        }
+    }
 }
