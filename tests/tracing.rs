@@ -1,11 +1,17 @@
 //! The `tracing` feature: what a `tracing` subscriber sees of a run (a span per run and per
 //! batch, events for failures, retries and worker changes), recorded by a layer of the test's
 //! own.
+//!
+//! Each test runs in a child process of its own: `tracing` caches per call site whether
+//! anyone listens, across every thread of the process, and the other tests' runs (on threads
+//! with no subscriber) hit the same call sites at the same time; in a shared process the
+//! recorder then sometimes saw nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use parjob::{Backend, BatchSize, Parallel, delayed};
+use parjob_tests::run_child_test;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
@@ -93,6 +99,15 @@ fn aborts_on_three(x: u64) -> u64 {
 
 #[test]
 fn a_run_is_a_span_and_each_batch_a_closed_child_span_with_its_figures() {
+    run_child_test(
+        "tracing::child_a_run_is_a_span_and_each_batch_a_closed_child_span_with_its_figures",
+        &[],
+    );
+}
+
+#[test]
+#[ignore = "run by a_run_is_a_span_and_each_batch_a_closed_child_span_with_its_figures in a child process"]
+fn child_a_run_is_a_span_and_each_batch_a_closed_child_span_with_its_figures() {
     let seen = record(|| {
         let out = Parallel::new(2)
             .backend(Backend::Process)
@@ -130,6 +145,15 @@ fn a_run_is_a_span_and_each_batch_a_closed_child_span_with_its_figures() {
 
 #[test]
 fn crashes_and_worker_replacements_are_events_in_the_run_span() {
+    run_child_test(
+        "tracing::child_crashes_and_worker_replacements_are_events_in_the_run_span",
+        &[],
+    );
+}
+
+#[test]
+#[ignore = "run by crashes_and_worker_replacements_are_events_in_the_run_span in a child process"]
+fn child_crashes_and_worker_replacements_are_events_in_the_run_span() {
     let seen = record(|| {
         let results = Parallel::new(1)
             .backend(Backend::Process)
@@ -153,6 +177,15 @@ fn crashes_and_worker_replacements_are_events_in_the_run_span() {
 
 #[test]
 fn tracing_chrome_writes_a_trace_with_every_batch() {
+    run_child_test(
+        "tracing::child_tracing_chrome_writes_a_trace_with_every_batch",
+        &[],
+    );
+}
+
+#[test]
+#[ignore = "run by tracing_chrome_writes_a_trace_with_every_batch in a child process"]
+fn child_tracing_chrome_writes_a_trace_with_every_batch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("trace.json");
     let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
