@@ -355,7 +355,7 @@ fn events_arrive_in_a_consistent_order_on_every_target() {
             events.first()
         );
         assert!(
-            matches!(events.last(), Some(Event::RunFinished { ok: false, insights }) if insights.tasks == 300 && insights.failed == 43),
+            matches!(events.last(), Some(Event::RunFinished { ok: false, stopped: false, insights }) if insights.tasks == 300 && insights.failed == 43),
             "{target}: {:?}",
             events.last()
         );

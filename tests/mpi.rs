@@ -446,8 +446,8 @@ mod suite {
         })
     }
 
-    /// Every batch's completion names the rank slot that ran it and what moving it cost
-    /// (bytes each way, encode and decode time), and the insights sum them.
+    /// Every batch's completion says what moving it cost (bytes each way, encode and decode
+    /// time), and the insights sum them.
     fn batches_carry_transport_figures() -> Result<(), String> {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
@@ -473,11 +473,7 @@ mod suite {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         check(seen.len() == 10, || format!("{} completions", seen.len()))?;
-        let ranks = parjob_mpi_world_size().saturating_sub(1);
-        for (worker, transport) in &seen {
-            check(worker.is_some_and(|w| w < ranks), || {
-                format!("worker {worker:?} of {ranks} ranks")
-            })?;
+        for (_, transport) in &seen {
             let t = transport.ok_or("a batch without transport figures")?;
             // Ten 8-byte arguments out, ten 8-byte values back, with their framing.
             check(t.bytes_sent >= 80 && t.bytes_received >= 80, || {

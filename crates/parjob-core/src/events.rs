@@ -157,6 +157,9 @@ pub enum Event {
     RunFinished {
         /// Whether every task succeeded (`false` also for a run stopped early).
         ok: bool,
+        /// Whether the run stopped before its end: a fail-fast run at a failure, or a
+        /// dropped iterator. A run that kept going to its end with failures is not stopped.
+        stopped: bool,
         /// The summary of the run.
         insights: Arc<Insights>,
     },
@@ -560,6 +563,7 @@ impl Observer {
             return;
         }
         let insights = Arc::new(self.insights.build(self.now()));
+        let stopped = !ok;
         let ok = ok && insights.failed == 0;
         #[cfg(feature = "tracing")]
         if let Some(bridge) = &mut self.tracing {
@@ -575,6 +579,10 @@ impl Observer {
                 eprintln!("{prefix}{line}");
             }
         }
-        self.send(|| Event::RunFinished { ok, insights });
+        self.send(|| Event::RunFinished {
+            ok,
+            stopped,
+            insights,
+        });
     }
 }

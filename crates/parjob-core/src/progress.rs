@@ -57,11 +57,12 @@ impl Reporter {
             Event::BatchCompleted { batch, tasks, .. } if *batch < crate::retry::RETRY_SEQ_BASE => {
                 self.completed(*tasks);
             }
-            // Finished when every task of a known input came back (with a value or an error:
-            // a run that keeps going finishes with its failures).
-            Event::RunFinished { .. } => {
+            // Finished when the run was not stopped and every task of its input came back
+            // (with a value or an error: a run that keeps going finishes with its failures).
+            // A stopped run's skipped batches come back too, so the count alone cannot tell.
+            Event::RunFinished { stopped, .. } => {
                 let all_back = self.total.is_some_and(|total| self.completed >= total);
-                self.finished(all_back);
+                self.finished(!stopped && all_back);
             }
             _ => {}
         }
@@ -347,6 +348,7 @@ mod tests {
         }
         events.push(Event::RunFinished {
             ok: true,
+            stopped: false,
             insights: Default::default(),
         });
         events
@@ -403,6 +405,25 @@ mod tests {
             reporter.on_event(event);
         }
         assert_eq!(reporter.completed, 8);
+        let lines = lines(&shared);
+        assert!(!lines.iter().any(|l| l.ends_with("finished")), "{lines:?}");
+    }
+
+    #[test]
+    fn a_stopped_run_whose_batches_all_came_back_does_not_say_finished() {
+        let shared = Shared::default();
+        let mut reporter = Reporter::with_sink(2, 1, false, None, 4, Box::new(shared.clone()));
+        let mut events = events_of_a_run(3);
+        let last = events.len() - 1;
+        events[last] = Event::RunFinished {
+            ok: false,
+            stopped: true,
+            insights: Default::default(),
+        };
+        for event in &events {
+            reporter.on_event(event);
+        }
+        assert_eq!(reporter.completed, 3);
         let lines = lines(&shared);
         assert!(!lines.iter().any(|l| l.ends_with("finished")), "{lines:?}");
     }

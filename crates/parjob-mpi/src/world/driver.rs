@@ -27,8 +27,6 @@ use super::{BYE_DEADLINE, Command, Driver, HELLO_DEADLINE, RankInfo, silence_lim
 struct Out {
     job: Job,
     rank: usize,
-    /// The slot of the rank (the batch's worker in events and insights).
-    slot: usize,
     /// When the `RUN` was handed to MPI, and what making it cost: the batch's transport
     /// figures.
     sent_at: Instant,
@@ -354,7 +352,6 @@ impl<'w> DriverState<'w> {
                 let out = Out {
                     job,
                     rank,
-                    slot,
                     sent_at: Instant::now(),
                     encode,
                     bytes_sent,
@@ -378,7 +375,6 @@ impl<'w> DriverState<'w> {
         let Some(Out {
             mut job,
             rank,
-            slot,
             sent_at,
             encode,
             bytes_sent,
@@ -410,7 +406,9 @@ impl<'w> DriverState<'w> {
             }
             body = r.0;
         }
-        job.ran_on(slot);
+        // No `ran_on`: a rank runs several batches at once on its local workers and the DONE
+        // does not say which, so naming the rank would pile them on one worker (and one
+        // trace row); the trace places such batches by time.
         // `Transport` is non-exhaustive: filled field by field.
         let mut transport = Transport::default();
         transport.bytes_sent = bytes_sent;
