@@ -240,6 +240,16 @@ impl Filter {
     }
 }
 
+/// `bytes` as little-endian 64-bit words, the last one zero-padded: what both hashers below
+/// mix.
+fn le_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks(8).map(|chunk| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(word)
+    })
+}
+
 /// Hashes a [`ShortKey`] by taking its low 64 bits: they are already uniformly random.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -249,10 +259,8 @@ impl Hasher for KeyHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
+        for word in le_words(bytes) {
+            self.0 ^= word;
         }
     }
     fn write_u128(&mut self, n: u128) {
@@ -276,10 +284,8 @@ impl Hasher for FastHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
+        for word in le_words(bytes) {
+            self.add(word);
         }
     }
     fn write_u64(&mut self, n: u64) {
