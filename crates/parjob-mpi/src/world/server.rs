@@ -1,17 +1,22 @@
 //! A worker rank's server: its local process pool, the frames rank 0 sends it, and their
 //! `DONE`s.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Error, Job, Pool, ProcessOptions, Relayed, RelayedOutcomes, cpu_count};
+use parjob_core::{
+    Error, Job, Pool, ProcessOptions, Relayed, RelayedOutcomes, SharedSegment, cpu_count,
+    shared_memory_from,
+};
 use parjob_process::ProcessPool;
 use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader};
 
 use crate::wire::{
-    self, BEAT_EVERY, Hello, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE, TAG_DONE,
-    TAG_HELLO, TAG_RUN, TAG_STOP, TAG_WELCOME,
+    self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE,
+    TAG_DONE, TAG_FORGET, TAG_HELLO, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_WELCOME,
 };
 
 use super::transport::{
@@ -80,6 +85,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut last_check = Instant::now();
     let my_host = host_name();
     let mut backoff = Backoff { idle_since: None };
+    let mut segments = Segments::default();
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = try_receive(world) {
@@ -102,13 +108,16 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         rank0 = Some((pid, host == my_host));
                     }
                 }
+                TAG_SEGMENT if welcomed => segments.receive(&bytes),
+                TAG_FORGET => segments.forget(&bytes),
                 TAG_RUN if welcomed => {
                     if let Some(pool) = &pool {
-                        run_frame(pool, rank, bytes, &done_tx, world, &mut sends);
+                        run_frame(pool, rank, bytes, &segments, &done_tx, world, &mut sends);
                     }
                 }
                 TAG_STOP => {
                     let finalize = bytes.first() == Some(&1);
+                    drop(segments);
                     drop(pool);
                     if let Ok(send) = isend(world, 0, TAG_BYE, Vec::new()) {
                         sends.push(send);
@@ -164,7 +173,67 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     }
 }
 
-/// The bytes after a `RUN`'s tasks frame: `[first index u64][RunHeader]`.
+/// The `SharedSlice` segments rank 0 sent this rank, each copied once into shared memory of
+/// this node that the local worker processes map (the process backend's own segments, so its
+/// pool ships them to its workers as it does its driver's).
+#[derive(Default)]
+struct Segments {
+    held: HashMap<u64, Arc<SharedSegment>>,
+    /// Segments whose shared memory could not be made here, with why: a frame naming one is
+    /// answered with that error.
+    failed: HashMap<u64, String>,
+}
+
+impl Segments {
+    /// A `SEGMENT`: `[id u64][bytes]`.
+    fn receive(&mut self, message: &[u8]) {
+        let mut r = Reader(message);
+        let Some(id) = r.u64() else {
+            return;
+        };
+        match shared_memory_from(r.0) {
+            Some(memory) => {
+                self.held
+                    .insert(id, Arc::new(SharedSegment::new(id, memory)));
+            }
+            None => {
+                let why = format!(
+                    "the {} bytes of the SharedSlice segment {id:#x} could not be put in                      shared memory on this rank (out of file descriptors or memory, or                      parjob::init() did not set up the process backend)",
+                    r.0.len()
+                );
+                self.failed.insert(id, why);
+            }
+        }
+    }
+
+    /// A `FORGET`: rank 0 dropped these segments. Jobs still running keep theirs alive; the
+    /// local pool tells its workers to unmap a segment once the last of them is dropped.
+    fn forget(&mut self, message: &[u8]) {
+        for id in message.chunks_exact(8) {
+            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+            self.held.remove(&id);
+            self.failed.remove(&id);
+        }
+    }
+
+    /// The segments `ids` names, or why one of them is not here.
+    fn find(&self, ids: &[u8]) -> Result<Vec<Arc<SharedSegment>>, String> {
+        ids.chunks_exact(8)
+            .map(|id| {
+                let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+                match (self.held.get(&id), self.failed.get(&id)) {
+                    (Some(segment), _) => Ok(Arc::clone(segment)),
+                    (None, Some(why)) => Err(why.clone()),
+                    (None, None) => Err(format!(
+                        "the SharedSlice segment {id:#x} never reached this rank"
+                    )),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The bytes after a `RUN`'s tasks frame and segment ids: `[first index u64][RunHeader]`.
 pub(super) const RUN_TRAILER: usize = 8 + RunHeader::LEN;
 
 /// Hands one `RUN` to the local pool; a frame that cannot be run is answered at once.
@@ -172,6 +241,7 @@ fn run_frame(
     pool: &ProcessPool,
     rank: usize,
     mut frame: Vec<u8>,
+    segments: &Segments,
     done: &Sender<(u64, u64, RelayedOutcomes)>,
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
@@ -186,7 +256,12 @@ fn run_frame(
     let Ok((header, _)) = RunHeader::decode(r.0) else {
         return;
     };
-    frame.truncate(at);
+    let ids_len = usize::try_from(header.attachments)
+        .ok()
+        .and_then(|n| n.checked_mul(8));
+    let Some(ids_at) = ids_len.and_then(|len| at.checked_sub(len)) else {
+        return;
+    };
     let id = header.tag.seq;
     let failed = |message: String| {
         let outcomes = RelayedOutcomes {
@@ -197,8 +272,20 @@ fn run_frame(
                 rank,
                 format!("task {first_index}: {message}"),
             ))],
+            worker: None,
         };
         encode_done(rank as u64, id, first_index, outcomes)
+    };
+    let attached = segments.find(&frame[ids_at..at]);
+    frame.truncate(ids_at);
+    let attached = match attached {
+        Ok(attached) => attached,
+        Err(why) => {
+            if let Ok(send) = isend(world, 0, TAG_DONE, failed(why)) {
+                sends.push(send);
+            }
+            return;
+        }
     };
     // SAFETY: rank 0 sends RUNs only after it checked this rank's identity (the same build,
     // by GNU build-id) and welcomed it; the offset reached here unchanged inside the message.
@@ -213,10 +300,11 @@ fn run_frame(
     };
     let done = done.clone();
     let first = first_index;
-    let job = Job::relayed(
+    let job = Job::relayed_with_segments(
         usize::try_from(first_index).unwrap_or(usize::MAX),
         entry,
         frame,
+        attached,
         header.timeout,
         move |outcomes| {
             let _ = done.send((id, first, outcomes));
@@ -249,6 +337,11 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
     let records = &outcomes.records;
     let mut out = Vec::with_capacity(DoneHeader::LEN + 16 + records.len());
     out.extend_from_slice(&header.encode());
+    let worker = outcomes
+        .worker
+        .and_then(|w| u32::try_from(w).ok())
+        .unwrap_or(NO_WORKER);
+    wire::put_u32(&mut out, worker);
     // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
     // copied span by span (the local pool stores them back to back), its count and length
     // filled in when the run ends.
@@ -348,11 +441,13 @@ mod tests {
                 outcomes,
                 records,
                 len: 5,
+                worker: Some(2),
             },
         );
         let (header, body) = DoneHeader::decode(&done).expect("a DONE header");
         assert_eq!((header.tag.generation, header.tag.seq), (1, 9));
         let mut r = Reader(body);
+        assert_eq!(r.u32(), Some(2), "the local worker that ran it");
         assert_eq!((r.u8(), r.u32()), (Some(0), Some(2)));
         assert_eq!(r.bytes(), Some([a, b].concat().as_slice()));
         assert_eq!(r.u8(), Some(1));
