@@ -574,8 +574,42 @@ mod suite {
         })
     }
 
+    /// How many mappings of a 10 MB shared segment (`BIG` values) this local worker and its
+    /// rank server (its parent) hold.
+    fn big_mappings(_: u64) -> usize {
+        let size = (BIG * 8).div_ceil(4096) * 4096;
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        ["self".to_string(), parent.to_string()]
+            .iter()
+            .map(|pid| {
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                maps.lines()
+                    .filter(|line| line.contains("memfd:"))
+                    .filter(|line| {
+                        let range = line.split_whitespace().next().unwrap_or("");
+                        let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+                        let a = usize::from_str_radix(a, 16).unwrap_or(0);
+                        let b = usize::from_str_radix(b, 16).unwrap_or(0);
+                        b.saturating_sub(a) == size
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
+    /// What `big_mappings` says on many workers of every rank.
+    fn segment_mappings(_: u64) -> Vec<usize> {
+        let tasks = 8 * parjob_mpi_world_size() as u64;
+        mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..tasks).map(|i| delayed(big_mappings, i)))
+            .unwrap_or_default()
+    }
+
     /// Tasks read the right values from a `SharedSlice` sent once: whole, cut with `slice`,
-    /// and after the driver dropped it, a new slice of other values in its place.
+    /// and after the driver dropped it (and the ranks and their workers unmapped it), a new
+    /// slice of other values in its place.
     fn shared_slice_values() -> Result<(), String> {
         let expected = |data: &[f64], tasks: u64| -> Vec<f64> {
             (0..tasks)
@@ -596,9 +630,28 @@ mod suite {
         check(sums == expected(&part, 40), || {
             "wrong sums from a part of the slice".into()
         })?;
+        check(segment_mappings(0).iter().all(|&n| n > 0), || {
+            "the ranks do not map the slice's segment while it is alive (is the test looking \
+             at the right mappings?)"
+                .into()
+        })?;
         drop((first, part));
-        // Let the driver tell the ranks to forget it, then send other values.
-        std::thread::sleep(Duration::from_millis(200));
+        // The driver tells the ranks it dropped the slice; they and their local workers unmap
+        // it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = segment_mappings(0);
+            if counts.iter().all(|&n| n == 0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "10 s after the driver dropped the slice, ranks and their workers still map \
+                     it: {counts:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let second: parjob::SharedSlice<f64> = (0..BIG).map(|i| (i % 13) as f64 * 0.5).collect();
         let (_, sums) = bytes_per_rank(&second, 40)?;
         check(sums == expected(&second, 40), || {
