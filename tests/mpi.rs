@@ -566,6 +566,7 @@ mod suite {
                 )
             })?;
         }
+        println!("  a {size}-byte SharedSlice given to 60 tasks, bytes sent per rank: {first:?}");
         // The ranks still hold it: a second run sends none of its bytes.
         let (second, _) = bytes_per_rank(&data, 30)?;
         let total: u64 = second.values().sum();
