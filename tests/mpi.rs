@@ -660,6 +660,86 @@ mod suite {
         })
     }
 
+    /// How many times an initializer ran in this process, and the value the last one set.
+    static INITS: AtomicUsize = AtomicUsize::new(0);
+    static INIT_VALUE: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_init() {
+        INITS.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn set_value(value: usize) {
+        INITS.fetch_add(1, Ordering::SeqCst);
+        INIT_VALUE.store(value, Ordering::SeqCst);
+    }
+
+    fn init_panics() {
+        panic!("no model file here");
+    }
+
+    /// (this worker's pid, how often an initializer ran in it, the value it set, its rank)
+    fn init_seen(_: u64) -> (u32, usize, usize, Option<usize>) {
+        (
+            std::process::id(),
+            INITS.load(Ordering::SeqCst),
+            INIT_VALUE.load(Ordering::SeqCst),
+            parjob::worker_info().rank,
+        )
+    }
+
+    /// `initializer` and `initializer_with` run once in every local worker of every rank
+    /// before its first task, as on the process backend; a pool without one runs in workers
+    /// that never ran them; an initializer that panics fails the run with its message, and
+    /// the next run works.
+    fn initializers() -> Result<(), String> {
+        let tasks = 16 * parjob_mpi_world_size() as u64;
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .initializer(count_init)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|&(_, inits, _, rank)| inits == 1 && rank.is_some_and(|r| r >= 1)),
+            || format!("initializer: (pid, runs, value, rank) {out:?}"),
+        )?;
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .initializer_with(set_value, 42)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|&(_, inits, value, _)| inits == 1 && value == 42),
+            || format!("initializer_with: (pid, runs, value, rank) {out:?}"),
+        )?;
+        let ranks: BTreeSet<usize> = out.iter().filter_map(|&(.., rank)| rank).collect();
+        let expected = parjob_mpi_world_size() - 1;
+        check(
+            ranks.len() == expected || tasks < 2 * expected as u64,
+            || format!("initializer_with ran on ranks {ranks:?} of {expected}"),
+        )?;
+        let plain = mpi(-1)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(plain.iter().all(|&(_, inits, _, _)| inits == 0), || {
+            format!("a pool without an initializer ran in workers that ran one: {plain:?}")
+        })?;
+        let err = mpi(-1)
+            .initializer(init_panics)
+            .run((0..tasks).map(|i| delayed(square, i)))
+            .err()
+            .ok_or("a run whose initializer panics succeeded")?;
+        println!("  a panicking initializer: {err}");
+        check(err.to_string().contains("no model file here"), || {
+            format!("the error does not carry the initializer's panic: {err}")
+        })?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a failed initializer: {e}"))?;
+        check(out[9] == 81, || "wrong after a failed initializer".into())
+    }
+
     /// Last: it kills a worker rank for good.
     fn rank_killed() -> Result<(), String> {
         let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
@@ -742,6 +822,7 @@ mod suite {
                 shared_slice_sent_once_per_rank,
             ),
             ("shared_slice_values", shared_slice_values),
+            ("initializers", initializers),
             ("rank_killed", rank_killed),
         ];
         let filter = std::env::var("PARJOB_MPI_CASES").unwrap_or_default();

@@ -14,7 +14,8 @@ use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 use crate::LAUNCH_HINT;
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_FORGET,
-    TAG_HELLO, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_WELCOME, put_bytes, put_u32, put_u64,
+    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_WELCOME, put_bytes,
+    put_u32, put_u64,
 };
 
 use super::server::RUN_TRAILER;
@@ -59,7 +60,10 @@ pub(super) struct DriverState<'w> {
     refused: Vec<usize>,
     hello_error: Option<Error>,
     started: Instant,
-    queue: VecDeque<(Job, usize)>,
+    /// Jobs not sent yet, with the ranks and the local pool they may run on.
+    queue: VecDeque<(Job, usize, u64)>,
+    /// The local pools with an initializer the ranks run, and on which ranks (`1..=ranks`).
+    pools: HashMap<u64, usize>,
     out: HashMap<u64, Out>,
     next_id: u64,
     sends: Vec<PendingSend>,
@@ -81,6 +85,7 @@ impl<'w> DriverState<'w> {
             hello_error: None,
             started: Instant::now(),
             queue: VecDeque::new(),
+            pools: HashMap::new(),
             out: HashMap::new(),
             next_id: 1,
             sends: Vec::new(),
@@ -116,13 +121,13 @@ impl<'w> DriverState<'w> {
             // Commands from the pools.
             loop {
                 match inbox.try_recv() {
-                    Ok(Command::Submit { job, ranks }) => {
-                        self.queue.push_back((job, ranks));
-                        busy = true;
-                    }
                     Ok(Command::Shutdown(done)) => {
                         self.shutdown();
                         return Some(done);
+                    }
+                    Ok(command) => {
+                        self.command(command);
+                        busy = true;
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -148,11 +153,11 @@ impl<'w> DriverState<'w> {
             } else if self.out.is_empty() && self.queue.is_empty() && self.handshaken() {
                 // Nothing to do: wait for a command (beats pile up meanwhile, harmlessly).
                 match inbox.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Command::Submit { job, ranks }) => self.queue.push_back((job, ranks)),
                     Ok(Command::Shutdown(done)) => {
                         self.shutdown();
                         return Some(done);
                     }
+                    Ok(command) => self.command(command),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         self.shutdown();
@@ -162,6 +167,46 @@ impl<'w> DriverState<'w> {
                 backoff.busy();
             } else {
                 backoff.idle();
+            }
+        }
+    }
+
+    /// A pool's command other than `Shutdown`.
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Submit { job, ranks, pool } => self.queue.push_back((job, ranks, pool)),
+            Command::OpenPool {
+                pool,
+                ranks,
+                welcome,
+            } => {
+                self.pools.insert(pool, ranks);
+                // Before any RUN for it: MPI keeps one sender's messages to a rank in order.
+                let mut message = Vec::with_capacity(8 + welcome.len());
+                put_u64(&mut message, pool);
+                message.extend_from_slice(&welcome);
+                self.send_to_ranks(ranks, TAG_POOL, &message);
+            }
+            Command::ClosePool { pool } => {
+                if let Some(ranks) = self.pools.remove(&pool) {
+                    self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
+                }
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Sends `message` to every live rank of `1..=ranks`.
+    fn send_to_ranks(&mut self, ranks: usize, tag: i32, message: &[u8]) {
+        let live: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| s.alive && s.info.rank <= ranks)
+            .map(|s| s.info.rank)
+            .collect();
+        for rank in live {
+            if let Ok(send) = isend(self.world, rank, tag, message.to_vec()) {
+                self.sends.push(send);
             }
         }
     }
@@ -259,7 +304,7 @@ impl<'w> DriverState<'w> {
             return false;
         }
         let mut sent = false;
-        while let Some(limit) = self.queue.front().map(|(_, ranks)| *ranks) {
+        while let Some(limit) = self.queue.front().map(|(_, ranks, _)| *ranks) {
             let candidates = self
                 .slots
                 .iter()
@@ -279,7 +324,7 @@ impl<'w> DriverState<'w> {
                 }
             }
             if !any_alive {
-                let Some((mut job, _)) = self.queue.pop_front() else {
+                let Some((mut job, _, _)) = self.queue.pop_front() else {
                     break;
                 };
                 let lost: Vec<&Slot> = self.slots.iter().filter(|s| s.info.rank <= limit).collect();
@@ -301,16 +346,16 @@ impl<'w> DriverState<'w> {
             let Some(best) = best else {
                 break;
             };
-            let Some((job, _)) = self.queue.pop_front() else {
+            let Some((job, _, pool)) = self.queue.pop_front() else {
                 break;
             };
-            self.send_job(job, best);
+            self.send_job(job, best, pool);
             sent = true;
         }
         sent
     }
 
-    fn send_job(&mut self, mut job: Job, slot: usize) {
+    fn send_job(&mut self, mut job: Job, slot: usize, pool: u64) {
         if job.control().is_cancelled() || !job.mark_started() {
             job.complete(Duration::ZERO);
             return;
@@ -381,6 +426,7 @@ impl<'w> DriverState<'w> {
         for segment in &segments {
             put_u64(&mut buffer, segment.id());
         }
+        put_u64(&mut buffer, pool);
         put_u64(&mut buffer, job.batch().first_index() as u64);
         let header = RunHeader {
             tag: FrameTag {
@@ -626,7 +672,7 @@ impl<'w> DriverState<'w> {
     /// Tells every live rank to stop and waits (with a deadline) for their `BYE`s.
     fn shutdown(&mut self) {
         // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
-        for (job, _) in self.queue.drain(..) {
+        for (job, _, _) in self.queue.drain(..) {
             job.complete(Duration::ZERO);
         }
         let ranks: Vec<usize> = if self.handshaken() {
