@@ -113,7 +113,12 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 TAG_SEGMENT if welcomed => segments.receive(&bytes),
                 TAG_FORGET => segments.forget(&bytes),
                 TAG_POOL if welcomed => pools.open(&bytes),
-                TAG_POOL_END => pools.close(&bytes),
+                TAG_POOL_END => {
+                    for frame in pools.close(&bytes) {
+                        let why = "its pool was dropped on rank 0 before it started";
+                        refuse_frame(rank, &frame, why, world, &mut sends);
+                    }
+                }
                 TAG_RUN if welcomed => match pools.route(&bytes) {
                     Route::Run(pool) => {
                         run_frame(pool, rank, bytes, &segments, &done_tx, world, &mut sends);
@@ -384,17 +389,18 @@ impl LocalPools {
     }
 
     /// A `POOL_END`: `[pool u64]`. The pool stops on a thread of its own (its supervisors
-    /// are joined); one still starting is stopped once it has.
-    fn close(&mut self, message: &[u8]) {
-        let Some(id) = Reader(message).u64() else {
-            return;
+    /// are joined, its queued jobs answered as cancelled); one still starting is stopped once
+    /// it has. Returns the `RUN`s held for it, for the caller to answer.
+    fn close(&mut self, message: &[u8]) -> Vec<Vec<u8>> {
+        let Some(id) = Reader(message).u64().filter(|&id| id != 0) else {
+            return Vec::new();
         };
-        if id == 0 {
-            return;
+        match self.pools.remove(&id) {
+            Some(LocalPool::Ready(pool)) => stop_aside(pool),
+            Some(LocalPool::Starting(held)) => return held,
+            _ => {}
         }
-        if let Some(LocalPool::Ready(pool)) = self.pools.remove(&id) {
-            stop_aside(pool);
-        }
+        Vec::new()
     }
 
     fn route(&self, frame: &[u8]) -> Route<'_> {
