@@ -447,7 +447,7 @@ mod suite {
     }
 
     /// Every batch's completion says what moving it cost (bytes each way, encode and decode
-    /// time), and the insights sum them.
+    /// time) and which worker ran it, and the insights sum the costs.
     fn batches_carry_transport_figures() -> Result<(), String> {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
@@ -473,6 +473,11 @@ mod suite {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         check(seen.len() == 10, || format!("{} completions", seen.len()))?;
+        // Each batch names the worker that ran it (a rank's local worker, counted across the
+        // ranks), so that the trace places it on that worker's row.
+        check(seen.iter().all(|(worker, _)| worker.is_some()), || {
+            format!("a batch without its worker: {seen:?}")
+        })?;
         for (_, transport) in &seen {
             let t = transport.ok_or("a batch without transport figures")?;
             // Ten 8-byte arguments out, ten 8-byte values back, with their framing.
@@ -488,6 +493,251 @@ mod suite {
             .sum();
         let total = insights.transport;
         check(total.bytes_sent == sent, || format!("{total:?} vs {sent}"))
+    }
+
+    /// 10 MB of `f64`s: 1.25 million values.
+    const BIG: usize = 1_250_000;
+
+    /// The sum of `data[i * 1000..][..1000]` and the rank this ran on.
+    fn window_sum(data: parjob::SharedSlice<f64>, i: u64) -> (Option<usize>, f64) {
+        let start = (i as usize * 1000) % data.len().max(1);
+        let window = &data[start..(start + 1000).min(data.len())];
+        (parjob::worker_info().rank, window.iter().sum())
+    }
+
+    /// The bytes rank 0 sent to each worker rank in one run of `tasks` tasks that all get the
+    /// whole of `data` (one task per batch), from the batches' transport figures and the
+    /// ranks the tasks say they ran on; and the results.
+    #[allow(clippy::type_complexity)]
+    fn bytes_per_rank(
+        data: &parjob::SharedSlice<f64>,
+        tasks: u64,
+    ) -> Result<(std::collections::BTreeMap<usize, u64>, Vec<f64>), String> {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .on_event(move |event: &parjob::Event| {
+                if let parjob::Event::BatchCompleted {
+                    first_index,
+                    transport,
+                    ..
+                } = event
+                {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((*first_index, transport.map_or(0, |t| t.bytes_sent)));
+                }
+            })
+            .run((0..tasks).map(|i| delayed(window_sum, (data.clone(), i))))
+            .map_err(|e| e.to_string())?;
+        let seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        check(seen.len() == tasks as usize, || {
+            format!("{} completions for {tasks} batches", seen.len())
+        })?;
+        let mut per_rank = std::collections::BTreeMap::new();
+        for (index, bytes) in seen {
+            let rank = out[index].0.ok_or("a task without a rank")?;
+            *per_rank.entry(rank).or_insert(0u64) += bytes;
+        }
+        Ok((per_rank, out.into_iter().map(|(_, sum)| sum).collect()))
+    }
+
+    /// A 10 MB `SharedSlice` that every task gets whole reaches each rank once, with the first
+    /// batch that names it there: later batches (and later runs) carry only its handle.
+    fn shared_slice_sent_once_per_rank() -> Result<(), String> {
+        let data: parjob::SharedSlice<f64> = (0..BIG).map(|i| i as f64).collect();
+        check(data.is_shared(), || {
+            "the slice is not in shared memory on rank 0 (parjob::init()?)".into()
+        })?;
+        let size = (BIG * 8) as u64;
+        // Handles, indices, headers and framing: far below the slice, however many batches.
+        let slack = 64 * 1024;
+        let (first, _) = bytes_per_rank(&data, 60)?;
+        check(!first.is_empty(), || "no rank ran a task".into())?;
+        for (&rank, &bytes) in &first {
+            check(bytes >= size && bytes <= size + slack, || {
+                format!(
+                    "rank {rank} was sent {bytes} bytes for a {size}-byte slice (once is                      {size}..{}): {first:?}",
+                    size + slack
+                )
+            })?;
+        }
+        println!("  a {size}-byte SharedSlice given to 60 tasks, bytes sent per rank: {first:?}");
+        // The ranks still hold it: a second run sends none of its bytes.
+        let (second, _) = bytes_per_rank(&data, 30)?;
+        let total: u64 = second.values().sum();
+        check(total <= slack, || {
+            format!("the second run sent {total} bytes: {second:?}")
+        })
+    }
+
+    /// How many mappings of a 10 MB shared segment (`BIG` values) this local worker and its
+    /// rank server (its parent) hold.
+    fn big_mappings(_: u64) -> usize {
+        let size = (BIG * 8).div_ceil(4096) * 4096;
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        ["self".to_string(), parent.to_string()]
+            .iter()
+            .map(|pid| {
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                maps.lines()
+                    .filter(|line| line.contains("memfd:"))
+                    .filter(|line| {
+                        let range = line.split_whitespace().next().unwrap_or("");
+                        let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+                        let a = usize::from_str_radix(a, 16).unwrap_or(0);
+                        let b = usize::from_str_radix(b, 16).unwrap_or(0);
+                        b.saturating_sub(a) == size
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
+    /// What `big_mappings` says on many workers of every rank.
+    fn segment_mappings(_: u64) -> Vec<usize> {
+        let tasks = 8 * parjob_mpi_world_size() as u64;
+        mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..tasks).map(|i| delayed(big_mappings, i)))
+            .unwrap_or_default()
+    }
+
+    /// Tasks read the right values from a `SharedSlice` sent once: whole, cut with `slice`,
+    /// and after the driver dropped it (and the ranks and their workers unmapped it), a new
+    /// slice of other values in its place.
+    fn shared_slice_values() -> Result<(), String> {
+        let expected = |data: &[f64], tasks: u64| -> Vec<f64> {
+            (0..tasks)
+                .map(|i| {
+                    let start = (i as usize * 1000) % data.len();
+                    data[start..(start + 1000).min(data.len())].iter().sum()
+                })
+                .collect()
+        };
+        let first: parjob::SharedSlice<f64> = (0..BIG).map(|i| (i % 977) as f64).collect();
+        let (_, sums) = bytes_per_rank(&first, 40)?;
+        check(sums == expected(&first, 40), || {
+            "wrong sums from the whole slice".into()
+        })?;
+        // A part of it: the same segment, values from an offset.
+        let part = first.slice(BIG / 3..).ok_or("out of range")?;
+        let (_, sums) = bytes_per_rank(&part, 40)?;
+        check(sums == expected(&part, 40), || {
+            "wrong sums from a part of the slice".into()
+        })?;
+        check(segment_mappings(0).iter().all(|&n| n > 0), || {
+            "the ranks do not map the slice's segment while it is alive (is the test looking \
+             at the right mappings?)"
+                .into()
+        })?;
+        drop((first, part));
+        // The driver tells the ranks it dropped the slice; they and their local workers unmap
+        // it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = segment_mappings(0);
+            if counts.iter().all(|&n| n == 0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "10 s after the driver dropped the slice, ranks and their workers still map \
+                     it: {counts:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let second: parjob::SharedSlice<f64> = (0..BIG).map(|i| (i % 13) as f64 * 0.5).collect();
+        let (_, sums) = bytes_per_rank(&second, 40)?;
+        check(sums == expected(&second, 40), || {
+            "wrong sums from a second slice".into()
+        })
+    }
+
+    /// How many times an initializer ran in this process, and the value the last one set.
+    static INITS: AtomicUsize = AtomicUsize::new(0);
+    static INIT_VALUE: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_init() {
+        INITS.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn set_value(value: usize) {
+        INITS.fetch_add(1, Ordering::SeqCst);
+        INIT_VALUE.store(value, Ordering::SeqCst);
+    }
+
+    fn init_panics() {
+        panic!("no model file here");
+    }
+
+    /// (this worker's pid, how often an initializer ran in it, the value it set, its rank)
+    fn init_seen(_: u64) -> (u32, usize, usize, Option<usize>) {
+        (
+            std::process::id(),
+            INITS.load(Ordering::SeqCst),
+            INIT_VALUE.load(Ordering::SeqCst),
+            parjob::worker_info().rank,
+        )
+    }
+
+    /// `initializer` and `initializer_with` run once in every local worker of every rank
+    /// before its first task, as on the process backend; a pool without one runs in workers
+    /// that never ran them; an initializer that panics fails the run with its message, and
+    /// the next run works.
+    fn initializers() -> Result<(), String> {
+        let tasks = 16 * parjob_mpi_world_size() as u64;
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .initializer(count_init)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|&(_, inits, _, rank)| inits == 1 && rank.is_some_and(|r| r >= 1)),
+            || format!("initializer: (pid, runs, value, rank) {out:?}"),
+        )?;
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .initializer_with(set_value, 42)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(
+            out.iter()
+                .all(|&(_, inits, value, _)| inits == 1 && value == 42),
+            || format!("initializer_with: (pid, runs, value, rank) {out:?}"),
+        )?;
+        let ranks: BTreeSet<usize> = out.iter().filter_map(|&(.., rank)| rank).collect();
+        let expected = parjob_mpi_world_size() - 1;
+        check(
+            ranks.len() == expected || tasks < 2 * expected as u64,
+            || format!("initializer_with ran on ranks {ranks:?} of {expected}"),
+        )?;
+        let plain = mpi(-1)
+            .run((0..tasks).map(|i| delayed(init_seen, i)))
+            .map_err(|e| e.to_string())?;
+        check(plain.iter().all(|&(_, inits, _, _)| inits == 0), || {
+            format!("a pool without an initializer ran in workers that ran one: {plain:?}")
+        })?;
+        let err = mpi(-1)
+            .initializer(init_panics)
+            .run((0..tasks).map(|i| delayed(square, i)))
+            .err()
+            .ok_or("a run whose initializer panics succeeded")?;
+        println!("  a panicking initializer: {err}");
+        check(err.to_string().contains("no model file here"), || {
+            format!("the error does not carry the initializer's panic: {err}")
+        })?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a failed initializer: {e}"))?;
+        check(out[9] == 81, || "wrong after a failed initializer".into())
     }
 
     /// Last: it kills a worker rank for good.
@@ -567,6 +817,12 @@ mod suite {
                 "batches_carry_transport_figures",
                 batches_carry_transport_figures,
             ),
+            (
+                "shared_slice_sent_once_per_rank",
+                shared_slice_sent_once_per_rank,
+            ),
+            ("shared_slice_values", shared_slice_values),
+            ("initializers", initializers),
             ("rank_killed", rank_killed),
         ];
         let filter = std::env::var("PARJOB_MPI_CASES").unwrap_or_default();

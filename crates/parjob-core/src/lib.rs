@@ -74,7 +74,7 @@ pub use relay::{Relayed, RelayedOutcomes};
 pub use retry::Retry;
 pub use shared::{
     SHARED_MIN_BYTES, SharedAllocator, SharedMemory, SharedSegment, SharedSlice, collect_shared,
-    forget_shared, receive_shared, set_shared_allocator,
+    forget_shared, note_shared, receive_shared, set_shared_allocator, shared_memory_from,
 };
 pub use task::{Delayed, Spread, Task, TaskFn, Timed, Whole, delayed};
 pub use worker::{WorkerInfo, catch_task, set_worker_identity, worker_info};

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use crate::batch::{RemoteEntry, read_record, sealed};
 use crate::pool::{Completion, Job, Reply, RunControl};
-use crate::{ErasedBatch, Error};
+use crate::shared::note_shared;
+use crate::{ErasedBatch, Error, SharedSegment};
 
 /// What a local pool made of a relayed frame, in task order: each task's outcome record as its
 /// remote entry wrote it, or the failure the pool recorded for it. Tasks after the last
@@ -29,6 +30,8 @@ pub struct RelayedOutcomes {
     pub records: Vec<u8>,
     /// How many tasks the frame held.
     pub len: usize,
+    /// The local pool's worker that ran the frame, when the pool said ([`Job::ran_on`]).
+    pub worker: Option<usize>,
 }
 
 /// One task's outcome in [`RelayedOutcomes`].
@@ -50,6 +53,8 @@ struct RelayedBatch {
     tasks: Vec<Range<usize>>,
     outcomes: Vec<Relayed>,
     records: Vec<u8>,
+    /// The shared segments the frame's handles name, listed whenever it is encoded.
+    segments: Vec<Arc<SharedSegment>>,
 }
 
 impl ErasedBatch for RelayedBatch {
@@ -95,6 +100,8 @@ impl ErasedBatch for RelayedBatch {
     }
 
     fn encode_tasks(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        // Its `SharedSlice`s are handles already: the pool must ship their segments.
+        self.segments.iter().for_each(note_shared);
         let (Some(first), Some(last)) = (
             self.tasks.get(range.start),
             range.end.checked_sub(1).and_then(|i| self.tasks.get(i)),
@@ -160,6 +167,25 @@ impl Job {
         timeout: Option<Duration>,
         done: impl FnOnce(RelayedOutcomes) + Send + Sync + 'static,
     ) -> Result<Job, Error> {
+        Job::relayed_with_segments(first_index, entry, frame, Vec::new(), timeout, done)
+    }
+
+    /// [`Job::relayed`] for a frame whose `SharedSlice`s are handles naming `segments`
+    /// (registered in this process under the ids the frame names, e.g. made with
+    /// [`shared_memory_from`](crate::shared_memory_from)): a pool that encodes the frame
+    /// ships them to its workers as it does a `SharedSlice`'s segment, and the job keeps them
+    /// alive until it completes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `frame` is not a sequence of whole records.
+    pub fn relayed_with_segments(
+        first_index: usize,
+        entry: RemoteEntry,
+        frame: Vec<u8>,
+        segments: Vec<Arc<SharedSegment>>,
+        timeout: Option<Duration>,
+        done: impl FnOnce(RelayedOutcomes) + Send + Sync + 'static,
+    ) -> Result<Job, Error> {
         let mut tasks = Vec::new();
         let mut rest = &frame[..];
         let mut at = 0;
@@ -181,9 +207,11 @@ impl Job {
             tasks,
             outcomes: Vec::new(),
             records: Vec::new(),
+            segments,
         };
         let reply = Reply::Call(Box::new(move |completion: Completion| {
             let busy = completion.busy;
+            let worker = completion.worker;
             let batch = sealed::Sealed::into_any(completion.batch);
             let outcomes = match batch.downcast::<RelayedBatch>() {
                 Ok(batch) => RelayedOutcomes {
@@ -191,6 +219,7 @@ impl Job {
                     len: batch.tasks.len(),
                     outcomes: batch.outcomes,
                     records: batch.records,
+                    worker,
                 },
                 // Only this function makes the job, with a RelayedBatch, and a pool cannot
                 // swap a job's batch: unreachable, but answered rather than panicking.
@@ -199,6 +228,7 @@ impl Job {
                     len: 0,
                     outcomes: Vec::new(),
                     records: Vec::new(),
+                    worker,
                 },
             };
             done(outcomes);
@@ -254,6 +284,45 @@ mod tests {
         assert!(
             matches!(&outcomes.outcomes[1], Relayed::Record(r) if outcomes.records[r.clone()][5..] == *b"bc")
         );
+    }
+
+    /// Memory that claims to be shared, as a backend's segment would.
+    struct FakeShared(Vec<u8>);
+
+    impl crate::SharedMemory for FakeShared {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_relayed_frame_lists_its_segments_whenever_it_is_encoded() {
+        let segment = Arc::new(SharedSegment::new(77, Box::new(FakeShared(vec![1; 64]))));
+        let job = Job::relayed_with_segments(
+            0,
+            echo,
+            vec![0, 0, 0, 0, 0],
+            vec![Arc::clone(&segment)],
+            None,
+            |_| {},
+        )
+        .unwrap();
+        let mut encoded = Vec::new();
+        let ((), listed) = crate::collect_shared(|| job.batch().encode_tasks(0..1, &mut encoded));
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id(), 77);
+        drop(listed);
+        // Outside a backend's frame: nothing to list, and nothing breaks.
+        job.batch().encode_tasks(0..1, &mut encoded);
+        assert_eq!(Arc::strong_count(&segment), 2, "the job keeps it alive");
+        drop(job);
+        assert_eq!(Arc::strong_count(&segment), 1);
     }
 
     #[test]

@@ -114,6 +114,22 @@ impl<T: Pod + Send + Sync> SharedMemory for HeapMemory<T> {
 /// a file descriptor in every process that maps it, and copying a small slice is cheap.
 pub const SHARED_MIN_BYTES: usize = 1 << 20;
 
+/// A copy of `bytes` in shared memory made by the allocator [`set_shared_allocator`] set,
+/// whatever their size, or `None` when none is set, `bytes` is empty, or the allocator failed
+/// or broke its contract (the wrong length, or not page-aligned). For a backend that receives
+/// a segment's bytes from another machine and hands them to its own local workers (the MPI
+/// backend's ranks): wrap it with [`SharedSegment::new`] under the sender's id.
+pub fn shared_memory_from(bytes: &[u8]) -> Option<Box<dyn SharedMemory>> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let memory = ALLOCATOR.get()?(bytes)?;
+    let made = memory.bytes();
+    // Aligned for any `Pod` element a slice over it may have: a mapping starts on a page.
+    let sound = made.len() == bytes.len() && (made.as_ptr() as usize).is_multiple_of(64);
+    sound.then_some(memory)
+}
+
 /// A copy of `values` in shared memory, if an allocator is set, the slice is big enough, and
 /// the allocator kept to its contract (the right length, aligned for `T`).
 fn allocate_shared<T: Pod>(values: &[T]) -> Option<Box<dyn SharedMemory>> {
@@ -434,6 +450,21 @@ pub fn collect_shared<R>(encode: impl FnOnce() -> R) -> (R, Vec<Arc<SharedSegmen
     let outer = restore.0.take().unwrap_or_default();
     let collected = OUTGOING.with(|o| std::mem::replace(&mut *o.borrow_mut(), outer));
     (result, collected.map(|c| c.segments).unwrap_or_default())
+}
+
+/// Lists `segment` among the segments the frame being encoded on this thread refers to, as a
+/// [`SharedSlice`] of it serialized as a handle would; outside [`collect_shared`] it does
+/// nothing. For backends that relay frames encoded elsewhere with handles (the MPI backend's
+/// ranks): the local pool that encodes the relayed frame then ships `segment` to its workers
+/// like any other.
+pub fn note_shared(segment: &Arc<SharedSegment>) {
+    OUTGOING.with(|o| {
+        if let Some(outgoing) = o.borrow_mut().as_mut()
+            && outgoing.ids.insert(segment.id)
+        {
+            outgoing.segments.push(Arc::clone(segment));
+        }
+    });
 }
 
 fn received() -> std::sync::MutexGuard<'static, HashMap<u64, Arc<SharedSegment>>> {

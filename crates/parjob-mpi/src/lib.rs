@@ -89,6 +89,19 @@ mod unavailable {
         }
     }
 
+    impl MpiPool {
+        /// Always [`Error::BackendUnavailable`]: this build has no MPI.
+        ///
+        /// # Errors
+        /// Always.
+        pub fn with_options(
+            ranks: usize,
+            _options: &parjob_core::ProcessOptions,
+        ) -> Result<MpiPool, Error> {
+            MpiPool::new(ranks)
+        }
+    }
+
     /// Does nothing: this build has no MPI.
     pub fn init() {}
 

@@ -6,8 +6,12 @@
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
 //! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host]`: 1 = same build, frames will follow |
-//! | `RUN` | 0 to rank | `[tasks frame][first index u64][RunHeader]`: the fixed-size trailer last, so the rank hands the received buffer itself, cut short, to its local pool |
-//! | `DONE` | rank to 0 | `[DoneHeader]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]` |
+//! | `SEGMENT` | 0 to rank | `[segment id u64][its bytes]`: a `SharedSlice`'s segment, sent before the first `RUN` that names it on this rank |
+//! | `FORGET` | 0 to rank | `[segment id u64]...`: segments the driver dropped; the rank lets go of them (its local workers unmap them once no job holds them) |
+//! | `POOL` | 0 to rank | `[pool u64][Welcome]`: start local pool `pool`, whose workers run the initializer parjob-remote's `Welcome` names (its proof unused) |
+//! | `POOL_END` | 0 to rank | `[pool u64]`: stop local pool `pool` (its `MpiPool` was dropped) |
+//! | `RUN` | 0 to rank | `[tasks frame][segment id u64 × attachments][pool u64][first index u64][RunHeader]`: the fixed-size trailer last, so the rank hands the received buffer itself, cut short, to its local pool (`pool`, 0 for the one it starts with); the header's `attachments` counts the ids of the segments the frame's handles name |
+//! | `DONE` | rank to 0 | `[DoneHeader][local worker u32]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]`; the local worker is `u32::MAX` when the local pool did not say |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |
 //! | `BEAT` | either way | empty, every `BEAT_EVERY`: the sender is alive (rank 0 beats once the handshake is over) |
@@ -28,12 +32,19 @@ pub(crate) const TAG_DONE: i32 = 4;
 pub(crate) const TAG_STOP: i32 = 5;
 pub(crate) const TAG_BYE: i32 = 6;
 pub(crate) const TAG_BEAT: i32 = 7;
+pub(crate) const TAG_SEGMENT: i32 = 8;
+pub(crate) const TAG_FORGET: i32 = 9;
+pub(crate) const TAG_POOL: i32 = 10;
+pub(crate) const TAG_POOL_END: i32 = 11;
+
+/// A `DONE`'s local worker when the rank's pool did not say which worker ran the frame.
+pub(crate) const NO_WORKER: u32 = u32::MAX;
 
 /// How often a rank server says it is alive.
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 1;
+pub(crate) const PROTOCOL: u32 = 2;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;

@@ -480,14 +480,18 @@ fn start_pool(
             }
             None => Ok((start_process_pool(workers, process)?, None)),
         },
+        // As on the process backend: each rank's local workers run the initializer.
         #[cfg(all(feature = "mpi", target_os = "linux"))]
-        Backend::Mpi if init.is_some() => Err(Error::InvalidConfig(
-            "initializers do not reach the worker processes of MPI ranks yet: on the mpi \
-             backend, have tasks set their state up themselves"
-                .into(),
-        )),
-        #[cfg(all(feature = "mpi", target_os = "linux"))]
-        Backend::Mpi => Ok((Arc::new(parjob_mpi::MpiPool::new(workers)?), None)),
+        Backend::Mpi => {
+            let mut process = process.clone();
+            if let Some(with) = init_with.map(WorkerInit::for_processes).transpose()? {
+                process.initializer_with = with;
+            }
+            Ok((
+                Arc::new(parjob_mpi::MpiPool::with_options(workers, &process)?),
+                None,
+            ))
+        }
         #[cfg(not(all(feature = "mpi", target_os = "linux")))]
         Backend::Mpi => Err(Error::backend_unavailable(
             backend,

@@ -47,7 +47,8 @@ impl Parallel {
     /// worker process (a replacement after a crash or recycling too), once on each thread of
     /// the threading backend (threads are started as work arrives, and a thread replacing
     /// one abandoned after a timeout runs it too; Python's `ThreadPoolExecutor(initializer=)`),
-    /// and once on the sequential backend, before its first task. `f` typically sets up
+    /// once on the sequential backend, before its first task, and on the MPI backend once in
+    /// each local worker process of each rank (docs/CLUSTER.md). `f` typically sets up
     /// per-worker state with [`set_worker_state`](crate::set_worker_state), which that
     /// worker's tasks reach with [`with_worker_state`](crate::with_worker_state).
     ///

@@ -4,17 +4,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Backend, Error, Job, Transport};
+use parjob_core::{Backend, Error, Job, SharedSegment, Transport, collect_shared};
 use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::LAUNCH_HINT;
 use crate::wire::{
-    self, BEAT_EVERY, Hello, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_HELLO, TAG_RUN,
-    TAG_STOP, TAG_WELCOME, put_bytes, put_u32, put_u64,
+    self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_FORGET,
+    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_WELCOME, put_bytes,
+    put_u32, put_u64,
 };
 
 use super::server::RUN_TRAILER;
@@ -40,6 +41,12 @@ struct Slot {
     in_flight: usize,
     last_heard: Instant,
     same_host: bool,
+    /// The index of the rank's first local worker among the workers of every rank before it
+    /// (ranks in order): a batch's worker is this plus the local worker its `DONE` names.
+    first_worker: usize,
+    /// The `SharedSlice` segments this rank holds: each is sent once, before the first `RUN`
+    /// that names it, and forgotten once the driver dropped it.
+    segments: HashMap<u64, Weak<SharedSegment>>,
 }
 
 pub(super) struct DriverState<'w> {
@@ -53,7 +60,10 @@ pub(super) struct DriverState<'w> {
     refused: Vec<usize>,
     hello_error: Option<Error>,
     started: Instant,
-    queue: VecDeque<(Job, usize)>,
+    /// Jobs not sent yet, with the ranks and the local pool they may run on.
+    queue: VecDeque<(Job, usize, u64)>,
+    /// The local pools with an initializer the ranks run, and on which ranks (`1..=ranks`).
+    pools: HashMap<u64, usize>,
     out: HashMap<u64, Out>,
     next_id: u64,
     sends: Vec<PendingSend>,
@@ -75,6 +85,7 @@ impl<'w> DriverState<'w> {
             hello_error: None,
             started: Instant::now(),
             queue: VecDeque::new(),
+            pools: HashMap::new(),
             out: HashMap::new(),
             next_id: 1,
             sends: Vec::new(),
@@ -110,13 +121,13 @@ impl<'w> DriverState<'w> {
             // Commands from the pools.
             loop {
                 match inbox.try_recv() {
-                    Ok(Command::Submit { job, ranks }) => {
-                        self.queue.push_back((job, ranks));
-                        busy = true;
-                    }
                     Ok(Command::Shutdown(done)) => {
                         self.shutdown();
                         return Some(done);
+                    }
+                    Ok(command) => {
+                        self.command(command);
+                        busy = true;
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -142,11 +153,11 @@ impl<'w> DriverState<'w> {
             } else if self.out.is_empty() && self.queue.is_empty() && self.handshaken() {
                 // Nothing to do: wait for a command (beats pile up meanwhile, harmlessly).
                 match inbox.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Command::Submit { job, ranks }) => self.queue.push_back((job, ranks)),
                     Ok(Command::Shutdown(done)) => {
                         self.shutdown();
                         return Some(done);
                     }
+                    Ok(command) => self.command(command),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         self.shutdown();
@@ -156,6 +167,46 @@ impl<'w> DriverState<'w> {
                 backoff.busy();
             } else {
                 backoff.idle();
+            }
+        }
+    }
+
+    /// A pool's command other than `Shutdown`.
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Submit { job, ranks, pool } => self.queue.push_back((job, ranks, pool)),
+            Command::OpenPool {
+                pool,
+                ranks,
+                welcome,
+            } => {
+                self.pools.insert(pool, ranks);
+                // Before any RUN for it: MPI keeps one sender's messages to a rank in order.
+                let mut message = Vec::with_capacity(8 + welcome.len());
+                put_u64(&mut message, pool);
+                message.extend_from_slice(&welcome);
+                self.send_to_ranks(ranks, TAG_POOL, &message);
+            }
+            Command::ClosePool { pool } => {
+                if let Some(ranks) = self.pools.remove(&pool) {
+                    self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
+                }
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Sends `message` to every live rank of `1..=ranks`.
+    fn send_to_ranks(&mut self, ranks: usize, tag: i32, message: &[u8]) {
+        let live: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| s.alive && s.info.rank <= ranks)
+            .map(|s| s.info.rank)
+            .collect();
+        for rank in live {
+            if let Ok(send) = isend(self.world, rank, tag, message.to_vec()) {
+                self.sends.push(send);
             }
         }
     }
@@ -223,14 +274,20 @@ impl<'w> DriverState<'w> {
         if self.hellos.len() + self.refused.len() == self.size - 1 && !self.handshaken() {
             let mut ranks: Vec<RankInfo> = self.hellos.values().cloned().collect();
             ranks.sort_by_key(|r| r.rank);
+            let mut first_worker = 0;
             self.slots = ranks
                 .iter()
-                .map(|info| Slot {
-                    same_host: info.host == self.host,
-                    info: info.clone(),
-                    alive: true,
-                    in_flight: 0,
-                    last_heard: Instant::now(),
+                .map(|info| {
+                    first_worker += info.workers;
+                    Slot {
+                        same_host: info.host == self.host,
+                        info: info.clone(),
+                        alive: true,
+                        in_flight: 0,
+                        last_heard: Instant::now(),
+                        first_worker: first_worker - info.workers,
+                        segments: HashMap::new(),
+                    }
                 })
                 .collect();
             let result = match self.hello_error.take() {
@@ -247,7 +304,7 @@ impl<'w> DriverState<'w> {
             return false;
         }
         let mut sent = false;
-        while let Some(limit) = self.queue.front().map(|(_, ranks)| *ranks) {
+        while let Some(limit) = self.queue.front().map(|(_, ranks, _)| *ranks) {
             let candidates = self
                 .slots
                 .iter()
@@ -267,7 +324,7 @@ impl<'w> DriverState<'w> {
                 }
             }
             if !any_alive {
-                let Some((mut job, _)) = self.queue.pop_front() else {
+                let Some((mut job, _, _)) = self.queue.pop_front() else {
                     break;
                 };
                 let lost: Vec<&Slot> = self.slots.iter().filter(|s| s.info.rank <= limit).collect();
@@ -289,16 +346,16 @@ impl<'w> DriverState<'w> {
             let Some(best) = best else {
                 break;
             };
-            let Some((job, _)) = self.queue.pop_front() else {
+            let Some((job, _, pool)) = self.queue.pop_front() else {
                 break;
             };
-            self.send_job(job, best);
+            self.send_job(job, best, pool);
             sent = true;
         }
         sent
     }
 
-    fn send_job(&mut self, mut job: Job, slot: usize) {
+    fn send_job(&mut self, mut job: Job, slot: usize, pool: u64) {
         if job.control().is_cancelled() || !job.mark_started() {
             job.complete(Duration::ZERO);
             return;
@@ -323,15 +380,54 @@ impl<'w> DriverState<'w> {
         // own buffer, cut short, to its local pool instead of copying the frame out of it.
         let mut buffer = Vec::with_capacity(RUN_TRAILER + 16 * len);
         // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
+        // Its `SharedSlice`s of shared memory travel as handles, their segments apart.
         let encode_began = Instant::now();
-        let encoded = parjob_core::catch_task(|| batch.encode_tasks(0..len, &mut buffer));
-        if let Err(message) = encoded {
-            let index = job.batch().first_index();
-            job.batch_mut().push_failure(codec_error(index, message));
-            job.complete(Duration::ZERO);
-            return;
+        let encoded = parjob_core::catch_task(|| {
+            collect_shared(|| batch.encode_tasks(0..len, &mut buffer)).1
+        });
+        let segments = match encoded {
+            Ok(segments) => segments,
+            Err(message) => {
+                let index = job.batch().first_index();
+                job.batch_mut().push_failure(codec_error(index, message));
+                job.complete(Duration::ZERO);
+                return;
+            }
+        };
+        // Each segment the rank does not hold yet goes first, once (MPI keeps one sender's
+        // messages to one rank in order, so it is there before the RUN).
+        let mut bytes_sent = 0u64;
+        for segment in &segments {
+            if self.slots[slot].segments.contains_key(&segment.id()) {
+                continue;
+            }
+            let bytes = segment.memory().bytes();
+            let mut message = Vec::with_capacity(8 + bytes.len());
+            put_u64(&mut message, segment.id());
+            message.extend_from_slice(bytes);
+            bytes_sent += message.len() as u64;
+            match isend(self.world, rank, TAG_SEGMENT, message) {
+                Ok(send) => {
+                    self.sends.push(send);
+                    self.slots[slot]
+                        .segments
+                        .insert(segment.id(), Arc::downgrade(segment));
+                }
+                Err(message) => {
+                    let index = job.batch().first_index();
+                    job.batch_mut().push_failure(Error::InvalidConfig(format!(
+                        "task {index}: cannot send a SharedSlice's segment to MPI rank                          {rank}: {message}"
+                    )));
+                    job.complete(Duration::ZERO);
+                    return;
+                }
+            }
         }
-        put_u64(&mut buffer, batch.first_index() as u64);
+        for segment in &segments {
+            put_u64(&mut buffer, segment.id());
+        }
+        put_u64(&mut buffer, pool);
+        put_u64(&mut buffer, job.batch().first_index() as u64);
         let header = RunHeader {
             tag: FrameTag {
                 generation: rank as u64,
@@ -340,11 +436,14 @@ impl<'w> DriverState<'w> {
             timeout: job.control().timeout(),
             entry,
             frame: FrameAt::Inline,
-            attachments: 0,
+            // The segment ids before the trailer: as many as a frame names, far below u32::MAX
+            // (each is a shared memory segment of at least `SHARED_MIN_BYTES`).
+            attachments: u32::try_from(segments.len()).unwrap_or(u32::MAX),
         };
+        drop(segments);
         buffer.extend_from_slice(&header.encode());
         let encode = encode_began.elapsed();
-        let bytes_sent = buffer.len() as u64;
+        bytes_sent += buffer.len() as u64;
         match isend(self.world, rank, TAG_RUN, buffer) {
             Ok(send) => {
                 self.sends.push(send);
@@ -368,9 +467,14 @@ impl<'w> DriverState<'w> {
     }
 
     fn done(&mut self, from: usize, bytes: &[u8]) {
-        let Ok((header, mut body)) = DoneHeader::decode(bytes) else {
+        let Ok((header, body)) = DoneHeader::decode(bytes) else {
             return self.lose(from, "it sent a malformed DONE");
         };
+        let mut r = Reader(body);
+        let Some(local_worker) = r.u32() else {
+            return self.lose(from, "it sent a malformed DONE");
+        };
+        let mut body = r.0;
         let received_at = Instant::now();
         let Some(Out {
             mut job,
@@ -384,6 +488,11 @@ impl<'w> DriverState<'w> {
         };
         if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == rank) {
             slot.in_flight = slot.in_flight.saturating_sub(1);
+            // The pool's workers are every rank's local workers, rank by rank: the trace and
+            // the insights place the batch on the row of the local worker that ran it.
+            if local_worker != NO_WORKER && (local_worker as usize) < slot.info.workers {
+                job.ran_on(slot.first_worker + local_worker as usize);
+            }
         }
         let host = self.host_of(rank);
         while let Some((&kind, rest)) = body.split_first() {
@@ -406,9 +515,6 @@ impl<'w> DriverState<'w> {
             }
             body = r.0;
         }
-        // No `ran_on`: a rank runs several batches at once on its local workers and the DONE
-        // does not say which, so naming the rank would pile them on one worker (and one
-        // trace row); the trace places such batches by time.
         // `Transport` is non-exhaustive: filled field by field.
         let mut transport = Transport::default();
         transport.bytes_sent = bytes_sent;
@@ -479,6 +585,7 @@ impl<'w> DriverState<'w> {
             }
             return;
         }
+        self.forget_dropped_segments();
         let limit = silence_limit();
         let mut lost = Vec::new();
         for slot in self.slots.iter().filter(|s| s.alive) {
@@ -496,6 +603,31 @@ impl<'w> DriverState<'w> {
         }
         for (rank, reason) in lost {
             self.lose(rank, &reason);
+        }
+    }
+
+    /// Tells each live rank which of the segments it holds the driver has dropped (the last
+    /// `SharedSlice` of them is gone, and with it every job that named them), as the process
+    /// backend tells its idle workers: the rank then frees its copy.
+    fn forget_dropped_segments(&mut self) {
+        for slot in self.slots.iter_mut().filter(|s| s.alive) {
+            let dropped: Vec<u64> = slot
+                .segments
+                .iter()
+                .filter(|(_, segment)| segment.strong_count() == 0)
+                .map(|(&id, _)| id)
+                .collect();
+            if dropped.is_empty() {
+                continue;
+            }
+            let mut message = Vec::with_capacity(8 * dropped.len());
+            for id in dropped {
+                slot.segments.remove(&id);
+                put_u64(&mut message, id);
+            }
+            if let Ok(send) = isend(self.world, slot.info.rank, TAG_FORGET, message) {
+                self.sends.push(send);
+            }
         }
     }
 
@@ -540,7 +672,7 @@ impl<'w> DriverState<'w> {
     /// Tells every live rank to stop and waits (with a deadline) for their `BYE`s.
     fn shutdown(&mut self) {
         // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
-        for (job, _) in self.queue.drain(..) {
+        for (job, _, _) in self.queue.drain(..) {
             job.complete(Duration::ZERO);
         }
         let ranks: Vec<usize> = if self.handshaken() {

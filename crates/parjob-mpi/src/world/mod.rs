@@ -49,8 +49,18 @@ fn silence_limit() -> Duration {
 
 /// What rank 0's driver thread is told.
 enum Command {
-    /// Run `job` on one of ranks `1..=ranks`.
-    Submit { job: Job, ranks: usize },
+    /// Run `job` on one of ranks `1..=ranks`, in their local pool `pool` (0: the one each
+    /// rank starts with, without an initializer).
+    Submit { job: Job, ranks: usize, pool: u64 },
+    /// Ranks `1..=ranks` start local pool `pool`, whose workers run the initializer `welcome`
+    /// (a parjob-remote `Welcome`) names.
+    OpenPool {
+        pool: u64,
+        ranks: usize,
+        welcome: Vec<u8>,
+    },
+    /// Local pool `pool` is of no more use: the ranks stop its workers.
+    ClosePool { pool: u64 },
     /// The program is exiting: stop the ranks.
     Shutdown(Sender<()>),
 }

@@ -1,9 +1,11 @@
 //! [`MpiPool`]: the [`Pool`] `Parallel` uses on rank 0, a handle on the driver thread.
 
 use std::sync::PoisonError;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parjob_core::{Backend, Error, Job, Pool};
+use parjob_core::{Backend, Error, Job, Pool, ProcessOptions};
+use parjob_remote::{CodeOffset, InitArgs, Nonce, Welcome};
 
 use crate::LAUNCH_HINT;
 
@@ -18,6 +20,9 @@ use super::{Command, DRIVER};
 pub struct MpiPool {
     ranks: usize,
     workers: usize,
+    /// The ranks' local pool it uses: 0 for the one each rank starts with, another for a pool
+    /// of its own whose workers run an initializer.
+    pool: u64,
 }
 
 impl MpiPool {
@@ -62,7 +67,57 @@ impl MpiPool {
             ranks
         };
         let workers = infos.iter().take(ranks).map(|r| r.workers).sum::<usize>();
-        Ok(MpiPool { ranks, workers })
+        Ok(MpiPool {
+            ranks,
+            workers,
+            pool: 0,
+        })
+    }
+
+    /// [`MpiPool::new`] whose tasks run on local workers that ran `options`' initializer
+    /// (`initializer` or `initializer_with`) first: each of the ranks starts a local process
+    /// pool of its own for it, whose every worker process runs the initializer once before
+    /// its first task, as on the process backend; the ranks stop it when this pool is dropped.
+    /// The other options are the process backend's and do not apply here.
+    ///
+    /// # Errors
+    /// As [`MpiPool::new`]; [`Error::InvalidConfig`] when the initializer is not in this
+    /// program's executable (a rank could not find it). An initializer that panics on a rank
+    /// fails the tasks sent there with its message.
+    pub fn with_options(ranks: usize, options: &ProcessOptions) -> Result<MpiPool, Error> {
+        let (initializer, with_args) = if let Some(with) = &options.initializer_with {
+            let (entry, function) = CodeOffset::of_initializer_with(with)?;
+            let args = with.args.to_vec();
+            (entry, Some(InitArgs { function, args }))
+        } else if let Some(initializer) = options.initializer {
+            (CodeOffset::of_initializer(initializer)?, None)
+        } else {
+            return MpiPool::new(ranks);
+        };
+        let mut pool = MpiPool::new(ranks)?;
+        let Some(driver) = DRIVER.get() else {
+            return Ok(pool);
+        };
+        static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
+        pool.pool = NEXT_POOL.fetch_add(1, Ordering::Relaxed);
+        // The same message the process backend's driver sends its workers, without its proof
+        // (MPI's own launcher vouches for the ranks, and every rank proved it is this build).
+        let welcome = Welcome {
+            max_nbytes: options.max_nbytes as u64,
+            initializer: Some(initializer),
+            with_args,
+            proof: Nonce::from_bytes([0; Nonce::LEN]),
+        };
+        let _ = driver
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(Command::OpenPool {
+                pool: pool.pool,
+                ranks: pool.ranks,
+                welcome: welcome.encode(),
+            });
+        Ok(pool)
     }
 
     /// How many worker ranks this pool uses.
@@ -87,6 +142,7 @@ impl Pool for MpiPool {
             .send(Command::Submit {
                 job,
                 ranks: self.ranks,
+                pool: self.pool,
             });
         // A driver thread that is gone (the program is exiting) drops the job, which
         // completes itself as cancelled.
@@ -105,5 +161,21 @@ impl Pool for MpiPool {
 
     fn verbose_name(&self) -> &'static str {
         "MpiBackend"
+    }
+}
+
+impl Drop for MpiPool {
+    /// A pool with an initializer has the ranks stop its local workers.
+    fn drop(&mut self) {
+        if self.pool == 0 {
+            return;
+        }
+        if let Some(driver) = DRIVER.get() {
+            let _ = driver
+                .commands
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(Command::ClosePool { pool: self.pool });
+        }
     }
 }

@@ -1,17 +1,23 @@
 //! A worker rank's server: its local process pool, the frames rank 0 sends it, and their
 //! `DONE`s.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Error, Job, Pool, ProcessOptions, Relayed, RelayedOutcomes, cpu_count};
+use parjob_core::{
+    Error, Initializer, InitializerEntry, InitializerWith, Job, Pool, ProcessOptions, Relayed,
+    RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count, shared_memory_from,
+};
 use parjob_process::ProcessPool;
-use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader};
+use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader, Welcome};
 
 use crate::wire::{
-    self, BEAT_EVERY, Hello, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE, TAG_DONE,
-    TAG_HELLO, TAG_RUN, TAG_STOP, TAG_WELCOME,
+    self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE,
+    TAG_DONE, TAG_FORGET, TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP,
+    TAG_WELCOME,
 };
 
 use super::transport::{
@@ -80,6 +86,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut last_check = Instant::now();
     let my_host = host_name();
     let mut backoff = Backoff { idle_since: None };
+    let mut segments = Segments::default();
+    let mut pools = LocalPools::new(pool, workers);
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = try_receive(world) {
@@ -91,7 +99,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             match tag {
                 TAG_BROKEN => {
                     // Rank 0 died while sending: nobody will say STOP.
-                    drop(pool);
+                    drop(pools);
                     return 3;
                 }
                 // A refused rank (another build, no local pool) gets no RUN: it waits for STOP.
@@ -102,14 +110,26 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         rank0 = Some((pid, host == my_host));
                     }
                 }
-                TAG_RUN if welcomed => {
-                    if let Some(pool) = &pool {
-                        run_frame(pool, rank, bytes, &done_tx, world, &mut sends);
+                TAG_SEGMENT if welcomed => segments.receive(&bytes),
+                TAG_FORGET => segments.forget(&bytes),
+                TAG_POOL if welcomed => pools.open(&bytes),
+                TAG_POOL_END => {
+                    for frame in pools.close(&bytes) {
+                        let why = "its pool was dropped on rank 0 before it started";
+                        refuse_frame(rank, &frame, why, world, &mut sends);
                     }
                 }
+                TAG_RUN if welcomed => match pools.route(&bytes) {
+                    Route::Run(pool) => {
+                        run_frame(pool, rank, bytes, &segments, &done_tx, world, &mut sends);
+                    }
+                    Route::Held => pools.hold(bytes),
+                    Route::Refuse(why) => refuse_frame(rank, &bytes, &why, world, &mut sends),
+                },
                 TAG_STOP => {
                     let finalize = bytes.first() == Some(&1);
-                    drop(pool);
+                    drop(segments);
+                    drop(pools);
                     if let Ok(send) = isend(world, 0, TAG_BYE, Vec::new()) {
                         sends.push(send);
                     }
@@ -126,6 +146,16 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     };
                 }
                 _ => {}
+            }
+        }
+        for frame in pools.started() {
+            busy = true;
+            match pools.route(&frame) {
+                Route::Run(pool) => {
+                    run_frame(pool, rank, frame, &segments, &done_tx, world, &mut sends);
+                }
+                Route::Refuse(why) => refuse_frame(rank, &frame, &why, world, &mut sends),
+                Route::Held => {}
             }
         }
         while let Ok((id, first_index, outcomes)) = done_rx.try_recv() {
@@ -146,7 +176,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             if gone || (rank0.is_some() && heard_from_0.elapsed() > silence_limit()) {
                 // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
                 // the local workers and leave without MPI_Finalize, rather than serve nobody.
-                drop(pool);
+                drop(pools);
                 return 3;
             }
         }
@@ -164,59 +194,358 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     }
 }
 
-/// The bytes after a `RUN`'s tasks frame: `[first index u64][RunHeader]`.
-pub(super) const RUN_TRAILER: usize = 8 + RunHeader::LEN;
+/// The `SharedSlice` segments rank 0 sent this rank, each copied once into shared memory of
+/// this node that the local worker processes map (the process backend's own segments, so its
+/// pool ships them to its workers as it does its driver's).
+#[derive(Default)]
+struct Segments {
+    held: HashMap<u64, Arc<SharedSegment>>,
+    /// Segments whose shared memory could not be made here, with why: a frame naming one is
+    /// answered with that error.
+    failed: HashMap<u64, String>,
+}
+
+impl Segments {
+    /// A `SEGMENT`: `[id u64][bytes]`.
+    fn receive(&mut self, message: &[u8]) {
+        let mut r = Reader(message);
+        let Some(id) = r.u64() else {
+            return;
+        };
+        match shared_memory_from(r.0) {
+            Some(memory) => {
+                self.held
+                    .insert(id, Arc::new(SharedSegment::new(id, memory)));
+            }
+            None => {
+                let why = format!(
+                    "the {} bytes of the SharedSlice segment {id:#x} could not be put in                      shared memory on this rank (out of file descriptors or memory, or                      parjob::init() did not set up the process backend)",
+                    r.0.len()
+                );
+                self.failed.insert(id, why);
+            }
+        }
+    }
+
+    /// A `FORGET`: rank 0 dropped these segments. Jobs still running keep theirs alive; the
+    /// local pool tells its workers to unmap a segment once the last of them is dropped.
+    fn forget(&mut self, message: &[u8]) {
+        for id in message.chunks_exact(8) {
+            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+            self.held.remove(&id);
+            self.failed.remove(&id);
+        }
+    }
+
+    /// The segments `ids` names, or why one of them is not here.
+    fn find(&self, ids: &[u8]) -> Result<Vec<Arc<SharedSegment>>, String> {
+        ids.chunks_exact(8)
+            .map(|id| {
+                let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+                match (self.held.get(&id), self.failed.get(&id)) {
+                    (Some(segment), _) => Ok(Arc::clone(segment)),
+                    (None, Some(why)) => Err(why.clone()),
+                    (None, None) => Err(format!(
+                        "the SharedSlice segment {id:#x} never reached this rank"
+                    )),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The bytes after a `RUN`'s tasks frame and segment ids: `[pool u64][first index u64]
+/// [RunHeader]`.
+pub(super) const RUN_TRAILER: usize = 8 + 8 + RunHeader::LEN;
+
+/// What a `RUN`'s trailer says.
+struct Trailer {
+    /// Where the trailer starts in the message.
+    at: usize,
+    /// Where the segment ids start (the tasks frame ends).
+    ids_at: usize,
+    pool: u64,
+    first_index: u64,
+    header: RunHeader,
+}
+
+/// The trailer of `RUN` message `frame`, `None` when it is malformed.
+fn trailer(frame: &[u8]) -> Option<Trailer> {
+    let at = frame.len().checked_sub(RUN_TRAILER)?;
+    let mut r = Reader(&frame[at..]);
+    let pool = r.u64()?;
+    let first_index = r.u64()?;
+    let (header, _) = RunHeader::decode(r.0).ok()?;
+    let ids_len = usize::try_from(header.attachments).ok()?.checked_mul(8)?;
+    let ids_at = at.checked_sub(ids_len)?;
+    Some(Trailer {
+        at,
+        ids_at,
+        pool,
+        first_index,
+        header,
+    })
+}
+
+/// Answers `RUN` `frame` at once with a failure of its first task saying `message`.
+fn refuse_frame(
+    rank: usize,
+    frame: &[u8],
+    message: &str,
+    world: &SimpleCommunicator,
+    sends: &mut Vec<PendingSend>,
+) {
+    if let Some(t) = trailer(frame) {
+        let done = failed_done(rank, t.header.tag.seq, t.first_index, message);
+        if let Ok(send) = isend(world, 0, TAG_DONE, done) {
+            sends.push(send);
+        }
+    }
+}
+
+/// A `DONE` for frame `id` whose first task failed with `message` (the rest count as
+/// cancelled).
+fn failed_done(rank: usize, id: u64, first_index: u64, message: &str) -> Vec<u8> {
+    let outcomes = RelayedOutcomes {
+        busy: Duration::ZERO,
+        len: 1,
+        records: Vec::new(),
+        outcomes: vec![Relayed::Failed(Error::worker(
+            rank,
+            format!("task {first_index}: {message}"),
+        ))],
+        worker: None,
+    };
+    encode_done(rank as u64, id, first_index, outcomes)
+}
+
+/// One of the rank's local process pools.
+enum LocalPool {
+    /// Starting on a thread of its own (its workers run their initializer): the `RUN`s for
+    /// it wait here.
+    Starting(Vec<Vec<u8>>),
+    Ready(ProcessPool),
+    /// It did not start: why, for the `RUN`s sent to it.
+    Failed(String),
+}
+
+/// The rank's local pools: pool 0, started with the rank, and one per `MpiPool` with an
+/// initializer on rank 0, started when its `POOL` arrives and stopped at its `POOL_END`.
+struct LocalPools {
+    pools: HashMap<u64, LocalPool>,
+    workers: usize,
+    started_tx: Sender<(u64, Result<ProcessPool, Error>)>,
+    started_rx: mpsc::Receiver<(u64, Result<ProcessPool, Error>)>,
+}
+
+/// What to do with a `RUN`.
+enum Route<'a> {
+    Run(&'a ProcessPool),
+    /// Kept until its pool has started.
+    Held,
+    Refuse(String),
+}
+
+impl LocalPools {
+    fn new(first: Option<ProcessPool>, workers: usize) -> LocalPools {
+        let (started_tx, started_rx) = mpsc::channel();
+        let mut pools = HashMap::new();
+        if let Some(pool) = first {
+            pools.insert(0, LocalPool::Ready(pool));
+        }
+        LocalPools {
+            pools,
+            workers,
+            started_tx,
+            started_rx,
+        }
+    }
+
+    /// A `POOL`: `[pool u64][Welcome]`. The pool starts on a thread of its own, so that the
+    /// rank goes on beating and serving while the initializers run (they may take minutes).
+    fn open(&mut self, message: &[u8]) {
+        let mut r = Reader(message);
+        let Some(id) = r.u64() else {
+            return;
+        };
+        let options = match initializer_options(r.0) {
+            Ok(options) => options,
+            Err(why) => {
+                self.pools.insert(id, LocalPool::Failed(why));
+                return;
+            }
+        };
+        let (workers, started) = (self.workers, self.started_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("parjob-mpi-pool-{id}"))
+            .spawn(move || {
+                let _ = started.send((id, ProcessPool::new(workers, options)));
+            });
+        let pool = match spawned {
+            Ok(_) => LocalPool::Starting(Vec::new()),
+            Err(e) => LocalPool::Failed(format!("cannot start a thread for its local pool: {e}")),
+        };
+        self.pools.insert(id, pool);
+    }
+
+    /// A `POOL_END`: `[pool u64]`. The pool stops on a thread of its own (its supervisors
+    /// are joined, its queued jobs answered as cancelled); one still starting is stopped once
+    /// it has. Returns the `RUN`s held for it, for the caller to answer.
+    fn close(&mut self, message: &[u8]) -> Vec<Vec<u8>> {
+        let Some(id) = Reader(message).u64().filter(|&id| id != 0) else {
+            return Vec::new();
+        };
+        match self.pools.remove(&id) {
+            Some(LocalPool::Ready(pool)) => stop_aside(pool),
+            Some(LocalPool::Starting(held)) => return held,
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    fn route(&self, frame: &[u8]) -> Route<'_> {
+        let Some(t) = trailer(frame) else {
+            return Route::Refuse("a malformed RUN".into());
+        };
+        match self.pools.get(&t.pool) {
+            Some(LocalPool::Ready(pool)) => Route::Run(pool),
+            Some(LocalPool::Starting(_)) => Route::Held,
+            Some(LocalPool::Failed(why)) => Route::Refuse(why.clone()),
+            None => Route::Refuse(format!("its local pool {} is not on this rank", t.pool)),
+        }
+    }
+
+    fn hold(&mut self, frame: Vec<u8>) {
+        if let Some(t) = trailer(&frame)
+            && let Some(LocalPool::Starting(held)) = self.pools.get_mut(&t.pool)
+        {
+            held.push(frame);
+        }
+    }
+
+    /// The pools that finished starting since the last call: the `RUN`s held for each
+    /// (answered with its error if it failed). A pool closed meanwhile is stopped.
+    fn started(&mut self) -> Vec<Vec<u8>> {
+        let mut ready = Vec::new();
+        while let Ok((id, result)) = self.started_rx.try_recv() {
+            let Some(LocalPool::Starting(held)) = self.pools.remove(&id) else {
+                if let Ok(pool) = result {
+                    stop_aside(pool);
+                }
+                continue;
+            };
+            let pool = match result {
+                Ok(pool) => LocalPool::Ready(pool),
+                Err(e) => LocalPool::Failed(format!("its local pool did not start: {e}")),
+            };
+            self.pools.insert(id, pool);
+            ready.extend(held);
+        }
+        ready
+    }
+}
+
+/// Stops `pool` on a thread of its own: joining its supervisors may take a moment, and the
+/// rank must go on serving meanwhile.
+fn stop_aside(pool: ProcessPool) {
+    let spawned = std::thread::Builder::new()
+        .name("parjob-mpi-pool-stop".into())
+        .spawn(move || drop(pool));
+    // Without a thread, the pool stops here (the closure, with it, was dropped).
+    drop(spawned);
+}
+
+/// The options of a local pool whose workers run the initializer `welcome` (a parjob-remote
+/// `Welcome` from rank 0) names, found in this process by its offsets.
+fn initializer_options(welcome: &[u8]) -> Result<ProcessOptions, String> {
+    let welcome = Welcome::decode(welcome).map_err(|e| e.to_string())?;
+    let Some(offset) = welcome.initializer else {
+        return Ok(ProcessOptions::default());
+    };
+    // SAFETY: rank 0 sends POOL only to ranks it checked are this same build (by GNU
+    // build-id) and welcomed; it measured `offset` with `CodeOffset::of_initializer` (or
+    // `of_initializer_with`, for its entry), and it reached here unchanged. `entry_at` only
+    // checks that the offset leads into this executable's code and turns it into an address.
+    let found = unsafe { parjob_remote::entry_at(offset) }.map_err(|e| e.to_string())?;
+    let mut options = ProcessOptions::default();
+    match welcome.with_args {
+        None => {
+            // SAFETY: the address is that of the `fn()` rank 0 measured the offset from (both
+            // are function pointers of the same size); the local pool measures it again and
+            // its workers call it as a `fn()`.
+            let function: fn() = unsafe { std::mem::transmute::<RemoteEntry, fn()>(found) };
+            options.initializer = Some(Initializer(function));
+        }
+        Some(with) => {
+            // SAFETY: as above, for the initializer entry `InitializerWith::new` made for the
+            // function's argument type, which rank 0 measured the offset from.
+            let entry = unsafe { std::mem::transmute::<RemoteEntry, InitializerEntry>(found) };
+            // SAFETY: as above: `function` was measured from the user's `fn(A)`; only its
+            // address is kept, for the entry made for `A` to call.
+            let function =
+                unsafe { parjob_remote::entry_at(with.function) }.map_err(|e| e.to_string())?;
+            options.initializer_with = Some(InitializerWith {
+                entry,
+                function: function as usize,
+                args: with.args.into(),
+                type_name: "the initializer rank 0 gave (a fn(A))",
+            });
+        }
+    }
+    options.max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
+    Ok(options)
+}
 
 /// Hands one `RUN` to the local pool; a frame that cannot be run is answered at once.
 fn run_frame(
     pool: &ProcessPool,
     rank: usize,
     mut frame: Vec<u8>,
+    segments: &Segments,
     done: &Sender<(u64, u64, RelayedOutcomes)>,
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
 ) {
-    let Some(at) = frame.len().checked_sub(RUN_TRAILER) else {
+    let Some(Trailer {
+        at,
+        ids_at,
+        first_index,
+        header,
+        ..
+    }) = trailer(&frame)
+    else {
         return;
     };
-    let mut r = Reader(&frame[at..]);
-    let Some(first_index) = r.u64() else {
-        return;
-    };
-    let Ok((header, _)) = RunHeader::decode(r.0) else {
-        return;
-    };
-    frame.truncate(at);
     let id = header.tag.seq;
-    let failed = |message: String| {
-        let outcomes = RelayedOutcomes {
-            busy: Duration::ZERO,
-            len: 1,
-            records: Vec::new(),
-            outcomes: vec![Relayed::Failed(Error::worker(
-                rank,
-                format!("task {first_index}: {message}"),
-            ))],
-        };
-        encode_done(rank as u64, id, first_index, outcomes)
+    let mut refuse = |message: String| {
+        if let Ok(send) = isend(
+            world,
+            0,
+            TAG_DONE,
+            failed_done(rank, id, first_index, &message),
+        ) {
+            sends.push(send);
+        }
+    };
+    let attached = segments.find(&frame[ids_at..at]);
+    frame.truncate(ids_at);
+    let attached = match attached {
+        Ok(attached) => attached,
+        Err(why) => return refuse(why),
     };
     // SAFETY: rank 0 sends RUNs only after it checked this rank's identity (the same build,
     // by GNU build-id) and welcomed it; the offset reached here unchanged inside the message.
     let entry = match unsafe { parjob_remote::entry_at(header.entry) } {
         Ok(entry) => entry,
-        Err(e) => {
-            if let Ok(send) = isend(world, 0, TAG_DONE, failed(e.to_string())) {
-                sends.push(send);
-            }
-            return;
-        }
+        Err(e) => return refuse(e.to_string()),
     };
     let done = done.clone();
     let first = first_index;
-    let job = Job::relayed(
+    let job = Job::relayed_with_segments(
         usize::try_from(first_index).unwrap_or(usize::MAX),
         entry,
         frame,
+        attached,
         header.timeout,
         move |outcomes| {
             let _ = done.send((id, first, outcomes));
@@ -224,11 +553,7 @@ fn run_frame(
     );
     match job {
         Ok(job) => pool.submit(job),
-        Err(e) => {
-            if let Ok(send) = isend(world, 0, TAG_DONE, failed(e.to_string())) {
-                sends.push(send);
-            }
-        }
+        Err(e) => refuse(e.to_string()),
     }
 }
 
@@ -249,6 +574,11 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
     let records = &outcomes.records;
     let mut out = Vec::with_capacity(DoneHeader::LEN + 16 + records.len());
     out.extend_from_slice(&header.encode());
+    let worker = outcomes
+        .worker
+        .and_then(|w| u32::try_from(w).ok())
+        .unwrap_or(NO_WORKER);
+    wire::put_u32(&mut out, worker);
     // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
     // copied span by span (the local pool stores them back to back), its count and length
     // filled in when the run ends.
@@ -348,11 +678,13 @@ mod tests {
                 outcomes,
                 records,
                 len: 5,
+                worker: Some(2),
             },
         );
         let (header, body) = DoneHeader::decode(&done).expect("a DONE header");
         assert_eq!((header.tag.generation, header.tag.seq), (1, 9));
         let mut r = Reader(body);
+        assert_eq!(r.u32(), Some(2), "the local worker that ran it");
         assert_eq!((r.u8(), r.u32()), (Some(0), Some(2)));
         assert_eq!(r.bytes(), Some([a, b].concat().as_slice()));
         assert_eq!(r.u8(), Some(1));
