@@ -402,17 +402,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.sqlite");
         let conn = super::open(&path).unwrap();
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!((page, mode.as_str()), (65536, "wal"));
         let old = dir.path().join("old.sqlite");
         {
             let conn = rusqlite::Connection::open(&old).unwrap();
-            conn.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE t(x);")
-                .unwrap();
+            conn.execute_batch(
+                "PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE t(x);",
+            )
+            .unwrap();
         }
         let conn = super::open(&old).unwrap();
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(page, 4096, "an existing file keeps its page size");
     }
 
