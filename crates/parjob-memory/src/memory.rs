@@ -159,10 +159,12 @@ type ShortKey = u128;
 struct Block([u64; 8]);
 
 /// A blocked Bloom filter of short keys: each key sets one bit in each of the 8 words of one
-/// cache line, so a question costs one memory access, into a table of 2 bytes per key (2 MiB
-/// for 10^6 keys, small enough to stay in the caches where a 64 MiB index cannot). It never
-/// forgets a key it was given; it wrongly lets through about 1 key in 1000 it was not given,
-/// which then goes on to the index (and is a miss there).
+/// cache line, so a question costs one memory access, into a table of 4 bytes per key (4 MiB
+/// for 10^6 keys, a fraction of the 64 MiB index, and one line per key that `run` fetches
+/// ahead). It never forgets a key it was given; it wrongly lets through about 1 key in 50000
+/// it was not given, which then goes on to the index (and is a miss there). At 2 bytes per
+/// key it let 1 in 1000 through, and each of those sorted the keys stored since the last:
+/// 3.5% of a storing run's CPU.
 #[derive(Default)]
 struct Filter {
     /// A power of two of them, or none (an empty filter, which holds nothing).
@@ -172,8 +174,8 @@ struct Filter {
 }
 
 impl Filter {
-    /// Keys per block at the filter's intended fill: 16 bits per key.
-    const KEYS_PER_BLOCK: usize = 32;
+    /// Keys per block at the filter's intended fill: 32 bits per key.
+    const KEYS_PER_BLOCK: usize = 16;
 
     /// An empty filter with room for `keys` keys.
     fn with_capacity(keys: usize) -> Filter {
@@ -227,6 +229,20 @@ impl Filter {
         present
     }
 
+    /// Asks the CPU to bring `key`'s cache line in, without waiting for it: a run that knows
+    /// its next keys asks for their lines together, so that their misses overlap instead of
+    /// each lookup waiting for its own (a line from memory costs more than the rest of a
+    /// lookup).
+    fn prefetch(&self, key: ShortKey) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        let (block, _) = self.place(key);
+        if let Some(block) = self.blocks.get(block) {
+            prefetch_line(block);
+        }
+    }
+
     /// False if `key` was never inserted; true if it was (and, rarely, if it was not).
     #[cfg(test)]
     fn may_contain(&self, key: ShortKey) -> bool {
@@ -238,6 +254,20 @@ impl Filter {
             .get(block)
             .is_some_and(|block| block.0.iter().zip(bits).all(|(word, bit)| word & bit != 0))
     }
+}
+
+/// Starts loading the cache line of `value` (a hint: nothing is read, nothing can fault).
+#[inline]
+fn prefetch_line<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and cannot fault; SSE is part of every x86_64 target.
+    #[allow(unused_unsafe)]
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 /// `bytes` as little-endian 64-bit words, the last one zero-padded: what both hashers below
@@ -989,6 +1019,18 @@ impl Memory {
         index.grow_filter(additional.min(1 << 22));
     }
 
+    /// Starts loading the filter lines the lookups of `keys` will read, in one lock: a run
+    /// calls it with its next keys before looking them up one by one.
+    pub(crate) fn prefetch(&self, function: &Function, keys: &[[u8; 32]]) {
+        let inner = &self.handle.inner;
+        let state = lock(&inner.state);
+        if let Some(index) = state.functions.get(&function.meta.key) {
+            for key in keys {
+                index.filter.prefetch(short(key));
+            }
+        }
+    }
+
     /// The stored result of `key`, if there is a usable one. Counts a hit or a miss.
     pub(crate) fn lookup<R: DeserializeOwned>(
         &self,
@@ -1535,17 +1577,20 @@ mod tests {
     fn the_filter_never_forgets_a_key_and_rarely_lets_another_through() {
         let mut filter = Filter::with_capacity(100_000);
         assert!(!filter.may_contain(key(0)), "an empty filter holds nothing");
-        for n in 0..100_000 {
+        // Filled to its intended fill exactly.
+        let held = filter.capacity() as u64;
+        for n in 0..held {
             filter.insert(key(n));
         }
-        assert!((0..100_000).all(|n| filter.may_contain(key(n))));
-        let through = (100_000..200_000)
+        assert!((0..held).all(|n| filter.may_contain(key(n))));
+        let through = (held..held + 1_000_000)
             .filter(|&n| filter.may_contain(key(n)))
             .count();
-        // About 1 in 1000 at this fill; 1 in 100 would mean the bits are not spread.
+        // About 1 in 50000 at this fill (20 in 10^6); 2 bytes per key let about 1000
+        // through, and a filter whose bits are not spread lets more.
         assert!(
-            through < 1000,
-            "{through} of 100000 keys not inserted let through"
+            through < 100,
+            "{through} of 10^6 keys not inserted let through"
         );
         assert!(!Filter::default().may_contain(key(1)));
     }

@@ -25,6 +25,9 @@ use crate::{Error, Memory};
 /// Stored results a run keeps waiting at most while it looks for the next task to run.
 pub const LOOKAHEAD: usize = 4096;
 
+/// Tasks `run` pulls from its input at once, to look their keys up together.
+const PULL_BATCH: usize = 32;
+
 /// What runs the tasks a memory has no result for: given the misses as an iterator, it
 /// yields `(position among the misses, result)` in any order, as `Parallel::run_unordered`
 /// does.
@@ -58,6 +61,13 @@ struct Source<I, T: Task> {
     memory: Memory,
     function: Function,
     scratch: Vec<u8>,
+    /// Tasks pulled from the input at once (1 but for `run`, which collects every result
+    /// anyway): their keys are computed together and their filter lines fetched together.
+    batch: usize,
+    /// Tasks pulled from the input and not yet looked up, with their position and key.
+    queue: VecDeque<(T, usize, Result<[u8; 32], Error>)>,
+    /// The keys of the last batch (reused).
+    batch_keys: Vec<[u8; 32]>,
     ordered: bool,
     /// Ordered: one slot per task pulled and not yet yielded, from position `base`.
     slots: VecDeque<Slot<T::Output>>,
@@ -78,16 +88,13 @@ struct Source<I, T: Task> {
 
 impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
     fn pull(&mut self) -> Pulled<T> {
-        if self.exhausted {
-            return Pulled::End;
+        if self.queue.is_empty() {
+            self.fill();
         }
-        let Some(task) = self.tasks.next() else {
-            self.exhausted = true;
+        let Some((task, index, key)) = self.queue.pop_front() else {
             return Pulled::End;
         };
-        let index = self.next_index;
-        self.next_index += 1;
-        let key = match self.function.key_of(task.args(), &mut self.scratch, index) {
+        let key = match key {
             Ok(key) => key,
             Err(error) => return Pulled::Found(index, Err(error)),
         };
@@ -96,6 +103,33 @@ impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
             (Lookup::Failed(error), _) => Pulled::Found(index, Err(error)),
             (Lookup::Miss, ticket) => Pulled::Miss(task, index, ticket),
         }
+    }
+
+    /// Pulls up to `batch` tasks from the input with their keys, and has the lines their
+    /// lookups will read fetched meanwhile (their cache misses then overlap).
+    fn fill(&mut self) {
+        if self.exhausted {
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.batch_keys);
+        keys.clear();
+        while self.queue.len() < self.batch.max(1) {
+            let Some(task) = self.tasks.next() else {
+                self.exhausted = true;
+                break;
+            };
+            let index = self.next_index;
+            self.next_index += 1;
+            let key = self.function.key_of(task.args(), &mut self.scratch, index);
+            if let Ok(key) = &key {
+                keys.push(*key);
+            }
+            self.queue.push_back((task, index, key));
+        }
+        if self.batch > 1 && !keys.is_empty() {
+            self.memory.prefetch(&self.function, &keys);
+        }
+        self.batch_keys = keys;
     }
 
     fn waiting(&self) -> usize {
@@ -208,6 +242,9 @@ where
                     memory: memory.clone(),
                     function,
                     scratch: Vec::new(),
+                    batch: 1,
+                    queue: VecDeque::new(),
+                    batch_keys: Vec::new(),
                     ordered,
                     slots: VecDeque::new(),
                     base: 0,
@@ -438,7 +475,9 @@ where
     T: Task,
 {
     let hint = run.source.as_ref().map_or(0, |s| {
-        let s = s.borrow();
+        let mut s = s.borrow_mut();
+        // Every task will be pulled: a few at a time cost no laziness `run` promises.
+        s.batch = PULL_BATCH;
         let hint = s.tasks.size_hint().0;
         // Every task will be pulled: an empty index can be sized for all of them at once.
         s.memory.reserve(&s.function, hint);

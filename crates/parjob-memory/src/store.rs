@@ -58,6 +58,11 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
     )
     .map_err(open_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    // Big pages for a new file (an existing one keeps its own): a chunk is one blob of
+    // megabytes, written as a chain of pages, each with its own frame in the log, its own
+    // checksum and its own write; 64 KiB pages make a sixteenth of them.
+    conn.execute_batch("PRAGMA page_size=65536")
+        .map_err(open_error)?;
     // WAL: readers never block the writer, and a commit is one append to the log. NORMAL
     // synchronous: a commit survives a crash of the process (SIGKILL) at once, and a power
     // loss from the next checkpoint on; never a corrupt file.
@@ -389,6 +394,35 @@ pub(crate) fn clear_function(conn: &Connection, name: &str) -> rusqlite::Result<
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Barrier};
+
+    /// A new file gets 64 KiB pages (a chunk's blob is a sixteenth as many pages to log,
+    /// checksum and write) and still goes to WAL mode; an existing file keeps its pages.
+    #[test]
+    fn a_new_file_has_big_pages_and_an_old_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.sqlite");
+        let conn = super::open(&path).unwrap();
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((page, mode.as_str()), (65536, "wal"));
+        let old = dir.path().join("old.sqlite");
+        {
+            let conn = rusqlite::Connection::open(&old).unwrap();
+            conn.execute_batch(
+                "PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE t(x);",
+            )
+            .unwrap();
+        }
+        let conn = super::open(&old).unwrap();
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(page, 4096, "an existing file keeps its page size");
+    }
 
     /// Connections that open one new file at the same moment all get it: the switch to WAL
     /// mode, which SQLite refuses at once while another connection holds the file, is asked
