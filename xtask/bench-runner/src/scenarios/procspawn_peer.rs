@@ -9,8 +9,9 @@
 //! A `Pool` runs one function call per `spawn` (two fresh IPC channels, a worker picked by a
 //! monitor thread) and knows no batches, so two rows stand for it in `tiny` and `small`: one
 //! `spawn` per task, as a call-for-call port of `Parallel::run` would do (fewer calls than the
-//! other rows, compared on throughput), and the input cut into one chunk per worker, each chunk
-//! one `spawn` (what its users write for many small tasks). Timeouts are its own
+//! other rows, compared on throughput; at most 64 in flight, as each holds file descriptors
+//! until joined), and the input cut into one chunk per worker, each chunk one `spawn` (what its
+//! users write for many small tasks). Timeouts are its own
 //! `JoinHandle::join_timeout`, which kills the worker; a crash is the `SpawnError` its `join`
 //! returns, after which the pool starts a new worker by itself.
 
@@ -33,6 +34,11 @@ pub const CHUNKED: &str = "procspawn Pool, hand-chunked";
 /// The per-task row does one call in this many of the other rows' (a call costs tens of us).
 const PER_TASK_SHARE: u64 = 100;
 
+/// Calls the per-task row keeps in flight. Each `spawn` holds two IPC channels (four file
+/// descriptors) until it is joined, so 10^4 calls spawned at once end in `EMFILE` (seen on the
+/// full `tiny`); a user would bound them so, and 64 keep 2 workers busy.
+const IN_FLIGHT: usize = 64;
+
 impl From<SpawnError> for Failure {
     fn from(error: SpawnError) -> Self {
         Failure::Failed(format!("procspawn: {error}"))
@@ -53,15 +59,20 @@ where
     pool.spawn(arg, f).join().map_err(Failure::from)
 }
 
+/// Waits for one call's result.
+fn join<R>(handle: JoinHandle<R>) -> Result<R, Failure>
+where
+    R: Serialize + DeserializeOwned,
+{
+    handle.join().map_err(Failure::from)
+}
+
 /// Waits for every handle, in order.
 fn join_all<R>(handles: Vec<JoinHandle<R>>) -> Result<Vec<R>, Failure>
 where
     R: Serialize + DeserializeOwned,
 {
-    handles
-        .into_iter()
-        .map(|h| h.join().map_err(Failure::from))
-        .collect()
+    handles.into_iter().map(join).collect()
 }
 
 /// Times `run` on a pool of `workers` made once, outside the clock, at the first run.
@@ -101,7 +112,22 @@ pub fn map_calls(
     let per_task = per_task_calls(n);
     vec![
         on_kept_pool("", POOL, workers, move |pool| {
-            clocked(|| join_all((0..per_task).map(|i| pool.spawn(i, f)).collect()))
+            clocked(|| {
+                let mut out = Vec::with_capacity(per_task as usize);
+                let mut pending = std::collections::VecDeque::with_capacity(IN_FLIGHT);
+                for i in 0..per_task {
+                    if pending.len() == IN_FLIGHT
+                        && let Some(first) = pending.pop_front()
+                    {
+                        out.push(join(first)?);
+                    }
+                    pending.push_back(pool.spawn(i, f));
+                }
+                for handle in pending {
+                    out.push(join(handle)?);
+                }
+                Ok(out)
+            })
         }),
         on_kept_pool("", CHUNKED, workers, move |pool| {
             clocked(|| {
@@ -128,7 +154,8 @@ pub fn fix_per_task_rows(rows: &mut [Measurement], n: u64) {
         let calls = per_task_calls(n);
         row.work = calls as f64;
         row.note = format!(
-            "{calls} calls (one `spawn` each) where the other rows make {n}: compare throughputs"
+            "{calls} calls (one `spawn` each, at most {IN_FLIGHT} in flight) where the other rows \
+             make {n}: compare throughputs"
         );
     }
 }
