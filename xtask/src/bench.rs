@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: parjob's speed, as ratios against rayon, std threads, a plain loop and
-//! (with `--peers`) Python's joblib and concurrent.futures.
+//! (with `--peers`) Rust's procspawn and Python's joblib and concurrent.futures.
 //!
 //! The scenarios live in `xtask/bench-runner` (package `parjob-bench`), which this builds with
 //! `--release` and runs: xtask itself is a dev build, and figures from one would mean nothing.
@@ -33,8 +33,9 @@ pub struct BenchArgs {
     /// Smaller sizes and 3 counted repeats: a smoke test that ends in under 2 minutes.
     #[arg(long)]
     quick: bool,
-    /// Also run Python's joblib (threading, loky) and concurrent.futures (thread and process
-    /// pools) on the same scenarios, in a venv under target/bench/venv (pip needs PyPI).
+    /// Also run procspawn's process pool (in the bench's own process, beside the process
+    /// backend), and Python's joblib (threading, loky) and concurrent.futures (thread and
+    /// process pools) on the same scenarios, in a venv under target/bench/venv (pip needs PyPI).
     #[arg(long)]
     peers: bool,
     /// A parjob backend to run; repeat for several [default: all]
@@ -133,6 +134,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
     runner_args.extend(["--out".into(), out.display().to_string()]);
     if args.peers {
+        runner_args.push("--peers".into());
         let peers_json = out.join("peers.json");
         run_peers(&root, &args, &peers_json);
         runner_args.extend(["--peers-json".into(), peers_json.display().to_string()]);

@@ -1,7 +1,8 @@
 //! `parjob-bench`: the scenarios behind `cargo xtask bench`, built with `--release`.
 //!
 //! Times parjob's backends beside raw rayon, `std::thread::scope` and a plain loop doing the
-//! same calls (and, with `--peers-json`, the Python peers' rows), prints one table and writes
+//! same calls (with `--peers`, also procspawn's process pool; with `--peers-json`, the Python
+//! peers' rows), prints one table and writes
 //! `report.md`, `report.json` and SVG plots into `--out`. Run it through `cargo xtask bench`,
 //! which builds it optimised and sets up the Python peers; `--help` lists the flags.
 
@@ -27,7 +28,7 @@ use crate::report::{Measurement, Report, SCENARIOS, Settings};
 use crate::scenarios::Context;
 
 const USAGE: &str = "\
-usage: parjob-bench [--quick] [--backend NAME]... [--scenario NAME]... [--out DIR] [--peers-json FILE]
+usage: parjob-bench [--quick] [--backend NAME]... [--scenario NAME]... [--out DIR] [--peers] [--peers-json FILE]
                     [--mpi-json FILE] [--mpi-peers-json FILE]
        mpirun --oversubscribe -n 3 parjob-bench --mpi-group --out FILE [--quick]
 
@@ -36,6 +37,8 @@ usage: parjob-bench [--quick] [--backend NAME]... [--scenario NAME]... [--out DI
   --scenario NAME     a scenario to run; default: all of
                       small tiny cpu_halves sleep_io startup big_input big_result crash timeout first_result memory mpi
   --out DIR           where report.md, report.json and the plots go (default: target/bench)
+  --peers             also time the Rust peer, procspawn's Pool, beside the process backend
+                      (tiny small cpu_halves startup big_input crash timeout)
   --peers-json FILE   rows of the Python peers, as written by xtask/bench_peers.py
   --mpi-json FILE     rows of the `mpi` group, as written by --mpi-group under mpirun
   --mpi-peers-json FILE  mpi4py.futures' rows, as written by bench_peers.py --mpi
@@ -48,6 +51,8 @@ struct Args {
     backends: Vec<Backend>,
     scenarios: Vec<String>,
     out: PathBuf,
+    /// `--peers`: time procspawn's `Pool` too.
+    peers: bool,
     peers_json: Option<PathBuf>,
     /// `--mpi-group`: run the `mpi` group (under mpirun) and write its rows to `out`.
     mpi_group: bool,
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
         backends: Vec::new(),
         scenarios: Vec::new(),
         out: PathBuf::from("target/bench"),
+        peers: false,
         peers_json: None,
         mpi_group: false,
         mpi_json: None,
@@ -96,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--out" => args.out = PathBuf::from(value("--out")?),
+            "--peers" => args.peers = true,
             "--peers-json" => args.peers_json = Some(PathBuf::from(value("--peers-json")?)),
             "--mpi-json" => args.mpi_json = Some(PathBuf::from(value("--mpi-json")?)),
             "--mpi-peers-json" => {
@@ -120,7 +127,11 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // Both pools re-run this executable for their workers, each marking its own in the
+    // environment (parjob: `PARJOB_PROCESS_DRIVER` naming the parent; procspawn:
+    // `__PROCSPAWN_CONTENT_PROCESS_ID`): in the other's worker each `init` returns at once.
     parjob::init();
+    procspawn::init();
     if std::env::args().nth(1).as_deref() == Some(scenarios::NOOP_ARG) {
         return ExitCode::SUCCESS;
     }
@@ -160,6 +171,7 @@ fn context(args: &Args) -> Context {
             time_limit: measure::HUNG_AFTER,
         },
         workers: parjob::cpu_count(),
+        peers: args.peers,
     }
 }
 
@@ -196,6 +208,10 @@ fn bench(args: &Args) -> Result<(), String> {
     let ctx = context(args);
     let mut machine = Machine::read();
     let (mut peer_rows, peers_unavailable) = match &args.peers_json {
+        None if args.peers => (
+            Vec::new(),
+            Some("not run (no --peers-json: `cargo xtask bench --peers` runs them)".to_string()),
+        ),
         None => (
             Vec::new(),
             Some("not asked for (run with --peers)".to_string()),

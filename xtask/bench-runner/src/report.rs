@@ -547,6 +547,31 @@ mod tests {
     }
 
     #[test]
+    fn procspawn_s_fresh_pool_is_held_against_starting_a_process() {
+        let mut spawn = measured(
+            "startup",
+            "fresh pool",
+            crate::rules::SPAWN,
+            Group::Reference,
+        );
+        spawn.samples = vec![0.002];
+        let mut pool = measured("startup", "fresh pool", "procspawn Pool", Group::Peer);
+        pool.samples = vec![0.004];
+        let mut warm = measured("startup", "warm pool", "procspawn Pool", Group::Peer);
+        warm.samples = vec![0.0002];
+        let mut rayon = measured("startup", "warm pool", "rayon ThreadPool", Group::Reference);
+        rayon.samples = vec![0.0001];
+        let rows = rows(&[spawn, pool, warm, rayon]);
+        assert_eq!(
+            rows[1].reference.as_deref(),
+            Some("spawn + wait this executable")
+        );
+        assert_eq!(rows[1].ratio, Some(0.5));
+        assert_eq!(rows[2].reference.as_deref(), Some("rayon ThreadPool"));
+        assert_eq!(rows[1].target, None, "targets are parjob's alone");
+    }
+
+    #[test]
     fn sleep_io_is_held_against_the_ideal_wall_time() {
         let mut row = measured("sleep_io", "n_jobs=10", "parjob threading", Group::Parjob);
         row.work = 0.0;

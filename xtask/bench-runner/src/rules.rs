@@ -121,7 +121,7 @@ pub fn reference_for(m: &Measurement) -> Reference {
 
 /// Whether an implementation runs its tasks in other processes.
 fn is_process_pool(implementation: &str) -> bool {
-    ["process", "loky", "ProcessPool"]
+    ["process", "loky", "ProcessPool", "procspawn"]
         .iter()
         .any(|word| implementation.contains(word))
 }

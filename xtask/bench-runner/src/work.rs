@@ -30,6 +30,16 @@ pub fn square(x: u64) -> u64 {
     x.wrapping_mul(x)
 }
 
+/// [`square`] over a chunk of inputs: one hand-chunked procspawn call (`tiny`, `--peers`).
+pub fn square_chunk(xs: Vec<u64>) -> Vec<u64> {
+    xs.into_iter().map(square).collect()
+}
+
+/// [`spin`] over a chunk of inputs: one hand-chunked procspawn call (`small`, `--peers`).
+pub fn spin_chunk(xs: Vec<u64>) -> Vec<u64> {
+    xs.into_iter().map(spin).collect()
+}
+
 /// The seed lesson's sum of squares, on `count` pseudo-random 32-bit integers drawn from
 /// `seed` (`cpu_halves`). The integers are made inside the task, so no data travels.
 pub fn sum_squares(seed: u64, count: u64) -> u64 {
@@ -37,6 +47,12 @@ pub fn sum_squares(seed: u64, count: u64) -> u64 {
     (0..count)
         .map(|i| mix(base.wrapping_add(i)) & 0xFFFF_FFFF)
         .fold(0u64, |acc, x| acc.wrapping_add(x * x))
+}
+
+/// [`sum_squares`] taking `(seed, count)` as one argument, as procspawn calls take one
+/// (`cpu_halves`, `--peers`).
+pub fn sum_squares_of((seed, count): (u64, u64)) -> u64 {
+    sum_squares(seed, count)
 }
 
 /// Sleeps `ms` milliseconds: a task that waits (`sleep_io`, `first_result`).

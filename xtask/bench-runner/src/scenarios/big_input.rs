@@ -7,7 +7,7 @@ use std::time::Instant;
 use parjob::{Backend, Parallel, SharedSlice, delayed};
 use rayon::prelude::*;
 
-use super::{Context, rayon_pool};
+use super::{Context, procspawn_peer, rayon_pool};
 use crate::measure::{Attempt, Candidate, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::rules::{LOOP, RAYON, SCOPE};
@@ -191,6 +191,14 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             })
         },
     ));
+    if ctx.peers {
+        candidates.extend(procspawn_peer::big_input(
+            Arc::clone(&data),
+            halves,
+            sum_owned,
+            square,
+        ));
+    }
     candidates.push(owned_reference("warm pool", LOOP, data, |halves| {
         halves.into_iter().map(sum_owned).sum::<f64>()
     }));

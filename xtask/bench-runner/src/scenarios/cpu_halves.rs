@@ -4,11 +4,11 @@
 use parjob::{Backend, Parallel, delayed};
 use rayon::prelude::*;
 
-use super::{Context, rayon_pool};
+use super::{Context, procspawn_peer, rayon_pool};
 use crate::measure::{Candidate, interleaved};
 use crate::report::Measurement;
 use crate::rules::{LOOP, RAYON, SCOPE};
-use crate::work::sum_squares;
+use crate::work::{sum_squares, sum_squares_of};
 
 const INTEGERS: u64 = 10_000_000;
 const HALVES: [(u64, u64); 2] = [(1, INTEGERS / 2), (2, INTEGERS / 2)];
@@ -73,6 +73,9 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
         ));
     }
     candidates.push(Candidate::reference("n_jobs=1", LOOP, || scope_halves(1)));
+    if ctx.peers {
+        candidates.extend(procspawn_peer::cpu_halves(HALVES, sum_squares_of));
+    }
     let outcomes = interleaved("cpu_halves", ctx.plan, candidates);
     Measurement::from_outcomes("cpu_halves", outcomes, |_| (0.0, ""))
 }

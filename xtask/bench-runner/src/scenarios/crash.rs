@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use parjob::{Backend, Parallel, delayed};
 
-use super::Context;
+use super::{Context, procspawn_peer};
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::work::{abort_now, square};
@@ -41,7 +41,7 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
     }
     let p = Arc::new(Parallel::new(2).backend(Backend::Process));
     let q = Arc::clone(&p);
-    let candidates = vec![
+    let mut candidates = vec![
         Candidate::timed(
             "abort to error",
             parjob_name(Backend::Process),
@@ -63,6 +63,9 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             q.run([delayed(square, 3)])
         }),
     ];
+    if ctx.peers {
+        candidates.extend(procspawn_peer::crash(abort_now, square));
+    }
     let outcomes = interleaved("crash", ctx.short_plan, candidates);
     all.extend(Measurement::from_outcomes("crash", outcomes, |_| (0.0, "")));
     all

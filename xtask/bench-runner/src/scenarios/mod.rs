@@ -8,6 +8,7 @@ mod crash;
 mod first_result;
 mod memory;
 pub mod mpi;
+mod procspawn_peer;
 mod sleep_io;
 mod small;
 mod startup;
@@ -34,6 +35,8 @@ pub struct Context {
     pub short_plan: Plan,
     /// Workers for the throughput scenarios (`small`, `tiny`): every CPU.
     pub workers: usize,
+    /// `--peers`: also time the Rust peer (procspawn's `Pool`) in the process rows.
+    pub peers: bool,
 }
 
 /// What one run of a scenario does, for the report.

@@ -6,10 +6,10 @@
 
 use parjob::{Backend, Parallel, delayed};
 
-use super::{Context, map_calls};
+use super::{Context, map_calls, procspawn_peer};
 use crate::measure::Candidate;
 use crate::report::Measurement;
-use crate::work::spin;
+use crate::work::{spin, spin_chunk};
 
 /// The variant of the rows that write a trace.
 pub const TRACED: &str = "traced";
@@ -49,5 +49,10 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             out
         }));
     }
-    map_calls(ctx, "small", n, spin, traced)
+    if ctx.peers {
+        traced.extend(procspawn_peer::map_calls(ctx.workers, n, spin, spin_chunk));
+    }
+    let mut rows = map_calls(ctx, "small", n, spin, traced);
+    procspawn_peer::fix_per_task_rows(&mut rows, n);
+    rows
 }

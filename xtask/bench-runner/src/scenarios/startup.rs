@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use parjob::{Parallel, delayed};
 
-use super::{Context, rayon_pool};
+use super::{Context, procspawn_peer, rayon_pool};
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::rules::{RAYON_POOL, SPAWN};
@@ -99,6 +99,9 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             }
         },
     ));
+    if ctx.peers {
+        candidates.extend(procspawn_peer::startup(square));
+    }
     let outcomes = interleaved("startup", ctx.short_plan, candidates);
     Measurement::from_outcomes("startup", outcomes, |_| (0.0, ""))
 }

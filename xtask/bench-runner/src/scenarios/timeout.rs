@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use parjob::{Backend, Parallel, delayed};
 
-use super::Context;
+use super::{Context, procspawn_peer};
 use crate::measure::{Candidate, Failure, Group, interleaved, parjob_name};
 use crate::report::Measurement;
 use crate::rules::{TIMEOUT_LIMIT_MS, TIMEOUT_TASK_MS};
@@ -46,7 +46,7 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
     let p = Arc::new(Parallel::new(2).backend(Backend::Process).timeout(limit));
     let q = Arc::clone(&p);
     let warm = Parallel::new(2).backend(Backend::Process).timeout(limit);
-    let candidates = vec![
+    let mut candidates = vec![
         Candidate::timed(
             "limit to error",
             parjob_name(Backend::Process),
@@ -71,6 +71,9 @@ pub fn run(ctx: &Context) -> Vec<Measurement> {
             warm.run([delayed(square, 3)])
         }),
     ];
+    if ctx.peers {
+        candidates.extend(procspawn_peer::timeout(limit, TIMEOUT_TASK_MS, nap, square));
+    }
     let outcomes = interleaved("timeout", ctx.short_plan, candidates);
     all.extend(Measurement::from_outcomes("timeout", outcomes, |_| {
         (0.0, "")
