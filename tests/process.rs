@@ -613,7 +613,11 @@ fn check_one_crash(crash: u32, n: u32) {
     for (i, result) in results.into_iter().enumerate() {
         match result {
             Err(Error::WorkerCrashed { index, .. }) => {
-                assert_eq!((i, index), (crash as usize, crash as usize), "crash at {crash}")
+                assert_eq!(
+                    (i, index),
+                    (crash as usize, crash as usize),
+                    "crash at {crash}"
+                )
             }
             Ok(v) => assert_eq!(v as usize, i, "crash at {crash}"),
             other => panic!("crash at {crash}: task {i}: {other:?}"),
@@ -656,7 +660,9 @@ fn a_queued_timed_batch_is_timed_from_its_own_start_in_the_worker() {
 /// 4 KiB derived from `i`: over the small `max_nbytes` below, so every batch's outcomes go
 /// back in the worker's result arena.
 fn kilobytes_of(i: u32) -> Vec<u32> {
-    (0..1024u32).map(|k| i.wrapping_mul(2_654_435_761) ^ k).collect()
+    (0..1024u32)
+        .map(|k| i.wrapping_mul(2_654_435_761) ^ k)
+        .collect()
 }
 
 #[test]

@@ -63,7 +63,9 @@ pub(crate) fn encode_ahead(
     if buf.len() - RunHeader::LEN > limit {
         return None;
     }
-    let planned = segments.iter().all(|s| s.memory().as_any().is::<ShmMemory>());
+    let planned = segments
+        .iter()
+        .all(|s| s.memory().as_any().is::<ShmMemory>());
     if !planned || (!segments.is_empty() && !spare_descriptors(2)) {
         return None;
     }

@@ -118,27 +118,34 @@ impl Queue {
     }
 
     /// The next job for a supervisor whose worker is busy, to send it ahead (see
-    /// `Supervisor::send_ahead`): `None` when the queue is empty, the pool is closing, or a
-    /// supervisor with a worker waits for a job (it takes the job sooner).
-    pub(crate) fn take_ahead(&self) -> Option<Job> {
+    /// `Supervisor::send_ahead`), if `may` says it may go: `None` when the queue is empty, the
+    /// pool is closing, or a supervisor with a worker waits for a job (it takes the job
+    /// sooner).
+    pub(crate) fn take_ahead(&self, may: impl FnOnce(&Job) -> bool) -> Option<Job> {
         let mut jobs = self.jobs();
-        if self.closing() || jobs.ready_waiting > 0 {
+        if self.closing() || jobs.ready_waiting > 0 || !jobs.queue.front().is_some_and(may) {
             return None;
         }
         jobs.queue.pop_front()
     }
 
     /// A busy supervisor (slot `slot`) asks to hear of the next job on `events`
-    /// ([`Event::Queued`], once), to take it with [`Queue::take_ahead`]. Returns `false`
-    /// instead, registering nothing, when a job that [`Queue::take_ahead`] would give is
-    /// queued already.
-    pub(crate) fn want_ahead(&self, slot: usize, events: &Sender<Event>) -> bool {
+    /// ([`Event::Queued`], once), to take it with [`Queue::take_ahead`] if `may` says it may
+    /// go. Returns `false` instead, registering nothing, when a job that
+    /// [`Queue::take_ahead`] would give is queued already; `true` without registering when the
+    /// next job may not go ahead (it waits for a free worker).
+    pub(crate) fn want_ahead(
+        &self,
+        slot: usize,
+        events: &Sender<Event>,
+        may: impl FnOnce(&Job) -> bool,
+    ) -> bool {
         let mut jobs = self.jobs();
         if self.closing() {
             return true;
         }
-        if !jobs.queue.is_empty() && jobs.ready_waiting == 0 {
-            return false;
+        if let Some(next) = jobs.queue.front() {
+            return !(jobs.ready_waiting == 0 && may(next));
         }
         if !jobs.wanting.iter().any(|(s, _)| *s == slot) {
             jobs.wanting.push((slot, events.clone()));

@@ -120,14 +120,11 @@ struct Sent {
 /// frame, if it was sent then (see [`Supervisor::send_ahead`]). It is the slot's next job.
 struct Ahead {
     job: Job,
-    /// The job's entry, once checked (and `None` if it was not: the job then runs as any job
-    /// taken from the queue).
+    /// The job's entry, once checked and the job marked started (`None` if not: the job then
+    /// runs as any job taken from the queue).
     entry: Option<CodeOffset>,
     sent: Option<Sent>,
     progress: Progress,
-    /// Whether `Job::mark_started` was called (when the supervisor first turned to the job),
-    /// and what it said.
-    started: Option<bool>,
 }
 
 /// How a timed frame's task stands against its timeout.
@@ -227,9 +224,7 @@ impl Supervisor {
                 self.run_ahead(ahead);
             } else {
                 let next = match replace_at {
-                    Some(at) if self.worker.is_none() => {
-                        self.queue.next_without_worker(swept, at)
-                    }
+                    Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
                     _ => self.queue.next(swept),
                 };
                 let Some(next) = next else {
@@ -396,7 +391,6 @@ impl Supervisor {
             entry,
             sent,
             progress,
-            started,
         } = ahead;
         let Some(entry) = entry else {
             // Not checked nor sent: as any job from the queue.
@@ -405,15 +399,6 @@ impl Supervisor {
         };
         // Its figures are its own: the last job's went with it.
         self.report.swap_ahead();
-        if !started.unwrap_or_else(|| job.mark_started()) {
-            // Cancelled before it started (`Future::cancel`): its frame may be running, but
-            // its outcomes are not the job's any more.
-            if let Some(sent) = sent {
-                self.drop_frame(&sent);
-            }
-            job.complete(Duration::ZERO);
-            return;
-        }
         self.finish_job(job, entry, sent, progress);
     }
 
@@ -445,7 +430,13 @@ impl Supervisor {
     /// [`Supervisor::send_ahead`]). A frame whose worker is gone (it died, or was replaced,
     /// during the frame before) is forgotten: its tasks are sent again to the next worker, no
     /// task blamed.
-    fn finish_frame(&mut self, job: &mut Job, sent: &Sent, progress: &mut Progress, pipeline: bool) {
+    fn finish_frame(
+        &mut self,
+        job: &mut Job,
+        sent: &Sent,
+        progress: &mut Progress,
+        pipeline: bool,
+    ) {
         if !self.holds(sent) {
             return;
         }
@@ -458,28 +449,6 @@ impl Supervisor {
         self.worker
             .as_ref()
             .is_some_and(|w| w.generation == sent.generation)
-    }
-
-    /// Awaits frame `sent` of a job that will not take its outcomes (cancelled meanwhile),
-    /// keeping the worker in step: its result arena goes back to it, unread.
-    fn drop_frame(&mut self, sent: &Sent) {
-        if !self.holds(sent) {
-            return;
-        }
-        let ended = catch_task(|| {
-            if let FrameEnd::Done(done) = self.await_frame(sent, false) {
-                self.report.replied(done.bytes.len() as u64, done.header.busy);
-                if let Some(worker) = self.worker.as_mut() {
-                    if let Some(arena) = done.arena.filter(|a| a.len() <= ARENA_KEEP_MAX) {
-                        worker.result_arena = Some(arena);
-                    }
-                    worker.board.outcomes_read(done.header.tag.seq);
-                }
-            }
-        });
-        if ended.is_err() {
-            self.discard_worker();
-        }
     }
 
     /// Sends the first frame of the next queued job now, while the worker runs frame `out`,
@@ -496,7 +465,7 @@ impl Supervisor {
         if self.ahead.is_some() || !self.may_go_behind(out) {
             return;
         }
-        let Some(job) = self.queue.take_ahead() else {
+        let Some(job) = self.queue.take_ahead(may_go_ahead) else {
             return;
         };
         let mut ahead = Ahead {
@@ -504,7 +473,6 @@ impl Supervisor {
             entry: None,
             sent: None,
             progress: Progress::default(),
-            started: None,
         };
         let entry = ahead
             .job
@@ -514,10 +482,14 @@ impl Supervisor {
         let start = ahead.job.batch().outcomes_len();
         let end = ahead.job.batch().len();
         if let Ok(entry) = entry
-            && ahead.job.control().timeout().is_none()
-            && !ahead.job.control().is_cancelled()
             && start < end
         {
+            // Its tasks may run from now on: `Future::cancel` must fail from here.
+            if !ahead.job.mark_started() {
+                // Cancelled before it started: complete it without running.
+                ahead.job.complete(Duration::ZERO);
+                return;
+            }
             ahead.entry = Some(entry);
             // A panic in the arguments' Serialize: the job is sent later, as the current one,
             // where the panic is blamed on its task.
@@ -597,18 +569,14 @@ impl Supervisor {
         let Some(mut ahead) = self.ahead.take() else {
             return;
         };
-        if let Some(out) = ahead.sent.as_ref()
-            && !*ahead.started.get_or_insert_with(|| ahead.job.mark_started())
-        {
-            // Cancelled (`Future::cancel`) before the supervisor turned to it.
-            self.drop_frame(out);
-            ahead.sent = None;
-        }
         if ahead.sent.is_some() {
             self.report.swap_ahead();
             let stage = self.stage;
             let Ahead {
-                job, sent, progress, ..
+                job,
+                sent,
+                progress,
+                ..
             } = &mut ahead;
             while let Err(message) = catch_task(|| {
                 if let Some(sent) = sent.take() {
@@ -864,7 +832,7 @@ impl Supervisor {
     fn run_frame(&mut self, job: &Job, entry: CodeOffset, range: Range<usize>) -> FrameEnd {
         let sent = match self.send_frame(job, entry, range) {
             Ok(sent) => sent,
-            Err(end) => return end,
+            Err(end) => return *end,
         };
         self.await_frame(&sent, true)
     }
@@ -876,9 +844,9 @@ impl Supervisor {
         job: &Job,
         entry: CodeOffset,
         range: Range<usize>,
-    ) -> Result<Sent, FrameEnd> {
+    ) -> Result<Sent, Box<FrameEnd>> {
         let Some(worker) = self.worker.as_mut() else {
-            return Err(FrameEnd::Closing);
+            return Err(Box::new(FrameEnd::Closing));
         };
         let timeout = job.control().timeout();
         self.stage = Stage::Encoding {
@@ -913,10 +881,10 @@ impl Supervisor {
             // is to blame.
             let pid = worker.pid;
             self.discard_worker();
-            return Err(FrameEnd::Lost {
+            return Err(Box::new(FrameEnd::Lost {
                 pid,
                 status: WorkerExit::Lost("replaced: its shared memory was cut short".into()),
-            });
+            }));
         }
         // The RUN goes first: the worker reads it, then exactly as many shipments as it
         // announces, so a frame with more shipments than the socket buffers cannot block the
@@ -933,7 +901,8 @@ impl Supervisor {
         if sent.is_err() {
             // The worker is gone; its waiter will say how.
             self.behind = None;
-            return Err(self.bury(first_index, range.len(), None, false, None, tag));
+            let end = self.bury(first_index, range.len(), None, false, None, tag);
+            return Err(Box::new(end));
         }
         let sent = Sent {
             tag,
@@ -967,7 +936,11 @@ impl Supervisor {
     /// Sends the next job's first frame behind `out` if one is queued, or asks the queue to
     /// say when one is ([`Event::Queued`]), unless a job was taken ahead already.
     fn want_ahead(&mut self, out: &Sent) {
-        while self.ahead.is_none() && !self.queue.want_ahead(self.index, &self.events_tx) {
+        while self.ahead.is_none()
+            && !self
+                .queue
+                .want_ahead(self.index, &self.events_tx, may_go_ahead)
+        {
             self.send_ahead(out);
         }
     }
@@ -1467,7 +1440,10 @@ impl Supervisor {
             return FrameEnd::Done(done);
         }
         let mut started = worker.board.started_count();
-        if self.behind.is_some_and(|seq| worker.board.last_done() < seq) {
+        if self
+            .behind
+            .is_some_and(|seq| worker.board.last_done() < seq)
+        {
             // Sent behind a frame whose DONE the worker had not sent: it never started, and
             // the count is that frame's.
             started = 0;
@@ -1545,6 +1521,14 @@ impl Supervisor {
             let _ = self.events_tx.send(Event::Close);
         }
     }
+}
+
+/// Whether `job` may be sent to a worker that is still running another frame (see
+/// `Supervisor::send_ahead`): not when it has a timeout (its clock would start before its
+/// tasks), nor when someone watches its start (a `Future` that may be cancelled until a worker
+/// is free for it), nor once it is cancelled.
+fn may_go_ahead(job: &Job) -> bool {
+    job.control().timeout().is_none() && !job.start_is_watched() && !job.control().is_cancelled()
 }
 
 /// Records `error` as the outcome of every task of `job` that has none, but for a task

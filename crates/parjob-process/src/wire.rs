@@ -349,7 +349,11 @@ mod tests {
         assert_eq!(driver.last_done(), 0);
         worker.frame_done(7);
         assert_eq!(driver.last_done(), 7);
-        assert_eq!(driver.started_count(), 0, "no task of the next frame has started");
+        assert_eq!(
+            driver.started_count(),
+            0,
+            "no task of the next frame has started"
+        );
         assert_eq!(worker.last_read(), 0);
         driver.outcomes_read(7);
         assert_eq!(worker.last_read(), 7);
