@@ -499,6 +499,44 @@ fn batches_carry_transport_figures_on_processes_and_none_in_process() {
     }
 }
 
+fn nap_then_len(bytes: Vec<u8>) -> usize {
+    std::thread::sleep(Duration::from_millis(20));
+    bytes.len()
+}
+
+#[test]
+fn a_batch_sent_behind_another_reports_its_own_transport_figures() {
+    // One worker, batches of 4 naps of 20 ms: each batch is sent while the one before it runs
+    // (docs/PROCESS.md, "Two frames in flight"). Each batch's figures are its own: its own
+    // bytes (not its neighbour's too, nor none), and a time on the line counted from when the
+    // reply before it came back, not the 80 ms it waited behind that batch.
+    let (parallel, events) = recorded(
+        Parallel::new(1)
+            .backend(Backend::Process)
+            .batch_size(BatchSize::Fixed(4)),
+    );
+    let out = parallel
+        .run((0..24usize).map(|_| delayed(nap_then_len, vec![7u8; 2_000])))
+        .unwrap();
+    assert_eq!(out, vec![2_000; 24]);
+    let events = events.lock().unwrap();
+    let mut batches = 0;
+    for event in events.iter() {
+        if let Event::BatchCompleted { transport, .. } = event {
+            batches += 1;
+            let t = transport.expect("a process batch has transport figures");
+            assert!(
+                (8_000..9_000).contains(&t.bytes_sent),
+                "one batch's 4 x 2000 bytes: {t:?}"
+            );
+            assert!(t.bytes_received > 0, "{t:?}");
+            assert!(!t.encode.is_zero() && !t.decode.is_zero(), "{t:?}");
+            assert!(t.ipc < Duration::from_millis(40), "{t:?}");
+        }
+    }
+    assert_eq!(batches, 6);
+}
+
 #[test]
 fn a_crashed_worker_is_replaced_and_the_event_names_its_pid() {
     let dir = tempfile::tempdir().unwrap();
