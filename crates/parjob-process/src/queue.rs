@@ -56,8 +56,22 @@ impl Queue {
     }
 
     pub(crate) fn push(&self, job: Job) {
+        self.push_at(job, false);
+    }
+
+    /// Gives back a job a supervisor took ahead and could not send (its worker died): it goes
+    /// first, to whichever supervisor is free first.
+    pub(crate) fn give_back(&self, job: Job) {
+        self.push_at(job, true);
+    }
+
+    fn push_at(&self, job: Job, front: bool) {
         let mut jobs = self.jobs();
-        jobs.queue.push_back(job);
+        if front {
+            jobs.queue.push_front(job);
+        } else {
+            jobs.queue.push_back(job);
+        }
         self.ready.notify_one();
         if jobs.queue.len() > jobs.ready_waiting {
             self.unmanned.notify_one();

@@ -219,9 +219,20 @@ impl Supervisor {
         let mut replace_at: Option<Instant> = None;
         loop {
             if let Some(ahead) = self.ahead.take() {
-                // Taken (and perhaps sent) while the last job ran: it goes first.
-                self.sweep_graveyard();
-                self.run_ahead(ahead);
+                let lost = match &ahead.sent {
+                    Some(sent) => !self.holds(sent),
+                    None => self.worker.is_none(),
+                };
+                if lost && ahead.job.batch().outcomes_len() == 0 && !self.queue.closing() {
+                    // Its worker died before running it (nothing of it ran): it goes back to
+                    // the queue's front, for a slot whose worker is up rather than to wait
+                    // for this one's replacement.
+                    self.queue.give_back(ahead.job);
+                } else {
+                    // Taken (and perhaps sent) while the last job ran: it goes first.
+                    self.sweep_graveyard();
+                    self.run_ahead(ahead);
+                }
             } else {
                 let next = match replace_at {
                     Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
