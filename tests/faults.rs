@@ -420,10 +420,10 @@ fn cut_segments(pid: u32, keep: impl Fn(i64) -> bool) -> usize {
     cut
 }
 
-/// The size of a status board's segment: three 64-bit words.
-const BOARD_BYTES: i64 = 24;
+/// The size of a status board's segment: four 64-bit words.
+const BOARD_BYTES: i64 = 32;
 
-/// Cuts the worker's status board (a 24-byte segment its driver made).
+/// Cuts the worker's status board (a 32-byte segment its driver made).
 fn cut_my_board(_: u32) -> usize {
     cut_segments(std::os::unix::process::parent_id(), |size| {
         size == BOARD_BYTES
@@ -892,7 +892,7 @@ fn hides_from_the_clock(ms: u64) -> u64 {
         }
     }
     let fd = board.expect("the worker's status board");
-    // SAFETY: mapping the board's 24 bytes; written below only through atomics, as the
+    // SAFETY: mapping the board's first 24 bytes (three words); written below only through atomics, as the
     // driver and the worker access it.
     let words = unsafe {
         libc::mmap(

@@ -423,7 +423,7 @@ fn retries_show_as_events_and_in_the_insights() {
     let (parallel, events) = recorded(processes(2).retries(2).insights(true));
     parallel.run(fails_once_tasks(&dir, ABORT)).unwrap();
     let events = events.lock().unwrap();
-    let retried: Vec<usize> = events
+    let mut retried: Vec<usize> = events
         .iter()
         .filter_map(|e| match e {
             Event::TaskRetried {
@@ -432,6 +432,9 @@ fn retries_show_as_events_and_in_the_insights() {
             _ => None,
         })
         .collect();
+    // In the order the crashes happened: a batch queued behind another on one worker may run
+    // after a later batch on the other (docs/PROCESS.md, "Two frames in flight").
+    retried.sort_unstable();
     assert_eq!(retried, [3, 7, 11]);
     let crashed = events
         .iter()
@@ -497,6 +500,44 @@ fn batches_carry_transport_figures_on_processes_and_none_in_process() {
             assert!(!insights.to_string().contains("transport"));
         }
     }
+}
+
+fn nap_then_len(bytes: Vec<u8>) -> usize {
+    std::thread::sleep(Duration::from_millis(20));
+    bytes.len()
+}
+
+#[test]
+fn a_batch_sent_behind_another_reports_its_own_transport_figures() {
+    // One worker, batches of 4 naps of 20 ms: each batch is sent while the one before it runs
+    // (docs/PROCESS.md, "Two frames in flight"). Each batch's figures are its own: its own
+    // bytes (not its neighbour's too, nor none), and a time on the line counted from when the
+    // reply before it came back, not the 80 ms it waited behind that batch.
+    let (parallel, events) = recorded(
+        Parallel::new(1)
+            .backend(Backend::Process)
+            .batch_size(BatchSize::Fixed(4)),
+    );
+    let out = parallel
+        .run((0..24usize).map(|_| delayed(nap_then_len, vec![7u8; 2_000])))
+        .unwrap();
+    assert_eq!(out, vec![2_000; 24]);
+    let events = events.lock().unwrap();
+    let mut batches = 0;
+    for event in events.iter() {
+        if let Event::BatchCompleted { transport, .. } = event {
+            batches += 1;
+            let t = transport.expect("a process batch has transport figures");
+            assert!(
+                (8_000..9_000).contains(&t.bytes_sent),
+                "one batch's 4 x 2000 bytes: {t:?}"
+            );
+            assert!(t.bytes_received > 0, "{t:?}");
+            assert!(!t.encode.is_zero() && !t.decode.is_zero(), "{t:?}");
+            assert!(t.ipc < Duration::from_millis(40), "{t:?}");
+        }
+    }
+    assert_eq!(batches, 6);
 }
 
 #[test]

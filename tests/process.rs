@@ -589,6 +589,102 @@ fn the_timeout_counts_from_the_start_of_each_task_in_its_worker() {
     assert_eq!(out, [150; 4]);
 }
 
+// ---------------------------------------------------------------- two frames in flight
+//
+// One worker and small fixed batches: while the worker runs a batch, its supervisor sends it
+// the next one (docs/PROCESS.md, "Two frames in flight"). Each task naps first, so the next
+// batch is surely queued on the worker when the one before it ends.
+
+/// Naps 20 ms, then crashes the worker at `crash`; otherwise returns `i`.
+fn nap_then_crash_at((i, crash): (u32, u32)) -> u32 {
+    std::thread::sleep(Duration::from_millis(20));
+    if i == crash {
+        std::process::abort();
+    }
+    i
+}
+
+fn check_one_crash(crash: u32, n: u32) {
+    let results: Vec<_> = processes(1)
+        .batch_size(BatchSize::Fixed(4))
+        .run_iter((0..n).map(|i| delayed(nap_then_crash_at, (i, crash))))
+        .collect();
+    assert_eq!(results.len(), n as usize);
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Err(Error::WorkerCrashed { index, .. }) => {
+                assert_eq!(
+                    (i, index),
+                    (crash as usize, crash as usize),
+                    "crash at {crash}"
+                )
+            }
+            Ok(v) => assert_eq!(v as usize, i, "crash at {crash}"),
+            other => panic!("crash at {crash}: task {i}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_crash_with_a_batch_queued_behind_it_on_the_worker_loses_none_of_that_batch() {
+    // Batch 0..4 crashes at 1 while batch 4..8 waits on the same worker: every task of 4..8
+    // still returns its own value (sent again to the replacement), and only task 1 is
+    // WorkerCrashed.
+    check_one_crash(1, 12);
+    // The crash in the batch that was sent ahead (4..8), with 8..12 behind it.
+    check_one_crash(6, 12);
+    // The last task of a batch, the moment its DONE would have gone.
+    check_one_crash(3, 8);
+}
+
+#[test]
+fn a_queued_timed_batch_is_timed_from_its_own_start_in_the_worker() {
+    // Batches of two 150 ms tasks, one worker: each batch runs 300 ms, each task well under
+    // the 250 ms limit. A batch timed from its sending (while the one before it ran) would
+    // be over, or taken for stuck, long before its tasks were.
+    let out = processes(1)
+        .batch_size(BatchSize::Fixed(2))
+        .timeout(Duration::from_millis(250))
+        .run([150u64; 6].map(|ms| delayed(nap, ms)))
+        .unwrap();
+    assert_eq!(out, [150; 6]);
+    // And a task over it is still caught, in the third batch.
+    let err = processes(1)
+        .batch_size(BatchSize::Fixed(2))
+        .timeout(Duration::from_millis(250))
+        .run([150u64, 150, 150, 150, 150, 60_000].map(|ms| delayed(nap, ms)))
+        .unwrap_err();
+    assert_eq!(err, Error::timeout(5, Duration::from_millis(250), true));
+}
+
+/// 4 KiB derived from `i`: over the small `max_nbytes` below, so every batch's outcomes go
+/// back in the worker's result arena.
+fn kilobytes_of(i: u32) -> Vec<u32> {
+    (0..1024u32)
+        .map(|k| i.wrapping_mul(2_654_435_761) ^ k)
+        .collect()
+}
+
+#[test]
+fn outcomes_in_the_result_arena_are_not_overwritten_by_the_batch_sent_behind_them() {
+    // Small frames (sent ahead), big outcomes (in the result arena): the batch behind must not
+    // write its outcomes where the driver is still reading the ones before.
+    let parallel = processes(1)
+        .batch_size(BatchSize::Fixed(4))
+        .max_nbytes(2048);
+    for _ in 0..3 {
+        let out = parallel
+            .run((0..400u32).map(|i| delayed(kilobytes_of, i)))
+            .unwrap();
+        for (i, values) in out.iter().enumerate() {
+            let expected: Vec<u32> = (0..1024u32)
+                .map(|k| (i as u32).wrapping_mul(2_654_435_761) ^ k)
+                .collect();
+            assert!(*values == expected, "task {i} came back wrong");
+        }
+    }
+}
+
 /// Fails to encode (in the driver as an argument, in the worker as a result).
 #[derive(Debug)]
 struct Unencodable;

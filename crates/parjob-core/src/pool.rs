@@ -167,6 +167,14 @@ impl Job {
         &self.control
     }
 
+    /// Whether someone watches when the job starts: a [`Future`](crate::Future) that may
+    /// still be cancelled before it starts, or a dispatcher timing it. A pool that could start
+    /// a job early (sending it to a worker that is still busy, say) must not do so for such a
+    /// job: it starts only when a worker is free for it.
+    pub fn start_is_watched(&self) -> bool {
+        self.started.is_some()
+    }
+
     /// Notes that the batch has started running (for timeouts the dispatcher watches itself,
     /// and for [`Future::cancel`](crate::Future::cancel)).
     ///

@@ -3,10 +3,12 @@
 //! needs travels as shipments after its `RUN`. Both sides' halves are here; the headers are
 //! parjob-remote's.
 //!
-//! Turns on the arenas: the driver writes the task arena only before it sends a `RUN`, and
-//! the worker reads it only between that `RUN` and its `DONE`; the worker writes the result
-//! arena only before it sends a `DONE`, and the driver reads it only between that `DONE` and
-//! its next `RUN`. So the two processes never touch one arena at the same time.
+//! Turns on the arenas: the driver writes the task arena only before it sends a `RUN` while no
+//! other frame is out (a frame sent while another runs is always inline), and the worker reads
+//! it only between that `RUN` and its `DONE`; the worker writes the result arena only before it
+//! sends a `DONE`, and only once the board says the driver has read the outcomes the arena held
+//! (otherwise the outcomes go to a new arena), and the driver reads it only between that `DONE`
+//! and saying so. So the two processes never touch one arena at the same time.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use parjob_core::{ErasedBatch, collect_shared};
 use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::mapping::Arena;
-use crate::shared::{Planned, can_ship, spare_descriptors};
+use crate::shared::{Planned, ShmMemory, can_ship, spare_descriptors};
 use crate::spawn::Worker;
 use crate::wire::{ARENA_KEEP_MAX, Shipment};
 
@@ -43,6 +45,33 @@ pub(crate) fn encode_tasks(
     shipments
 }
 
+/// Driver: [`encode_tasks`] for a frame to send while another frame of the worker is out (see
+/// `Supervisor::send_ahead`): `None`, with nothing planned, when the encoded tasks take more
+/// than `limit` bytes or their shared segments cannot be shipped, so that the frame never goes
+/// to the task arena (which the worker may be reading) and the worker's record of its segments
+/// stays as it was.
+pub(crate) fn encode_ahead(
+    buf: &mut Vec<u8>,
+    batch: &dyn ErasedBatch,
+    range: Range<usize>,
+    worker: &mut Worker,
+    limit: usize,
+) -> Option<Vec<Planned>> {
+    buf.clear();
+    buf.resize(RunHeader::LEN, 0);
+    let ((), segments) = collect_shared(|| batch.encode_tasks(range, buf));
+    if buf.len() - RunHeader::LEN > limit {
+        return None;
+    }
+    let planned = segments
+        .iter()
+        .all(|s| s.memory().as_any().is::<ShmMemory>());
+    if !planned || (!segments.is_empty() && !spare_descriptors(2)) {
+        return None;
+    }
+    Some(worker.segments.plan(segments))
+}
+
 /// Driver: turns `buf` (as [`encode_tasks`] left it) into the `RUN` to send, moving a frame
 /// over `max_nbytes` into the worker's task arena. Returns how many bytes of `buf` to send, the
 /// shipments that follow them, and whether the frame is in the arena.
@@ -64,7 +93,8 @@ pub(crate) fn finish_run(
         let frame = &buf[RunHeader::LEN..];
         let written = match worker.task_arena.as_mut().filter(|a| a.len() >= len) {
             // SAFETY: the driver's turn: the worker reads its task arena only between a RUN
-            // and its DONE, and this RUN is not sent yet (the previous DONE came back).
+            // and its DONE, this RUN is not sent yet, and no other frame is out (the previous
+            // DONE came back; a frame sent ahead is never in the arena, see `ahead_fits`).
             Some(arena) => unsafe { arena.write(frame) },
             None => false,
         };
@@ -133,8 +163,9 @@ pub(crate) fn outcomes<'a>(
             let arena = arena.ok_or("announced outcomes in a result arena it never sent")?;
             let len = usize::try_from(len).unwrap_or(usize::MAX);
             // SAFETY: the driver's turn: the worker wrote the arena before this DONE and
-            // writes it again only while running the next frame, which is sent after these
-            // outcomes are decoded (the slice does not outlive the borrow of the arena).
+            // writes it again only once the board says these outcomes were read, which the
+            // supervisor says after decoding them (the slice does not outlive the borrow of
+            // the arena).
             unsafe { arena.read(len) }
                 .ok_or_else(|| "announced more outcomes than its arena holds".into())
         }
@@ -215,7 +246,8 @@ pub(crate) fn finish_done(
         header.outcomes = FrameAt::Arena { len: len as u64 };
         let written = match result_arena.as_mut() {
             // SAFETY: the worker's turn: the driver reads the result arena only between a
-            // DONE and its next RUN, and it is waiting for this frame's DONE.
+            // DONE and saying on the board that it read it, and the caller passes the arena
+            // only once the board says so for the last DONE that used it.
             Some(arena) => unsafe { arena.write(outcomes) },
             None => false,
         };

@@ -3,12 +3,14 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use parjob_core::Job;
 
 use crate::registry::SegmentListener;
+use crate::spawn::Event;
 
 /// A pool's queue of jobs, shared by its supervisors.
 #[derive(Default)]
@@ -31,6 +33,9 @@ struct Jobs {
     queue: VecDeque<Job>,
     /// Supervisors waiting in [`Queue::next`] (those with a worker).
     ready_waiting: usize,
+    /// Busy supervisors that want to hear of the next job (see [`Queue::want_ahead`]): their
+    /// slot and events channel.
+    wanting: Vec<(usize, Sender<Event>)>,
 }
 
 /// What an idle supervisor is woken for.
@@ -51,11 +56,31 @@ impl Queue {
     }
 
     pub(crate) fn push(&self, job: Job) {
+        self.push_at(job, false);
+    }
+
+    /// Gives back a job a supervisor took ahead and could not send (its worker died): it goes
+    /// first, to whichever supervisor is free first.
+    pub(crate) fn give_back(&self, job: Job) {
+        self.push_at(job, true);
+    }
+
+    fn push_at(&self, job: Job, front: bool) {
         let mut jobs = self.jobs();
-        jobs.queue.push_back(job);
+        if front {
+            jobs.queue.push_front(job);
+        } else {
+            jobs.queue.push_back(job);
+        }
         self.ready.notify_one();
         if jobs.queue.len() > jobs.ready_waiting {
             self.unmanned.notify_one();
+        }
+        if jobs.ready_waiting == 0
+            && let Some((_, tx)) = jobs.wanting.pop()
+        {
+            // A supervisor that stopped waiting meanwhile ignores it.
+            let _ = tx.send(Event::Queued);
         }
     }
 
@@ -103,6 +128,50 @@ impl Queue {
                 .wait(jobs)
                 .unwrap_or_else(PoisonError::into_inner);
             jobs.ready_waiting -= 1;
+        }
+    }
+
+    /// The next job for a supervisor whose worker is busy, to send it ahead (see
+    /// `Supervisor::send_ahead`), if `may` says it may go: `None` when the queue is empty, the
+    /// pool is closing, or a supervisor with a worker waits for a job (it takes the job
+    /// sooner).
+    pub(crate) fn take_ahead(&self, may: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        let mut jobs = self.jobs();
+        if self.closing() || jobs.ready_waiting > 0 || !jobs.queue.front().is_some_and(may) {
+            return None;
+        }
+        jobs.queue.pop_front()
+    }
+
+    /// A busy supervisor (slot `slot`) asks to hear of the next job on `events`
+    /// ([`Event::Queued`], once), to take it with [`Queue::take_ahead`] if `may` says it may
+    /// go. Returns `false` instead, registering nothing, when a job that
+    /// [`Queue::take_ahead`] would give is queued already; `true` without registering when the
+    /// next job may not go ahead (it waits for a free worker).
+    pub(crate) fn want_ahead(
+        &self,
+        slot: usize,
+        events: &Sender<Event>,
+        may: impl FnOnce(&Job) -> bool,
+    ) -> bool {
+        let mut jobs = self.jobs();
+        if self.closing() {
+            return true;
+        }
+        if let Some(next) = jobs.queue.front() {
+            return !(jobs.ready_waiting == 0 && may(next));
+        }
+        if !jobs.wanting.iter().any(|(s, _)| *s == slot) {
+            jobs.wanting.push((slot, events.clone()));
+        }
+        true
+    }
+
+    /// Slot `slot` no longer wants to hear of the next job.
+    pub(crate) fn unwant(&self, slot: usize) {
+        let mut jobs = self.jobs();
+        if !jobs.wanting.is_empty() {
+            jobs.wanting.retain(|(s, _)| *s != slot);
         }
     }
 

@@ -33,6 +33,13 @@ pub(crate) struct SlotReport {
     last_pid: Option<u32>,
     /// Why the last worker went, once it has (the first reason given wins).
     gone: Option<String>,
+    /// The figures of the frame sent ahead, for its own job (see `Supervisor::send_ahead`),
+    /// and when it was sent.
+    ahead: Transport,
+    ahead_sent_at: Option<Instant>,
+    /// When the last reply came back: a frame sent ahead starts in the worker then, not when
+    /// it was sent.
+    replied_at: Option<Instant>,
 }
 
 impl SlotReport {
@@ -43,13 +50,34 @@ impl SlotReport {
         self.sent_at = Some(Instant::now());
     }
 
+    /// A frame of `len` bytes for the job taken ahead was encoded, which took since `began`,
+    /// and is about to be sent: its figures are that job's.
+    pub(crate) fn encoded_ahead(&mut self, began: Instant, len: usize) {
+        self.ahead.encode += began.elapsed();
+        self.ahead.bytes_sent += len as u64;
+        self.ahead_sent_at = Some(Instant::now());
+    }
+
+    /// Swaps the figures of the job in hand with those of the job taken ahead: called when
+    /// the supervisor turns to the other. A frame sent ahead is on the line from the moment
+    /// the reply before it came back (the worker ran that frame until then).
+    pub(crate) fn swap_ahead(&mut self) {
+        std::mem::swap(&mut self.transport, &mut self.ahead);
+        std::mem::swap(&mut self.sent_at, &mut self.ahead_sent_at);
+        if let (Some(sent_at), Some(replied_at)) = (self.sent_at, self.replied_at) {
+            self.sent_at = Some(sent_at.max(replied_at));
+        }
+    }
+
     /// The frame's `DONE` came back holding `len` bytes of outcomes after the worker ran its
     /// tasks for `busy`: the rest of the round trip was the line's.
     pub(crate) fn replied(&mut self, len: u64, busy: Duration) {
         self.transport.bytes_received += len;
+        let now = Instant::now();
         if let Some(sent_at) = self.sent_at.take() {
-            self.transport.ipc += sent_at.elapsed().saturating_sub(busy);
+            self.transport.ipc += now.duration_since(sent_at).saturating_sub(busy);
         }
+        self.replied_at = Some(now);
     }
 
     /// Decoding the frame's outcomes took since `began`.

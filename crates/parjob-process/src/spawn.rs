@@ -72,6 +72,9 @@ pub(crate) enum Event {
     Exited { generation: u64, status: WorkerExit },
     /// The pool is shutting down.
     Close,
+    /// A job was queued while this slot's worker was busy, and the slot asked to hear of one
+    /// to send it behind the frame out (see `Queue::want_ahead`).
+    Queued,
 }
 
 /// A pool's settings, with the initializer's offset measured once (and checked to be in the

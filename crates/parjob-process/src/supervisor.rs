@@ -18,9 +18,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use parjob_core::{Error, Job, WorkerExit, catch_task};
-use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag};
+use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
-use crate::frame::{Done, encode_tasks, finish_run, outcomes, records_len};
+use crate::frame::{Done, encode_ahead, encode_tasks, finish_run, outcomes, records_len};
 use crate::mapping::Arena;
 use crate::queue::{Next, Queue};
 use crate::recovery::Recovery;
@@ -90,6 +90,43 @@ enum Stage {
     Frame,
 }
 
+/// The largest frame sent to a worker while another of its frames is out, and the largest
+/// frame behind which one is sent (bytes of tasks): well under a socket's buffer, so that
+/// sending it never waits for the worker to read, and always inline (the task arena is the
+/// frame's out). Bigger frames take long enough to move that a round trip does not count.
+const AHEAD_MAX: usize = 64 << 10;
+
+/// A frame sent to the worker, and what waiting for it needs.
+struct Sent {
+    tag: FrameTag,
+    /// The generation of the worker it was sent to.
+    generation: u64,
+    /// The input index of its first task.
+    first_index: usize,
+    /// Its tasks, by position in their job.
+    range: Range<usize>,
+    in_arena: bool,
+    /// The bytes of its `RUN`.
+    bytes: usize,
+    timeout: Option<Duration>,
+    sent_at: Instant,
+    /// The `seq` of the frame that was out when this one was sent (see
+    /// [`Supervisor::send_ahead`]): until the board says that one's `DONE` was sent, no task
+    /// of this frame has started.
+    behind: Option<u64>,
+}
+
+/// A job taken from the queue while the slot's worker ran another job's frame, and its first
+/// frame, if it was sent then (see [`Supervisor::send_ahead`]). It is the slot's next job.
+struct Ahead {
+    job: Job,
+    /// The job's entry, once checked and the job marked started (`None` if not: the job then
+    /// runs as any job taken from the queue).
+    entry: Option<CodeOffset>,
+    sent: Option<Sent>,
+    progress: Progress,
+}
+
 /// How a timed frame's task stands against its timeout.
 enum Clock {
     /// It ran past it: the worker was killed.
@@ -131,6 +168,12 @@ pub(crate) struct Supervisor {
     /// are forgotten once reaped (see [`Supervisor::leave_to_die`]); the slot waits for the
     /// rest before it retires, so a dropped pool leaves no zombie.
     graveyard: Vec<Worker>,
+    /// The next job, taken while the worker ran the current one (see
+    /// [`Supervisor::send_ahead`]).
+    ahead: Option<Ahead>,
+    /// The `seq` of the frame that was out when the frame awaited now was sent, if any
+    /// ([`Sent::behind`], for [`Supervisor::bury`]).
+    behind: Option<u64>,
 }
 
 impl Supervisor {
@@ -156,6 +199,8 @@ impl Supervisor {
             buf: Vec::new(),
             report: SlotReport::default(),
             graveyard: Vec::new(),
+            ahead: None,
+            behind: None,
         }
     }
 
@@ -173,28 +218,45 @@ impl Supervisor {
         // When the replacement of a lost worker is due, if it was not started yet.
         let mut replace_at: Option<Instant> = None;
         loop {
-            let next = match replace_at {
-                Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
-                _ => self.queue.next(swept),
-            };
-            let Some(next) = next else {
-                break;
-            };
-            self.sweep_graveyard();
-            match next {
-                Next::Job(job) => self.run_job(job),
-                Next::Replace => {
-                    // If that fails, the next job tries again and reports why.
-                    replace_at = None;
-                    let _ = self.replace_worker();
-                    continue;
+            if let Some(ahead) = self.ahead.take() {
+                let lost = match &ahead.sent {
+                    Some(sent) => !self.holds(sent),
+                    None => self.worker.is_none(),
+                };
+                if lost && ahead.job.batch().outcomes_len() == 0 && !self.queue.closing() {
+                    // Its worker died before running it (nothing of it ran): it goes back to
+                    // the queue's front, for a slot whose worker is up rather than to wait
+                    // for this one's replacement.
+                    self.queue.give_back(ahead.job);
+                } else {
+                    // Taken (and perhaps sent) while the last job ran: it goes first.
+                    self.sweep_graveyard();
+                    self.run_ahead(ahead);
                 }
-                Next::Sweep { epoch } => {
-                    swept = epoch;
-                    // ipc-channel panics when a descriptor cannot be duplicated; the worker
-                    // may then have half a FORGET.
-                    if catch_task(|| self.forget_dropped_segments()).is_err() {
-                        self.discard_worker();
+            } else {
+                let next = match replace_at {
+                    Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
+                    _ => self.queue.next(swept),
+                };
+                let Some(next) = next else {
+                    break;
+                };
+                self.sweep_graveyard();
+                match next {
+                    Next::Job(job) => self.run_job(job),
+                    Next::Replace => {
+                        // If that fails, the next job tries again and reports why.
+                        replace_at = None;
+                        let _ = self.replace_worker();
+                        continue;
+                    }
+                    Next::Sweep { epoch } => {
+                        swept = epoch;
+                        // ipc-channel panics when a descriptor cannot be duplicated; the
+                        // worker may then have half a FORGET.
+                        if catch_task(|| self.forget_dropped_segments()).is_err() {
+                            self.discard_worker();
+                        }
                     }
                 }
             }
@@ -329,21 +391,223 @@ impl Supervisor {
             job.complete(Duration::ZERO);
             return;
         }
-        let mut progress = Progress::default();
+        self.finish_job(job, entry, None, Progress::default());
+    }
+
+    /// Runs the job taken ahead (see [`Supervisor::send_ahead`]): first the frame sent then,
+    /// if it still stands, then the rest as for any job.
+    fn run_ahead(&mut self, ahead: Ahead) {
+        let Ahead {
+            job,
+            entry,
+            sent,
+            progress,
+        } = ahead;
+        let Some(entry) = entry else {
+            // Not checked nor sent: as any job from the queue.
+            self.run_job(job);
+            return;
+        };
+        // Its figures are its own: the last job's went with it.
+        self.report.swap_ahead();
+        self.finish_job(job, entry, sent, progress);
+    }
+
+    /// Runs the frames of a started job (beginning by awaiting `sent`, a frame of it already
+    /// sent, if any) and completes it.
+    fn finish_job(
+        &mut self,
+        mut job: Job,
+        entry: CodeOffset,
+        mut sent: Option<Sent>,
+        mut progress: Progress,
+    ) {
         // One catch_unwind per job (not per task or frame): after a panic the job goes on
         // where it stopped, with the task the panic concerns blamed.
-        while let Err(message) = catch_task(|| self.run_frames(&mut job, entry, &mut progress)) {
+        while let Err(message) = catch_task(|| {
+            if let Some(sent) = sent.take() {
+                self.finish_frame(&mut job, &sent, &mut progress, true);
+            }
+            self.run_frames(&mut job, entry, &mut progress);
+        }) {
             self.recover_from_panic(&mut job, &mut progress.recovery, &message);
         }
         self.report.deliver(&mut job, self.index);
         job.complete(progress.busy);
     }
 
+    /// Awaits frame `sent` of `job`, sent while another frame was out, and records how it
+    /// ended; with `pipeline`, the next job's first frame may be sent behind it meanwhile (see
+    /// [`Supervisor::send_ahead`]). A frame whose worker is gone (it died, or was replaced,
+    /// during the frame before) is forgotten: its tasks are sent again to the next worker, no
+    /// task blamed.
+    fn finish_frame(
+        &mut self,
+        job: &mut Job,
+        sent: &Sent,
+        progress: &mut Progress,
+        pipeline: bool,
+    ) {
+        if !self.holds(sent) {
+            return;
+        }
+        let end = self.await_frame(sent, pipeline);
+        self.frame_ended(job, sent.range.clone(), end, progress);
+    }
+
+    /// Whether the slot's worker is the one `sent` went to.
+    fn holds(&self, sent: &Sent) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|w| w.generation == sent.generation)
+    }
+
+    /// Sends the first frame of the next queued job now, while the worker runs frame `out`,
+    /// so that the worker starts it as soon as it sends `out`'s `DONE`,
+    /// without waiting a round trip for it: two frames in flight per worker. The job is then
+    /// the slot's next one, whether it was sent or not.
+    ///
+    /// Only for small frames with no timeout, on pools that do not recycle workers, and only
+    /// when no other slot with a worker stands idle (it takes the job instead): a timed frame's
+    /// clock must start when its first task does, and a recycled worker must not be sent a
+    /// frame past its share. A frame sent ahead is inline and small ([`AHEAD_MAX`]), and never
+    /// touches the task arena, which the worker may be reading.
+    fn send_ahead(&mut self, out: &Sent) {
+        if self.ahead.is_some() || !self.may_go_behind(out) {
+            return;
+        }
+        let Some(job) = self.queue.take_ahead(may_go_ahead) else {
+            return;
+        };
+        let mut ahead = Ahead {
+            job,
+            entry: None,
+            sent: None,
+            progress: Progress::default(),
+        };
+        let entry = ahead
+            .job
+            .batch()
+            .remote_entry()
+            .and_then(|entry| CodeOffset::of_entry(entry, ahead.job.batch().function_name()));
+        let start = ahead.job.batch().outcomes_len();
+        let end = ahead.job.batch().len();
+        if let Ok(entry) = entry
+            && start < end
+        {
+            // Its tasks may run from now on: `Future::cancel` must fail from here.
+            if !ahead.job.mark_started() {
+                // Cancelled before it started: complete it without running.
+                ahead.job.complete(Duration::ZERO);
+                return;
+            }
+            ahead.entry = Some(entry);
+            // A panic in the arguments' Serialize: the job is sent later, as the current one,
+            // where the panic is blamed on its task.
+            let sent = catch_task(|| self.send_ahead_frame(&ahead.job, entry, start..end, out));
+            match sent {
+                Ok(sent) => ahead.sent = sent,
+                Err(_) => self.stage = Stage::Frame,
+            }
+        }
+        self.ahead = Some(ahead);
+    }
+
+    /// Whether a frame may be sent behind `out` (see [`Supervisor::send_ahead`]).
+    fn may_go_behind(&self, out: &Sent) -> bool {
+        out.timeout.is_none()
+            && !out.in_arena
+            && out.bytes <= AHEAD_MAX + RunHeader::LEN
+            && self.settings.options.max_tasks_per_worker.is_none()
+            && self.holds(out)
+    }
+
+    /// Encodes and sends tasks `range` of `job` behind frame `out`, if they fit
+    /// [`AHEAD_MAX`].
+    fn send_ahead_frame(
+        &mut self,
+        job: &Job,
+        entry: CodeOffset,
+        range: Range<usize>,
+        out: &Sent,
+    ) -> Option<Sent> {
+        let worker = self.worker.as_mut()?;
+        let encoding = Instant::now();
+        let limit = AHEAD_MAX.min(self.settings.options.max_nbytes);
+        let shipments = encode_ahead(&mut self.buf, job.batch(), range.clone(), worker, limit)?;
+        self.frames += 1;
+        let tag = FrameTag {
+            generation: worker.generation,
+            seq: self.frames,
+        };
+        let (send, shipments, in_arena) = finish_run(
+            &mut self.buf,
+            tag,
+            None,
+            entry,
+            shipments,
+            worker,
+            self.settings.options.max_nbytes,
+        );
+        debug_assert!(!in_arena, "a frame sent ahead is inline");
+        self.report.encoded_ahead(encoding, self.buf.len());
+        worker.expect_reply();
+        // A worker that cannot be reached has died: the frame out now hears of it, and this
+        // one is sent again to the next worker (see `finish_frame`).
+        let _ = worker
+            .tasks
+            .send(&self.buf[..send])
+            .map_err(|e| e.to_string())
+            .and_then(|()| worker.segments.send(&worker.big_tasks, shipments));
+        Some(Sent {
+            tag,
+            generation: worker.generation,
+            first_index: job.batch().first_index() + range.start,
+            range,
+            in_arena: false,
+            bytes: send,
+            timeout: None,
+            sent_at: Instant::now(),
+            behind: Some(out.tag.seq),
+        })
+    }
+
+    /// Awaits the frame sent ahead, if any, before the current job sends another frame (its
+    /// first frame did not end it: the worker runs the frames in the order they were sent, so
+    /// the one ahead comes back first). Its outcomes are recorded in its job, which stays the
+    /// slot's next.
+    fn settle_ahead(&mut self) {
+        let Some(mut ahead) = self.ahead.take() else {
+            return;
+        };
+        if ahead.sent.is_some() {
+            self.report.swap_ahead();
+            let stage = self.stage;
+            let Ahead {
+                job,
+                sent,
+                progress,
+                ..
+            } = &mut ahead;
+            while let Err(message) = catch_task(|| {
+                if let Some(sent) = sent.take() {
+                    // Nothing may go behind it: the current job's next frame goes next.
+                    self.finish_frame(job, &sent, progress, false);
+                }
+            }) {
+                self.recover_from_panic(job, &mut progress.recovery, &message);
+            }
+            self.stage = stage;
+            self.report.swap_ahead();
+        }
+        self.ahead = Some(ahead);
+    }
+
     /// The frames of `job` until every task has an outcome (or the run is cancelled, or the
     /// pool closes).
     fn run_frames(&mut self, job: &mut Job, entry: CodeOffset, progress: &mut Progress) {
-        let recovery = &mut progress.recovery;
         loop {
+            let recovery = &mut progress.recovery;
             self.stage = Stage::Frame;
             let start = job.batch().outcomes_len();
             let len = job.batch().len();
@@ -357,6 +621,8 @@ impl Supervisor {
             if job.control().is_cancelled() || self.queue.closing() {
                 return;
             }
+            // The frame sent ahead comes back before any other.
+            self.settle_ahead();
             // A worker that died while idle is not blamed on this frame: replace it first.
             self.forget_if_dead();
             if self.worker.is_none()
@@ -372,29 +638,45 @@ impl Supervisor {
                 _ => None,
             };
             let end = recovery.frame_end(start, len, room);
-            match self.run_frame(job, entry, start..end) {
-                FrameEnd::Done(done) => {
-                    recovery.frame_done();
-                    progress.busy += self.take_outcomes(job, done, start..end, recovery);
-                }
-                FrameEnd::Lost { pid, status } => {
-                    self.report.gone(|| format!("it was lost: {status}"));
-                    let index = job.batch().first_index() + start;
-                    let worker = self.index;
-                    recovery
-                        .frame_lost(start, || Error::worker_crashed(index, worker, pid, status));
-                }
-                FrameEnd::Died { at, error } => {
-                    self.report.gone(|| reason(&error));
-                    recovery.worker_died(start + at, error);
-                }
-                FrameEnd::Spoiled { error } => {
-                    self.report.gone(|| reason(&error));
-                    recovery.frame_spoiled(start, end, || error);
-                }
-                FrameEnd::Closing => return,
+            let ended = self.run_frame(job, entry, start..end);
+            if !self.frame_ended(job, start..end, ended, progress) {
+                return;
             }
         }
+    }
+
+    /// Records how the frame of tasks `range` of `job` ended. `false` if the pool is closing.
+    fn frame_ended(
+        &mut self,
+        job: &mut Job,
+        range: Range<usize>,
+        ended: FrameEnd,
+        progress: &mut Progress,
+    ) -> bool {
+        let recovery = &mut progress.recovery;
+        let (start, end) = (range.start, range.end);
+        match ended {
+            FrameEnd::Done(done) => {
+                recovery.frame_done();
+                progress.busy += self.take_outcomes(job, done, range, recovery);
+            }
+            FrameEnd::Lost { pid, status } => {
+                self.report.gone(|| format!("it was lost: {status}"));
+                let index = job.batch().first_index() + start;
+                let worker = self.index;
+                recovery.frame_lost(start, || Error::worker_crashed(index, worker, pid, status));
+            }
+            FrameEnd::Died { at, error } => {
+                self.report.gone(|| reason(&error));
+                recovery.worker_died(start + at, error);
+            }
+            FrameEnd::Spoiled { error } => {
+                self.report.gone(|| reason(&error));
+                recovery.frame_spoiled(start, end, || error);
+            }
+            FrameEnd::Closing => return false,
+        }
+        true
     }
 
     /// A panic ended a frame of `job` early: blames the task it concerns (its error is
@@ -519,6 +801,10 @@ impl Supervisor {
             }
             Err(reason) => Some(format!("sent a malformed reply ({reason})")),
         };
+        if let Some(worker) = &self.worker {
+            // The worker may write its result arena again (see `frame::finish_done`).
+            worker.board.outcomes_read(header.tag.seq);
+        }
         let mut decoded = job.batch().outcomes_len() - before;
         if let Some(failure) = failure {
             // A reply that does not hold every outcome cannot happen between two processes of
@@ -552,10 +838,26 @@ impl Supervisor {
         header.busy
     }
 
-    /// Sends tasks `range` of the job to the worker and waits for their outcomes.
+    /// Sends tasks `range` of the job to the worker and waits for their outcomes, sending the
+    /// next job's first frame meanwhile if it may go (see [`Supervisor::send_ahead`]).
     fn run_frame(&mut self, job: &Job, entry: CodeOffset, range: Range<usize>) -> FrameEnd {
+        let sent = match self.send_frame(job, entry, range) {
+            Ok(sent) => sent,
+            Err(end) => return *end,
+        };
+        self.await_frame(&sent, true)
+    }
+
+    /// Sends tasks `range` of the job to the worker, which has no other frame out. Returns the
+    /// frame, or how it ended when it could not be sent.
+    fn send_frame(
+        &mut self,
+        job: &Job,
+        entry: CodeOffset,
+        range: Range<usize>,
+    ) -> Result<Sent, Box<FrameEnd>> {
         let Some(worker) = self.worker.as_mut() else {
-            return FrameEnd::Closing;
+            return Err(Box::new(FrameEnd::Closing));
         };
         let timeout = job.control().timeout();
         self.stage = Stage::Encoding {
@@ -590,10 +892,10 @@ impl Supervisor {
             // is to blame.
             let pid = worker.pid;
             self.discard_worker();
-            return FrameEnd::Lost {
+            return Err(Box::new(FrameEnd::Lost {
                 pid,
                 status: WorkerExit::Lost("replaced: its shared memory was cut short".into()),
-            };
+            }));
         }
         // The RUN goes first: the worker reads it, then exactly as many shipments as it
         // announces, so a frame with more shipments than the socket buffers cannot block the
@@ -609,9 +911,65 @@ impl Supervisor {
         let generation = worker.generation;
         if sent.is_err() {
             // The worker is gone; its waiter will say how.
-            return self.bury(first_index, range.len(), None, false, None, tag);
+            self.behind = None;
+            let end = self.bury(first_index, range.len(), None, false, None, tag);
+            return Err(Box::new(end));
         }
-        let sent_at = Instant::now();
+        let sent = Sent {
+            tag,
+            generation,
+            first_index,
+            range,
+            in_arena,
+            bytes: send,
+            timeout,
+            sent_at: Instant::now(),
+            behind: None,
+        };
+        Ok(sent)
+    }
+
+    /// Waits for the outcomes of frame `sent`, watching its worker (and the clock, if it is
+    /// timed) meanwhile. With `pipeline`, the next queued job's first frame is sent behind it,
+    /// now or as soon as one is queued (see [`Supervisor::send_ahead`]).
+    fn await_frame(&mut self, sent: &Sent, pipeline: bool) -> FrameEnd {
+        let pipeline = pipeline && self.may_go_behind(sent);
+        if pipeline {
+            self.want_ahead(sent);
+        }
+        let end = self.await_reply(sent, pipeline);
+        if pipeline {
+            self.queue.unwant(self.index);
+        }
+        end
+    }
+
+    /// Sends the next job's first frame behind `out` if one is queued, or asks the queue to
+    /// say when one is ([`Event::Queued`]), unless a job was taken ahead already.
+    fn want_ahead(&mut self, out: &Sent) {
+        while self.ahead.is_none()
+            && !self
+                .queue
+                .want_ahead(self.index, &self.events_tx, may_go_ahead)
+        {
+            self.send_ahead(out);
+        }
+    }
+
+    /// [`Supervisor::await_frame`]'s wait.
+    fn await_reply(&mut self, sent: &Sent, pipeline: bool) -> FrameEnd {
+        let Sent {
+            tag,
+            generation,
+            first_index,
+            ref range,
+            in_arena,
+            timeout,
+            bytes: _,
+            sent_at,
+            behind,
+        } = *sent;
+        self.behind = behind;
         let mut timed_out = false;
         // Set when the worker was killed because no task of the frame started in time: the
         // frame is then lost, not any task's fault (see `FrameEnd::Lost`).
@@ -726,6 +1084,12 @@ impl Supervisor {
                     }
                     self.bury(first_index, range.len(), None, false, None, tag);
                     return FrameEnd::Closing;
+                }
+                Event::Queued => {
+                    if pipeline && self.holds(sent) {
+                        self.want_ahead(sent);
+                    }
+                    continue;
                 }
                 _ => continue, // about an earlier worker of this slot
             };
@@ -1086,7 +1450,15 @@ impl Supervisor {
             }
             return FrameEnd::Done(done);
         }
-        let started = worker.board.started_count();
+        let mut started = worker.board.started_count();
+        if self
+            .behind
+            .is_some_and(|seq| worker.board.last_done() < seq)
+        {
+            // Sent behind a frame whose DONE the worker had not sent: it never started, and
+            // the count is that frame's.
+            started = 0;
+        }
         if started == 0 && timed_out.is_none() {
             // It died before any task of the frame started (killed while idle, or while
             // receiving the frame): no task is to blame yet.
@@ -1160,6 +1532,14 @@ impl Supervisor {
             let _ = self.events_tx.send(Event::Close);
         }
     }
+}
+
+/// Whether `job` may be sent to a worker that is still running another frame (see
+/// `Supervisor::send_ahead`): not when it has a timeout (its clock would start before its
+/// tasks), nor when someone watches its start (a `Future` that may be cancelled until a worker
+/// is free for it), nor once it is cancelled.
+fn may_go_ahead(job: &Job) -> bool {
+    job.control().timeout().is_none() && !job.start_is_watched() && !job.control().is_cancelled()
 }
 
 /// Records `error` as the outcome of every task of `job` that has none, but for a task

@@ -19,7 +19,7 @@ use crate::mapping::{Watch, raw_parts};
 /// their tag and reports a task that overran its timeout; 6: the status board's third word, the
 /// last frame whose `DONE` was sent; 7: everything from the worker comes on its line, `link`,
 /// and the driver connects to the worker's server).
-pub(crate) const PROTOCOL: u32 = 7;
+pub(crate) const PROTOCOL: u32 = 8;
 
 /// Set in a worker's environment: the driver's pid. It makes `init()` enter the worker loop in
 /// a process whose parent is that driver, with its line to the driver (`link`) as its
@@ -202,18 +202,21 @@ pub(crate) fn monotonic_nanos() -> u64 {
         .wrapping_add(now.tv_nsec as u64)
 }
 
-/// Three words of memory shared by the driver and one worker: how many tasks of the current
-/// frame have started, (for timed frames) when the last one started, and the sequence number
-/// of the last frame whose `DONE` the worker sent. The driver reads it to name the task a
+/// Four words of memory shared by the driver and one worker: how many tasks of the current
+/// frame have started, (for timed frames) when the last one started, the sequence number
+/// of the last frame whose `DONE` the worker sent, and the sequence number of the last frame
+/// whose outcomes the driver has finished reading (so that a worker sent a frame before that
+/// never writes over outcomes the driver still reads, see `frame::finish_done`). The driver reads it to name the task a
 /// crashed worker held, to time tasks from their start in the worker, and to notice a `DONE`
 /// that was sent but never arrived (something else wrote on the worker's channel); it costs the
 /// worker one store per task and one per frame, no message. The worker makes it and sends it in
 /// its `Hello`.
 ///
-/// Who writes what: the worker writes the first two words as each task starts, and the third
-/// right after it sends a frame's `DONE`; the driver writes the count (to 0) only before it
-/// sends a `RUN`, while the worker waits for that message. Both sides read at any time. Every
-/// access, on both sides, is atomic.
+/// Who writes what: the worker writes the first two words as each task starts, and right after
+/// it sends a frame's `DONE` the count (to 0, before the next frame's first task) and then the
+/// third; the driver writes the count (to 0) only before it sends a `RUN` while no other frame
+/// is out (the worker waits for that message), and the fourth once it has read a frame's
+/// outcomes. Both sides read at any time. Every access, on both sides, is atomic.
 pub(crate) struct Board {
     /// The mapping's registration with the `SIGBUS` guard (a task may cut the board's segment
     /// short); declared first so that it is dropped before the mapping.
@@ -230,7 +233,7 @@ unsafe impl Send for Board {}
 // sound as sharing it between processes.
 unsafe impl Sync for Board {}
 
-const BOARD_BYTES: usize = 3 * size_of::<u64>();
+const BOARD_BYTES: usize = 4 * size_of::<u64>();
 
 impl Board {
     /// A new, zeroed board (in the worker) and the handle to send to the driver.
@@ -262,8 +265,8 @@ impl Board {
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
-        debug_assert!(i < 3);
-        // SAFETY: `words` points to a live, aligned mapping of at least three u64 words (checked
+        debug_assert!(i < 4);
+        // SAFETY: `words` points to a live, aligned mapping of at least four u64 words (checked
         // in `from_shared`), writable (see `raw_parts`), and every process that maps it
         // accesses it only atomically, so a shared `&AtomicU64` to it is sound.
         unsafe { &*self.words.add(i) }
@@ -293,10 +296,25 @@ impl Board {
         self.word(0).store(position as u64 + 1, Ordering::Release);
     }
 
-    /// Worker, right after sending the `DONE` of frame `seq` (its `FrameTag::seq`).
+    /// Worker, right after sending the `DONE` of frame `seq` (its `FrameTag::seq`): no task of
+    /// the next frame has started. The count goes to 0 first, so a driver that reads `seq` here
+    /// knows the count is the next frame's (a frame sent while this one ran, see
+    /// `Supervisor::send_ahead`).
     #[inline]
     pub(crate) fn frame_done(&self, seq: u64) {
+        self.word(0).store(0, Ordering::Release);
         self.word(2).store(seq, Ordering::Release);
+    }
+
+    /// Driver: it has read the outcomes of frame `seq` (and will not read its result arena
+    /// again): the worker may write them over.
+    pub(crate) fn outcomes_read(&self, seq: u64) {
+        self.word(3).store(seq, Ordering::Release);
+    }
+
+    /// The `FrameTag::seq` of the last frame whose outcomes the driver has read (0: none yet).
+    pub(crate) fn last_read(&self) -> u64 {
+        self.word(3).load(Ordering::Acquire)
     }
 
     /// The `FrameTag::seq` of the last frame whose `DONE` the worker sent (0: none yet).
@@ -331,6 +349,14 @@ mod tests {
         assert_eq!(driver.last_done(), 0);
         worker.frame_done(7);
         assert_eq!(driver.last_done(), 7);
+        assert_eq!(
+            driver.started_count(),
+            0,
+            "no task of the next frame has started"
+        );
+        assert_eq!(worker.last_read(), 0);
+        driver.outcomes_read(7);
+        assert_eq!(worker.last_read(), 7);
         driver.reset();
         assert_eq!(worker.started_count(), 0);
         assert_eq!(worker.last_done(), 7, "a reset leaves the last frame done");

@@ -325,6 +325,10 @@ fn serve(connected: Connected) -> Result<(), String> {
     // The shared segments reused for big frames, see `frame`.
     let mut task_arena: Option<Arena> = None;
     let mut result_arena: Option<Arena> = None;
+    // The last frame whose outcomes went out in the result arena: until the driver has read
+    // them (the board says so), the arena is not written again. A frame the driver sent before
+    // reading them (see `Supervisor::send_ahead`) that has big outcomes gets a new arena.
+    let mut lent: u64 = 0;
     let me = std::process::id();
     // SAFETY: registering a child handler that only stores to an atomic, which is
     // async-signal-safe as a handler run in a forked child must be.
@@ -374,14 +378,21 @@ fn serve(connected: Connected) -> Result<(), String> {
             leave();
         }
         let overrun = clock.and_then(TaskClock::finished);
-        let (send, new_arena) = finish_done(
-            &mut out,
-            header.tag,
-            busy,
-            overrun,
-            max_nbytes,
-            &mut result_arena,
-        )?;
+        let mut lent_out = None;
+        let arena = if board.last_read() >= lent {
+            &mut result_arena
+        } else {
+            &mut lent_out
+        };
+        let (send, new_arena) =
+            finish_done(&mut out, header.tag, busy, overrun, max_nbytes, arena)?;
+        if new_arena.is_some() {
+            // The driver drops its mapping of the old arena on this DONE.
+            result_arena = None;
+        }
+        if send == DoneHeader::LEN && out.len() > DoneHeader::LEN {
+            lent = header.tag.seq;
+        }
         // A new result arena goes with its DONE, as a descriptor.
         let descriptor = new_arena.as_ref().and_then(Arena::descriptor);
         link::send(line.as_fd(), &out[..send], descriptor)
