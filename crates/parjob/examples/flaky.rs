@@ -21,7 +21,7 @@ use parjob::{Backend, Error, Parallel, Retry, delayed};
 #[derive(Debug, Parser)]
 struct Flags {
     /// Where tasks run: process (processes, loky, multiprocessing), threading, sequential.
-    #[arg(long, default_value = "process")]
+    #[arg(long, env = "PARJOB_BACKEND", default_value = "process")]
     backend: Backend,
 }
 
@@ -96,10 +96,9 @@ fn main() -> Result<(), Error> {
 
     let ok = results.iter().filter(|r| r.is_ok()).count();
     println!("{ok} of {} tasks succeeded", results.len());
-    for (i, result) in results.iter().enumerate() {
-        if let Err(error) = result {
-            println!("task {i}: {error}");
-        }
+    // Each error names its task ("task 77 failed 3 times: ...").
+    for error in results.iter().filter_map(|r| r.as_ref().err()) {
+        println!("{error}");
     }
     if let Some(insights) = parallel.last_insights() {
         println!("{insights}");

@@ -13,7 +13,7 @@ use parjob::Backend;
 #[derive(Debug, Parser)]
 struct Flags {
     /// Where tasks run: process (processes, loky, multiprocessing), threading, sequential.
-    #[arg(long, default_value = "process")]
+    #[arg(long, env = "PARJOB_BACKEND", default_value = "process")]
     backend: Backend,
 }
 

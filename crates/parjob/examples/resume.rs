@@ -17,7 +17,7 @@ use parjob::{Backend, Memory, Parallel, delayed};
 struct Flags {
     /// Where tasks run: threading (threads), process (processes, loky, multiprocessing),
     /// sequential.
-    #[arg(long, default_value = "threading")]
+    #[arg(long, env = "PARJOB_BACKEND", default_value = "threading")]
     backend: Backend,
     /// How many tasks the run has.
     #[arg(long, default_value_t = 400)]

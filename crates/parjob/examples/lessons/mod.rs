@@ -20,8 +20,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 pub struct Flags {
     /// Where tasks run: sequential, threading (threads), process (processes, loky,
-    /// multiprocessing).
-    #[arg(long, default_value = "threading")]
+    /// multiprocessing), or mpi (built with the `mpi` feature, under mpirun). PARJOB_BACKEND
+    /// sets it when the flag is not given.
+    #[arg(long, env = "PARJOB_BACKEND", default_value = "threading")]
     pub backend: parjob::Backend,
 }
 
