@@ -40,6 +40,12 @@ pub const MAX_VALUE_BYTES: usize = u32::MAX as usize;
 /// an error of the task that returned it, named when it is written.
 pub const MAX_DEPTH: usize = 1024;
 
+/// The most elements or map entries taking no bytes (`()`, unit structs, empty tuples) one
+/// value may hold, all its sequences and maps together. Every other element takes at least a
+/// byte, so the input bounds how many there are; these alone it does not: an 8-byte record
+/// claiming a `Vec<()>` of 2^64 elements would keep the decoder busy for centuries.
+pub const MAX_EMPTY_PARTS: usize = 1 << 24;
+
 /// Decodes one value from the front of `bytes`, returning it and the bytes it used.
 ///
 /// Bytes may come from another process, so every length the input claims is checked against
@@ -58,6 +64,7 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), St
         input: bytes,
         at: 0,
         depth: 0,
+        empty: 0,
     };
     let value = decoder.seed(PhantomData::<T>).map_err(|e| e.0)?;
     Ok((value, decoder.at))
@@ -378,6 +385,8 @@ struct Decoder<'de> {
     at: usize,
     /// How many compound values the one being read is inside.
     depth: usize,
+    /// How many elements and entries so far took no bytes: see [`MAX_EMPTY_PARTS`].
+    empty: usize,
 }
 
 impl<'de> Decoder<'de> {
@@ -602,7 +611,13 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         self.deserialize_tuple(len, visitor)
     }
     fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value> {
-        self.nested(|de| visitor.visit_seq(Parts { de, len }))
+        self.nested(|de| {
+            visitor.visit_seq(Parts {
+                de,
+                len,
+                entry_at: 0,
+            })
+        })
     }
     fn deserialize_tuple_struct<V: Visitor<'de>>(
         self,
@@ -614,7 +629,13 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     }
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
-        self.nested(|de| visitor.visit_map(Parts { de, len }))
+        self.nested(|de| {
+            visitor.visit_map(Parts {
+                de,
+                len,
+                entry_at: 0,
+            })
+        })
     }
     fn deserialize_struct<V: Visitor<'de>>(
         self,
@@ -651,12 +672,31 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
 struct Parts<'a, 'de> {
     de: &'a mut Decoder<'de>,
     len: usize,
+    /// Where the map entry being read began.
+    entry_at: usize,
 }
 
-impl Parts<'_, '_> {
+impl<'de> Parts<'_, 'de> {
     /// No more than the bytes left, so that what serde preallocates is bounded by the input.
     fn hint(&self) -> Option<usize> {
         Some(self.len.min(self.de.left()))
+    }
+
+    /// Reads one element (or key, or value) through `seed`; `from` is where its part began:
+    /// a part that took no bytes counts against [`MAX_EMPTY_PARTS`].
+    #[inline]
+    fn part<S: DeserializeSeed<'de>>(&mut self, seed: S, from: usize) -> Result<S::Value> {
+        let value = self.de.seed(seed)?;
+        if self.de.at == from {
+            self.de.empty += 1;
+            if self.de.empty > MAX_EMPTY_PARTS {
+                return Err(CodecError(format!(
+                    "the value holds more than {MAX_EMPTY_PARTS} elements taking no bytes \
+                     (corrupt or forged input, or a too long sequence of `()`)"
+                )));
+            }
+        }
+        Ok(value)
     }
 }
 
@@ -668,7 +708,8 @@ impl<'de> de::SeqAccess<'de> for Parts<'_, 'de> {
             return Ok(None);
         }
         self.len -= 1;
-        self.de.seed(seed).map(Some)
+        let from = self.de.at;
+        self.part(seed, from).map(Some)
     }
     fn size_hint(&self) -> Option<usize> {
         self.hint()
@@ -682,10 +723,13 @@ impl<'de> de::MapAccess<'de> for Parts<'_, 'de> {
             return Ok(None);
         }
         self.len -= 1;
+        // The key is read as is; whether the entry took bytes is known after its value.
+        self.entry_at = self.de.at;
         self.de.seed(seed).map(Some)
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value> {
-        self.de.seed(seed)
+        let from = self.entry_at;
+        self.part(seed, from)
     }
     fn size_hint(&self) -> Option<usize> {
         self.hint()
@@ -713,7 +757,11 @@ impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
     // The fields are read at the enum's level (entered by `deserialize_enum`), as the
     // encoder writes them at its variant's.
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value> {
-        visitor.visit_seq(Parts { de: self, len })
+        visitor.visit_seq(Parts {
+            de: self,
+            len,
+            entry_at: 0,
+        })
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
@@ -723,6 +771,7 @@ impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
         visitor.visit_seq(Parts {
             de: self,
             len: fields.len(),
+            entry_at: 0,
         })
     }
 }
@@ -862,6 +911,33 @@ mod tests {
             }
             assert_eq!(deepest, Some(MAX_DEPTH));
         }
+    }
+
+    #[test]
+    fn a_forged_length_of_empty_elements_is_an_error_not_a_hang() {
+        // 8 bytes claiming 2^64 - 1 elements that take none: without a bound the decoder
+        // loops for centuries (no allocation warns: a `Vec<()>` never allocates).
+        let record = u64::MAX.to_le_bytes();
+        let err = decode_prefix::<Vec<()>>(&record).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        let err = decode_prefix::<std::collections::BTreeMap<(), ()>>(&record).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        if cfg!(miri) {
+            // The rest loops 2^24 times: minutes under Miri, and no `unsafe` on the way.
+            return;
+        }
+        // Spread over many sequences too: 2^20 inner claims of 2^20 each.
+        let mut nested = (1u64 << 20).to_le_bytes().to_vec();
+        nested.extend_from_slice(&(1u64 << 20).to_le_bytes().repeat(1 << 20));
+        let err = decode_prefix::<Vec<Vec<((), ())>>>(&nested).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        // Up to the bound they decode as before.
+        let mut bytes = Vec::new();
+        encode_into(&vec![(); MAX_EMPTY_PARTS], &mut bytes).unwrap();
+        assert_eq!(
+            decode_prefix::<Vec<()>>(&bytes).unwrap().0.len(),
+            MAX_EMPTY_PARTS
+        );
     }
 
     #[test]
