@@ -25,11 +25,26 @@ use serde::ser::{self, Serialize};
 
 /// Appends the encoding of `value` to `out`.
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
-    Encoder { out }.value(value).map_err(|e| e.0)
+    Encoder { out, depth: 0 }.value(value).map_err(|e| e.0)
 }
 
 /// The most bytes one value's encoding may take: frames carry record lengths as `u32`.
 pub const MAX_VALUE_BYTES: usize = u32::MAX as usize;
+
+/// The deepest one value may nest (options, sequences, tuples, structs, maps, enums and
+/// newtypes inside each other). Both directions recurse once per level, so without a bound a
+/// forged record of a few bytes per level (`Some(Box::new(Some(..)))` a million times over)
+/// overflows the decoding thread's stack, and that aborts the whole process, not just the
+/// task; and a legitimately deep value encoded on a worker's big stack could abort the driver
+/// decoding it on a smaller one. Encoding refuses what decoding would, so a value too deep is
+/// an error of the task that returned it, named when it is written.
+pub const MAX_DEPTH: usize = 1024;
+
+/// The most elements or map entries taking no bytes (`()`, unit structs, empty tuples) one
+/// value may hold, all its sequences and maps together. Every other element takes at least a
+/// byte, so the input bounds how many there are; these alone it does not: an 8-byte record
+/// claiming a `Vec<()>` of 2^64 elements would keep the decoder busy for centuries.
+pub const MAX_EMPTY_PARTS: usize = 1 << 24;
 
 /// Decodes one value from the front of `bytes`, returning it and the bytes it used.
 ///
@@ -48,6 +63,8 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), St
     let mut decoder = Decoder {
         input: bytes,
         at: 0,
+        depth: 0,
+        empty: 0,
     };
     let value = decoder.seed(PhantomData::<T>).map_err(|e| e.0)?;
     Ok((value, decoder.at))
@@ -121,6 +138,16 @@ fn pod_bytes<T: ?Sized>(value: &T) -> Option<(usize, &[u8])> {
 /// `u32` variant indices), appended to `out`.
 struct Encoder<'a> {
     out: &'a mut Vec<u8>,
+    /// How many compound values the one being written is inside.
+    depth: usize,
+}
+
+/// The error for a value nested deeper than [`MAX_DEPTH`].
+fn too_deep() -> CodecError {
+    CodecError(format!(
+        "the value nests more than {MAX_DEPTH} levels deep (options, sequences, structs, \
+         enums inside each other)"
+    ))
 }
 
 impl Encoder<'_> {
@@ -143,6 +170,31 @@ impl Encoder<'_> {
     #[inline]
     fn variant(&mut self, index: u32) {
         self.out.extend_from_slice(&index.to_le_bytes());
+    }
+
+    /// Enters one more level of nesting (left by [`Encoder::leave`]), refusing past
+    /// [`MAX_DEPTH`].
+    #[inline]
+    fn enter(&mut self) -> Result<()> {
+        if self.depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    #[inline]
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
+    /// Writes `value` one level deeper.
+    #[inline]
+    fn nested<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        self.enter()?;
+        self.value(value)?;
+        self.leave();
+        Ok(())
     }
 }
 
@@ -201,7 +253,7 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
     }
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<()> {
         self.out.push(1);
-        self.value(value)
+        self.nested(value)
     }
     fn serialize_unit(self) -> Result<()> {
         Ok(())
@@ -210,6 +262,9 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         Ok(())
     }
     fn serialize_unit_variant(self, _: &'static str, index: u32, _: &'static str) -> Result<()> {
+        // The decoder reads every enum a level deeper, its unit variants too.
+        self.enter()?;
+        self.leave();
         self.variant(index);
         Ok(())
     }
@@ -218,7 +273,7 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         _: &'static str,
         value: &T,
     ) -> Result<()> {
-        self.value(value)
+        self.nested(value)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
@@ -228,17 +283,20 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         value: &T,
     ) -> Result<()> {
         self.variant(index);
-        self.value(value)
+        self.nested(value)
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<Self> {
         let len = len.ok_or_else(|| CodecError("a sequence must have a known length".into()))?;
+        self.enter()?;
         self.len(len);
         Ok(self)
     }
     fn serialize_tuple(self, _: usize) -> Result<Self> {
+        self.enter()?;
         Ok(self)
     }
     fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self> {
+        self.enter()?;
         Ok(self)
     }
     fn serialize_tuple_variant(
@@ -248,15 +306,18 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         _: &'static str,
         _: usize,
     ) -> Result<Self> {
+        self.enter()?;
         self.variant(index);
         Ok(self)
     }
     fn serialize_map(self, len: Option<usize>) -> Result<Self> {
         let len = len.ok_or_else(|| CodecError("a map must have a known length".into()))?;
+        self.enter()?;
         self.len(len);
         Ok(self)
     }
     fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self> {
+        self.enter()?;
         Ok(self)
     }
     fn serialize_struct_variant(
@@ -266,6 +327,7 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         _: &'static str,
         _: usize,
     ) -> Result<Self> {
+        self.enter()?;
         self.variant(index);
         Ok(self)
     }
@@ -274,7 +336,8 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
     }
 }
 
-/// The compound serializers: every part is a value, encoded in turn.
+/// The compound serializers: every part is a value, encoded in turn; `end` leaves the level
+/// their start entered.
 macro_rules! encode_compound {
     ($($trait:ident :: $method:ident $(($key:ty))?),*) => {$(
         impl<'b> ser::$trait for &mut Encoder<'b> {
@@ -285,6 +348,7 @@ macro_rules! encode_compound {
                 self.value(value)
             }
             fn end(self) -> Result<()> {
+                self.leave();
                 Ok(())
             }
         }
@@ -310,6 +374,7 @@ impl<'b> ser::SerializeMap for &mut Encoder<'b> {
         self.value(value)
     }
     fn end(self) -> Result<()> {
+        self.leave();
         Ok(())
     }
 }
@@ -318,6 +383,10 @@ impl<'b> ser::SerializeMap for &mut Encoder<'b> {
 struct Decoder<'de> {
     input: &'de [u8],
     at: usize,
+    /// How many compound values the one being read is inside.
+    depth: usize,
+    /// How many elements and entries so far took no bytes: see [`MAX_EMPTY_PARTS`].
+    empty: usize,
 }
 
 impl<'de> Decoder<'de> {
@@ -381,6 +450,18 @@ impl<'de> Decoder<'de> {
             .filter(|&n| n <= self.left())
             .ok_or_else(|| self.claims_too_much())?;
         Ok((len, self.take(bytes)?))
+    }
+
+    /// Runs `read` one level of nesting deeper, refusing past [`MAX_DEPTH`].
+    #[inline]
+    fn nested<R>(&mut self, read: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        if self.depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.depth += 1;
+        let value = read(self)?;
+        self.depth -= 1;
+        Ok(value)
     }
 
     fn u32(&mut self) -> Result<u32> {
@@ -503,7 +584,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     }
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         if self.tag("Option<T> tag")? {
-            visitor.visit_some(self)
+            self.nested(|de| visitor.visit_some(de))
         } else {
             visitor.visit_none()
         }
@@ -523,14 +604,20 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         _: &'static str,
         visitor: V,
     ) -> Result<V::Value> {
-        visitor.visit_newtype_struct(self)
+        self.nested(|de| visitor.visit_newtype_struct(de))
     }
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
         self.deserialize_tuple(len, visitor)
     }
     fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value> {
-        visitor.visit_seq(Parts { de: self, len })
+        self.nested(|de| {
+            visitor.visit_seq(Parts {
+                de,
+                len,
+                entry_at: 0,
+            })
+        })
     }
     fn deserialize_tuple_struct<V: Visitor<'de>>(
         self,
@@ -542,7 +629,13 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     }
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let len = self.len()?;
-        visitor.visit_map(Parts { de: self, len })
+        self.nested(|de| {
+            visitor.visit_map(Parts {
+                de,
+                len,
+                entry_at: 0,
+            })
+        })
     }
     fn deserialize_struct<V: Visitor<'de>>(
         self,
@@ -558,7 +651,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         _: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value> {
-        visitor.visit_enum(self)
+        self.nested(|de| visitor.visit_enum(de))
     }
     fn deserialize_identifier<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
         Err(CodecError(
@@ -579,12 +672,31 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
 struct Parts<'a, 'de> {
     de: &'a mut Decoder<'de>,
     len: usize,
+    /// Where the map entry being read began.
+    entry_at: usize,
 }
 
-impl Parts<'_, '_> {
+impl<'de> Parts<'_, 'de> {
     /// No more than the bytes left, so that what serde preallocates is bounded by the input.
     fn hint(&self) -> Option<usize> {
         Some(self.len.min(self.de.left()))
+    }
+
+    /// Reads one element (or key, or value) through `seed`; `from` is where its part began:
+    /// a part that took no bytes counts against [`MAX_EMPTY_PARTS`].
+    #[inline]
+    fn part<S: DeserializeSeed<'de>>(&mut self, seed: S, from: usize) -> Result<S::Value> {
+        let value = self.de.seed(seed)?;
+        if self.de.at == from {
+            self.de.empty += 1;
+            if self.de.empty > MAX_EMPTY_PARTS {
+                return Err(CodecError(format!(
+                    "the value holds more than {MAX_EMPTY_PARTS} elements taking no bytes \
+                     (corrupt or forged input, or a too long sequence of `()`)"
+                )));
+            }
+        }
+        Ok(value)
     }
 }
 
@@ -596,7 +708,8 @@ impl<'de> de::SeqAccess<'de> for Parts<'_, 'de> {
             return Ok(None);
         }
         self.len -= 1;
-        self.de.seed(seed).map(Some)
+        let from = self.de.at;
+        self.part(seed, from).map(Some)
     }
     fn size_hint(&self) -> Option<usize> {
         self.hint()
@@ -610,10 +723,13 @@ impl<'de> de::MapAccess<'de> for Parts<'_, 'de> {
             return Ok(None);
         }
         self.len -= 1;
+        // The key is read as is; whether the entry took bytes is known after its value.
+        self.entry_at = self.de.at;
         self.de.seed(seed).map(Some)
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value> {
-        self.de.seed(seed)
+        let from = self.entry_at;
+        self.part(seed, from)
     }
     fn size_hint(&self) -> Option<usize> {
         self.hint()
@@ -638,15 +754,25 @@ impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value> {
         self.seed(seed)
     }
+    // The fields are read at the enum's level (entered by `deserialize_enum`), as the
+    // encoder writes them at its variant's.
     fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value> {
-        de::Deserializer::deserialize_tuple(self, len, visitor)
+        visitor.visit_seq(Parts {
+            de: self,
+            len,
+            entry_at: 0,
+        })
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value> {
-        de::Deserializer::deserialize_tuple(self, fields.len(), visitor)
+        visitor.visit_seq(Parts {
+            de: self,
+            len: fields.len(),
+            entry_at: 0,
+        })
     }
 }
 
@@ -695,6 +821,123 @@ mod tests {
         let mut bytes = Vec::new();
         encode_into(&strings, &mut bytes).unwrap();
         assert_eq!(decode_prefix::<Vec<String>>(&bytes).unwrap().0, strings);
+    }
+
+    /// A list that nests one `Option` per element, as a recursive type does.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Chain(Option<Box<Chain>>);
+
+    fn chain(depth: usize) -> Chain {
+        (0..depth).fold(Chain(None), |inner, _| Chain(Some(Box::new(inner))))
+    }
+
+    /// Drops a deep chain without recursing (the derived drop would, once per level).
+    fn unchain(mut chain: Chain) {
+        while let Some(inner) = chain.0.take() {
+            chain = *inner;
+        }
+    }
+
+    #[test]
+    fn a_forged_depth_bomb_is_an_error_not_a_stack_overflow() {
+        // A megabyte of `Some` tags: a million levels, each a few hundred bytes of stack when
+        // decoded; without a bound this aborts the process (a 2 MiB thread's stack, as the
+        // process backend's supervisor threads have).
+        let bomb = vec![1u8; 1 << 20];
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || decode_prefix::<Chain>(&bomb).map(|(chain, _)| unchain(chain)))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(decoded.unwrap_err().contains("more than 1024 levels"));
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        enum Tree {
+            Leaf,
+            Node(Box<Tree>, u8),
+        }
+        let mut bytes = 1u32.to_le_bytes().repeat(1 << 18);
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let err = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || decode_prefix::<Tree>(&bytes).map(|_| ()))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("more than 1024 levels"), "{err}");
+    }
+
+    #[test]
+    fn what_encodes_within_the_depth_decodes_and_one_level_more_does_not_encode() {
+        // `chain(n)` nests 2n + 1 levels: n + 1 newtype structs and n `Some`s.
+        let mut bytes = Vec::new();
+        encode_into(&chain(MAX_DEPTH / 2 - 1), &mut bytes).unwrap();
+        let (back, used) = decode_prefix::<Chain>(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        unchain(back);
+        let err = encode_into(&chain(MAX_DEPTH / 2), &mut Vec::new()).unwrap_err();
+        assert!(err.contains("more than 1024 levels"), "{err}");
+        // Enums count as a level on both sides, whatever their variant's shape.
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        enum Link {
+            End,
+            Tuple(Box<Link>, u8),
+            Struct { next: Box<Link> },
+            Newtype(Box<Link>),
+        }
+        for end in 0..3 {
+            let (mut link, mut depth) = (Link::End, 1);
+            let mut deepest = None;
+            while depth <= MAX_DEPTH + 2 {
+                let mut bytes = Vec::new();
+                match encode_into(&link, &mut bytes) {
+                    Ok(()) => {
+                        let (back, _) = decode_prefix::<Link>(&bytes).unwrap();
+                        assert!(back == link, "depth {depth}");
+                        deepest = Some(depth);
+                    }
+                    Err(err) => assert!(err.contains("levels"), "{err}"),
+                }
+                link = match (depth + end) % 3 {
+                    0 => Link::Tuple(Box::new(link), 1),
+                    1 => Link::Struct {
+                        next: Box::new(link),
+                    },
+                    _ => Link::Newtype(Box::new(link)),
+                };
+                depth += 1;
+            }
+            assert_eq!(deepest, Some(MAX_DEPTH));
+        }
+    }
+
+    #[test]
+    fn a_forged_length_of_empty_elements_is_an_error_not_a_hang() {
+        // 8 bytes claiming 2^64 - 1 elements that take none: without a bound the decoder
+        // loops for centuries (no allocation warns: a `Vec<()>` never allocates).
+        let record = u64::MAX.to_le_bytes();
+        let err = decode_prefix::<Vec<()>>(&record).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        let err = decode_prefix::<std::collections::BTreeMap<(), ()>>(&record).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        if cfg!(miri) {
+            // The rest loops 2^24 times: minutes under Miri, and no `unsafe` on the way.
+            return;
+        }
+        // Spread over many sequences too: 2^20 inner claims of 2^20 each.
+        let mut nested = (1u64 << 20).to_le_bytes().to_vec();
+        nested.extend_from_slice(&(1u64 << 20).to_le_bytes().repeat(1 << 20));
+        let err = decode_prefix::<Vec<Vec<((), ())>>>(&nested).unwrap_err();
+        assert!(err.contains("elements taking no bytes"), "{err}");
+        // Up to the bound they decode as before.
+        let mut bytes = Vec::new();
+        encode_into(&vec![(); MAX_EMPTY_PARTS], &mut bytes).unwrap();
+        assert_eq!(
+            decode_prefix::<Vec<()>>(&bytes).unwrap().0.len(),
+            MAX_EMPTY_PARTS
+        );
     }
 
     #[test]
