@@ -365,7 +365,13 @@ impl LocalPools {
     /// rank goes on beating and serving while the initializers run (they may take minutes).
     fn open(&mut self, message: &[u8]) {
         let mut r = Reader(message);
-        let Some(id) = r.u64() else {
+        // Id 0 is the rank's first pool, and a pool in use is never replaced: dropping it here
+        // would block this loop (and its heartbeats) while its supervisors are joined. Only a
+        // faulty rank 0 sends either; its RUNs for that id meet the pool already there.
+        let Some(id) = r
+            .u64()
+            .filter(|&id| id != 0 && !self.pools.contains_key(&id))
+        else {
             return;
         };
         let options = match initializer_options(r.0) {
