@@ -80,7 +80,10 @@ if [[ $rc == 124 ]] || pgrep -f "$suite" >/dev/null; then
 fi
 echo "mpi: rank 0 killed mid-run: every rank ended by itself (mpirun status $rc)"
 
-cargo build --release -p parjob --features mpi --example cluster
+# The same cargo call as `cargo xtask bench` makes with MPI (xtask/src/bench.rs,
+# RELEASE_BUILD_WITH_MPI): CI then compiles the release dependencies once, not twice.
+cargo build --release -p parjob-bench -p parjob --features parjob-bench/mpi,parjob/mpi \
+    --bin parjob-bench --example cluster
 # One local worker per rank, so that the CPU-bound lesson compares 1 rank with 2.
 PARJOB_MPI_WORKERS_PER_RANK=1 mpirun --oversubscribe -n 3 target/release/examples/cluster
 

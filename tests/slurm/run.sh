@@ -16,7 +16,10 @@ done
 [[ $(id -u) == 0 ]] || { echo "slurm: run as root (SlurmUser=root)"; exit 1; }
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -p parjob --features mpi --example cluster
+# The same cargo call as `cargo xtask bench` makes with MPI (xtask/src/bench.rs,
+# RELEASE_BUILD_WITH_MPI): CI then compiles the release dependencies once, not twice.
+cargo build --release -p parjob-bench -p parjob --features parjob-bench/mpi,parjob/mpi \
+    --bin parjob-bench --example cluster
 example=$CARGO_TARGET_DIR/release/examples/cluster
 
 dir=$(mktemp -d /tmp/parjob-slurm.XXXXXX)

@@ -49,6 +49,27 @@ pub struct BenchArgs {
     out: Option<PathBuf>,
 }
 
+/// The arguments after `cargo build --release --package parjob-bench` when the `mpi` group
+/// runs; .ci/mpi.sh and tests/slurm/run.sh build the `cluster` example with exactly these.
+const RELEASE_BUILD_WITH_MPI: [&str; 8] = [
+    "--package",
+    "parjob",
+    "--features",
+    "parjob-bench/mpi,parjob/mpi",
+    "--bin",
+    "parjob-bench",
+    "--example",
+    "cluster",
+];
+
+/// Where cargo puts the release `parjob-bench` (CARGO_TARGET_DIR, else `target/`).
+pub(crate) fn bench_binary(root: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
+    target.join("release").join("parjob-bench")
+}
+
 /// The workspace root: xtask's parent folder.
 pub(crate) fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -89,8 +110,11 @@ pub fn run(args: BenchArgs) -> ExitCode {
                     .to_string()
             })
         });
+    // With MPI, the `cluster` example is built in the same cargo call: the features of the
+    // shared dependencies then unify one way, and CI (.ci/mpi.sh, which runs this same
+    // command) compiles the release dependencies once instead of twice.
     let mut features: &[&str] = if mpi_missing.is_none() {
-        &["--features", "mpi"]
+        &RELEASE_BUILD_WITH_MPI
     } else {
         &[]
     };
@@ -157,12 +181,10 @@ pub fn run(args: BenchArgs) -> ExitCode {
         }
     }
 
-    // `cargo run` finds the binary wherever CARGO_TARGET_DIR puts it; the build is done.
-    let status = cargo()
+    // The binary just built, run directly: `cargo run` takes one package, and with the other
+    // feature set it would build the bench again.
+    let status = Command::new(bench_binary(&root))
         .current_dir(&root)
-        .args(["run", "--quiet", "--release", "--package", "parjob-bench"])
-        .args(features)
-        .arg("--")
         .args(&runner_args)
         .status();
     match status {

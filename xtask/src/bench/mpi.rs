@@ -4,11 +4,11 @@
 //! --mpi` for mpi4py.futures' rows. Each writes a JSON file the main run reads; when a step
 //! cannot run, its file says why, and so do the rows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{BenchArgs, venv_python, write_unavailable};
+use super::{BenchArgs, bench_binary, venv_python, write_unavailable};
 
 /// Rank 0 and 2 worker ranks, as the speed goals are stated.
 const RANKS: &str = "3";
@@ -54,14 +54,6 @@ fn run_with_deadline(mut cmd: Command, limit: Duration) -> Result<String, String
             Err(e) => return Err(format!("cannot wait for mpirun: {e}")),
         }
     }
-}
-
-/// Where cargo put the release `parjob-bench` (CARGO_TARGET_DIR, else `target/`).
-fn bench_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map_or_else(|| root.join("target"), |dir| root.join(dir));
-    target.join("release").join("parjob-bench")
 }
 
 /// parjob's rows of the group, into `out`.
