@@ -183,3 +183,49 @@ fn a_usize_count_beyond_any_backend_is_an_error_not_a_panic() {
         "{zero:?}"
     );
 }
+
+/// The examples read `--backend`, else `PARJOB_BACKEND`: a bad name in the variable is reported
+/// as coming from the variable, not from the `--backend` flag the user never typed. The example
+/// binaries are built by `cargo test --workspace` (CI's command), not by `cargo test -p
+/// parjob-tests`; without them this says so and checks nothing, except under CI.
+#[test]
+fn examples_report_a_bad_parjob_backend_as_the_variable() {
+    let test_binary = std::env::current_exe().expect("the test binary's path");
+    let Some(examples) = test_binary
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|profile| profile.join("examples"))
+    else {
+        panic!("no profile folder above {}", test_binary.display());
+    };
+    for name in ["sleepy_tasks", "flaky", "resume"] {
+        let example = examples.join(name);
+        if !example.exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{} was not built (cargo test --workspace builds it)",
+                example.display()
+            );
+            eprintln!("{} not built: run cargo test --workspace", example.display());
+            continue;
+        }
+        let out = std::process::Command::new(&example)
+            .env("PARJOB_BACKEND", "gpu")
+            .output()
+            .expect("the example starts");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains("\"gpu\" (from PARJOB_BACKEND)") && !stderr.contains("--backend"),
+            "{name}: {stderr}"
+        );
+        // A bad `--backend` is still reported as the flag.
+        let out = std::process::Command::new(&example)
+            .args(["--backend", "gpu"])
+            .env("PARJOB_BACKEND", "threading")
+            .output()
+            .expect("the example starts");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("'gpu' for '--backend"), "{name}: {stderr}");
+    }
+}

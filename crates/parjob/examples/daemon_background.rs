@@ -11,7 +11,6 @@ mod lessons;
 
 use std::time::Duration;
 
-use clap::Parser;
 use parjob::{Backend, Executor, delayed};
 
 /// Prints a tick every 200 ms, forever.
@@ -24,7 +23,7 @@ fn heartbeat(every_ms: u64) {
 
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    let backend = lessons::Flags::parse().backend;
+    let backend = lessons::parse_flags::<lessons::Flags>().backend;
     lessons::banner("daemon background task", backend);
     if backend == Backend::Sequential {
         println!(

@@ -4,11 +4,9 @@
 
 mod lessons;
 
-use clap::Parser;
-
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    let flags = lessons::Flags::parse();
+    let flags = lessons::parse_flags::<lessons::Flags>();
     lessons::executor_map::run(flags.backend)?;
     Ok(())
 }

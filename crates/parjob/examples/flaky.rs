@@ -11,6 +11,8 @@
 //! On the threading and sequential backends an abort would take the whole program down, so
 //! there the crashing tasks panic instead (and panics are retried too).
 
+mod lessons;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -64,7 +66,7 @@ fn flaky((dir, i, trouble, abort): (String, u64, u8, bool)) -> u64 {
 
 fn main() -> Result<(), Error> {
     parjob::init();
-    let backend = Flags::parse().backend;
+    let backend = lessons::parse_flags::<Flags>().backend;
     let markers = tempfile::tempdir().map_err(|e| Error::InvalidConfig(e.to_string()))?;
     let dir = markers.path().display().to_string();
     let trace: PathBuf = std::env::var_os("PARJOB_TRACE")

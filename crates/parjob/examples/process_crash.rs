@@ -19,5 +19,5 @@ struct Flags {
 
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    lessons::process_crash::run(Flags::parse().backend)
+    lessons::process_crash::run(lessons::parse_flags::<Flags>().backend)
 }

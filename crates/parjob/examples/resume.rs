@@ -6,6 +6,8 @@
 //! or a node reboot would), then runs the same tasks here and prints how many came from the
 //! cache and how many ran. Nothing finished before the kill runs again.
 
+mod lessons;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,7 +54,7 @@ fn run(flags: &Flags, memory: &Memory) -> Result<Vec<u64>, parjob::MemoryError> 
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     parjob::init();
-    let flags = Flags::parse();
+    let flags = lessons::parse_flags::<Flags>();
     if flags.child {
         let cache = flags.cache.as_ref().ok_or("--child needs --cache")?;
         run(&flags, &Memory::open(cache)?)?;

@@ -39,7 +39,7 @@ fn all_lessons(backend: Backend) -> Result<(), parjob::Error> {
 
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    let flags = Flags::parse();
+    let flags = lessons::parse_flags::<Flags>();
     let cpus = parjob::cpu_count();
     match flags.backend {
         Some(backend) => {

@@ -3,11 +3,9 @@
 
 mod lessons;
 
-use clap::Parser;
-
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    let flags = lessons::Flags::parse();
+    let flags = lessons::parse_flags::<lessons::Flags>();
     lessons::shared_counter::run(flags.backend)?;
     Ok(())
 }

@@ -3,11 +3,9 @@
 
 mod lessons;
 
-use clap::Parser;
-
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
-    let flags = lessons::Flags::parse();
+    let flags = lessons::parse_flags::<lessons::Flags>();
     lessons::sum_of_squares::run(flags.backend)?;
     Ok(())
 }

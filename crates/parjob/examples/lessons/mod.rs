@@ -26,6 +26,28 @@ pub struct Flags {
     pub backend: parjob::Backend,
 }
 
+/// `F::parse()`, except that a bad `PARJOB_BACKEND` is reported as coming from that variable:
+/// clap names the flag the variable fills (`--backend`), which the user never typed.
+pub fn parse_flags<F: Parser>() -> F {
+    F::try_parse().unwrap_or_else(|error| {
+        let typed = std::env::args_os()
+            .filter_map(|arg| arg.into_string().ok())
+            .any(|arg| arg == "--backend" || arg.starts_with("--backend="));
+        let bad_value = matches!(
+            error.kind(),
+            clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+        );
+        if bad_value && !typed {
+            // The library's own check of the variable, with its wording.
+            if let Err(bad_env) = parjob::Parallel::new(1).effective_backend() {
+                eprintln!("error: {bad_env}");
+                std::process::exit(2);
+            }
+        }
+        error.exit()
+    })
+}
+
 /// Prints the name of the lesson about to run.
 pub fn banner(title: &str, backend: parjob::Backend) {
     println!("\n=== {title} ({backend} backend) ===");
