@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use clap::Parser;
 use parjob::pool::{Job, Pool, ThreadPool};
 use parjob::{Parallel, delayed};
 
@@ -40,6 +41,11 @@ impl Pool for LoggingPool {
     }
 }
 
+/// Runs 200 tasks on a pool of this example's own, which logs each batch to stderr. It takes
+/// no flags (nor PARJOB_BACKEND): the pool it is given is where the tasks run.
+#[derive(Debug, Parser)]
+struct Flags {}
+
 fn slow_square(x: u64) -> u64 {
     std::thread::sleep(Duration::from_micros(200));
     x * x
@@ -47,6 +53,7 @@ fn slow_square(x: u64) -> u64 {
 
 fn main() -> Result<(), parjob::Error> {
     parjob::init();
+    Flags::parse(); // --help, and a clear error for a flag such as --backend
     let pool = Arc::new(LoggingPool {
         threads: ThreadPool::new(2)?,
         batches: AtomicUsize::new(0),
