@@ -284,3 +284,31 @@ fn a_timed_out_thread_is_replaced_so_the_next_run_gets_every_worker() {
         "{out:?}"
     );
 }
+
+fn tiny(x: u64) -> u64 {
+    x.wrapping_mul(x)
+}
+
+#[test]
+fn batches_of_tiny_tasks_stay_small_enough_for_the_cache() {
+    // The threading pool bounds a batch to 128 KiB of tasks (`Pool::max_batch_bytes`):
+    // 16384 tasks of 8 bytes. Without the bound, auto batching would size batches of 1 ns
+    // tasks at a quarter of what is left of the input (100,000 here).
+    let biggest = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&biggest);
+    let n = 400_000u64;
+    let out = Parallel::new(2)
+        .backend(Backend::Threading)
+        .on_event(move |event| {
+            if let parjob::Event::BatchDispatched { tasks, .. } = event {
+                seen.fetch_max(*tasks, Ordering::SeqCst);
+            }
+        })
+        .run((0..n).map(|i| delayed(tiny, i)))
+        .unwrap();
+    assert_eq!(out.len(), 400_000);
+    assert!(out.iter().zip(0..n).all(|(&v, i)| v == tiny(i)));
+    let biggest = biggest.load(Ordering::SeqCst);
+    assert!(biggest <= 16_384, "a batch of {biggest} tasks");
+    assert!(biggest > 1, "tiny tasks were never batched");
+}

@@ -24,6 +24,9 @@ pub(crate) const MAX_AUTO_BATCH: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct Sizer {
     fixed: Option<usize>,
+    /// The most tasks an auto batch holds (`MAX_AUTO_BATCH`, or less for a pool that bounds
+    /// a batch's bytes).
+    max_auto: usize,
     target: Duration,
     workers: usize,
     /// Decaying sums of busy nanoseconds and of tasks over the batches reported so far: their
@@ -40,11 +43,18 @@ impl Sizer {
                 BatchSize::Auto => None,
                 BatchSize::Fixed(n) => Some(n.max(1)),
             },
+            max_auto: MAX_AUTO_BATCH,
             target,
             workers: workers.max(1),
             busy_nanos: 0.0,
             tasks: 0.0,
         }
+    }
+
+    /// Holds auto batches to `max` tasks or fewer (at least 1).
+    pub(crate) fn with_max_auto(mut self, max: usize) -> Self {
+        self.max_auto = max.clamp(1, MAX_AUTO_BATCH);
+        self
     }
 
     /// Size of the next batch; `remaining` is a lower bound on the tasks left to dispatch (0 if
@@ -57,7 +67,7 @@ impl Sizer {
             return 1;
         }
         let per_task = (self.busy_nanos / self.tasks).max(0.1);
-        let ideal = ((self.target.as_nanos() as f64 / per_task) as usize).clamp(1, MAX_AUTO_BATCH);
+        let ideal = ((self.target.as_nanos() as f64 / per_task) as usize).clamp(1, self.max_auto);
         // Near the end, smaller batches balance the load, down to an eighth of the target
         // duration: smaller ones would cost more in round trips than they save.
         let balanced = match remaining {
@@ -124,6 +134,31 @@ mod tests {
         sizer.observe(10_000, Duration::from_micros(10));
         // About 1 ns a task: a 2 ms batch holds about two million, capped at 2^20.
         assert_eq!(sizer.next_size(0), MAX_AUTO_BATCH);
+    }
+
+    #[test]
+    fn a_bound_on_tasks_holds_tiny_tasks_to_it_and_leaves_slower_ones_alone() {
+        let mut sizer =
+            Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2).with_max_auto(16_384);
+        sizer.observe(10_000, Duration::from_micros(10));
+        assert_eq!(sizer.next_size(0), 16_384);
+        let mut slower =
+            Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2).with_max_auto(16_384);
+        slower.observe(1, Duration::from_micros(1));
+        assert_eq!(slower.next_size(0), 2000);
+        // The bound never makes a batch empty, nor lifts the usual cap.
+        assert_eq!(
+            Sizer::new(BatchSize::Auto, Duration::ZERO, 1)
+                .with_max_auto(0)
+                .max_auto,
+            1
+        );
+        assert_eq!(
+            Sizer::new(BatchSize::Auto, Duration::ZERO, 1)
+                .with_max_auto(usize::MAX)
+                .max_auto,
+            MAX_AUTO_BATCH
+        );
     }
 
     #[test]

@@ -233,7 +233,10 @@ where
             exhausted: false,
             next_index: 0,
             next_seq: 0,
-            sizer: Sizer::new(batch_size, pool.target_batch_duration(), workers),
+            sizer: Sizer::new(batch_size, pool.target_batch_duration(), workers).with_max_auto(
+                pool.max_batch_bytes()
+                    .map_or(usize::MAX, |bytes| bytes / std::mem::size_of::<T>().max(1)),
+            ),
             control: Arc::new(RunControl::new(options.timeout)),
             // Spinning longer than this would only burn CPU a blocked wait leaves free.
             spin: pool.completion_spin().min(Duration::from_millis(1)),

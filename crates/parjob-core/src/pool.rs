@@ -339,6 +339,13 @@ pub trait Pool: Send + Sync {
     fn target_batch_duration(&self) -> Duration {
         Duration::from_millis(2)
     }
+    /// The most bytes of tasks an auto-sized batch should hold, if the pool wants batches
+    /// small enough to stay in the cache: a batch of tiny tasks is written by the calling
+    /// thread and read by a worker right after, and one that fits in the cache costs neither
+    /// of them a trip to memory. `None` (the default): no such bound.
+    fn max_batch_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Whether the pool enforces `RunControl::timeout` itself, killing the task; otherwise
     /// the dispatcher watches the time and reports the task as timed out while it finishes
     /// in the background.

@@ -26,7 +26,9 @@
 //! tiny tasks follow one another faster than a wake-up. Only one thread looks at a time, so a
 //! big idle pool costs no more CPU than a small one. Batches start in the order they were
 //! submitted (one FIFO queue): the dispatcher, not the pool, balances the load, by sizing
-//! batches.
+//! batches. The pool asks it to keep a batch to 128 KiB of tasks
+//! ([`Pool::max_batch_bytes`]): the calling thread writes a batch of tiny tasks and a worker
+//! reads it right after, and a batch that size is still in the cache when it does.
 //!
 //! # Timeouts
 //!
@@ -532,6 +534,15 @@ impl Pool for ThreadPool {
 
     fn completion_spin(&self) -> Duration {
         SPIN
+    }
+
+    fn max_batch_bytes(&self) -> Option<usize> {
+        // 128 KiB of tasks (16384 `u64`s): the calling thread writes a batch and a worker
+        // reads it right after; batches this size stay in the cache between the two, and the
+        // buffers the dispatcher reuses stay warm. Bigger ones went to memory and back, which
+        // cost about a quarter more CPU for 10^6 `x * x` (bench `tiny`). Only tasks under
+        // about 120 ns reach this size with 2 ms batches.
+        Some(128 * 1024)
     }
 
     fn verbose_name(&self) -> &'static str {
