@@ -99,11 +99,20 @@ impl Arena {
         )?;
         rustix::fs::ftruncate(&fd, bytes.len() as u64)?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        // Written with `pwrite` before it is mapped: the kernel allocates and fills each page
+        // in one step, without a page fault per page or zeroing pages about to be overwritten
+        // (fresh shared pages are what a first big result paid for most).
+        let mut done = 0;
+        while done < bytes.len() {
+            match rustix::io::pwrite(&fd, &bytes[done..], done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let memfd = Memfd::map(fd, bytes.len())?;
-        let mut arena = Arena::of_memfd(memfd);
-        // SAFETY: nobody else has this segment yet, and it is exactly `bytes.len()` long.
-        unsafe { arena.write(bytes) };
-        Ok(arena)
+        Ok(Arena::of_memfd(memfd))
     }
 
     /// Driver: the arena a worker sent as `fd`. The descriptor must be a regular file (a
