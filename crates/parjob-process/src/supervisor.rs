@@ -42,8 +42,8 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// worker is taken for stopped or stuck and killed.
 const START_MARGIN: Duration = Duration::from_millis(250);
 
-/// How long a slot that lost its worker waits for the pool to be quiet before it starts the
-/// replacement, while another slot stands idle with a worker (see
+/// How long at most a slot that lost its worker waits for the pool to go idle before it starts
+/// the replacement, while another slot stands idle with a worker (see
 /// `Queue::next_without_worker`).
 const REPLACE_QUIET: Duration = Duration::from_millis(10);
 
@@ -174,6 +174,8 @@ pub(crate) struct Supervisor {
     /// The `seq` of the frame that was out when the frame awaited now was sent, if any
     /// ([`Sent::behind`], for [`Supervisor::bury`]).
     behind: Option<u64>,
+    /// Whether the queue was last told that this slot has a live worker ([`Queue::manned`]).
+    manned: bool,
 }
 
 impl Supervisor {
@@ -201,6 +203,7 @@ impl Supervisor {
             graveyard: Vec::new(),
             ahead: None,
             behind: None,
+            manned: false,
         }
     }
 
@@ -211,13 +214,25 @@ impl Supervisor {
         while catch_task(|| self.serve()).is_err() {
             self.discard_worker();
         }
+        self.tell_manned();
+    }
+
+    /// Tells the queue whether the slot has a live worker, if that changed since it last did.
+    fn tell_manned(&mut self) {
+        let has_worker = self.worker.is_some();
+        if has_worker != self.manned {
+            self.manned = has_worker;
+            self.queue.manned(has_worker);
+        }
     }
 
     fn serve(&mut self) {
         let mut swept = self.queue.sweep_epoch();
-        // When the replacement of a lost worker is due, if it was not started yet.
+        // When the replacement of a lost worker is due at the latest, if it was not started
+        // yet (see `Queue::next_without_worker`).
         let mut replace_at: Option<Instant> = None;
         loop {
+            self.tell_manned();
             if let Some(ahead) = self.ahead.take() {
                 let lost = match &ahead.sent {
                     Some(sent) => !self.holds(sent),
@@ -236,7 +251,7 @@ impl Supervisor {
             } else {
                 let next = match replace_at {
                     Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
-                    _ => self.queue.next(swept),
+                    _ => self.queue.next(swept, self.worker.is_some()),
                 };
                 let Some(next) = next else {
                     break;
@@ -263,10 +278,12 @@ impl Supervisor {
             if self.worker.is_none() && replace_at.is_none() && !self.queue.closing() {
                 // Replace a dead worker before the next run needs it, but not on the path of
                 // the calls right after the loss (see `Queue::next_without_worker`).
+                self.tell_manned();
                 replace_at = Some(Instant::now() + REPLACE_QUIET);
             }
         }
         self.retire_worker();
+        self.tell_manned();
         self.empty_graveyard();
     }
 
