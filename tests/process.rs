@@ -990,6 +990,54 @@ fn child_timeout_replacement_starts_while_idle() {
 }
 
 #[test]
+fn workers_lost_to_crashes_are_replaced_without_waiting_for_a_call() {
+    run_child_test("process::child_crash_replacements_start_while_idle", &[]);
+}
+
+#[test]
+#[ignore = "run by workers_lost_to_crashes_are_replaced_without_waiting_for_a_call in a child \
+            process"]
+fn child_crash_replacements_start_while_idle() {
+    let parallel = start_two_workers();
+    let before: Vec<u32> = children().into_iter().map(|(pid, _)| pid).collect();
+    // Two crashes in a row: the second takes the other worker, or the first's replacement.
+    for _ in 0..2 {
+        assert!(matches!(
+            parallel.run([delayed(crash_on_five, (5, Crash::Abort))]),
+            Err(Error::WorkerCrashed { index: 0, .. })
+        ));
+    }
+    // No call comes: the pool is whole again on its own (docs/PROCESS.md, "Replacing a lost
+    // worker"), with two live workers, at least one of them new, and the dead reaped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = children();
+        let fresh = now.iter().filter(|(pid, _)| !before.contains(pid)).count();
+        if now.len() == 2 && fresh >= 1 && now.iter().all(|&(_, zombie)| !zombie) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "children {now:?}, before the crashes {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let live: Vec<u32> = children().into_iter().map(|(pid, _)| pid).collect();
+    // The next call runs on those workers: no start was left for it to wait on.
+    let pids: HashSet<u32> = parallel
+        .run((0..20u32).map(|i| delayed(my_pid, i)))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        pids.iter().all(|pid| live.contains(pid)),
+        "{pids:?} {live:?}"
+    );
+    drop(parallel);
+    assert_eq!(children(), []);
+}
+
+#[test]
 fn a_panicking_driver_leaves_no_child_process() {
     run_child_test("process::child_panic_leaves_no_child", &[]);
 }

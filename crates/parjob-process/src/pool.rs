@@ -36,12 +36,15 @@ impl std::fmt::Debug for ProcessPool {
 }
 
 impl ProcessPool {
-    /// Starts `workers` worker processes and waits for each to finish its handshake (and
-    /// initializer).
+    /// Starts `workers` worker processes and waits until one has finished its handshake (with
+    /// an initializer: until each has finished its handshake and initializer). The others go
+    /// on starting while the pool runs its first jobs; a slot whose start fails then starts
+    /// a worker for the first job it takes, whose tasks get the start's error if that fails
+    /// too.
     ///
     /// # Errors
-    /// [`Error::Worker`] if a worker cannot be started, is another build of the program, or
-    /// fails its initializer; [`Error::InvalidConfig`] if the initializer is not a function of
+    /// [`Error::Worker`] if a worker cannot be started (the first to report, or any that
+    /// reports before it), is another build of the program, or fails its initializer; [`Error::InvalidConfig`] if the initializer is not a function of
     /// this program's executable (e.g. it lives in a dylib), which a worker could not find;
     /// [`Error::BackendUnavailable`] when called in a process that was started as a worker but
     /// did not enter the worker loop (`parjob::init()` missing).
@@ -84,12 +87,12 @@ impl ProcessPool {
                 .name(format!("parjob-supervisor-{index}"))
                 .spawn(move || {
                     let started = supervisor.start_worker();
-                    let ok = started.is_ok();
                     let _ = started_tx.send(started);
                     drop(started_tx);
-                    if ok {
-                        supervisor.run();
-                    }
+                    // Even after a failed start: if the pool went on without this worker (see
+                    // below), the slot starts one for the first job it takes, which gets the
+                    // start's error if that fails again; if the pool failed, it is closing.
+                    supervisor.run();
                 });
             match spawned {
                 Ok(handle) => pool.supervisors.push(handle),
@@ -103,9 +106,15 @@ impl ProcessPool {
             }
         }
         drop(started_tx);
-        // Each supervisor reports once (and keeps its sender): read exactly that many.
+        // Without an initializer, the pool is ready as soon as one worker is (and no start
+        // failed before it): the others finish starting while it takes the first jobs, so a
+        // fresh pool's first result does not wait for its slowest start. An initializer's
+        // failure (user code) is reported here, so with one every start is awaited.
+        let first_is_enough = settings.initializer.is_none();
+        // Each supervisor reports once (and keeps its sender): read at most that many.
         for _ in 0..pool.supervisors.len() {
             match started_rx.recv() {
+                Ok(Ok(())) if first_is_enough && first_error.is_none() => break,
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     first_error.get_or_insert(e);

@@ -5,12 +5,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parjob_core::Job;
 
 use crate::registry::SegmentListener;
 use crate::spawn::Event;
+
+/// How long a pool that lost a worker must stand idle before the replacement starts, while
+/// another slot still has a worker (see [`Queue::next_without_worker`]): long enough for the
+/// call that ended the idle spell to have returned to its caller, so that the start does not
+/// take the CPU from the caller's next steps.
+const IDLE_GRACE: Duration = Duration::from_millis(1);
 
 /// A pool's queue of jobs, shared by its supervisors.
 #[derive(Default)]
@@ -33,6 +39,13 @@ struct Jobs {
     queue: VecDeque<Job>,
     /// Supervisors waiting in [`Queue::next`] (those with a worker).
     ready_waiting: usize,
+    /// Slots with a live worker, as their supervisors last said ([`Queue::manned`]).
+    manned: usize,
+    /// Bumped each time the pool goes idle: a slot with a worker comes for a job, finds none,
+    /// and every other slot with a worker waits too (see [`Queue::next_without_worker`]).
+    idle_epoch: u64,
+    /// Supervisors waiting in [`Queue::next_without_worker`].
+    unmanned_waiting: usize,
     /// Busy supervisors that want to hear of the next job (see [`Queue::want_ahead`]): their
     /// slot and events channel.
     wanting: Vec<(usize, Sender<Event>)>,
@@ -107,10 +120,36 @@ impl Queue {
         self.sweep_epoch.load(Ordering::Acquire)
     }
 
-    /// The next job, a sweep if a segment was dropped since epoch `swept`, or `None` once the
-    /// pool is closing.
-    pub(crate) fn next(&self, swept: u64) -> Option<Next> {
+    /// Slot's supervisor says its slot now has a live worker (`true`) or lost it (`false`);
+    /// called only on a change. When the last live worker is lost, slots waiting to replace
+    /// theirs start at once.
+    pub(crate) fn manned(&self, has_worker: bool) {
         let mut jobs = self.jobs();
+        if has_worker {
+            jobs.manned += 1;
+        } else {
+            jobs.manned = jobs.manned.saturating_sub(1);
+            if jobs.manned == 0 {
+                self.unmanned.notify_all();
+            }
+        }
+    }
+
+    /// The next job, a sweep if a segment was dropped since epoch `swept`, or `None` once the
+    /// pool is closing. `has_worker`: whether the caller's slot has a live worker (its coming
+    /// may make the pool idle).
+    pub(crate) fn next(&self, swept: u64, has_worker: bool) -> Option<Next> {
+        let mut jobs = self.jobs();
+        if jobs.unmanned_waiting > 0
+            && has_worker
+            && jobs.queue.is_empty()
+            && jobs.ready_waiting + 1 >= jobs.manned
+        {
+            // Every slot with a worker is idle: a replacement may start now without taking a
+            // CPU from a job.
+            jobs.idle_epoch = jobs.idle_epoch.wrapping_add(1);
+            self.unmanned.notify_all();
+        }
         loop {
             if self.closing() {
                 return None;
@@ -177,18 +216,27 @@ impl Queue {
 
     /// [`Queue::next`] for a supervisor whose worker was lost: its replacement is started
     /// ([`Next::Replace`]) at once if no supervisor with a worker is waiting for a job (a job
-    /// would have to wait for it), and otherwise at `quiet_until`, or as soon as more jobs are
-    /// queued than such supervisors wait for. So the start of a replacement, which takes a
-    /// CPU for a millisecond or more, does not compete with the calls that come right after
-    /// the loss and that a worker standing idle can take.
+    /// would have to wait for it) or no other slot has a live worker left; otherwise once the
+    /// pool has stood idle for [`IDLE_GRACE`] (no job queued, every slot with a worker waiting:
+    /// the calls that came right after the loss are done), or at `quiet_until` at the latest,
+    /// or when more jobs are queued than supervisors with a worker wait for. So the start of a
+    /// replacement, which takes a CPU for a millisecond or more, does not compete with the
+    /// calls that come right after the loss and that a worker standing idle can take, and a
+    /// pool that lost its last worker does not wait to start one.
     pub(crate) fn next_without_worker(&self, swept: u64, quiet_until: Instant) -> Option<Next> {
         let mut jobs = self.jobs();
         if jobs.ready_waiting == 0 && !self.closing() {
             return Some(Next::Replace);
         }
+        let mut seen_epoch = jobs.idle_epoch;
+        // Since when the pool has stood idle, as far as this supervisor has seen.
+        let mut idle_from: Option<Instant> = None;
         loop {
             if self.closing() {
                 return None;
+            }
+            if jobs.manned == 0 {
+                return Some(Next::Replace);
             }
             if jobs.queue.len() > jobs.ready_waiting {
                 return jobs.queue.pop_front().map(Next::Job);
@@ -197,15 +245,28 @@ impl Queue {
             if epoch != swept {
                 return Some(Next::Sweep { epoch });
             }
-            let left = quiet_until.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if jobs.idle_epoch != seen_epoch {
+                // The pool just went idle again (this wake is its news).
+                seen_epoch = jobs.idle_epoch;
+                idle_from = Some(now);
+            } else if !(jobs.queue.is_empty() && jobs.ready_waiting >= jobs.manned) {
+                idle_from = None;
+            } else if idle_from.is_none() {
+                idle_from = Some(now);
+            }
+            let due = idle_from.map_or(quiet_until, |from| (from + IDLE_GRACE).min(quiet_until));
+            let left = due.saturating_duration_since(now);
             if left.is_zero() {
                 return Some(Next::Replace);
             }
+            jobs.unmanned_waiting += 1;
             jobs = self
                 .unmanned
                 .wait_timeout(jobs, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            jobs.unmanned_waiting -= 1;
         }
     }
 }

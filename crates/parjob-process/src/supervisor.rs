@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use parjob_core::{Error, Job, WorkerExit, catch_task};
@@ -42,8 +42,14 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// worker is taken for stopped or stuck and killed.
 const START_MARGIN: Duration = Duration::from_millis(250);
 
-/// How long a slot that lost its worker waits for the pool to be quiet before it starts the
-/// replacement, while another slot stands idle with a worker (see
+/// How long before a timed task's limit its supervisor wakes, to watch the last stretch
+/// without sleeping (see `Supervisor::recv_until`): a timed sleep of a thread ends up to a
+/// millisecond late on a loaded machine, and the first look, timed from the frame's sending,
+/// finds the task started a little later and would sleep a second time.
+const CLOCK_SPIN: Duration = Duration::from_millis(1);
+
+/// How long at most a slot that lost its worker waits for the pool to go idle before it starts
+/// the replacement, while another slot stands idle with a worker (see
 /// `Queue::next_without_worker`).
 const REPLACE_QUIET: Duration = Duration::from_millis(10);
 
@@ -174,6 +180,8 @@ pub(crate) struct Supervisor {
     /// The `seq` of the frame that was out when the frame awaited now was sent, if any
     /// ([`Sent::behind`], for [`Supervisor::bury`]).
     behind: Option<u64>,
+    /// Whether the queue was last told that this slot has a live worker ([`Queue::manned`]).
+    manned: bool,
 }
 
 impl Supervisor {
@@ -201,6 +209,7 @@ impl Supervisor {
             graveyard: Vec::new(),
             ahead: None,
             behind: None,
+            manned: false,
         }
     }
 
@@ -211,13 +220,25 @@ impl Supervisor {
         while catch_task(|| self.serve()).is_err() {
             self.discard_worker();
         }
+        self.tell_manned();
+    }
+
+    /// Tells the queue whether the slot has a live worker, if that changed since it last did.
+    fn tell_manned(&mut self) {
+        let has_worker = self.worker.is_some();
+        if has_worker != self.manned {
+            self.manned = has_worker;
+            self.queue.manned(has_worker);
+        }
     }
 
     fn serve(&mut self) {
         let mut swept = self.queue.sweep_epoch();
-        // When the replacement of a lost worker is due, if it was not started yet.
+        // When the replacement of a lost worker is due at the latest, if it was not started
+        // yet (see `Queue::next_without_worker`).
         let mut replace_at: Option<Instant> = None;
         loop {
+            self.tell_manned();
             if let Some(ahead) = self.ahead.take() {
                 let lost = match &ahead.sent {
                     Some(sent) => !self.holds(sent),
@@ -236,7 +257,7 @@ impl Supervisor {
             } else {
                 let next = match replace_at {
                     Some(at) if self.worker.is_none() => self.queue.next_without_worker(swept, at),
-                    _ => self.queue.next(swept),
+                    _ => self.queue.next(swept, self.worker.is_some()),
                 };
                 let Some(next) = next else {
                     break;
@@ -263,10 +284,12 @@ impl Supervisor {
             if self.worker.is_none() && replace_at.is_none() && !self.queue.closing() {
                 // Replace a dead worker before the next run needs it, but not on the path of
                 // the calls right after the loss (see `Queue::next_without_worker`).
+                self.tell_manned();
                 replace_at = Some(Instant::now() + REPLACE_QUIET);
             }
         }
         self.retire_worker();
+        self.tell_manned();
         self.empty_graveyard();
     }
 
@@ -975,17 +998,18 @@ impl Supervisor {
         // frame is then lost, not any task's fault (see `FrameEnd::Lost`).
         let mut stuck: Option<(u32, Duration)> = None;
         // A timed frame's first look at the board: no task can be over before `limit`.
-        let mut look_at = timeout.map(|limit| sent_at + limit);
+        let mut look_at = timeout.map(|limit| sent_at + limit.saturating_sub(CLOCK_SPIN));
         // When the board first said this frame's DONE was sent (see `REPLY_POLL`).
         let mut done_seen: Option<Instant> = None;
         let mut poll_at = sent_at + REPLY_POLL;
         loop {
             let clock_at = look_at.filter(|_| timeout.is_some() && !timed_out);
             let wake = clock_at.map_or(poll_at, |at| at.min(poll_at));
-            let event = match self
-                .events
-                .recv_timeout(wake.saturating_duration_since(Instant::now()))
-            {
+            // The last stretch before a task's limit is watched without sleeping.
+            let spin = clock_at.is_some_and(|at| {
+                at <= poll_at && at.saturating_duration_since(Instant::now()) <= CLOCK_SPIN
+            });
+            let event = match self.recv_until(wake, spin) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Disconnected) => return FrameEnd::Closing,
                 Err(RecvTimeoutError::Timeout) if timed_out => {
@@ -1040,7 +1064,15 @@ impl Supervisor {
                                 timed_out = true;
                                 stuck = Some((self.worker.as_ref().map_or(0, |w| w.pid), limit));
                             }
-                            Clock::Next(after) => look_at = Some(Instant::now() + after),
+                            Clock::Next(after) => {
+                                // Woken early, for the last stretch (see `CLOCK_SPIN`).
+                                let early = if after > CLOCK_SPIN {
+                                    CLOCK_SPIN
+                                } else {
+                                    Duration::ZERO
+                                };
+                                look_at = Some(Instant::now() + after - early);
+                            }
                             Clock::Cut => return self.spoiled(first_index, "status board"),
                         }
                     }
@@ -1108,6 +1140,28 @@ impl Supervisor {
                 (_, end) => end,
             };
         }
+    }
+
+    /// The next event, or a timeout at `wake`; with `spin`, the wait polls the channel instead
+    /// of sleeping (for at most [`CLOCK_SPIN`], see [`Supervisor::await_reply`]), so that a
+    /// task past its limit is killed when the limit comes, not when the scheduler wakes a
+    /// sleeping thread.
+    fn recv_until(&self, wake: Instant, spin: bool) -> Result<Event, RecvTimeoutError> {
+        if spin {
+            loop {
+                match self.events.try_recv() {
+                    Ok(event) => return Ok(event),
+                    Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                    Err(TryRecvError::Empty) => {}
+                }
+                if Instant::now() >= wake {
+                    return Err(RecvTimeoutError::Timeout);
+                }
+                std::hint::spin_loop();
+            }
+        }
+        self.events
+            .recv_timeout(wake.saturating_duration_since(Instant::now()))
     }
 
     /// A reply came from the worker while frame `tag` (whose first task is `first_index`) was
