@@ -136,17 +136,17 @@ impl Backoff {
     /// Idles a little: yields right after work (the next message is most likely coming),
     /// otherwise returns how long the caller should wait, on a channel that wakes it earlier
     /// for work of its own (its local pool's outcomes, its commands). `urgent`: a message
-    /// someone waits on may come any moment (poll every 40 us); otherwise whatever comes next
+    /// someone waits on may come any moment (poll every 20 us); otherwise whatever comes next
     /// is hidden behind queued work (every 300 us).
     pub(super) fn pause(&mut self, urgent: bool) -> Option<Duration> {
         let idle = self.idle_since.get_or_insert_with(Instant::now).elapsed();
-        if idle < Duration::from_micros(100) {
+        if idle < Duration::from_micros(300) {
             std::thread::yield_now();
             None
         } else if idle >= Duration::from_millis(20) {
             Some(Duration::from_micros(500))
         } else if urgent {
-            Some(Duration::from_micros(40))
+            Some(Duration::from_micros(20))
         } else {
             Some(Duration::from_micros(300))
         }
@@ -154,7 +154,7 @@ impl Backoff {
 }
 
 /// Makes this thread's short waits precise: Linux lets a sleep overrun by the thread's timer
-/// slack, 50 us by default, which would double the 40 us polling interval of [`Backoff`].
+/// slack, 50 us by default, which would triple the 20 us polling interval of [`Backoff`].
 pub(super) fn tighten_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer (nanoseconds) and changes only this
     // thread's timer slack.
