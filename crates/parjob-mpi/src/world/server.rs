@@ -643,62 +643,51 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
         .and_then(|w| u32::try_from(w).ok())
         .unwrap_or(NO_WORKER);
     wire::put_u32(&mut out, worker);
-    // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
-    // copied span by span (the local pool stores them back to back), its count and length
-    // filled in when the run ends.
-    let mut run: Option<(usize, u32)> = None; // (where its count is in `out`, records so far)
-    let mut span: Option<std::ops::Range<usize>> = None; // records not copied yet
-    let flush_span = |out: &mut Vec<u8>, span: &mut Option<std::ops::Range<usize>>| {
-        if let Some(span) = span.take() {
-            out.extend_from_slice(records.get(span).unwrap_or_default());
+    // Consecutive records travel as one `[0][count u32][len u32][records]` entry, copied in
+    // one piece; a panic record among them ends the entry and travels as a failure.
+    let put_records = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
+        if count > 0 {
+            out.push(0);
+            wire::put_u32(out, u32::try_from(count).unwrap_or(u32::MAX));
+            wire::put_bytes(out, bytes);
         }
     };
-    let end_run = |out: &mut Vec<u8>, run: &mut Option<(usize, u32)>| {
-        if let Some((at, count)) = run.take() {
-            let len = out.len() - at - 8;
-            out[at..at + 4].copy_from_slice(&count.to_le_bytes());
-            let len = u32::try_from(len).unwrap_or(u32::MAX);
-            out[at + 4..at + 8].copy_from_slice(&len.to_le_bytes());
-        }
-    };
-    // By reference: moving each (large) outcome out cost more than encoding it.
-    for (position, outcome) in outcomes.outcomes.iter().enumerate() {
-        let panicked;
-        let failure = match outcome {
-            Relayed::Record(at) => {
-                let record = records.get(at.clone()).unwrap_or_default();
-                if record.first() == Some(&RECORD_PANICKED) {
-                    let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
-                    let index = usize::try_from(first_index).unwrap_or(0) + position;
-                    panicked = Error::task_panicked(index, message);
-                    &panicked
-                } else {
-                    if run.is_none() {
-                        out.push(0);
-                        run = Some((out.len(), 0));
-                        out.extend_from_slice(&[0; 8]);
+    let first = usize::try_from(first_index).unwrap_or(0);
+    let mut position = 0; // the task the next outcome is for, from the frame's first
+    for outcome in &outcomes.outcomes {
+        match outcome {
+            Relayed::Records { bytes, count } => {
+                let run = records.get(bytes.clone()).unwrap_or_default();
+                // Only the 5-byte record headers are read, to find panic records.
+                let (mut start, mut at, mut pending) = (0, 0, 0);
+                for _ in 0..*count {
+                    let Some(&tag) = run.get(at) else {
+                        break;
+                    };
+                    let len = run
+                        .get(at + 1..at + 5)
+                        .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize);
+                    let end = (at + 5 + len).min(run.len());
+                    if tag == RECORD_PANICKED {
+                        put_records(&mut out, &run[start..at], pending);
+                        let message = String::from_utf8_lossy(&run[(at + 5).min(end)..end]);
+                        let panicked = Error::task_panicked(first + position, message);
+                        wire::put_failure(&mut out, &panicked);
+                        (start, pending) = (end, 0);
+                    } else {
+                        pending += 1;
                     }
-                    if let Some((_, count)) = &mut run {
-                        *count += 1;
-                    }
-                    match &mut span {
-                        Some(s) if s.end == at.start => s.end = at.end,
-                        _ => {
-                            flush_span(&mut out, &mut span);
-                            span = Some(at.clone());
-                        }
-                    }
-                    continue;
+                    at = end;
+                    position += 1;
                 }
+                put_records(&mut out, &run[start..at], pending);
             }
-            Relayed::Failed(error) => error,
-        };
-        flush_span(&mut out, &mut span);
-        end_run(&mut out, &mut run);
-        wire::put_failure(&mut out, failure);
+            Relayed::Failed(error) => {
+                wire::put_failure(&mut out, error);
+                position += 1;
+            }
+        }
     }
-    flush_span(&mut out, &mut span);
-    end_run(&mut out, &mut run);
     out
 }
 
@@ -720,18 +709,18 @@ mod tests {
         let (a, b) = (record(0, b"aa"), record(0, b"bbb"));
         let panic = record(RECORD_PANICKED, b"boom");
         let d = record(0, b"d");
-        let mut records = Vec::new();
-        let mut at = |r: &[u8]| {
-            let start = records.len();
-            records.extend_from_slice(r);
-            Relayed::Record(start..records.len())
-        };
+        let records = [a.clone(), b.clone(), panic, d.clone()].concat();
+        let run = a.len() + b.len() + 9;
         let outcomes = vec![
-            at(&a),
-            at(&b),
-            at(&panic),
+            Relayed::Records {
+                bytes: 0..run,
+                count: 3,
+            },
             Relayed::Failed(Error::timeout(13, Duration::from_millis(5), true)),
-            at(&d),
+            Relayed::Records {
+                bytes: run..records.len(),
+                count: 1,
+            },
         ];
         let done = encode_done(
             1,
