@@ -345,6 +345,38 @@ mod suite {
         })
     }
 
+    /// A `RUN` whose trailer the rank cannot read (only a faulty rank 0 sends one) is answered:
+    /// the run fails with an error naming the rank instead of waiting for ever, and the next
+    /// run works.
+    fn unreadable_run() -> Result<(), String> {
+        let parallel = std::sync::Arc::new(mpi(-1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = std::sync::Arc::clone(&parallel);
+        std::thread::spawn(move || {
+            parjob::__mpi_break_next_run();
+            let _ = tx.send(runner.run([delayed(square, 5u64)]));
+        });
+        let err = match rx.recv_timeout(Duration::from_secs(20)) {
+            Err(_) => return Err("no answer within 20 s: the broken RUN was never answered".into()),
+            Ok(Ok(_)) => return Err("the run succeeded".into()),
+            Ok(Err(e)) => e,
+        };
+        let text = err.to_string();
+        let Error::OnRank { rank, .. } = &err else {
+            return Err(format!("not an OnRank error: {text}"));
+        };
+        check(
+            *rank >= 1
+                && text.contains(&format!("MPI rank {rank} could not read the RUN"))
+                && text.contains("task 0"),
+            || text.clone(),
+        )?;
+        let again = parallel
+            .run((0..1000u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("the next run failed: {e}"))?;
+        check(again[999] == 999 * 999, || "the next run is wrong".into())
+    }
+
     fn timeout() -> Result<(), String> {
         let parallel = mpi(-1).timeout(Duration::from_millis(300));
         let err = parallel
@@ -811,6 +843,7 @@ mod suite {
             ("abort", abort),
             ("segfault", segfault),
             ("timeout", timeout),
+            ("unreadable_run", unreadable_run),
             ("executor", executor),
             ("million_tiny_tasks", million_tiny_tasks),
             (

@@ -24,9 +24,10 @@ use crate::{ErasedBatch, Error, SharedSegment};
 pub struct RelayedOutcomes {
     /// How long the tasks ran, as the pool measured it.
     pub busy: Duration,
-    /// One entry per task that has an outcome, in task order.
+    /// The outcomes of the tasks that have one, in task order: runs of records, and
+    /// failures.
     pub outcomes: Vec<Relayed>,
-    /// The records the [`Relayed::Record`] entries point into, back to back.
+    /// The records the [`Relayed::Records`] entries point into, back to back.
     pub records: Vec<u8>,
     /// How many tasks the frame held.
     pub len: usize,
@@ -34,12 +35,20 @@ pub struct RelayedOutcomes {
     pub worker: Option<usize>,
 }
 
-/// One task's outcome in [`RelayedOutcomes`].
+/// Outcomes in [`RelayedOutcomes`]: a run of consecutive tasks' records, or one task's
+/// failure.
 #[derive(Debug)]
 pub enum Relayed {
-    /// The record (`[tag u8][len u32 LE][payload]`) the task's remote entry wrote: where it is
-    /// in [`RelayedOutcomes::records`].
-    Record(Range<usize>),
+    /// The records (`[tag u8][len u32 LE][payload]` each, back to back) that `count`
+    /// consecutive tasks' remote entry wrote: where they are in [`RelayedOutcomes::records`].
+    /// One entry for a whole run, not one per task: a relayed frame of tiny tasks holds 10^5
+    /// of them, and an entry each cost more than running them.
+    Records {
+        /// Where the run's records are in [`RelayedOutcomes::records`].
+        bytes: Range<usize>,
+        /// How many tasks' records the run holds.
+        count: usize,
+    },
     /// The failure the local pool recorded (its `index` counts from the frame's first index).
     Failed(Error),
 }
@@ -52,6 +61,8 @@ struct RelayedBatch {
     /// Where each task's record is in `frame`.
     tasks: Vec<Range<usize>>,
     outcomes: Vec<Relayed>,
+    /// How many tasks have an outcome (the records in `outcomes` counted one per task).
+    done: usize,
     records: Vec<u8>,
     /// The shared segments the frame's handles name, listed whenever it is encoded.
     segments: Vec<Arc<SharedSegment>>,
@@ -67,12 +78,12 @@ impl ErasedBatch for RelayedBatch {
     }
 
     fn outcomes_len(&self) -> usize {
-        self.outcomes.len()
+        self.done
     }
 
     fn run_here(&mut self, control: &RunControl) {
         // An in-process pool runs the frame through its entry, as a worker process would.
-        let done = self.outcomes.len();
+        let done = self.done;
         if done >= self.tasks.len() || control.is_cancelled() {
             return;
         }
@@ -85,7 +96,7 @@ impl ErasedBatch for RelayedBatch {
                 self.decode_outcomes(&out);
             }
             Err(message) => {
-                let index = self.first_index + self.outcomes.len();
+                let index = self.first_index + self.done;
                 self.push_failure(Error::task_panicked(index, message));
             }
         }
@@ -112,32 +123,44 @@ impl ErasedBatch for RelayedBatch {
     }
 
     fn decode_outcomes(&mut self, bytes: &[u8]) -> usize {
-        // The records are kept as they came, copied in one piece: a relayed batch of tiny
-        // tasks holds 10^5 of them, and one copy each cost more than running them.
-        self.outcomes
-            .reserve(self.tasks.len().saturating_sub(self.outcomes.len()));
+        // The records are kept as they came, copied in one piece, and counted into one run:
+        // a relayed batch of tiny tasks holds 10^5 of them, and a copy or an entry each cost
+        // more than running them.
         let base = self.records.len();
         let mut rest = bytes;
         let mut used = 0;
         let mut taken = 0;
-        while self.outcomes.len() < self.tasks.len() {
+        while self.done + taken < self.tasks.len() {
             let Some((_, payload, tail)) = read_record(rest) else {
                 break;
             };
-            let len = 5 + payload.len();
-            self.outcomes
-                .push(Relayed::Record(base + used..base + used + len));
-            used += len;
+            used += 5 + payload.len();
             rest = tail;
             taken += 1;
         }
+        if taken == 0 {
+            return 0;
+        }
         self.records.extend_from_slice(&bytes[..used]);
+        self.done += taken;
+        match self.outcomes.last_mut() {
+            // Records follow records: the run goes on (they are back to back).
+            Some(Relayed::Records { bytes, count }) if bytes.end == base => {
+                bytes.end = base + used;
+                *count += taken;
+            }
+            _ => self.outcomes.push(Relayed::Records {
+                bytes: base..base + used,
+                count: taken,
+            }),
+        }
         taken
     }
 
     fn push_failure(&mut self, error: Error) {
-        if self.outcomes.len() < self.tasks.len() {
+        if self.done < self.tasks.len() {
             self.outcomes.push(Relayed::Failed(error));
+            self.done += 1;
         }
     }
 }
@@ -206,6 +229,7 @@ impl Job {
             frame,
             tasks,
             outcomes: Vec::new(),
+            done: 0,
             records: Vec::new(),
             segments,
         };
@@ -282,8 +306,42 @@ mod tests {
         let outcomes = rx.recv().unwrap();
         assert_eq!(outcomes.len, 2);
         assert!(
-            matches!(&outcomes.outcomes[1], Relayed::Record(r) if outcomes.records[r.clone()][5..] == *b"bc")
+            matches!(&outcomes.outcomes[..], [Relayed::Records { bytes, count: 2 }] if outcomes.records[bytes.clone()] == frame[..])
         );
+    }
+
+    /// Records that follow records make one run; a failure splits runs; a frame's tasks are
+    /// never over-filled.
+    #[test]
+    fn relayed_outcomes_are_runs_of_records_split_by_failures() {
+        let empty = [0u8, 0, 0, 0, 0];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut job = Job::relayed(4, echo, empty.repeat(4), None, move |o| {
+            let _ = tx.send(o);
+        })
+        .unwrap();
+        let batch = job.batch_mut();
+        assert_eq!(batch.decode_outcomes(&empty), 1);
+        assert_eq!(batch.decode_outcomes(&empty), 1);
+        batch.push_failure(Error::task_panicked(6, "no"));
+        assert_eq!(
+            batch.decode_outcomes(&empty.repeat(3)),
+            1,
+            "one task was left"
+        );
+        assert_eq!(batch.outcomes_len(), 4);
+        job.complete(Duration::ZERO);
+        let outcomes = rx.recv().unwrap();
+        match &outcomes.outcomes[..] {
+            [
+                Relayed::Records { bytes: a, count: 2 },
+                Relayed::Failed(_),
+                Relayed::Records { bytes: b, count: 1 },
+            ] => {
+                assert_eq!((a.clone(), b.clone()), (0..10, 10..15));
+            }
+            other => panic!("unexpected outcomes: {other:?}"),
+        }
     }
 
     /// Memory that claims to be shared, as a backend's segment would.

@@ -67,6 +67,15 @@ mod world;
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 pub use world::{MpiPool, init, world_size};
 
+/// For the MPI suite only: rank 0 sends its next `RUN` cut short, so that its trailer cannot be
+/// read, as only a faulty rank 0 would. The rank must answer it, and the run fail with an
+/// error naming the rank, instead of waiting for ever.
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+#[doc(hidden)]
+pub fn break_next_run_for_tests() {
+    world::BREAK_NEXT_RUN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 #[cfg(not(all(feature = "mpi", target_os = "linux")))]
 mod unavailable {
     use parjob_core::{Backend, Error};

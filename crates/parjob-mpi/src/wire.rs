@@ -11,6 +11,7 @@
 //! | `POOL` | 0 to rank | `[pool u64][Welcome]`: start local pool `pool`, whose workers run the initializer parjob-remote's `Welcome` names (its proof unused) |
 //! | `POOL_END` | 0 to rank | `[pool u64]`: stop local pool `pool` (its `MpiPool` was dropped) |
 //! | `RUN` | 0 to rank | `[tasks frame][segment id u64 × attachments][pool u64][first index u64][RunHeader]`: the fixed-size trailer last, so the rank hands the received buffer itself, cut short, to its local pool (`pool`, 0 for the one it starts with); the header's `attachments` counts the ids of the segments the frame's handles name |
+//! | `UNREADABLE_RUN` | rank to 0 | `[id of the last RUN it could read u64][len u32][why]`: a `RUN` whose trailer it could not read (so not its id either); rank 0 fails the first job it sent that rank after that id |
 //! | `DONE` | rank to 0 | `[DoneHeader][local worker u32]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]`; the local worker is `u32::MAX` when the local pool did not say |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |
@@ -36,6 +37,7 @@ pub(crate) const TAG_SEGMENT: i32 = 8;
 pub(crate) const TAG_FORGET: i32 = 9;
 pub(crate) const TAG_POOL: i32 = 10;
 pub(crate) const TAG_POOL_END: i32 = 11;
+pub(crate) const TAG_UNREADABLE_RUN: i32 = 12;
 
 /// A `DONE`'s local worker when the rank's pool did not say which worker ran the frame.
 pub(crate) const NO_WORKER: u32 = u32::MAX;

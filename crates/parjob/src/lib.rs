@@ -86,6 +86,9 @@ pub mod pool {
     #[cfg(feature = "threading")]
     pub use parjob_threading::ThreadPool;
 }
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+#[doc(hidden)]
+pub use parjob_mpi::break_next_run_for_tests as __mpi_break_next_run;
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;
 pub use process::init;

@@ -14,8 +14,8 @@ use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 use crate::LAUNCH_HINT;
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_FORGET,
-    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_WELCOME, put_bytes,
-    put_u32, put_u64,
+    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_UNREADABLE_RUN,
+    TAG_WELCOME, put_bytes, put_u32, put_u64,
 };
 
 use super::server::RUN_TRAILER;
@@ -165,10 +165,35 @@ impl<'w> DriverState<'w> {
                     }
                 }
                 backoff.busy();
-            } else {
-                backoff.idle();
+            } else if let Some(wait) = backoff.pause(self.waiting_on_a_rank()) {
+                // Jobs are out: poll MPI again, and take a new job at once.
+                match inbox.recv_timeout(wait) {
+                    Ok(Command::Shutdown(done)) => {
+                        self.shutdown();
+                        return Some(done);
+                    }
+                    Ok(command) => {
+                        self.command(command);
+                        backoff.busy();
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.shutdown();
+                        return None;
+                    }
+                }
             }
         }
+    }
+
+    /// Whether a `DONE` is awaited that nothing else hides: a rank with jobs out has room
+    /// for more (one the caller may be waiting on). While every busy rank is full, each holds
+    /// a job queued behind the running ones, and a `DONE` picked up a little later costs
+    /// nothing; polling less often then leaves the CPU to the workers.
+    fn waiting_on_a_rank(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.alive && s.in_flight > 0 && s.in_flight < 2 * s.info.workers)
     }
 
     /// A pool's command other than `Shutdown`.
@@ -218,6 +243,7 @@ impl<'w> DriverState<'w> {
         match tag {
             TAG_HELLO => self.hello(from, bytes),
             TAG_DONE => self.done(from, bytes),
+            TAG_UNREADABLE_RUN => self.unreadable_run(from, bytes),
             TAG_BROKEN => self.lose(from, "a message from it stopped halfway"),
             _ => {} // BEAT (already noted), BYE outside shutdown
         }
@@ -442,6 +468,9 @@ impl<'w> DriverState<'w> {
         };
         drop(segments);
         buffer.extend_from_slice(&header.encode());
+        if super::BREAK_NEXT_RUN.swap(false, Ordering::SeqCst) {
+            buffer.truncate(RUN_TRAILER / 2);
+        }
         let encode = encode_began.elapsed();
         bytes_sent += buffer.len() as u64;
         match isend(self.world, rank, TAG_RUN, buffer) {
@@ -526,6 +555,44 @@ impl<'w> DriverState<'w> {
         transport.decode = received_at.elapsed();
         job.add_transport(&transport);
         job.complete(header.busy);
+    }
+
+    /// An `UNREADABLE_RUN`: `rank` could not read the trailer of a `RUN` (nor its id). MPI
+    /// keeps one sender's messages to one rank in order and ids grow in sending order, so it
+    /// is the first job out on that rank after the last `RUN` it could read: that job fails
+    /// with an error naming the rank, instead of waiting for a `DONE` that never comes.
+    fn unreadable_run(&mut self, from: usize, bytes: &[u8]) {
+        let mut r = Reader(bytes);
+        let (Some(after), Some(why)) = (r.u64(), r.text()) else {
+            return self.lose(from, "it sent a malformed UNREADABLE_RUN");
+        };
+        let Some(id) = self
+            .out
+            .iter()
+            .filter(|(id, out)| out.rank == from && **id > after)
+            .map(|(&id, _)| id)
+            .min()
+        else {
+            return;
+        };
+        let Some(Out { mut job, .. }) = self.out.remove(&id) else {
+            return;
+        };
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == from) {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+        }
+        let host = self.host_of(from);
+        let index = job.batch().first_index() + job.batch().outcomes_len();
+        let error = Error::worker(
+            from,
+            format!(
+                "task {index}: MPI rank {from} could not read the RUN message rank 0 sent it \
+                 ({why}), so its tasks never ran"
+            ),
+        );
+        job.batch_mut()
+            .push_failure(Error::on_rank(from, host, error));
+        job.complete(Duration::ZERO);
     }
 
     fn host_of(&self, rank: usize) -> String {

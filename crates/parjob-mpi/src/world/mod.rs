@@ -84,6 +84,8 @@ struct Driver {
 }
 
 static DRIVER: OnceLock<Arc<Driver>> = OnceLock::new();
+/// Set by `break_next_run_for_tests`: the driver sends its next `RUN` unreadable.
+pub(crate) static BREAK_NEXT_RUN: AtomicBool = AtomicBool::new(false);
 static WORLD_SIZE: OnceLock<usize> = OnceLock::new();
 
 /// The number of ranks in the world, once [`init`] started MPI; `None` outside a launcher.
@@ -123,6 +125,8 @@ fn mpi_thread(started: Sender<usize>) {
     else {
         return;
     };
+    transport::no_yield_in_progress();
+    transport::tighten_timer_slack();
     let world = universe.world();
     let rank = usize::try_from(world.rank()).unwrap_or(0);
     let size = usize::try_from(world.size()).unwrap_or(1);

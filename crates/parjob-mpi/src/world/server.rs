@@ -17,7 +17,7 @@ use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader, Welcome}
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE,
     TAG_DONE, TAG_FORGET, TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP,
-    TAG_WELCOME,
+    TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u64,
 };
 
 use super::transport::{
@@ -88,6 +88,10 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut backoff = Backoff { idle_since: None };
     let mut segments = Segments::default();
     let mut pools = LocalPools::new(pool, workers);
+    // The id of the last RUN whose trailer this rank could read, for an UNREADABLE_RUN.
+    let mut last_run = 0u64;
+    // Frames handed to the local pools and not answered yet.
+    let mut local_jobs = 0usize;
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = try_receive(world) {
@@ -119,13 +123,22 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         refuse_frame(rank, &frame, why, world, &mut sends);
                     }
                 }
-                TAG_RUN if welcomed => match pools.route(&bytes) {
-                    Route::Run(pool) => {
-                        run_frame(pool, rank, bytes, &segments, &done_tx, world, &mut sends);
+                TAG_RUN if welcomed => {
+                    let Some(t) = trailer(&bytes) else {
+                        refuse_unreadable(last_run, bytes.len(), world, &mut sends);
+                        continue;
+                    };
+                    last_run = t.header.tag.seq;
+                    match pools.route(&bytes) {
+                        Route::Run(pool) => {
+                            let frame = (bytes, &segments, &done_tx);
+                            local_jobs +=
+                                usize::from(run_frame(pool, rank, frame, world, &mut sends));
+                        }
+                        Route::Held => pools.hold(bytes),
+                        Route::Refuse(why) => refuse_frame(rank, &bytes, &why, world, &mut sends),
                     }
-                    Route::Held => pools.hold(bytes),
-                    Route::Refuse(why) => refuse_frame(rank, &bytes, &why, world, &mut sends),
-                },
+                }
                 TAG_STOP => {
                     let finalize = bytes.first() == Some(&1);
                     drop(segments);
@@ -152,18 +165,17 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             busy = true;
             match pools.route(&frame) {
                 Route::Run(pool) => {
-                    run_frame(pool, rank, frame, &segments, &done_tx, world, &mut sends);
+                    let frame = (frame, &segments, &done_tx);
+                    local_jobs += usize::from(run_frame(pool, rank, frame, world, &mut sends));
                 }
                 Route::Refuse(why) => refuse_frame(rank, &frame, &why, world, &mut sends),
                 Route::Held => {}
             }
         }
-        while let Ok((id, first_index, outcomes)) = done_rx.try_recv() {
+        while let Ok(done) = done_rx.try_recv() {
             busy = true;
-            let message = encode_done(rank as u64, id, first_index, outcomes);
-            if let Ok(send) = isend(world, 0, TAG_DONE, message) {
-                sends.push(send);
-            }
+            local_jobs = local_jobs.saturating_sub(1);
+            send_done(rank, done, world, &mut sends);
         }
         test_sends(&mut sends);
         if last_check.elapsed() >= Duration::from_millis(100) {
@@ -188,9 +200,30 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         if busy {
             backoff.busy();
-        } else {
-            backoff.idle();
+        } else if let Some(wait) = backoff.pause(local_jobs <= workers) {
+            // A local outcome ends the wait at once: its DONE goes without a polling delay.
+            // A RUN is polled for often while no frame waits in the local pool behind the
+            // running ones (rank 0 may be waiting on this rank alone), rarely otherwise.
+            if let Ok(done) = done_rx.recv_timeout(wait) {
+                local_jobs = local_jobs.saturating_sub(1);
+                send_done(rank, done, world, &mut sends);
+                backoff.busy();
+            }
         }
+    }
+}
+
+/// Sends the `DONE` of what the local pool made of a frame: `(frame id, first index,
+/// outcomes)`.
+fn send_done(
+    rank: usize,
+    (id, first_index, outcomes): (u64, u64, RelayedOutcomes),
+    world: &SimpleCommunicator,
+    sends: &mut Vec<PendingSend>,
+) {
+    let message = encode_done(rank as u64, id, first_index, outcomes);
+    if let Ok(send) = isend(world, 0, TAG_DONE, message) {
+        sends.push(send);
     }
 }
 
@@ -300,6 +333,24 @@ fn refuse_frame(
         if let Ok(send) = isend(world, 0, TAG_DONE, done) {
             sends.push(send);
         }
+    }
+}
+
+/// Answers a `RUN` of `len` bytes whose trailer (and so its id) cannot be read: rank 0 fails
+/// the first job it sent here after `last_run`, the last `RUN` this rank could read (only a
+/// faulty rank 0 sends one; without an answer it would wait for that job for ever).
+fn refuse_unreadable(
+    last_run: u64,
+    len: usize,
+    world: &SimpleCommunicator,
+    sends: &mut Vec<PendingSend>,
+) {
+    let mut message = Vec::new();
+    put_u64(&mut message, last_run);
+    let why = format!("a RUN of {len} bytes whose trailer is malformed");
+    put_bytes(&mut message, why.as_bytes());
+    if let Ok(send) = isend(world, 0, TAG_UNREADABLE_RUN, message) {
+        sends.push(send);
     }
 }
 
@@ -502,16 +553,19 @@ fn initializer_options(welcome: &[u8]) -> Result<ProcessOptions, String> {
     Ok(options)
 }
 
-/// Hands one `RUN` to the local pool; a frame that cannot be run is answered at once.
+/// Where a frame's outcomes go: `(frame id, first index, outcomes)`.
+type DoneSender = Sender<(u64, u64, RelayedOutcomes)>;
+
+/// Hands one `RUN` (with the segments it may name, and where its outcomes go) to the local
+/// pool; a frame that cannot be run is answered at once. Returns whether the pool took it
+/// (its outcomes will come on the sender).
 fn run_frame(
     pool: &ProcessPool,
     rank: usize,
-    mut frame: Vec<u8>,
-    segments: &Segments,
-    done: &Sender<(u64, u64, RelayedOutcomes)>,
+    (mut frame, segments, done): (Vec<u8>, &Segments, &DoneSender),
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
-) {
+) -> bool {
     let Some(Trailer {
         at,
         ids_at,
@@ -520,7 +574,7 @@ fn run_frame(
         ..
     }) = trailer(&frame)
     else {
-        return;
+        return false;
     };
     let id = header.tag.seq;
     let mut refuse = |message: String| {
@@ -532,6 +586,7 @@ fn run_frame(
         ) {
             sends.push(send);
         }
+        false
     };
     let attached = segments.find(&frame[ids_at..at]);
     frame.truncate(ids_at);
@@ -558,7 +613,10 @@ fn run_frame(
         },
     );
     match job {
-        Ok(job) => pool.submit(job),
+        Ok(job) => {
+            pool.submit(job);
+            true
+        }
         Err(e) => refuse(e.to_string()),
     }
 }
@@ -585,62 +643,51 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
         .and_then(|w| u32::try_from(w).ok())
         .unwrap_or(NO_WORKER);
     wire::put_u32(&mut out, worker);
-    // A run of consecutive records travels as one `[0][count u32][len u32][records]` entry,
-    // copied span by span (the local pool stores them back to back), its count and length
-    // filled in when the run ends.
-    let mut run: Option<(usize, u32)> = None; // (where its count is in `out`, records so far)
-    let mut span: Option<std::ops::Range<usize>> = None; // records not copied yet
-    let flush_span = |out: &mut Vec<u8>, span: &mut Option<std::ops::Range<usize>>| {
-        if let Some(span) = span.take() {
-            out.extend_from_slice(records.get(span).unwrap_or_default());
+    // Consecutive records travel as one `[0][count u32][len u32][records]` entry, copied in
+    // one piece; a panic record among them ends the entry and travels as a failure.
+    let put_records = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
+        if count > 0 {
+            out.push(0);
+            wire::put_u32(out, u32::try_from(count).unwrap_or(u32::MAX));
+            wire::put_bytes(out, bytes);
         }
     };
-    let end_run = |out: &mut Vec<u8>, run: &mut Option<(usize, u32)>| {
-        if let Some((at, count)) = run.take() {
-            let len = out.len() - at - 8;
-            out[at..at + 4].copy_from_slice(&count.to_le_bytes());
-            let len = u32::try_from(len).unwrap_or(u32::MAX);
-            out[at + 4..at + 8].copy_from_slice(&len.to_le_bytes());
-        }
-    };
-    // By reference: moving each (large) outcome out cost more than encoding it.
-    for (position, outcome) in outcomes.outcomes.iter().enumerate() {
-        let panicked;
-        let failure = match outcome {
-            Relayed::Record(at) => {
-                let record = records.get(at.clone()).unwrap_or_default();
-                if record.first() == Some(&RECORD_PANICKED) {
-                    let message = String::from_utf8_lossy(record.get(5..).unwrap_or_default());
-                    let index = usize::try_from(first_index).unwrap_or(0) + position;
-                    panicked = Error::task_panicked(index, message);
-                    &panicked
-                } else {
-                    if run.is_none() {
-                        out.push(0);
-                        run = Some((out.len(), 0));
-                        out.extend_from_slice(&[0; 8]);
+    let first = usize::try_from(first_index).unwrap_or(0);
+    let mut position = 0; // the task the next outcome is for, from the frame's first
+    for outcome in &outcomes.outcomes {
+        match outcome {
+            Relayed::Records { bytes, count } => {
+                let run = records.get(bytes.clone()).unwrap_or_default();
+                // Only the 5-byte record headers are read, to find panic records.
+                let (mut start, mut at, mut pending) = (0, 0, 0);
+                for _ in 0..*count {
+                    let Some(&tag) = run.get(at) else {
+                        break;
+                    };
+                    let len = run
+                        .get(at + 1..at + 5)
+                        .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize);
+                    let end = (at + 5 + len).min(run.len());
+                    if tag == RECORD_PANICKED {
+                        put_records(&mut out, &run[start..at], pending);
+                        let message = String::from_utf8_lossy(&run[(at + 5).min(end)..end]);
+                        let panicked = Error::task_panicked(first + position, message);
+                        wire::put_failure(&mut out, &panicked);
+                        (start, pending) = (end, 0);
+                    } else {
+                        pending += 1;
                     }
-                    if let Some((_, count)) = &mut run {
-                        *count += 1;
-                    }
-                    match &mut span {
-                        Some(s) if s.end == at.start => s.end = at.end,
-                        _ => {
-                            flush_span(&mut out, &mut span);
-                            span = Some(at.clone());
-                        }
-                    }
-                    continue;
+                    at = end;
+                    position += 1;
                 }
+                put_records(&mut out, &run[start..at], pending);
             }
-            Relayed::Failed(error) => error,
-        };
-        flush_span(&mut out, &mut span);
-        end_run(&mut out, &mut run);
-        wire::put_failure(&mut out, failure);
+            Relayed::Failed(error) => {
+                wire::put_failure(&mut out, error);
+                position += 1;
+            }
+        }
     }
-    flush_span(&mut out, &mut span);
-    end_run(&mut out, &mut run);
     out
 }
 
@@ -662,18 +709,18 @@ mod tests {
         let (a, b) = (record(0, b"aa"), record(0, b"bbb"));
         let panic = record(RECORD_PANICKED, b"boom");
         let d = record(0, b"d");
-        let mut records = Vec::new();
-        let mut at = |r: &[u8]| {
-            let start = records.len();
-            records.extend_from_slice(r);
-            Relayed::Record(start..records.len())
-        };
+        let records = [a.clone(), b.clone(), panic, d.clone()].concat();
+        let run = a.len() + b.len() + 9;
         let outcomes = vec![
-            at(&a),
-            at(&b),
-            at(&panic),
+            Relayed::Records {
+                bytes: 0..run,
+                count: 3,
+            },
             Relayed::Failed(Error::timeout(13, Duration::from_millis(5), true)),
-            at(&d),
+            Relayed::Records {
+                bytes: run..records.len(),
+                count: 1,
+            },
         ];
         let done = encode_done(
             1,
