@@ -130,6 +130,9 @@ impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
         if self.exhausted {
             return;
         }
+        // The user's iterator may take its time (read a file, wait for input): results held
+        // are stored first, as before any other wait.
+        self.store_held();
         let mut keys = std::mem::take(&mut self.batch_keys);
         keys.clear();
         let mut pulled = Vec::with_capacity(self.batch.max(1));
