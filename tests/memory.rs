@@ -437,6 +437,59 @@ const BACKEND_VAR: &str = "PARJOB_MEMORY_TEST_BACKEND";
 const DRIVER_TASKS: u64 = 4000;
 
 /// Inputs `driver_step` was called with in this process (the resumed run checks it).
+/// The cache file `waits_for_the_stored` reads.
+static WATCHED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Tasks before `LAST` in `a_run_stores_what_came_back_before_it_waits_for_the_rest`.
+const LAST: u64 = 12;
+
+/// Task `LAST` waits (up to 20 s) until the file holds the results of every task before it,
+/// read through a connection of its own, and says whether it saw them.
+fn waits_for_the_stored(x: u64) -> (u64, bool) {
+    if x != LAST {
+        return (x, true);
+    }
+    let Some(path) = WATCHED.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return (x, false);
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let stored: Option<i64> = rusqlite::Connection::open(&path).ok().and_then(|conn| {
+            conn.query_row("SELECT COALESCE(SUM(count), 0) FROM chunks", [], |r| {
+                r.get(0)
+            })
+            .ok()
+        });
+        if stored.is_some_and(|n| n >= LAST as i64) {
+            return (x, true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (x, false)
+}
+
+/// `run` stores results a batch at a time, but never holds one while it waits for the
+/// backend: task `LAST` runs only after every other result came back, and sees them all in
+/// the file (written by the memory's writer within 50 ms) before it returns. A run that held
+/// them until it had a full batch would wait here for 20 s and fail.
+#[test]
+fn a_run_stores_what_came_back_before_it_waits_for_the_rest() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.sqlite");
+    *WATCHED.lock().unwrap() = Some(path.clone());
+    let memory = Memory::open(&path).unwrap();
+    let out = Parallel::new(2)
+        .backend(Backend::Threading)
+        .batch_size(BatchSize::Fixed(1))
+        .memory(&memory)
+        .run((0..=LAST).map(|i| delayed(waits_for_the_stored, i)))
+        .unwrap();
+    *WATCHED.lock().unwrap() = None;
+    assert_eq!(out, (0..=LAST).map(|x| (x, true)).collect::<Vec<_>>());
+    assert_eq!(memory.stats().unwrap().entries, LAST + 1);
+}
+
 static STEPS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
 /// A task of the driver: a little work, and a distinct, checkable result.

@@ -986,6 +986,14 @@ where
         }
     }
 
+    /// Outcomes of the batch being handed out that are still to come: `next_outcome`
+    /// returns them without waiting.
+    fn ready_now(&self) -> usize {
+        self.current
+            .as_ref()
+            .map_or(0, |current| current.end.saturating_sub(current.next_index))
+    }
+
     fn next_outcome(&mut self) -> Option<(usize, Result<T::Output, Error>)> {
         loop {
             if let Some(item) = self.current.as_mut().and_then(Iterator::next) {
@@ -1101,5 +1109,46 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         self.0.next_outcome()
+    }
+
+    /// The lower bound is the number of outcomes ready now, of a batch that came back: that
+    /// many calls of `next` return without waiting (a caller that batches its own work on
+    /// the results, as a `Memory` storing them does, finishes it before one that may wait).
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.0.ready_now(), None)
+    }
+}
+
+#[cfg(test)]
+mod ready_now_tests {
+    use std::sync::Arc;
+
+    use crate::{BatchSize, RunOptions, RunUnordered, SequentialPool, delayed};
+
+    fn double(x: u32) -> u32 {
+        x * 2
+    }
+
+    /// `size_hint` counts the outcomes of the batch being handed out, which come without
+    /// waiting: a caller batching its own work on the results (a `Memory` storing them)
+    /// relies on it to finish that work before a call that may wait.
+    #[test]
+    fn an_unordered_run_hints_the_outcomes_ready_now() {
+        let options = RunOptions {
+            batch_size: BatchSize::Fixed(4),
+            ..RunOptions::default()
+        };
+        let tasks = (0..10u32).map(|i| delayed(double, i));
+        let mut run = RunUnordered::new(Arc::new(SequentialPool), tasks, &options);
+        assert_eq!(
+            run.size_hint().0,
+            0,
+            "nothing is handed out before the first call"
+        );
+        let mut hints = Vec::new();
+        while run.next().is_some() {
+            hints.push(run.size_hint().0);
+        }
+        assert_eq!(hints, [3, 2, 1, 0, 3, 2, 1, 0, 1, 0]);
     }
 }

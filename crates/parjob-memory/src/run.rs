@@ -19,14 +19,21 @@ use std::rc::Rc;
 
 use parjob_core::Task;
 
-use crate::memory::{Function, Lookup, Ticket};
+use crate::memory::{Function, Lookup, Stored, Ticket};
 use crate::{Error, Memory};
 
 /// Stored results a run keeps waiting at most while it looks for the next task to run.
 pub const LOOKAHEAD: usize = 4096;
 
-/// Tasks `run` pulls from its input at once, to look their keys up together.
-const PULL_BATCH: usize = 32;
+/// Tasks `run` pulls from its input at once, to look their keys up together (in one lock,
+/// their filter lines fetched together).
+const PULL_BATCH: usize = 64;
+
+/// Results `run` stores at once (in one lock), at most: fewer when the backend has no more
+/// ready (they are stored before the run waits for more).
+const STORE_BATCH: usize = 256;
+/// ... or at most this many bytes of them.
+const STORE_BYTES: usize = 1 << 20;
 
 /// What runs the tasks a memory has no result for: given the misses as an iterator, it
 /// yields `(position among the misses, result)` in any order, as `Parallel::run_unordered`
@@ -42,13 +49,19 @@ pub type Runner<'p, I, T> = Box<
 type Inner<'p, T> =
     Box<dyn Iterator<Item = (usize, Result<<T as Task>::Output, parjob_core::Error>)> + 'p>;
 
+/// An item of a run with its error boxed (see `CachedRun::next_boxed`).
+type Item<R> = (usize, Result<R, Box<Error>>);
+
+/// What looking a task up found, or why it has no key.
+type Answer<R> = Result<(Lookup<R>, Ticket), Box<Error>>;
+
 enum Slot<R> {
-    Ready(Result<R, Error>),
+    Ready(Result<R, Box<Error>>),
     Waiting,
 }
 
 enum Pulled<T: Task> {
-    Found(usize, Result<T::Output, Error>),
+    Found(usize, Result<T::Output, Box<Error>>),
     Miss(T, usize, Ticket),
     End,
 }
@@ -64,16 +77,24 @@ struct Source<I, T: Task> {
     /// Tasks pulled from the input at once (1 but for `run`, which collects every result
     /// anyway): their keys are computed together and their filter lines fetched together.
     batch: usize,
-    /// Tasks pulled from the input and not yet looked up, with their position and key.
-    queue: VecDeque<(T, usize, Result<[u8; 32], Error>)>,
-    /// The keys of the last batch (reused).
-    batch_keys: Vec<[u8; 32]>,
+    /// Tasks pulled from the input and looked up, not yet answered or handed out, with their
+    /// position and what the lookup found (or why the task has no key).
+    queue: VecDeque<(T, usize, Answer<T::Output>)>,
+    /// The keys and positions of the batch being pulled (reused).
+    batch_keys: Vec<([u8; 32], usize)>,
+    /// What the batch's lookups found (reused).
+    batch_found: Vec<(Lookup<T::Output>, Ticket)>,
+    /// Results of this run not yet handed to the memory: at most `store_batch` of them, and
+    /// none while the run waits for the backend.
+    stored: Stored,
+    /// 1 (each result stored as it comes) but for `run`, which stores them in batches.
+    store_batch: usize,
     ordered: bool,
     /// Ordered: one slot per task pulled and not yet yielded, from position `base`.
     slots: VecDeque<Slot<T::Output>>,
     base: usize,
     /// Unordered: results found in the cache by the feed, not yet yielded.
-    ready: VecDeque<(usize, Result<T::Output, Error>)>,
+    ready: VecDeque<Item<T::Output>>,
     /// A miss found by the outer stream, for the feed to hand out first.
     pending: Option<(T, usize, Ticket)>,
     /// Misses handed to the current inner run, by their position in it: (input position,
@@ -91,45 +112,74 @@ impl<I: Iterator<Item = T>, T: Task> Source<I, T> {
         if self.queue.is_empty() {
             self.fill();
         }
-        let Some((task, index, key)) = self.queue.pop_front() else {
+        let Some((task, index, found)) = self.queue.pop_front() else {
             return Pulled::End;
         };
-        let key = match key {
-            Ok(key) => key,
-            Err(error) => return Pulled::Found(index, Err(error)),
-        };
-        match self.memory.lookup(&self.function, &key, index) {
-            (Lookup::Hit(value), _) => Pulled::Found(index, Ok(value)),
-            (Lookup::Failed(error), _) => Pulled::Found(index, Err(error)),
-            (Lookup::Miss, ticket) => Pulled::Miss(task, index, ticket),
+        match found {
+            Err(error) => Pulled::Found(index, Err(error)),
+            Ok((Lookup::Hit(value), _)) => Pulled::Found(index, Ok(value)),
+            Ok((Lookup::Failed(error), _)) => Pulled::Found(index, Err(error)),
+            Ok((Lookup::Miss, ticket)) => Pulled::Miss(task, index, ticket),
         }
     }
 
-    /// Pulls up to `batch` tasks from the input with their keys, and has the lines their
-    /// lookups will read fetched meanwhile (their cache misses then overlap).
+    /// Pulls up to `batch` tasks from the input, computes their keys and looks them up
+    /// together (one lock; their filter lines fetched at once, so that their cache misses
+    /// overlap).
     fn fill(&mut self) {
         if self.exhausted {
             return;
         }
+        // The user's iterator may take its time (read a file, wait for input): results held
+        // are stored first, as before any other wait.
+        self.store_held();
         let mut keys = std::mem::take(&mut self.batch_keys);
         keys.clear();
-        while self.queue.len() < self.batch.max(1) {
+        let mut pulled = Vec::with_capacity(self.batch.max(1));
+        while self.queue.len() + pulled.len() < self.batch.max(1) {
             let Some(task) = self.tasks.next() else {
                 self.exhausted = true;
                 break;
             };
             let index = self.next_index;
             self.next_index += 1;
-            let key = self.function.key_of(task.args(), &mut self.scratch, index);
-            if let Ok(key) = &key {
-                keys.push(*key);
-            }
-            self.queue.push_back((task, index, key));
+            let keyless = match self.function.key_of(task.args(), &mut self.scratch, index) {
+                Ok(key) => {
+                    keys.push((key, index));
+                    None
+                }
+                Err(error) => Some(Box::new(error)),
+            };
+            pulled.push((task, index, keyless));
         }
-        if self.batch > 1 && !keys.is_empty() {
-            self.memory.prefetch(&self.function, &keys);
+        let mut found = std::mem::take(&mut self.batch_found);
+        found.clear();
+        self.memory.lookup_many(&self.function, &keys, &mut found);
+        let mut answers = found.drain(..);
+        for (task, index, keyless) in pulled {
+            let answer = match keyless {
+                Some(error) => Err(error),
+                // One answer per key, in order (`lookup_many`'s contract).
+                None => answers.next().ok_or_else(|| {
+                    Box::new(Error::Key {
+                        index,
+                        function: self.function.meta.name,
+                        message: "internal: a task's key was not looked up".into(),
+                    })
+                }),
+            };
+            self.queue.push_back((task, index, answer));
         }
+        drop(answers);
+        self.batch_found = found;
         self.batch_keys = keys;
+    }
+
+    /// Hands the results held to the memory (one lock for all of them).
+    fn store_held(&mut self) {
+        if self.stored.len() > 0 {
+            self.memory.store_many(&self.function, &mut self.stored);
+        }
     }
 
     fn waiting(&self) -> usize {
@@ -245,6 +295,9 @@ where
                     batch: 1,
                     queue: VecDeque::new(),
                     batch_keys: Vec::new(),
+                    batch_found: Vec::new(),
+                    stored: Stored::default(),
+                    store_batch: 1,
                     ordered,
                     slots: VecDeque::new(),
                     base: 0,
@@ -291,11 +344,14 @@ where
 
     /// The next result of the inner run, stored, with its input position; `None` if the
     /// inner run ended.
-    fn next_from_inner(
-        &mut self,
-        source: &Rc<RefCell<Source<I, T>>>,
-    ) -> Option<(usize, Result<T::Output, Error>)> {
+    fn next_from_inner(&mut self, source: &Rc<RefCell<Source<I, T>>>) -> Option<Item<T::Output>> {
         loop {
+            // Results held are stored before the run may wait for the backend: a result is
+            // never held while nothing else happens (a kill then would lose it).
+            let ready = self.inner.as_ref().map_or(0, |inner| inner.size_hint().0);
+            if ready == 0 {
+                source.borrow_mut().store_held();
+            }
             let next = self.inner.as_mut().and_then(Iterator::next);
             let Some((position, result)) = next else {
                 // The inner run ended; a miss the outer stream found may still wait for one.
@@ -312,15 +368,24 @@ where
             };
             s.outstanding = s.outstanding.saturating_sub(1);
             let result = match result {
+                Ok(value) if s.store_batch > 1 => {
+                    let s = &mut *s;
+                    s.stored.push(&s.memory, key, &value);
+                    if s.stored.len() >= s.store_batch || s.stored.bytes() >= STORE_BYTES {
+                        s.store_held();
+                    }
+                    Ok(value)
+                }
                 Ok(value) => {
                     s.memory.store(&s.function, key, Ok(&value));
                     Ok(value)
                 }
                 Err(error) => {
+                    s.store_held();
                     let error = error.with_task_index(index);
                     s.memory
                         .store_failure::<T::Output>(&s.function, key, &error);
-                    Err(Error::Task(error))
+                    Err(Box::new(Error::Task(error)))
                 }
             };
             return Some((index, result));
@@ -329,20 +394,21 @@ where
 
     /// The end of the run: what is pending is written, and a failure to write is the last
     /// item.
-    fn finish(&mut self, index: usize) -> Option<(usize, Result<T::Output, Error>)> {
+    fn finish(&mut self, index: usize) -> Option<Item<T::Output>> {
         self.done = true;
         self.inner = None;
-        let memory = self.source.as_ref().map(|s| s.borrow().memory.clone())?;
+        let memory = self.source.as_ref().map(|s| {
+            let mut s = s.borrow_mut();
+            s.store_held();
+            s.memory.clone()
+        })?;
         match memory.flush() {
             Ok(()) => None,
-            Err(error) => Some((index, Err(error))),
+            Err(error) => Some((index, Err(Box::new(error)))),
         }
     }
 
-    fn next_ordered(
-        &mut self,
-        source: &Rc<RefCell<Source<I, T>>>,
-    ) -> Option<(usize, Result<T::Output, Error>)> {
+    fn next_ordered(&mut self, source: &Rc<RefCell<Source<I, T>>>) -> Option<Item<T::Output>> {
         loop {
             let mut s = source.borrow_mut();
             match s.slots.front() {
@@ -372,7 +438,7 @@ where
                             s.slots.pop_front();
                             return Some((
                                 index,
-                                Err(Error::Task(parjob_core::Error::cancelled(index))),
+                                Err(Box::new(Error::Task(parjob_core::Error::cancelled(index)))),
                             ));
                         }
                     }
@@ -399,10 +465,7 @@ where
         }
     }
 
-    fn next_unordered(
-        &mut self,
-        source: &Rc<RefCell<Source<I, T>>>,
-    ) -> Option<(usize, Result<T::Output, Error>)> {
+    fn next_unordered(&mut self, source: &Rc<RefCell<Source<I, T>>>) -> Option<Item<T::Output>> {
         loop {
             let mut s = source.borrow_mut();
             if let Some(item) = s.ready.pop_front() {
@@ -419,7 +482,7 @@ where
                 s.outstanding = 0;
                 let lost: Vec<usize> = s.handed.drain(..).flatten().map(|(i, _)| i).collect();
                 for index in lost {
-                    let error = Error::Task(parjob_core::Error::cancelled(index));
+                    let error = Box::new(Error::Task(parjob_core::Error::cancelled(index)));
                     s.ready.push_back((index, Err(error)));
                 }
                 continue;
@@ -450,9 +513,22 @@ where
     type Item = (usize, Result<T::Output, Error>);
 
     fn next(&mut self) -> Option<Self::Item> {
+        self.next_boxed()
+            .map(|(index, result)| (index, result.map_err(|error| *error)))
+    }
+}
+
+impl<I, T> CachedRun<'_, I, T>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    /// The next item, its error boxed: results travel through the run's queues in 16 bytes
+    /// plus the value rather than the size of an `Error` (moving those showed in profiles).
+    fn next_boxed(&mut self) -> Option<Item<T::Output>> {
         if let Some(error) = self.failed.take() {
             self.done = true;
-            return Some((0, Err(error)));
+            return Some((0, Err(Box::new(error))));
         }
         if self.done {
             return None;
@@ -463,6 +539,23 @@ where
             self.next_ordered(&source)
         } else {
             self.next_unordered(&source)
+        }
+    }
+}
+
+impl<I, T: Task> Drop for CachedRun<'_, I, T> {
+    /// Results that came back are stored even when the run is dropped before its end.
+    fn drop(&mut self) {
+        // The inner run first: it holds the feed, which borrows the source while it pulls.
+        self.inner = None;
+        if let Some(source) = &self.source
+            && let Ok(mut source) = source.try_borrow_mut()
+            && source.stored.len() > 0
+        {
+            let source = &mut *source;
+            source
+                .memory
+                .store_many(&source.function, &mut source.stored);
         }
     }
 }
@@ -478,6 +571,9 @@ where
         let mut s = s.borrow_mut();
         // Every task will be pulled: a few at a time cost no laziness `run` promises.
         s.batch = PULL_BATCH;
+        // Nothing runs between two results but this loop: they can be stored a few at a
+        // time (and always before the run waits for more).
+        s.store_batch = STORE_BATCH;
         let hint = s.tasks.size_hint().0;
         // Every task will be pulled: an empty index can be sized for all of them at once.
         s.memory.reserve(&s.function, hint);
@@ -486,8 +582,8 @@ where
     let mut out = Vec::new();
     // An input may claim more than memory holds; grow as results come instead.
     let _ = out.try_reserve_exact(hint.min(1 << 24));
-    for (_, result) in run.by_ref() {
-        out.push(result?);
+    while let Some((_, result)) = run.next_boxed() {
+        out.push(result.map_err(|error| *error)?);
     }
     Ok(out)
 }
