@@ -206,7 +206,10 @@ fn examples_report_a_bad_parjob_backend_as_the_variable() {
                 "{} was not built (cargo test --workspace builds it)",
                 example.display()
             );
-            eprintln!("{} not built: run cargo test --workspace", example.display());
+            eprintln!(
+                "{} not built: run cargo test --workspace",
+                example.display()
+            );
             continue;
         }
         let out = std::process::Command::new(&example)
