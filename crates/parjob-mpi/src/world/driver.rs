@@ -20,7 +20,8 @@ use crate::wire::{
 
 use super::server::RUN_TRAILER;
 use super::transport::{
-    Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends, try_receive,
+    Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
+    try_receive,
 };
 use super::{BYE_DEADLINE, Command, Driver, HELLO_DEADLINE, RankInfo, silence_limit};
 
@@ -165,7 +166,11 @@ impl<'w> DriverState<'w> {
                     }
                 }
                 backoff.busy();
-            } else if let Some(wait) = backoff.pause(self.waiting_on_a_rank()) {
+            } else if let Some(wait) = backoff.pause(if self.waiting_on_a_rank() {
+                Awaited::Answer
+            } else {
+                Awaited::Hidden
+            }) {
                 // Jobs are out: poll MPI again, and take a new job at once.
                 match inbox.recv_timeout(wait) {
                     Ok(Command::Shutdown(done)) => {

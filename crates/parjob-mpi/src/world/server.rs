@@ -21,7 +21,8 @@ use crate::wire::{
 };
 
 use super::transport::{
-    Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends, try_receive,
+    Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
+    try_receive,
 };
 use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, silence_limit};
 
@@ -200,10 +201,15 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         if busy {
             backoff.busy();
-        } else if let Some(wait) = backoff.pause(local_jobs <= workers) {
+        } else if let Some(wait) = backoff.pause(match local_jobs {
+            0 => Awaited::Start,
+            n if n <= workers => Awaited::Answer,
+            _ => Awaited::Hidden,
+        }) {
             // A local outcome ends the wait at once: its DONE goes without a polling delay.
-            // A RUN is polled for often while no frame waits in the local pool behind the
-            // running ones (rank 0 may be waiting on this rank alone), rarely otherwise.
+            // A RUN is polled for often while the local pool is empty (the caller's next call
+            // waits on it), less and less often while its frames run with none behind them
+            // (rank 0 may send one more), rarely while one waits behind them.
             if let Ok(done) = done_rx.recv_timeout(wait) {
                 local_jobs = local_jobs.saturating_sub(1);
                 send_done(rank, done, world, &mut sends);
