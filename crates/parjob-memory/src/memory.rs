@@ -527,6 +527,22 @@ impl FnIndex {
         self.rebuild_filter(2 * held);
     }
 
+    /// Points the index at a result just stored at `loc`: through the slot its lookup made
+    /// (if the index was not cleared since), else as one of this process's own results.
+    fn place(&mut self, ticket: Ticket, loc: Loc) {
+        let slot = match ticket.slot {
+            Some((generation, seq)) if generation == self.generation => {
+                self.slots.get_mut(seq as usize)
+            }
+            _ => None,
+        };
+        match slot {
+            // The filter lets this key through already: its lookup made the slot.
+            Some(slot) => *slot = loc,
+            None => self.add_own(short(&ticket.key), loc, ticket.filtered),
+        }
+    }
+
     /// Records a result this process stored (no slot made for it): into `recent` (a
     /// sequential write), and into the filter unless its lookup put it there in this epoch.
     fn add_own(&mut self, key: ShortKey, loc: Loc, filtered: Option<u64>) {
@@ -1231,16 +1247,7 @@ impl Memory {
                 chunk: index.builder_chunk,
                 pos,
             };
-            let slot = match ticket.slot {
-                Some((generation, seq)) if generation == index.generation => {
-                    index.slots.get_mut(seq as usize)
-                }
-                _ => None,
-            };
-            match slot {
-                Some(slot) => *slot = loc,
-                None => index.add_own(short(&ticket.key), loc, ticket.filtered),
-            }
+            index.place(*ticket, loc);
         }
         state.pending_entries += count;
         state.pending_bytes += batch.records.len() + 36 * count;
@@ -1328,17 +1335,7 @@ impl Memory {
             chunk: index.builder_chunk,
             pos,
         };
-        let slot = match ticket.slot {
-            Some((generation, seq)) if generation == index.generation => {
-                index.slots.get_mut(seq as usize)
-            }
-            _ => None,
-        };
-        match slot {
-            // The filter lets this key through already: its lookup made the slot.
-            Some(slot) => *slot = loc,
-            None => index.add_own(short(&key), loc, ticket.filtered),
-        }
+        index.place(ticket, loc);
         state.pending_entries += 1;
         state.pending_bytes += added;
         let first = state.first_pending.is_none();
