@@ -113,8 +113,9 @@ pub fn reference_for(m: &Measurement) -> Reference {
             label: format!("ideal {TIMEOUT_LIMIT_MS} ms"),
             seconds: TIMEOUT_LIMIT_MS as f64 / 1000.0,
         },
-        // The call after a worker was killed, against a call on a pool that lost none.
-        "timeout" if m.variant == "next call" => row("warm call", &m.implementation),
+        // The call after a worker was killed, against a call on a pool that lost none and
+        // sat idle as long (a call after an idle spell wakes halted CPUs: see `timeout.rs`).
+        "timeout" if m.variant == "next call" => row("warm call after idle", &m.implementation),
         _ => Reference::None,
     }
 }
@@ -198,11 +199,11 @@ pub fn target_for(m: &Measurement) -> Option<Target> {
         ("crash", "abort to error") if process => Some(Target::SecondsAtMost(0.010)),
         ("crash", "next call") if process => Some(Target::Succeeds),
         // Issue 15: a timeout within 1 ms of its limit, and the next call as fast as a warm
-        // call (the warm-call target).
+        // call after the same idle spell (within the noise of a sub-millisecond row: 0.9x).
         ("timeout", "limit to error") if process => Some(Target::SecondsAtMost(
             (TIMEOUT_LIMIT_MS + 1) as f64 / 1000.0,
         )),
-        ("timeout", "next call") if process => Some(Target::SecondsAtMost(0.0002)),
+        ("timeout", "next call") if process => Some(Target::RatioAtLeast(0.9)),
         ("first_result", _) if threading || process => Some(Target::SecondsAtMost(0.101)),
         // Issue 11: the MPI group, 2 worker ranks under `mpirun --oversubscribe -n 3`.
         ("mpi", "tiny") if backend == "mpi" => Some(Target::RateAtLeast(1e7)),

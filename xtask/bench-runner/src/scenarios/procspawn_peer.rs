@@ -291,6 +291,10 @@ pub fn timeout(
         on_kept_pool("warm call", POOL, 2, move |pool| {
             clocked(|| call(pool, 3, square))
         }),
+        on_kept_pool("warm call after idle", POOL, 2, move |pool| {
+            std::thread::sleep(limit);
+            clocked(|| call(pool, 3, square))
+        }),
     ]
 }
 
