@@ -681,3 +681,64 @@ fn two_drivers_share_one_cache_file_at_once() {
 fn takes_any_task<T: Task>(memory: &Memory, task: T) -> Result<T::Output, MemoryError> {
     memory.call(task)
 }
+
+/// A wrong setting is the same error with a memory as without, before anything is looked
+/// up, on `run`, `run_iter` and `run_unordered`, whether or not the results are stored:
+/// never a run that restarts its failing pool for ever (it spun at 100% CPU).
+#[test]
+fn a_wrong_setting_is_an_error_with_a_memory_too_even_when_every_result_is_stored() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let memory = open(&dir);
+    let tasks = || (0..5u64).map(|i| delayed(square, i));
+    let wrong: [(&str, Parallel, &str); 4] = [
+        ("n_jobs 0", Parallel::new(0), "n_jobs"),
+        (
+            "a zero timeout",
+            Parallel::new(2).timeout(Duration::ZERO),
+            "timeout of zero",
+        ),
+        (
+            "5000 process workers",
+            Parallel::new(5000).backend(Backend::Process),
+            "5000",
+        ),
+        #[cfg(not(feature = "mpi"))]
+        (
+            "mpi not built in",
+            Parallel::new(2).backend(Backend::Mpi),
+            "mpi",
+        ),
+        #[cfg(feature = "mpi")]
+        (
+            "n_jobs 0 on mpi",
+            Parallel::new(0).backend(Backend::Mpi),
+            "n_jobs",
+        ),
+    ];
+    for stored in [false, true] {
+        if stored {
+            let values = Parallel::new(2).memory(&memory).run(tasks()).unwrap();
+            assert_eq!(values, [0, 1, 4, 9, 16]);
+        }
+        for (what, parallel, says) in &wrong {
+            let with = parallel.memory(&memory);
+            let plain = match parallel.run(tasks()) {
+                Err(error) => error.to_string(),
+                Ok(values) => panic!("{what}: ran without a memory: {values:?}"),
+            };
+            assert!(plain.contains(says), "{what}: {plain}");
+            let run = match with.run(tasks()) {
+                Err(error) => error.to_string(),
+                Ok(values) => panic!("{what}, stored {stored}: ran with a memory: {values:?}"),
+            };
+            assert_eq!(run, plain, "{what}, stored {stored}: run");
+            let iter: Vec<_> = with.run_iter(tasks()).collect();
+            assert_eq!(iter.len(), 1, "{what}, stored {stored}: run_iter {iter:?}");
+            assert_eq!(iter[0].as_ref().unwrap_err().to_string(), plain);
+            let unordered: Vec<_> = with.run_unordered(tasks()).collect();
+            assert_eq!(unordered.len(), 1, "{what}, stored {stored}: {unordered:?}");
+            assert_eq!(unordered[0].1.as_ref().unwrap_err().to_string(), plain);
+        }
+    }
+}

@@ -321,6 +321,14 @@ where
         }
     }
 
+    /// The same run, failing with `error` before anything else (a configuration its caller
+    /// found wrong): `error` is its only item.
+    #[must_use]
+    pub fn failing(mut self, error: Error) -> Self {
+        self.failed = Some(error);
+        self
+    }
+
     /// Starts an inner run for the pending miss, unless the current one can still take it.
     fn ensure_inner(&mut self, source: &Rc<RefCell<Source<I, T>>>) {
         let restart = {
@@ -364,6 +372,16 @@ where
             };
             let mut s = source.borrow_mut();
             let Some((index, key)) = s.take_handed(position) else {
+                if let Err(error) = result {
+                    // An error for no task the inner run was handed: it could not start (a
+                    // backend not built in, a pool that failed to start). Another inner run
+                    // would fail alike, so the run ends with it (`next_boxed`), instead of
+                    // starting one after another for ever.
+                    drop(s);
+                    self.inner = None;
+                    self.failed = Some(Error::Task(error));
+                    return None;
+                }
                 continue;
             };
             s.outstanding = s.outstanding.saturating_sub(1);
@@ -430,10 +448,14 @@ where
                             }
                         }
                         None => {
-                            // The inner run ended with tasks unanswered (it was stopped):
-                            // say so for the first of them rather than wait for ever.
                             let mut s = source.borrow_mut();
                             let index = s.base;
+                            if let Some(error) = self.failed.take() {
+                                self.done = true;
+                                return Some((index, Err(Box::new(error))));
+                            }
+                            // The inner run ended with tasks unanswered (it was stopped):
+                            // say so for the first of them rather than wait for ever.
                             s.base += 1;
                             s.slots.pop_front();
                             return Some((
@@ -476,9 +498,15 @@ where
                 if let Some(item) = self.next_from_inner(source) {
                     return Some(item);
                 }
+                let mut s = source.borrow_mut();
+                if let Some(error) = self.failed.take() {
+                    self.done = true;
+                    let index = s.handed.iter().flatten().map(|(i, _)| *i).min();
+                    let index = index.or(s.pending.as_ref().map(|p| p.1)).unwrap_or(0);
+                    return Some((index, Err(Box::new(error))));
+                }
                 // The inner run ended with tasks unanswered (it was stopped): each is
                 // reported, never waited for.
-                let mut s = source.borrow_mut();
                 s.outstanding = 0;
                 let lost: Vec<usize> = s.handed.drain(..).flatten().map(|(i, _)| i).collect();
                 for index in lost {
@@ -586,4 +614,70 @@ where
         out.push(result.map_err(|error| *error)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parjob_core::{RunUnordered, SequentialPool, delayed};
+
+    use super::*;
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    /// What `Parallel::run_unordered` gives when its pool cannot start.
+    fn not_started<I: Iterator<Item = T>, T: Task>(_feed: I) -> RunUnordered<I, T> {
+        RunUnordered::failed(parjob_core::Error::InvalidConfig("no such pool".into()))
+    }
+
+    /// An inner run that cannot start (what `Parallel` gives when its pool fails to start)
+    /// ends the run with its error, for the first task waiting: never a loop that starts
+    /// one failing inner run after another.
+    #[test]
+    fn an_inner_run_that_cannot_start_ends_the_run_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Memory::open(dir.path().join("cache.sqlite")).unwrap();
+        for ordered in [true, false] {
+            let starts = Rc::new(RefCell::new(0));
+            let counted = Rc::clone(&starts);
+            let run = CachedRun::new(
+                &memory,
+                (0..5u64).map(|i| delayed(double, i)),
+                ordered,
+                Box::new(move |feed| {
+                    *counted.borrow_mut() += 1;
+                    assert!(
+                        *counted.borrow() <= 3,
+                        "the inner run was restarted over and over"
+                    );
+                    Box::new(not_started(feed))
+                }),
+            );
+            let items: Vec<_> = run.collect();
+            assert_eq!(items.len(), 1, "ordered {ordered}: {items:?}");
+            let (index, result) = &items[0];
+            assert_eq!(*index, 0);
+            let message = result.as_ref().unwrap_err().to_string();
+            assert!(message.contains("no such pool"), "{message}");
+            assert_eq!(*starts.borrow(), 1, "ordered {ordered}");
+        }
+        // The same memory still runs tasks once a pool works.
+        let run = CachedRun::new(
+            &memory,
+            (0..5u64).map(|i| delayed(double, i)),
+            true,
+            Box::new(|feed| {
+                Box::new(RunUnordered::new(
+                    Arc::new(SequentialPool),
+                    feed,
+                    &Default::default(),
+                ))
+            }),
+        );
+        let values: Vec<u64> = run.map(|(_, r)| r.unwrap()).collect();
+        assert_eq!(values, [0, 2, 4, 6, 8]);
+    }
 }

@@ -58,12 +58,18 @@ impl<'p> WithMemory<'p> {
         T: Task,
     {
         let parallel = self.parallel;
-        CachedRun::new(
+        let run = CachedRun::new(
             self.memory,
             tasks,
             ordered,
             Box::new(move |misses| Box::new(parallel.run_unordered(misses))),
-        )
+        );
+        // A wrong setting (n_jobs 0, an unknown backend) is an error before anything is
+        // looked up, as without a memory, even when every result is stored.
+        match parallel.check_config() {
+            Ok(()) => run,
+            Err(error) => run.failing(error.into()),
+        }
     }
 
     /// Every result in input order, or the first failure, as [`Parallel::run`]; the results

@@ -262,34 +262,11 @@ impl Parallel {
 
     /// The pool, and how `run_local` reaches its workers when they are in this process.
     fn pools(&self) -> Result<Pools, Error> {
-        if self.options.timeout == Some(Duration::ZERO) {
-            // Every task runs longer than no time at all: say so once, the same on every
-            // backend, rather than fail every task (or, polled, let the quick ones pass).
-            return Err(Error::InvalidConfig(
-                "a timeout of zero lets no task finish in time; set a positive limit, or none"
-                    .into(),
-            ));
-        }
         if let Some(CustomPool(pool)) = &self.custom_pool {
+            self.check_timeout()?;
             return Ok((Arc::clone(pool), None));
         }
-        let backend = self.effective_backend()?;
-        // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
-        let n_jobs = self.effective_n_jobs()?;
-        let workers = match backend {
-            Backend::Sequential => 1,
-            // n_jobs counts worker ranks by joblib's rules: n the first n, -1 every one, -k
-            // all but k - 1.
-            Backend::Mpi => parjob_mpi_ranks(self.n_jobs),
-            _ => {
-                let note = if self.n_jobs_from_env {
-                    " (from PARJOB_N_JOBS)"
-                } else {
-                    ""
-                };
-                check_worker_limit(n_jobs, backend, note)?
-            }
-        };
+        let (backend, workers) = self.checked_config()?;
         // A poisoned lock only means another run panicked while holding it; the cache is
         // still a valid Option.
         let mut cached = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
@@ -313,6 +290,58 @@ impl Parallel {
             local: local.clone(),
         });
         Ok((pool, local))
+    }
+
+    /// Checks the configuration a run would start its pool with, without starting it. A run
+    /// with a memory checks this first, so that a wrong setting is an error even when every
+    /// result is stored.
+    pub(crate) fn check_config(&self) -> Result<(), Error> {
+        if self.custom_pool.is_some() {
+            self.check_timeout()
+        } else {
+            self.checked_config().map(|_| ())
+        }
+    }
+
+    /// The checks of [`check_config`](Parallel::check_config) for a built-in backend: a zero
+    /// timeout, the backend (`PARJOB_BACKEND` included), `n_jobs` and the worker limit.
+    /// Returns the backend and its number of workers.
+    fn checked_config(&self) -> Result<(Backend, usize), Error> {
+        self.check_timeout()?;
+        let backend = self.effective_backend()?;
+        if let Some(error) = not_built_in(backend) {
+            return Err(error);
+        }
+        // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
+        let n_jobs = self.effective_n_jobs()?;
+        let workers = match backend {
+            Backend::Sequential => 1,
+            // n_jobs counts worker ranks by joblib's rules: n the first n, -1 every one, -k
+            // all but k - 1.
+            Backend::Mpi => parjob_mpi_ranks(self.n_jobs),
+            _ => {
+                let note = if self.n_jobs_from_env {
+                    " (from PARJOB_N_JOBS)"
+                } else {
+                    ""
+                };
+                check_worker_limit(n_jobs, backend, note)?
+            }
+        };
+        Ok((backend, workers))
+    }
+
+    /// The configuration check every pool shares, its own included.
+    fn check_timeout(&self) -> Result<(), Error> {
+        if self.options.timeout == Some(Duration::ZERO) {
+            // Every task runs longer than no time at all: say so once, the same on every
+            // backend, rather than fail every task (or, polled, let the quick ones pass).
+            return Err(Error::InvalidConfig(
+                "a timeout of zero lets no task finish in time; set a positive limit, or none"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Runs every task and returns the results in input order.
@@ -467,10 +496,9 @@ fn start_pool(
             workers, init,
         )?)),
         #[cfg(not(feature = "threading"))]
-        Backend::Threading => Err(Error::backend_unavailable(
-            backend,
-            "parjob was built without its `threading` feature",
-        )),
+        Backend::Threading => Err(not_built_in(backend).unwrap_or_else(|| {
+            Error::backend_unavailable(backend, "not built in this version of parjob")
+        })),
         Backend::Process => match init_with.map(WorkerInit::for_processes).transpose()? {
             // With arguments: they travel to each worker, encoded.
             Some(with) => {
@@ -493,12 +521,38 @@ fn start_pool(
             ))
         }
         #[cfg(not(all(feature = "mpi", target_os = "linux")))]
-        Backend::Mpi => Err(Error::backend_unavailable(
+        Backend::Mpi => Err(not_built_in(backend).unwrap_or_else(|| {
+            Error::backend_unavailable(backend, "not built in this version of parjob")
+        })),
+        _ => Err(not_built_in(backend).unwrap_or_else(|| {
+            Error::backend_unavailable(backend, "not built in this version of parjob")
+        })),
+    }
+}
+
+/// The error for a backend this build of parjob does not have, if `backend` is one: checked
+/// before a pool starts, and by a run with a memory before it looks anything up.
+fn not_built_in(backend: Backend) -> Option<Error> {
+    match backend {
+        #[cfg(not(feature = "threading"))]
+        Backend::Threading => Some(Error::backend_unavailable(
+            backend,
+            "parjob was built without its `threading` feature",
+        )),
+        #[cfg(not(all(feature = "mpi", target_os = "linux")))]
+        Backend::Mpi => Some(Error::backend_unavailable(
             backend,
             "parjob was built without its `mpi` feature (build with `--features parjob/mpi`, \
              then start the program with `mpirun -n 3 ./prog`); see docs/CLUSTER.md",
         )),
-        other => Err(Error::backend_unavailable(
+        _ if matches!(
+            backend,
+            Backend::Sequential | Backend::Threading | Backend::Process | Backend::Mpi
+        ) =>
+        {
+            None
+        }
+        other => Some(Error::backend_unavailable(
             other,
             "not built in this version of parjob",
         )),
