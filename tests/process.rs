@@ -1456,3 +1456,62 @@ fn init_called_again_inside_a_task_does_nothing() {
         .unwrap();
     assert_eq!(out, [1, 2, 3, 4]);
 }
+
+/// A field `#[serde(skip_serializing_if)]` leaves out would shift every field after it in the
+/// positional format: a user's `Job { label: None, a: 0, b: 5, tail: [0] }` reached the
+/// worker as `a: 5, b: 1, tail: []`. Now the task fails with an error naming the field, on
+/// its way out and (returned by a task) on its way back.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SkippingJob {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<u8>,
+    pub a: u8,
+    pub b: u8,
+    pub tail: Vec<u8>,
+}
+
+fn job_fields(job: SkippingJob) -> (Option<u8>, u8, u8, usize) {
+    (job.label, job.a, job.b, job.tail.len())
+}
+
+fn unlabelled_job(b: u8) -> SkippingJob {
+    SkippingJob {
+        label: None,
+        a: 0,
+        b,
+        tail: vec![0],
+    }
+}
+
+#[test]
+fn a_field_left_out_by_skip_serializing_if_fails_its_task_instead_of_shifting_values() {
+    let parallel = processes(2);
+    let labelled = SkippingJob {
+        label: Some(1),
+        a: 0,
+        b: 5,
+        tail: vec![0],
+    };
+    assert_eq!(
+        parallel.run([delayed(job_fields, labelled)]).unwrap(),
+        [(Some(1), 0, 5, 1)]
+    );
+    let err = parallel
+        .run([delayed(job_fields, unlabelled_job(5))])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("task 0") && err.contains("field `label`"),
+        "{err}"
+    );
+    let err = parallel
+        .run([delayed(unlabelled_job, 5)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("task 0") && err.contains("field `label`"),
+        "{err}"
+    );
+    // The pool goes on.
+    assert_eq!(parallel.run([delayed(square, 3)]).unwrap(), [9]);
+}

@@ -293,7 +293,13 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         self.nested(value)
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<Self> {
-        let len = len.ok_or_else(|| CodecError("a sequence must have a known length".into()))?;
+        let len = len.ok_or_else(|| {
+            CodecError(
+                "a sequence must have a known length (a `Serialize` impl that streams an \
+                 iterator of unknown length cannot be encoded)"
+                    .into(),
+            )
+        })?;
         self.enter()?;
         self.len(len);
         Ok(self)
@@ -318,7 +324,14 @@ impl<'b> ser::Serializer for &mut Encoder<'b> {
         Ok(self)
     }
     fn serialize_map(self, len: Option<usize>) -> Result<Self> {
-        let len = len.ok_or_else(|| CodecError("a map must have a known length".into()))?;
+        let len = len.ok_or_else(|| {
+            CodecError(
+                "a map must have a known length: `#[serde(flatten)]` fields, and maps streamed \
+                 from an iterator of unknown length, cannot be encoded in parjob's positional \
+                 format"
+                    .into(),
+            )
+        })?;
         self.enter()?;
         self.len(len);
         Ok(self)
@@ -366,10 +379,55 @@ encode_compound!(
     SerializeSeq::serialize_element,
     SerializeTuple::serialize_element,
     SerializeTupleStruct::serialize_field,
-    SerializeTupleVariant::serialize_field,
-    SerializeStruct::serialize_field(&'static str),
-    SerializeStructVariant::serialize_field(&'static str)
+    SerializeTupleVariant::serialize_field
 );
+
+/// Struct fields: each a value, in declaration order, and never one left out. The format has
+/// no field names, so a field a `#[serde(skip_serializing_if = ..)]` leaves out (serde calls
+/// `skip_field` for it) would make the decoder read the next field's bytes as this one's: a
+/// wrong value with no error, or a confusing one. It is an error here, naming the field.
+macro_rules! encode_struct {
+    ($($trait:ident),*) => {$(
+        impl<'b> ser::$trait for &mut Encoder<'b> {
+            type Ok = ();
+            type Error = CodecError;
+            #[inline]
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                _: &'static str,
+                value: &T,
+            ) -> Result<()> {
+                self.value(value)
+            }
+            fn skip_field(&mut self, key: &'static str) -> Result<()> {
+                Err(skipped_field(key))
+            }
+            fn end(self) -> Result<()> {
+                self.leave();
+                Ok(())
+            }
+        }
+    )*};
+}
+
+encode_struct!(SerializeStruct, SerializeStructVariant);
+
+/// The error for a struct field left out by `#[serde(skip_serializing_if = ..)]`.
+fn skipped_field(key: &str) -> CodecError {
+    CodecError(format!(
+        "field `{key}` was left out by `#[serde(skip_serializing_if = ..)]`: parjob's format \
+         stores fields by position, not by name, so a field left out would shift every field \
+         after it; remove `skip_serializing_if` from types that go to another process or into \
+         a Memory"
+    ))
+}
+
+/// What types that need a self-describing format say when they meet this one.
+const NOT_SELF_DESCRIBING: &str = "parjob's format is not self-describing (bincode's layout: \
+     no field names or type tags), so it cannot decode `#[serde(untagged)]` or internally \
+     tagged (`#[serde(tag = ..)]`) enums, `#[serde(flatten)]` fields, or values such as \
+     `serde_json::Value`; use plain structs and enums in types that go to another process or \
+     into a Memory";
 
 impl<'b> ser::SerializeMap for &mut Encoder<'b> {
     type Ok = ();
@@ -597,9 +655,9 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     );
 
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
-        Err(CodecError(
-            "the format is not self-describing: deserialize_any is not supported".into(),
-        ))
+        Err(CodecError(format!(
+            "deserialize_any is not supported: {NOT_SELF_DESCRIBING}"
+        )))
     }
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         visitor.visit_bool(self.tag("bool")?)
@@ -718,9 +776,9 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         ))
     }
     fn deserialize_ignored_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value> {
-        Err(CodecError(
-            "the format is not self-describing: deserialize_ignored_any is not supported".into(),
-        ))
+        Err(CodecError(format!(
+            "deserialize_ignored_any is not supported: {NOT_SELF_DESCRIBING}"
+        )))
     }
     fn is_human_readable(&self) -> bool {
         false
@@ -880,6 +938,94 @@ mod tests {
         let mut bytes = Vec::new();
         encode_into(&strings, &mut bytes).unwrap();
         assert_eq!(decode_prefix::<Vec<String>>(&bytes).unwrap().0, strings);
+    }
+
+    /// The type a new user wrote: with its label left out, bincode's layout decoded it as
+    /// another value without an error (`a` took `b`'s byte, `b` the length of `tail`).
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Job {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        label: Option<u8>,
+        a: u8,
+        b: u8,
+        tail: Vec<u8>,
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Mark {
+        Dot,
+        Line { from: u8, to: u8 },
+    }
+
+    #[test]
+    fn a_field_left_out_by_skip_serializing_if_is_an_error_naming_it_not_a_shifted_value() {
+        let labelled = Job {
+            label: Some(3),
+            a: 0,
+            b: 5,
+            tail: vec![0],
+        };
+        let mut bytes = Vec::new();
+        encode_into(&labelled, &mut bytes).unwrap();
+        assert_eq!(decode_prefix::<Job>(&bytes).unwrap().0, labelled);
+        let unlabelled = Job {
+            label: None,
+            ..labelled
+        };
+        let err = encode_into(&unlabelled, &mut Vec::new()).unwrap_err();
+        assert!(err.contains("field `label`"), "{err}");
+        assert!(err.contains("skip_serializing_if"), "{err}");
+        // Inside a struct variant, a tuple and a vector alike.
+        #[derive(serde::Serialize)]
+        enum Wrapper {
+            Holds {
+                #[serde(skip_serializing_if = "Vec::is_empty")]
+                items: Vec<u8>,
+            },
+        }
+        let err = encode_into(
+            &(1u8, vec![Wrapper::Holds { items: vec![] }]),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(err.contains("field `items`"), "{err}");
+        // Plain structs and enums are untouched.
+        let marks = vec![Mark::Dot, Mark::Line { from: 1, to: 2 }];
+        let mut bytes = Vec::new();
+        encode_into(&marks, &mut bytes).unwrap();
+        assert_eq!(decode_prefix::<Vec<Mark>>(&bytes).unwrap().0, marks);
+    }
+
+    #[test]
+    fn types_that_need_a_self_describing_format_say_which_attribute_is_the_cause() {
+        #[derive(Debug, serde::Serialize, serde::Deserialize)]
+        #[serde(untagged)]
+        enum Loose {
+            Number(u64),
+            Text(String),
+        }
+        let mut bytes = Vec::new();
+        encode_into(&Loose::Number(7), &mut bytes).unwrap();
+        let err = decode_prefix::<Loose>(&bytes).unwrap_err();
+        assert!(err.contains("#[serde(untagged)]"), "{err}");
+
+        #[derive(Debug, serde::Serialize, serde::Deserialize)]
+        struct Inner {
+            x: u8,
+        }
+        #[derive(Debug, serde::Serialize, serde::Deserialize)]
+        struct Outer {
+            #[serde(flatten)]
+            inner: Inner,
+        }
+        let err = encode_into(
+            &Outer {
+                inner: Inner { x: 1 },
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(err.contains("#[serde(flatten)]"), "{err}");
     }
 
     /// A list that nests one `Option` per element, as a recursive type does.

@@ -70,10 +70,10 @@ pub enum Error {
     },
 
     /// A stored result does not decode as the function's result type: the type changed
-    /// without a version bump.
+    /// without a version bump (or cannot be decoded at all, as the codec's message says).
     #[error(
         "task {index}: the stored result of {function} (version {version:?}) does not decode as \
-         {type_name}: {message}. Its result type changed without a version bump: set a new \
+         {type_name}: {message}. If its result type changed without a version bump, set a new \
          version (`memory.version(..)`, or `memory.function_version({function}, ..)`), forget \
          its results (`memory.clear_function({function})`), or let Memory recompute such \
          results (`.on_decode_error(OnDecodeError::Recompute)`)"
