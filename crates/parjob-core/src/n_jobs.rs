@@ -38,8 +38,8 @@ pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
 }
 
 /// `n_jobs` as `Parallel::new` and `Executor::new` take it, from the integer a program holds:
-/// an `i32` by joblib's rules (`n > 0` workers, `-1` all CPUs, `-k` all but `k - 1`), or a
-/// count as a `usize` or `u32` (from `cpu_count()`, a `len()`, a clap argument).
+/// an `i32` or `i64` by joblib's rules (`n > 0` workers, `-1` all CPUs, `-k` all but `k - 1`),
+/// or a count as a `usize`, `u64` or `u32` (from `cpu_count()`, a `len()`, a clap argument).
 ///
 /// A count above `i32::MAX` counts as `i32::MAX`: more workers than any backend starts, so the
 /// run refuses it with [`Error::TooManyWorkers`]. `0` is refused as [`Error::InvalidNJobs`].
@@ -76,6 +76,19 @@ impl From<usize> for NJobs {
 
 impl From<u32> for NJobs {
     fn from(workers: u32) -> NJobs {
+        NJobs(i32::try_from(workers).unwrap_or(i32::MAX))
+    }
+}
+
+impl From<i64> for NJobs {
+    /// By joblib's rules, as an `i32`; beyond its range, the nearest `i32` (refused alike).
+    fn from(n_jobs: i64) -> NJobs {
+        NJobs(i32::try_from(n_jobs).unwrap_or(if n_jobs > 0 { i32::MAX } else { i32::MIN }))
+    }
+}
+
+impl From<u64> for NJobs {
+    fn from(workers: u64) -> NJobs {
         NJobs(i32::try_from(workers).unwrap_or(i32::MAX))
     }
 }
@@ -222,6 +235,17 @@ fn quota_to_cpus(quota: u64, period: u64) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_integer_type_a_flag_parses_to_gives_the_same_n_jobs() {
+        assert_eq!(NJobs::from(-1i64), NJobs::from(-1i32));
+        assert_eq!(NJobs::from(4i64), NJobs::from(4i32));
+        assert_eq!(NJobs::from(4u64), NJobs::from(4usize));
+        assert_eq!(NJobs::from(i64::MAX).get(), i32::MAX);
+        assert_eq!(NJobs::from(i64::MIN).get(), i32::MIN);
+        assert_eq!(NJobs::from(u64::MAX).get(), i32::MAX);
+        assert_eq!(NJobs::from(0i64).get(), 0);
+    }
 
     #[test]
     fn absurd_worker_counts_are_refused_with_the_limit_and_the_source() {
