@@ -1257,8 +1257,10 @@ impl Supervisor {
             "task {first_index}: worker {} (pid {pid}) {did}; it was killed and replaced",
             self.index
         );
-        FrameEnd::Died {
-            at: 0,
+        // Which task of the frame did it, nothing says: blaming the first one failed innocent
+        // tasks one after another. Spoiled: the frame's tasks run again one per frame, and the
+        // one that spoils its own frame again is blamed (`Recovery::frame_spoiled`).
+        FrameEnd::Spoiled {
             error: Error::worker(self.index, message),
         }
     }
@@ -1503,6 +1505,20 @@ impl Supervisor {
                 return self.spoiled_dead(first_index, pid, "result arena");
             }
             return FrameEnd::Done(done);
+        }
+        if worker.board.last_done() == tag.seq {
+            // It sent this frame's DONE, which never came: a task of the frame pointed the
+            // worker's line elsewhere or closed it (the driver saw the line hang up, then
+            // ended the worker). The board cannot say which task: as for a cut segment.
+            let message = format!(
+                "task {first_index}: worker {} (pid {pid}) finished the frame but its reply \
+                 never arrived: a task closed or redirected the worker's channel to the driver \
+                 (a descriptor it does not own); it was killed and replaced",
+                self.index
+            );
+            return FrameEnd::Spoiled {
+                error: Error::worker(self.index, message),
+            };
         }
         let mut started = worker.board.started_count();
         if self
