@@ -1385,6 +1385,24 @@ fn a_stopped_idle_worker_does_not_hang_a_timed_run() {
 #[test]
 #[ignore = "run by a_stopped_idle_worker_does_not_hang_a_timed_run"]
 fn child_stops_an_idle_worker() {
+    stop_an_idle_worker_then_run(Some(Duration::from_millis(500)));
+}
+
+/// An untimed frame has no clock: a worker SIGSTOPped while idle held its frame for ever
+/// while the other worker stood idle (an attacker's run never returned). Now a frame none of
+/// whose tasks started within a second, on a stopped worker, goes to another.
+#[test]
+fn a_stopped_idle_worker_does_not_hang_an_untimed_run() {
+    run_child_test("faults::child_stops_an_idle_worker_untimed", &[]);
+}
+
+#[test]
+#[ignore = "run by a_stopped_idle_worker_does_not_hang_an_untimed_run"]
+fn child_stops_an_idle_worker_untimed() {
+    stop_an_idle_worker_then_run(None);
+}
+
+fn stop_an_idle_worker_then_run(timeout: Option<Duration>) {
     /// SIGKILLs the stopped worker when the test ends, however it ends, unless it is gone.
     struct Unstop(u32);
     impl Drop for Unstop {
@@ -1396,9 +1414,11 @@ fn child_stops_an_idle_worker() {
         }
     }
     let me = std::process::id();
-    let parallel = processes(2)
-        .batch_size(BatchSize::Fixed(1))
-        .timeout(Duration::from_millis(500));
+    let parallel = processes(2).batch_size(BatchSize::Fixed(1));
+    let parallel = match timeout {
+        Some(limit) => parallel.timeout(limit),
+        None => parallel,
+    };
     let warm = parallel.run((0..20u64).map(|i| delayed(nap_and_double, i)));
     assert_eq!(warm.unwrap()[19], 38);
     let started = Instant::now();

@@ -41,6 +41,10 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// How long past the timeout a timed frame may wait for its first task to start before its
 /// worker is taken for stopped or stuck and killed.
 const START_MARGIN: Duration = Duration::from_millis(250);
+/// An untimed frame none of whose tasks started this long after its sending, on a worker
+/// that is stopped (SIGSTOP), is taken back: the worker is killed and the frame runs on
+/// another (see [`Supervisor::stopped_before_its_first_task`]).
+const STOPPED_AFTER: Duration = Duration::from_secs(1);
 
 /// How long before a timed task's limit its supervisor wakes, to watch the last stretch
 /// without sleeping (see `Supervisor::recv_until`): a timed sleep of a thread ends up to a
@@ -1044,6 +1048,20 @@ impl Supervisor {
                     if now >= poll_at {
                         poll_at = now + REPLY_POLL;
                     }
+                    if timeout.is_none()
+                        && now.duration_since(sent_at) >= STOPPED_AFTER
+                        && self.stopped_before_its_first_task(tag)
+                    {
+                        // An untimed frame has no clock to find this: a worker stopped
+                        // (SIGSTOP) while idle would hold its frame for ever while other
+                        // workers stand idle. No task of it started, so nothing is lost.
+                        if let Some(worker) = &self.worker {
+                            worker.child.kill();
+                        }
+                        timed_out = true;
+                        stuck = Some((self.worker.as_ref().map_or(0, |w| w.pid), STOPPED_AFTER));
+                        continue;
+                    }
                     if let (Some(limit), Some(at)) = (timeout, clock_at)
                         && now >= at
                     {
@@ -1386,6 +1404,25 @@ impl Supervisor {
     ///
     /// A frame none of whose tasks started within `limit` (plus [`START_MARGIN`]) of `sent`
     /// has a worker that is stopped or stuck before its first task: it is killed too.
+    /// Whether the worker is stopped (`T` in `/proc/PID/stat`: SIGSTOP, not a debugger's
+    /// trace stop) and no task of frame `tag` has started on it.
+    fn stopped_before_its_first_task(&self, tag: FrameTag) -> bool {
+        let Some(worker) = &self.worker else {
+            return false;
+        };
+        // Sent behind a frame the worker has not finished: the count is that frame's.
+        let counts_this_frame = self
+            .behind
+            .is_none_or(|seq| worker.board.last_done() >= seq);
+        counts_this_frame
+            && worker.board.last_done() < tag.seq
+            && worker.board.started_count() == 0
+            && std::fs::read_to_string(format!("/proc/{}/stat", worker.pid)).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+    }
+
     fn check_clock(&self, limit: Duration, sent: Instant) -> Clock {
         let Some(worker) = &self.worker else {
             return Clock::Next(limit);
