@@ -742,3 +742,37 @@ fn a_wrong_setting_is_an_error_with_a_memory_too_even_when_every_result_is_store
         }
     }
 }
+
+/// A run whose results were all stored still writes (the last use of the chunks it read, for
+/// eviction): on a damaged file that fails, and the error said "cannot store 0 results".
+#[test]
+fn a_failed_write_with_nothing_to_store_says_what_it_was_writing() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.sqlite");
+    {
+        let memory = Memory::open(&path).unwrap();
+        let values = Parallel::new(2)
+            .memory(&memory)
+            .run((0..300u64).map(|i| delayed(square, i)))
+            .unwrap();
+        assert_eq!(values[299], 299 * 299);
+    }
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    // SQLite (bundled, so one version everywhere) opens the file and finds the damage on
+    // the write.
+    let memory = Memory::open(&path).unwrap();
+    let error = Parallel::new(2)
+        .memory(&memory)
+        .run((0..300u64).map(|i| delayed(square, i)))
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(!text.contains("store 0 results"), "{text}");
+    assert!(text.contains("record the last use"), "{text}");
+}

@@ -1703,11 +1703,17 @@ impl Inner {
                         }
                     }
                 }
-                state.error = Some(Error::store(
-                    &self.path,
-                    format!("store {lost} results (they will run again next time)"),
-                    source,
-                ));
+                // With no result to store, the write only recorded which chunks hits were
+                // read from (for eviction): say that, not "store 0 results".
+                let action = if lost == 0 {
+                    "record the last use of the stored results this run read (no result was \
+                     to be stored; the file may be damaged: `sqlite3 FILE 'PRAGMA \
+                     integrity_check'` tells)"
+                        .to_string()
+                } else {
+                    format!("store {lost} results (they will run again next time)")
+                };
+                state.error = Some(Error::store(&self.path, action, source));
             }
         }
         for job in &jobs {
