@@ -1515,3 +1515,27 @@ fn a_field_left_out_by_skip_serializing_if_fails_its_task_instead_of_shifting_va
     // The pool goes on.
     assert_eq!(parallel.run([delayed(square, 3)]).unwrap(), [9]);
 }
+
+fn nap_then_pid(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::id()
+}
+
+/// The seed lesson's two halves on a new pool of 2 ran both on the first worker: the second
+/// was sent behind the first (pipelining) while the other worker was still starting. A job
+/// goes behind a frame only when that function's last frame on the slot was short.
+#[test]
+fn two_slow_tasks_on_a_new_pool_run_on_two_workers() {
+    for _ in 0..3 {
+        let parallel = processes(2);
+        let pids = parallel
+            .run([delayed(nap_then_pid, 300), delayed(nap_then_pid, 300)])
+            .unwrap();
+        assert_ne!(pids[0], pids[1], "both halves ran on worker {}", pids[0]);
+        // And on a warm pool.
+        let pids = parallel
+            .run([delayed(nap_then_pid, 300), delayed(nap_then_pid, 300)])
+            .unwrap();
+        assert_ne!(pids[0], pids[1], "both halves ran on worker {}", pids[0]);
+    }
+}

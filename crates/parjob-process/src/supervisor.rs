@@ -124,7 +124,16 @@ struct Sent {
     /// [`Supervisor::send_ahead`]): until the board says that one's `DONE` was sent, no task
     /// of this frame has started.
     behind: Option<u64>,
+    /// The function its tasks call.
+    function: &'static str,
 }
+
+/// A frame behind which another is sent ([`Supervisor::send_ahead`]) is one of a function
+/// whose last frame on this slot took at most this long: pipelining hides a round trip of
+/// 10-200 us, which only counts for frames of a few milliseconds (auto batching aims at 5),
+/// while a job sent behind a long frame waits there even when another worker frees up or
+/// comes up first (a lesson's two 250 ms halves both ran on the first worker of a new pool).
+const AHEAD_BEHIND_BUSY_MAX: Duration = Duration::from_millis(20);
 
 /// A job taken from the queue while the slot's worker ran another job's frame, and its first
 /// frame, if it was sent then (see [`Supervisor::send_ahead`]). It is the slot's next job.
@@ -181,6 +190,9 @@ pub(crate) struct Supervisor {
     /// The next job, taken while the worker ran the current one (see
     /// [`Supervisor::send_ahead`]).
     ahead: Option<Ahead>,
+    /// The function whose last frame on this slot ran within [`AHEAD_BEHIND_BUSY_MAX`]: only
+    /// its frames have another sent behind them.
+    quick_function: Option<&'static str>,
     /// The `seq` of the frame that was out when the frame awaited now was sent, if any
     /// ([`Sent::behind`], for [`Supervisor::bury`]).
     behind: Option<u64>,
@@ -212,6 +224,7 @@ impl Supervisor {
             report: SlotReport::default(),
             graveyard: Vec::new(),
             ahead: None,
+            quick_function: None,
             behind: None,
             manned: false,
         }
@@ -542,7 +555,8 @@ impl Supervisor {
 
     /// Whether a frame may be sent behind `out` (see [`Supervisor::send_ahead`]).
     fn may_go_behind(&self, out: &Sent) -> bool {
-        out.timeout.is_none()
+        self.quick_function == Some(out.function)
+            && out.timeout.is_none()
             && !out.in_arena
             && out.bytes <= AHEAD_MAX + RunHeader::LEN
             && self.settings.options.max_tasks_per_worker.is_none()
@@ -596,6 +610,7 @@ impl Supervisor {
             timeout: None,
             sent_at: Instant::now(),
             behind: Some(out.tag.seq),
+            function: job.batch().function_name(),
         })
     }
 
@@ -685,7 +700,10 @@ impl Supervisor {
         match ended {
             FrameEnd::Done(done) => {
                 recovery.frame_done();
-                progress.busy += self.take_outcomes(job, done, range, recovery);
+                let busy = self.take_outcomes(job, done, range, recovery);
+                self.quick_function =
+                    (busy <= AHEAD_BEHIND_BUSY_MAX).then(|| job.batch().function_name());
+                progress.busy += busy;
             }
             FrameEnd::Lost { pid, status } => {
                 self.report.gone(|| format!("it was lost: {status}"));
@@ -952,6 +970,7 @@ impl Supervisor {
             timeout,
             sent_at: Instant::now(),
             behind: None,
+            function: job.batch().function_name(),
         };
         Ok(sent)
     }
@@ -995,6 +1014,7 @@ impl Supervisor {
             bytes: _,
             sent_at,
             behind,
+            function: _,
         } = *sent;
         self.behind = behind;
         let mut timed_out = false;
