@@ -48,9 +48,11 @@ fn run_with_private_temp_dir(name: &str) -> std::process::Output {
 /// `w-<pid>-<n>`, with its server's `.tmpXXXXXX/socket` inside, removed by the driver when
 /// the worker ends), and server directories made in `dir` itself (were the root unusable).
 fn socket_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mark = format!("w-{}.lock", std::process::id());
     let in_root = std::fs::read_dir(socket_root(dir))
         .into_iter()
-        .flat_map(|entries| entries.flatten().map(|e| e.path()));
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(move |p| !p.ends_with(&mark));
     let in_dir = std::fs::read_dir(dir)
         .into_iter()
         .flat_map(|entries| entries.flatten().map(|e| e.path()))
@@ -69,8 +71,18 @@ fn socket_root(dir: &Path) -> PathBuf {
 }
 
 fn open_descriptors() -> usize {
-    // Minus the descriptor of the listing itself.
-    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+    // Not the listing itself, nor this driver's mark (`w-<pid>.lock`, held for the life of
+    // the process from its first worker on, see `a_dead_drivers_worker_homes_are_swept`).
+    let mark = format!("w-{}.lock", std::process::id());
+    let listing = PathBuf::from(format!("/proc/{}/fd", std::process::id()));
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            std::fs::read_link(entry.path())
+                .is_ok_and(|target| !target.ends_with(&mark) && target != listing)
+        })
+        .count()
 }
 
 /// Waits (up to 10 s) until `done` holds: helper threads of dead workers close their last
@@ -396,4 +408,96 @@ fn a_process_a_task_started_is_killed_with_its_worker() {
         gone,
         "the task's `sleep` (pid {sleep}) outlived its killed worker"
     );
+}
+
+/// A driver ended by SIGKILL (or SIGTERM) cannot remove its workers' homes
+/// (`parjob-<uid>/w-<pid>-<n>`): an attacker's session left 33 behind. The next driver to
+/// start a worker removes those of drivers whose mark (`w-<pid>.lock`) nobody holds any more,
+/// and leaves a live driver's alone.
+#[test]
+fn a_dead_drivers_worker_homes_are_swept_by_the_next_driver() {
+    use std::io::{BufRead, BufReader};
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Removed(private_temp_dir("sweep"));
+    let start_holder = || {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args([
+                "handshake::child_holds_a_pool",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("TMPDIR", &dir.0)
+            .env_remove("PARJOB_BACKEND")
+            .env_remove("PARJOB_N_JOBS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.any(|line| line.is_ok_and(|l| l.contains("HOLDING")));
+        assert!(ready, "the child never started its pool");
+        child
+    };
+    let homes_of = |pid: u32| -> Vec<PathBuf> {
+        let prefix = format!("w-{pid}-");
+        std::fs::read_dir(socket_root(&dir.0))
+            .into_iter()
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+            .collect()
+    };
+    let mut dead = start_holder();
+    let mut alive = start_holder();
+    assert!(!homes_of(dead.id()).is_empty() && !homes_of(alive.id()).is_empty());
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    // Its workers see their driver gone and exit; their homes stay.
+    assert!(!homes_of(dead.id()).is_empty(), "nothing left to sweep");
+    let output = run_child_test(
+        "handshake::child_starts_a_pool",
+        &[("TMPDIR", dir.0.to_str().unwrap())],
+    );
+    drop(output);
+    let swept = eventually(|| homes_of(dead.id()).is_empty());
+    let kept = homes_of(alive.id());
+    let _ = alive.kill();
+    let _ = alive.wait();
+    assert!(swept, "left: {:?}", homes_of(dead.id()));
+    assert!(!kept.is_empty(), "a live driver's homes were swept");
+}
+
+#[test]
+#[ignore = "run by a_dead_drivers_worker_homes_are_swept_by_the_next_driver"]
+fn child_holds_a_pool() {
+    let parallel = processes(2);
+    assert_eq!(
+        parallel
+            .run([delayed(my_pid, 0), delayed(my_pid, 1)])
+            .unwrap()
+            .len(),
+        2
+    );
+    println!("HOLDING");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+#[ignore = "run by a_dead_drivers_worker_homes_are_swept_by_the_next_driver"]
+fn child_starts_a_pool() {
+    let parallel = processes(1);
+    assert_eq!(parallel.run([delayed(my_pid, 0)]).unwrap().len(), 1);
+    // The sweep runs on a thread of its own: give it time before the process ends.
+    std::thread::sleep(Duration::from_millis(300));
 }

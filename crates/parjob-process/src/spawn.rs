@@ -857,6 +857,7 @@ impl WorkerHome {
         use std::os::unix::fs::DirBuilderExt;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let root = checked_private_root()?;
+        claim_and_sweep(&root);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = root.join(format!("w-{}-{n}", std::process::id()));
         // Left by a driver of the same pid before this one (pids are reused).
@@ -877,6 +878,79 @@ impl Drop for WorkerHome {
     fn drop(&mut self) {
         // Symbolic links inside are removed, never followed.
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Once per process: takes this driver's mark in the private root, `w-<pid>.lock`, locked
+/// (`flock`) for as long as the process lives, and removes on a thread of its own the worker
+/// homes (`w-<pid>-<n>`) of drivers whose mark is no longer locked: a driver ended by SIGKILL
+/// or SIGTERM cannot remove its own, and they piled up (an attacker's session left 33; this
+/// machine had 268). A lock, not a pid check, says who is gone, so a live driver in another
+/// pid namespace sharing the directory keeps its homes. Homes without a mark (parjob before
+/// this, or a driver whose mark was taken) are left alone.
+fn claim_and_sweep(root: &Path) {
+    static MARK: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let root = root.to_path_buf();
+    MARK.get_or_init(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let me = std::process::id();
+        let mark = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(root.join(format!("w-{me}.lock")))
+            .ok()
+            .filter(|file| {
+                rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .is_ok()
+            });
+        // Off the path of the first worker's start; nothing waits for it.
+        let _ = std::thread::Builder::new()
+            .name("parjob-sweep".into())
+            .spawn(move || sweep_homes_of_dead_drivers(&root, me));
+        mark
+    });
+}
+
+/// Removes the homes of the drivers whose `w-<pid>.lock` in `root` nobody holds, and those
+/// marks (see [`claim_and_sweep`]).
+fn sweep_homes_of_dead_drivers(root: &Path, me: u32) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    for name in &names {
+        let Some(pid) = name
+            .strip_prefix("w-")
+            .and_then(|rest| rest.strip_suffix(".lock"))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let mark_path = root.join(name);
+        let Ok(mark) = std::fs::File::open(&mark_path) else {
+            continue;
+        };
+        if rustix::fs::flock(&mark, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue; // its driver lives
+        }
+        let prefix = format!("w-{pid}-");
+        for home in names.iter().filter(|n| {
+            n.strip_prefix(&prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        }) {
+            // Symbolic links inside are removed, never followed.
+            let _ = std::fs::remove_dir_all(root.join(home));
+        }
+        // Unlinked while still locked: a new driver of that pid makes a fresh mark.
+        let _ = std::fs::remove_file(&mark_path);
     }
 }
 
