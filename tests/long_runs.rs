@@ -681,6 +681,10 @@ fn verbose_prints_the_insights_at_the_end() {
         "{stderr}"
     );
     assert!(stderr.contains("busy by worker:"), "{stderr}");
+    // After verbose's closing line, not between its progress lines (a new user's report).
+    let done = stderr.find("finished").expect("verbose's closing line");
+    let insights = stderr.find("Insights:").expect("the insights");
+    assert!(done < insights, "{stderr}");
 }
 
 #[test]

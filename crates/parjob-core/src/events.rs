@@ -574,15 +574,22 @@ impl Observer {
         {
             eprintln!("parjob: {message}");
         }
-        if let Some(prefix) = &self.print_prefix {
-            for line in insights.to_string().lines() {
-                eprintln!("{prefix}{line}");
-            }
-        }
+        // Printed after the last event, so after `verbose`'s closing "Done ... finished"
+        // line, which that event prints: the summary is the last thing a run says.
+        let summary = self.print_prefix.as_ref().map(|prefix| {
+            insights
+                .to_string()
+                .lines()
+                .map(|line| format!("{prefix}{line}"))
+                .collect::<Vec<_>>()
+        });
         self.send(|| Event::RunFinished {
             ok,
             stopped,
             insights,
         });
+        for line in summary.into_iter().flatten() {
+            eprintln!("{line}");
+        }
     }
 }
