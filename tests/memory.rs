@@ -776,3 +776,37 @@ fn a_failed_write_with_nothing_to_store_says_what_it_was_writing() {
     assert!(!text.contains("store 0 results"), "{text}");
     assert!(text.contains("record the last use"), "{text}");
 }
+
+/// `run_results` with a memory, as without one: every result in input order, a failure in its
+/// place and the run going on; stored results come back on the next run, failures run again.
+#[test]
+fn run_results_keeps_going_past_a_failure_and_stores_the_values() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let memory = open(&dir);
+    CALLS.store(0, Ordering::SeqCst);
+    let parallel = Parallel::new(2).batch_size(BatchSize::Fixed(1));
+    for run in 0..2 {
+        let results = parallel
+            .memory(&memory)
+            .run_results((0..10u64).map(|i| delayed(fails_on_seven, i)))
+            .unwrap();
+        assert_eq!(results.len(), 10, "run {run}");
+        for (i, result) in results.iter().enumerate() {
+            if i == 7 {
+                let err = result.as_ref().unwrap_err();
+                assert_eq!(err.task_index(), Some(7), "run {run}: {err}");
+            } else {
+                assert_eq!(result.as_ref().ok(), Some(&(i as u64)), "run {run}");
+            }
+        }
+    }
+    // The second run computed only the failure again.
+    assert_eq!(CALLS.load(Ordering::SeqCst), 11);
+    // A wrong setting is the run's error, not a task's.
+    let err = Parallel::new(0)
+        .memory(&memory)
+        .run_results((0..3u64).map(|i| delayed(fails_on_seven, i)))
+        .unwrap_err();
+    assert_eq!(err.task_index(), None, "{err}");
+}

@@ -41,4 +41,4 @@ mod store;
 
 pub use error::Error;
 pub use memory::{Memory, OnDecodeError, Stats};
-pub use run::{CachedRun, Feed, LOOKAHEAD, Runner, collect};
+pub use run::{CachedRun, Feed, LOOKAHEAD, Runner, collect, collect_results};

@@ -616,6 +616,35 @@ where
     Ok(out)
 }
 
+/// Every result of `run` in input order, failures included, as `Parallel::run_results`: a
+/// failed task is its `Err` in the vector and the run goes on.
+///
+/// # Errors
+/// What is about no task: a run that could not start, or a failure to write the file at the
+/// end (the results are then all computed, and the ones not written run again next time).
+pub fn collect_results<I, T>(
+    mut run: CachedRun<'_, I, T>,
+) -> Result<Vec<Result<T::Output, Error>>, Error>
+where
+    I: Iterator<Item = T>,
+    T: Task,
+{
+    if let Some(s) = run.source.as_ref() {
+        let mut s = s.borrow_mut();
+        s.batch = PULL_BATCH;
+        s.store_batch = STORE_BATCH;
+    }
+    let mut out = Vec::new();
+    while let Some((_, result)) = run.next_boxed() {
+        match result {
+            Ok(value) => out.push(Ok(value)),
+            Err(error) if error.task_index().is_some() => out.push(Err(*error)),
+            Err(error) => return Err(*error),
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -87,6 +87,37 @@ impl<'p> WithMemory<'p> {
         parjob_memory::collect(self.start(tasks, true))
     }
 
+    /// Every result in input order, failures included, as [`Parallel::run_results`]: a
+    /// failed task is its `Err` in the vector and the run goes on; the results are written to
+    /// the file before this returns.
+    ///
+    /// ```
+    /// use parjob::{delayed, Memory, Parallel};
+    ///
+    /// fn check(x: u32) -> u32 { assert!(x != 3, "no threes"); x }
+    /// # let dir = tempfile::tempdir()?;
+    /// let memory = Memory::open(dir.path().join("cache.sqlite"))?;
+    /// let results = Parallel::new(2).memory(&memory).run_results((0..5u32).map(|i| delayed(check, i)))?;
+    /// assert_eq!(results.len(), 5);
+    /// assert_eq!(results[4].as_ref().ok(), Some(&4));
+    /// assert!(results[3].is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// What is about no task: a run that cannot start (an invalid configuration), or a failure
+    /// to write the file; task failures are in the vector.
+    pub fn run_results<I, T>(
+        &self,
+        tasks: I,
+    ) -> Result<Vec<Result<T::Output, MemoryError>>, MemoryError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Task,
+    {
+        parjob_memory::collect_results(self.start(tasks, true))
+    }
+
     /// Each result in input order as soon as it and those before it are ready, as
     /// [`Parallel::run_iter`]: stored results at once. A failed task yields its `Err` and the
     /// run goes on; dropping the iterator stops the run.
