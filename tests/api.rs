@@ -44,13 +44,20 @@ fn verbose_prints_joblib_lines_on_stderr() {
         ),
         "{stderr}"
     );
-    let last = stderr
+    // The last progress line is the closing one; the Insights summary comes after it.
+    let progress: Vec<&str> = stderr
         .lines()
-        .rfind(|l| l.starts_with("[Parallel"))
-        .unwrap_or_default();
+        .take_while(|l| !l.contains("Insights:"))
+        .filter(|l| l.starts_with("[Parallel"))
+        .collect();
+    let last = progress.last().copied().unwrap_or_default();
     assert!(
         last.starts_with("[Parallel(n_jobs=2)]: Done 100 out of 100 | elapsed: ")
             && last.ends_with("s finished"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[Parallel(n_jobs=2)]: Insights: "),
         "{stderr}"
     );
 }

@@ -167,7 +167,10 @@ fn a_mixed_run_keeps_input_order_across_long_stretches_of_stored_results() {
 fn a_run_with_a_memory_pulls_its_input_lazily() {
     let dir = tempfile::tempdir().unwrap();
     let memory = open(&dir);
-    let parallel = Parallel::new(2)
+    // One worker, so that results come back in input order: with two, a result that comes
+    // before an earlier one waits in order while the run pulls another task in its place
+    // (bounded by `LOOKAHEAD`, not by the 4 in flight), and a loaded CI machine pulled 16.
+    let parallel = Parallel::new(1)
         .backend(Backend::Threading)
         .batch_size(BatchSize::Fixed(1))
         .pre_dispatch(4);
