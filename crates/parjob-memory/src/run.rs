@@ -321,6 +321,23 @@ where
         }
     }
 
+    /// Readies the run for a caller that takes every result in one loop (`collect`,
+    /// `collect_results`); returns how many tasks the input says it holds at least.
+    fn pull_everything(&mut self) -> usize {
+        self.source.as_ref().map_or(0, |s| {
+            let mut s = s.borrow_mut();
+            // Every task will be pulled: a few at a time cost no laziness `run` promises.
+            s.batch = PULL_BATCH;
+            // Nothing runs between two results but the caller's loop: they can be stored a
+            // few at a time (and always before the run waits for more).
+            s.store_batch = STORE_BATCH;
+            let hint = s.tasks.size_hint().0;
+            // Every task will be pulled: an empty index can be sized for all of them at once.
+            s.memory.reserve(&s.function, hint);
+            hint
+        })
+    }
+
     /// The same run, failing with `error` before anything else (a configuration its caller
     /// found wrong): `error` is its only item.
     #[must_use]
@@ -595,18 +612,7 @@ where
     I: Iterator<Item = T>,
     T: Task,
 {
-    let hint = run.source.as_ref().map_or(0, |s| {
-        let mut s = s.borrow_mut();
-        // Every task will be pulled: a few at a time cost no laziness `run` promises.
-        s.batch = PULL_BATCH;
-        // Nothing runs between two results but this loop: they can be stored a few at a
-        // time (and always before the run waits for more).
-        s.store_batch = STORE_BATCH;
-        let hint = s.tasks.size_hint().0;
-        // Every task will be pulled: an empty index can be sized for all of them at once.
-        s.memory.reserve(&s.function, hint);
-        hint
-    });
+    let hint = run.pull_everything();
     let mut out = Vec::new();
     // An input may claim more than memory holds; grow as results come instead.
     let _ = out.try_reserve_exact(hint.min(1 << 24));
@@ -629,12 +635,9 @@ where
     I: Iterator<Item = T>,
     T: Task,
 {
-    if let Some(s) = run.source.as_ref() {
-        let mut s = s.borrow_mut();
-        s.batch = PULL_BATCH;
-        s.store_batch = STORE_BATCH;
-    }
+    let hint = run.pull_everything();
     let mut out = Vec::new();
+    let _ = out.try_reserve_exact(hint.min(1 << 24));
     while let Some((_, result)) = run.next_boxed() {
         match result {
             Ok(value) => out.push(Ok(value)),

@@ -295,6 +295,7 @@ impl Parallel {
     /// Checks the configuration a run would start its pool with, without starting it. A run
     /// with a memory checks this first, so that a wrong setting is an error even when every
     /// result is stored.
+    #[cfg(feature = "memory")]
     pub(crate) fn check_config(&self) -> Result<(), Error> {
         if self.custom_pool.is_some() {
             self.check_timeout()
@@ -309,8 +310,8 @@ impl Parallel {
     fn checked_config(&self) -> Result<(Backend, usize), Error> {
         self.check_timeout()?;
         let backend = self.effective_backend()?;
-        if let Some(error) = not_built_in(backend) {
-            return Err(error);
+        if !built_in(backend) {
+            return Err(not_built_in(backend));
         }
         // Checked on every backend, so that an invalid n_jobs fails the same everywhere.
         let n_jobs = self.effective_n_jobs()?;
@@ -496,9 +497,7 @@ fn start_pool(
             workers, init,
         )?)),
         #[cfg(not(feature = "threading"))]
-        Backend::Threading => Err(not_built_in(backend).unwrap_or_else(|| {
-            Error::backend_unavailable(backend, "not built in this version of parjob")
-        })),
+        Backend::Threading => Err(not_built_in(backend)),
         Backend::Process => match init_with.map(WorkerInit::for_processes).transpose()? {
             // With arguments: they travel to each worker, encoded.
             Some(with) => {
@@ -521,40 +520,31 @@ fn start_pool(
             ))
         }
         #[cfg(not(all(feature = "mpi", target_os = "linux")))]
-        Backend::Mpi => Err(not_built_in(backend).unwrap_or_else(|| {
-            Error::backend_unavailable(backend, "not built in this version of parjob")
-        })),
-        _ => Err(not_built_in(backend).unwrap_or_else(|| {
-            Error::backend_unavailable(backend, "not built in this version of parjob")
-        })),
+        Backend::Mpi => Err(not_built_in(backend)),
+        _ => Err(not_built_in(backend)),
     }
 }
 
-/// The error for a backend this build of parjob does not have, if `backend` is one: checked
-/// before a pool starts, and by a run with a memory before it looks anything up.
-fn not_built_in(backend: Backend) -> Option<Error> {
+/// Whether this build of parjob has `backend`: checked before a pool starts, and by a run
+/// with a memory before it looks anything up.
+fn built_in(backend: Backend) -> bool {
     match backend {
-        #[cfg(not(feature = "threading"))]
-        Backend::Threading => Some(Error::backend_unavailable(
-            backend,
-            "parjob was built without its `threading` feature",
-        )),
-        #[cfg(not(all(feature = "mpi", target_os = "linux")))]
-        Backend::Mpi => Some(Error::backend_unavailable(
-            backend,
-            "parjob was built without its `mpi` feature (build with `--features parjob/mpi`, \
-             then start the program with `mpirun -n 3 ./prog`); see docs/CLUSTER.md",
-        )),
-        _ if matches!(
-            backend,
-            Backend::Sequential | Backend::Threading | Backend::Process | Backend::Mpi
-        ) =>
-        {
-            None
-        }
-        other => Some(Error::backend_unavailable(
-            other,
-            "not built in this version of parjob",
-        )),
+        Backend::Sequential | Backend::Process => true,
+        Backend::Threading => cfg!(feature = "threading"),
+        Backend::Mpi => cfg!(all(feature = "mpi", target_os = "linux")),
+        _ => false,
     }
+}
+
+/// The error for a backend this build of parjob does not have (see [`built_in`]).
+fn not_built_in(backend: Backend) -> Error {
+    let why = match backend {
+        Backend::Threading => "parjob was built without its `threading` feature",
+        Backend::Mpi => {
+            "parjob was built without its `mpi` feature (build with `--features parjob/mpi`, \
+             then start the program with `mpirun -n 3 ./prog`); see docs/CLUSTER.md"
+        }
+        _ => "not built in this version of parjob",
+    };
+    Error::backend_unavailable(backend, why)
 }
