@@ -1321,39 +1321,40 @@ fn only_the_task_that_spoils_its_workers_channel_fails_not_the_tasks_beside_it()
         let results = parallel
             .run_results((0..6u32).map(|i| delayed(redirect_my_line_if, (i, 4))))
             .unwrap();
-        for (i, result) in results.iter().enumerate() {
-            if i == 4 {
-                let text = result.as_ref().unwrap_err().to_string();
-                assert!(
-                    text.contains("task 4") && text.contains("reply never arrived"),
-                    "{text}"
-                );
-            } else {
-                assert_eq!(
-                    result.as_ref().ok(),
-                    Some(&(i as u32)),
-                    "task {i}: {result:?}"
-                );
-            }
-        }
+        let text = only_the_culprit_failed(&results, 4);
+        assert!(
+            text.contains("task 4") && text.contains("reply never arrived"),
+            "{text}"
+        );
         // The same for a task that writes on the channels (the driver reads a broken reply).
         let parallel = processes(1).batch_size(BatchSize::Fixed(4));
         let results = parallel
             .run_results((0..4u32).map(|i| delayed(scribble_if, (i, 2))))
             .unwrap();
-        for (i, result) in results.iter().enumerate() {
-            if i == 2 {
-                assert!(result.is_err(), "task 2: {result:?}");
-            } else {
-                assert_eq!(
-                    result.as_ref().ok(),
-                    Some(&(i as u32)),
-                    "task {i}: {result:?}"
-                );
-            }
-        }
+        only_the_culprit_failed(&results, 2);
         check_next_run(&parallel);
     });
+}
+
+/// Checks that every task but `culprit` returned its own input, and returns the culprit's
+/// error text.
+fn only_the_culprit_failed(results: &[Result<u32, Error>], culprit: usize) -> String {
+    for (i, result) in results.iter().enumerate() {
+        if i != culprit {
+            assert_eq!(
+                result.as_ref().ok(),
+                Some(&(i as u32)),
+                "task {i}: {result:?}"
+            );
+        }
+    }
+    let culprit = &results[culprit];
+    assert!(culprit.is_err(), "the culprit: {culprit:?}");
+    culprit
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default()
 }
 
 fn scribble_if(x: u32, culprit: u32) -> u32 {
