@@ -529,10 +529,9 @@ fn start_pool(
 /// with a memory before it looks anything up.
 fn built_in(backend: Backend) -> bool {
     match backend {
-        Backend::Sequential | Backend::Process => true,
         Backend::Threading => cfg!(feature = "threading"),
         Backend::Mpi => cfg!(all(feature = "mpi", target_os = "linux")),
-        _ => false,
+        other => matches!(other, Backend::Sequential | Backend::Process),
     }
 }
 
