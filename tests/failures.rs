@@ -198,3 +198,68 @@ fn child_many_panics() {
         assert!(results.iter().all(Result::is_err));
     }
 }
+
+/// Leaves the file `dir/i`; task 0 fails instead: it panics, or, with `crash`, aborts the
+/// process it runs in (only on the process backend).
+fn mark_unless_first(dir: String, i: u32, crash: bool) -> u32 {
+    if i == 0 {
+        if crash {
+            std::process::abort();
+        }
+        panic!("the first task fails");
+    }
+    std::fs::write(format!("{dir}/{i}"), b"").expect("the test's directory can be written");
+    i
+}
+
+/// The tasks of the failing batch that ran: the markers they left.
+fn marked(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path()).unwrap().count()
+}
+
+#[test]
+fn run_ends_a_batch_at_its_first_failure_and_run_results_does_not() {
+    // One batch of ten on one worker, task 0 failing: `run` ends at that failure (as joblib
+    // does), so the nine tasks after it in the same batch must not run and delay the error;
+    // `run_results` wants every outcome, so they run. Inputs of unknown length too: their
+    // batches do not write values in place. On the process backend the failure is a crash: a
+    // frame a worker was sent runs whole there, and what is skipped is the tasks the
+    // supervisor would send again to the replacement.
+    let targets = EVERY_TARGET.into_iter().map(|target| {
+        let crash = target == parjob_tests::Target::Backend(Backend::Process);
+        (target, crash)
+    });
+    for (target, crash) in targets {
+        for known_length in [true, false] {
+            let parallel = target.parallel(1).batch_size(BatchSize::Fixed(10));
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_str().unwrap().to_string();
+            let tasks = (0..10u32)
+                .filter(|_| true)
+                .map(|i| delayed(mark_unless_first, (path.clone(), i, crash)));
+            let err = if known_length {
+                let tasks: Vec<_> = tasks.collect();
+                parallel.run(tasks).unwrap_err()
+            } else {
+                parallel.run(tasks).unwrap_err()
+            };
+            match (&err, crash) {
+                (Error::TaskPanicked { index: 0, .. }, false)
+                | (Error::WorkerCrashed { index: 0, .. }, true) => {}
+                _ => panic!("{target}: task 0's failure expected, got {err}"),
+            }
+            assert_eq!(
+                marked(&dir),
+                0,
+                "{target}, known length {known_length}: tasks ran after the failure"
+            );
+
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_str().unwrap().to_string();
+            let tasks = (0..10u32).map(|i| delayed(mark_unless_first, (path.clone(), i, crash)));
+            let outcomes = parallel.run_results(tasks).unwrap();
+            assert!(outcomes[0].is_err() && outcomes[1..].iter().all(Result::is_ok));
+            assert_eq!(marked(&dir), 9, "{target}: run_results left tasks out");
+        }
+    }
+}

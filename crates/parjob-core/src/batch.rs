@@ -79,6 +79,8 @@ pub trait ErasedBatch: Send + sealed::Sealed {
     /// Records `error` as the outcome of the next task without one (nothing if every task
     /// has one).
     fn push_failure(&mut self, error: Error);
+    /// Number of failures among the outcomes gathered so far.
+    fn failures_len(&self) -> usize;
 }
 
 /// The concrete batch the dispatcher makes.
@@ -203,6 +205,7 @@ impl<T: Task> TypedBatch<T> {
         if let Err(message) = finished {
             let index = self.next_index();
             self.push_outcome(Err(Error::TaskPanicked { index, message }));
+            control.task_failed();
         }
     }
 
@@ -283,6 +286,8 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
                 Err(message) => {
                     let index = self.next_index();
                     self.push_outcome(Err(Error::TaskPanicked { index, message }));
+                    // `run` ends at this failure: the loop then stops at its cancel check.
+                    control.task_failed();
                 }
             }
         }
@@ -355,6 +360,10 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
 
     fn push_failure(&mut self, error: Error) {
         self.push_outcome(Err(error));
+    }
+
+    fn failures_len(&self) -> usize {
+        self.failures.len()
     }
 }
 

@@ -327,6 +327,17 @@ where
         self.control.cancel();
     }
 
+    /// Makes the run's batches stop at their first failure ([`RunControl::task_failed`]):
+    /// for `run`, which ends there anyway, unless failed tasks are retried. Only before the
+    /// first batch is out (the control is not shared yet).
+    pub(crate) fn stop_at_first_failure(&mut self) {
+        if self.retrier.is_none()
+            && let Some(control) = Arc::get_mut(&mut self.control)
+        {
+            control.stop_at_first_failure();
+        }
+    }
+
     fn watches_timeouts(&self) -> bool {
         self.watch_timeouts
     }
@@ -845,6 +856,7 @@ where
         _ => None,
     };
     let mut dispatcher = Dispatcher::new(pool, tasks, options);
+    dispatcher.stop_at_first_failure();
     // An input may claim a length no memory can hold (`0..usize::MAX`): then the results are
     // gathered batch by batch instead, for as long as the run goes.
     if let Some(len) = exact_len {

@@ -18,6 +18,9 @@ pub struct RunControl {
     cancelled: Arc<AtomicBool>,
     epoch: Instant,
     timeout: Option<Duration>,
+    /// Whether the run ends at its first failure (`run` without retries): then a pool need
+    /// not run the rest of a batch after one of its tasks failed ([`RunControl::task_failed`]).
+    stops_at_first_failure: bool,
 }
 
 impl RunControl {
@@ -26,7 +29,13 @@ impl RunControl {
             cancelled: Arc::new(AtomicBool::new(false)),
             epoch: Instant::now(),
             timeout,
+            stops_at_first_failure: false,
         }
+    }
+
+    /// Makes the run stop at its first failure (see [`task_failed`](RunControl::task_failed)).
+    pub(crate) fn stop_at_first_failure(&mut self) {
+        self.stops_at_first_failure = true;
     }
 
     /// The same run (cancel flag, clock) under another per-task limit: for a task with a
@@ -36,7 +45,21 @@ impl RunControl {
             cancelled: Arc::clone(&self.cancelled),
             epoch: self.epoch,
             timeout,
+            stops_at_first_failure: self.stops_at_first_failure,
         }
+    }
+
+    /// Tells the run that a task of the batch failed (a panic, a crash, a timeout). When the
+    /// run ends at its first failure (`Parallel::run` without retries, as joblib's `Parallel`
+    /// does), the run is cancelled now and this returns `true`: the pool should complete the
+    /// job without running its other tasks, so that the error reaches the caller at once
+    /// instead of after the rest of the batch. Otherwise (`run_iter`, `run_results`, retries)
+    /// it returns `false` and the batch goes on.
+    pub fn task_failed(&self) -> bool {
+        if self.stops_at_first_failure {
+            self.cancel();
+        }
+        self.stops_at_first_failure
     }
 
     /// Whether the run was stopped: tasks not yet started should not start.

@@ -163,6 +163,13 @@ impl ErasedBatch for RelayedBatch {
             self.done += 1;
         }
     }
+
+    fn failures_len(&self) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|outcome| matches!(outcome, Relayed::Failed(_)))
+            .count()
+    }
 }
 
 impl sealed::Sealed for RelayedBatch {

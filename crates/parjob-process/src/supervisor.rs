@@ -660,7 +660,12 @@ impl Supervisor {
                 job.batch_mut().push_failure(error);
                 continue;
             }
-            if job.control().is_cancelled() || self.queue.closing() {
+            // `run` ends at its first failure: the frames after it would only delay the error.
+            let failed = job.batch().failures_len() > 0;
+            if (failed && job.control().task_failed())
+                || job.control().is_cancelled()
+                || self.queue.closing()
+            {
                 return;
             }
             // The frame sent ahead comes back before any other.

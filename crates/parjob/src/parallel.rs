@@ -351,7 +351,9 @@ impl Parallel {
     ///
     /// # Errors
     /// The first task failure ([`Error::TaskPanicked`], [`Error::Timeout`], ...): no new task
-    /// is dispatched after it, and running ones finish before it is returned. Also an invalid
+    /// is dispatched after it, and running ones finish before it is returned. As in joblib,
+    /// the tasks after it in its own batch do not start either (on the process backend: those
+    /// not yet sent to a worker, e.g. after a crash); `run_results` and `run_iter` run them. Also an invalid
     /// configuration (`n_jobs` of 0, an unknown `PARJOB_BACKEND`, a backend not built in).
     pub fn run<I, T>(&self, tasks: I) -> Result<Vec<T::Output>, Error>
     where
