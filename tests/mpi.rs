@@ -44,7 +44,10 @@ fn main() -> ExitCode {
 
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 fn main() -> ExitCode {
-    parjob::init(); // worker ranks (and local worker processes) never return from here
+    // The case that forgets `init()` on purpose (see `suite::BAD_SETTINGS`).
+    if std::env::var_os("PARJOB_MPI_NO_INIT").is_none() {
+        parjob::init(); // worker ranks (and local worker processes) never return from here
+    }
     if !parjob_mpi_launched() {
         return match std::env::var("PARJOB_MPI_LAUNCH") {
             Ok(launch) if !launch.trim().is_empty() => suite::launch(&launch),
@@ -113,10 +116,67 @@ mod suite {
                 return ExitCode::FAILURE;
             }
         }
-        if verdict.trim() == "ok" {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
+        if verdict.trim() != "ok" {
+            return ExitCode::FAILURE;
+        }
+        // Each wrong setting in a world of its own: worker ranks read them as they start.
+        for (variable, value, expected) in BAD_SETTINGS {
+            let _ = std::fs::remove_file(&report);
+            let mut words = launch.split_whitespace();
+            let status = Command::new(words.next().unwrap_or_default())
+                .args(words)
+                .arg(&exe)
+                .env("PARJOB_MPI_REPORT", &report)
+                .env("PARJOB_MPI_EXPECT", expected)
+                .env(variable, value)
+                .status();
+            let verdict = std::fs::read_to_string(&report).unwrap_or_default();
+            let _ = std::fs::remove_file(&report);
+            println!(
+                "MPI suite: with {variable}={value}: the launcher ended with {status:?}; rank 0 \
+                 said {verdict:?}"
+            );
+            if verdict.trim() != "ok" {
+                return ExitCode::FAILURE;
+            }
+        }
+        ExitCode::SUCCESS
+    }
+
+    /// Settings a user can get wrong, each with what the error must say: a run on such a
+    /// world fails with it (naming the setting) instead of guessing, starting thousands of
+    /// processes, or saying "or".
+    const BAD_SETTINGS: [(&str, &str, &str); 4] = [
+        (
+            "PARJOB_MPI_WORKERS_PER_RANK",
+            "abc",
+            "PARJOB_MPI_WORKERS_PER_RANK=\"abc\" is not a number of local worker processes",
+        ),
+        (
+            "PARJOB_MPI_WORKERS_PER_RANK",
+            "5000",
+            "PARJOB_MPI_WORKERS_PER_RANK=5000 is more local worker processes than a rank starts",
+        ),
+        (
+            "PARJOB_MPI_RANK_TIMEOUT",
+            "xyz",
+            "PARJOB_MPI_RANK_TIMEOUT=\"xyz\" is not a number of seconds",
+        ),
+        (
+            "PARJOB_MPI_NO_INIT",
+            "1",
+            "parjob::init() was not called first thing in main",
+        ),
+    ];
+
+    /// The one case of a world started with a wrong setting: a run fails with the error
+    /// `PARJOB_MPI_EXPECT` holds.
+    fn bad_setting(expected: &str) -> Result<(), String> {
+        match mpi(-1).run((0..4u64).map(|i| delayed(square, i))) {
+            Ok(out) => Err(format!("the run worked ({out:?}); expected {expected:?}")),
+            Err(e) => check(e.to_string().contains(expected), || {
+                format!("expected {expected:?} in the error, got: {e}")
+            }),
         }
     }
 
@@ -143,6 +203,50 @@ mod suite {
             unsafe { std::ptr::write_volatile(std::ptr::dangling_mut::<u64>(), 1) };
         }
         x
+    }
+
+    /// A result whose `Deserialize` panics on 13: it runs on rank 0's driver thread.
+    #[derive(Debug, serde::Serialize)]
+    struct Touchy(u64);
+
+    impl<'de> serde::Deserialize<'de> for Touchy {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Touchy, D::Error> {
+            let value = u64::deserialize(d)?;
+            assert!(value != 13, "Touchy refuses 13");
+            Ok(Touchy(value))
+        }
+    }
+
+    fn touchy(x: u64) -> Touchy {
+        Touchy(x)
+    }
+
+    /// A result that panics as rank 0 decodes it fails its task, as on the process backend,
+    /// and the backend goes on: later runs work.
+    fn result_decode_panic() -> Result<(), String> {
+        let parallel = mpi(-1);
+        let outcomes = parallel
+            .run_results((0..40u64).map(|i| delayed(touchy, i)))
+            .map_err(|e| e.to_string())?;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match (i, outcome) {
+                (13, Err(e)) => check(
+                    e.to_string()
+                        .contains("task 13: cannot decode the result of")
+                        && e.to_string().contains("Touchy refuses 13"),
+                    || format!("task 13: {e}"),
+                )?,
+                (13, Ok(v)) => return Err(format!("task 13 gave {v:?}")),
+                (_, Ok(Touchy(v))) => check(*v == i as u64, || format!("task {i} gave {v}"))?,
+                (_, Err(e)) => return Err(format!("task {i} failed: {e}")),
+            }
+        }
+        let out = parallel
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("the run after: {e}"))?;
+        check(out == (0..100u64).map(square).collect::<Vec<_>>(), || {
+            "the run after: wrong results".into()
+        })
     }
 
     fn sleeps(ms: u64) -> u64 {
@@ -840,6 +944,7 @@ mod suite {
             ("n_jobs_minus_k", n_jobs_minus_k),
             ("worker_info_names_the_rank", worker_info_names_the_rank),
             ("panic", panic),
+            ("result_decode_panic", result_decode_panic),
             ("abort", abort),
             ("segfault", segfault),
             ("timeout", timeout),
@@ -858,6 +963,27 @@ mod suite {
             ("initializers", initializers),
             ("rank_killed", rank_killed),
         ];
+        if let Ok(expected) = std::env::var("PARJOB_MPI_EXPECT") {
+            let verdict = match bad_setting(&expected) {
+                Ok(()) => "ok".to_string(),
+                Err(why) => why,
+            };
+            println!("test mpi::bad_setting ... {verdict}");
+            // Without `init()` every rank runs this: rank 0 alone reports.
+            let rank = ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
+                .iter()
+                .find_map(|var| std::env::var(var).ok());
+            if rank.as_deref().is_none_or(|r| r == "0")
+                && let Ok(report) = std::env::var("PARJOB_MPI_REPORT")
+            {
+                let _ = std::fs::write(report, &verdict);
+            }
+            return if verdict == "ok" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
         let filter = std::env::var("PARJOB_MPI_CASES").unwrap_or_default();
         let (mut passed, mut failed, mut skipped) = (0, 0, 0);
         println!(

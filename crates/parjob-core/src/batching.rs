@@ -34,7 +34,15 @@ pub(crate) struct Sizer {
     /// batches of the start, whose timings are mostly clock and call overhead.
     busy_nanos: f64,
     tasks: f64,
+    /// Tasks whose timings were reported so far, in all.
+    observed: usize,
 }
+
+/// How many tasks' timings make the estimate firm enough to keep tail batches from shrinking
+/// below an eighth of the target duration. Until then the estimate may come from one task
+/// that happened to be quick among slow ones (40 tasks of 0-4 ms whose first took 2 us
+/// estimated 125 tasks to 250 us), and a batch sized from it would take every task left.
+const FIRM_ESTIMATE: usize = 64;
 
 impl Sizer {
     pub(crate) fn new(batch_size: BatchSize, target: Duration, workers: usize) -> Self {
@@ -48,6 +56,7 @@ impl Sizer {
             workers: workers.max(1),
             busy_nanos: 0.0,
             tasks: 0.0,
+            observed: 0,
         }
     }
 
@@ -69,12 +78,18 @@ impl Sizer {
         let per_task = (self.busy_nanos / self.tasks).max(0.1);
         let ideal = ((self.target.as_nanos() as f64 / per_task) as usize).clamp(1, self.max_auto);
         // Near the end, smaller batches balance the load, down to an eighth of the target
-        // duration: smaller ones would cost more in round trips than they save.
+        // duration once the estimate is firm: smaller ones would cost more in round trips than
+        // they save.
         let balanced = match remaining {
             0 => MAX_AUTO_BATCH,
             n => n.div_ceil(2 * self.workers),
         };
-        ideal.min(balanced.max(ideal / 8)).max(1)
+        let floor = if self.observed >= FIRM_ESTIMATE {
+            ideal / 8
+        } else {
+            1
+        };
+        ideal.min(balanced.max(floor)).max(1)
     }
 
     /// A batch of `tasks` tasks kept a worker busy for `busy`.
@@ -84,6 +99,7 @@ impl Sizer {
         }
         self.busy_nanos = 0.5 * self.busy_nanos + busy.as_nanos() as f64;
         self.tasks = 0.5 * self.tasks + tasks as f64;
+        self.observed = self.observed.saturating_add(tasks);
     }
 }
 
@@ -124,6 +140,18 @@ mod tests {
         let mut sizer = Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2);
         sizer.observe(1000, Duration::from_micros(1000));
         assert_eq!(sizer.next_size(10), 250);
+    }
+
+    #[test]
+    fn one_quick_first_task_does_not_take_the_rest_of_a_short_run() {
+        // 40 tasks of 0-4 ms on 2 workers, the first of which took 2 us: the estimate says
+        // 1000 tasks fill 2 ms, but it rests on one task, so the 39 left are still spread
+        // over at least two batches a worker.
+        let mut sizer = Sizer::new(BatchSize::Auto, Duration::from_millis(2), 2);
+        sizer.observe(1, Duration::from_micros(2));
+        assert_eq!(sizer.next_size(39), 10);
+        sizer.observe(10, Duration::from_millis(20));
+        assert_eq!(sizer.next_size(19), 1);
     }
 
     #[test]

@@ -364,6 +364,23 @@ impl Error {
         }
     }
 
+    /// [`Error::Codec`]: task `index`'s `type_name` (an argument or result type, or a
+    /// function whose result it is) could not be encoded or decoded; `action` says which,
+    /// e.g. `"decode the result of"`. For backends that move tasks between processes.
+    pub fn codec(
+        index: usize,
+        action: &'static str,
+        type_name: &'static str,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::Codec {
+            index,
+            action,
+            type_name,
+            message: message.into(),
+        }
+    }
+
     /// [`Error::WorkerCrashed`].
     pub fn worker_crashed(index: usize, worker: usize, pid: u32, status: WorkerExit) -> Error {
         Error::WorkerCrashed {

@@ -8,7 +8,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Backend, Error, Job, SharedSegment, Transport, collect_shared};
+use parjob_core::{Backend, Error, Job, SharedSegment, Transport, catch_task, collect_shared};
 use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::LAUNCH_HINT;
@@ -536,7 +536,7 @@ impl<'w> DriverState<'w> {
                     let (Some(_count), Some(records)) = (r.u32(), r.bytes()) else {
                         break;
                     };
-                    job.batch_mut().decode_outcomes(records);
+                    decode_guarded(&mut job, records, rank, &host);
                 }
                 1 => {
                     let Some(error) = wire::read_failure(&mut r) else {
@@ -804,4 +804,45 @@ fn fail_rest(job: &mut Job, error: impl Fn(usize) -> Error) {
         let index = batch.first_index() + batch.outcomes_len();
         batch.push_failure(error(index));
     }
+}
+
+/// Decodes the outcome `records` of `rank` into `job`'s batch. Decoding runs the result
+/// type's `Deserialize` (user code) on the driver thread, which every run of the program
+/// shares: a panic there fails the task whose record it was, with the message the process
+/// backend gives, and the records after it are decoded in turn.
+fn decode_guarded(job: &mut Job, mut records: &[u8], rank: usize, host: &str) {
+    loop {
+        let before = job.batch().outcomes_len();
+        let Err(message) = catch_task(|| job.batch_mut().decode_outcomes(records)) else {
+            return;
+        };
+        // Outcomes are decoded in order: the panic was in the record after those taken.
+        let taken = job.batch().outcomes_len().saturating_sub(before);
+        for _ in 0..=taken {
+            records = match skip_record(records) {
+                Some(rest) => rest,
+                None => &[],
+            };
+        }
+        let index = job.batch().first_index() + job.batch().outcomes_len();
+        let function = job.batch().function_name();
+        let error = Error::codec(
+            index,
+            "decode the result of",
+            function,
+            format!("its Deserialize impl panicked: {message}"),
+        );
+        job.batch_mut()
+            .push_failure(Error::on_rank(rank, host.to_string(), error));
+        if records.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The records after the first of `records` (`[tag u8][len u32 LE][payload]` each).
+fn skip_record(records: &[u8]) -> Option<&[u8]> {
+    let len = records.get(1..5)?;
+    let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+    records.get(5 + len..)
 }

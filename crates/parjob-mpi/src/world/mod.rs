@@ -38,14 +38,53 @@ const HELLO_DEADLINE: Duration = Duration::from_secs(60);
 /// How long rank 0 waits for `BYE`s at exit before leaving without `MPI_Finalize`.
 const BYE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// A rank that sent nothing for this long is lost (`PARJOB_MPI_RANK_TIMEOUT`, in seconds).
+/// A rank that sent nothing for this long is lost (`PARJOB_MPI_RANK_TIMEOUT`, in seconds; 5
+/// when unset or unusable, which [`MpiPool::new`](crate::MpiPool::new) refuses on rank 0).
 fn silence_limit() -> Duration {
-    std::env::var("PARJOB_MPI_RANK_TIMEOUT")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(Duration::from_secs(5), Duration::from_secs_f64)
+    // Read once: rank servers ask on every turn of their loop.
+    static LIMIT: OnceLock<Duration> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        configured_silence_limit()
+            .ok()
+            .flatten()
+            .unwrap_or(Duration::from_secs(5))
+    })
 }
+
+/// `PARJOB_MPI_RANK_TIMEOUT` as set: `None` when unset, an error naming the value when it is
+/// not a positive number of seconds.
+fn configured_silence_limit() -> Result<Option<Duration>, String> {
+    let Some(value) = std::env::var_os("PARJOB_MPI_RANK_TIMEOUT") else {
+        return Ok(None);
+    };
+    parse_silence_limit(&value.to_string_lossy()).map(Some)
+}
+
+/// A `PARJOB_MPI_RANK_TIMEOUT` value: seconds, at least [`MIN_SILENCE_LIMIT`], held to
+/// [`MAX_SILENCE_LIMIT`].
+fn parse_silence_limit(text: &str) -> Result<Duration, String> {
+    let Some(seconds) = text.trim().parse::<f64>().ok().filter(|s| !s.is_nan()) else {
+        return Err(format!(
+            "PARJOB_MPI_RANK_TIMEOUT={text:?} is not a number of seconds: give how long a rank \
+             may stay silent before it counts as lost, e.g. 5 (the default) or 60"
+        ));
+    };
+    if seconds < MIN_SILENCE_LIMIT.as_secs_f64() {
+        return Err(format!(
+            "PARJOB_MPI_RANK_TIMEOUT={text:?} is too short: ranks beat every {:?}, and a limit \
+             under {MIN_SILENCE_LIMIT:?} would count a rank that is only late as lost",
+            crate::wire::BEAT_EVERY
+        ));
+    }
+    // A huge value means "never": held to a year, which any clock can add without overflow.
+    Ok(Duration::try_from_secs_f64(seconds)
+        .map_or(MAX_SILENCE_LIMIT, |limit| limit.min(MAX_SILENCE_LIMIT)))
+}
+
+/// The shortest `PARJOB_MPI_RANK_TIMEOUT`: four beats.
+const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(1);
+/// The longest: a year stands for "never".
+const MAX_SILENCE_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What rank 0's driver thread is told.
 enum Command {
@@ -87,6 +126,9 @@ static DRIVER: OnceLock<Arc<Driver>> = OnceLock::new();
 /// Set by `break_next_run_for_tests`: the driver sends its next `RUN` unreadable.
 pub(crate) static BREAK_NEXT_RUN: AtomicBool = AtomicBool::new(false);
 static WORLD_SIZE: OnceLock<usize> = OnceLock::new();
+/// Set by [`init`] under a launcher: an MPI pool asked for without it can say that `init` was
+/// not called, rather than guess.
+pub(crate) static INIT_CALLED: AtomicBool = AtomicBool::new(false);
 
 /// The number of ranks in the world, once [`init`] started MPI; `None` outside a launcher.
 pub fn world_size() -> Option<usize> {
@@ -101,6 +143,7 @@ pub fn init() {
     if !crate::launched_by_mpi() || DRIVER.get().is_some() {
         return;
     }
+    INIT_CALLED.store(true, Ordering::SeqCst);
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("parjob-mpi".into())
@@ -192,5 +235,35 @@ extern "C" fn at_exit() {
         .is_ok();
     if sent {
         let _ = done_rx.recv_timeout(BYE_DEADLINE + Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_timeout_is_seconds_from_one_to_a_year() {
+        assert_eq!(parse_silence_limit(" 5 "), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_silence_limit("1.5"), Ok(Duration::from_millis(1500)));
+        // "Never", as users write it: no panic, no overflow of a clock.
+        for huge in ["1e20", "99999999999999999999", "inf", "1e10"] {
+            assert_eq!(parse_silence_limit(huge), Ok(MAX_SILENCE_LIMIT), "{huge}");
+        }
+        for (bad, says) in [
+            ("xyz", "is not a number of seconds"),
+            ("nan", "is not a number of seconds"),
+            ("", "is not a number of seconds"),
+            ("0.2", "is too short"),
+            ("0", "is too short"),
+            ("-3", "is too short"),
+            ("-inf", "is too short"),
+        ] {
+            let error = parse_silence_limit(bad).unwrap_err();
+            assert!(
+                error.starts_with(&format!("PARJOB_MPI_RANK_TIMEOUT={bad:?} {says}")),
+                "{error}"
+            );
+        }
     }
 }

@@ -35,13 +35,21 @@ impl MpiPool {
     /// the world has no rank besides 0; [`Error::Worker`] naming the rank when a rank is
     /// another build or its local pool could not start.
     pub fn new(ranks: usize) -> Result<MpiPool, Error> {
+        if let Err(reason) = super::configured_silence_limit() {
+            return Err(Error::backend_unavailable(Backend::Mpi, reason));
+        }
         let Some(driver) = DRIVER.get() else {
-            let reason = if crate::launched_by_mpi() {
-                "this is a worker rank, or parjob::init() was not called first thing in main \
-                 (it starts MPI)"
+            let reason = if !crate::launched_by_mpi() {
+                format!("this program was not started by an MPI launcher; {LAUNCH_HINT}")
+            } else if !super::INIT_CALLED.load(Ordering::SeqCst) {
+                "parjob::init() was not called first thing in main: under an MPI launcher it \
+                 starts MPI and turns every rank but 0 into a worker, and without it every \
+                 rank runs main"
                     .to_string()
             } else {
-                format!("this program was not started by an MPI launcher; {LAUNCH_HINT}")
+                "MPI did not start on this rank (parjob printed why on stderr), or this is a \
+                 worker rank"
+                    .to_string()
             };
             return Err(Error::backend_unavailable(Backend::Mpi, reason));
         };

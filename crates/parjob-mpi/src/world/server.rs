@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
 use parjob_core::{
-    Error, Initializer, InitializerEntry, InitializerWith, Job, Pool, ProcessOptions, Relayed,
-    RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count, shared_memory_from,
+    Error, Initializer, InitializerEntry, InitializerWith, Job, MAX_PROCESSES, Pool,
+    ProcessOptions, Relayed, RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count,
+    shared_memory_from,
 };
 use parjob_process::ProcessPool;
 use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader, Welcome};
@@ -27,14 +28,25 @@ use super::transport::{
 use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, silence_limit};
 
 /// How many local worker processes this rank runs: `PARJOB_MPI_WORKERS_PER_RANK`, else the
-/// CPUs divided among the ranks on this node.
-fn local_workers() -> usize {
-    if let Some(n) = std::env::var("PARJOB_MPI_WORKERS_PER_RANK")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-    {
-        return n;
+/// CPUs divided among the ranks on this node. An unusable `PARJOB_MPI_WORKERS_PER_RANK` is an
+/// error naming it (rank 0 reports it), not a guess: 0 or `abc` would otherwise pass
+/// unnoticed, and 5000 would start 5000 processes on the node.
+fn local_workers() -> Result<usize, String> {
+    if let Some(value) = std::env::var_os("PARJOB_MPI_WORKERS_PER_RANK") {
+        let text = value.to_string_lossy();
+        return match text.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_PROCESSES).contains(&n) => Ok(n),
+            Ok(n) if n > MAX_PROCESSES => Err(format!(
+                "PARJOB_MPI_WORKERS_PER_RANK={n} is more local worker processes than a rank \
+                 starts (at most {MAX_PROCESSES}, as on the process backend): each is a copy \
+                 of this program on this node"
+            )),
+            _ => Err(format!(
+                "PARJOB_MPI_WORKERS_PER_RANK={text:?} is not a number of local worker \
+                 processes: give a whole number from 1 to {MAX_PROCESSES}, or unset it to \
+                 use this node's CPUs divided among its ranks"
+            )),
+        };
     }
     // Slurm writes e.g. `3` or `2(x4)` in SLURM_STEP_TASKS_PER_NODE: the leading number is
     // this node's (on a uniform allocation).
@@ -56,16 +68,22 @@ fn local_workers() -> usize {
     })
     .filter(|&n| n > 0)
     .unwrap_or(1);
-    (cpu_count() / on_node).max(1)
+    Ok((cpu_count() / on_node).max(1))
 }
 
 /// The rank server's loop. Returns the exit status: 0 after rank 0's `STOP`.
 pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let host = host_name();
-    let workers = local_workers();
-    let (pool, error) = match ProcessPool::new(workers, ProcessOptions::default()) {
-        Ok(pool) => (Some(pool), String::new()),
-        Err(e) => (None, format!("its local process pool did not start: {e}")),
+    let (workers, pool, error) = match local_workers() {
+        Ok(workers) => match ProcessPool::new(workers, ProcessOptions::default()) {
+            Ok(pool) => (workers, Some(pool), String::new()),
+            Err(e) => (
+                workers,
+                None,
+                format!("its local process pool did not start: {e}"),
+            ),
+        },
+        Err(e) => (0, None, e),
     };
     let hello = Hello {
         identity: Identity::current(PROTOCOL).encode(),
