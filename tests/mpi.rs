@@ -527,6 +527,39 @@ mod suite {
         check(mapped[10] == 100, || "map is wrong".into())
     }
 
+    /// A daemon executor dropped with tasks still queued for its pool (one with an
+    /// initializer, which the ranks stop at the drop): those tasks are cancelled before they
+    /// ran, as on the process backend, not sent to ranks that no longer have the pool.
+    fn daemon_executor_dropped() -> Result<(), String> {
+        let executor = Executor::new(-1)
+            .backend(Backend::Mpi)
+            .initializer_with(set_value, 7)
+            .daemon(true);
+        let futures: Vec<_> = (0..40u64)
+            .map(|i| executor.submit(delayed(sleeps, 20 + i % 2)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(executor);
+        let (mut ran, mut cancelled) = (0, 0);
+        for (i, future) in futures.into_iter().enumerate() {
+            match future.result() {
+                Ok(_) => ran += 1,
+                // Not started, or running when the pool went (a daemon's tasks are not
+                // waited for).
+                Err(Error::Cancelled { .. } | Error::Abandoned { .. }) => cancelled += 1,
+                Err(e) => return Err(format!("task {i}: {e}")),
+            }
+        }
+        println!("  {ran} ran, {cancelled} cancelled or abandoned");
+        check(cancelled > 0, || {
+            format!("all {ran} tasks ran: the drop came too late to test anything")
+        })?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("the run after: {e}"))?;
+        check(out[9] == 81, || "the run after: wrong".into())
+    }
+
     fn million_tiny_tasks() -> Result<(), String> {
         let out = mpi(-1)
             .run((0..1_000_000u64).map(|i| delayed(square, i)))
@@ -870,6 +903,12 @@ mod suite {
         check(err.to_string().contains("no model file here"), || {
             format!("the error does not carry the initializer's panic: {err}")
         })?;
+        // Named once, by task and rank: not "worker 0: worker 2: task 1: ..." as before.
+        check(
+            err.to_string().starts_with("task ")
+                && err.to_string().contains(": its local pool did not start: "),
+            || format!("the error does not start by naming the task: {err}"),
+        )?;
         let out = mpi(-1)
             .run((0..100u64).map(|i| delayed(square, i)))
             .map_err(|e| format!("after a failed initializer: {e}"))?;
@@ -950,6 +989,7 @@ mod suite {
             ("timeout", timeout),
             ("unreadable_run", unreadable_run),
             ("executor", executor),
+            ("daemon_executor_dropped", daemon_executor_dropped),
             ("million_tiny_tasks", million_tiny_tasks),
             (
                 "batches_carry_transport_figures",

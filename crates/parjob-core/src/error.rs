@@ -130,6 +130,19 @@ pub enum Error {
         error: Box<Error>,
     },
 
+    /// A failure of task `index` that another process (an MPI worker rank) reported in words
+    /// only: `message`, as that process wrote it, starting with `task <index>: `. Errors
+    /// without a field-by-field form on the wire (an argument that cannot be decoded there, a
+    /// local pool that did not start) come back as this.
+    #[error("{message}")]
+    #[non_exhaustive]
+    Remote {
+        /// Position of the task in the input.
+        index: usize,
+        /// What the other process said, naming the task.
+        message: String,
+    },
+
     /// The MPI rank running the task was lost (killed, its node failed, it stopped answering):
     /// the task's outcome will never be known.
     #[error("task {index}: MPI rank {rank} (host {host}, pid {pid}) was lost: {reason}")]
@@ -381,6 +394,15 @@ impl Error {
         }
     }
 
+    /// [`Error::Remote`]: task `index` failed in another process, which said `message`
+    /// (it should start with `task <index>: `).
+    pub fn remote(index: usize, message: impl Into<String>) -> Error {
+        Error::Remote {
+            index,
+            message: message.into(),
+        }
+    }
+
     /// [`Error::WorkerCrashed`].
     pub fn worker_crashed(index: usize, worker: usize, pid: u32, status: WorkerExit) -> Error {
         Error::WorkerCrashed {
@@ -475,6 +497,7 @@ impl Error {
             | Error::WorkerCrashed { index, .. }
             | Error::Timeout { index, .. }
             | Error::Codec { index, .. }
+            | Error::Remote { index, .. }
             | Error::RankLost { index, .. }
             | Error::Cancelled { index }
             | Error::Abandoned { index }
@@ -500,6 +523,12 @@ impl Error {
             | Error::Abandoned { index }
             | Error::ResultTaken { index }
             | Error::WaitTimedOut { index, .. } => *index = new_index,
+            Error::Remote { index, message } => {
+                if let Some(rest) = message.strip_prefix(&format!("task {index}: ")) {
+                    *message = format!("task {new_index}: {rest}");
+                }
+                *index = new_index;
+            }
             Error::RetriesExhausted { index, attempts } => {
                 *index = new_index;
                 for attempt in attempts.iter_mut() {

@@ -200,7 +200,8 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
             Error::timeout(index, after, killed)
         }
         4 => Error::cancelled(index),
-        5 => Error::worker(0, r.text()?),
+        // Its words, as the rank wrote them (they name the task).
+        5 => Error::remote(index, r.text()?),
         _ => return None,
     })
 }
@@ -217,6 +218,7 @@ mod tests {
             Error::worker_crashed(5, 0, 78, WorkerExit::Exited(3)),
             Error::timeout(6, Duration::from_millis(200), true),
             Error::cancelled(7),
+            Error::remote(8, "task 8: its local pool 1 is not on this rank"),
         ] {
             let mut out = Vec::new();
             put_failure(&mut out, &error);
@@ -224,6 +226,13 @@ mod tests {
             assert_eq!(read_failure(&mut r), Some(error));
             assert!(r.0.is_empty());
         }
+        // Other errors travel as their text, which names the task: no prefix is added.
+        let codec = Error::codec(9, "decode", "u64", "too short");
+        let mut out = Vec::new();
+        put_failure(&mut out, &codec);
+        let back = read_failure(&mut Reader(&out[1..])).unwrap();
+        assert_eq!(back.to_string(), codec.to_string());
+        assert_eq!(back.task_index(), Some(9));
     }
 
     #[test]

@@ -218,6 +218,10 @@ impl<'w> DriverState<'w> {
                 self.send_to_ranks(ranks, TAG_POOL, &message);
             }
             Command::ClosePool { pool } => {
+                // Jobs still queued for it (a daemon executor dropped with tasks pending)
+                // would reach ranks that stopped the pool: they end now, their tasks
+                // cancelled before they ran, as on the process backend.
+                self.queue.retain(|(_, _, queued_for)| *queued_for != pool);
                 if let Some(ranks) = self.pools.remove(&pool) {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
                 }
@@ -588,8 +592,8 @@ impl<'w> DriverState<'w> {
         }
         let host = self.host_of(from);
         let index = job.batch().first_index() + job.batch().outcomes_len();
-        let error = Error::worker(
-            from,
+        let error = Error::remote(
+            index,
             format!(
                 "task {index}: MPI rank {from} could not read the RUN message rank 0 sent it \
                  ({why}), so its tasks never ran"

@@ -245,10 +245,54 @@ fn send_done(
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
 ) {
+    let len = outcomes.len;
     let message = encode_done(rank as u64, id, first_index, outcomes);
+    let message = fit_done(message, MAX_MESSAGE, rank, id, first_index, len);
     if let Ok(send) = isend(world, 0, TAG_DONE, message) {
         sends.push(send);
     }
+}
+
+/// The most bytes one MPI message holds: MPI counts them in a C `int`.
+const MAX_MESSAGE: usize = i32::MAX as usize;
+
+/// `done`, the `DONE` of frame `id` (`len` tasks from `first_index`), if it is at most `limit`
+/// bytes; otherwise a `DONE` failing each of those tasks with the reason. A `DONE` that cannot
+/// be sent would leave rank 0 waiting for that job for ever.
+fn fit_done(
+    done: Vec<u8>,
+    limit: usize,
+    rank: usize,
+    id: u64,
+    first_index: u64,
+    len: usize,
+) -> Vec<u8> {
+    if done.len() <= limit {
+        return done;
+    }
+    let first = usize::try_from(first_index).unwrap_or(0);
+    let why = format!(
+        "they come to {} bytes, over the {limit} bytes of one MPI message; return less per \
+         task, or give the run a smaller batch_size",
+        done.len()
+    );
+    let outcomes = RelayedOutcomes {
+        busy: Duration::ZERO,
+        len,
+        records: Vec::new(),
+        outcomes: (0..len)
+            .map(|i| {
+                Relayed::Failed(Error::codec(
+                    first + i,
+                    "send",
+                    "the results of its batch to rank 0",
+                    why.clone(),
+                ))
+            })
+            .collect(),
+        worker: None,
+    };
+    encode_done(rank as u64, id, first_index, outcomes)
 }
 
 /// The `SharedSlice` segments rank 0 sent this rank, each copied once into shared memory of
@@ -276,7 +320,9 @@ impl Segments {
             }
             None => {
                 let why = format!(
-                    "the {} bytes of the SharedSlice segment {id:#x} could not be put in                      shared memory on this rank (out of file descriptors or memory, or                      parjob::init() did not set up the process backend)",
+                    "the {} bytes of the SharedSlice segment {id:#x} could not be put in \
+                     shared memory on this rank (out of file descriptors or memory, or \
+                     parjob::init() did not set up the process backend)",
                     r.0.len()
                 );
                 self.failed.insert(id, why);
@@ -385,8 +431,8 @@ fn failed_done(rank: usize, id: u64, first_index: u64, message: &str) -> Vec<u8>
         busy: Duration::ZERO,
         len: 1,
         records: Vec::new(),
-        outcomes: vec![Relayed::Failed(Error::worker(
-            rank,
+        outcomes: vec![Relayed::Failed(Error::remote(
+            usize::try_from(first_index).unwrap_or(usize::MAX),
             format!("task {first_index}: {message}"),
         ))],
         worker: None,
@@ -724,6 +770,43 @@ mod tests {
         let mut out = vec![tag];
         put_bytes(&mut out, payload);
         out
+    }
+
+    /// A `DONE` over what one MPI message holds is not sent (rank 0 would wait for it for
+    /// ever): each of its tasks fails instead, saying why, in a `DONE` that fits.
+    #[test]
+    fn a_done_too_big_for_one_message_fails_its_tasks() {
+        let records = [record(0, &[7; 64]), record(0, &[8; 64])].concat();
+        let outcomes = RelayedOutcomes {
+            busy: Duration::ZERO,
+            outcomes: vec![Relayed::Records {
+                bytes: 0..records.len(),
+                count: 2,
+            }],
+            records,
+            len: 2,
+            worker: Some(0),
+        };
+        let done = encode_done(1, 9, 20, outcomes);
+        let size = done.len();
+        assert_eq!(fit_done(done.clone(), size, 1, 9, 20, 2), done);
+        let fitted = fit_done(done, 100, 1, 9, 20, 2);
+        let (header, body) = DoneHeader::decode(&fitted).expect("a DONE header");
+        assert_eq!(header.tag.seq, 9);
+        let mut r = Reader(body);
+        r.u32();
+        for index in [20, 21] {
+            assert_eq!(r.u8(), Some(1));
+            let error = wire::read_failure(&mut r).expect("a failure").to_string();
+            assert!(
+                error.starts_with(&format!(
+                    "task {index}: cannot send the results of its batch to rank 0: they come \
+                     to {size} bytes, over the 100 bytes of one MPI message"
+                )),
+                "{error}"
+            );
+        }
+        assert!(r.0.is_empty());
     }
 
     /// Consecutive records travel as one entry with the right count and length; a panic
