@@ -560,6 +560,51 @@ mod suite {
         check(out[9] == 81, || "the run after: wrong".into())
     }
 
+    /// An argument whose `Serialize` takes longer than a rank may wait for rank 0's beat.
+    #[derive(Debug, serde::Deserialize)]
+    struct SlowToEncode(u64);
+
+    impl serde::Serialize for SlowToEncode {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            std::thread::sleep(SLOWER_THAN_A_RANK_WAITS);
+            self.0.serialize(s)
+        }
+    }
+
+    /// Longer than the 5 s a rank waits for rank 0's beat (`PARJOB_MPI_RANK_TIMEOUT`).
+    const SLOWER_THAN_A_RANK_WAITS: Duration = Duration::from_secs(6);
+
+    fn unwrap_slow(x: SlowToEncode) -> u64 {
+        x.0
+    }
+
+    /// User code that runs on rank 0 for longer than a rank waits for its beat (a future's
+    /// done-callback, an argument's `Serialize`) does not hold up the MPI thread: before, the
+    /// ranks took rank 0 for lost and left, and every later run failed.
+    fn slow_user_code_on_rank_0() -> Result<(), String> {
+        let executor = Executor::new(-1).backend(Backend::Mpi);
+        let future = executor.submit(delayed(square, 3));
+        let (called, call) = std::sync::mpsc::channel();
+        future.add_done_callback(move |_| {
+            std::thread::sleep(SLOWER_THAN_A_RANK_WAITS);
+            let _ = called.send(());
+        });
+        call.recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "the done-callback never ran".to_string())?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a slow done-callback: {e}"))?;
+        check(out[9] == 81, || "wrong after a slow done-callback".into())?;
+        let out = mpi(-1)
+            .run([delayed(unwrap_slow, SlowToEncode(5))])
+            .map_err(|e| format!("a slow Serialize: {e}"))?;
+        check(out == [5], || format!("a slow Serialize gave {out:?}"))?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a slow Serialize: {e}"))?;
+        check(out[9] == 81, || "wrong after a slow Serialize".into())
+    }
+
     fn million_tiny_tasks() -> Result<(), String> {
         let out = mpi(-1)
             .run((0..1_000_000u64).map(|i| delayed(square, i)))
@@ -990,6 +1035,7 @@ mod suite {
             ("unreadable_run", unreadable_run),
             ("executor", executor),
             ("daemon_executor_dropped", daemon_executor_dropped),
+            ("slow_user_code_on_rank_0", slow_user_code_on_rank_0),
             ("million_tiny_tasks", million_tiny_tasks),
             (
                 "batches_carry_transport_figures",

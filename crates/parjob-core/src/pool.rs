@@ -282,6 +282,14 @@ impl Job {
         self.complete(Duration::ZERO);
     }
 
+    /// Whether completing this job runs a callback (a [`Future`](crate::Future)'s, and the
+    /// user's done-callbacks with it) instead of handing the batch to a waiting run. A pool
+    /// whose completing thread must stay responsive (the MPI backend's driver, which beats
+    /// for every rank) completes such jobs on another thread.
+    pub fn completes_by_callback(&self) -> bool {
+        matches!(self.reply, Some(Reply::Call(_)))
+    }
+
     /// Reports the job done, `busy` being how long its tasks ran (it steers auto batching).
     /// Tasks left without an outcome count as cancelled.
     pub fn complete(mut self, busy: Duration) {

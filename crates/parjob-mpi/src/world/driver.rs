@@ -8,8 +8,8 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::topology::SimpleCommunicator;
-use parjob_core::{Backend, Error, Job, SharedSegment, Transport, catch_task, collect_shared};
-use parjob_remote::{CodeOffset, DoneHeader, FrameAt, FrameTag, RunHeader};
+use parjob_core::{Backend, Error, Job, SharedSegment, Transport, catch_task};
+use parjob_remote::{DoneHeader, FrameAt, FrameTag, RunHeader};
 
 use crate::LAUNCH_HINT;
 use crate::wire::{
@@ -23,7 +23,16 @@ use super::transport::{
     Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
     try_receive,
 };
-use super::{BYE_DEADLINE, Command, Driver, HELLO_DEADLINE, RankInfo, silence_limit};
+use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
+
+/// A job waiting for a rank with room: the ranks it may go to (`1..=ranks`), the ranks' local
+/// pool it runs in, and its tasks, already encoded.
+struct Queued {
+    job: Job,
+    ranks: usize,
+    pool: u64,
+    encoded: Result<Encoded, Error>,
+}
 
 /// A job out on a rank.
 struct Out {
@@ -62,7 +71,7 @@ pub(super) struct DriverState<'w> {
     hello_error: Option<Error>,
     started: Instant,
     /// Jobs not sent yet, with the ranks and the local pool they may run on.
-    queue: VecDeque<(Job, usize, u64)>,
+    queue: VecDeque<Queued>,
     /// The local pools with an initializer the ranks run, and on which ranks (`1..=ranks`).
     pools: HashMap<u64, usize>,
     out: HashMap<u64, Out>,
@@ -72,6 +81,45 @@ pub(super) struct DriverState<'w> {
     host: String,
     last_check: Instant,
     last_beat: Instant,
+    completer: Completer,
+}
+
+/// Completes jobs whose completion runs user code (a future's done-callbacks) on a thread of
+/// its own, started when first needed: on the driver thread a callback that takes seconds
+/// would stop rank 0's beats, and every rank would leave, taking rank 0 for lost.
+#[derive(Default)]
+struct Completer {
+    thread: Option<Sender<(Job, Duration)>>,
+}
+
+impl Completer {
+    fn complete(&mut self, job: Job, busy: Duration) {
+        if !job.completes_by_callback() {
+            return job.complete(busy);
+        }
+        if self.thread.is_none() {
+            let (sender, jobs) = mpsc::channel::<(Job, Duration)>();
+            let started = std::thread::Builder::new()
+                .name("parjob-mpi-done".into())
+                .spawn(move || {
+                    for (job, busy) in jobs {
+                        job.complete(busy);
+                    }
+                });
+            if started.is_ok() {
+                self.thread = Some(sender);
+            }
+        }
+        match &self.thread {
+            Some(thread) => {
+                if let Err(mpsc::SendError((job, busy))) = thread.send((job, busy)) {
+                    job.complete(busy);
+                }
+            }
+            // No thread could be started: complete here, late beats and all.
+            None => job.complete(busy),
+        }
+    }
 }
 
 impl<'w> DriverState<'w> {
@@ -94,6 +142,7 @@ impl<'w> DriverState<'w> {
             host: host_name(),
             last_check: Instant::now(),
             last_beat: Instant::now(),
+            completer: Completer::default(),
         }
     }
 
@@ -204,7 +253,17 @@ impl<'w> DriverState<'w> {
     /// A pool's command other than `Shutdown`.
     fn command(&mut self, command: Command) {
         match command {
-            Command::Submit { job, ranks, pool } => self.queue.push_back((job, ranks, pool)),
+            Command::Submit {
+                job,
+                ranks,
+                pool,
+                encoded,
+            } => self.queue.push_back(Queued {
+                job,
+                ranks,
+                pool,
+                encoded,
+            }),
             Command::OpenPool {
                 pool,
                 ranks,
@@ -221,7 +280,7 @@ impl<'w> DriverState<'w> {
                 // Jobs still queued for it (a daemon executor dropped with tasks pending)
                 // would reach ranks that stopped the pool: they end now, their tasks
                 // cancelled before they ran, as on the process backend.
-                self.queue.retain(|(_, _, queued_for)| *queued_for != pool);
+                self.queue.retain(|queued| queued.pool != pool);
                 if let Some(ranks) = self.pools.remove(&pool) {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
                 }
@@ -339,7 +398,7 @@ impl<'w> DriverState<'w> {
             return false;
         }
         let mut sent = false;
-        while let Some(limit) = self.queue.front().map(|(_, ranks, _)| *ranks) {
+        while let Some(limit) = self.queue.front().map(|queued| queued.ranks) {
             let candidates = self
                 .slots
                 .iter()
@@ -359,7 +418,7 @@ impl<'w> DriverState<'w> {
                 }
             }
             if !any_alive {
-                let Some((mut job, _, _)) = self.queue.pop_front() else {
+                let Some(Queued { mut job, .. }) = self.queue.pop_front() else {
                     break;
                 };
                 let lost: Vec<&Slot> = self.slots.iter().filter(|s| s.info.rank <= limit).collect();
@@ -375,57 +434,45 @@ impl<'w> DriverState<'w> {
                         "every worker rank of this pool was lost",
                     )
                 });
-                job.complete(Duration::ZERO);
+                self.completer.complete(job, Duration::ZERO);
                 continue;
             }
             let Some(best) = best else {
                 break;
             };
-            let Some((job, _, pool)) = self.queue.pop_front() else {
+            let Some(queued) = self.queue.pop_front() else {
                 break;
             };
-            self.send_job(job, best, pool);
+            self.send_job(queued, best);
             sent = true;
         }
         sent
     }
 
-    fn send_job(&mut self, mut job: Job, slot: usize, pool: u64) {
+    fn send_job(&mut self, queued: Queued, slot: usize) {
+        let Queued {
+            mut job,
+            pool,
+            encoded,
+            ..
+        } = queued;
         if job.control().is_cancelled() || !job.mark_started() {
-            job.complete(Duration::ZERO);
+            self.completer.complete(job, Duration::ZERO);
             return;
         }
         let rank = self.slots[slot].info.rank;
         let id = self.next_id;
         self.next_id += 1;
-        let batch = job.batch();
-        let entry = match batch
-            .remote_entry()
-            .and_then(|entry| CodeOffset::of_entry(entry, batch.function_name()))
-        {
-            Ok(entry) => entry,
+        let Encoded {
+            entry,
+            tasks: mut buffer,
+            segments,
+            took: encode,
+        } = match encoded {
+            Ok(encoded) => encoded,
             Err(error) => {
                 job.batch_mut().push_failure(error);
-                job.complete(Duration::ZERO);
-                return;
-            }
-        };
-        let len = batch.len();
-        // The tasks first and the fixed-size trailer last: the rank then hands the message's
-        // own buffer, cut short, to its local pool instead of copying the frame out of it.
-        let mut buffer = Vec::with_capacity(RUN_TRAILER + 16 * len);
-        // The arguments' `Serialize` is user code: a panic in it fails this job's first task.
-        // Its `SharedSlice`s of shared memory travel as handles, their segments apart.
-        let encode_began = Instant::now();
-        let encoded = parjob_core::catch_task(|| {
-            collect_shared(|| batch.encode_tasks(0..len, &mut buffer)).1
-        });
-        let segments = match encoded {
-            Ok(segments) => segments,
-            Err(message) => {
-                let index = job.batch().first_index();
-                job.batch_mut().push_failure(codec_error(index, message));
-                job.complete(Duration::ZERO);
+                self.completer.complete(job, Duration::ZERO);
                 return;
             }
         };
@@ -451,9 +498,10 @@ impl<'w> DriverState<'w> {
                 Err(message) => {
                     let index = job.batch().first_index();
                     job.batch_mut().push_failure(Error::InvalidConfig(format!(
-                        "task {index}: cannot send a SharedSlice's segment to MPI rank                          {rank}: {message}"
+                        "task {index}: cannot send a SharedSlice's segment to MPI rank \
+                         {rank}: {message}"
                     )));
-                    job.complete(Duration::ZERO);
+                    self.completer.complete(job, Duration::ZERO);
                     return;
                 }
             }
@@ -480,7 +528,6 @@ impl<'w> DriverState<'w> {
         if super::BREAK_NEXT_RUN.swap(false, Ordering::SeqCst) {
             buffer.truncate(RUN_TRAILER / 2);
         }
-        let encode = encode_began.elapsed();
         bytes_sent += buffer.len() as u64;
         match isend(self.world, rank, TAG_RUN, buffer) {
             Ok(send) => {
@@ -499,7 +546,7 @@ impl<'w> DriverState<'w> {
                 let index = job.batch().first_index();
                 job.batch_mut()
                     .push_failure(Error::InvalidConfig(format!("task {index}: {message}")));
-                job.complete(Duration::ZERO);
+                self.completer.complete(job, Duration::ZERO);
             }
         }
     }
@@ -563,7 +610,7 @@ impl<'w> DriverState<'w> {
             .saturating_sub(header.busy);
         transport.decode = received_at.elapsed();
         job.add_transport(&transport);
-        job.complete(header.busy);
+        self.completer.complete(job, header.busy);
     }
 
     /// An `UNREADABLE_RUN`: `rank` could not read the trailer of a `RUN` (nor its id). MPI
@@ -601,7 +648,7 @@ impl<'w> DriverState<'w> {
         );
         job.batch_mut()
             .push_failure(Error::on_rank(from, host, error));
-        job.complete(Duration::ZERO);
+        self.completer.complete(job, Duration::ZERO);
     }
 
     fn host_of(&self, rank: usize) -> String {
@@ -740,7 +787,7 @@ impl<'w> DriverState<'w> {
                 fail_rest(&mut job, |index| {
                     Error::rank_lost(index, rank, host.clone(), pid, reason)
                 });
-                job.complete(Duration::ZERO);
+                self.completer.complete(job, Duration::ZERO);
             }
         }
     }
@@ -748,8 +795,8 @@ impl<'w> DriverState<'w> {
     /// Tells every live rank to stop and waits (with a deadline) for their `BYE`s.
     fn shutdown(&mut self) {
         // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
-        for (job, _, _) in self.queue.drain(..) {
-            job.complete(Duration::ZERO);
+        for Queued { job, .. } in self.queue.drain(..) {
+            self.completer.complete(job, Duration::ZERO);
         }
         let ranks: Vec<usize> = if self.handshaken() {
             let alive = self.slots.iter().filter(|s| s.alive).map(|s| s.info.rank);
@@ -778,7 +825,7 @@ impl<'w> DriverState<'w> {
             std::thread::sleep(Duration::from_micros(200));
         }
         for (_, out) in self.out.drain() {
-            out.job.complete(Duration::ZERO);
+            self.completer.complete(out.job, Duration::ZERO);
         }
         if !waiting.is_empty() {
             self.driver.lost.store(true, Ordering::SeqCst);
@@ -791,14 +838,6 @@ impl<'w> DriverState<'w> {
             std::mem::forget(std::mem::take(&mut self.leaked));
         }
     }
-}
-
-/// A codec error for a job whose arguments' `Serialize` panicked while encoding.
-fn codec_error(index: usize, message: String) -> Error {
-    Error::task_panicked(
-        index,
-        format!("encoding its arguments for an MPI rank panicked: {message}"),
-    )
 }
 
 /// Records `error(index)` for every task of `job` without an outcome.

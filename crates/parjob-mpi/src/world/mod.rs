@@ -22,7 +22,7 @@ pub use pool::MpiPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mpi::topology::Communicator;
 use parjob_core::{Error, Job};
@@ -86,11 +86,63 @@ const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(1);
 /// The longest: a year stands for "never".
 const MAX_SILENCE_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// A job's tasks as a `RUN` carries them, made on the thread that submits the job: encoding
+/// runs the arguments' `Serialize` (user code, which may take seconds), and rank 0's driver
+/// thread, which beats for every rank, must not wait for it.
+pub(super) struct Encoded {
+    /// The entry the ranks' workers call.
+    entry: parjob_remote::CodeOffset,
+    /// The frame of tasks; the driver appends the segment ids and the trailer.
+    tasks: Vec<u8>,
+    /// The `SharedSlice` segments the frame names by handle.
+    segments: Vec<Arc<parjob_core::SharedSegment>>,
+    /// How long encoding took.
+    took: Duration,
+}
+
+impl Encoded {
+    /// Encodes `job`'s tasks. An error (a closure as the task function, a panicking
+    /// `Serialize`) is the outcome of the job's first task.
+    pub(super) fn of(job: &Job, reserve: usize) -> Result<Encoded, Error> {
+        let began = Instant::now();
+        let batch = job.batch();
+        let entry = batch
+            .remote_entry()
+            .and_then(|entry| parjob_remote::CodeOffset::of_entry(entry, batch.function_name()))?;
+        let len = batch.len();
+        // The tasks first and the fixed-size trailer last: the rank then hands the message's
+        // own buffer, cut short, to its local pool instead of copying the frame out of it.
+        let mut tasks = Vec::with_capacity(reserve + 16 * len);
+        // Its `SharedSlice`s of shared memory travel as handles, their segments apart.
+        let encoded = parjob_core::catch_task(|| {
+            parjob_core::collect_shared(|| batch.encode_tasks(0..len, &mut tasks)).1
+        });
+        let segments = encoded.map_err(|message| {
+            Error::task_panicked(
+                batch.first_index(),
+                format!("encoding its arguments for an MPI rank panicked: {message}"),
+            )
+        })?;
+        Ok(Encoded {
+            entry,
+            tasks,
+            segments,
+            took: began.elapsed(),
+        })
+    }
+}
+
 /// What rank 0's driver thread is told.
 enum Command {
     /// Run `job` on one of ranks `1..=ranks`, in their local pool `pool` (0: the one each
     /// rank starts with, without an initializer).
-    Submit { job: Job, ranks: usize, pool: u64 },
+    Submit {
+        job: Job,
+        ranks: usize,
+        pool: u64,
+        /// The job's tasks, encoded by the submitting thread (see [`Encoded`]).
+        encoded: Result<Encoded, Error>,
+    },
     /// Ranks `1..=ranks` start local pool `pool`, whose workers run the initializer `welcome`
     /// (a parjob-remote `Welcome`) names.
     OpenPool {

@@ -9,7 +9,8 @@ use parjob_remote::{CodeOffset, InitArgs, Nonce, Welcome};
 
 use crate::LAUNCH_HINT;
 
-use super::{Command, DRIVER};
+use super::server::RUN_TRAILER;
+use super::{Command, DRIVER, Encoded};
 
 /// The MPI backend's pool on rank 0: a handle on the driver thread, using worker ranks
 /// `1..=ranks`.
@@ -143,6 +144,7 @@ impl Pool for MpiPool {
         let Some(driver) = DRIVER.get() else {
             return; // the job completes itself as cancelled
         };
+        let encoded = Encoded::of(&job, RUN_TRAILER);
         let sent = driver
             .commands
             .lock()
@@ -151,6 +153,7 @@ impl Pool for MpiPool {
                 job,
                 ranks: self.ranks,
                 pool: self.pool,
+                encoded,
             });
         // A driver thread that is gone (the program is exiting) drops the job, which
         // completes itself as cancelled.
