@@ -635,7 +635,16 @@ mod suite {
         let parents: BTreeSet<u32> = one.iter().map(|&(_, p)| p).collect();
         check(parents.len() == 1, || {
             format!("n_jobs = 1 used rank servers {parents:?}")
-        })
+        })?;
+        // What `effective_n_jobs` says is what runs use: worker ranks, at most the world's.
+        let worker_ranks = parjob_mpi_world_size() - 1;
+        for (n_jobs, expected) in [(1, 1), (-1, worker_ranks), (1000, worker_ranks)] {
+            let said = mpi(n_jobs).effective_n_jobs().map_err(|e| e.to_string())?;
+            check(said == expected, || {
+                format!("effective_n_jobs for n_jobs {n_jobs}: {said}, expected {expected}")
+            })?;
+        }
+        Ok(())
     }
 
     fn where_am_i_slowly(ms: u64) -> (u32, u32) {

@@ -234,7 +234,8 @@ impl Parallel {
         }
     }
 
-    /// How many workers runs use.
+    /// How many workers runs use: on the MPI backend, worker ranks (at most as many as the
+    /// world has, once `parjob::init()` started MPI).
     ///
     /// # Errors
     /// An invalid `n_jobs`.
@@ -242,7 +243,13 @@ impl Parallel {
         if let Some(error) = &self.env_error {
             return Err(error.clone());
         }
-        resolve_workers(self.n_jobs, self.n_jobs_from_env)
+        let n_jobs = resolve_workers(self.n_jobs, self.n_jobs_from_env)?;
+        if self.effective_backend().ok() == Some(Backend::Mpi)
+            && let Some(ranks) = parjob_mpi_ranks_in_world(self.n_jobs)
+        {
+            return Ok(ranks);
+        }
+        Ok(n_jobs)
     }
 
     /// Drops the kept pool (its workers stop once their current jobs are done); the next run
@@ -463,6 +470,19 @@ impl Parallel {
 fn parjob_mpi_ranks(n_jobs: i32) -> usize {
     let worker_ranks = parjob_mpi::world_size().map_or(0, |size| size.saturating_sub(1));
     parjob_mpi::ranks_for(n_jobs, worker_ranks)
+}
+
+/// The worker ranks a pool of `n_jobs` uses in this MPI world, when `init()` started one with
+/// worker ranks.
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+fn parjob_mpi_ranks_in_world(n_jobs: i32) -> Option<usize> {
+    let worker_ranks = parjob_mpi::world_size()?.checked_sub(1)?;
+    (worker_ranks > 0).then(|| parjob_mpi::ranks_for(n_jobs, worker_ranks).min(worker_ranks))
+}
+
+#[cfg(not(all(feature = "mpi", target_os = "linux")))]
+fn parjob_mpi_ranks_in_world(_n_jobs: i32) -> Option<usize> {
+    None
 }
 
 /// Without MPI in this build the pool refuses to start, whatever the count.

@@ -701,8 +701,9 @@ impl<'w> DriverState<'w> {
                 self.finish_handshake(Err(Error::backend_unavailable(
                     Backend::Mpi,
                     format!(
-                        "MPI ranks {missing:?} did not say hello within {HELLO_DEADLINE:?} \
-                         (did their program call parjob::init() first thing in main?)"
+                        "MPI ranks {missing:?} did not say hello within {HELLO_DEADLINE:?}: \
+                         they died or hung while starting (before their local pools were up), \
+                         or their program does not call parjob::init() first thing in main"
                     ),
                 )));
             }
