@@ -146,7 +146,7 @@ mod suite {
     /// Settings a user can get wrong, each with what the error must say: a run on such a
     /// world fails with it (naming the setting) instead of guessing, starting thousands of
     /// processes, or saying "or".
-    const BAD_SETTINGS: [(&str, &str, &str); 4] = [
+    const BAD_SETTINGS: [(&str, &str, &str); 5] = [
         (
             "PARJOB_MPI_WORKERS_PER_RANK",
             "abc",
@@ -166,6 +166,12 @@ mod suite {
             "PARJOB_MPI_NO_INIT",
             "1",
             "parjob::init() was not called first thing in main",
+        ),
+        // Not a setting: the suite makes rank 0's driver thread panic, as a bug would.
+        (
+            "PARJOB_MPI_PANIC_DRIVER",
+            "1",
+            "rank 0's MPI thread panicked (panic_driver_for_tests)",
         ),
     ];
 
@@ -1059,6 +1065,16 @@ mod suite {
             ("rank_killed", rank_killed),
         ];
         if let Ok(expected) = std::env::var("PARJOB_MPI_EXPECT") {
+            if std::env::var_os("PARJOB_MPI_PANIC_DRIVER").is_some() {
+                // After the handshake (a run that works), as a bug in the middle of a program.
+                if let Err(e) = mpi(-1).run([delayed(square, 2)]) {
+                    println!("test mpi::bad_setting ... the run before the panic failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+                parjob::__mpi_panic_driver();
+                // The driver looks at its commands at least every 100 ms when idle.
+                std::thread::sleep(Duration::from_millis(500));
+            }
             let verdict = match bad_setting(&expected) {
                 Ok(()) => "ok".to_string(),
                 Err(why) => why,

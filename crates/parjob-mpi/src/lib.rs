@@ -76,6 +76,15 @@ pub fn break_next_run_for_tests() {
     world::BREAK_NEXT_RUN.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// For the MPI suite only: rank 0's driver thread panics at its next turn, as a bug of
+/// parjob's would make it. Pools made after that must be refused with an error saying so,
+/// instead of waiting for ever for a driver that is gone.
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+#[doc(hidden)]
+pub fn panic_driver_for_tests() {
+    world::PANIC_DRIVER.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 #[cfg(not(all(feature = "mpi", target_os = "linux")))]
 mod unavailable {
     use parjob_core::{Backend, Error};

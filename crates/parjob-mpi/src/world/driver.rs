@@ -157,6 +157,13 @@ impl<'w> DriverState<'w> {
         ready.notify_all();
     }
 
+    /// After a panic of the driver loop: ends every job it holds (their tasks without an
+    /// outcome cancelled), and keeps the buffers of sends MPI may still read for good.
+    pub(super) fn abandon(mut self) {
+        std::mem::forget(std::mem::take(&mut self.sends));
+        std::mem::forget(std::mem::take(&mut self.leaked));
+    }
+
     /// The driver loop, until the program exits. Returns who to tell once MPI is finalized.
     pub(super) fn run(&mut self, inbox: Receiver<Command>) -> Option<Sender<()>> {
         if self.size < 2 {
@@ -167,6 +174,10 @@ impl<'w> DriverState<'w> {
         }
         let mut backoff = Backoff { idle_since: None };
         loop {
+            assert!(
+                !super::PANIC_DRIVER.swap(false, Ordering::Relaxed),
+                "panic_driver_for_tests"
+            );
             let mut busy = false;
             // Commands from the pools.
             loop {
@@ -321,7 +332,12 @@ impl<'w> DriverState<'w> {
         let refuse = |this: &mut Self, message: String| {
             this.hello_error
                 .get_or_insert(Error::worker(from, format!("MPI rank {from}: {message}")));
-            if let Ok(send) = isend(this.world, from, TAG_WELCOME, vec![0]) {
+            // Refused, with rank 0's pid and host all the same: the rank then notices rank 0's
+            // end (it waits for STOP until then).
+            let mut refusal = vec![0];
+            put_u32(&mut refusal, std::process::id());
+            put_bytes(&mut refusal, this.host.as_bytes());
+            if let Ok(send) = isend(this.world, from, TAG_WELCOME, refusal) {
                 this.sends.push(send);
             }
             if !this.refused.contains(&from) {

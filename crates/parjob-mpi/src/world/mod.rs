@@ -172,9 +172,13 @@ struct Driver {
     ranks: OnceLock<Result<Vec<RankInfo>, Error>>,
     ready: (Mutex<bool>, std::sync::Condvar),
     lost: AtomicBool,
+    /// Set when the driver thread panicked: why pools are refused from then on.
+    broken: OnceLock<String>,
 }
 
 static DRIVER: OnceLock<Arc<Driver>> = OnceLock::new();
+/// Set by `panic_driver_for_tests`: the driver panics at its next turn.
+pub(crate) static PANIC_DRIVER: AtomicBool = AtomicBool::new(false);
 /// Set by `break_next_run_for_tests`: the driver sends its next `RUN` unreadable.
 pub(crate) static BREAK_NEXT_RUN: AtomicBool = AtomicBool::new(false);
 static WORLD_SIZE: OnceLock<usize> = OnceLock::new();
@@ -228,7 +232,14 @@ fn mpi_thread(started: Sender<usize>) {
     let _ = WORLD_SIZE.set(size);
     if rank != 0 {
         let _ = started.send(rank);
-        let status = serve(&world, rank);
+        // A panic here (a bug of parjob's) would leave this rank's main thread parked in
+        // `init()` for ever and `mpirun` waiting for it: end the rank instead, which rank 0
+        // reports as a lost rank.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&world, rank)));
+        let status = served.unwrap_or_else(|_| {
+            eprintln!("parjob: MPI rank {rank}'s server panicked (a bug); the rank ends");
+            3
+        });
         drop(world);
         if status == 0 {
             drop(universe); // MPI_Finalize: rank 0 said STOP, every rank is finalizing
@@ -249,13 +260,40 @@ fn mpi_thread(started: Sender<usize>) {
         ranks: OnceLock::new(),
         ready: (Mutex::new(false), std::sync::Condvar::new()),
         lost: AtomicBool::new(false),
+        broken: OnceLock::new(),
     });
     let _ = DRIVER.set(Arc::clone(&driver));
     // SAFETY: `at_exit` is a plain `extern "C" fn()` that does not unwind.
     unsafe { libc::atexit(at_exit) };
     let _ = started.send(0);
     let mut state = DriverState::new(&world, size, Arc::clone(&driver));
-    let exiting = state.run(inbox);
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inbox)));
+    let exiting = match ran {
+        Ok(exiting) => exiting,
+        Err(panic) => {
+            // A bug of parjob's: the jobs the driver held end as cancelled when it is dropped;
+            // later pools are refused with this message instead of waiting for ever.
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            let _ = driver.broken.set(format!(
+                "rank 0's MPI thread panicked ({message}), a bug of parjob's; the MPI backend \
+                 cannot be used for the rest of this program"
+            ));
+            let (lock, ready) = &driver.ready;
+            *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            ready.notify_all();
+            state.abandon();
+            // Neither MPI_Finalize (the ranks are not stopping) nor `_exit` (main runs on):
+            // the thread stays, holding MPI, until the process ends. The ranks, no longer
+            // hearing rank 0, end by themselves.
+            loop {
+                std::thread::park();
+            }
+        }
+    };
     let lost = driver.lost.load(Ordering::SeqCst);
     drop(state);
     drop(world);

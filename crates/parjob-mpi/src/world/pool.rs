@@ -60,6 +60,9 @@ impl MpiPool {
             done = ready.wait(done).unwrap_or_else(PoisonError::into_inner);
         }
         drop(done);
+        if let Some(why) = driver.broken.get() {
+            return Err(Error::backend_unavailable(Backend::Mpi, why.clone()));
+        }
         let infos = match driver.ranks.get() {
             Some(Ok(infos)) => infos,
             Some(Err(error)) => return Err(error.clone()),

@@ -25,7 +25,7 @@ use super::transport::{
     Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
     try_receive,
 };
-use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, silence_limit};
+use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, HELLO_DEADLINE, silence_limit};
 
 /// How many local worker processes this rank runs: `PARJOB_MPI_WORKERS_PER_RANK`, else the
 /// CPUs divided among the ranks on this node. An unusable `PARJOB_MPI_WORKERS_PER_RANK` is an
@@ -203,8 +203,16 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 Some((pid, true)) => process_gone(pid),
                 _ => false,
             };
-            // Rank 0 beats only once the handshake is over: silence counts from then.
-            if gone || (rank0.is_some() && heard_from_0.elapsed() > silence_limit()) {
+            // Rank 0 beats only once the handshake is over: silence counts from then. Before
+            // it, rank 0 answers a HELLO at once (a WELCOME, or a refusal): a rank that heard
+            // nothing long after rank 0 stopped waiting for hellos will never hear from it
+            // (rank 0 died while starting).
+            let never_answered =
+                rank0.is_none() && heard_from_0.elapsed() > HELLO_DEADLINE + silence_limit();
+            if gone
+                || never_answered
+                || (rank0.is_some() && heard_from_0.elapsed() > silence_limit())
+            {
                 // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
                 // the local workers and leave without MPI_Finalize, rather than serve nobody.
                 drop(pools);
