@@ -721,7 +721,20 @@ mod suite {
             .map(|t| t.bytes_sent)
             .sum();
         let total = insights.transport;
-        check(total.bytes_sent == sent, || format!("{total:?} vs {sent}"))
+        check(total.bytes_sent == sent, || format!("{total:?} vs {sent}"))?;
+        // IPC is the time on the wire, not the time a frame waited on its rank behind another
+        // for the local worker (each rank takes twice its local workers' frames at once): 50 ms
+        // tasks, whose round trips through MPI take well under a millisecond.
+        let slow = mpi(-1).batch_size(BatchSize::Fixed(1)).insights(true);
+        let tasks = 4 * parjob_mpi_world_size() as u64;
+        slow.run((0..tasks).map(|_| delayed(sleeps, 50)))
+            .map_err(|e| e.to_string())?;
+        let insights = slow.last_insights().ok_or("no insights")?;
+        let busy = insights.busy;
+        let ipc = insights.transport.ipc;
+        check(ipc < busy / 4, || {
+            format!("IPC {ipc:?} against {busy:?} in tasks: it counts waiting on the ranks")
+        })
     }
 
     /// 10 MB of `f64`s: 1.25 million values.

@@ -12,7 +12,7 @@
 //! | `POOL_END` | 0 to rank | `[pool u64]`: stop local pool `pool` (its `MpiPool` was dropped) |
 //! | `RUN` | 0 to rank | `[tasks frame][segment id u64 × attachments][pool u64][first index u64][RunHeader]`: the fixed-size trailer last, so the rank hands the received buffer itself, cut short, to its local pool (`pool`, 0 for the one it starts with); the header's `attachments` counts the ids of the segments the frame's handles name |
 //! | `UNREADABLE_RUN` | rank to 0 | `[id of the last RUN it could read u64][len u32][why]`: a `RUN` whose trailer it could not read (so not its id either); rank 0 fails the first job it sent that rank after that id |
-//! | `DONE` | rank to 0 | `[DoneHeader][local worker u32]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]`; the local worker is `u32::MAX` when the local pool did not say |
+//! | `DONE` | rank to 0 | `[DoneHeader][local worker u32][held nanos u64]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]`; the local worker is `u32::MAX` when the local pool did not say; held: how long the frame was on the rank, from its `RUN` to this `DONE` |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |
 //! | `BEAT` | either way | empty, every `BEAT_EVERY`: the sender is alive (rank 0 beats once the handshake is over) |
@@ -46,7 +46,7 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 2;
+pub(crate) const PROTOCOL: u32 = 3;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;

@@ -572,7 +572,7 @@ impl<'w> DriverState<'w> {
             return self.lose(from, "it sent a malformed DONE");
         };
         let mut r = Reader(body);
-        let Some(local_worker) = r.u32() else {
+        let (Some(local_worker), Some(held)) = (r.u32(), r.u64()) else {
             return self.lose(from, "it sent a malformed DONE");
         };
         let mut body = r.0;
@@ -621,9 +621,11 @@ impl<'w> DriverState<'w> {
         transport.bytes_sent = bytes_sent;
         transport.bytes_received = bytes.len() as u64;
         transport.encode = encode;
+        // The round trip less the time the frame spent on the rank (waiting behind other
+        // frames for a local worker, then running): MPI's share both ways.
         transport.ipc = received_at
             .saturating_duration_since(sent_at)
-            .saturating_sub(header.busy);
+            .saturating_sub(Duration::from_nanos(held).max(header.busy));
         transport.decode = received_at.elapsed();
         job.add_transport(&transport);
         self.completer.complete(job, header.busy);

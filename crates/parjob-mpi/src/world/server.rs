@@ -111,6 +111,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut last_run = 0u64;
     // Frames handed to the local pools and not answered yet.
     let mut local_jobs = 0usize;
+    // When each of those frames arrived, by id.
+    let mut received: HashMap<u64, Instant> = HashMap::new();
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = try_receive(world) {
@@ -138,6 +140,9 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 TAG_POOL if welcomed => pools.open(&bytes),
                 TAG_POOL_END => {
                     for frame in pools.close(&bytes) {
+                        if let Some(t) = trailer(&frame) {
+                            received.remove(&t.header.tag.seq);
+                        }
                         let why = "its pool was dropped on rank 0 before it started";
                         refuse_frame(rank, &frame, why, world, &mut sends);
                     }
@@ -148,7 +153,11 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         continue;
                     };
                     last_run = t.header.tag.seq;
-                    match pools.route(&bytes) {
+                    let route = pools.route(&bytes);
+                    if !matches!(route, Route::Refuse(_)) {
+                        received.insert(t.header.tag.seq, Instant::now());
+                    }
+                    match route {
                         Route::Run(pool) => {
                             let frame = (bytes, &segments, &done_tx);
                             local_jobs +=
@@ -187,14 +196,19 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     let frame = (frame, &segments, &done_tx);
                     local_jobs += usize::from(run_frame(pool, rank, frame, world, &mut sends));
                 }
-                Route::Refuse(why) => refuse_frame(rank, &frame, &why, world, &mut sends),
+                Route::Refuse(why) => {
+                    if let Some(t) = trailer(&frame) {
+                        received.remove(&t.header.tag.seq);
+                    }
+                    refuse_frame(rank, &frame, &why, world, &mut sends);
+                }
                 Route::Held => {}
             }
         }
         while let Ok(done) = done_rx.try_recv() {
             busy = true;
             local_jobs = local_jobs.saturating_sub(1);
-            send_done(rank, done, world, &mut sends);
+            send_done(rank, done, &mut received, world, &mut sends);
         }
         test_sends(&mut sends);
         if last_check.elapsed() >= Duration::from_millis(100) {
@@ -238,7 +252,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             // (rank 0 may send one more), rarely while one waits behind them.
             if let Ok(done) = done_rx.recv_timeout(wait) {
                 local_jobs = local_jobs.saturating_sub(1);
-                send_done(rank, done, world, &mut sends);
+                send_done(rank, done, &mut received, world, &mut sends);
                 backoff.busy();
             }
         }
@@ -250,11 +264,15 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
 fn send_done(
     rank: usize,
     (id, first_index, outcomes): (u64, u64, RelayedOutcomes),
+    received: &mut HashMap<u64, Instant>,
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
 ) {
     let len = outcomes.len;
-    let message = encode_done(rank as u64, id, first_index, outcomes);
+    let held = received
+        .remove(&id)
+        .map_or(Duration::ZERO, |at| at.elapsed());
+    let message = encode_done(rank as u64, id, first_index, outcomes, held);
     let message = fit_done(message, MAX_MESSAGE, rank, id, first_index, len);
     if let Ok(send) = isend(world, 0, TAG_DONE, message) {
         sends.push(send);
@@ -300,7 +318,7 @@ fn fit_done(
             .collect(),
         worker: None,
     };
-    encode_done(rank as u64, id, first_index, outcomes)
+    encode_done(rank as u64, id, first_index, outcomes, Duration::ZERO)
 }
 
 /// The `SharedSlice` segments rank 0 sent this rank, each copied once into shared memory of
@@ -445,7 +463,7 @@ fn failed_done(rank: usize, id: u64, first_index: u64, message: &str) -> Vec<u8>
         ))],
         worker: None,
     };
-    encode_done(rank as u64, id, first_index, outcomes)
+    encode_done(rank as u64, id, first_index, outcomes, Duration::ZERO)
 }
 
 /// One of the rank's local process pools.
@@ -702,7 +720,13 @@ fn run_frame(
 /// The `DONE` for frame `id`: consecutive records travel as they are, a panic record or a
 /// failure the local pool recorded as a failure entry (rank 0 wraps those in
 /// `Error::OnRank`).
-fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) -> Vec<u8> {
+fn encode_done(
+    rank: u64,
+    id: u64,
+    first_index: u64,
+    outcomes: RelayedOutcomes,
+    held: Duration,
+) -> Vec<u8> {
     let header = DoneHeader {
         tag: FrameTag {
             generation: rank,
@@ -721,6 +745,9 @@ fn encode_done(rank: u64, id: u64, first_index: u64, outcomes: RelayedOutcomes) 
         .and_then(|w| u32::try_from(w).ok())
         .unwrap_or(NO_WORKER);
     wire::put_u32(&mut out, worker);
+    // How long the frame was on this rank (queued behind others, then run): rank 0 takes it
+    // out of the round trip, so that what it reports as IPC is the time on the wire.
+    wire::put_u64(&mut out, u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
     // Consecutive records travel as one `[0][count u32][len u32][records]` entry, copied in
     // one piece; a panic record among them ends the entry and travels as a failure.
     let put_records = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
@@ -795,7 +822,7 @@ mod tests {
             len: 2,
             worker: Some(0),
         };
-        let done = encode_done(1, 9, 20, outcomes);
+        let done = encode_done(1, 9, 20, outcomes, Duration::ZERO);
         let size = done.len();
         assert_eq!(fit_done(done.clone(), size, 1, 9, 20, 2), done);
         let fitted = fit_done(done, 100, 1, 9, 20, 2);
@@ -803,6 +830,7 @@ mod tests {
         assert_eq!(header.tag.seq, 9);
         let mut r = Reader(body);
         r.u32();
+        r.u64();
         for index in [20, 21] {
             assert_eq!(r.u8(), Some(1));
             let error = wire::read_failure(&mut r).expect("a failure").to_string();
@@ -848,11 +876,13 @@ mod tests {
                 len: 5,
                 worker: Some(2),
             },
+            Duration::from_micros(70),
         );
         let (header, body) = DoneHeader::decode(&done).expect("a DONE header");
         assert_eq!((header.tag.generation, header.tag.seq), (1, 9));
         let mut r = Reader(body);
         assert_eq!(r.u32(), Some(2), "the local worker that ran it");
+        assert_eq!(r.u64(), Some(70_000), "how long the frame was on the rank");
         assert_eq!((r.u8(), r.u32()), (Some(0), Some(2)));
         assert_eq!(r.bytes(), Some([a, b].concat().as_slice()));
         assert_eq!(r.u8(), Some(1));
