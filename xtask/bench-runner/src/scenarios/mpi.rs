@@ -103,6 +103,10 @@ fn run(ctx: &Context) -> Vec<Measurement> {
         Candidate::parjob("small", Backend::Mpi, move || {
             small.run((0..small_n).map(|i| delayed(spin, i)))
         }),
+    ];
+    // Runs of 10-30 ms, whose medians of 5 swing by a quarter from run to run: as many
+    // repeats as the other short rows.
+    let halves = vec![
         Candidate::parjob("cpu_halves, 1 rank", Backend::Mpi, move || {
             one.run(HALVES.map(|half| delayed(sum_squares, half)))
         }),
@@ -110,15 +114,13 @@ fn run(ctx: &Context) -> Vec<Measurement> {
             two.run(HALVES.map(|half| delayed(sum_squares, half)))
         }),
     ];
-    let mut all = Measurement::from_outcomes(
-        SCENARIO,
-        interleaved(SCENARIO, ctx.plan, chosen(throughput)),
-        |variant| match variant {
-            "tiny" => (tiny_n as f64, "tasks"),
-            "small" => (small_n as f64, "tasks"),
-            _ => (0.0, ""),
-        },
-    );
+    let mut outcomes = interleaved(SCENARIO, ctx.plan, chosen(throughput));
+    outcomes.extend(interleaved(SCENARIO, ctx.short_plan, chosen(halves)));
+    let mut all = Measurement::from_outcomes(SCENARIO, outcomes, |variant| match variant {
+        "tiny" => (tiny_n as f64, "tasks"),
+        "small" => (small_n as f64, "tasks"),
+        _ => (0.0, ""),
+    });
     let warm = mpi(-1);
     let crashing = Arc::new(mpi(-1));
     let next = Arc::clone(&crashing);
