@@ -1454,3 +1454,53 @@ fn stop_an_idle_worker_then_run(timeout: Option<Duration>) {
     let out = parallel.run((0..4u64).map(|i| delayed(nap_and_double, i)));
     assert_eq!(out.unwrap(), [0, 2, 4, 6]);
 }
+
+/// Task 0 aborts its worker; the others nap, then leave the file `dir/i`.
+fn abort_first_then_mark(dir: String, i: u32) -> u32 {
+    if i == 0 {
+        std::process::abort();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(format!("{dir}/{i}"), b"").expect("the test's directory can be written");
+    i
+}
+
+#[test]
+fn a_crash_and_its_replacement_reach_on_event_before_the_rest_of_their_batch_runs() {
+    // One batch of four on one worker, kept going by `run_results`: task 0 crashes the worker,
+    // and the replacement runs tasks 1-3 (a nap each). The crash and the replacement are
+    // events of the moment: they must not wait for the batch to come back.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap().to_string();
+    let seen: Arc<std::sync::Mutex<Vec<(&'static str, usize)>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let marks = dir.path().to_path_buf();
+    let parallel =
+        processes(1)
+            .batch_size(BatchSize::Fixed(4))
+            .on_event(move |event: &parjob::Event| {
+                let name = match event {
+                    parjob::Event::WorkerCrashed { .. } => "crashed",
+                    parjob::Event::WorkerReplaced { .. } => "replaced",
+                    _ => return,
+                };
+                let marked = std::fs::read_dir(&marks).map_or(0, Iterator::count);
+                sink.lock().unwrap().push((name, marked));
+            });
+    let outcomes = within(HUNG, move || {
+        parallel.run_results((0..4u32).map(|i| delayed(abort_first_then_mark, (path.clone(), i))))
+    })
+    .unwrap();
+    assert!(matches!(
+        outcomes[0],
+        Err(Error::WorkerCrashed { index: 0, .. })
+    ));
+    assert!(outcomes[1..].iter().all(Result::is_ok), "{outcomes:?}");
+    let seen = seen.lock().unwrap().clone();
+    let names: Vec<&str> = seen.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names, ["crashed", "replaced"], "{seen:?}");
+    assert!(
+        seen.iter().all(|&(_, marked)| marked < 3),
+        "the events came after the rest of the batch had run: {seen:?}"
+    );
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
 use crate::events::{EventSink, Observer};
-use crate::pool::{Completion, Job, JobReport, Pool, RunControl};
+use crate::pool::{Completion, Job, JobReport, Message, Pool, RunControl};
 use crate::progress::Reporter;
 use crate::retry::{Retrier, Retry};
 use crate::{Error, Task};
@@ -160,8 +160,8 @@ pub(crate) struct Dispatcher<I, T: Task> {
     next_seq: u64,
     pool: Arc<dyn Pool>,
     control: Arc<RunControl>,
-    reply: Sender<Completion>,
-    completions: Receiver<Completion>,
+    reply: Sender<Message>,
+    completions: Receiver<Message>,
     /// Batches submitted and neither completed nor abandoned.
     running: usize,
     /// Every batch submitted and not yet back, by number: its first index and length. A
@@ -535,13 +535,13 @@ where
             if !self.ready.is_empty() {
                 continue;
             }
-            let mut completion = if self.watches_timeouts() || retry_wake.is_some() {
+            let message = if self.watches_timeouts() || retry_wake.is_some() {
                 let mut limit = retry_wake.unwrap_or(Duration::MAX);
                 if self.watches_timeouts() {
                     limit = limit.min(self.next_timeout_check());
                 }
                 match self.completions.recv_timeout(limit) {
-                    Ok(completion) => completion,
+                    Ok(message) => message,
                     Err(RecvTimeoutError::Timeout) => {
                         if self.watches_timeouts()
                             && let Some(finished) = self.abandon_timed_out()
@@ -554,6 +554,17 @@ where
                 }
             } else {
                 self.recv()?
+            };
+            let mut completion = match message {
+                Message::Done(completion) => completion,
+                Message::Note {
+                    seq,
+                    changes,
+                    crash,
+                } => {
+                    self.noted(seq, changes, crash);
+                    continue;
+                }
             };
             if !self.take_outstanding(&completion) {
                 continue;
@@ -577,13 +588,13 @@ where
     /// The next completion, polled for up to `spin` before blocking: a thread woken for
     /// each completion costs a system call on the worker and a trip through the scheduler
     /// here, which add up over the short batches auto batching starts with.
-    fn recv(&self) -> Option<Completion> {
+    fn recv(&self) -> Option<Message> {
         if !self.spin.is_zero() {
             let began = Instant::now();
             loop {
                 for _ in 0..64 {
                     match self.completions.try_recv() {
-                        Ok(completion) => return Some(completion),
+                        Ok(message) => return Some(message),
                         Err(TryRecvError::Disconnected) => return None,
                         Err(TryRecvError::Empty) => std::hint::spin_loop(),
                     }
@@ -723,6 +734,23 @@ impl<I, T: Task> Dispatcher<I, T> {
     /// Whether `completion` is a batch this dispatcher sent and has not had back: only then
     /// are its outcomes and its count of values written in place trusted. Jobs are made here
     /// alone and complete once, so this holds by construction; the check keeps it so.
+    /// News of job `seq`, still out, from its pool ([`Job::note_now`]): its worker events go
+    /// to the observer now.
+    fn noted(
+        &mut self,
+        seq: u64,
+        changes: Vec<(std::time::Instant, crate::WorkerChange)>,
+        crash: Option<Error>,
+    ) {
+        // Trusted only from a job the run has out, like a completion.
+        if !self.outstanding.contains_key(&seq) {
+            return;
+        }
+        if let Some(observer) = self.observer.as_mut() {
+            observer.noted(changes, crash);
+        }
+    }
+
     fn take_outstanding(&mut self, completion: &Completion) -> bool {
         match self.outstanding.get(&completion.seq) {
             Some(&(first_index, len))
@@ -756,8 +784,11 @@ impl<I, T: Task> Drop for Dispatcher<I, T> {
                 .as_ref()
                 .is_some_and(|in_place| in_place.out > 0)
             {
-                let Ok(completion) = self.completions.recv() else {
+                let Ok(message) = self.completions.recv() else {
                     break;
+                };
+                let Message::Done(completion) = message else {
+                    continue;
                 };
                 if !self.take_outstanding(&completion) {
                     continue;

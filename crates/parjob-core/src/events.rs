@@ -106,7 +106,10 @@ pub enum Event {
         /// How long it waited (the backoff).
         waited: Duration,
     },
-    /// A worker process died while running a task; the pool replaces it.
+    /// A worker process died while running a task; the pool replaces it. The process backend
+    /// reports it, and the replacement's [`WorkerReplaced`](Event::WorkerReplaced), as they
+    /// happen, not when the batch holding the task comes back (except for a
+    /// [`Future`](crate::Future)'s task, whose events come with its outcome).
     WorkerCrashed {
         /// Index of the worker in its pool.
         worker: usize,
@@ -163,6 +166,14 @@ pub enum Event {
         /// The summary of the run.
         insights: Arc<Insights>,
     },
+}
+
+/// What tells one worker crash from another: the task it failed and the worker's pid.
+fn crash_key(error: &Error) -> Option<(usize, u32)> {
+    match error {
+        Error::WorkerCrashed { index, pid, .. } => Some((*index, *pid)),
+        _ => None,
+    }
 }
 
 /// A callback that receives a run's [`Event`]s: `Parallel::on_event`'s argument, kept in
@@ -273,6 +284,9 @@ pub(crate) struct Observer {
     /// `[Parallel(n_jobs=..)]: ` when the summary is printed at the end (`verbose >= 1`).
     print_prefix: Option<String>,
     finished: bool,
+    /// Crashes (task index, worker pid) reported before their batch came back
+    /// ([`Observer::noted`]): not reported again with the batch.
+    crashes_noted: Vec<(usize, u32)>,
     /// The run as `tracing` spans and events (the `tracing` feature), when a subscriber
     /// listens.
     #[cfg(feature = "tracing")]
@@ -307,6 +321,7 @@ impl Observer {
             print_prefix: (options.verbose > 0)
                 .then(|| format!("[Parallel(n_jobs={})]: ", options.n_jobs)),
             finished: false,
+            crashes_noted: Vec::new(),
             #[cfg(feature = "tracing")]
             tracing,
         }))
@@ -410,33 +425,13 @@ impl Observer {
             );
         }
         for (_, error) in failures {
-            if let Error::WorkerCrashed {
-                worker,
-                pid,
-                status,
-                index,
-                ..
-            } = error
+            if let Some(noted) =
+                crash_key(error).and_then(|key| self.crashes_noted.iter().position(|&k| k == key))
             {
-                self.insights.crashed();
-                #[cfg(feature = "tracing")]
-                if let Some(bridge) = &self.tracing {
-                    bridge.crashed(*worker, *pid, status, *index);
-                }
-                if let Some(trace) = &mut self.trace {
-                    trace.worker_instant(
-                        *worker,
-                        format!("worker {worker} (pid {pid}) crashed: {status}"),
-                        at,
-                    );
-                }
-                self.send(|| Event::WorkerCrashed {
-                    worker: *worker,
-                    pid: *pid,
-                    status: status.clone(),
-                    index: *index,
-                });
+                self.crashes_noted.swap_remove(noted);
+                continue;
             }
+            self.crashed(error, at);
         }
         for (when, change) in changes {
             self.worker_changed(change, when);
@@ -455,6 +450,62 @@ impl Observer {
             transport,
             at,
         });
+    }
+
+    /// A worker crash among a batch's failures (nothing for other errors), at `at` into the
+    /// run.
+    fn crashed(&mut self, error: &Error, at: Duration) {
+        let Error::WorkerCrashed {
+            worker,
+            pid,
+            status,
+            index,
+            ..
+        } = error
+        else {
+            return;
+        };
+        self.insights.crashed();
+        #[cfg(feature = "tracing")]
+        if let Some(bridge) = &self.tracing {
+            bridge.crashed(*worker, *pid, status, *index);
+        }
+        if let Some(trace) = &mut self.trace {
+            trace.worker_instant(
+                *worker,
+                format!("worker {worker} (pid {pid}) crashed: {status}"),
+                at,
+            );
+        }
+        self.send(|| Event::WorkerCrashed {
+            worker: *worker,
+            pid: *pid,
+            status: status.clone(),
+            index: *index,
+        });
+    }
+
+    /// What a pool said of a batch still out ([`Job::note_now`](crate::Job::note_now)): a
+    /// crash of the worker running it, then the changes to its workers, in the order the
+    /// batch's completion would report them.
+    pub(crate) fn noted(&mut self, changes: Vec<(Instant, WorkerChange)>, crash: Option<Error>) {
+        let mut changes = changes;
+        for (when, change) in
+            changes.extract_if(.., |c| matches!(c.1, WorkerChange::Started { .. }))
+        {
+            self.worker_changed(change, when);
+        }
+        if let Some(key) = crash.as_ref().and_then(crash_key)
+            && !self.crashes_noted.contains(&key)
+            && let Some(crash) = &crash
+        {
+            let at = self.now();
+            self.crashed(crash, at);
+            self.crashes_noted.push(key);
+        }
+        for (when, change) in changes {
+            self.worker_changed(change, when);
+        }
     }
 
     /// A change to a worker that a pool reported with a batch; `when` is when it happened

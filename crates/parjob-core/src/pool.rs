@@ -116,14 +116,26 @@ pub(crate) struct JobReport {
 /// Where a job's completion goes: the dispatcher's channel, or straight into a
 /// [`Future`](crate::Future) (so that waiting on it is not tied to any one receiver).
 pub(crate) enum Reply {
-    Channel(Sender<Completion>),
+    Channel(Sender<Message>),
     Call(Box<dyn FnOnce(Completion) + Send + Sync>),
 }
 
-impl From<Sender<Completion>> for Reply {
-    fn from(sender: Sender<Completion>) -> Self {
+impl From<Sender<Message>> for Reply {
+    fn from(sender: Sender<Message>) -> Self {
         Reply::Channel(sender)
     }
+}
+
+/// What a pool sends a run's dispatcher: a finished job, or news of a job still out.
+pub(crate) enum Message {
+    Done(Completion),
+    /// What happened to the workers of job `seq` while it runs: said at once, so that the
+    /// run's events do not wait for the rest of the batch ([`Job::note_now`]).
+    Note {
+        seq: u64,
+        changes: Vec<(Instant, WorkerChange)>,
+        crash: Option<crate::Error>,
+    },
 }
 
 /// The start stamp of a job cancelled before it started: such a job must not run.
@@ -272,6 +284,35 @@ impl Job {
             .push((when, change));
     }
 
+    /// Reports a crash of the worker running this job (`crash`, an
+    /// [`Error::WorkerCrashed`](crate::Error::WorkerCrashed) the pool also records as that
+    /// task's outcome), and the changes to its workers [`note_worker`](Job::note_worker)
+    /// gathered so far, to the run now rather than when the job completes: the run's
+    /// `WorkerCrashed`, `WorkerReplaced` and other worker events then come as they happen,
+    /// not after the rest of the batch. Where nobody listens at once (a job of a
+    /// [`Future`](crate::Future)), they are kept for the completion as before.
+    pub fn note_now(&mut self, crash: Option<&crate::Error>) {
+        let Some(Reply::Channel(sender)) = &self.reply else {
+            return;
+        };
+        let changes = self
+            .report
+            .as_mut()
+            .map(|report| std::mem::take(&mut report.changes))
+            .unwrap_or_default();
+        let crash = crash
+            .filter(|error| matches!(error, crate::Error::WorkerCrashed { .. }))
+            .cloned();
+        if changes.is_empty() && crash.is_none() {
+            return;
+        }
+        let _ = sender.send(Message::Note {
+            seq: self.seq,
+            changes,
+            crash,
+        });
+    }
+
     /// Completes the job without running it: every task without an outcome fails with
     /// `error` (e.g. a worker whose initializer failed).
     pub fn fail(mut self, error: &crate::Error) {
@@ -310,7 +351,7 @@ impl Job {
         match reply {
             // The dispatcher may be gone (a dropped `run_iter`); nobody wants the result then.
             Reply::Channel(sender) => {
-                let _ = sender.send(completion);
+                let _ = sender.send(Message::Done(completion));
             }
             Reply::Call(call) => call(completion),
         }

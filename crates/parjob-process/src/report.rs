@@ -124,6 +124,16 @@ impl SlotReport {
         ));
     }
 
+    /// Tells the run of `job` (in hand, still running) of the worker changes so far and of
+    /// `crash`, a crash the job's task just failed with, at once: its events then come as
+    /// they happen rather than with the job's completion.
+    pub(crate) fn report_now(&mut self, job: &mut Job, crash: Option<&Error>) {
+        for (when, change) in self.changes.drain(..) {
+            job.note_worker(change, when);
+        }
+        job.note_now(crash);
+    }
+
     /// Hands the job's figures and the pending worker changes to `job`, which ran on slot
     /// `worker`, and starts afresh for the next job.
     pub(crate) fn deliver(&mut self, job: &mut Job, worker: usize) {

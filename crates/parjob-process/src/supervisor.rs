@@ -657,6 +657,9 @@ impl Supervisor {
                 return;
             }
             if let Some(error) = recovery.due(start) {
+                if matches!(error, Error::WorkerCrashed { .. }) {
+                    self.report.report_now(job, Some(&error));
+                }
                 job.batch_mut().push_failure(error);
                 continue;
             }
@@ -672,13 +675,15 @@ impl Supervisor {
             self.settle_ahead();
             // A worker that died while idle is not blamed on this frame: replace it first.
             self.forget_if_dead();
-            if self.worker.is_none()
-                && let Err(error) = self.replace_worker()
-            {
-                // Workers cannot be started at all: the rest fails with the reason, but a task
-                // whose crash is known keeps its own error.
-                fail_the_rest(job, recovery, &error);
-                return;
+            if self.worker.is_none() {
+                if let Err(error) = self.replace_worker() {
+                    // Workers cannot be started at all: the rest fails with the reason, but a
+                    // task whose crash is known keeps its own error.
+                    fail_the_rest(job, recovery, &error);
+                    return;
+                }
+                // The replacement's event comes now, not after the rest of the job.
+                self.report.report_now(job, None);
             }
             let room = match (self.settings.options.max_tasks_per_worker, &self.worker) {
                 (Some(max), Some(worker)) => Some(max.saturating_sub(worker.tasks_run)),
@@ -718,6 +723,11 @@ impl Supervisor {
             }
             FrameEnd::Died { at, error } => {
                 self.report.gone(|| reason(&error));
+                if matches!(error, Error::WorkerCrashed { .. }) {
+                    // Said now, before the tasks ahead of it run again and its replacement
+                    // starts, not when the job comes back.
+                    self.report.report_now(job, Some(&error));
+                }
                 recovery.worker_died(start + at, error);
             }
             FrameEnd::Spoiled { error } => {
