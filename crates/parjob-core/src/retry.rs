@@ -93,6 +93,8 @@ impl Retry {
         match error {
             Error::WorkerCrashed { .. } | Error::Timeout { .. } => true,
             Error::TaskPanicked { .. } => self.on_panic,
+            // The same failures on an MPI rank: the rank says where, the error is the same.
+            Error::OnRank { error, .. } => self.retries_on(error),
             _ => false,
         }
     }
@@ -408,6 +410,15 @@ pub(crate) fn final_error(index: usize, mut attempts: Vec<Error>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_on_an_mpi_rank_are_retried_like_the_same_failures_here() {
+        let retry = Retry::new(2);
+        let crash = Error::worker_crashed(3, 0, 42, crate::WorkerExit::Signaled(6));
+        assert!(retry.retries_on(&Error::on_rank(1, "node1", crash)));
+        let codec = Error::codec(3, "decode", "u64", "short");
+        assert!(!retry.retries_on(&Error::on_rank(1, "node1", codec)));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
