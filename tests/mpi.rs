@@ -86,10 +86,9 @@ mod suite {
     /// every case passed. mpirun's own status is not enough: after the rank-loss case it may
     /// report the rank that was killed on purpose.
     pub(crate) fn launch(launch: &str) -> ExitCode {
-        let mut words = launch.split_whitespace();
-        let Some(program) = words.next() else {
+        if launch.split_whitespace().next().is_none() {
             return ExitCode::FAILURE;
-        };
+        }
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => {
@@ -100,13 +99,7 @@ mod suite {
         let report = std::env::temp_dir().join(format!("parjob-mpi-suite-{}", std::process::id()));
         let _ = std::fs::remove_file(&report);
         println!("MPI suite: running under `{launch}`");
-        let status = Command::new(program)
-            .args(words)
-            .arg(&exe)
-            .env("PARJOB_MPI_REPORT", &report)
-            .status();
-        let verdict = std::fs::read_to_string(&report).unwrap_or_default();
-        let _ = std::fs::remove_file(&report);
+        let (status, verdict) = world(launch, &exe, &report, &[]);
         match status {
             Ok(status) => {
                 println!("MPI suite: the launcher ended with {status}; rank 0 said {verdict:?}")
@@ -121,17 +114,8 @@ mod suite {
         }
         // Each wrong setting in a world of its own: worker ranks read them as they start.
         for (variable, value, expected) in BAD_SETTINGS {
-            let _ = std::fs::remove_file(&report);
-            let mut words = launch.split_whitespace();
-            let status = Command::new(words.next().unwrap_or_default())
-                .args(words)
-                .arg(&exe)
-                .env("PARJOB_MPI_REPORT", &report)
-                .env("PARJOB_MPI_EXPECT", expected)
-                .env(variable, value)
-                .status();
-            let verdict = std::fs::read_to_string(&report).unwrap_or_default();
-            let _ = std::fs::remove_file(&report);
+            let envs = [("PARJOB_MPI_EXPECT", expected), (variable, value)];
+            let (status, verdict) = world(launch, &exe, &report, &envs);
             println!(
                 "MPI suite: with {variable}={value}: the launcher ended with {status:?}; rank 0 \
                  said {verdict:?}"
@@ -141,6 +125,27 @@ mod suite {
             }
         }
         ExitCode::SUCCESS
+    }
+
+    /// Starts this binary under `launch` with `envs` set, and returns the launcher's status
+    /// and what rank 0 wrote to `report`.
+    fn world(
+        launch: &str,
+        exe: &std::path::Path,
+        report: &std::path::Path,
+        envs: &[(&str, &str)],
+    ) -> (std::io::Result<std::process::ExitStatus>, String) {
+        let _ = std::fs::remove_file(report);
+        let mut words = launch.split_whitespace();
+        let status = Command::new(words.next().unwrap_or_default())
+            .args(words)
+            .arg(exe)
+            .env("PARJOB_MPI_REPORT", report)
+            .envs(envs.iter().copied())
+            .status();
+        let verdict = std::fs::read_to_string(report).unwrap_or_default();
+        let _ = std::fs::remove_file(report);
+        (status, verdict)
     }
 
     /// Settings a user can get wrong, each with what the error must say: a run on such a
