@@ -41,7 +41,7 @@ export OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
 export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export PARJOB_MPI_REQUIRED=1
 
-cargo clippy -p parjob-mpi -p parjob -p parjob-tests --all-targets --features parjob/mpi \
+cargo clippy -p parjob-mpi -p parjob -p parjob-tests --all-targets --features parjob/mpi,parjob-tests/mpi \
     -- -D warnings
 cargo test -p parjob-mpi --features mpi
 for ranks in 3 5; do

@@ -53,7 +53,7 @@ pub enum Error {
 
     /// `n_jobs` was 0 (or otherwise unusable).
     #[error(
-        "invalid n_jobs {value}{source_note}: use n > 0 for n workers, -1 for all CPUs, or -k for all CPUs but k-1 (0 is not allowed)"
+        "invalid n_jobs {value}{source_note}: use n > 0 for n workers, -1 for all CPUs (every worker rank on MPI), or -k for all but k-1 (0 is not allowed)"
     )]
     #[non_exhaustive]
     InvalidNJobs {
