@@ -124,7 +124,54 @@ mod suite {
                 return ExitCode::FAILURE;
             }
         }
-        ExitCode::SUCCESS
+        match exit_status_after_a_loss(launch, &exe, &report) {
+            Ok(()) => {
+                println!("MPI suite: rank 0's exit status survives a lost rank: ok");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                println!("MPI suite: rank 0's exit status after a lost rank: FAILED: {why}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    /// What rank 0 exits with after a run that lost a rank (`PARJOB_MPI_EXIT_AFTER_LOSS`).
+    const STATUS_AFTER_LOSS: u8 = 17;
+
+    /// A world whose rank 0 loses a rank and then exits with [`STATUS_AFTER_LOSS`]: rank 0
+    /// leaves with `_exit` after a loss (no `MPI_Finalize`), and must leave with that status,
+    /// not 0. mpirun under `--enable-recovery` reports 0 whatever its ranks exit with, so a
+    /// shell around each rank writes rank 0's status to a file.
+    fn exit_status_after_a_loss(
+        launch: &str,
+        exe: &std::path::Path,
+        report: &std::path::Path,
+    ) -> Result<(), String> {
+        let status_file = report.with_extension("status");
+        let _ = std::fs::remove_file(&status_file);
+        let mut words = launch.split_whitespace();
+        let script = "\"$0\"; s=$?; if [ \"${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}\" = 0 ]; then \
+                      echo $s > \"$PARJOB_MPI_STATUS\"; fi; exit $s";
+        let launched = Command::new(words.next().unwrap_or_default())
+            .args(words)
+            .args(["sh", "-c", script])
+            .arg(exe)
+            .env("PARJOB_MPI_REPORT", report)
+            .env("PARJOB_MPI_STATUS", &status_file)
+            .env("PARJOB_MPI_EXIT_AFTER_LOSS", "1")
+            .status()
+            .map_err(|e| format!("cannot run `{launch}`: {e}"))?;
+        let verdict = std::fs::read_to_string(report).unwrap_or_default();
+        let status = std::fs::read_to_string(&status_file).unwrap_or_default();
+        let _ = std::fs::remove_file(report);
+        let _ = std::fs::remove_file(&status_file);
+        check(verdict.trim() == "ok", || {
+            format!("the launcher ended with {launched}; rank 0 said {verdict:?}")
+        })?;
+        check(status.trim() == STATUS_AFTER_LOSS.to_string(), || {
+            format!("rank 0 exited with {status:?}, not {STATUS_AFTER_LOSS}")
+        })
     }
 
     /// Starts this binary under `launch` with `envs` set, and returns the launcher's status
@@ -589,6 +636,23 @@ mod suite {
         x.0
     }
 
+    /// A big result (above the 256 KiB from which rank 0 decodes results off its MPI thread)
+    /// whose `Deserialize` takes longer than a rank waits for rank 0's beat.
+    #[derive(Debug, serde::Serialize)]
+    struct SlowToDecode(Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for SlowToDecode {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SlowToDecode, D::Error> {
+            let bytes = Vec::<u8>::deserialize(d)?;
+            std::thread::sleep(SLOWER_THAN_A_RANK_WAITS);
+            Ok(SlowToDecode(bytes))
+        }
+    }
+
+    fn slow_to_decode(len: usize) -> SlowToDecode {
+        SlowToDecode(vec![7; len])
+    }
+
     /// User code that runs on rank 0 for longer than a rank waits for its beat (a future's
     /// done-callback, an argument's `Serialize`) does not hold up the MPI thread: before, the
     /// ranks took rank 0 for lost and left, and every later run failed.
@@ -613,7 +677,43 @@ mod suite {
         let out = mpi(-1)
             .run((0..100u64).map(|i| delayed(square, i)))
             .map_err(|e| format!("after a slow Serialize: {e}"))?;
-        check(out[9] == 81, || "wrong after a slow Serialize".into())
+        check(out[9] == 81, || "wrong after a slow Serialize".into())?;
+        let out = mpi(-1)
+            .run([delayed(slow_to_decode, 300_000)])
+            .map_err(|e| format!("a slow Deserialize: {e}"))?;
+        check(out[0].0.len() == 300_000 && out[0].0[0] == 7, || {
+            "a slow Deserialize gave a wrong value".into()
+        })?;
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a slow Deserialize: {e}"))?;
+        check(out[9] == 81, || "wrong after a slow Deserialize".into())
+    }
+
+    /// `max_tasks_per_worker` applies on the ranks' local workers: with 1, every task runs in
+    /// a worker process of its own.
+    fn max_tasks_per_worker() -> Result<(), String> {
+        let out = mpi(-1)
+            .max_tasks_per_worker(1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..12u64).map(|i| delayed(where_am_i, i)))
+            .map_err(|e| e.to_string())?;
+        let pids: BTreeSet<u32> = out.iter().map(|(pid, _)| *pid).collect();
+        check(pids.len() == out.len(), || {
+            format!(
+                "12 tasks ran in only {} worker processes: {out:?}",
+                pids.len()
+            )
+        })?;
+        // And the pool after it (the ranks' first pool) keeps its workers.
+        let out = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..40u64).map(|i| delayed(where_am_i, i)))
+            .map_err(|e| format!("the run after: {e}"))?;
+        let pids: BTreeSet<u32> = out.iter().map(|(pid, _)| *pid).collect();
+        check(pids.len() < out.len(), || {
+            "without max_tasks_per_worker every task had a worker of its own".into()
+        })
     }
 
     fn million_tiny_tasks() -> Result<(), String> {
@@ -993,6 +1093,22 @@ mod suite {
         check(out[9] == 81, || "wrong after a failed initializer".into())
     }
 
+    /// A run whose task SIGKILLs its rank fails with `RankLost` (the world of
+    /// `PARJOB_MPI_EXIT_AFTER_LOSS`).
+    fn rank_lost_error() -> Result<(), String> {
+        let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
+        let path = report.display().to_string();
+        let result = mpi(-1)
+            .batch_size(BatchSize::Fixed(1))
+            .run((0..40u64).map(|i| delayed(kills_its_rank, (i, path.clone()))));
+        let _ = std::fs::remove_file(&report);
+        match result {
+            Err(Error::RankLost { .. }) => Ok(()),
+            Err(e) => Err(format!("not RankLost: {e}")),
+            Ok(_) => Err("the run succeeded".into()),
+        }
+    }
+
     /// Last: it kills a worker rank for good.
     fn rank_killed() -> Result<(), String> {
         let report = std::env::temp_dir().join(format!("parjob-mpi-killed-{}", std::process::id()));
@@ -1080,8 +1196,20 @@ mod suite {
             ),
             ("shared_slice_values", shared_slice_values),
             ("initializers", initializers),
+            ("max_tasks_per_worker", max_tasks_per_worker),
             ("rank_killed", rank_killed),
         ];
+        if std::env::var_os("PARJOB_MPI_EXIT_AFTER_LOSS").is_some() {
+            let verdict = match rank_lost_error() {
+                Ok(()) => "ok".to_string(),
+                Err(why) => why,
+            };
+            println!("test mpi::exit_status_after_a_loss ... {verdict}");
+            if let Ok(report) = std::env::var("PARJOB_MPI_REPORT") {
+                let _ = std::fs::write(report, &verdict);
+            }
+            return ExitCode::from(STATUS_AFTER_LOSS);
+        }
         if let Ok(expected) = std::env::var("PARJOB_MPI_EXPECT") {
             if std::env::var_os("PARJOB_MPI_PANIC_DRIVER").is_some() {
                 // After the handshake (a run that works), as a bug in the middle of a program.

@@ -21,7 +21,7 @@ use crate::wire::{
 use super::server::RUN_TRAILER;
 use super::transport::{
     Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
-    try_receive,
+    transfer_allowance, try_receive,
 };
 use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
 
@@ -84,26 +84,40 @@ pub(super) struct DriverState<'w> {
     completer: Completer,
 }
 
-/// Completes jobs whose completion runs user code (a future's done-callbacks) on a thread of
-/// its own, started when first needed: on the driver thread a callback that takes seconds
-/// would stop rank 0's beats, and every rank would leave, taking rank 0 for lost.
+/// Runs the user code a job's end involves on a thread of its own, started when first needed:
+/// a future's done-callbacks, and decoding big results (the result type's `Deserialize`). On
+/// the driver thread a callback or a decode that takes seconds would stop rank 0's beats and
+/// its polling of MPI, and every rank would leave, taking rank 0 for lost.
 #[derive(Default)]
 struct Completer {
-    thread: Option<Sender<(Job, Duration)>>,
+    thread: Option<Sender<Box<dyn FnOnce() + Send>>>,
 }
 
+/// Results of at least this many bytes are decoded on the completer's thread; smaller ones
+/// (every tiny-task batch) on the driver thread, which a thread hop would slow more than the
+/// decode itself.
+const DECODE_ELSEWHERE_FROM: usize = 256 * 1024;
+
 impl Completer {
+    /// Completes `job` (its tasks without an outcome cancelled): on the completer's thread
+    /// when that runs a done-callback.
     fn complete(&mut self, job: Job, busy: Duration) {
         if !job.completes_by_callback() {
             return job.complete(busy);
         }
+        self.run(Box::new(move || job.complete(busy)));
+    }
+
+    /// Runs `work` on the completer's thread (or here when no thread could be started, late
+    /// beats and all).
+    fn run(&mut self, work: Box<dyn FnOnce() + Send>) {
         if self.thread.is_none() {
-            let (sender, jobs) = mpsc::channel::<(Job, Duration)>();
+            let (sender, works) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
             let started = std::thread::Builder::new()
                 .name("parjob-mpi-done".into())
                 .spawn(move || {
-                    for (job, busy) in jobs {
-                        job.complete(busy);
+                    for work in works {
+                        work();
                     }
                 });
             if started.is_ok() {
@@ -112,12 +126,11 @@ impl Completer {
         }
         match &self.thread {
             Some(thread) => {
-                if let Err(mpsc::SendError((job, busy))) = thread.send((job, busy)) {
-                    job.complete(busy);
+                if let Err(mpsc::SendError(work)) = thread.send(work) {
+                    work();
                 }
             }
-            // No thread could be started: complete here, late beats and all.
-            None => job.complete(busy),
+            None => work(),
         }
     }
 }
@@ -199,7 +212,7 @@ impl<'w> DriverState<'w> {
             }
             while let Some((from, tag, bytes)) = try_receive(self.world) {
                 busy = true;
-                self.receive(from, tag, &bytes);
+                self.receive(from, tag, bytes);
             }
             test_sends(&mut self.sends);
             if self.dispatch() {
@@ -291,7 +304,14 @@ impl<'w> DriverState<'w> {
                 // Jobs still queued for it (a daemon executor dropped with tasks pending)
                 // would reach ranks that stopped the pool: they end now, their tasks
                 // cancelled before they ran, as on the process backend.
-                self.queue.retain(|queued| queued.pool != pool);
+                // (Ended on the completer's thread: a future's done-callbacks may run.)
+                let (closed, kept) = std::mem::take(&mut self.queue)
+                    .into_iter()
+                    .partition::<VecDeque<_>, _>(|queued| queued.pool == pool);
+                self.queue = kept;
+                for Queued { job, .. } in closed {
+                    self.completer.complete(job, Duration::ZERO);
+                }
                 if let Some(ranks) = self.pools.remove(&pool) {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
                 }
@@ -315,14 +335,14 @@ impl<'w> DriverState<'w> {
         }
     }
 
-    fn receive(&mut self, from: usize, tag: i32, bytes: &[u8]) {
+    fn receive(&mut self, from: usize, tag: i32, bytes: Vec<u8>) {
         if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == from) {
             slot.last_heard = Instant::now();
         }
         match tag {
-            TAG_HELLO => self.hello(from, bytes),
+            TAG_HELLO => self.hello(from, &bytes),
             TAG_DONE => self.done(from, bytes),
-            TAG_UNREADABLE_RUN => self.unreadable_run(from, bytes),
+            TAG_UNREADABLE_RUN => self.unreadable_run(from, &bytes),
             TAG_BROKEN => self.lose(from, "a message from it stopped halfway"),
             _ => {} // BEAT (already noted), BYE outside shutdown
         }
@@ -560,22 +580,25 @@ impl<'w> DriverState<'w> {
             }
             Err(message) => {
                 let index = job.batch().first_index();
-                job.batch_mut()
-                    .push_failure(Error::InvalidConfig(format!("task {index}: {message}")));
+                job.batch_mut().push_failure(Error::InvalidConfig(format!(
+                    "task {index}: cannot send its batch to MPI rank {rank}: {message}; an MPI \
+                     message holds at most 2 GiB: give big arguments as SharedSlices (sent \
+                     once per rank, each in a message of its own) or set a smaller batch_size"
+                )));
                 self.completer.complete(job, Duration::ZERO);
             }
         }
     }
 
-    fn done(&mut self, from: usize, bytes: &[u8]) {
-        let Ok((header, body)) = DoneHeader::decode(bytes) else {
+    fn done(&mut self, from: usize, bytes: Vec<u8>) {
+        let Ok((header, body)) = DoneHeader::decode(&bytes) else {
             return self.lose(from, "it sent a malformed DONE");
         };
         let mut r = Reader(body);
         let (Some(local_worker), Some(held)) = (r.u32(), r.u64()) else {
             return self.lose(from, "it sent a malformed DONE");
         };
-        let mut body = r.0;
+        let body_at = bytes.len() - r.0.len();
         let received_at = Instant::now();
         let Some(Out {
             mut job,
@@ -596,26 +619,6 @@ impl<'w> DriverState<'w> {
             }
         }
         let host = self.host_of(rank);
-        while let Some((&kind, rest)) = body.split_first() {
-            let mut r = Reader(rest);
-            match kind {
-                0 => {
-                    let (Some(_count), Some(records)) = (r.u32(), r.bytes()) else {
-                        break;
-                    };
-                    decode_guarded(&mut job, records, rank, &host);
-                }
-                1 => {
-                    let Some(error) = wire::read_failure(&mut r) else {
-                        break;
-                    };
-                    job.batch_mut()
-                        .push_failure(Error::on_rank(rank, host.clone(), error));
-                }
-                _ => break,
-            }
-            body = r.0;
-        }
         // `Transport` is non-exhaustive: filled field by field.
         let mut transport = Transport::default();
         transport.bytes_sent = bytes_sent;
@@ -626,9 +629,19 @@ impl<'w> DriverState<'w> {
         transport.ipc = received_at
             .saturating_duration_since(sent_at)
             .saturating_sub(Duration::from_nanos(held).max(header.busy));
-        transport.decode = received_at.elapsed();
-        job.add_transport(&transport);
-        self.completer.complete(job, header.busy);
+        let busy = header.busy;
+        let elsewhere = bytes.len() >= DECODE_ELSEWHERE_FROM || job.completes_by_callback();
+        let finish = move || {
+            read_outcomes(&mut job, &bytes[body_at..], rank, &host);
+            transport.decode = received_at.elapsed();
+            job.add_transport(&transport);
+            job.complete(busy);
+        };
+        if elsewhere {
+            self.completer.run(Box::new(finish));
+        } else {
+            finish();
+        }
     }
 
     /// An `UNREADABLE_RUN`: `rank` could not read the trailer of a `RUN` (nor its id). MPI
@@ -737,10 +750,18 @@ impl<'w> DriverState<'w> {
                     "its process is gone (killed or crashed)".to_string(),
                 ));
             } else if slot.last_heard.elapsed() > limit {
-                lost.push((
-                    slot.info.rank,
-                    format!("it sent nothing for {limit:?} (PARJOB_MPI_RANK_TIMEOUT)"),
-                ));
+                // A rank receiving a big message from rank 0 says nothing until it has it all.
+                let sending: u64 = (self.sends.iter())
+                    .filter(|send| send.rank == slot.info.rank)
+                    .map(|send| send._buffer.len() as u64)
+                    .sum();
+                let limit = limit + transfer_allowance(sending);
+                if slot.last_heard.elapsed() > limit {
+                    lost.push((
+                        slot.info.rank,
+                        format!("it sent nothing for {limit:?} (PARJOB_MPI_RANK_TIMEOUT)"),
+                    ));
+                }
             }
         }
         for (rank, reason) in lost {
@@ -837,7 +858,7 @@ impl<'w> DriverState<'w> {
                 if tag == TAG_BYE {
                     waiting.retain(|&r| r != from);
                 } else if tag == TAG_DONE {
-                    self.done(from, &bytes);
+                    self.done(from, bytes);
                 }
             }
             test_sends(&mut self.sends);
@@ -868,9 +889,33 @@ fn fail_rest(job: &mut Job, error: impl Fn(usize) -> Error) {
     }
 }
 
+/// Reads the outcomes of a `DONE`'s body (records and failures, in order) into `job`'s batch.
+fn read_outcomes(job: &mut Job, mut body: &[u8], rank: usize, host: &str) {
+    while let Some((&kind, rest)) = body.split_first() {
+        let mut r = Reader(rest);
+        match kind {
+            0 => {
+                let (Some(_count), Some(records)) = (r.u32(), r.bytes()) else {
+                    break;
+                };
+                decode_guarded(job, records, rank, host);
+            }
+            1 => {
+                let Some(error) = wire::read_failure(&mut r) else {
+                    break;
+                };
+                job.batch_mut()
+                    .push_failure(Error::on_rank(rank, host.to_string(), error));
+            }
+            _ => break,
+        }
+        body = r.0;
+    }
+}
+
 /// Decodes the outcome `records` of `rank` into `job`'s batch. Decoding runs the result
-/// type's `Deserialize` (user code) on the driver thread, which every run of the program
-/// shares: a panic there fails the task whose record it was, with the message the process
+/// type's `Deserialize` (user code) on the driver thread (small bodies) or the completer's,
+/// which every run of the program shares: a panic there fails the task whose record it was, with the message the process
 /// backend gives, and the records after it are decoded in turn.
 fn decode_guarded(job: &mut Job, mut records: &[u8], rank: usize, host: &str) {
     loop {

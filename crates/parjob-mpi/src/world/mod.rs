@@ -19,7 +19,7 @@ mod transport;
 
 pub use pool::MpiPool;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -263,8 +263,7 @@ fn mpi_thread(started: Sender<usize>) {
         broken: OnceLock::new(),
     });
     let _ = DRIVER.set(Arc::clone(&driver));
-    // SAFETY: `at_exit` is a plain `extern "C" fn()` that does not unwind.
-    unsafe { libc::atexit(at_exit) };
+    register_at_exit();
     let _ = started.send(0);
     let mut state = DriverState::new(&world, size, Arc::clone(&driver));
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inbox)));
@@ -299,15 +298,51 @@ fn mpi_thread(started: Sender<usize>) {
     drop(world);
     if lost {
         // A lost rank would never join MPI_Finalize: leave without it (the caller of
-        // `exit` already flushed Rust's stdout).
+        // `exit` already flushed Rust's stdout), with the status the program exits with.
         // SAFETY: `_exit` ends the process at once, skipping MPI_Finalize.
-        unsafe { libc::_exit(0) };
+        unsafe { libc::_exit(EXIT_STATUS.load(Ordering::SeqCst)) };
     }
     drop(universe); // MPI_Finalize, with every rank finalizing after its BYE
     // Only now may the exiting main thread go on (and end the process).
     if let Some(done) = exiting {
         let _ = done.send(());
     }
+}
+
+/// The status rank 0's program passed to `exit` (or returned from `main`), for the driver
+/// thread that ends the process with `_exit` after a lost rank: a failed run's non-zero status
+/// must reach `mpirun` and the shell.
+static EXIT_STATUS: AtomicI32 = AtomicI32::new(0);
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe extern "C" {
+    /// glibc's `atexit` that also hands the handler the exit status.
+    fn on_exit(
+        function: extern "C" fn(libc::c_int, *mut libc::c_void),
+        argument: *mut libc::c_void,
+    ) -> libc::c_int;
+}
+
+/// Registers [`at_exit`] to run when rank 0's program exits; on glibc with the exit status,
+/// which it keeps in [`EXIT_STATUS`].
+fn register_at_exit() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" fn at_exit_with_status(status: libc::c_int, _: *mut libc::c_void) {
+            EXIT_STATUS.store(status, Ordering::SeqCst);
+            at_exit();
+        }
+        // SAFETY: the handler is a plain `extern "C" fn` that does not unwind and ignores its
+        // (null) argument.
+        if unsafe { on_exit(at_exit_with_status, std::ptr::null_mut()) } == 0 {
+            return;
+        }
+    }
+    // Elsewhere (or if `on_exit` failed) a lost rank makes rank 0 exit with status 1, so that
+    // a failure is never reported as success.
+    EXIT_STATUS.store(1, Ordering::SeqCst);
+    // SAFETY: `at_exit` is a plain `extern "C" fn()` that does not unwind.
+    unsafe { libc::atexit(at_exit) };
 }
 
 /// Registered with `atexit` on rank 0: stops the ranks and waits for the driver thread, which

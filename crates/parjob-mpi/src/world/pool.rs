@@ -8,6 +8,7 @@ use parjob_core::{Backend, Error, Job, Pool, ProcessOptions};
 use parjob_remote::{CodeOffset, InitArgs, Nonce, Welcome};
 
 use crate::LAUNCH_HINT;
+use crate::wire::put_u64;
 
 use super::server::RUN_TRAILER;
 use super::{Command, DRIVER, Encoded};
@@ -86,11 +87,15 @@ impl MpiPool {
         })
     }
 
-    /// [`MpiPool::new`] whose tasks run on local workers that ran `options`' initializer
-    /// (`initializer` or `initializer_with`) first: each of the ranks starts a local process
-    /// pool of its own for it, whose every worker process runs the initializer once before
-    /// its first task, as on the process backend; the ranks stop it when this pool is dropped.
-    /// The other options are the process backend's and do not apply here.
+    /// [`MpiPool::new`] whose tasks run on local workers set up by `options`: each of the
+    /// ranks starts a local process pool of its own for it (when `options` asks for anything
+    /// the ranks' first pool does not do), and stops it when this pool is dropped. As on the
+    /// process backend, every worker process runs the initializer (`initializer` or
+    /// `initializer_with`) once before its first task, is replaced after
+    /// `max_tasks_per_worker` tasks, prefixes its output with `[worker i] ` when
+    /// `prefix_output` is set (`i` its index on its rank), and frames above `max_nbytes` go
+    /// to it through shared memory. `worker_exe` does not apply: a rank's local workers run the
+    /// rank's own executable, which proved at start-up to be rank 0's build.
     ///
     /// # Errors
     /// As [`MpiPool::new`]; [`Error::InvalidConfig`] when the initializer is not in this
@@ -100,9 +105,14 @@ impl MpiPool {
         let (initializer, with_args) = if let Some(with) = &options.initializer_with {
             let (entry, function) = CodeOffset::of_initializer_with(with)?;
             let args = with.args.to_vec();
-            (entry, Some(InitArgs { function, args }))
+            (Some(entry), Some(InitArgs { function, args }))
         } else if let Some(initializer) = options.initializer {
-            (CodeOffset::of_initializer(initializer)?, None)
+            (Some(CodeOffset::of_initializer(initializer)?), None)
+        } else if options.max_tasks_per_worker.is_some()
+            || options.prefix_output
+            || options.max_nbytes != ProcessOptions::default().max_nbytes
+        {
+            (None, None)
         } else {
             return MpiPool::new(ranks);
         };
@@ -116,10 +126,18 @@ impl MpiPool {
         // (MPI's own launcher vouches for the ranks, and every rank proved it is this build).
         let welcome = Welcome {
             max_nbytes: options.max_nbytes as u64,
-            initializer: Some(initializer),
+            initializer,
             with_args,
             proof: Nonce::from_bytes([0; Nonce::LEN]),
         };
+        // `[max_tasks_per_worker u64, 0 for none][prefix_output u8][welcome]`.
+        let mut message = Vec::new();
+        put_u64(
+            &mut message,
+            options.max_tasks_per_worker.map_or(0, |n| n.max(1) as u64),
+        );
+        message.push(u8::from(options.prefix_output));
+        message.extend_from_slice(&welcome.encode());
         let _ = driver
             .commands
             .lock()
@@ -127,7 +145,7 @@ impl MpiPool {
             .send(Command::OpenPool {
                 pool: pool.pool,
                 ranks: pool.ranks,
-                welcome: welcome.encode(),
+                welcome: message,
             });
         Ok(pool)
     }

@@ -124,6 +124,10 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             match tag {
                 TAG_BROKEN => {
                     // Rank 0 died while sending: nobody will say STOP.
+                    eprintln!(
+                        "parjob: MPI rank {rank} on {my_host}: a message from rank 0 stopped \
+                         halfway (rank 0 died?); the rank stops its local workers and leaves"
+                    );
                     drop(pools);
                     return 3;
                 }
@@ -229,6 +233,18 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             {
                 // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
                 // the local workers and leave without MPI_Finalize, rather than serve nobody.
+                let why = if gone {
+                    "rank 0's process is gone".to_string()
+                } else {
+                    format!(
+                        "it heard nothing from rank 0 for {:?} (PARJOB_MPI_RANK_TIMEOUT)",
+                        heard_from_0.elapsed()
+                    )
+                };
+                eprintln!(
+                    "parjob: MPI rank {rank} on {my_host}: {why}; the rank stops its local \
+                     workers and leaves"
+                );
                 drop(pools);
                 return 3;
             }
@@ -521,7 +537,7 @@ impl LocalPools {
         else {
             return;
         };
-        let options = match initializer_options(r.0) {
+        let options = match pool_options(r.0) {
             Ok(options) => options,
             Err(why) => {
                 self.pools.insert(id, LocalPool::Failed(why));
@@ -608,19 +624,29 @@ fn stop_aside(pool: ProcessPool) {
     drop(spawned);
 }
 
-/// The options of a local pool whose workers run the initializer `welcome` (a parjob-remote
-/// `Welcome` from rank 0) names, found in this process by its offsets.
-fn initializer_options(welcome: &[u8]) -> Result<ProcessOptions, String> {
-    let welcome = Welcome::decode(welcome).map_err(|e| e.to_string())?;
+/// The options of a local pool from a `POOL` message's options,
+/// `[max_tasks_per_worker u64, 0 for none][prefix_output u8][welcome]`, `welcome` a
+/// parjob-remote `Welcome` from rank 0 whose initializer is found in this process by its
+/// offsets.
+fn pool_options(message: &[u8]) -> Result<ProcessOptions, String> {
+    let mut r = Reader(message);
+    let (Some(max_tasks), Some(prefix)) = (r.u64(), r.u8()) else {
+        return Err("a malformed POOL message".into());
+    };
+    let welcome = Welcome::decode(r.0).map_err(|e| e.to_string())?;
+    let mut options = ProcessOptions::default();
+    options.max_tasks_per_worker =
+        (max_tasks > 0).then(|| usize::try_from(max_tasks).unwrap_or(usize::MAX));
+    options.prefix_output = prefix == 1;
+    options.max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
     let Some(offset) = welcome.initializer else {
-        return Ok(ProcessOptions::default());
+        return Ok(options);
     };
     // SAFETY: rank 0 sends POOL only to ranks it checked are this same build (by GNU
     // build-id) and welcomed; it measured `offset` with `CodeOffset::of_initializer` (or
     // `of_initializer_with`, for its entry), and it reached here unchanged. `entry_at` only
     // checks that the offset leads into this executable's code and turns it into an address.
     let found = unsafe { parjob_remote::entry_at(offset) }.map_err(|e| e.to_string())?;
-    let mut options = ProcessOptions::default();
     match welcome.with_args {
         None => {
             // SAFETY: the address is that of the `fn()` rank 0 measured the offset from (both
@@ -645,7 +671,6 @@ fn initializer_options(welcome: &[u8]) -> Result<ProcessOptions, String> {
             });
         }
     }
-    options.max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
     Ok(options)
 }
 

@@ -72,8 +72,8 @@ pub(super) const TAG_BROKEN: i32 = -1;
 ///
 /// The receive itself is non-blocking (`MPI_Imrecv`, then `MPI_Test` until it completes): a
 /// big message whose sender dies mid-transfer would block `MPI_Mrecv` for ever. After
-/// `silence_limit()` it gives up, leaks the buffer (MPI may still write it) and reports the
-/// message as `TAG_BROKEN`.
+/// `receive_limit` (the silence limit, and more for a big message) it gives up, leaks the
+/// buffer (MPI may still write it) and reports the message as `TAG_BROKEN`.
 pub(super) fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
     let (mut message, status) = world.any_process().immediate_matched_probe()?;
     let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
@@ -101,7 +101,7 @@ pub(super) fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec
         std::mem::forget(buffer);
         return Some((from, TAG_BROKEN, Vec::new()));
     }
-    let deadline = Instant::now() + silence_limit();
+    let deadline = Instant::now() + receive_limit(len);
     loop {
         let mut flag = 0;
         // SAFETY: `request` came from MPI_Imrecv and has not completed yet.
@@ -118,6 +118,26 @@ pub(super) fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec
         }
         std::thread::yield_now();
     }
+}
+
+/// The slowest rate a message is expected to arrive at, even with the sender serving other
+/// big sends at the same time on a loaded machine: a message slower than this (after the
+/// silence limit) is taken for one whose sender died mid-transfer.
+const SLOWEST_BYTES_PER_SEC: u64 = 50_000_000;
+
+/// How long receiving a message of `len` bytes may take before its sender is taken for lost:
+/// the silence limit, plus the time `len` bytes take at [`SLOWEST_BYTES_PER_SEC`] (two 1.9 GiB
+/// `SharedSlice`s sent to two ranks at once shared the sender and took longer than the silence
+/// limit alone).
+fn receive_limit(len: usize) -> Duration {
+    silence_limit() + transfer_allowance(len as u64)
+}
+
+/// How long `bytes` may take to cross at [`SLOWEST_BYTES_PER_SEC`]: a rank busy receiving a
+/// message that long says nothing meanwhile, and rank 0 adds this to its silence limit for a
+/// rank it is still sending that many bytes to.
+pub(super) fn transfer_allowance(bytes: u64) -> Duration {
+    Duration::from_millis(bytes / (SLOWEST_BYTES_PER_SEC / 1000))
 }
 
 /// What an MPI thread with nothing to do waits for, which sets how often it polls MPI
@@ -248,6 +268,17 @@ mod tests {
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
+    }
+
+    #[test]
+    fn a_big_message_may_take_a_second_per_50_mb_beyond_the_silence_limit() {
+        assert_eq!(transfer_allowance(0), Duration::ZERO);
+        assert_eq!(transfer_allowance(50_000_000), Duration::from_secs(1));
+        // Two 1.9 GiB segments to two ranks at once shared rank 0's sends and outlasted the
+        // silence limit alone.
+        let two_gib = transfer_allowance(2 * 1024 * 1024 * 1024);
+        assert!(two_gib > Duration::from_secs(40), "{two_gib:?}");
+        assert_eq!(receive_limit(100_000_000), silence_limit() + Duration::from_secs(2));
     }
 
     #[test]
