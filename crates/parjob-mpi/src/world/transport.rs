@@ -278,7 +278,10 @@ mod tests {
         // silence limit alone.
         let two_gib = transfer_allowance(2 * 1024 * 1024 * 1024);
         assert!(two_gib > Duration::from_secs(40), "{two_gib:?}");
-        assert_eq!(receive_limit(100_000_000), silence_limit() + Duration::from_secs(2));
+        assert_eq!(
+            receive_limit(100_000_000),
+            silence_limit() + Duration::from_secs(2)
+        );
     }
 
     #[test]
