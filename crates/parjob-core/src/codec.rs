@@ -607,6 +607,20 @@ fn copied<P: bytemuck::Pod>(len: usize, bytes: &[u8]) -> Vec<P> {
 /// Allocations of at least this many bytes are offered huge pages (see [`prefer_huge_pages`]).
 const HUGE_PAGES_FROM: usize = 8 << 20;
 
+/// Whether the codec asks for transparent huge pages on its big buffers: only when
+/// `PARJOB_HUGE_PAGES=1` (read once per process; worker processes inherit it). Off by default:
+/// what huge pages cost depends on the machine far more than small pages do. On one VM the
+/// benchmarks ran on they faulted 100 MB in 45-50 ms against 100-200 ms on small pages; on
+/// another (a VM whose freed memory goes back to its host, virtio-balloon free page reporting)
+/// a huge page allocated a few seconds after memory was freed took 4-5x longer than small
+/// pages, and the first 100 MB argument to a new process pool took 2-4.7 s instead of
+/// 0.13-0.33 s. With `transparent_hugepage/defrag` at `madvise`, an advised fault may also
+/// stall in compaction on a fragmented machine.
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var_os("PARJOB_HUGE_PAGES").is_some_and(|v| v == "1"))
+}
+
 /// Asks the kernel to back the untouched allocation `[start, start + len)` with transparent
 /// huge pages (2 MiB) where it can, before anything writes it. A new big allocation is fresh
 /// memory, and each of its 4 KiB pages costs a page fault when first written (1 to 2.5 µs each
@@ -614,11 +628,11 @@ const HUGE_PAGES_FROM: usize = 8 << 20;
 /// to copy); a huge page costs one fault per 2 MiB, and freeing it is cheaper too. Only the
 /// whole 2 MiB blocks inside the allocation are advised, so no memory outside it is touched.
 /// With the kernel's THP setting at `never` (or on other systems) nothing changes. A hint:
-/// its result is ignored.
+/// its result is ignored. Only when [`huge_pages_wanted`].
 #[inline]
 fn prefer_huge_pages(start: *mut u8, len: usize) {
     #[cfg(all(target_os = "linux", not(miri)))]
-    if len >= HUGE_PAGES_FROM {
+    if len >= HUGE_PAGES_FROM && huge_pages_wanted() {
         const HUGE: usize = 2 << 20;
         let first = (start as usize).next_multiple_of(HUGE);
         let end = (start as usize + len) & !(HUGE - 1);
