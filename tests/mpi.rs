@@ -473,6 +473,10 @@ mod suite {
             format!("wrong task: {text}")
         })?;
         check(expect(error), || format!("wrong failure: {text}"))?;
+        // The same failure as any backend gives, for code that matches on every backend.
+        check(expect(err.without_rank()), || {
+            format!("without_rank gave the wrong failure: {text}")
+        })?;
         let again = parallel
             .run((0..1000u64).map(|i| delayed(square, i)))
             .map_err(|e| format!("the next run failed: {e}"))?;

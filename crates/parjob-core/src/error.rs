@@ -40,7 +40,7 @@ pub enum Error {
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
-    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (a thread cannot be stopped, so it ran on; the process backend enforces a hard limit)" })]
+    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (not stopped: a task on a thread runs to its end, whether or not the run waits for it; the process backend enforces a hard limit)" })]
     #[non_exhaustive]
     Timeout {
         /// Position of the task in the input.
@@ -506,6 +506,27 @@ impl Error {
             | Error::RetriesExhausted { index, .. } => Some(*index),
             Error::OnRank { error, .. } => error.task_index(),
             _ => None,
+        }
+    }
+
+    /// The failure itself, without where on a cluster it happened: for [`Error::OnRank`] the
+    /// error inside it (the one any backend would give: `TaskPanicked`, `WorkerCrashed`,
+    /// `Timeout`, ...), otherwise `self`. Match on this to handle a failure the same way on
+    /// every backend, MPI included.
+    ///
+    /// ```
+    /// use parjob_core::{Error, WorkerExit};
+    ///
+    /// let crash = Error::worker_crashed(3, 0, 4242, WorkerExit::Signaled(6));
+    /// let on_mpi = Error::on_rank(2, "node7", crash.clone());
+    /// for error in [&crash, &on_mpi] {
+    ///     assert!(matches!(error.without_rank(), Error::WorkerCrashed { index: 3, .. }));
+    /// }
+    /// ```
+    pub fn without_rank(&self) -> &Error {
+        match self {
+            Error::OnRank { error, .. } => error.without_rank(),
+            other => other,
         }
     }
 

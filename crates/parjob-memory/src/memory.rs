@@ -51,7 +51,10 @@ pub enum OnDecodeError {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Results stored in the file (every function, every process), failures included.
+    /// Results stored in the file (every function, every process), failures included. A
+    /// record per stored call, not per distinct key: the same call made twice in one run
+    /// (both missing from the cache, so both ran) is stored twice, and a later lookup finds
+    /// either.
     pub entries: u64,
     /// Bytes they take in the file: keys, offsets and records (SQLite's own pages aside).
     pub bytes: u64,
