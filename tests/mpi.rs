@@ -720,6 +720,53 @@ mod suite {
         })
     }
 
+    /// A done-callback that blocks holds up nothing else: not a run of the program (its
+    /// results are decoded on other completer threads), and not another future of the same
+    /// executor that the callback itself waits for (a deadlock when every job ended on one
+    /// thread).
+    fn blocked_done_callbacks() -> Result<(), String> {
+        let executor = Arc::new(Executor::new(-1).backend(Backend::Mpi));
+        // A callback that waits for another future of the same executor.
+        let (inner_tx, inner_rx) = std::sync::mpsc::channel();
+        let inside = Arc::clone(&executor);
+        executor
+            .submit(delayed(square, 3))
+            .add_done_callback(move |_| {
+                let inner = inside.submit(delayed(square, 4)).result();
+                let _ = inner_tx.send(inner.map_err(|e| e.to_string()));
+            });
+        match inner_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(16)) => {}
+            Ok(other) => return Err(format!("the future awaited in a callback gave {other:?}")),
+            Err(_) => return Err("a callback waiting for another future deadlocked".into()),
+        }
+        // A callback blocked until a later run is over.
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        executor
+            .submit(delayed(square, 5))
+            .add_done_callback(move |_| {
+                let _ = release_rx.recv_timeout(Duration::from_secs(120));
+            });
+        std::thread::sleep(Duration::from_millis(200));
+        let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = mpi(-1).run((0..4u64).map(|i| delayed(big_result, 300_000 + i)));
+            let _ = ran_tx.send(out.map(|v| v.len()).map_err(|e| e.to_string()));
+        });
+        let ran = ran_rx.recv_timeout(Duration::from_secs(60));
+        let _ = release_tx.send(());
+        match ran {
+            Ok(Ok(4)) => Ok(()),
+            Ok(other) => Err(format!("the run beside a blocked callback gave {other:?}")),
+            Err(_) => Err("a run waited for an unrelated blocked done-callback".into()),
+        }
+    }
+
+    /// A big result (above 256 KiB), decoded at once.
+    fn big_result(len: u64) -> Vec<u8> {
+        vec![1; len as usize]
+    }
+
     fn million_tiny_tasks() -> Result<(), String> {
         let out = mpi(-1)
             .run((0..1_000_000u64).map(|i| delayed(square, i)))
@@ -1189,6 +1236,7 @@ mod suite {
             ("executor", executor),
             ("daemon_executor_dropped", daemon_executor_dropped),
             ("slow_user_code_on_rank_0", slow_user_code_on_rank_0),
+            ("blocked_done_callbacks", blocked_done_callbacks),
             ("million_tiny_tasks", million_tiny_tasks),
             (
                 "batches_carry_transport_figures",

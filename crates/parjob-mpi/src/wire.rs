@@ -6,7 +6,8 @@
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
 //! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host]`: 1 = same build, frames will follow |
-//! | `SEGMENT` | 0 to rank | `[segment id u64][its bytes]`: a `SharedSlice`'s segment, sent before the first `RUN` that names it on this rank |
+//! | `SEGMENT` | 0 to rank | `[segment id u64]`: a `SharedSlice`'s segment, sent before the first `RUN` that names it on this rank; its bytes follow at once as `SEGMENT_BYTES` (MPI keeps one sender's messages in order) |
+//! | `SEGMENT_BYTES` | 0 to rank | the bytes of the segment the `SEGMENT` before it named, sent from the segment's own memory (no copy on rank 0) |
 //! | `FORGET` | 0 to rank | `[segment id u64]...`: segments the driver dropped; the rank lets go of them (its local workers unmap them once no job holds them) |
 //! | `POOL` | 0 to rank | `[pool u64][Welcome]`: start local pool `pool`, whose workers run the initializer parjob-remote's `Welcome` names (its proof unused) |
 //! | `POOL_END` | 0 to rank | `[pool u64]`: stop local pool `pool` (its `MpiPool` was dropped) |
@@ -38,6 +39,7 @@ pub(crate) const TAG_FORGET: i32 = 9;
 pub(crate) const TAG_POOL: i32 = 10;
 pub(crate) const TAG_POOL_END: i32 = 11;
 pub(crate) const TAG_UNREADABLE_RUN: i32 = 12;
+pub(crate) const TAG_SEGMENT_BYTES: i32 = 13;
 
 /// A `DONE`'s local worker when the rank's pool did not say which worker ran the frame.
 pub(crate) const NO_WORKER: u32 = u32::MAX;
@@ -46,7 +48,7 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 3;
+pub(crate) const PROTOCOL: u32 = 4;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;

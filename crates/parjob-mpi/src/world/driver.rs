@@ -14,14 +14,15 @@ use parjob_remote::{DoneHeader, FrameAt, FrameTag, RunHeader};
 use crate::LAUNCH_HINT;
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_FORGET,
-    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP, TAG_UNREADABLE_RUN,
-    TAG_WELCOME, put_bytes, put_u32, put_u64,
+    TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_SEGMENT_BYTES, TAG_STOP,
+    TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u32, put_u64,
 };
 
+use super::completer::Completer;
 use super::server::RUN_TRAILER;
 use super::transport::{
-    Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
-    transfer_allowance, try_receive,
+    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, host_name, isend, process_gone,
+    test_sends, transfer_allowance, try_receive,
 };
 use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
 
@@ -57,6 +58,9 @@ struct Slot {
     /// The `SharedSlice` segments this rank holds: each is sent once, before the first `RUN`
     /// that names it, and forgotten once the driver dropped it.
     segments: HashMap<u64, Weak<SharedSegment>>,
+    /// Until when the rank may be silent beyond the silence limit: it is receiving segments
+    /// rank 0 sent it and copying them into shared memory.
+    quiet_until: Instant,
 }
 
 pub(super) struct DriverState<'w> {
@@ -77,62 +81,11 @@ pub(super) struct DriverState<'w> {
     out: HashMap<u64, Out>,
     next_id: u64,
     sends: Vec<PendingSend>,
-    leaked: Vec<Vec<u8>>,
+    leaked: Vec<SendBuffer>,
     host: String,
     last_check: Instant,
     last_beat: Instant,
     completer: Completer,
-}
-
-/// Runs the user code a job's end involves on a thread of its own, started when first needed:
-/// a future's done-callbacks, and decoding big results (the result type's `Deserialize`). On
-/// the driver thread a callback or a decode that takes seconds would stop rank 0's beats and
-/// its polling of MPI, and every rank would leave, taking rank 0 for lost.
-#[derive(Default)]
-struct Completer {
-    thread: Option<Sender<Box<dyn FnOnce() + Send>>>,
-}
-
-/// Results of at least this many bytes are decoded on the completer's thread; smaller ones
-/// (every tiny-task batch) on the driver thread, which a thread hop would slow more than the
-/// decode itself.
-const DECODE_ELSEWHERE_FROM: usize = 256 * 1024;
-
-impl Completer {
-    /// Completes `job` (its tasks without an outcome cancelled): on the completer's thread
-    /// when that runs a done-callback.
-    fn complete(&mut self, job: Job, busy: Duration) {
-        if !job.completes_by_callback() {
-            return job.complete(busy);
-        }
-        self.run(Box::new(move || job.complete(busy)));
-    }
-
-    /// Runs `work` on the completer's thread (or here when no thread could be started, late
-    /// beats and all).
-    fn run(&mut self, work: Box<dyn FnOnce() + Send>) {
-        if self.thread.is_none() {
-            let (sender, works) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
-            let started = std::thread::Builder::new()
-                .name("parjob-mpi-done".into())
-                .spawn(move || {
-                    for work in works {
-                        work();
-                    }
-                });
-            if started.is_ok() {
-                self.thread = Some(sender);
-            }
-        }
-        match &self.thread {
-            Some(thread) => {
-                if let Err(mpsc::SendError(work)) = thread.send(work) {
-                    work();
-                }
-            }
-            None => work(),
-        }
-    }
 }
 
 impl<'w> DriverState<'w> {
@@ -417,6 +370,7 @@ impl<'w> DriverState<'w> {
                         last_heard: Instant::now(),
                         first_worker: first_worker - info.workers,
                         segments: HashMap::new(),
+                        quiet_until: Instant::now(),
                     }
                 })
                 .collect();
@@ -519,17 +473,30 @@ impl<'w> DriverState<'w> {
             if self.slots[slot].segments.contains_key(&segment.id()) {
                 continue;
             }
-            let bytes = segment.memory().bytes();
-            let mut message = Vec::with_capacity(8 + bytes.len());
-            put_u64(&mut message, segment.id());
-            message.extend_from_slice(bytes);
-            bytes_sent += message.len() as u64;
-            match isend(self.world, rank, TAG_SEGMENT, message) {
-                Ok(send) => {
-                    self.sends.push(send);
-                    self.slots[slot]
-                        .segments
-                        .insert(segment.id(), Arc::downgrade(segment));
+            // The id, then the bytes straight from the segment's memory: a copy of a big
+            // segment here took seconds per rank, with no beat meanwhile.
+            let len = segment.memory().bytes().len();
+            let sent = isend(
+                self.world,
+                rank,
+                TAG_SEGMENT,
+                segment.id().to_le_bytes().to_vec(),
+            )
+            .and_then(|id| {
+                let bytes = SendBuffer::Segment(Arc::clone(segment));
+                Ok((id, isend(self.world, rank, TAG_SEGMENT_BYTES, bytes)?))
+            });
+            match sent {
+                Ok((id, bytes)) => {
+                    self.sends.push(id);
+                    self.sends.push(bytes);
+                    bytes_sent += 8 + len as u64;
+                    let slot = &mut self.slots[slot];
+                    slot.segments.insert(segment.id(), Arc::downgrade(segment));
+                    // The rank says nothing while it receives the bytes and then copies them
+                    // into shared memory of its node: give it that long, twice over.
+                    let quiet = 2 * transfer_allowance(len as u64);
+                    slot.quiet_until = slot.quiet_until.max(Instant::now()) + quiet;
                 }
                 Err(message) => {
                     let index = job.batch().first_index();
@@ -630,18 +597,15 @@ impl<'w> DriverState<'w> {
             .saturating_duration_since(sent_at)
             .saturating_sub(Duration::from_nanos(held).max(header.busy));
         let busy = header.busy;
-        let elsewhere = bytes.len() >= DECODE_ELSEWHERE_FROM || job.completes_by_callback();
         let finish = move || {
             read_outcomes(&mut job, &bytes[body_at..], rank, &host);
             transport.decode = received_at.elapsed();
             job.add_transport(&transport);
             job.complete(busy);
         };
-        if elsewhere {
-            self.completer.run(Box::new(finish));
-        } else {
-            finish();
-        }
+        // Decoding runs the result type's `Deserialize`: user code, off the driver thread
+        // (even cheap records add up: 12000 of 2 ms each stopped the beats for 24 s).
+        self.completer.run(Box::new(finish));
     }
 
     /// An `UNREADABLE_RUN`: `rank` could not read the trailer of a `RUN` (nor its id). MPI
@@ -749,19 +713,16 @@ impl<'w> DriverState<'w> {
                     slot.info.rank,
                     "its process is gone (killed or crashed)".to_string(),
                 ));
-            } else if slot.last_heard.elapsed() > limit {
-                // A rank receiving a big message from rank 0 says nothing until it has it all.
-                let sending: u64 = (self.sends.iter())
-                    .filter(|send| send.rank == slot.info.rank)
-                    .map(|send| send._buffer.len() as u64)
-                    .sum();
-                let limit = limit + transfer_allowance(sending);
-                if slot.last_heard.elapsed() > limit {
-                    lost.push((
-                        slot.info.rank,
-                        format!("it sent nothing for {limit:?} (PARJOB_MPI_RANK_TIMEOUT)"),
-                    ));
-                }
+            } else if slot.last_heard.elapsed() > limit && Instant::now() > slot.quiet_until {
+                // (A rank receiving a big segment from rank 0, then copying it, says nothing
+                // until it is done: `quiet_until`.)
+                let heard = slot.last_heard.elapsed();
+                lost.push((
+                    slot.info.rank,
+                    format!(
+                        "it sent nothing for {heard:.1?} (PARJOB_MPI_RANK_TIMEOUT is {limit:?})"
+                    ),
+                ));
             }
         }
         for (rank, reason) in lost {
@@ -913,10 +874,10 @@ fn read_outcomes(job: &mut Job, mut body: &[u8], rank: usize, host: &str) {
     }
 }
 
-/// Decodes the outcome `records` of `rank` into `job`'s batch. Decoding runs the result
-/// type's `Deserialize` (user code) on the driver thread (small bodies) or the completer's,
-/// which every run of the program shares: a panic there fails the task whose record it was, with the message the process
-/// backend gives, and the records after it are decoded in turn.
+/// Decodes the outcome `records` of `rank` into `job`'s batch, on a completer thread.
+/// Decoding runs the result type's `Deserialize` (user code): a panic there fails the task
+/// whose record it was, with the message the process backend gives, and the records after it
+/// are decoded in turn.
 fn decode_guarded(job: &mut Job, mut records: &[u8], rank: usize, host: &str) {
     loop {
         let before = job.batch().outcomes_len();

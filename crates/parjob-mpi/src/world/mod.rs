@@ -12,6 +12,7 @@
 //! and `server` (a worker rank's server and its local pool). This file starts MPI and holds
 //! what they share.
 
+mod completer;
 mod driver;
 mod pool;
 mod server;

@@ -17,8 +17,8 @@ use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader, Welcome}
 
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, RECORD_PANICKED, Reader, TAG_BEAT, TAG_BYE,
-    TAG_DONE, TAG_FORGET, TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_STOP,
-    TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u64,
+    TAG_DONE, TAG_FORGET, TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT,
+    TAG_SEGMENT_BYTES, TAG_STOP, TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u64,
 };
 
 use super::transport::{
@@ -139,7 +139,13 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         rank0 = Some((pid, host == my_host));
                     }
                 }
-                TAG_SEGMENT if welcomed => segments.receive(&bytes),
+                TAG_SEGMENT if welcomed => segments.announced(&bytes),
+                TAG_SEGMENT_BYTES if welcomed => {
+                    segments.receive(&bytes);
+                    // Copying a big segment takes seconds on a loaded node: rank 0 was not
+                    // silent meanwhile, this rank was busy.
+                    heard_from_0 = Instant::now();
+                }
                 TAG_FORGET => segments.forget(&bytes),
                 TAG_POOL if welcomed => pools.open(&bytes),
                 TAG_POOL_END => {
@@ -346,16 +352,22 @@ struct Segments {
     /// Segments whose shared memory could not be made here, with why: a frame naming one is
     /// answered with that error.
     failed: HashMap<u64, String>,
+    /// The id the last `SEGMENT` announced, whose bytes come next.
+    next: Option<u64>,
 }
 
 impl Segments {
-    /// A `SEGMENT`: `[id u64][bytes]`.
-    fn receive(&mut self, message: &[u8]) {
-        let mut r = Reader(message);
-        let Some(id) = r.u64() else {
+    /// A `SEGMENT`: `[id u64]`, the id of the segment whose bytes come next.
+    fn announced(&mut self, message: &[u8]) {
+        self.next = Reader(message).u64();
+    }
+
+    /// A `SEGMENT_BYTES`: the bytes of the segment the last `SEGMENT` named.
+    fn receive(&mut self, bytes: &[u8]) {
+        let Some(id) = self.next.take() else {
             return;
         };
-        match shared_memory_from(r.0) {
+        match shared_memory_from(bytes) {
             Some(memory) => {
                 self.held
                     .insert(id, Arc::new(SharedSegment::new(id, memory)));
@@ -365,7 +377,7 @@ impl Segments {
                     "the {} bytes of the SharedSlice segment {id:#x} could not be put in \
                      shared memory on this rank (out of file descriptors or memory, or \
                      parjob::init() did not set up the process backend)",
-                    r.0.len()
+                    bytes.len()
                 );
                 self.failed.insert(id, why);
             }

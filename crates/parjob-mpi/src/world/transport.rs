@@ -1,6 +1,7 @@
 //! Non-blocking sends and receives (no call ever waits on a rank that may be dead), idling
 //! between polls, and this host's name and pids.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mpi::datatype::Equivalence;
@@ -9,13 +10,37 @@ use mpi::raw::{AsRaw, AsRawMut};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Source;
 
+use parjob_core::SharedSegment;
+
 use super::silence_limit;
 
 /// A non-blocking send in flight: its buffer lives until MPI says it went.
 pub(super) struct PendingSend {
     pub(super) request: ffi::MPI_Request,
-    pub(super) _buffer: Vec<u8>,
+    pub(super) _buffer: SendBuffer,
     pub(super) rank: usize,
+}
+
+/// The bytes of a send: a message of its own, or a `SharedSlice`'s segment sent from its
+/// memory (kept mapped by the `Arc` until the send is done).
+pub(super) enum SendBuffer {
+    Owned(Vec<u8>),
+    Segment(Arc<SharedSegment>),
+}
+
+impl SendBuffer {
+    pub(super) fn bytes(&self) -> &[u8] {
+        match self {
+            SendBuffer::Owned(bytes) => bytes,
+            SendBuffer::Segment(segment) => segment.memory().bytes(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for SendBuffer {
+    fn from(bytes: Vec<u8>) -> SendBuffer {
+        SendBuffer::Owned(bytes)
+    }
 }
 
 /// Starts a non-blocking send of `buffer` to `rank` with `tag`.
@@ -23,19 +48,22 @@ pub(super) fn isend(
     world: &SimpleCommunicator,
     rank: usize,
     tag: i32,
-    buffer: Vec<u8>,
+    buffer: impl Into<SendBuffer>,
 ) -> Result<PendingSend, String> {
-    let len = i32::try_from(buffer.len())
-        .map_err(|_| format!("a message of {} bytes is over MPI's 2 GiB", buffer.len()))?;
+    let buffer = buffer.into();
+    let bytes = buffer.bytes();
+    let len = i32::try_from(bytes.len())
+        .map_err(|_| format!("a message of {} bytes is over MPI's 2 GiB", bytes.len()))?;
     let dest = i32::try_from(rank).map_err(|_| format!("no rank {rank}"))?;
     // SAFETY: reading an MPI constant the C shim defines.
     let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
-    // SAFETY: `buffer` holds `len` bytes and is kept (in the returned PendingSend, or leaked
-    // with it) until MPI_Test says the send completed; the communicator is this world's, used
-    // from this thread only.
+    // SAFETY: `bytes` are `len` bytes that `buffer` owns (a vector, or a segment's mapping
+    // its `Arc` keeps), kept unchanged (in the returned PendingSend, or leaked with it) until
+    // MPI_Test says the send completed: MPI only reads them. The communicator is this world's,
+    // used from this thread only.
     let code = unsafe {
         ffi::MPI_Isend(
-            buffer.as_ptr().cast(),
+            bytes.as_ptr().cast(),
             len,
             ffi::RSMPI_UINT8_T,
             dest,
