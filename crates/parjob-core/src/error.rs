@@ -515,7 +515,7 @@ impl Error {
     /// every backend, MPI included.
     ///
     /// ```
-    /// use parjob_core::{Error, WorkerExit};
+    /// use parjob::{Error, WorkerExit};
     ///
     /// let crash = Error::worker_crashed(3, 0, 4242, WorkerExit::Signaled(6));
     /// let on_mpi = Error::on_rank(2, "node7", crash.clone());
