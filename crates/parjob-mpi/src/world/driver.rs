@@ -18,11 +18,11 @@ use crate::wire::{
     TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u32, put_u64,
 };
 
-use super::completer::Completer;
+use super::completer::{self, Completers};
 use super::server::RUN_TRAILER;
 use super::transport::{
-    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, host_name, isend, process_gone,
-    test_sends, transfer_allowance, try_receive,
+    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, fits_one_message, host_name, isend,
+    process_gone, test_sends, transfer_allowance, try_receive,
 };
 use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
 
@@ -85,7 +85,7 @@ pub(super) struct DriverState<'w> {
     host: String,
     last_check: Instant,
     last_beat: Instant,
-    completer: Completer,
+    completers: Completers,
 }
 
 impl<'w> DriverState<'w> {
@@ -108,7 +108,7 @@ impl<'w> DriverState<'w> {
             host: host_name(),
             last_check: Instant::now(),
             last_beat: Instant::now(),
-            completer: Completer::default(),
+            completers: Completers::default(),
         }
     }
 
@@ -257,13 +257,13 @@ impl<'w> DriverState<'w> {
                 // Jobs still queued for it (a daemon executor dropped with tasks pending)
                 // would reach ranks that stopped the pool: they end now, their tasks
                 // cancelled before they ran, as on the process backend.
-                // (Ended on the completer's thread: a future's done-callbacks may run.)
+                // (Ended on a completer thread: a future's done-callbacks may run.)
                 let (closed, kept) = std::mem::take(&mut self.queue)
                     .into_iter()
                     .partition::<VecDeque<_>, _>(|queued| queued.pool == pool);
                 self.queue = kept;
                 for Queued { job, .. } in closed {
-                    self.completer.complete(job, Duration::ZERO);
+                    self.completers.complete(job, Duration::ZERO);
                 }
                 if let Some(ranks) = self.pools.remove(&pool) {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
@@ -289,8 +289,19 @@ impl<'w> DriverState<'w> {
     }
 
     fn receive(&mut self, from: usize, tag: i32, bytes: Vec<u8>) {
+        // A rank sends nothing while it receives a segment and copies it: once MPI is done
+        // sending it every segment, anything it says ends its grace (a rank that hangs later
+        // is lost after the silence limit, not after the grace).
+        let receiving_segments = self
+            .sends
+            .iter()
+            .any(|send| send.rank == from && matches!(send._buffer, SendBuffer::Segment(_)));
         if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == from) {
-            slot.last_heard = Instant::now();
+            let now = Instant::now();
+            slot.last_heard = now;
+            if !receiving_segments {
+                slot.quiet_until = slot.quiet_until.min(now);
+            }
         }
         match tag {
             TAG_HELLO => self.hello(from, &bytes),
@@ -424,7 +435,7 @@ impl<'w> DriverState<'w> {
                         "every worker rank of this pool was lost",
                     )
                 });
-                self.completer.complete(job, Duration::ZERO);
+                self.completers.complete(job, Duration::ZERO);
                 continue;
             }
             let Some(best) = best else {
@@ -447,7 +458,7 @@ impl<'w> DriverState<'w> {
             ..
         } = queued;
         if job.control().is_cancelled() || !job.mark_started() {
-            self.completer.complete(job, Duration::ZERO);
+            self.completers.complete(job, Duration::ZERO);
             return;
         }
         let rank = self.slots[slot].info.rank;
@@ -462,7 +473,7 @@ impl<'w> DriverState<'w> {
             Ok(encoded) => encoded,
             Err(error) => {
                 job.batch_mut().push_failure(error);
-                self.completer.complete(job, Duration::ZERO);
+                self.completers.complete(job, Duration::ZERO);
                 return;
             }
         };
@@ -476,20 +487,9 @@ impl<'w> DriverState<'w> {
             // The id, then the bytes straight from the segment's memory: a copy of a big
             // segment here took seconds per rank, with no beat meanwhile.
             let len = segment.memory().bytes().len();
-            let sent = isend(
-                self.world,
-                rank,
-                TAG_SEGMENT,
-                segment.id().to_le_bytes().to_vec(),
-            )
-            .and_then(|id| {
-                let bytes = SendBuffer::Segment(Arc::clone(segment));
-                Ok((id, isend(self.world, rank, TAG_SEGMENT_BYTES, bytes)?))
-            });
+            let sent = self.send_segment(rank, segment);
             match sent {
-                Ok((id, bytes)) => {
-                    self.sends.push(id);
-                    self.sends.push(bytes);
+                Ok(()) => {
                     bytes_sent += 8 + len as u64;
                     let slot = &mut self.slots[slot];
                     slot.segments.insert(segment.id(), Arc::downgrade(segment));
@@ -504,7 +504,7 @@ impl<'w> DriverState<'w> {
                         "task {index}: cannot send a SharedSlice's segment to MPI rank \
                          {rank}: {message}"
                     )));
-                    self.completer.complete(job, Duration::ZERO);
+                    self.completers.complete(job, Duration::ZERO);
                     return;
                 }
             }
@@ -552,9 +552,23 @@ impl<'w> DriverState<'w> {
                      message holds at most 2 GiB: give big arguments as SharedSlices (sent \
                      once per rank, each in a message of its own) or set a smaller batch_size"
                 )));
-                self.completer.complete(job, Duration::ZERO);
+                self.completers.complete(job, Duration::ZERO);
             }
         }
+    }
+
+    /// Sends `segment` to `rank`: `SEGMENT` (its id), then `SEGMENT_BYTES` from its memory.
+    fn send_segment(&mut self, rank: usize, segment: &Arc<SharedSegment>) -> Result<(), String> {
+        // Over MPI's 2 GiB: refused before the id goes, so the rank never waits for bytes.
+        fits_one_message(segment.memory().bytes().len())?;
+        let id = segment.id().to_le_bytes().to_vec();
+        self.sends.push(isend(self.world, rank, TAG_SEGMENT, id)?);
+        // (If this fails, the id's send stays in `sends`: MPI may still read its buffer. The
+        // rank drops an announced id when the next `SEGMENT` comes.)
+        let bytes = SendBuffer::Segment(Arc::clone(segment));
+        self.sends
+            .push(isend(self.world, rank, TAG_SEGMENT_BYTES, bytes)?);
+        Ok(())
     }
 
     fn done(&mut self, from: usize, bytes: Vec<u8>) {
@@ -597,15 +611,15 @@ impl<'w> DriverState<'w> {
             .saturating_duration_since(sent_at)
             .saturating_sub(Duration::from_nanos(held).max(header.busy));
         let busy = header.busy;
-        let finish = move || {
+        // Decoding runs the result type's `Deserialize`: user code, off the driver thread
+        // (even cheap records add up: 12000 of 2 ms each stopped the beats for 24 s), and
+        // apart from done-callbacks, which may block.
+        self.completers.decode(move |callbacks| {
             read_outcomes(&mut job, &bytes[body_at..], rank, &host);
             transport.decode = received_at.elapsed();
             job.add_transport(&transport);
-            job.complete(busy);
-        };
-        // Decoding runs the result type's `Deserialize`: user code, off the driver thread
-        // (even cheap records add up: 12000 of 2 ms each stopped the beats for 24 s).
-        self.completer.run(Box::new(finish));
+            completer::complete(callbacks, job, busy);
+        });
     }
 
     /// An `UNREADABLE_RUN`: `rank` could not read the trailer of a `RUN` (nor its id). MPI
@@ -643,7 +657,7 @@ impl<'w> DriverState<'w> {
         );
         job.batch_mut()
             .push_failure(Error::on_rank(from, host, error));
-        self.completer.complete(job, Duration::ZERO);
+        self.completers.complete(job, Duration::ZERO);
     }
 
     fn host_of(&self, rank: usize) -> String {
@@ -788,7 +802,7 @@ impl<'w> DriverState<'w> {
                 fail_rest(&mut job, |index| {
                     Error::rank_lost(index, rank, host.clone(), pid, reason)
                 });
-                self.completer.complete(job, Duration::ZERO);
+                self.completers.complete(job, Duration::ZERO);
             }
         }
     }
@@ -797,7 +811,7 @@ impl<'w> DriverState<'w> {
     fn shutdown(&mut self) {
         // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
         for Queued { job, .. } in self.queue.drain(..) {
-            self.completer.complete(job, Duration::ZERO);
+            self.completers.complete(job, Duration::ZERO);
         }
         let ranks: Vec<usize> = if self.handshaken() {
             let alive = self.slots.iter().filter(|s| s.alive).map(|s| s.info.rank);
@@ -826,7 +840,7 @@ impl<'w> DriverState<'w> {
             std::thread::sleep(Duration::from_micros(200));
         }
         for (_, out) in self.out.drain() {
-            self.completer.complete(out.job, Duration::ZERO);
+            self.completers.complete(out.job, Duration::ZERO);
         }
         if !waiting.is_empty() {
             self.driver.lost.store(true, Ordering::SeqCst);

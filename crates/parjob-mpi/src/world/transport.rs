@@ -43,6 +43,13 @@ impl From<Vec<u8>> for SendBuffer {
     }
 }
 
+/// `Ok` when a message of `len` bytes fits in one MPI message (its count is an `int`).
+pub(super) fn fits_one_message(len: usize) -> Result<(), String> {
+    i32::try_from(len)
+        .map(|_| ())
+        .map_err(|_| format!("a message of {len} bytes is over MPI's 2 GiB"))
+}
+
 /// Starts a non-blocking send of `buffer` to `rank` with `tag`.
 pub(super) fn isend(
     world: &SimpleCommunicator,
