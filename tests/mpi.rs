@@ -263,7 +263,7 @@ mod suite {
         x
     }
 
-    /// A result whose `Deserialize` panics on 13: it runs on rank 0's driver thread.
+    /// A result whose `Deserialize` panics on 13: it runs on one of rank 0's decoder threads.
     #[derive(Debug, serde::Serialize)]
     struct Touchy(u64);
 
@@ -640,8 +640,8 @@ mod suite {
         x.0
     }
 
-    /// A big result (above the 256 KiB from which rank 0 decodes results off its MPI thread)
-    /// whose `Deserialize` takes longer than a rank waits for rank 0's beat.
+    /// A result (of 300 KB in the test: a single record, not a batch of small ones) whose
+    /// `Deserialize` takes longer than a rank waits for rank 0's beat.
     #[derive(Debug, serde::Serialize)]
     struct SlowToDecode(Vec<u8>);
 
@@ -762,7 +762,7 @@ mod suite {
         }
     }
 
-    /// A big result (above 256 KiB), decoded at once.
+    /// A result of `len` bytes, quick to decode.
     fn big_result(len: u64) -> Vec<u8> {
         vec![1; len as usize]
     }
