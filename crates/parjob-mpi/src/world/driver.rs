@@ -21,7 +21,7 @@ use crate::wire::{
 use super::completer::{self, Completers};
 use super::server::RUN_TRAILER;
 use super::transport::{
-    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, fits_one_message, host_name, isend,
+    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, host_name, isend, message_count,
     process_gone, test_sends, transfer_allowance, try_receive,
 };
 use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
@@ -292,15 +292,17 @@ impl<'w> DriverState<'w> {
         // A rank sends nothing while it receives a segment and copies it: once MPI is done
         // sending it every segment, anything it says ends its grace (a rank that hangs later
         // is lost after the silence limit, not after the grace).
-        let receiving_segments = self
-            .sends
-            .iter()
-            .any(|send| send.rank == from && matches!(send._buffer, SendBuffer::Segment(_)));
+        let sends = &self.sends;
         if let Some(slot) = self.slots.iter_mut().find(|s| s.info.rank == from) {
             let now = Instant::now();
             slot.last_heard = now;
-            if !receiving_segments {
-                slot.quiet_until = slot.quiet_until.min(now);
+            // (The pending sends are looked at only during a grace, not for every message.)
+            if slot.quiet_until > now
+                && !sends
+                    .iter()
+                    .any(|send| send.rank == from && matches!(send._buffer, SendBuffer::Segment(_)))
+            {
+                slot.quiet_until = now;
             }
         }
         match tag {
@@ -487,8 +489,7 @@ impl<'w> DriverState<'w> {
             // The id, then the bytes straight from the segment's memory: a copy of a big
             // segment here took seconds per rank, with no beat meanwhile.
             let len = segment.memory().bytes().len();
-            let sent = self.send_segment(rank, segment);
-            match sent {
+            match self.send_segment(rank, segment) {
                 Ok(()) => {
                     bytes_sent += 8 + len as u64;
                     let slot = &mut self.slots[slot];
@@ -560,7 +561,7 @@ impl<'w> DriverState<'w> {
     /// Sends `segment` to `rank`: `SEGMENT` (its id), then `SEGMENT_BYTES` from its memory.
     fn send_segment(&mut self, rank: usize, segment: &Arc<SharedSegment>) -> Result<(), String> {
         // Over MPI's 2 GiB: refused before the id goes, so the rank never waits for bytes.
-        fits_one_message(segment.memory().bytes().len())?;
+        message_count(segment.memory().bytes().len())?;
         let id = segment.id().to_le_bytes().to_vec();
         self.sends.push(isend(self.world, rank, TAG_SEGMENT, id)?);
         // (If this fails, the id's send stays in `sends`: MPI may still read its buffer. The

@@ -43,11 +43,9 @@ impl From<Vec<u8>> for SendBuffer {
     }
 }
 
-/// `Ok` when a message of `len` bytes fits in one MPI message (its count is an `int`).
-pub(super) fn fits_one_message(len: usize) -> Result<(), String> {
-    i32::try_from(len)
-        .map(|_| ())
-        .map_err(|_| format!("a message of {len} bytes is over MPI's 2 GiB"))
+/// The MPI count (an `int`) of a message of `len` bytes, or why it does not fit in one.
+pub(super) fn message_count(len: usize) -> Result<i32, String> {
+    i32::try_from(len).map_err(|_| format!("a message of {len} bytes is over MPI's 2 GiB"))
 }
 
 /// Starts a non-blocking send of `buffer` to `rank` with `tag`.
@@ -59,8 +57,7 @@ pub(super) fn isend(
 ) -> Result<PendingSend, String> {
     let buffer = buffer.into();
     let bytes = buffer.bytes();
-    let len = i32::try_from(bytes.len())
-        .map_err(|_| format!("a message of {} bytes is over MPI's 2 GiB", bytes.len()))?;
+    let len = message_count(bytes.len())?;
     let dest = i32::try_from(rank).map_err(|_| format!("no rank {rank}"))?;
     // SAFETY: reading an MPI constant the C shim defines.
     let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
