@@ -880,8 +880,13 @@ fn read_outcomes(job: &mut Job, mut body: &[u8], rank: usize, host: &str) {
                 let Some(error) = wire::read_failure(&mut r) else {
                     break;
                 };
-                job.batch_mut()
-                    .push_failure(Error::on_rank(rank, host.to_string(), error));
+                // A task cancelled before it ran did not fail on the rank: it is reported as
+                // any cancelled task is.
+                let error = match error {
+                    Error::Cancelled { .. } => error,
+                    error => Error::on_rank(rank, host.to_string(), error),
+                };
+                job.batch_mut().push_failure(error);
             }
             _ => break,
         }

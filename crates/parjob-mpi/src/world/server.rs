@@ -153,8 +153,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         if let Some(t) = trailer(&frame) {
                             received.remove(&t.header.tag.seq);
                         }
-                        let why = "its pool was dropped on rank 0 before it started";
-                        refuse_frame(rank, &frame, why, world, &mut sends);
+                        // Its tasks never ran: cancelled, as on the process backend.
+                        cancel_frame(rank, &frame, world, &mut sends);
                     }
                 }
                 TAG_RUN if welcomed => {
@@ -457,6 +457,38 @@ fn refuse_frame(
         if let Ok(send) = isend(world, 0, TAG_DONE, done) {
             sends.push(send);
         }
+    }
+}
+
+/// Answers a `RUN` whose pool was dropped on rank 0 before it could start: every task of it
+/// is cancelled (a `DONE` whose first task is `Cancelled`; rank 0 cancels the rest).
+fn cancel_frame(
+    rank: usize,
+    frame: &[u8],
+    world: &SimpleCommunicator,
+    sends: &mut Vec<PendingSend>,
+) {
+    let Some(t) = trailer(frame) else {
+        return;
+    };
+    let outcomes = RelayedOutcomes {
+        busy: Duration::ZERO,
+        len: 1,
+        records: Vec::new(),
+        outcomes: vec![Relayed::Failed(Error::cancelled(
+            usize::try_from(t.first_index).unwrap_or(usize::MAX),
+        ))],
+        worker: None,
+    };
+    let done = encode_done(
+        rank as u64,
+        t.header.tag.seq,
+        t.first_index,
+        outcomes,
+        Duration::ZERO,
+    );
+    if let Ok(send) = isend(world, 0, TAG_DONE, done) {
+        sends.push(send);
     }
 }
 
