@@ -694,6 +694,50 @@ mod suite {
         check(out[9] == 81, || "wrong after a slow Deserialize".into())
     }
 
+    /// A `DONE` that takes longer to arrive than a rank waits for rank 0's beat (a big result
+    /// over a slow network; here rank 0 holds one back, as if it were still arriving) holds up
+    /// neither the beats nor the other ranks' `DONE`s. Before, rank 0's MPI thread waited for
+    /// the whole of a message: a 1.5 GB result outlasted a 1 s `PARJOB_MPI_RANK_TIMEOUT`, and
+    /// the ranks took rank 0 for lost and left.
+    fn slow_arriving_done() -> Result<(), String> {
+        let executor = Executor::new(-1).backend(Backend::Mpi);
+        // A warm world: the held `DONE` is the task's, not one of the start.
+        let warm = executor.submit(delayed(square, 2));
+        check(warm.result() == Ok(4), || "the warm-up call failed".into())?;
+        parjob::__mpi_hold_next_done(SLOWER_THAN_A_RANK_WAITS);
+        let held = executor.submit(delayed(square, 3));
+        // Its DONE came back and is held: the other calls go on meanwhile (those on the
+        // other worker rank; a rank's own messages keep their order behind the held one).
+        let began = Instant::now();
+        let others: Vec<_> = (0..8u64)
+            .map(|i| executor.submit(delayed(square, i)))
+            .collect();
+        let first = as_completed(others)
+            .next()
+            .ok_or("no call came back while a DONE was held")?;
+        let waited = began.elapsed();
+        check(waited < SLOWER_THAN_A_RANK_WAITS / 2, || {
+            format!("the first call beside a held DONE took {waited:?}")
+        })?;
+        let value = first
+            .result()
+            .map_err(|e| format!("a call beside a held DONE: {e}"))?;
+        check((0..8u64).any(|i| i * i == value), || {
+            format!("a call beside a held DONE gave {value}")
+        })?;
+        check(held.result() == Ok(9), || {
+            "the held DONE's call failed".into()
+        })?;
+        check(began.elapsed() >= SLOWER_THAN_A_RANK_WAITS / 2, || {
+            "the DONE was not held: the test proves nothing".into()
+        })?;
+        // No rank left meanwhile: a run over every rank works.
+        let out = mpi(-1)
+            .run((0..100u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after a held DONE: {e}"))?;
+        check(out[9] == 81, || "wrong after a held DONE".into())
+    }
+
     /// `max_tasks_per_worker` applies on the ranks' local workers: with 1, every task runs in
     /// a worker process of its own.
     fn max_tasks_per_worker() -> Result<(), String> {
@@ -1236,6 +1280,7 @@ mod suite {
             ("executor", executor),
             ("daemon_executor_dropped", daemon_executor_dropped),
             ("slow_user_code_on_rank_0", slow_user_code_on_rank_0),
+            ("slow_arriving_done", slow_arriving_done),
             ("blocked_done_callbacks", blocked_done_callbacks),
             ("million_tiny_tasks", million_tiny_tasks),
             (

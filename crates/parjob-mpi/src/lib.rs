@@ -76,6 +76,16 @@ pub fn break_next_run_for_tests() {
     world::BREAK_NEXT_RUN.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// For the MPI suite only: rank 0 takes the `DONE` of the next `RUN` it sends only `hold`
+/// after it arrived, as if a big one were still arriving over a slow network. Meanwhile it
+/// must go on beating for the other ranks and taking their messages.
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+#[doc(hidden)]
+pub fn hold_next_done_for_tests(hold: std::time::Duration) {
+    let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+    world::HOLD_NEXT_DONE_MS.store(ms, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// For the MPI suite only: rank 0's driver thread panics at its next turn, as a bug of
 /// parjob's would make it. Pools made after that must be refused with an error saying so,
 /// instead of waiting for ever for a driver that is gone.

@@ -91,6 +91,9 @@ pub mod pool {
 pub use parjob_mpi::break_next_run_for_tests as __mpi_break_next_run;
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 #[doc(hidden)]
+pub use parjob_mpi::hold_next_done_for_tests as __mpi_hold_next_done;
+#[cfg(all(feature = "mpi", target_os = "linux"))]
+#[doc(hidden)]
 pub use parjob_mpi::panic_driver_for_tests as __mpi_panic_driver;
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;

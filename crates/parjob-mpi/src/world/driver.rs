@@ -21,8 +21,8 @@ use crate::wire::{
 use super::completer::{self, Completers};
 use super::server::RUN_TRAILER;
 use super::transport::{
-    Awaited, Backoff, PendingSend, SendBuffer, TAG_BROKEN, host_name, isend, message_count,
-    process_gone, test_sends, transfer_allowance, try_receive,
+    Awaited, Backoff, Inbox, PendingSend, SendBuffer, TAG_BROKEN, host_name, isend, message_count,
+    process_gone, test_sends, transfer_allowance,
 };
 use super::{BYE_DEADLINE, Command, Driver, Encoded, HELLO_DEADLINE, RankInfo, silence_limit};
 
@@ -82,6 +82,8 @@ pub(super) struct DriverState<'w> {
     next_id: u64,
     sends: Vec<PendingSend>,
     leaked: Vec<SendBuffer>,
+    /// The ranks' messages, big ones arriving while the loop goes on.
+    inbox: Inbox,
     host: String,
     last_check: Instant,
     last_beat: Instant,
@@ -105,6 +107,7 @@ impl<'w> DriverState<'w> {
             next_id: 1,
             sends: Vec::new(),
             leaked: Vec::new(),
+            inbox: Inbox::default(),
             host: host_name(),
             last_check: Instant::now(),
             last_beat: Instant::now(),
@@ -163,10 +166,11 @@ impl<'w> DriverState<'w> {
                     }
                 }
             }
-            while let Some((from, tag, bytes)) = try_receive(self.world) {
+            while let Some((from, tag, bytes)) = self.inbox.next(self.world) {
                 busy = true;
                 self.receive(from, tag, bytes);
             }
+            busy |= self.inbox.arriving();
             test_sends(&mut self.sends);
             if self.dispatch() {
                 busy = true;
@@ -535,6 +539,10 @@ impl<'w> DriverState<'w> {
         bytes_sent += buffer.len() as u64;
         match isend(self.world, rank, TAG_RUN, buffer) {
             Ok(send) => {
+                let hold = super::HOLD_NEXT_DONE_MS.swap(0, Ordering::SeqCst);
+                if hold > 0 {
+                    self.inbox.hold_done(id, Duration::from_millis(hold));
+                }
                 self.sends.push(send);
                 self.slots[slot].in_flight += 1;
                 let out = Out {
@@ -728,9 +736,13 @@ impl<'w> DriverState<'w> {
                     slot.info.rank,
                     "its process is gone (killed or crashed)".to_string(),
                 ));
-            } else if slot.last_heard.elapsed() > limit && Instant::now() > slot.quiet_until {
+            } else if slot.last_heard.elapsed() > limit
+                && Instant::now() > slot.quiet_until
+                && !self.inbox.arriving_from(slot.info.rank)
+            {
                 // (A rank receiving a big segment from rank 0, then copying it, says nothing
-                // until it is done: `quiet_until`.)
+                // until it is done: `quiet_until`. One whose big message is still arriving is
+                // speaking: that message has a deadline of its own.)
                 let heard = slot.last_heard.elapsed();
                 lost.push((
                     slot.info.rank,
@@ -781,6 +793,8 @@ impl<'w> DriverState<'w> {
         slot.alive = false;
         slot.in_flight = 0;
         let (host, pid) = (slot.info.host.clone(), slot.info.pid);
+        // What it was still sending will not come (MPI may still write those buffers).
+        self.inbox.forget(rank);
         self.driver.lost.store(true, Ordering::SeqCst);
         // Sends toward it may never complete, and MPI may still read their buffers.
         let mut kept = Vec::new();
@@ -830,7 +844,7 @@ impl<'w> DriverState<'w> {
         let mut waiting: Vec<usize> = ranks;
         let deadline = Instant::now() + BYE_DEADLINE;
         while !waiting.is_empty() && Instant::now() < deadline {
-            while let Some((from, tag, bytes)) = try_receive(self.world) {
+            while let Some((from, tag, bytes)) = self.inbox.next(self.world) {
                 if tag == TAG_BYE {
                     waiting.retain(|&r| r != from);
                 } else if tag == TAG_DONE {

@@ -20,7 +20,7 @@ mod transport;
 
 pub use pool::MpiPool;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -182,6 +182,9 @@ static DRIVER: OnceLock<Arc<Driver>> = OnceLock::new();
 pub(crate) static PANIC_DRIVER: AtomicBool = AtomicBool::new(false);
 /// Set by `break_next_run_for_tests`: the driver sends its next `RUN` unreadable.
 pub(crate) static BREAK_NEXT_RUN: AtomicBool = AtomicBool::new(false);
+/// Set by `hold_next_done_for_tests`: the driver takes the `DONE` of the next `RUN` it sends
+/// this many milliseconds after it arrived, as if it were still arriving.
+pub(crate) static HOLD_NEXT_DONE_MS: AtomicU64 = AtomicU64::new(0);
 static WORLD_SIZE: OnceLock<usize> = OnceLock::new();
 /// Set by [`init`] under a launcher: an MPI pool asked for without it can say that `init` was
 /// not called, rather than guess.

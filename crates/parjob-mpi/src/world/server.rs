@@ -22,8 +22,7 @@ use crate::wire::{
 };
 
 use super::transport::{
-    Awaited, Backoff, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
-    try_receive,
+    Awaited, Backoff, Inbox, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
 };
 use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, HELLO_DEADLINE, silence_limit};
 
@@ -97,7 +96,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         Err(_) => return 1,
     }
     let mut welcomed = false;
-    let (done_tx, done_rx) = mpsc::channel::<(u64, u64, RelayedOutcomes)>();
+    // The `DONE`s of frames the local pool finished, each made on the thread that finished it.
+    let (done_tx, done_rx) = mpsc::channel::<Vec<u8>>();
     let mut last_beat = Instant::now();
     // Rank 0's pid and whether it shares this host, from its WELCOME; when it last spoke.
     let mut rank0: Option<(u32, bool)> = None;
@@ -113,9 +113,10 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut local_jobs = 0usize;
     // When each of those frames arrived, by id.
     let mut received: HashMap<u64, Instant> = HashMap::new();
+    let mut inbox = Inbox::default();
     loop {
         let mut busy = false;
-        while let Some((from, tag, bytes)) = try_receive(world) {
+        while let Some((from, tag, bytes)) = inbox.next(world) {
             busy = true;
             if from != 0 {
                 continue;
@@ -169,7 +170,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     }
                     match route {
                         Route::Run(pool) => {
-                            let frame = (bytes, &segments, &done_tx);
+                            let frame = (bytes, &segments, &done_tx, &mut received);
                             local_jobs +=
                                 usize::from(run_frame(pool, rank, frame, world, &mut sends));
                         }
@@ -203,7 +204,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             busy = true;
             match pools.route(&frame) {
                 Route::Run(pool) => {
-                    let frame = (frame, &segments, &done_tx);
+                    let frame = (frame, &segments, &done_tx, &mut received);
                     local_jobs += usize::from(run_frame(pool, rank, frame, world, &mut sends));
                 }
                 Route::Refuse(why) => {
@@ -218,8 +219,9 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         while let Ok(done) = done_rx.try_recv() {
             busy = true;
             local_jobs = local_jobs.saturating_sub(1);
-            send_done(rank, done, &mut received, world, &mut sends);
+            send_done(done, world, &mut sends);
         }
+        busy |= inbox.arriving();
         test_sends(&mut sends);
         if last_check.elapsed() >= Duration::from_millis(100) {
             last_check = Instant::now();
@@ -233,10 +235,12 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             // (rank 0 died while starting).
             let never_answered =
                 rank0.is_none() && heard_from_0.elapsed() > HELLO_DEADLINE + silence_limit();
-            if gone
-                || never_answered
-                || (rank0.is_some() && heard_from_0.elapsed() > silence_limit())
-            {
+            // (A big message from rank 0 still arriving is rank 0 speaking: it has a deadline
+            // of its own.)
+            let silent = rank0.is_some()
+                && heard_from_0.elapsed() > silence_limit()
+                && !inbox.arriving_from(0);
+            if gone || never_answered || silent {
                 // Rank 0 is lost (killed under --enable-recovery): nobody will say STOP. Stop
                 // the local workers and leave without MPI_Finalize, rather than serve nobody.
                 let why = if gone {
@@ -274,28 +278,15 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             // (rank 0 may send one more), rarely while one waits behind them.
             if let Ok(done) = done_rx.recv_timeout(wait) {
                 local_jobs = local_jobs.saturating_sub(1);
-                send_done(rank, done, &mut received, world, &mut sends);
+                send_done(done, world, &mut sends);
                 backoff.busy();
             }
         }
     }
 }
 
-/// Sends the `DONE` of what the local pool made of a frame: `(frame id, first index,
-/// outcomes)`.
-fn send_done(
-    rank: usize,
-    (id, first_index, outcomes): (u64, u64, RelayedOutcomes),
-    received: &mut HashMap<u64, Instant>,
-    world: &SimpleCommunicator,
-    sends: &mut Vec<PendingSend>,
-) {
-    let len = outcomes.len;
-    let held = received
-        .remove(&id)
-        .map_or(Duration::ZERO, |at| at.elapsed());
-    let message = encode_done(rank as u64, id, first_index, outcomes, held);
-    let message = fit_done(message, MAX_MESSAGE, rank, id, first_index, len);
+/// Sends a `DONE` the local pool's thread made.
+fn send_done(message: Vec<u8>, world: &SimpleCommunicator, sends: &mut Vec<PendingSend>) {
     if let Ok(send) = isend(world, 0, TAG_DONE, message) {
         sends.push(send);
     }
@@ -719,7 +710,7 @@ fn pool_options(message: &[u8]) -> Result<ProcessOptions, String> {
 }
 
 /// Where a frame's outcomes go: `(frame id, first index, outcomes)`.
-type DoneSender = Sender<(u64, u64, RelayedOutcomes)>;
+type DoneSender = Sender<Vec<u8>>;
 
 /// Hands one `RUN` (with the segments it may name, and where its outcomes go) to the local
 /// pool; a frame that cannot be run is answered at once. Returns whether the pool took it
@@ -727,7 +718,12 @@ type DoneSender = Sender<(u64, u64, RelayedOutcomes)>;
 fn run_frame(
     pool: &ProcessPool,
     rank: usize,
-    (mut frame, segments, done): (Vec<u8>, &Segments, &DoneSender),
+    (mut frame, segments, done, received): (
+        Vec<u8>,
+        &Segments,
+        &DoneSender,
+        &mut HashMap<u64, Instant>,
+    ),
     world: &SimpleCommunicator,
     sends: &mut Vec<PendingSend>,
 ) -> bool {
@@ -742,6 +738,7 @@ fn run_frame(
         return false;
     };
     let id = header.tag.seq;
+    let received_at = received.remove(&id).unwrap_or_else(Instant::now);
     let mut refuse = |message: String| {
         if let Ok(send) = isend(
             world,
@@ -773,8 +770,14 @@ fn run_frame(
         frame,
         attached,
         header.timeout,
+        // The `DONE` is made here, on the local pool's thread that finished the frame: copying
+        // a big result on the MPI thread kept it from beating for longer than a 1 s
+        // `PARJOB_MPI_RANK_TIMEOUT`.
         move |outcomes| {
-            let _ = done.send((id, first, outcomes));
+            let len = outcomes.len;
+            let held = received_at.elapsed();
+            let message = encode_done(rank as u64, id, first, outcomes, held);
+            let _ = done.send(fit_done(message, MAX_MESSAGE, rank, id, first, len));
         },
     );
     match job {

@@ -11,6 +11,9 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Source;
 
 use parjob_core::SharedSegment;
+use parjob_remote::DoneHeader;
+
+use crate::wire::TAG_DONE;
 
 use super::silence_limit;
 
@@ -96,60 +99,255 @@ pub(super) fn test_sends(sends: &mut Vec<PendingSend>) {
     });
 }
 
-/// The MPI tag `try_receive` reports for a message that began to arrive but stopped halfway
+/// The MPI tag an [`Inbox`] reports for a message that began to arrive but stopped halfway
 /// (its sender died mid-transfer): the caller treats the sender as lost.
 pub(super) const TAG_BROKEN: i32 = -1;
 
-/// The next message from anyone, if one has arrived: (source rank, tag, bytes).
-///
-/// The receive itself is non-blocking (`MPI_Imrecv`, then `MPI_Test` until it completes): a
-/// big message whose sender dies mid-transfer would block `MPI_Mrecv` for ever. After
-/// `receive_limit` (the silence limit, and more for a big message) it gives up, leaks the
-/// buffer (MPI may still write it) and reports the message as `TAG_BROKEN`.
-pub(super) fn try_receive(world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
-    let (mut message, status) = world.any_process().immediate_matched_probe()?;
-    let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
-    let count = status.count(u8::equivalent_datatype());
-    let len = usize::try_from(count).unwrap_or(0);
-    // Not zeroed first (a big frame's memset cost as much as its copy): MPI writes all `len`
-    // bytes, and the length is set only once MPI_Test says it did.
-    let mut buffer: Vec<u8> = Vec::with_capacity(len);
-    // SAFETY: reading an MPI constant the C shim defines.
-    let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
-    // SAFETY: `buffer` holds `count` bytes and outlives the request (it is returned only once
-    // MPI_Test says the receive completed, or leaked); `message` was matched by the probe, and
-    // MPI_Imrecv sets it to MPI_MESSAGE_NULL, which is what dropping it expects.
-    let code = unsafe {
-        ffi::MPI_Imrecv(
-            buffer.as_mut_ptr().cast(),
-            count,
-            ffi::RSMPI_UINT8_T,
-            message.as_raw_mut(),
-            &mut request,
-        )
+/// Messages of this size or more are left to arrive while the loop goes on; smaller ones are
+/// waited for (they take microseconds once their first bytes are here).
+const ARRIVES_IN_THE_BACKGROUND: usize = 1 << 20;
+
+/// How much of a big message's buffer is faulted in per turn of the loop, before MPI is asked
+/// to receive into it: about 8 ms of page faults where a fresh page costs 4 us.
+const FAULTED_PER_TURN: usize = 8 << 20;
+
+/// What an [`Arrival`] is waiting for.
+enum Stage {
+    /// The buffer's pages are being faulted in, a slice per turn (`faulted` bytes so far): MPI
+    /// is not receiving yet. On one node Open MPI copies a message into its buffer in a single
+    /// `process_vm_readv`, inside whichever MPI call progresses it: into fresh memory that
+    /// copy took 1.5 s for 1.5 GB, with no beat meanwhile; into faulted memory it is a plain
+    /// copy (about 0.2 s).
+    Faulting {
+        message: mpi::point_to_point::Message,
+        faulted: usize,
+    },
+    /// MPI may be writing into the buffer.
+    Arriving(ffi::MPI_Request),
+    /// Whole (or broken): the buffer is MPI's no more.
+    Over,
+}
+
+/// A message matched by a probe: whole, or still arriving into its buffer (`MPI_Imrecv`, then
+/// `MPI_Test` until it completes: a big message whose sender dies mid-transfer would block
+/// `MPI_Mrecv` for ever).
+pub(super) struct Arrival {
+    from: usize,
+    tag: i32,
+    stage: Stage,
+    buffer: Vec<u8>,
+    len: usize,
+    /// When a message still arriving is taken for broken (its sender died mid-transfer).
+    deadline: Instant,
+    /// Tests only: the message is not handed over before then, as if it were still arriving.
+    hold_until: Option<Instant>,
+}
+
+impl Arrival {
+    /// Matches the next message from anyone, if one has arrived, and starts receiving it; a
+    /// small one is received whole before this returns.
+    fn start(world: &SimpleCommunicator) -> Option<Arrival> {
+        let (message, status) = world.any_process().immediate_matched_probe()?;
+        let from = usize::try_from(status.source_rank()).unwrap_or(usize::MAX);
+        let count = status.count(u8::equivalent_datatype());
+        let len = usize::try_from(count).unwrap_or(0);
+        let mut arrival = Arrival {
+            from,
+            tag: status.tag(),
+            stage: Stage::Faulting {
+                message,
+                faulted: 0,
+            },
+            // Not zeroed first (a big frame's memset cost as much as its copy): MPI writes all
+            // `len` bytes, and the length is set only once MPI_Test says it did.
+            buffer: Vec::with_capacity(len),
+            len,
+            deadline: Instant::now() + receive_limit(len),
+            hold_until: None,
+        };
+        arrival.fault_in();
+        while len < ARRIVES_IN_THE_BACKGROUND && !arrival.test() {
+            std::thread::yield_now();
+        }
+        Some(arrival)
+    }
+
+    /// Faults in the next slice of the buffer; once all of it is, asks MPI to receive into it.
+    fn fault_in(&mut self) {
+        let Stage::Faulting { faulted, .. } = &mut self.stage else {
+            return;
+        };
+        let end = (*faulted + FAULTED_PER_TURN).min(self.len);
+        let base = self.buffer.as_mut_ptr();
+        for at in (*faulted..end).step_by(4096) {
+            // SAFETY: `at < len <= capacity`: a byte of the buffer's allocation, written
+            // before MPI is given the buffer (MPI overwrites it).
+            unsafe { base.add(at).write_volatile(0) };
+        }
+        *faulted = end;
+        if end < self.len {
+            return;
+        }
+        let Stage::Faulting { mut message, .. } = std::mem::replace(&mut self.stage, Stage::Over)
+        else {
+            return;
+        };
+        // SAFETY: reading an MPI constant the C shim defines.
+        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `buffer` holds `len` bytes and outlives the request: the `Arrival` owns
+        // both, hands the buffer out only once MPI_Test says the receive completed, and leaks
+        // it otherwise (`test` past the deadline, `Drop`); `message` was matched by the probe,
+        // and MPI_Imrecv sets it to MPI_MESSAGE_NULL, which is what dropping it expects. `len`
+        // came from an MPI count (an `i32`).
+        let code = unsafe {
+            ffi::MPI_Imrecv(
+                self.buffer.as_mut_ptr().cast(),
+                i32::try_from(self.len).unwrap_or(i32::MAX),
+                ffi::RSMPI_UINT8_T,
+                message.as_raw_mut(),
+                &mut request,
+            )
+        };
+        if code == 0 {
+            self.stage = Stage::Arriving(request);
+        } else {
+            std::mem::forget(message);
+            self.broken();
+        }
+    }
+
+    /// Whether the message is whole (or broken: then its tag is `TAG_BROKEN`), and may be
+    /// taken.
+    fn test(&mut self) -> bool {
+        if matches!(self.stage, Stage::Faulting { .. }) {
+            if Instant::now() > self.deadline {
+                self.broken();
+            } else {
+                self.fault_in();
+            }
+        }
+        if let Stage::Arriving(request) = &mut self.stage {
+            let mut flag = 0;
+            // SAFETY: `request` came from MPI_Imrecv and has not completed yet (the stage
+            // moves on as soon as it does).
+            let code = unsafe { ffi::MPI_Test(request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+            if code == 0 && flag != 0 {
+                self.stage = Stage::Over;
+                // SAFETY: the receive completed: MPI wrote the `len` bytes it matched into the
+                // first `len` bytes of the buffer's capacity.
+                unsafe { self.buffer.set_len(self.len) };
+            } else if code != 0 || Instant::now() > self.deadline {
+                self.broken();
+            }
+        }
+        matches!(self.stage, Stage::Over)
+            && self.hold_until.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Gives up on the message: its buffer is leaked (MPI may still write into it), and it
+    /// is reported as `TAG_BROKEN`.
+    fn broken(&mut self) {
+        if let Stage::Faulting { message, .. } = std::mem::replace(&mut self.stage, Stage::Over) {
+            // Matched but never received: dropping it would assert.
+            std::mem::forget(message);
+        }
+        std::mem::forget(std::mem::take(&mut self.buffer));
+        self.tag = TAG_BROKEN;
+    }
+
+    /// (source rank, tag, bytes) of a message `test` found whole or broken.
+    fn take(mut self) -> (usize, i32, Vec<u8>) {
+        (self.from, self.tag, std::mem::take(&mut self.buffer))
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        if !matches!(self.stage, Stage::Over) {
+            // MPI may still write into the buffer (its sender is lost, or the process is
+            // ending): never freed.
+            self.broken();
+        }
+    }
+}
+
+/// The messages that arrived, handed over whole and in each sender's order, while big ones
+/// arrive in the background: a loop that waited for a big message to arrive would neither
+/// beat nor hear anyone else meanwhile (a 1.5 GB result took longer than a 1 s
+/// `PARJOB_MPI_RANK_TIMEOUT`, and the other ranks left).
+#[derive(Default)]
+pub(super) struct Inbox {
+    /// Per sender, its messages in the order MPI matched them, the first still arriving.
+    queues: std::collections::BTreeMap<usize, std::collections::VecDeque<Arrival>>,
+    /// Tests only: the `DONE` of this job is held for this long once it is whole.
+    hold_done: Option<(u64, Duration)>,
+}
+
+impl Inbox {
+    /// The next whole message, in its sender's order: (source rank, tag, bytes); `TAG_BROKEN`
+    /// for one whose sender stopped halfway. `None` when nothing (more) is whole.
+    pub(super) fn next(&mut self, world: &SimpleCommunicator) -> Option<(usize, i32, Vec<u8>)> {
+        while let Some(mut arrival) = Arrival::start(world) {
+            if !self.arriving_from(arrival.from)
+                && arrival.test()
+                && !hold(&mut self.hold_done, &mut arrival)
+            {
+                return Some(arrival.take());
+            }
+            self.queues
+                .entry(arrival.from)
+                .or_default()
+                .push_back(arrival);
+        }
+        let Inbox { queues, hold_done } = self;
+        let from = queues.iter_mut().find_map(|(from, queue)| {
+            let front = queue.front_mut()?;
+            (front.test() && !hold(hold_done, front)).then_some(*from)
+        })?;
+        let queue = queues.get_mut(&from)?;
+        let arrival = queue.pop_front()?;
+        if queue.is_empty() {
+            queues.remove(&from);
+        }
+        Some(arrival.take())
+    }
+
+    /// Whether a message from `rank` is still arriving (the rank is busy sending it).
+    pub(super) fn arriving_from(&self, rank: usize) -> bool {
+        self.queues
+            .get(&rank)
+            .is_some_and(|queue| !queue.is_empty())
+    }
+
+    /// Whether any message is still arriving: the loop keeps turning (as it did waiting for a
+    /// message whole) instead of idling between polls.
+    pub(super) fn arriving(&self) -> bool {
+        !self.queues.is_empty()
+    }
+
+    /// Drops what `rank` was sending (it is lost): buffers MPI may still write are leaked.
+    pub(super) fn forget(&mut self, rank: usize) {
+        self.queues.remove(&rank);
+    }
+
+    /// Tests only: holds the `DONE` of job `id` for `hold` once it is whole.
+    pub(super) fn hold_done(&mut self, id: u64, hold: Duration) {
+        self.hold_done = Some((id, hold));
+    }
+}
+
+/// Whether `arrival`, whole, is the `DONE` a test asked to hold: then it is held from now on.
+fn hold(hold_done: &mut Option<(u64, Duration)>, arrival: &mut Arrival) -> bool {
+    let Some((id, hold)) = *hold_done else {
+        return false;
     };
-    if code != 0 {
-        std::mem::forget(message);
-        std::mem::forget(buffer);
-        return Some((from, TAG_BROKEN, Vec::new()));
+    let is_it = arrival.tag == TAG_DONE
+        && DoneHeader::decode(&arrival.buffer).is_ok_and(|(header, _)| header.tag.seq == id);
+    if is_it {
+        *hold_done = None;
+        arrival.hold_until = Some(Instant::now() + hold);
     }
-    let deadline = Instant::now() + receive_limit(len);
-    loop {
-        let mut flag = 0;
-        // SAFETY: `request` came from MPI_Imrecv and has not completed yet.
-        let code = unsafe { ffi::MPI_Test(&mut request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
-        if code == 0 && flag != 0 {
-            // SAFETY: the receive completed: MPI wrote the `count` bytes it matched into the
-            // first `len` bytes of the buffer's capacity.
-            unsafe { buffer.set_len(len) };
-            return Some((from, status.tag(), buffer));
-        }
-        if code != 0 || Instant::now() > deadline {
-            std::mem::forget(buffer);
-            return Some((from, TAG_BROKEN, Vec::new()));
-        }
-        std::thread::yield_now();
-    }
+    is_it
 }
 
 /// The slowest rate a message is expected to arrive at, even with the sender serving other
