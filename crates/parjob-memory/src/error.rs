@@ -30,6 +30,17 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
+    /// The file is not one a `Memory` may use: it cannot be written, it is another
+    /// program's SQLite database, or a cache of an incompatible version of parjob.
+    #[error("cannot use {path} as a cache file: {reason}")]
+    #[non_exhaustive]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// Reading from or writing to the cache file failed.
     #[error("cache file {path}: cannot {action}: {source}")]
     #[non_exhaustive]

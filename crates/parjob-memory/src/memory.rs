@@ -29,6 +29,16 @@ const FLUSH_BYTES: usize = 8 << 20;
 const FILTER_LOAD: usize = 65_536;
 /// Chunks read back and kept in memory for the next hits, at most.
 const CHUNK_CACHE: usize = 16;
+/// A chunk being built is handed to the next flush as it is once its records reach this many
+/// bytes (or it holds [`CHUNK_ENTRIES`] results), and the results after it go into a new one:
+/// SQLite refuses a blob over 1 GB, and while the writer waits (for another process's write
+/// lock, or to write a big chunk) results keep coming. (Small in tests, to exercise it.)
+const CHUNK_BYTES: usize = if cfg!(test) { 1 << 20 } else { 256 << 20 };
+/// ... or this many results (their keys take 32 bytes each).
+const CHUNK_ENTRIES: usize = 1 << 22;
+/// The biggest record stored, alone in its chunk: under SQLite's 1 GB limit on a blob. A
+/// bigger result is returned and not stored (`Stats::not_stored`).
+const RECORD_MAX: usize = if cfg!(test) { 3 << 20 } else { 900_000_000 };
 
 /// Tag byte of a stored result.
 const TAG_VALUE: u8 = 0;
@@ -58,7 +68,8 @@ pub struct Stats {
     pub entries: u64,
     /// Bytes they take in the file: keys, offsets and records (SQLite's own pages aside).
     pub bytes: u64,
-    /// Chunks they are stored in (one per function per flush).
+    /// Chunks they are stored in (one per function per flush, more when a flush holds over
+    /// 256 MB of a function's results).
     pub chunks: u64,
     /// Calls this `Memory` (and its clones) answered from the cache since it was opened.
     pub hits: u64,
@@ -66,8 +77,13 @@ pub struct Stats {
     pub misses: u64,
     /// Stored chunks that failed their checksum when read back; their results were run again.
     pub corrupt_chunks: u64,
-    /// Results that could not be encoded for storing (they were returned, not cached).
+    /// Results returned but not cached: their `Serialize` failed or panicked, one was over
+    /// the 900 MB a stored result may take, or writing them to the file failed (a full disk,
+    /// another process holding the write lock for over 60 s: a warning on stderr says so).
     pub not_stored: u64,
+    /// Writes to the file that failed since it was opened (each said why in a warning on
+    /// stderr at the end of its run, or in [`Memory::flush`]'s error).
+    pub write_failures: u64,
 }
 
 /// A disk cache of task results, joblib's `Memory`, in one SQLite file.
@@ -151,6 +167,7 @@ pub(crate) struct Inner {
     misses: AtomicU64,
     corrupt: AtomicU64,
     not_stored: AtomicU64,
+    write_failures: AtomicU64,
 }
 
 /// A 128-bit slice of a key, used as is as its own hash (keys are BLAKE3 output).
@@ -380,7 +397,7 @@ impl Stored {
     pub(crate) fn push<R: Serialize>(&mut self, memory: &Memory, ticket: Ticket, value: &R) {
         let start = self.records.len();
         self.records.push(TAG_VALUE);
-        let encoded = codec::encode_into(value, &mut self.records);
+        let encoded = encode_guarded(value, &mut self.records);
         match (encoded, u32::try_from(self.records.len())) {
             (Ok(()), Ok(end)) => {
                 self.tickets.push(ticket);
@@ -634,8 +651,12 @@ struct State {
     pending_entries: usize,
     pending_bytes: usize,
     first_pending: Option<Instant>,
-    /// Chunks being written, by their negative number: lookups still find their results.
+    /// Chunks being written, or full and waiting for the next flush (`sealed`), by their
+    /// negative number: lookups still find their results.
     in_flight: FastMap<i64, Arc<ChunkData>>,
+    /// Chunks that reached [`CHUNK_BYTES`] while being built, in the order they did, for the
+    /// next flush (their data is in `in_flight` too).
+    sealed: Vec<Flushing>,
     /// Chunks this process wrote: their negative number (which `map` keeps) to their id.
     written: FastMap<i64, i64>,
     /// Chunks read back, most recent last.
@@ -700,13 +721,32 @@ impl Function {
         index: usize,
     ) -> Result<[u8; 32], Error> {
         scratch.clear();
-        codec::encode_into(args, scratch).map_err(|message| Error::Key {
+        encode_guarded(args, scratch).map_err(|message| Error::Key {
             index,
             function: self.meta.name,
             message,
         })?;
         Ok(*blake3::keyed_hash(&self.meta.key, scratch).as_bytes())
     }
+}
+
+/// Appends `value`'s encoding to `out`; on an error or a panic of its `Serialize`, `out` is
+/// left as it was (half-written bytes would become the start of the next record stored) and
+/// the error (or the panic's message) is returned.
+fn encode_guarded<V: Serialize + ?Sized>(value: &V, out: &mut Vec<u8>) -> Result<(), String> {
+    let start = out.len();
+    let encoded = parjob_core::catch_task(|| codec::encode_into(value, &mut *out))
+        .unwrap_or_else(|panic| Err(format!("its Serialize impl panicked: {panic}")));
+    if encoded.is_err() {
+        out.truncate(start);
+    }
+    encoded
+}
+
+/// Decodes a value from the start of `bytes`; a panic of its `Deserialize` is an error.
+fn decode_guarded<R: DeserializeOwned>(bytes: &[u8]) -> Result<(R, usize), String> {
+    parjob_core::catch_task(|| codec::decode_prefix::<R>(bytes))
+        .unwrap_or_else(|panic| Err(format!("its Deserialize impl panicked: {panic}")))
 }
 
 fn short(key: &[u8; 32]) -> ShortKey {
@@ -722,8 +762,9 @@ impl Memory {
     /// together and write one at a time (a writer waits up to 60 s for another).
     ///
     /// # Errors
-    /// [`Error::Open`] when the file cannot be opened or made, is not an SQLite database, or
-    /// was made by an incompatible version of parjob.
+    /// [`Error::Open`] when the file cannot be opened or made, or is not an SQLite database;
+    /// [`Error::Refused`] when it cannot be written, is another program's SQLite database
+    /// (which is left as it was), or was made by an incompatible version of parjob.
     pub fn open(path: impl AsRef<Path>) -> Result<Memory, Error> {
         let path = path.as_ref().to_path_buf();
         let write = store::open(&path)?;
@@ -742,6 +783,7 @@ impl Memory {
             misses: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             not_stored: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
         });
         let writer = {
             let inner = Arc::clone(&inner);
@@ -918,6 +960,7 @@ impl Memory {
             misses: inner.misses.load(Ordering::Relaxed),
             corrupt_chunks: inner.corrupt.load(Ordering::Relaxed),
             not_stored: inner.not_stored.load(Ordering::Relaxed),
+            write_failures: inner.write_failures.load(Ordering::Relaxed),
         })
     }
 
@@ -1011,6 +1054,10 @@ impl Memory {
             }
             (index.loaded_up_to, index.own.clone())
         };
+        // Chunks deleted since (another process's `clear`, `clear_function` or eviction):
+        // their results must no longer come from this process's memory of them.
+        let (present, highest) = store::chunk_ids(&conn).map_err(read_error)?;
+        self.forget_deleted(&present, highest);
         let mut loaded: Vec<(i64, Vec<u8>)> = Vec::new();
         let mut last = after;
         {
@@ -1078,6 +1125,40 @@ impl Memory {
         index.own.retain(|&c| c > up_to);
         index.data_version = Some(data_version);
         Ok(())
+    }
+
+    /// Marks the chunks this process holds in memory (read back, or its own) that are gone
+    /// from the file: ids up to `highest` not in `present`. Lookups then find their results
+    /// absent, and run them again.
+    fn forget_deleted(&self, present: &store::FastIdSet, highest: i64) {
+        let inner = &self.handle.inner;
+        let mut state = lock(&inner.state);
+        let deleted = |id: i64| id > 0 && id <= highest && !present.contains(&id);
+        let mut gone: Vec<i64> = state
+            .cache
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(state.written.values().copied())
+            .filter(|&id| deleted(id))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        state
+            .cache
+            .retain(|(id, _)| gone.binary_search(id).is_err());
+        for index in state.functions.values_mut() {
+            if index
+                .cursor
+                .as_ref()
+                .is_some_and(|c| gone.binary_search(&c.chunk).is_ok())
+            {
+                index.cursor = None;
+            }
+        }
+        state.gone.extend(gone);
     }
 
     /// Makes room in `function`'s filter for `additional` more keys (a `run`, which pulls
@@ -1223,37 +1304,68 @@ impl Memory {
         }
         let inner = &self.handle.inner;
         let mut state = lock(&inner.state);
-        let index = inner.index_of(&mut state, &function.meta);
-        let builder = &mut index.builder;
-        let offset = builder.data.records.len();
+        let fn_key = inner.index_of(&mut state, &function.meta).meta.key;
         let count = batch.tickets.len();
-        let fits = offset
-            .checked_add(batch.records.len())
-            .is_some_and(|end| u32::try_from(end).is_ok());
-        if !fits {
-            // The chunk being built cannot address more (4 GiB wait to be written): these
-            // are returned, not cached, as a result that cannot be encoded is.
-            drop(state);
-            inner.not_stored.fetch_add(count as u64, Ordering::Relaxed);
-            batch.clear();
-            return;
-        }
-        builder.data.records.extend_from_slice(&batch.records);
-        builder.keys.reserve(count);
-        builder.data.ends.reserve(count);
-        let first = builder.keys.len() as u32;
-        for (pos, (ticket, end)) in (first..).zip(batch.tickets.iter().zip(&batch.ends)) {
+        let (mut from, mut bytes_from, mut not_stored) = (0, 0usize, 0u64);
+        while from < count {
+            let index = inner.index_of(&mut state, &function.meta);
+            let builder = &index.builder;
+            // The records from `from` on that fit into the chunk being built, at once.
+            let (held, entries) = (builder.data.records.len(), builder.keys.len());
+            let mut to = from;
+            while to < count {
+                let end = batch.ends[to] as usize;
+                let size = end - bytes_from;
+                let fits = (held + size <= CHUNK_BYTES && entries + (to - from) < CHUNK_ENTRIES)
+                    || (entries == 0 && to == from && end - bytes_from <= RECORD_MAX);
+                if !fits {
+                    break;
+                }
+                to += 1;
+            }
+            if to == from {
+                if entries == 0 {
+                    // Alone, over what one chunk holds: returned, not stored.
+                    not_stored += 1;
+                    bytes_from = batch.ends[from] as usize;
+                    from += 1;
+                } else {
+                    seal(&mut state, &fn_key);
+                }
+                continue;
+            }
+            let bytes_to = batch.ends[to - 1] as usize;
             let builder = &mut index.builder;
-            builder.keys.push(ticket.key);
-            builder.data.ends.push(offset as u32 + end);
-            let loc = Loc {
-                chunk: index.builder_chunk,
-                pos,
-            };
-            index.place(*ticket, loc);
+            let offset = builder.data.records.len();
+            builder
+                .data
+                .records
+                .extend_from_slice(&batch.records[bytes_from..bytes_to]);
+            builder.keys.reserve(to - from);
+            builder.data.ends.reserve(to - from);
+            let first = builder.keys.len() as u32;
+            for (pos, i) in (first..).zip(from..to) {
+                let builder = &mut index.builder;
+                let ticket = batch.tickets[i];
+                builder.keys.push(ticket.key);
+                // Within CHUNK_BYTES or RECORD_MAX: far below u32::MAX.
+                builder
+                    .data
+                    .ends
+                    .push((offset + batch.ends[i] as usize - bytes_from) as u32);
+                let loc = Loc {
+                    chunk: index.builder_chunk,
+                    pos,
+                };
+                index.place(ticket, loc);
+            }
+            state.pending_entries += to - from;
+            state.pending_bytes += bytes_to - bytes_from + 36 * (to - from);
+            (from, bytes_from) = (to, bytes_to);
         }
-        state.pending_entries += count;
-        state.pending_bytes += batch.records.len() + 36 * count;
+        if not_stored > 0 {
+            inner.not_stored.fetch_add(not_stored, Ordering::Relaxed);
+        }
         let first = state.first_pending.is_none();
         if first {
             state.first_pending = Some(Instant::now());
@@ -1282,7 +1394,7 @@ impl Memory {
             })),
         };
         match record {
-            Some([TAG_VALUE, value @ ..]) => match codec::decode_prefix::<R>(value) {
+            Some([TAG_VALUE, value @ ..]) => match decode_guarded::<R>(value) {
                 Ok((value, used)) if used == value_len(record) => Lookup::Hit(value),
                 Ok(_) => decode_error("bytes are left over after the value".into()),
                 Err(message) => decode_error(message),
@@ -1316,7 +1428,7 @@ impl Memory {
         let encoded = match outcome {
             Ok(value) => {
                 builder.data.records.push(TAG_VALUE);
-                codec::encode_into(value, &mut builder.data.records)
+                encode_guarded(value, &mut builder.data.records)
             }
             Err(text) => {
                 builder.data.records.push(TAG_FAILURE);
@@ -1324,16 +1436,28 @@ impl Memory {
                 Ok(())
             }
         };
-        let end = u32::try_from(builder.data.records.len()).ok();
-        let (Ok(()), Some(end)) = (encoded, end) else {
+        let size = builder.data.records.len() - start;
+        if encoded.is_err() || size > RECORD_MAX {
             builder.data.records.truncate(start);
             inner.not_stored.fetch_add(1, Ordering::Relaxed);
             return;
-        };
+        }
+        let mut index = index;
+        if start > 0 && (start + size > CHUNK_BYTES || index.builder.keys.len() >= CHUNK_ENTRIES) {
+            // Into a chunk of its own: the one being built is full.
+            let record = index.builder.data.records.split_off(start);
+            let fn_key = index.meta.key;
+            seal(&mut state, &fn_key);
+            index = inner.index_of(&mut state, &function.meta);
+            index.builder.data.records.extend_from_slice(&record);
+        }
+        let builder = &mut index.builder;
+        // Within CHUNK_BYTES or RECORD_MAX: far below u32::MAX.
+        let end = builder.data.records.len() as u32;
         let pos = builder.keys.len() as u32;
         builder.keys.push(key);
         builder.data.ends.push(end);
-        let added = builder.data.records.len() - start + 36;
+        let added = size + 36;
         let loc = Loc {
             chunk: index.builder_chunk,
             pos,
@@ -1369,6 +1493,37 @@ impl Memory {
             self.store::<R>(function, ticket, Err(&error.to_string()));
         }
     }
+}
+
+/// Hands the chunk `fn_key`'s function is building to the next flush as it is, and starts a
+/// new one: lookups find its results among the chunks in flight meanwhile.
+fn seal(state: &mut State, fn_key: &[u8; 32]) {
+    let State {
+        functions,
+        next_chunk,
+        in_flight,
+        sealed,
+        ..
+    } = state;
+    let Some(index) = functions.get_mut(fn_key) else {
+        return;
+    };
+    if index.builder.keys.is_empty() {
+        return;
+    }
+    let builder = std::mem::take(&mut index.builder);
+    let mut data = builder.data;
+    data.keys = builder.keys;
+    let data = Arc::new(data);
+    in_flight.insert(index.builder_chunk, Arc::clone(&data));
+    sealed.push(Flushing {
+        fn_key: *fn_key,
+        meta: index.meta.clone(),
+        chunk: index.builder_chunk,
+        data,
+    });
+    index.builder_chunk = *next_chunk;
+    *next_chunk -= 1;
 }
 
 /// What [`probe`] found: an answer, or a chunk to read from the file first.
@@ -1532,9 +1687,18 @@ impl Inner {
         index.data_version = None;
         index.slots = Vec::new();
         index.generation += 1;
-        let dropped = index.builder.keys.len();
-        let bytes = index.builder.data.records.len() + 36 * dropped;
+        let mut dropped = index.builder.keys.len();
+        let mut bytes = index.builder.data.records.len() + 36 * dropped;
         index.builder = Builder::default();
+        let (sealed, kept): (Vec<Flushing>, Vec<Flushing>) = std::mem::take(&mut state.sealed)
+            .into_iter()
+            .partition(|job| job.fn_key == *key);
+        state.sealed = kept;
+        for job in sealed {
+            state.in_flight.remove(&job.chunk);
+            dropped += job.data.keys.len();
+            bytes += job.data.records.len() + 36 * job.data.keys.len();
+        }
         state.pending_entries = state.pending_entries.saturating_sub(dropped);
         state.pending_bytes = state.pending_bytes.saturating_sub(bytes);
     }
@@ -1630,7 +1794,8 @@ impl Inner {
         let conn = lock(&self.write);
         let (jobs, touched, target, limit) = {
             let mut state = lock(&self.state);
-            let mut jobs = Vec::new();
+            // Sealed chunks first: they were full before the ones being built began.
+            let mut jobs = std::mem::take(&mut state.sealed);
             let mut next = state.next_chunk;
             let mut in_flight = Vec::new();
             for (fn_key, index) in state.functions.iter_mut() {
@@ -1694,6 +1859,8 @@ impl Inner {
             }
             Err(source) => {
                 let lost: usize = jobs.iter().map(|j| j.data.keys.len()).sum();
+                self.not_stored.fetch_add(lost as u64, Ordering::Relaxed);
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
                 for job in &jobs {
                     if let Some(index) = state.functions.get_mut(&job.fn_key) {
                         index.map.retain(|_, loc| loc.chunk != job.chunk);
@@ -1973,5 +2140,203 @@ mod tests {
             "5, 7 and 8 ran once"
         );
         assert_eq!(here.stats().expect("stats").hits, 2);
+    }
+
+    fn bytes_of(seed: u64, len: usize) -> Vec<u8> {
+        vec![seed as u8; len]
+    }
+
+    /// Results that overflow the chunk being built (while the writer is busy) go into new
+    /// chunks, found meanwhile and stored after; one bigger than a chunk may hold is returned
+    /// and not stored. Before, the writer wrote everything pending for a function as one row,
+    /// and SQLite refused a blob over 1 GB: all those results were lost and the run failed.
+    /// (The limits are 1 MiB a chunk and 3 MiB a result in tests.)
+    #[test]
+    fn results_past_a_chunk_go_into_chunks_of_their_own_and_one_too_big_is_not_stored() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let memory = Memory::open(&path).expect("open");
+        {
+            // The writer waits for this connection: everything stays pending.
+            let _writer_held = lock(&memory.handle.inner.write);
+            for seed in 0..10u64 {
+                let value = memory.call(delayed(bytes_of, (seed, 300_000)));
+                assert_eq!(value.expect("call").len(), 300_000);
+            }
+            // Found while pending, in sealed chunks and in the one being built.
+            for seed in [0u64, 4, 9] {
+                let value = memory.call(delayed(bytes_of, (seed, 300_000)));
+                assert_eq!(value.expect("call")[0], seed as u8);
+            }
+            let big = memory.call(delayed(bytes_of, (1, 4 << 20)));
+            assert_eq!(big.expect("returned all the same").len(), 4 << 20);
+            assert_eq!(lock(&memory.handle.inner.state).sealed.len(), 3);
+        }
+        let stats = memory.stats().expect("stats");
+        assert_eq!(
+            (stats.entries, stats.chunks),
+            (10, 4),
+            "3 + 3 + 3 + 1 results"
+        );
+        assert_eq!((stats.hits, stats.not_stored), (3, 1));
+        // Another handle (another process) finds every one of them.
+        let other = Memory::open(&path).expect("open");
+        for seed in 0..10u64 {
+            let value = other
+                .call(delayed(bytes_of, (seed, 300_000)))
+                .expect("call");
+            assert_eq!((value.len(), value[299_999]), (300_000, seed as u8));
+        }
+        assert_eq!(other.stats().expect("stats").misses, 0);
+    }
+
+    /// The same through a run's batches (`store_many`).
+    #[test]
+    fn a_run_whose_results_overflow_a_chunk_stores_them_all() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+
+        use parjob_core::{RunUnordered, SequentialPool};
+
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let memory = Memory::open(&path).expect("open");
+        let tasks = || {
+            (0..12u64).map(|seed| {
+                let len = if seed == 5 { 4 << 20 } else { 250_000 };
+                delayed(bytes_of, (seed, len))
+            })
+        };
+        let run = |memory: &Memory| {
+            let starts = Rc::new(RefCell::new(0));
+            let run = crate::CachedRun::new(
+                memory,
+                tasks(),
+                true,
+                Box::new(move |feed| {
+                    *starts.borrow_mut() += 1;
+                    Box::new(RunUnordered::new(
+                        Arc::new(SequentialPool),
+                        feed,
+                        &Default::default(),
+                    ))
+                }),
+            );
+            crate::collect(run).expect("the run")
+        };
+        // (The run waits for its results to be written at its end: the writer is not held
+        // here, and the run's batches outgrow a chunk faster than it writes them.)
+        let values = run(&memory);
+        assert_eq!(values.len(), 12);
+        assert_eq!(values[5].len(), 4 << 20);
+        let stats = memory.stats().expect("stats");
+        assert_eq!(
+            (stats.entries, stats.not_stored),
+            (11, 1),
+            "all but the 4 MiB one"
+        );
+        assert!(stats.chunks >= 3, "{} chunks", stats.chunks);
+        let other = Memory::open(&path).expect("open");
+        let values = run(&other);
+        assert_eq!(values[11][0], 11);
+        assert_eq!(
+            other.stats().expect("stats").misses,
+            1,
+            "only the one not stored"
+        );
+    }
+
+    /// A result whose `Serialize` writes half its value, then panics.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Touchy(u64, String);
+
+    impl Serialize for Touchy {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeTupleStruct;
+            let mut fields = s.serialize_tuple_struct("Touchy", 2)?;
+            fields.serialize_field(&self.0)?;
+            assert!(self.0 != 7, "seven does not serialize");
+            fields.serialize_field(&self.1)?;
+            fields.end()
+        }
+    }
+
+    fn touchy(x: u64) -> Touchy {
+        Touchy(x, format!("value-{x}"))
+    }
+
+    fn touchy_length(t: Touchy) -> usize {
+        t.1.len()
+    }
+
+    /// A `Serialize` that panics costs its own result only: it is returned and not stored,
+    /// and the next result is stored whole. Before, the half-written bytes stayed and became
+    /// the start of the next record: that result failed to decode in every later process.
+    /// An argument whose `Serialize` panics is that task's key error, not a panic.
+    #[test]
+    fn a_serialize_that_panics_costs_only_its_own_result() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let memory = Memory::open(dir.path().join("c.sqlite")).expect("open");
+        assert_eq!(memory.call(delayed(touchy, 7)).expect("call"), touchy(7));
+        assert_eq!(memory.call(delayed(touchy, 8)).expect("call"), touchy(8));
+        assert_eq!(memory.call(delayed(touchy, 8)).expect("a hit"), touchy(8));
+        let stats = memory.stats().expect("stats");
+        assert_eq!((stats.hits, stats.not_stored, stats.entries), (1, 1, 1));
+        let error = memory
+            .call(delayed(touchy_length, touchy(7)))
+            .expect_err("no key");
+        assert!(
+            matches!(&error, Error::Key { .. }) && error.to_string().contains("panicked"),
+            "{error}"
+        );
+        assert_eq!(
+            memory
+                .call(delayed(touchy_length, touchy(3)))
+                .expect("call"),
+            7
+        );
+    }
+
+    static DOUBLES: AtomicUsize = AtomicUsize::new(0);
+
+    fn counted_double(x: u64) -> u64 {
+        DOUBLES.fetch_add(1, Ordering::SeqCst);
+        x * 2
+    }
+
+    /// A `clear` by another process is seen at the next call: results this process holds in
+    /// memory from before it are not returned. Before, a long-lived process answered them
+    /// from its memory of the chunks for ever (and never stored them again).
+    #[test]
+    fn a_clear_by_another_handle_is_seen_by_one_that_holds_the_results() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let here = Memory::open(&path).expect("open");
+        let there = Memory::open(&path).expect("open");
+        let runs = || DOUBLES.load(Ordering::SeqCst);
+        let before = runs();
+        for x in 0..20 {
+            assert_eq!(here.call(delayed(counted_double, x)).expect("call"), 2 * x);
+        }
+        here.flush().expect("flush");
+        for x in 0..20 {
+            assert_eq!(here.call(delayed(counted_double, x)).expect("hit"), 2 * x);
+        }
+        assert_eq!(runs() - before, 20);
+        there.clear().expect("clear");
+        for x in 0..20 {
+            assert_eq!(here.call(delayed(counted_double, x)).expect("call"), 2 * x);
+        }
+        assert_eq!(
+            runs() - before,
+            40,
+            "every result ran again after the clear"
+        );
+        here.flush().expect("flush");
+        assert_eq!(
+            there.stats().expect("stats").entries,
+            20,
+            "and was stored again"
+        );
     }
 }

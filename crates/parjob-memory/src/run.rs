@@ -427,9 +427,11 @@ where
         }
     }
 
-    /// The end of the run: what is pending is written, and a failure to write is the last
-    /// item.
-    fn finish(&mut self, index: usize) -> Option<Item<T::Output>> {
+    /// The end of the run: what is pending is written. A failure to write is a warning on
+    /// stderr, not the run's failure: every result was computed and is returned (as joblib's
+    /// Memory warns when it cannot write its cache); the results not written are counted in
+    /// `Stats::not_stored` and run again next time.
+    fn finish(&mut self) -> Option<Item<T::Output>> {
         self.done = true;
         self.inner = None;
         let memory = self.source.as_ref().map(|s| {
@@ -437,10 +439,10 @@ where
             s.store_held();
             s.memory.clone()
         })?;
-        match memory.flush() {
-            Ok(()) => None,
-            Err(error) => Some((index, Err(Box::new(error)))),
+        if let Err(error) = memory.flush() {
+            eprintln!("parjob: warning: {error}; the run's results are returned all the same");
         }
+        None
     }
 
     fn next_ordered(&mut self, source: &Rc<RefCell<Source<I, T>>>) -> Option<Item<T::Output>> {
@@ -495,9 +497,8 @@ where
                         self.ensure_inner(source);
                     }
                     Pulled::End => {
-                        let end = s.next_index;
                         drop(s);
-                        return self.finish(end);
+                        return self.finish();
                     }
                 },
             }
@@ -541,9 +542,8 @@ where
                     self.ensure_inner(source);
                 }
                 Pulled::End => {
-                    let end = s.next_index;
                     drop(s);
-                    return self.finish(end);
+                    return self.finish();
                 }
             }
         }
@@ -626,8 +626,8 @@ where
 /// failed task is its `Err` in the vector and the run goes on.
 ///
 /// # Errors
-/// What is about no task: a run that could not start, or a failure to write the file at the
-/// end (the results are then all computed, and the ones not written run again next time).
+/// What is about no task: a run that could not start. (A failure to write the file is a
+/// warning: the results are returned, and the ones not written run again next time.)
 pub fn collect_results<I, T>(
     mut run: CachedRun<'_, I, T>,
 ) -> Result<Vec<Result<T::Output, Error>>, Error>

@@ -58,6 +58,47 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
     )
     .map_err(open_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    let refuse = |reason: String| Error::Refused {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // SQLite opens a file it cannot write read-only, without a word: every result would then
+    // be computed and none stored.
+    if conn.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
+        return Err(refuse(
+            "the file cannot be written (check its permissions, and those of its folder and \
+             of FILE-wal and FILE-shm beside it)"
+                .into(),
+        ));
+    }
+    // A database of something else is left alone (switching it to WAL mode and adding
+    // tables would change another program's file): parjob makes its tables and sets its
+    // schema version in one transaction, so a file at version 0 with tables is not one of
+    // its own, even one being made by another process right now (both read in one snapshot).
+    let (version, tables) = (|| {
+        let tx = conn.unchecked_transaction()?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let tables: Vec<String> = tx
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        Ok((version, tables))
+    })()
+    .map_err(open_error)?;
+    if version != 0 && version != SCHEMA_VERSION {
+        return Err(refuse(format!(
+            "its schema is version {version}, this parjob reads version {SCHEMA_VERSION}; \
+             use another file, or delete this one"
+        )));
+    }
+    if version == 0 && !tables.is_empty() {
+        return Err(refuse(format!(
+            "it is an SQLite database of another program (its tables: {}), not a cache made \
+             by parjob::Memory; use another file",
+            tables.join(", ")
+        )));
+    }
     // Big pages for a new file (an existing one keeps its own): a chunk is one blob of
     // megabytes, written as a chain of pages, each with its own frame in the log, its own
     // checksum and its own write; 64 KiB pages make a sixteenth of them.
@@ -74,9 +115,9 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         retry_while_busy(|| conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)))
             .map_err(open_error)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(open_error(rusqlite::Error::InvalidParameterName(format!(
+        return Err(refuse(format!(
             "the file refuses WAL mode (journal mode {mode})"
-        ))));
+        )));
     }
     conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF;")
         .map_err(open_error)?;
@@ -84,10 +125,10 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(open_error)?;
     if version != 0 && version != SCHEMA_VERSION {
-        return Err(open_error(rusqlite::Error::InvalidParameterName(format!(
+        return Err(refuse(format!(
             "its schema is version {version}, this parjob reads version {SCHEMA_VERSION}; \
              use another file, or delete this one"
-        ))));
+        )));
     }
     if version == 0 {
         let tx = immediate(&conn).map_err(open_error)?;
@@ -317,6 +358,26 @@ pub(crate) fn chunk_ids_after(
     ids.collect()
 }
 
+/// Every chunk in the file, and the highest id a chunk was ever given (ids are never reused:
+/// one at or below it that is not in the list was deleted), read from one snapshot.
+pub(crate) fn chunk_ids(conn: &Connection) -> rusqlite::Result<(FastIdSet, i64)> {
+    let tx = conn.unchecked_transaction()?;
+    let ids = tx
+        .prepare_cached("SELECT id FROM chunks")?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<FastIdSet>>()?;
+    let highest: i64 = tx
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'")?
+        .query_row([], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    tx.commit()?;
+    Ok((ids, highest))
+}
+
+/// A set of chunk ids.
+pub(crate) type FastIdSet = std::collections::HashSet<i64>;
+
 /// A chunk's keys (32 bytes each, back to back), if it is still there.
 pub(crate) fn chunk_keys(conn: &Connection, id: i64) -> rusqlite::Result<Option<Vec<u8>>> {
     conn.prepare_cached("SELECT keys FROM chunks WHERE id = ?1")?
@@ -397,6 +458,9 @@ pub(crate) fn clear_function(conn: &Connection, name: &str) -> rusqlite::Result<
 mod tests {
     use std::sync::{Arc, Barrier};
 
+    use super::SCHEMA_VERSION;
+    use crate::Error;
+
     /// A new file gets 64 KiB pages (a chunk's blob is a sixteenth as many pages to log,
     /// checksum and write) and still goes to WAL mode; an existing file keeps its pages.
     #[test]
@@ -413,17 +477,46 @@ mod tests {
         assert_eq!((page, mode.as_str()), (65536, "wal"));
         let old = dir.path().join("old.sqlite");
         {
+            // A cache made before pages were big: parjob's schema on 4 KiB pages.
             let conn = rusqlite::Connection::open(&old).unwrap();
-            conn.execute_batch(
-                "PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE t(x);",
-            )
-            .unwrap();
+            conn.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL;")
+                .unwrap();
+            conn.execute_batch(super::SCHEMA).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))
+                .unwrap();
         }
         let conn = super::open(&old).unwrap();
         let page: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .unwrap();
         assert_eq!(page, 4096, "an existing file keeps its page size");
+    }
+
+    /// Another program's SQLite database is refused and left as it was: before, it was
+    /// switched to WAL mode and got parjob's tables.
+    #[test]
+    fn another_programs_database_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shop.sqlite");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE customers(name TEXT);")
+                .unwrap();
+        }
+        let error = super::open(&path).expect_err("refused");
+        let text = error.to_string();
+        assert!(
+            matches!(error, Error::Refused { .. }) && text.contains("customers"),
+            "{text}"
+        );
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), tables), ("delete", 1));
     }
 
     /// Connections that open one new file at the same moment all get it: the switch to WAL

@@ -78,7 +78,11 @@ impl<'p> WithMemory<'p> {
     /// # Errors
     /// A task's failure ([`MemoryError::Task`], naming its position in `tasks`), a stored
     /// result that no longer decodes, a function that is not a `fn` item, or a failure to
-    /// read or write the file. Results that completed before a failure are stored.
+    /// read the file. Results that completed before a failure are stored. A failure to
+    /// *write* the file (a full disk, a lock held by another process for over 60 s) is not the
+    /// run's: every result is returned, a warning on stderr says what could not be stored,
+    /// [`Stats::not_stored`](crate::memory::Stats::not_stored) counts them, and they run again
+    /// next time.
     pub fn run<I, T>(&self, tasks: I) -> Result<Vec<T::Output>, MemoryError>
     where
         I: IntoIterator<Item = T>,
@@ -106,7 +110,8 @@ impl<'p> WithMemory<'p> {
     ///
     /// # Errors
     /// What is about no task: a run that cannot start (an invalid configuration), or a failure
-    /// to write the file; task failures are in the vector.
+    /// to read the file; task failures are in the vector (a failure to write it is a warning,
+    /// as for [`run`](Self::run)).
     pub fn run_results<I, T>(
         &self,
         tasks: I,
