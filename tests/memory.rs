@@ -259,6 +259,19 @@ fn failures_are_not_cached_unless_asked_and_name_their_task() {
         "{err}"
     );
     assert!(err.to_string().contains("seven is refused"), "{err}");
+    // Stored by a call (its task 0), returned by a run as task 7: the text names no other
+    // task (it said "task 7 ... was cached (cache_errors): task 0 panicked: ...").
+    memory.clear().unwrap();
+    assert!(memory.call(delayed(fails_on_seven, 7)).is_err());
+    let again: Vec<Result<u64, MemoryError>> = parallel
+        .memory(&memory)
+        .run_iter((0..10u64).map(|i| delayed(fails_on_seven, i)))
+        .collect();
+    let text = again[7].as_ref().unwrap_err().to_string();
+    assert!(
+        text.starts_with("task 7 ") && !text.contains("task 0") && text.contains("panicked"),
+        "{text}"
+    );
 }
 
 static HEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -1490,7 +1490,15 @@ impl Memory {
                 | parjob_core::Error::WorkerCrashed { .. }
         );
         if self.cache_errors && own {
-            self.store::<R>(function, ticket, Err(&error.to_string()));
+            // Without the task's number: a later run may give the same call another one, and
+            // the error it returns names that one ("task 0 panicked" came back as the failure
+            // of task 3).
+            let text = error.to_string();
+            let text = error
+                .task_index()
+                .and_then(|index| text.strip_prefix(&format!("task {index}")))
+                .map_or(text.as_str(), |rest| rest.trim_start_matches([':', ' ']));
+            self.store::<R>(function, ticket, Err(text));
         }
     }
 }
