@@ -912,9 +912,18 @@ fn children() -> Vec<(u32, bool)> {
 
 fn start_two_workers() -> Parallel {
     let parallel = processes(2);
-    parallel
-        .run((0..10u32).map(|i| delayed(my_pid, i)))
-        .unwrap();
+    // On a loaded machine one worker may take a short run alone while the other is still
+    // starting: run until both are up (the test failed at load 6 with one child seen).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        parallel
+            .run((0..10u32).map(|i| delayed(my_pid, i)))
+            .unwrap();
+        if children().len() >= 2 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(children().len(), 2, "{:?}", children());
     parallel
 }
