@@ -749,6 +749,35 @@ fn decode_guarded<R: DeserializeOwned>(bytes: &[u8]) -> Result<(R, usize), Strin
         .unwrap_or_else(|panic| Err(format!("its Deserialize impl panicked: {panic}")))
 }
 
+/// Warns once per function on stderr when its arguments hold a `HashMap` or `HashSet`
+/// (std's or hashbrown's) with a hasher seeded at random in each process (the default: a type
+/// name shows no hasher then; a `BuildHasherDefault` one is the same everywhere): it encodes
+/// in another order in every process, so a cached call of its is never found by another run.
+/// A new user's resumed runs recomputed everything, silently.
+fn warn_if_randomly_ordered(function: &'static str, args_type: &str) {
+    static WARNED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    if !randomly_ordered(args_type) {
+        return;
+    }
+    let mut warned = lock(&WARNED);
+    if warned.contains(&function) {
+        return;
+    }
+    warned.push(function);
+    eprintln!(
+        "parjob: warning: the arguments of {function} ({args_type}) hold a HashMap or HashSet: \
+         its default hasher is seeded at random in each process, so it is written in another \
+         order in every process and its cached calls are never found by another run; use a \
+         BTreeMap/BTreeSet or a sorted Vec"
+    );
+}
+
+/// Whether arguments of type `args_type` hold a hash map or set with a randomly seeded hasher.
+fn randomly_ordered(args_type: &str) -> bool {
+    let hashed = args_type.contains("HashMap<") || args_type.contains("HashSet<");
+    hashed && !args_type.contains("BuildHasherDefault")
+}
+
 fn short(key: &[u8; 32]) -> ShortKey {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&key[..16]);
@@ -1013,6 +1042,7 @@ impl Memory {
             .unwrap_or_else(|| self.version.to_string());
         let args_type = std::any::type_name::<T::Args>();
         let output_type = std::any::type_name::<T::Output>();
+        warn_if_randomly_ordered(name, args_type);
         let mut hasher = blake3::Hasher::new();
         for part in [
             "parjob-memory key 1",
@@ -1134,11 +1164,18 @@ impl Memory {
         let inner = &self.handle.inner;
         let mut state = lock(&inner.state);
         let deleted = |id: i64| id > 0 && id <= highest && !present.contains(&id);
+        // Every chunk whose records this process holds: read back (the cache), its own, and
+        // those the lookup cursors hold (a cursor keeps its chunk after the cache let it go).
+        let cursors = state
+            .functions
+            .values()
+            .filter_map(|index| index.cursor.as_ref().map(|cursor| cursor.chunk));
         let mut gone: Vec<i64> = state
             .cache
             .iter()
             .map(|(id, _)| *id)
             .chain(state.written.values().copied())
+            .chain(cursors)
             .filter(|&id| deleted(id))
             .collect();
         if gone.is_empty() {
@@ -2346,5 +2383,62 @@ mod tests {
             20,
             "and was stored again"
         );
+    }
+
+    static HALVES: AtomicUsize = AtomicUsize::new(0);
+
+    fn counted_half(x: u64) -> u64 {
+        HALVES.fetch_add(1, Ordering::SeqCst);
+        x / 2
+    }
+
+    /// The same when the results come from a lookup cursor whose chunk has left the cache
+    /// (other functions' chunks took its place): the cursor let go of nothing before.
+    #[test]
+    fn a_clear_by_another_handle_reaches_a_cursor_past_the_cache() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("c.sqlite");
+        let here = Memory::open(&path).expect("open");
+        let there = Memory::open(&path).expect("open");
+        let before = HALVES.load(Ordering::SeqCst);
+        for x in 100..102 {
+            here.call(delayed(counted_half, x)).expect("call");
+        }
+        here.flush().expect("flush");
+        // A fresh handle reads that chunk back: its cursor stops after 100.
+        let reader = Memory::open(&path).expect("open");
+        assert_eq!(reader.call(delayed(counted_half, 100)).expect("hit"), 50);
+        // Chunks of another function push it out of the cache (16 chunks).
+        for seed in 0..(CHUNK_CACHE as u64 + 2) {
+            here.call(delayed(bytes_of, (seed, 10))).expect("call");
+            here.flush().expect("flush");
+            reader.call(delayed(bytes_of, (seed, 10))).expect("hit");
+        }
+        there.clear().expect("clear");
+        assert_eq!(reader.call(delayed(counted_half, 101)).expect("call"), 50);
+        assert_eq!(
+            HALVES.load(Ordering::SeqCst) - before,
+            3,
+            "101 ran again after the clear"
+        );
+    }
+
+    #[test]
+    fn hash_maps_with_a_random_seed_are_told_from_ordered_and_seeded_ones() {
+        use std::collections::{BTreeMap, HashMap, HashSet};
+        type Fx = BuildHasherDefault<FastHasher>;
+        assert!(randomly_ordered(std::any::type_name::<(
+            HashMap<String, u64>,
+        )>()));
+        assert!(randomly_ordered(std::any::type_name::<(
+            u8,
+            Vec<HashSet<u32>>
+        )>()));
+        assert!(!randomly_ordered(std::any::type_name::<(
+            HashMap<String, u64, Fx>,
+        )>()));
+        assert!(!randomly_ordered(std::any::type_name::<(
+            BTreeMap<String, u64>,
+        )>()));
     }
 }

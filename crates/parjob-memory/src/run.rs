@@ -440,7 +440,11 @@ where
             s.memory.clone()
         })?;
         if let Err(error) = memory.flush() {
-            eprintln!("parjob: warning: {error}; the run's results are returned all the same");
+            // (The failed write may be of results of earlier calls too: the memory is shared.)
+            eprintln!(
+                "parjob: warning: a write to the cache since its last flush failed: {error}; \
+                 this run's results are all returned"
+            );
         }
         None
     }

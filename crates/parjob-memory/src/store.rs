@@ -75,15 +75,16 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
     // tables would change another program's file): parjob makes its tables and sets its
     // schema version in one transaction, so a file at version 0 with tables is not one of
     // its own, even one being made by another process right now (both read in one snapshot).
-    let (version, tables) = (|| {
+    let (version, application, objects) = (|| {
         let tx = conn.unchecked_transaction()?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        let tables: Vec<String> = tx
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        let application: i64 = tx.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+        let objects: Vec<String> = tx
+            .prepare("SELECT name FROM sqlite_master ORDER BY name")?
             .query_map([], |row| row.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         tx.commit()?;
-        Ok((version, tables))
+        Ok((version, application, objects))
     })()
     .map_err(open_error)?;
     if version != 0 && version != SCHEMA_VERSION {
@@ -92,11 +93,36 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
              use another file, or delete this one"
         )));
     }
-    if version == 0 && !tables.is_empty() {
+    let ours = |name: &String| {
+        matches!(
+            name.as_str(),
+            "functions" | "chunks" | "sqlite_sequence" | "chunks_by_function" | "chunks_by_use"
+        ) || name.starts_with("sqlite_") // SQLite's own: autoindexes, ANALYZE's statistics
+    };
+    let foreign = objects.iter().any(|name| !ours(name));
+    let has_ours = ["functions", "chunks"]
+        .iter()
+        .all(|table| objects.iter().any(|name| name == table));
+    let another_program = application != 0
+        || foreign
+        || (version == SCHEMA_VERSION && !has_ours)
+        || (version == 0 && !objects.is_empty());
+    if another_program {
+        let what = if objects.is_empty() {
+            format!("its application id is {application}")
+        } else {
+            format!(
+                "it holds {}",
+                objects
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         return Err(refuse(format!(
-            "it is an SQLite database of another program (its tables: {}), not a cache made \
-             by parjob::Memory; use another file",
-            tables.join(", ")
+            "it is an SQLite database of another program ({what}), not a cache made by \
+             parjob::Memory; use another file"
         )));
     }
     // Big pages for a new file (an existing one keeps its own): a chunk is one blob of
@@ -497,26 +523,43 @@ mod tests {
     #[test]
     fn another_programs_database_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shop.sqlite");
-        {
+        // A table; the same at parjob's schema version; only a view; only an application id.
+        let setups = [
+            ("CREATE TABLE customers(name TEXT);", "customers"),
+            (
+                "CREATE TABLE customers(name TEXT); PRAGMA user_version=1;",
+                "customers",
+            ),
+            ("CREATE VIEW answer AS SELECT 42;", "answer"),
+            ("PRAGMA application_id=1234;", "1234"),
+        ];
+        for (n, (setup, named)) in setups.into_iter().enumerate() {
+            let path = dir.path().join(format!("shop-{n}.sqlite"));
+            let objects = |conn: &rusqlite::Connection| -> i64 {
+                conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .unwrap()
+            };
+            let before = {
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                conn.execute_batch(setup).unwrap();
+                objects(&conn)
+            };
+            let error = super::open(&path).expect_err("refused");
+            let text = error.to_string();
+            assert!(
+                matches!(error, Error::Refused { .. }) && text.contains(named),
+                "{setup}: {text}"
+            );
             let conn = rusqlite::Connection::open(&path).unwrap();
-            conn.execute_batch("CREATE TABLE customers(name TEXT);")
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
                 .unwrap();
+            assert_eq!(
+                (mode.as_str(), objects(&conn)),
+                ("delete", before),
+                "{setup}"
+            );
         }
-        let error = super::open(&path).expect_err("refused");
-        let text = error.to_string();
-        assert!(
-            matches!(error, Error::Refused { .. }) && text.contains("customers"),
-            "{text}"
-        );
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        let tables: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!((mode.as_str(), tables), ("delete", 1));
     }
 
     /// Connections that open one new file at the same moment all get it: the switch to WAL

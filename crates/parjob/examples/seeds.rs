@@ -64,6 +64,16 @@ fn main() -> Result<(), parjob::Error> {
                 "\nCPU-bound speedup with 2 workers: {threads:.2}x on threads, {processes:.2}x on \
                  processes (Rust has no GIL: both compute in parallel)"
             );
+            if threads.min(processes) < 1.3 {
+                // Two workers can only go as fast as the CPUs they get.
+                let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+                let load = load.split_whitespace().next().unwrap_or("unknown");
+                println!(
+                    "  (under 1.3x: this machine has {} CPUs for this program and a load \
+                     average of {load}; on two idle cores both reach about 1.7-1.9x)",
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                );
+            }
             lessons::big_array::run(Backend::Process)?;
             lessons::http_status::run(Backend::Threading)?;
             lessons::executor_submit::run(Backend::Threading)?;

@@ -126,11 +126,24 @@ impl<'w> DriverState<'w> {
         ready.notify_all();
     }
 
-    /// After a panic of the driver loop: ends every job it holds (their tasks without an
-    /// outcome cancelled), and keeps the buffers of sends MPI may still read for good.
-    pub(super) fn abandon(mut self) {
+    /// After a panic of the driver loop: ends every job it holds, their tasks without an
+    /// outcome failing with `why` (a job handed over just before the panic came back as
+    /// "cancelled before it ran", which hid it), and keeps the buffers of sends MPI may still
+    /// read for good.
+    pub(super) fn abandon(mut self, why: &str) {
         std::mem::forget(std::mem::take(&mut self.sends));
         std::mem::forget(std::mem::take(&mut self.leaked));
+        let held = self
+            .queue
+            .drain(..)
+            .map(|queued| queued.job)
+            .chain(self.out.drain().map(|(_, out)| out.job));
+        for mut job in held.collect::<Vec<_>>() {
+            fail_rest(&mut job, |_| {
+                Error::backend_unavailable(Backend::Mpi, why.to_string())
+            });
+            self.completers.complete(job, Duration::ZERO);
+        }
     }
 
     /// The driver loop, until the program exits. Returns who to tell once MPI is finalized.
@@ -170,6 +183,7 @@ impl<'w> DriverState<'w> {
                 busy = true;
                 self.receive(from, tag, bytes);
             }
+            self.inbox.progress();
             busy |= self.inbox.arriving();
             test_sends(&mut self.sends);
             if self.dispatch() {
@@ -851,6 +865,7 @@ impl<'w> DriverState<'w> {
                     self.done(from, bytes);
                 }
             }
+            self.inbox.progress();
             test_sends(&mut self.sends);
             std::thread::sleep(Duration::from_micros(200));
         }

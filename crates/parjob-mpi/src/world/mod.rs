@@ -274,21 +274,22 @@ fn mpi_thread(started: Sender<usize>) {
     let exiting = match ran {
         Ok(exiting) => exiting,
         Err(panic) => {
-            // A bug of parjob's: the jobs the driver held end as cancelled when it is dropped;
-            // later pools are refused with this message instead of waiting for ever.
+            // A bug of parjob's: the jobs the driver held fail with this message, and later
+            // pools are refused with it instead of waiting for ever.
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a panic without a message".into());
-            let _ = driver.broken.set(format!(
+            let why = format!(
                 "rank 0's MPI thread panicked ({message}), a bug of parjob's; the MPI backend \
                  cannot be used for the rest of this program"
-            ));
+            );
+            let _ = driver.broken.set(why.clone());
             let (lock, ready) = &driver.ready;
             *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
             ready.notify_all();
-            state.abandon();
+            state.abandon(&why);
             // Neither MPI_Finalize (the ranks are not stopping) nor `_exit` (main runs on):
             // the thread stays, holding MPI, until the process ends. The ranks, no longer
             // hearing rank 0, end by themselves.

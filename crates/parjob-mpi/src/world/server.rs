@@ -221,6 +221,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             local_jobs = local_jobs.saturating_sub(1);
             send_done(done, world, &mut sends);
         }
+        inbox.progress();
         busy |= inbox.arriving();
         test_sends(&mut sends);
         if last_check.elapsed() >= Duration::from_millis(100) {

@@ -137,7 +137,9 @@ pub(super) struct Arrival {
     stage: Stage,
     buffer: Vec<u8>,
     len: usize,
-    /// When a message still arriving is taken for broken (its sender died mid-transfer).
+    /// When a message still arriving is taken for broken (its sender died mid-transfer):
+    /// `receive_limit` after MPI began to receive it (faulting its buffer in is this rank's
+    /// own work, and waits its turn behind the sender's earlier messages).
     deadline: Instant,
     /// Tests only: the message is not handed over before then, as if it were still arriving.
     hold_until: Option<Instant>,
@@ -165,9 +167,11 @@ impl Arrival {
             deadline: Instant::now() + receive_limit(len),
             hold_until: None,
         };
-        arrival.fault_in();
-        while len < ARRIVES_IN_THE_BACKGROUND && !arrival.test() {
-            std::thread::yield_now();
+        if len < ARRIVES_IN_THE_BACKGROUND {
+            arrival.fault_in();
+            while !arrival.test() {
+                std::thread::yield_now();
+            }
         }
         Some(arrival)
     }
@@ -210,6 +214,7 @@ impl Arrival {
         };
         if code == 0 {
             self.stage = Stage::Arriving(request);
+            self.deadline = Instant::now() + receive_limit(self.len);
         } else {
             std::mem::forget(message);
             self.broken();
@@ -219,13 +224,6 @@ impl Arrival {
     /// Whether the message is whole (or broken: then its tag is `TAG_BROKEN`), and may be
     /// taken.
     fn test(&mut self) -> bool {
-        if matches!(self.stage, Stage::Faulting { .. }) {
-            if Instant::now() > self.deadline {
-                self.broken();
-            } else {
-                self.fault_in();
-            }
-        }
         if let Stage::Arriving(request) = &mut self.stage {
             let mut flag = 0;
             // SAFETY: `request` came from MPI_Imrecv and has not completed yet (the stage
@@ -310,6 +308,21 @@ impl Inbox {
             queues.remove(&from);
         }
         Some(arrival.take())
+    }
+
+    /// Faults in one slice of the first big message waiting for it (one per turn of the
+    /// caller's loop, whatever the number of messages arriving, so that a turn stays short:
+    /// several big results at once, each faulted a slice per call of `next`, kept rank 0 from
+    /// beating for over a second).
+    pub(super) fn progress(&mut self) {
+        if let Some(arrival) = self
+            .queues
+            .values_mut()
+            .filter_map(|queue| queue.front_mut())
+            .find(|arrival| matches!(arrival.stage, Stage::Faulting { .. }))
+        {
+            arrival.fault_in();
+        }
     }
 
     /// Whether a message from `rank` is still arriving (the rank is busy sending it).
