@@ -1341,7 +1341,7 @@ impl Memory {
         }
         let inner = &self.handle.inner;
         let mut state = lock(&inner.state);
-        let fn_key = inner.index_of(&mut state, &function.meta).meta.key;
+        let fn_key = function.meta.key;
         let count = batch.tickets.len();
         let (mut from, mut bytes_from, mut not_stored) = (0, 0usize, 0u64);
         while from < count {
@@ -1350,14 +1350,14 @@ impl Memory {
             // The records from `from` on that fit into the chunk being built, at once.
             let (held, entries) = (builder.data.records.len(), builder.keys.len());
             let mut to = from;
-            while to < count {
-                let end = batch.ends[to] as usize;
-                let size = end - bytes_from;
-                let fits = (held + size <= CHUNK_BYTES && entries + (to - from) < CHUNK_ENTRIES)
-                    || (entries == 0 && to == from && end - bytes_from <= RECORD_MAX);
-                if !fits {
-                    break;
-                }
+            // (Records `from..to` join together: as one record of their total size.)
+            while to < count
+                && fits_in_chunk(
+                    held,
+                    entries + (to - from),
+                    batch.ends[to] as usize - bytes_from,
+                )
+            {
                 to += 1;
             }
             if to == from {
@@ -1403,13 +1403,7 @@ impl Memory {
         if not_stored > 0 {
             inner.not_stored.fetch_add(not_stored, Ordering::Relaxed);
         }
-        let first = state.first_pending.is_none();
-        if first {
-            state.first_pending = Some(Instant::now());
-        }
-        if first || state.pending_entries >= FLUSH_ENTRIES || state.pending_bytes >= FLUSH_BYTES {
-            inner.wake.notify_all();
-        }
+        inner.wake_writer_if_due(&mut state);
         drop(state);
         batch.clear();
     }
@@ -1480,11 +1474,10 @@ impl Memory {
             return;
         }
         let mut index = index;
-        if start > 0 && (start + size > CHUNK_BYTES || index.builder.keys.len() >= CHUNK_ENTRIES) {
+        if !fits_in_chunk(start, index.builder.keys.len(), size) {
             // Into a chunk of its own: the one being built is full.
             let record = index.builder.data.records.split_off(start);
-            let fn_key = index.meta.key;
-            seal(&mut state, &fn_key);
+            seal(&mut state, &function.meta.key);
             index = inner.index_of(&mut state, &function.meta);
             index.builder.data.records.extend_from_slice(&record);
         }
@@ -1502,14 +1495,7 @@ impl Memory {
         index.place(ticket, loc);
         state.pending_entries += 1;
         state.pending_bytes += added;
-        let first = state.first_pending.is_none();
-        if first {
-            // The writer sleeps until something is pending: wake it to time the flush.
-            state.first_pending = Some(Instant::now());
-        }
-        if first || state.pending_entries >= FLUSH_ENTRIES || state.pending_bytes >= FLUSH_BYTES {
-            inner.wake.notify_all();
-        }
+        inner.wake_writer_if_due(&mut state);
     }
 
     /// Stores a task's failure when failures are cached and it is the task's own (a panic,
@@ -1538,6 +1524,12 @@ impl Memory {
             self.store::<R>(function, ticket, Err(text));
         }
     }
+}
+
+/// Whether a record of `size` bytes may join a chunk holding `bytes` of records in `entries`
+/// results: within [`CHUNK_BYTES`] and [`CHUNK_ENTRIES`], or alone, within [`RECORD_MAX`].
+fn fits_in_chunk(bytes: usize, entries: usize, size: usize) -> bool {
+    (bytes + size <= CHUNK_BYTES && entries < CHUNK_ENTRIES) || (entries == 0 && size <= RECORD_MAX)
 }
 
 /// Hands the chunk `fn_key`'s function is building to the next flush as it is, and starts a
@@ -1688,6 +1680,18 @@ fn value_len(record: Option<&[u8]>) -> usize {
 }
 
 impl Inner {
+    /// After results were handed over: wakes the writer to time the flush (it sleeps until
+    /// something is pending), or to flush at once when enough is.
+    fn wake_writer_if_due(&self, state: &mut State) {
+        let first = state.first_pending.is_none();
+        if first {
+            state.first_pending = Some(Instant::now());
+        }
+        if first || state.pending_entries >= FLUSH_ENTRIES || state.pending_bytes >= FLUSH_BYTES {
+            self.wake.notify_all();
+        }
+    }
+
     /// The index of `meta`'s function, made empty if this process has not seen it.
     fn index_of<'s>(&self, state: &'s mut State, meta: &FnMeta) -> &'s mut FnIndex {
         let next = &mut state.next_chunk;
@@ -1839,30 +1843,18 @@ impl Inner {
         let conn = lock(&self.write);
         let (jobs, touched, target, limit) = {
             let mut state = lock(&self.state);
-            // Sealed chunks first: they were full before the ones being built began.
-            let mut jobs = std::mem::take(&mut state.sealed);
-            let mut next = state.next_chunk;
-            let mut in_flight = Vec::new();
-            for (fn_key, index) in state.functions.iter_mut() {
-                if index.builder.keys.is_empty() {
-                    continue;
-                }
-                let builder = std::mem::take(&mut index.builder);
-                let mut data = builder.data;
-                data.keys = builder.keys;
-                let data = Arc::new(data);
-                in_flight.push((index.builder_chunk, Arc::clone(&data)));
-                jobs.push(Flushing {
-                    fn_key: *fn_key,
-                    meta: index.meta.clone(),
-                    chunk: index.builder_chunk,
-                    data,
-                });
-                index.builder_chunk = next;
-                next -= 1;
+            // Every chunk being built joins those sealed before (which come first: they were
+            // full before these began).
+            let building: Vec<[u8; 32]> = state
+                .functions
+                .iter()
+                .filter(|(_, index)| !index.builder.keys.is_empty())
+                .map(|(key, _)| *key)
+                .collect();
+            for key in &building {
+                seal(&mut state, key);
             }
-            state.next_chunk = next;
-            state.in_flight.extend(in_flight);
+            let jobs = std::mem::take(&mut state.sealed);
             state.pending_entries = 0;
             state.pending_bytes = 0;
             state.first_pending = None;
