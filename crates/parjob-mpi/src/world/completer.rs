@@ -199,8 +199,10 @@ mod tests {
             let _ = first_done.send(1);
         }));
         completer.run(Box::new(move || {
-            let _ = released_tx.send(());
+            // Done before it releases the first: the order says which ran first, without a
+            // race between the two sends (CI once saw [1, 2] with the release sent first).
             let _ = done_tx.send(2);
+            let _ = released_tx.send(());
         }));
         let order: Vec<u32> = (0..2)
             .map(|_| done_rx.recv_timeout(Duration::from_secs(30)).unwrap())
