@@ -867,3 +867,58 @@ fn run_results_keeps_going_past_a_failure_and_stores_the_values() {
         .unwrap_err();
     assert_eq!(err.task_index(), None, "{err}");
 }
+
+/// A hostile neighbour made `FILE-shm` before this user opened the cache, and this user cannot
+/// write it: SQLite then opens the file with a read-only WAL index and every write fails, so
+/// every run would compute everything and store nothing. `Memory::open` refuses the file
+/// instead, naming the `-shm` file. (The check runs in a child process, as uid 65534 when the
+/// tests run as root, whom no file permission stops.)
+#[test]
+fn an_unwritable_shm_file_is_refused() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.sqlite");
+    {
+        let memory = Memory::open(&path).unwrap();
+        assert_eq!(memory.call(delayed(square, 3)).unwrap(), 9);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(dir.path(), 0o777);
+    mode(&path, 0o666);
+    let shm = dir.path().join("cache.sqlite-shm");
+    std::fs::write(&shm, b"").unwrap();
+    mode(&shm, 0o444);
+    parjob_tests::run_child_test(
+        "memory::child_opening_beside_an_unwritable_shm",
+        &[(FILE_VAR, path.to_str().unwrap())],
+    );
+}
+
+/// Run by the test above in a child process.
+#[test]
+#[ignore = "run by an_unwritable_shm_file_is_refused"]
+fn child_opening_beside_an_unwritable_shm() {
+    let path = std::env::var(FILE_VAR).unwrap();
+    // SAFETY: plain libc calls that change this process's own user; no thread of this child
+    // test holds a file open yet.
+    unsafe {
+        if libc::geteuid() == 0 {
+            assert_eq!(libc::setgid(65534), 0);
+            assert_eq!(libc::setuid(65534), 0);
+        }
+    }
+    match Memory::open(&path) {
+        Err(MemoryError::Refused { reason, .. }) => {
+            assert!(reason.contains("FILE-shm"), "{reason}")
+        }
+        Err(other) => panic!("not refused but failed: {other}"),
+        Ok(memory) => {
+            let stored = memory.call(delayed(square, 4));
+            let flushed = memory.flush();
+            panic!("opened: a call gave {stored:?}, its flush {flushed:?}")
+        }
+    }
+}

@@ -30,8 +30,9 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
-    /// The file is not one a `Memory` may use: it cannot be written, it is another
-    /// program's SQLite database, or a cache of an incompatible version of parjob.
+    /// The file is not one a `Memory` may use: it (or its WAL index `FILE-shm`) cannot be
+    /// written, it is another program's SQLite database, or a cache of an incompatible
+    /// version of parjob.
     #[error("cannot use {path} as a cache file: {reason}")]
     #[non_exhaustive]
     Refused {

@@ -162,6 +162,25 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))
             .map_err(open_error)?;
         tx.commit().map_err(open_error)?;
+    } else {
+        // A write lock taken and given back writes nothing, but needs the WAL index
+        // (`FILE-shm`) writable: SQLite opens one this user cannot write (another user made it
+        // first) read-only without a word, and then every write fails, so every run would
+        // compute everything and store nothing.
+        match immediate(&conn).and_then(|tx| tx.commit()) {
+            Ok(()) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ReadOnly =>
+            {
+                return Err(refuse(
+                    "its WAL index FILE-shm beside it cannot be written (another user's? \
+                     check its owner and permissions; while no process uses the cache, deleting \
+                     FILE-shm is safe: SQLite makes it again)"
+                        .into(),
+                ));
+            }
+            Err(other) => return Err(open_error(other)),
+        }
     }
     Ok(conn)
 }
