@@ -792,8 +792,9 @@ impl Memory {
     ///
     /// # Errors
     /// [`Error::Open`] when the file cannot be opened or made, or is not an SQLite database;
-    /// [`Error::Refused`] when it (or its `FILE-shm`) cannot be written, is another program's SQLite database
-    /// (which is left as it was), or was made by an incompatible version of parjob.
+    /// [`Error::Refused`] when it (or its `FILE-shm`) cannot be written, is another program's
+    /// SQLite database (which is left as it was), or was made by an incompatible version of
+    /// parjob.
     pub fn open(path: impl AsRef<Path>) -> Result<Memory, Error> {
         let path = path.as_ref().to_path_buf();
         let write = store::open(&path)?;
