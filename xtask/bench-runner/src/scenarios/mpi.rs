@@ -77,13 +77,14 @@ pub fn run_group(ctx: &Context, out: &Path) -> Result<(), String> {
     std::fs::write(out, text).map_err(|e| format!("cannot write {}: {e}", out.display()))
 }
 
-/// The candidates `PARJOB_BENCH_MPI_VARIANTS` (variants separated by commas, e.g. `tiny`)
-/// names, or all: to profile one variant (`perf record` under mpirun) without the others.
+/// The candidates `PARJOB_BENCH_MPI_VARIANTS` names (variants separated by `;`, e.g.
+/// `tiny;cpu_halves, 2 ranks`: some names hold a comma), or all: to profile one variant
+/// (`perf record` under mpirun) without the others.
 fn chosen(candidates: Vec<Candidate>) -> Vec<Candidate> {
     match std::env::var("PARJOB_BENCH_MPI_VARIANTS") {
         Ok(names) if !names.trim().is_empty() => candidates
             .into_iter()
-            .filter(|c| names.split(',').any(|n| n.trim() == c.variant))
+            .filter(|c| names.split(';').any(|n| n.trim() == c.variant))
             .collect(),
         _ => candidates,
     }
