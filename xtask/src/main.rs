@@ -1,6 +1,8 @@
 //! parjob's project chores, run as `cargo xtask <command>`.
 //!
-//! - `cargo xtask ci`: what CI runs (format check, clippy with warnings denied, the tests).
+//! - `cargo xtask ci`: a quick local subset of CI (format check, clippy with warnings denied,
+//!   the tests); the full CI is `.ci/run` (also rustdoc, the MSRV build, Miri, the fuzz smoke
+//!   runs, the MPI suite and the bench smoke test).
 //! - `cargo xtask bench`: parjob's speed as ratios against rayon, std threads, a loop and
 //!   Python's joblib; see docs/BENCHMARKS.md.
 //! - `cargo xtask trace-shot`: runs the `flaky` example with a trace and screenshots it
@@ -22,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Chore {
-    /// Runs what CI runs: cargo fmt --check, clippy -D warnings, the test suite.
+    /// Runs a quick local subset of CI: cargo fmt --check, clippy -D warnings, the test suite
+    /// (the full CI is .ci/run).
     Ci,
     /// Times parjob's backends against rayon, std threads, a loop (and Python's joblib with
     /// --peers); writes target/bench/report.md, report.json and plots.

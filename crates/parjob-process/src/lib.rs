@@ -1,5 +1,6 @@
 //! parjob's process backend: tasks run in worker processes that are this same program
-//! re-executed, fed bincode frames over `ipc-channel`.
+//! re-executed, fed frames over `ipc-channel`; their replies come back on a socket pair read
+//! with parjob's own limits.
 //!
 //! - [`ProcessPool`]: the [`Pool`](parjob_core::Pool) `Parallel` uses for
 //!   [`Backend::Process`](parjob_core::Backend::Process).

@@ -32,7 +32,8 @@
 //!   memmapping): copied once into shared memory, then sent as a handle.
 //! - [`Backend`]: `sequential`, `threading` (alias `threads`), `process` (aliases
 //!   `processes`, `loky`, `multiprocessing`: worker processes, Linux, the `process` feature;
-//!   see [`init`] and [`enable_test_support!`]).
+//!   see [`init`] and [`enable_test_support!`]), `mpi` (the `mpi` feature: ranks launched by
+//!   `mpirun` or `srun`, see docs/CLUSTER.md).
 //! - [`Error`]: every failure, naming the task (`task 7 panicked: ...`).
 //! - [`Memory`] (the `memory` feature): joblib's disk cache in an SQLite file;
 //!   `parallel.memory(&memory).run(tasks)` runs only the tasks it has no stored result for,

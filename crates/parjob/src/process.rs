@@ -151,8 +151,8 @@ pub fn enable_test_support_now() {
 /// Under `cargo test`, `main` is the test harness, so a worker cannot be entered through
 /// `parjob::init()` in `main`. This macro defines a test named `__parjob_test_worker` that
 /// calls `init()`, and marks the binary (from a static constructor, before `main`) so that the
-/// pool re-runs it as `<test binary> __parjob_test_worker --nocapture --test-threads=1`. In the
-/// ordinary test run that test does nothing and passes.
+/// pool re-runs it as `<test binary> __parjob_test_worker --nocapture --test-threads=1 -q`. In
+/// the ordinary test run that test does nothing and passes.
 ///
 /// That test shows in test lists (`cargo test -- --list`) and in the run's output: Rust's
 /// test harness has no way to hide a test, and `#[ignore]` would keep it from running in the
