@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parjob_core::{Backend, Error, Job, Pool, ProcessOptions};
+use parjob_core::{Error, Job, Pool, ProcessOptions};
 
 use crate::mapping::guard_against_cuts;
 use crate::queue::Queue;
@@ -16,8 +16,8 @@ use crate::worker::{in_worker_loop, started_as_worker};
 
 /// A pool of worker processes running parjob jobs.
 ///
-/// Made by `Parallel` for [`Backend::Process`]; use it directly only to drive
-/// `parjob_core::run` yourself. Dropping it shuts the workers down (idle ones exit with
+/// Made by `Parallel` for [`Backend::Process`](parjob_core::Backend::Process); use it directly
+/// only to drive `parjob_core::run` yourself. Dropping it shuts the workers down (idle ones exit with
 /// status 0, busy ones are killed) and reaps them before `drop` returns.
 pub struct ProcessPool {
     queue: Arc<Queue>,
@@ -46,15 +46,16 @@ impl ProcessPool {
     /// [`Error::Worker`] if a worker cannot be started (the first to report, or any that
     /// reports before it), is another build of the program, or fails its initializer; [`Error::InvalidConfig`] if the initializer is not a function of
     /// this program's executable (e.g. it lives in a dylib), which a worker could not find;
-    /// [`Error::BackendUnavailable`] when called in a process that was started as a worker but
-    /// did not enter the worker loop (`parjob::init()` missing).
+    ///
+    /// # Exits
+    /// In a process its driver started as a worker that did not enter the worker loop
+    /// (`parjob::init()` missing, so it ran `main` from the top): it says so on stderr, naming
+    /// itself and its driver, and exits with status 1 at once, rather than hand the program
+    /// an error that it would print as its own and then go on repeating its side effects in
+    /// every worker copy. The driver reports the missing `init()` too.
     pub fn new(workers: usize, options: ProcessOptions) -> Result<ProcessPool, Error> {
         if started_as_worker() && !in_worker_loop() {
-            return Err(Error::backend_unavailable(
-                Backend::Process,
-                "this process was started as a parjob worker but did not call \
-                 parjob::init() before using the process backend",
-            ));
+            leave_as_a_worker_without_init();
         }
         let settings = Arc::new(Settings::new(options)?);
         // A task can cut short the shared memory this process maps (the status boards, the
@@ -167,4 +168,18 @@ impl Pool for ProcessPool {
     fn verbose_name(&self) -> &'static str {
         "ProcessBackend"
     }
+}
+
+/// Ends a worker copy of the program that reached the process backend without calling
+/// `parjob::init()` (see [`ProcessPool::new`]).
+fn leave_as_a_worker_without_init() -> ! {
+    eprintln!(
+        "parjob worker (pid {}, started by pid {} to run tasks): this copy of the program \
+         reached the process backend without calling parjob::init(), so it ran main from the \
+         top instead of waiting for tasks; call parjob::init() first thing in main. This \
+         copy exits now (status 1).",
+        std::process::id(),
+        std::os::unix::process::parent_id()
+    );
+    std::process::exit(1)
 }
