@@ -133,17 +133,20 @@ fn a_sequential_task_over_its_timeout_is_reported_when_it_returns() {
         .timeout(Duration::from_millis(50))
         .run([1, 200, 1].map(|ms| delayed(nap, ms)))
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Timeout {
-                index: 1,
-                killed: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let Error::Timeout {
+        index: 1,
+        killed: false,
+        returned_after: Some(ran),
+        ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert!(ran >= Duration::from_millis(200), "{err:?}");
+    // The message says the run waited for it, not that it was left running.
+    let text = err.to_string();
+    assert!(text.contains("seen when it returned, after"), "{text}");
+    assert!(text.contains("the run waited for it"), "{text}");
 }
 
 #[test]

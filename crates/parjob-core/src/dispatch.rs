@@ -651,11 +651,7 @@ where
             finished.values.clear();
             finished.failures = vec![(
                 0,
-                Error::Timeout {
-                    index: finished.first_index,
-                    after: timeout,
-                    killed: false,
-                },
+                Error::timeout_on_return(finished.first_index, timeout, completion.busy),
             )];
         }
         finished
@@ -703,14 +699,7 @@ where
             values: Vec::new(),
             in_place: false,
             written: 0,
-            failures: vec![(
-                0,
-                Error::Timeout {
-                    index: watched.first_index,
-                    after: timeout,
-                    killed: false,
-                },
-            )],
+            failures: vec![(0, Error::timeout(watched.first_index, timeout, false))],
         })
     }
 

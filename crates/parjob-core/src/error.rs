@@ -40,7 +40,7 @@ pub enum Error {
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
-    #[error("task {index} timed out after {after:?}{}", if *.killed { " (its worker was killed)" } else { " (not stopped: a task on a thread runs to its end, whether or not the run waits for it; the process backend enforces a hard limit)" })]
+    #[error("task {index} timed out after {after:?}{}", timeout_note(*.killed, *.returned_after))]
     #[non_exhaustive]
     Timeout {
         /// Position of the task in the input.
@@ -49,6 +49,10 @@ pub enum Error {
         after: Duration,
         /// Whether the worker running it was killed (process backend) or left running (threads).
         killed: bool,
+        /// How long the task ran, when the overrun was seen only as it returned (the sequential
+        /// backend runs it on the calling thread, which waited for it; on threads its return
+        /// may beat the timer); `None` when the run gave up on it at its limit.
+        returned_after: Option<Duration>,
     },
 
     /// `n_jobs` was 0 (or otherwise unusable).
@@ -413,12 +417,24 @@ impl Error {
         }
     }
 
-    /// [`Error::Timeout`].
+    /// [`Error::Timeout`], seen at its limit (the worker killed, or the task left running).
     pub fn timeout(index: usize, after: Duration, killed: bool) -> Error {
         Error::Timeout {
             index,
             after,
             killed,
+            returned_after: None,
+        }
+    }
+
+    /// [`Error::Timeout`] of a task on a thread that was seen only when it returned, `ran`
+    /// after it started.
+    pub fn timeout_on_return(index: usize, after: Duration, ran: Duration) -> Error {
+        Error::Timeout {
+            index,
+            after,
+            killed: false,
+            returned_after: Some(ran),
         }
     }
 
@@ -560,5 +576,20 @@ impl Error {
             _ => {}
         }
         self
+    }
+}
+
+/// What follows a timeout's limit in its message: whether its worker was killed, or how the
+/// task that could not be stopped ended.
+fn timeout_note(killed: bool, returned_after: Option<Duration>) -> String {
+    match (killed, returned_after) {
+        (true, _) => " (its worker was killed)".to_string(),
+        (false, Some(ran)) => format!(
+            " (seen when it returned, after {ran:.1?}: a task on a thread cannot be stopped, so \
+             the run waited for it; the process backend enforces a hard limit)"
+        ),
+        (false, None) => " (not stopped: a task on a thread runs to its end, whether or not the \
+                           run waits for it; the process backend enforces a hard limit)"
+            .to_string(),
     }
 }

@@ -243,7 +243,7 @@ impl<T: LocalTask> LocalBatch<T> {
                         catch_task(|| task.call()).map_err(|m| Error::task_panicked(index, m));
                     let outcome = match (outcome, self.timeout) {
                         (Ok(_), Some(limit)) if started.elapsed() > limit => {
-                            Err(Error::timeout(index, limit, false))
+                            Err(Error::timeout_on_return(index, limit, started.elapsed()))
                         }
                         (outcome, _) => outcome,
                     };
