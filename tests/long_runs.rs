@@ -762,3 +762,40 @@ fn child_plain_run() {
         .unwrap();
     assert_eq!(out[9], 81);
 }
+
+fn nap_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// Insights count timed-out tasks and the time they held their workers: before, a run whose
+/// wall went to hung tasks showed only "0% of workers x wall" in tasks.
+#[test]
+fn insights_count_timeouts_and_the_time_they_held_their_workers() {
+    for target in EVERY_TARGET {
+        let parallel = target
+            .parallel(2)
+            .timeout(Duration::from_millis(100))
+            .batch_size(BatchSize::Fixed(1))
+            .insights(true);
+        let results = parallel.run_results([1, 400, 1, 1].map(|ms| delayed(nap_ms, ms)));
+        let results = results.unwrap();
+        assert!(
+            matches!(results[1], Err(Error::Timeout { index: 1, .. })),
+            "{target}: {results:?}"
+        );
+        let insights = parallel.last_insights().unwrap();
+        assert_eq!(insights.timeouts, 1, "{target}: {insights:?}");
+        // At least its limit; on the sequential backend its whole 400 ms (it was waited for).
+        assert!(
+            insights.in_timeouts >= Duration::from_millis(100),
+            "{target}: {insights:?}"
+        );
+        let text = insights.to_string();
+        assert!(text.contains("1 timeouts"), "{target}: {text}");
+        assert!(
+            text.contains("timed out: 1 tasks held their workers"),
+            "{target}: {text}"
+        );
+    }
+}

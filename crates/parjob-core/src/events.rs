@@ -425,6 +425,14 @@ impl Observer {
             );
         }
         for (_, error) in failures {
+            if let Error::Timeout {
+                after,
+                returned_after,
+                ..
+            } = error
+            {
+                self.insights.timed_out(returned_after.unwrap_or(*after));
+            }
             if let Some(noted) =
                 crash_key(error).and_then(|key| self.crashes_noted.iter().position(|&k| k == key))
             {

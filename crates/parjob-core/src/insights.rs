@@ -38,6 +38,11 @@ pub struct Insights {
     pub retries: usize,
     /// Worker processes that died while running a task.
     pub worker_crashes: usize,
+    /// Tasks that ran past their `timeout` (each attempt counts).
+    pub timeouts: usize,
+    /// The time those tasks held their workers: up to their limit, or until they returned
+    /// when the overrun was seen only then. Not part of [`Insights::busy`].
+    pub in_timeouts: Duration,
     /// Worker processes started in empty slots, as the pool reported them during the run.
     pub worker_starts: usize,
     /// Worker processes started in place of one that crashed, was killed or was recycled.
@@ -79,7 +84,7 @@ impl std::fmt::Display for Insights {
         let mean = self.tasks as f64 / self.batches.max(1) as f64;
         writeln!(
             f,
-            "Insights: {} tasks in {} batches (sizes {}..{}, mean {mean:.1}), {} failed, {} retries, {} worker crashes, wall {:.3}s",
+            "Insights: {} tasks in {} batches (sizes {}..{}, mean {mean:.1}), {} failed, {} retries, {} worker crashes, {} timeouts, wall {:.3}s",
             self.tasks,
             self.batches,
             self.batch_sizes.0,
@@ -87,6 +92,7 @@ impl std::fmt::Display for Insights {
             self.failed,
             self.retries,
             self.worker_crashes,
+            self.timeouts,
             self.wall.as_secs_f64()
         )?;
         write!(
@@ -96,6 +102,14 @@ impl std::fmt::Display for Insights {
             self.busy_percent(),
             self.workers
         )?;
+        if self.timeouts > 0 {
+            write!(
+                f,
+                "\n  timed out: {} tasks held their workers {:.3}s until their limits (not in the figure above)",
+                self.timeouts,
+                self.in_timeouts.as_secs_f64()
+            )?;
+        }
         let t = &self.transport;
         if t.bytes_sent > 0 || t.bytes_received > 0 {
             write!(
@@ -224,6 +238,11 @@ impl InsightsBuilder {
 
     pub(crate) fn crashed(&mut self) {
         self.insights.worker_crashes += 1;
+    }
+
+    pub(crate) fn timed_out(&mut self, held: Duration) {
+        self.insights.timeouts += 1;
+        self.insights.in_timeouts += held;
     }
 
     pub(crate) fn build(&mut self, wall: Duration) -> Insights {
