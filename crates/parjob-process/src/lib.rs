@@ -47,6 +47,8 @@ mod wire;
 mod worker;
 
 pub use pool::ProcessPool;
+#[doc(hidden)]
+pub use spawn::fail_next_line_reads_for_tests;
 pub use spawn::{TEST_WORKER_NAME, enable_test_support};
 pub use worker::init;
 

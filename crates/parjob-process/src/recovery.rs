@@ -8,8 +8,10 @@
 //! that loses two workers in a row that way blames its first task, so it cannot loop.
 //!
 //! When a worker's shared memory was cut during a frame (a task truncated a segment the driver
-//! maps), the board cannot say which task did it: the frame's tasks then run again one per
-//! frame, and the one whose frame is cut again is blamed.
+//! maps), or something wrote on its line, the board cannot say which task did it: the frame's
+//! tasks then run again one per frame, each on a fresh worker, and a task is blamed only when
+//! its frame, alone, is spoiled twice in a row. Once is not enough, even alone: a thread an
+//! earlier task of the same worker left behind may be what spoiled it.
 
 use parjob_core::Error;
 
@@ -23,6 +25,8 @@ pub(crate) struct Recovery {
     lost: u32,
     /// Tasks before this position run one per frame (see the module's docs).
     alone_until: usize,
+    /// The task whose frame, alone, was spoiled once: blamed if it is spoiled again.
+    spoiled_alone: Option<usize>,
 }
 
 impl Recovery {
@@ -53,16 +57,20 @@ impl Recovery {
     }
 
     /// A frame of the tasks from `start` to `end` lost its worker in a way that does not say
-    /// which task is to blame: a task alone in its frame (`end == start + 1`) gets `error()`;
-    /// otherwise each of those tasks runs again alone in its frame.
+    /// which task is to blame: each of those tasks runs again alone in its frame, and a task
+    /// alone in its frame (`end == start + 1`) gets `error()` the second time in a row.
     pub(crate) fn frame_spoiled(
         &mut self,
         start: usize,
         end: usize,
         error: impl FnOnce() -> Error,
     ) {
-        if end <= start + 1 {
+        if end <= start + 1 && self.spoiled_alone == Some(start) {
+            self.spoiled_alone = None;
             self.worker_died(start, error());
+        } else if end <= start + 1 {
+            self.spoiled_alone = Some(start);
+            self.alone_until = self.alone_until.max(end);
         } else {
             self.alone_until = self.alone_until.max(end);
         }
@@ -71,6 +79,7 @@ impl Recovery {
     /// The frame came back.
     pub(crate) fn frame_done(&mut self) {
         self.lost = 0;
+        self.spoiled_alone = None;
     }
 
     /// The worker died before starting any task of the frame that starts at `start`: the
@@ -150,9 +159,29 @@ mod tests {
             assert_eq!(r.frame_end(start, 10, None), start + 1);
         }
         assert_eq!(r.frame_end(6, 10, None), 10, "only those tasks run alone");
-        // Task 4, alone, spoils its frame again: it is the one.
+        // Task 4, alone, spoils its frame: maybe a thread an earlier task left behind; it
+        // runs again, alone, on a fresh worker.
+        r.frame_spoiled(4, 5, || crash(4));
+        assert!(r.due(4).is_none(), "once alone is not enough");
+        assert_eq!(r.frame_end(4, 10, None), 5);
+        // It spoils that frame too: it is the one.
         r.frame_spoiled(4, 5, || crash(4));
         assert_eq!(r.due(4), Some(crash(4)));
+    }
+
+    #[test]
+    fn a_task_alone_whose_frame_is_spoiled_once_then_comes_back_is_not_blamed() {
+        // A batch of one task (`BatchSize::Fixed(1)`, an Executor's submit): a thread left
+        // behind by an earlier task of the same worker spoils its frame.
+        let mut r = Recovery::default();
+        r.frame_spoiled(0, 1, || crash(0));
+        assert!(r.due(0).is_none());
+        assert_eq!(r.frame_end(0, 1, None), 1);
+        // On a fresh worker its frame comes back: nobody is blamed, and a later spoil of the
+        // same task counts from one again.
+        r.frame_done();
+        r.frame_spoiled(0, 1, || crash(0));
+        assert!(r.due(0).is_none());
     }
 
     #[test]

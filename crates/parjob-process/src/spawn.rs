@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -441,8 +441,12 @@ impl Starter<'_> {
             ))
         };
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        // When the line closed before a Hello: the process's end is waited for only this long
+        // more (its status tells why), not the rest of the handshake's time.
+        let mut line_closed_by: Option<Instant> = None;
         let hello = loop {
-            match self.next_event(deadline) {
+            let wait_until = line_closed_by.map_or(deadline, |by| by.min(deadline));
+            match self.next_event(wait_until) {
                 Some(Event::Hello {
                     generation: g,
                     attempt: a,
@@ -497,13 +501,35 @@ impl Starter<'_> {
                         "the pool is shutting down".into(),
                     )));
                 }
-                Some(
-                    Event::Disconnected { generation: g } | Event::Broken { generation: g, .. },
-                ) if g == generation => {
+                Some(Event::Broken {
+                    generation: g,
+                    reason,
+                }) if g == generation => {
+                    // The driver could not read the line (out of descriptors for the reader's
+                    // copy of it, say): no Hello can come, though the process may be alive
+                    // and waiting for a driver that would never connect.
+                    pending.heard_end = true;
+                    return Err(match descriptor_shortage() {
+                        Some(shortage) => Failed::Final(worker_error(format!(
+                            "its line could not be read ({reason}): {shortage}"
+                        ))),
+                        None => Failed::Retry(worker_error(format!(
+                            "its line could not be read ({reason})"
+                        ))),
+                    });
+                }
+                Some(Event::Disconnected { generation: g }) if g == generation => {
                     // The reader is done; the process's end (or its status) tells the rest.
                     pending.heard_end = true;
+                    line_closed_by = Some(Instant::now() + LINE_CLOSED_GRACE);
                 }
                 Some(_) => {}
+                None if line_closed_by.is_some_and(|by| by < deadline) => {
+                    return Err(Failed::Retry(worker_error(format!(
+                        "closed its line to the driver without a Hello and was still running \
+                         {LINE_CLOSED_GRACE:?} later"
+                    ))));
+                }
                 None => {
                     return Err(Failed::Final(worker_error(format!(
                         "did not complete its handshake within {HANDSHAKE_TIMEOUT:?}: it sent \
@@ -684,6 +710,21 @@ impl Starter<'_> {
     }
 }
 
+/// How many of the next starts' lines the driver fails to read (a test's stand-in for a
+/// reader thread that cannot copy the line when descriptors run out).
+static UNREADABLE_LINES: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes the driver fail to read the lines of the next `starts` worker starts of this process:
+/// for tests of a start whose line breaks before the worker's Hello. Not part of the API.
+#[doc(hidden)]
+pub fn fail_next_line_reads_for_tests(starts: usize) {
+    UNREADABLE_LINES.store(starts, Ordering::SeqCst);
+}
+
+/// How long a starting worker whose line closed before its Hello may take to end, before the
+/// start gives up on it (it is then killed, as any failed start).
+const LINE_CLOSED_GRACE: Duration = Duration::from_secs(2);
+
 /// The most bytes one message from a worker may have, whatever `max_nbytes` says: frames over
 /// it travel in shared memory.
 const MAX_MESSAGE: usize = (1 << 32) + DoneHeader::LEN;
@@ -700,6 +741,12 @@ fn read_line(
     tx: &Sender<Event>,
 ) -> Event {
     let broken = |reason: String| Event::Broken { generation, reason };
+    if UNREADABLE_LINES
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return broken("cannot read its line: made unreadable by a test".into());
+    }
     let mut reader = match link::Reader::new(line) {
         Ok(reader) => reader,
         Err(e) => return broken(format!("cannot read its line: {}", describe_io(&e))),

@@ -1311,8 +1311,9 @@ impl Supervisor {
             self.index
         );
         // Which task of the frame did it, nothing says: blaming the first one failed innocent
-        // tasks one after another. Spoiled: the frame's tasks run again one per frame, and the
-        // one that spoils its own frame again is blamed (`Recovery::frame_spoiled`).
+        // tasks one after another. Spoiled: the frame's tasks run again one per frame, and a
+        // task whose frame, alone, is spoiled twice in a row is blamed
+        // (`Recovery::frame_spoiled`).
         FrameEnd::Spoiled {
             error: Error::worker(self.index, message),
         }

@@ -96,6 +96,9 @@ pub use parjob_mpi::hold_next_done_for_tests as __mpi_hold_next_done;
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 #[doc(hidden)]
 pub use parjob_mpi::panic_driver_for_tests as __mpi_panic_driver;
+#[cfg(all(feature = "process", target_os = "linux"))]
+#[doc(hidden)]
+pub use parjob_process::fail_next_line_reads_for_tests as __process_fail_next_line_reads;
 #[doc(hidden)]
 pub use process::enable_test_support_now as __enable_test_support;
 pub use process::init;
