@@ -266,6 +266,54 @@ impl Drop for FlakyExe {
     }
 }
 
+/// A start that fails kills what the process started too, even a program that never reached
+/// `init()` (which makes a worker's process group): here a wrapper that forgot `exec` starts a
+/// `sleep`, closes its line and waits. Before, the driver killed the wrapper alone and each
+/// `sleep` lived on with parent 1 (found by attack round 3).
+#[test]
+fn a_failed_start_leaves_none_of_the_processes_the_program_started() {
+    let marker = std::env::temp_dir().join(format!(
+        "parjob-faults-{}-children.pids",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&marker);
+    let fail = format!(
+        "sleep 60 &\n  echo $! >> '{}'\n  exec 0<&-\n  sleep 60",
+        marker.display()
+    );
+    let (script, exe) = FlakyExe::failing_with("children", &fail).shared();
+    exe.fail_next(1000);
+    within(HUNG, move || {
+        let err = processes(1)
+            .worker_exe(&script)
+            .run([delayed(square, 3)])
+            .unwrap_err();
+        assert!(err.to_string().contains("closed its line"), "{err}");
+        drop(exe);
+    });
+    let pids = std::fs::read_to_string(&marker).unwrap();
+    let _ = std::fs::remove_file(&marker);
+    let pids: Vec<i32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(!pids.is_empty(), "the wrapper never ran");
+    for pid in pids {
+        // Killed with their group when the start failed; reaped by init by now, or a zombie.
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            gone(),
+            "the wrapper's sleep {pid} outlived the failed start"
+        );
+    }
+}
+
 #[test]
 fn a_replacement_that_fails_to_start_is_tried_again_and_only_the_crash_is_reported() {
     let (script, exe) = FlakyExe::new("transient").shared();

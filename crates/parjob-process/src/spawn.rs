@@ -340,6 +340,11 @@ impl Starter<'_> {
                 command.env(var, &threads);
             }
         }
+        // A process group of its own from the start (posix_spawn's POSIX_SPAWN_SETPGROUP), so
+        // that a failed start kills what the process started too: one that never reaches
+        // `init()` (a wrapper script without `exec`) would otherwise leave its children
+        // running when it is killed.
+        command.process_group(0);
         // No pre_exec: std then spawns with posix_spawn (vfork-like), whose cost does not grow
         // with this process's memory; a fork copies its page tables (65 ms for a pool of 2
         // next to 1 GB of data). The worker sets its parent-death signal itself, in `init`.

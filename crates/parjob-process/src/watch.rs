@@ -25,9 +25,9 @@ impl ChildWatch {
     pub(crate) fn kill(&self) {
         let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
         if !*reaped {
-            // The worker leads its own process group once it entered `init()`: killing the
-            // group kills the processes its tasks started too (until then there is no such
-            // group, and the second call kills the worker alone).
+            // The worker leads its own process group (made at its spawn): killing the group
+            // kills the processes its tasks started too, or those a program that never reached
+            // `init()` started (the second call is for a worker that left its group).
             // SAFETY: the process is our child and not reaped, so `pid` still names it; Linux
             // never reuses a pid that names a live process group either, so the group `pid`,
             // if there is one, is the one this process made.

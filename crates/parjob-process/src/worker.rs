@@ -65,7 +65,8 @@ pub fn init() {
         std::process::exit(0);
     }
     // Lead a process group of its own, so that the driver, when it kills this worker, kills
-    // the processes its tasks started with it (`kill(-pid)`). It cannot fail for a process
+    // the processes its tasks started with it (`kill(-pid)`). The driver spawns it in one
+    // already; this covers a worker started by other means. It cannot fail for a process
     // just spawned (EPERM is for a session leader); were it to, only the worker is killed.
     // SAFETY: setpgid(0, 0) only changes this process's own group.
     unsafe { libc::setpgid(0, 0) };

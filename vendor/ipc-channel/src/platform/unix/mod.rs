@@ -466,6 +466,11 @@ impl OsIpcSender {
         let name = CString::new(name).unwrap();
         unsafe {
             let fd = libc::socket(libc::AF_UNIX, SOCK_SEQPACKET | SOCK_FLAGS, 0);
+            // parjob: a socket that could not be made (out of descriptors) is that error, not
+            // the EBADF of connecting with -1, which upstream 0.23.1 reports instead.
+            if fd < 0 {
+                return Err(UnixError::last());
+            }
             let (sockaddr, len) = new_sockaddr_un(name.as_ptr());
             if libc::connect(
                 fd,
