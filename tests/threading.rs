@@ -312,3 +312,43 @@ fn batches_of_tiny_tasks_stay_small_enough_for_the_cache() {
     assert!(biggest <= 16_384, "a batch of {biggest} tasks");
     assert!(biggest > 1, "tiny tasks were never batched");
 }
+
+/// A `Parallel` kept in a `static`, whose own tasks run it again: each inner run goes on the
+/// calling worker thread (as the sequential backend would run it), not into a queue that only
+/// the pool's workers, all waiting on inner runs, could take. Before, 4 outer tasks on 2
+/// workers hung for ever (found by attack round 3).
+static SHARED: std::sync::LazyLock<Parallel> =
+    std::sync::LazyLock::new(|| Parallel::new(2).backend(Backend::Threading));
+
+fn inner_sum(x: u64) -> u64 {
+    let inner = SHARED
+        .run((0..3u64).map(|i| delayed(add_one, x * 10 + i)))
+        .expect("the inner run");
+    let iterated: Vec<u64> = SHARED
+        .run_iter((0..3u64).map(|i| delayed(add_one, x * 10 + i)))
+        .map(|r| r.expect("the inner run_iter"))
+        .collect();
+    assert_eq!(inner, iterated);
+    inner.iter().sum()
+}
+
+fn add_one(x: u64) -> u64 {
+    x + 1
+}
+
+#[test]
+fn a_parallel_run_again_from_its_own_tasks_runs_the_inner_run_on_the_calling_thread() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = SHARED.run((0..4u64).map(|x| delayed(inner_sum, x)));
+        let _ = tx.send(out);
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the run hung: its tasks' inner runs waited on its own workers")
+        .unwrap();
+    let expected: Vec<u64> = (0..4u64)
+        .map(|x| (0..3).map(|i| x * 10 + i + 1).sum())
+        .collect();
+    assert_eq!(out, expected);
+}

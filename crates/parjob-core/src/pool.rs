@@ -444,6 +444,14 @@ pub trait Pool: Send + Sync {
     }
     /// The name joblib-style verbose lines give it, e.g. `ThreadingBackend`.
     fn verbose_name(&self) -> &'static str;
+    /// Whether the calling thread is one of this pool's own workers. A run started there
+    /// waits for batches only this pool's workers run, and once every worker waits so, none
+    /// is left to run them: `Parallel` then runs that run on the calling thread instead, as
+    /// the sequential backend does. `false` (the default) for pools whose workers are not
+    /// threads of this process.
+    fn serves_current_thread(&self) -> bool {
+        false
+    }
 }
 
 /// Runs each job on the calling thread as it is submitted.

@@ -38,6 +38,13 @@
 //! same worker index. The old thread finishes its task in the background and then ends, so
 //! later runs get their full `n_jobs` (at most [`MAX_THREADS`] threads in all, abandoned ones
 //! included).
+//!
+//! # Runs from its own threads
+//!
+//! A task that runs the pool's own `Parallel` again would queue batches only this pool's
+//! threads take, and once every thread waits on such a run none is left. Each thread knows
+//! its pool ([`Pool::serves_current_thread`]), and `Parallel` runs such a run on the calling
+//! thread instead.
 #![deny(missing_docs)]
 
 use std::collections::VecDeque;
@@ -432,8 +439,14 @@ fn spin_for_work(shared: &Shared, seen: u64) {
     }
 }
 
+thread_local! {
+    /// The pool whose worker this thread is (its `Shared`'s address), or 0.
+    static SERVING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn work_loop(shared: &Arc<Shared>, index: usize) {
     set_worker_identity(Some((Backend::Threading, index)));
+    SERVING.with(|cell| cell.set(Arc::as_ptr(shared) as usize));
     let broken = shared
         .init
         .as_ref()
@@ -547,5 +560,9 @@ impl Pool for ThreadPool {
 
     fn verbose_name(&self) -> &'static str {
         "ThreadingBackend"
+    }
+
+    fn serves_current_thread(&self) -> bool {
+        SERVING.with(|cell| cell.get() == Arc::as_ptr(&self.shared) as usize)
     }
 }

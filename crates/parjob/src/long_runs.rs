@@ -43,7 +43,7 @@ impl Parallel {
         I: IntoIterator<Item = T>,
         T: Task,
     {
-        let pool = self.pool()?;
+        let pool = self.pool_for_run()?;
         Ok(parjob_core::run_results(pool, tasks, &self.options))
     }
 

@@ -267,6 +267,19 @@ impl Parallel {
         self.pools().map(|(pool, _)| pool)
     }
 
+    /// The pool a run uses: [`pool`](Parallel::pool), except on one of that pool's own
+    /// threads (a task running this same `Parallel` again, e.g. one kept in a `static`),
+    /// where a sequential pool runs it on the calling thread: otherwise, once every worker
+    /// waited on an inner run, none would be left to run it.
+    pub(crate) fn pool_for_run(&self) -> Result<Arc<dyn Pool>, Error> {
+        let pool = self.pool()?;
+        Ok(if pool.serves_current_thread() {
+            Arc::new(SequentialPool)
+        } else {
+            pool
+        })
+    }
+
     /// The pool, and how `run_local` reaches its workers when they are in this process.
     fn pools(&self) -> Result<Pools, Error> {
         if let Some(CustomPool(pool)) = &self.custom_pool {
@@ -367,7 +380,7 @@ impl Parallel {
         I: IntoIterator<Item = T>,
         T: Task,
     {
-        let pool = self.pool()?;
+        let pool = self.pool_for_run()?;
         parjob_core::run(pool, tasks, &self.options)
     }
 
@@ -380,7 +393,7 @@ impl Parallel {
         I: IntoIterator<Item = T>,
         T: Task,
     {
-        match self.pool() {
+        match self.pool_for_run() {
             Ok(pool) => RunIter::new(pool, tasks, &self.options),
             Err(error) => RunIter::failed(error),
         }
@@ -394,7 +407,7 @@ impl Parallel {
         I: IntoIterator<Item = T>,
         T: Task,
     {
-        match self.pool() {
+        match self.pool_for_run() {
             Ok(pool) => RunUnordered::new(pool, tasks, &self.options),
             Err(error) => RunUnordered::failed(error),
         }
@@ -440,6 +453,12 @@ impl Parallel {
         T: LocalTask + 'env,
     {
         let (pool, local) = self.pools()?;
+        // On one of the pool's own threads: run here (see `pool_for_run`).
+        let (pool, local) = if pool.serves_current_thread() {
+            in_process(SequentialPool)
+        } else {
+            (pool, local)
+        };
         let Some(local) = local else {
             let place = match self.custom_pool {
                 Some(_) => "a pool of your own (`with_pool`)".to_string(),
