@@ -1291,10 +1291,9 @@ impl Supervisor {
         let pid = self.worker.as_ref().map_or(0, |w| w.pid);
         self.discard_worker();
         let message = format!(
-            "task {first_index}: worker {} (pid {pid}) was killed and replaced: the {what} it \
+            "task {first_index}: its worker (pid {pid}) was killed and replaced: the {what} it \
              shares with the driver was cut short while the task ran (a task must not truncate \
-             parjob's shared memory)",
-            self.index
+             parjob's shared memory)"
         );
         FrameEnd::Spoiled {
             error: Error::worker(self.index, message),
@@ -1306,10 +1305,8 @@ impl Supervisor {
     fn stray(&mut self, first_index: usize, did: String) -> FrameEnd {
         let pid = self.worker.as_ref().map_or(0, |w| w.pid);
         self.discard_worker();
-        let message = format!(
-            "task {first_index}: worker {} (pid {pid}) {did}; it was killed and replaced",
-            self.index
-        );
+        let message =
+            format!("task {first_index}: its worker (pid {pid}) {did}; it was killed and replaced");
         // Which task of the frame did it, nothing says: blaming the first one failed innocent
         // tasks one after another. Spoiled: the frame's tasks run again one per frame, and a
         // task whose frame, alone, is spoiled twice in a row is blamed
@@ -1584,10 +1581,9 @@ impl Supervisor {
             // worker's line elsewhere or closed it (the driver saw the line hang up, then
             // ended the worker). The board cannot say which task: as for a cut segment.
             let message = format!(
-                "task {first_index}: worker {} (pid {pid}) finished the frame but its reply \
+                "task {first_index}: its worker (pid {pid}) finished the frame but its reply \
                  never arrived: a task closed or redirected the worker's channel to the driver \
-                 (a descriptor it does not own); it was killed and replaced",
-                self.index
+                 (a descriptor it does not own); it was killed and replaced"
             );
             return FrameEnd::Spoiled {
                 error: Error::worker(self.index, message),
@@ -1627,10 +1623,9 @@ impl Supervisor {
     /// [`Supervisor::spoiled`] for a worker that is already dead and forgotten.
     fn spoiled_dead(&mut self, first_index: usize, pid: u32, what: &str) -> FrameEnd {
         let message = format!(
-            "task {first_index}: worker {} (pid {pid}) died and was replaced: the {what} it \
+            "task {first_index}: its worker (pid {pid}) died and was replaced: the {what} it \
              shares with the driver was cut short while the task ran (a task must not truncate \
-             parjob's shared memory)",
-            self.index
+             parjob's shared memory)"
         );
         FrameEnd::Spoiled {
             error: Error::worker(self.index, message),
