@@ -1131,7 +1131,8 @@ fn descriptor_shortage() -> Option<String> {
         return None;
     }
     let open = match std::fs::read_dir("/proc/self/fd") {
-        Ok(entries) => entries.count() as u64,
+        // Less the descriptor of the listing itself, which it shows too.
+        Ok(entries) => (entries.count() as u64).saturating_sub(1),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => limit.rlim_cur,
         Err(_) => return None,
     };
