@@ -1049,7 +1049,13 @@ fn checked_private_root() -> Result<PathBuf, String> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(format!("cannot make {}: {e}", root.display())),
     }
-    check_private(&root)?;
+    check_private(&root).map_err(|why| {
+        format!(
+            "{why}: another user may have made it first; if it is not yours, point TMPDIR at a \
+             directory of your own (e.g. TMPDIR=$HOME/tmp); if it is, `chmod 700` it or remove \
+             it"
+        )
+    })?;
     Ok(root)
 }
 
