@@ -1431,6 +1431,47 @@ fn leave_a_scribbler_if(x: u32, culprit: u32) -> u32 {
     x
 }
 
+/// Task `culprit` leaves a thread behind that, 30 ms later, points every socket of the worker
+/// (its line to the driver among them) at `/dev/null`, and returns at once; the others nap
+/// 100 ms.
+fn leave_a_redirector_if(x: u32, culprit: u32) -> u32 {
+    if x == culprit {
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(30));
+            let null = std::fs::File::open("/dev/null").unwrap();
+            for fd in my_sockets() {
+                // SAFETY: dup2 onto descriptors this process holds: replacing parjob's own
+                // sockets is the damage under test; no Rust-owned memory is touched.
+                unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+            }
+        });
+    } else {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    x
+}
+
+/// The same as the test below for a thread that redirects the line instead of writing on it:
+/// the next task's `DONE` cannot be sent and the worker exits; that frame is spoiled too, not
+/// a crash blamed on the task that ran (found by attack round 5).
+#[test]
+fn a_task_alone_in_its_frame_is_not_blamed_for_a_line_an_earlier_task_redirected() {
+    within(Duration::from_secs(60), || {
+        let parallel = processes(1).batch_size(BatchSize::Fixed(1));
+        let results = parallel
+            .run_results((0..5u32).map(|i| delayed(leave_a_redirector_if, (i, 1))))
+            .unwrap();
+        for (i, result) in results.iter().enumerate() {
+            assert_eq!(
+                result.as_ref().ok(),
+                Some(&(i as u32)),
+                "task {i}: {result:?}"
+            );
+        }
+        check_next_run(&parallel);
+    });
+}
+
 /// A task alone in its frame (`BatchSize::Fixed(1)`, an Executor's `submit`) whose frame is
 /// spoiled by a thread an earlier task of its worker left behind runs again on a fresh worker
 /// and gets its value: before, a frame of one task was blamed at once, and an innocent task

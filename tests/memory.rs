@@ -922,3 +922,41 @@ fn child_opening_beside_an_unwritable_shm() {
         }
     }
 }
+
+/// Opening a cache that another process is writing to (a big chunk, `clear`, an eviction)
+/// does not wait for its write lock: the check of `FILE-shm` above takes the lock without
+/// waiting, and "busy" says the index is writable. Before, an open waited behind the writer,
+/// up to 60 s, then failed (found by attack round 5).
+#[test]
+fn opening_a_cache_does_not_wait_for_another_connections_write() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.sqlite");
+    {
+        let memory = Memory::open(&path).unwrap();
+        assert_eq!(memory.call(delayed(square, 3)).unwrap(), 9);
+    }
+    // Another connection holds the write lock until it is dropped.
+    let writer = rusqlite::Connection::open(&path).unwrap();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opening = path.clone();
+    let reader = std::thread::spawn(move || {
+        let memory = Memory::open(&opening);
+        let hit = memory.as_ref().map(|m| m.call(delayed(square, 3)).ok());
+        let _ = tx.send(hit.map_err(|e| e.to_string()));
+        // Dropped here: its flush (the chunk's last use) waits for the lock, as any write.
+        drop(memory);
+    });
+    // 20 s: a bound against the old wait for the lock (60 s), not a speed check.
+    let opened = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("Memory::open waited for the other connection's write lock");
+    assert_eq!(
+        opened.unwrap(),
+        Some(9),
+        "a hit, read while the other writes"
+    );
+    writer.execute_batch("COMMIT").unwrap();
+    reader.join().unwrap();
+}

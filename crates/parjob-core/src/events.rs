@@ -431,7 +431,8 @@ impl Observer {
                 ..
             } = error
             {
-                self.insights.timed_out(returned_after.unwrap_or(*after));
+                self.insights
+                    .timed_out(returned_after.is_none().then_some(*after));
             }
             if let Some(noted) =
                 crash_key(error).and_then(|key| self.crashes_noted.iter().position(|&k| k == key))

@@ -40,8 +40,10 @@ pub struct Insights {
     pub worker_crashes: usize,
     /// Tasks that ran past their `timeout` (each attempt counts).
     pub timeouts: usize,
-    /// The time those tasks held their workers: up to their limit, or until they returned
-    /// when the overrun was seen only then. Not part of [`Insights::busy`].
+    /// The time the timed-out attempts that were given up at their limit (a killed worker, a
+    /// thread left running) held their workers, up to that limit: not part of
+    /// [`Insights::busy`]. Attempts seen only when they returned (the sequential backend) are
+    /// in `busy` already, and not here.
     pub in_timeouts: Duration,
     /// Worker processes started in empty slots, as the pool reported them during the run.
     pub worker_starts: usize,
@@ -102,12 +104,18 @@ impl std::fmt::Display for Insights {
             self.busy_percent(),
             self.workers
         )?;
-        if self.timeouts > 0 {
+        if self.timeouts > 0 && !self.in_timeouts.is_zero() {
             write!(
                 f,
-                "\n  timed out: {} tasks held their workers {:.3}s until their limits (not in the figure above)",
+                "\n  timed out: {} attempts; given up at their limits, they held their workers {:.3}s (not in the figure above)",
                 self.timeouts,
                 self.in_timeouts.as_secs_f64()
+            )?;
+        } else if self.timeouts > 0 {
+            write!(
+                f,
+                "\n  timed out: {} attempts, seen when they returned (their time is in the figure above)",
+                self.timeouts
             )?;
         }
         let t = &self.transport;
@@ -240,9 +248,13 @@ impl InsightsBuilder {
         self.insights.worker_crashes += 1;
     }
 
-    pub(crate) fn timed_out(&mut self, held: Duration) {
+    /// A timed-out attempt; `given_up_after`: its limit, when the run stopped waiting for it
+    /// there (its time is then in no batch's busy time).
+    pub(crate) fn timed_out(&mut self, given_up_after: Option<Duration>) {
         self.insights.timeouts += 1;
-        self.insights.in_timeouts += held;
+        if let Some(limit) = given_up_after {
+            self.insights.in_timeouts += limit;
+        }
     }
 
     pub(crate) fn build(&mut self, wall: Duration) -> Insights {

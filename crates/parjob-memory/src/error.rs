@@ -18,10 +18,7 @@ pub enum Error {
     Task(#[from] parjob_core::Error),
 
     /// The cache file could not be opened or set up.
-    #[error(
-        "cannot open the cache file {path}: {source} (is the folder writable, and the file an \
-         SQLite database made by parjob::Memory?)"
-    )]
+    #[error("cannot open the cache file {path}: {source} ({})", open_hint(source))]
     #[non_exhaustive]
     Open {
         /// The file.
@@ -150,5 +147,16 @@ impl Error {
             action: action.into(),
             source,
         }
+    }
+}
+
+/// What to check when opening failed with `source`.
+fn open_hint(source: &rusqlite::Error) -> &'static str {
+    match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            "another process held the file's lock for longer than the 60 s an open waits: \
+             try again once it is done"
+        }
+        _ => "is the folder writable, and the file an SQLite database made by parjob::Memory?",
     }
 }

@@ -166,9 +166,21 @@ pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
         // A write lock taken and given back writes nothing, but needs the WAL index
         // (`FILE-shm`) writable: SQLite opens one this user cannot write (another user made it
         // first) read-only without a word, and then every write fails, so every run would
-        // compute everything and store nothing.
-        match immediate(&conn).and_then(|tx| tx.commit()) {
+        // compute everything and store nothing. Asked without waiting: SQLite answers
+        // SQLITE_READONLY for a read-only index before it looks at the lock, so "busy"
+        // (another process is writing, perhaps for long) means the index is writable, and an
+        // open never waits behind a writer for this.
+        conn.busy_timeout(std::time::Duration::ZERO)
+            .map_err(open_error)?;
+        let probe = immediate(&conn).and_then(|tx| tx.commit());
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+        match probe {
             Ok(()) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ReadOnly =>
             {

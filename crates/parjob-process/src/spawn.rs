@@ -515,6 +515,10 @@ impl Starter<'_> {
                     // and waiting for a driver that would never connect.
                     pending.heard_end = true;
                     return Err(match descriptor_shortage() {
+                        // The reason may carry the same hint already (`describe_io`).
+                        Some(_) if reason.contains("too many open files") => Failed::Final(
+                            worker_error(format!("its line could not be read ({reason})")),
+                        ),
                         Some(shortage) => Failed::Final(worker_error(format!(
                             "its line could not be read ({reason}): {shortage}"
                         ))),

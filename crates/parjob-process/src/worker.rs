@@ -30,11 +30,17 @@ pub(crate) fn started_as_worker() -> bool {
 /// The driver's pid, if this process is a worker the driver started itself.
 ///
 /// A process a task starts inherits the variable, but its parent is the worker, not the
-/// driver: it is not a worker (a parjob program a task runs works normally).
+/// driver: it is not a worker (a parjob program a task runs works normally). Decided once,
+/// at the first call (in `init()`, first thing in `main`): a process a task started in the
+/// background that later becomes a child of the driver (the driver is PID 1 in a container,
+/// or a subreaper) must not turn into a worker then.
 fn driver_pid() -> Option<libc::pid_t> {
-    let driver: libc::pid_t = std::env::var(ENV_DRIVER).ok()?.parse().ok()?;
-    // SAFETY: getppid has no preconditions.
-    (driver == unsafe { libc::getppid() }).then_some(driver)
+    static DRIVER: std::sync::OnceLock<Option<libc::pid_t>> = std::sync::OnceLock::new();
+    *DRIVER.get_or_init(|| {
+        let driver: libc::pid_t = std::env::var(ENV_DRIVER).ok()?.parse().ok()?;
+        // SAFETY: getppid has no preconditions.
+        (driver == unsafe { libc::getppid() }).then_some(driver)
+    })
 }
 
 /// Whether this process is running the worker loop.
@@ -396,8 +402,15 @@ fn serve(connected: Connected) -> Result<(), String> {
         }
         // A new result arena goes with its DONE, as a descriptor.
         let descriptor = new_arena.as_ref().and_then(Arena::descriptor);
-        link::send(line.as_fd(), &out[..send], descriptor)
-            .map_err(|e| format!("cannot send outcomes: {e}"))?;
+        if let Err(e) = link::send(line.as_fd(), &out[..send], descriptor) {
+            // The line is closed or not a socket any more: a task, or a thread one left
+            // behind, closed or redirected it. The frame ran: say so on the board, so that the
+            // driver takes the frame for spoiled (which task did it, nothing says; alone in its
+            // frame twice, a task is blamed) rather than blame the task the board names for a
+            // crash of this worker.
+            board.frame_done(header.tag.seq);
+            return Err(format!("cannot send outcomes: {e}"));
+        }
         if let Some(arena) = new_arena.filter(|a| a.len() <= ARENA_KEEP_MAX) {
             result_arena = Some(arena);
         }
