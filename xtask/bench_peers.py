@@ -473,6 +473,7 @@ def mpi_group(a):
     if np is None:
         rows += [unavailable("mpi", v, impl, "numpy is not installed") for v in
                  ("cpu_halves, 1 rank", "cpu_halves, 2 ranks")]
+    time.sleep(0.3)  # as parjob's row: the world settles after the cpu_halves rows
     rows += interleaved("mpi", [{"variant": "warm small call", "impl": impl,
                                  "run": lambda: timed(lambda: ex.submit(square, 3).result())}],
                         1, a.short_repeats)

@@ -125,6 +125,11 @@ fn run(ctx: &Context) -> Vec<Measurement> {
     // `startup`): interleaved with them, it ran while the crashed rank's replacement worker
     // started on one of the two CPUs, which is the next call's row.
     let warm = world;
+    // Let the world settle first: right after the `cpu_halves` rows (their pools closing on
+    // the ranks, two CPUs just busy) the same calls took 0.39-0.44 ms, after a 100-300 ms
+    // pause 0.15-0.26 ms, and 0.17-0.20 ms with no row before them (medians of 20, quiet VM,
+    // 2026-12-01). The row is the latency of a call, not of that aftermath.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let warm_call = vec![Candidate::parjob(
         "warm small call",
         Backend::Mpi,
