@@ -1589,3 +1589,95 @@ fn child_worker_copy_without_init() {
     let out = processes(1).run((0..4u64).map(|i| delayed(square, i)));
     println!("after the run: {out:?}");
 }
+
+const ADOPTED_MARKER: &str = "PARJOB_TEST_ADOPTED_MARKER";
+
+/// Starts this test binary's `grandchild_adopted_by_the_driver` in the background, through
+/// `sh`, which exits half a second later (after the program's `init()`): the program is then
+/// adopted by the nearest subreaper.
+fn start_in_the_background(marker: String) -> bool {
+    let exe = std::env::current_exe().unwrap();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' process::grandchild_adopted_by_the_driver --exact --ignored --nocapture \
+             --test-threads=1 >/dev/null 2>\"$PARJOB_TEST_ADOPTED_MARKER.log\" & sleep 0.5",
+            exe.display()
+        ))
+        .env(ADOPTED_MARKER, marker)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A program a task starts in the background inherits the worker's variables; it is no worker
+/// (its parent is not the driver when it calls `init()`), and it stays none when the driver
+/// adopts it later (a driver that is PID 1 in a container, or a subreaper): before, it was
+/// taken for a worker copy without `init()` when it reached the process backend, and made to
+/// exit (found by attack round 5). Run in a child process, which becomes a subreaper.
+#[test]
+fn a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it() {
+    run_child_test("process::child_subreaper_driver", &[]);
+}
+
+/// Run by the test above: the driver.
+#[test]
+#[ignore = "run by a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it"]
+fn child_subreaper_driver() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only changes who adopts this process's
+    // orphaned descendants.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("adopted");
+    let started = processes(1)
+        .run([delayed(
+            start_in_the_background,
+            marker.to_string_lossy().into_owned(),
+        )])
+        .unwrap();
+    assert_eq!(started, [true]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let said = loop {
+        match std::fs::read_to_string(&marker) {
+            Ok(text) if text.ends_with('\n') => break text,
+            _ if Instant::now() > deadline => panic!(
+                "the adopted program said nothing; its stderr: {:?}",
+                std::fs::read_to_string(format!("{}.log", marker.display()))
+            ),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(said, "adopted by its driver; ran [0, 1, 4, 9]\n");
+    // Reap it (adopted: this process is its parent now).
+    // SAFETY: waitpid on any child with a valid out-pointer; no other child is running.
+    unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+}
+
+/// Run in the background by a task of the test above: calls `init()` (not a worker: its
+/// parent is `sh`), waits until the driver adopted it, then uses the process backend.
+#[test]
+#[ignore = "run by a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it"]
+fn grandchild_adopted_by_the_driver() {
+    parjob::init();
+    let marker = std::env::var(ADOPTED_MARKER).unwrap();
+    let driver: i32 = std::env::var("PARJOB_PROCESS_DRIVER")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // SAFETY: getppid has no preconditions.
+    while unsafe { libc::getppid() } != driver {
+        assert!(Instant::now() < deadline, "never adopted by the driver");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = processes(1).run((0..4u64).map(|i| delayed(square, i)));
+    let text = match out {
+        Ok(values) => format!("adopted by its driver; ran {values:?}\n"),
+        Err(e) => format!("adopted by its driver; failed: {e}\n"),
+    };
+    let partial = format!("{marker}.part");
+    std::fs::write(&partial, text).unwrap();
+    std::fs::rename(partial, marker).unwrap();
+}
