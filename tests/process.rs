@@ -1625,10 +1625,8 @@ fn a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it() {
 fn child_subreaper_driver() {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only changes who adopts this process's
     // orphaned descendants.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    let made = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(made, 0);
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("adopted");
     let started = processes(1)
