@@ -1456,19 +1456,8 @@ fn leave_a_redirector_if(x: u32, culprit: u32) -> u32 {
 /// a crash blamed on the task that ran (found by attack round 5).
 #[test]
 fn a_task_alone_in_its_frame_is_not_blamed_for_a_line_an_earlier_task_redirected() {
-    within(Duration::from_secs(60), || {
-        let parallel = processes(1).batch_size(BatchSize::Fixed(1));
-        let results = parallel
-            .run_results((0..5u32).map(|i| delayed(leave_a_redirector_if, (i, 1))))
-            .unwrap();
-        for (i, result) in results.iter().enumerate() {
-            assert_eq!(
-                result.as_ref().ok(),
-                Some(&(i as u32)),
-                "task {i}: {result:?}"
-            );
-        }
-        check_next_run(&parallel);
+    every_task_alone_gets_its_value(|parallel| {
+        parallel.run_results((0..5u32).map(|i| delayed(leave_a_redirector_if, (i, 1))))
     });
 }
 
@@ -1478,11 +1467,18 @@ fn a_task_alone_in_its_frame_is_not_blamed_for_a_line_an_earlier_task_redirected
 /// failed in every run (found by attack round 3).
 #[test]
 fn a_task_alone_in_its_frame_is_not_blamed_for_a_thread_an_earlier_task_left_behind() {
-    within(Duration::from_secs(60), || {
+    every_task_alone_gets_its_value(|parallel| {
+        parallel.run_results((0..5u32).map(|i| delayed(leave_a_scribbler_if, (i, 1))))
+    });
+}
+
+/// Runs `run` on one worker with one task per frame, and checks that task `i` returned `i`.
+fn every_task_alone_gets_its_value(
+    run: impl FnOnce(&Parallel) -> Result<Vec<Result<u32, Error>>, Error> + Send + 'static,
+) {
+    within(Duration::from_secs(60), move || {
         let parallel = processes(1).batch_size(BatchSize::Fixed(1));
-        let results = parallel
-            .run_results((0..5u32).map(|i| delayed(leave_a_scribbler_if, (i, 1))))
-            .unwrap();
+        let results = run(&parallel).unwrap();
         for (i, result) in results.iter().enumerate() {
             assert_eq!(
                 result.as_ref().ok(),
