@@ -17,8 +17,8 @@ use crate::worker::{in_worker_loop, started_as_worker};
 /// A pool of worker processes running parjob jobs.
 ///
 /// Made by `Parallel` for [`Backend::Process`](parjob_core::Backend::Process); use it directly
-/// only to drive `parjob_core::run` yourself. Dropping it shuts the workers down (idle ones exit with
-/// status 0, busy ones are killed) and reaps them before `drop` returns.
+/// only to drive `parjob_core::run` yourself. Dropping it shuts the workers down (idle ones
+/// exit with status 0, busy ones are killed) and reaps them before `drop` returns.
 pub struct ProcessPool {
     queue: Arc<Queue>,
     /// Each supervisor's event sender, to wake a busy one when the pool closes.

@@ -514,17 +514,16 @@ impl Starter<'_> {
                     // copy of it, say): no Hello can come, though the process may be alive
                     // and waiting for a driver that would never connect.
                     pending.heard_end = true;
-                    return Err(match descriptor_shortage() {
-                        // The reason may carry the same hint already (`describe_io`).
-                        Some(_) if reason.contains("too many open files") => Failed::Final(
-                            worker_error(format!("its line could not be read ({reason})")),
-                        ),
-                        Some(shortage) => Failed::Final(worker_error(format!(
-                            "its line could not be read ({reason}): {shortage}"
-                        ))),
-                        None => Failed::Retry(worker_error(format!(
-                            "its line could not be read ({reason})"
-                        ))),
+                    let shortage = descriptor_shortage();
+                    let mut message = format!("its line could not be read ({reason})");
+                    // The reason may carry the same hint already (`describe_io`).
+                    if let Some(hint) = shortage.as_ref().filter(|_| !reason.contains(TOO_MANY)) {
+                        message = format!("{message}: {hint}");
+                    }
+                    let error = worker_error(message);
+                    return Err(match shortage {
+                        Some(_) => Failed::Final(error),
+                        None => Failed::Retry(error),
                     });
                 }
                 Some(Event::Disconnected { generation: g }) if g == generation => {
@@ -729,6 +728,9 @@ static UNREADABLE_LINES: AtomicUsize = AtomicUsize::new(0);
 pub fn fail_next_line_reads_for_tests(starts: usize) {
     UNREADABLE_LINES.store(starts, Ordering::SeqCst);
 }
+
+/// How the descriptor hints begin.
+const TOO_MANY: &str = "too many open files";
 
 /// How long a starting worker whose line closed before its Hello may take to end, before the
 /// start gives up on it (it is then killed, as any failed start).
@@ -1148,8 +1150,8 @@ fn descriptor_shortage() -> Option<String> {
     };
     (open.saturating_add(MARGIN) >= limit.rlim_cur).then(|| {
         format!(
-            "too many open files ({open} open, the limit is {}): raise the limit (ulimit -n) or \
-             lower n_jobs",
+            "{TOO_MANY} ({open} open, the limit is {}): raise the limit (ulimit -n) or lower \
+             n_jobs",
             limit.rlim_cur
         )
     })
@@ -1161,7 +1163,7 @@ fn describe_io(error: &std::io::Error) -> String {
     match descriptor_shortage() {
         Some(shortage) => format!("{error}: {shortage}"),
         None if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-            format!("{error}: too many open files: raise the limit (ulimit -n) or lower n_jobs")
+            format!("{error}: {TOO_MANY}: raise the limit (ulimit -n) or lower n_jobs")
         }
         None => error.to_string(),
     }
