@@ -1278,6 +1278,66 @@ fn child_works_until_killed() {
     }
 }
 
+/// Starts a `sleep` (in the worker's process group, with the worker's environment) and waits
+/// for it.
+fn run_a_sleeper(seconds: u32) -> bool {
+    std::process::Command::new("sleep")
+        .arg(seconds.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A driver killed by a signal (Ctrl-C's SIGINT, SIGTERM, SIGKILL) cannot kill its workers'
+/// groups itself: the workers' death signal does it, so the processes their tasks started die
+/// with them. Before, the workers died of a plain SIGKILL and each task's `sleep` lived on
+/// with parent 1 (found by attack round 5).
+#[test]
+fn a_driver_killed_by_a_signal_takes_the_processes_its_tasks_started() {
+    let exe = std::env::current_exe().unwrap();
+    let mut driver = Command::new(&exe)
+        .args([
+            "faults::child_tasks_run_sleepers",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = driver.id();
+    // Both workers and their sleepers started (they carry the driver's pid in their
+    // environment): 2 workers and 2 sleepers at least.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers_of(pid).len() < 4 {
+        assert!(Instant::now() < deadline, "the sleepers never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: killing the child test process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(wait_within(&mut driver, CHILD_LIMIT).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = workers_of(pid);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left:?} outlived driver {pid}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "run by a_driver_killed_by_a_signal_takes_the_processes_its_tasks_started"]
+fn child_tasks_run_sleepers() {
+    let _ = processes(2)
+        .batch_size(BatchSize::Fixed(1))
+        .run([delayed(run_a_sleeper, 60), delayed(run_a_sleeper, 60)]);
+}
+
 // ---------------------------------------------------------------- stray bytes, stopped workers
 
 /// Writes one byte on every socket this worker holds (its channels to the driver among them):

@@ -43,6 +43,58 @@ fn driver_pid() -> Option<libc::pid_t> {
     })
 }
 
+/// Whether this worker leads its own process group (see [`die_with_the_driver`]).
+static LEADS_ITS_GROUP: AtomicBool = AtomicBool::new(false);
+
+/// Makes this worker die with its driver (more exactly, with the driver's thread that started
+/// it), and take the processes its tasks started with it: the driver's death sends it
+/// `SIGRTMAX` (`PR_SET_PDEATHSIG`), whose handler kills this worker's process group with
+/// SIGKILL, itself included. A driver killed by a signal (Ctrl-C, SIGTERM) cannot kill the
+/// groups itself, and with a plain SIGKILL as the death signal, the worker died and left its
+/// tasks' processes running with parent 1.
+///
+/// Set here rather than between fork and exec, so that the driver can spawn with posix_spawn,
+/// whose cost does not grow with the driver's memory as fork's does. A task that blocks or
+/// takes over `SIGRTMAX` delays this worker's end until the task returns and the worker
+/// finds its line closed.
+fn die_with_the_driver() {
+    extern "C" fn on_driver_death(_signal: libc::c_int) {
+        // SAFETY: kill and _exit are async-signal-safe; the group (0: this process's own) is
+        // killed only when this worker leads it, so never another program's group.
+        unsafe {
+            if LEADS_ITS_GROUP.load(Ordering::Relaxed) {
+                libc::kill(0, libc::SIGKILL);
+            }
+            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: getpgrp and getpid have no preconditions.
+    let leader = unsafe { libc::getpgrp() == libc::getpid() };
+    LEADS_ITS_GROUP.store(leader, Ordering::Relaxed);
+    let signal = libc::SIGRTMAX();
+    // SAFETY: a zeroed sigaction is a valid value to fill in; the handler is an `extern "C"`
+    // function of the right signature that calls only async-signal-safe functions, and
+    // sigaction/prctl are given a valid signal number.
+    let installed = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_driver_death as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        let installed = libc::sigaction(signal, &action, std::ptr::null_mut()) == 0;
+        // The mask is inherited through exec: a driver's thread that blocked the signal would
+        // have it pending here for ever.
+        let mut unblock: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut unblock);
+        libc::sigaddset(&mut unblock, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+        installed
+    };
+    // Without the handler, SIGKILL: the worker at least dies with its driver.
+    let death_signal = if installed { signal } else { libc::SIGKILL };
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0) };
+}
+
 /// Whether this process is running the worker loop.
 pub(crate) fn in_worker_loop() -> bool {
     IN_WORKER.load(Ordering::Relaxed)
@@ -60,22 +112,18 @@ pub fn init() {
         return;
     };
     IN_WORKER.store(true, Ordering::Relaxed);
-    // Die with the driver (more exactly, with its thread that started this process). Set here
-    // rather than between fork and exec, so that the driver can spawn with posix_spawn, whose
-    // cost does not grow with the driver's memory as fork's does.
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    // SAFETY: getppid has no preconditions.
-    if driver != unsafe { libc::getppid() } {
-        // The driver died before the signal was set: nobody is waiting for this worker.
-        std::process::exit(0);
-    }
     // Lead a process group of its own, so that the driver, when it kills this worker, kills
     // the processes its tasks started with it (`kill(-pid)`). The driver spawns it in one
     // already; this covers a worker started by other means. It cannot fail for a process
     // just spawned (EPERM is for a session leader); were it to, only the worker is killed.
     // SAFETY: setpgid(0, 0) only changes this process's own group.
     unsafe { libc::setpgid(0, 0) };
+    die_with_the_driver();
+    // SAFETY: getppid has no preconditions.
+    if driver != unsafe { libc::getppid() } {
+        // The driver died before the signal was set: nobody is waiting for this worker.
+        std::process::exit(0);
+    }
     let code = match take_line().and_then(handshake) {
         Err(stop) => {
             if let Some(message) = stop.message {
