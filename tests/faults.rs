@@ -1197,48 +1197,59 @@ fn child_runs_with_64_descriptors() {
 
 #[test]
 fn a_driver_killed_at_random_points_leaves_no_worker_behind() {
-    let exe = std::env::current_exe().unwrap();
     let mut rng = Rng::new(42);
     for round in 0..4 {
-        let mut driver = Command::new(&exe)
-            .args([
-                "faults::child_works_until_killed",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env_remove("PARJOB_BACKEND")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let driver = start_silent_child("faults::child_works_until_killed");
         let pid = driver.id();
         std::thread::sleep(Duration::from_millis(150 + rng.below(400)));
         let workers = children_of(pid);
-        // SAFETY: killing the child test process this test started.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        assert!(wait_within(&mut driver, CHILD_LIMIT).is_some());
         // Its workers die with it (PR_SET_PDEATHSIG), and so does any process it had started
         // but not yet handshaken with (it finds its parent gone and exits).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left: Vec<u32> = workers
-                .iter()
-                .copied()
-                .filter(|&w| alive(w))
-                .chain(workers_of(pid))
-                .collect();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: {left:?} outlived driver {pid}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        kill_and_see_nothing_outlive(driver, &workers, &format!("round {round}"));
+    }
+}
+
+/// Starts this test binary's ignored test `name` in a child process, its output dropped.
+fn start_silent_child(name: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGKILLs `driver`, then checks that within 10 s none of `also` is alive and no process
+/// names it as its parjob driver (its workers and what their tasks started).
+fn kill_and_see_nothing_outlive(mut driver: std::process::Child, also: &[u32], what: &str) {
+    let pid = driver.id();
+    // SAFETY: killing the child test process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(wait_within(&mut driver, CHILD_LIMIT).is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<u32> = also
+            .iter()
+            .copied()
+            .filter(|&w| alive(w))
+            .chain(workers_of(pid))
+            .collect();
+        if left.is_empty() {
+            break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {left:?} outlived driver {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -1293,21 +1304,7 @@ fn run_a_sleeper(seconds: u32) -> bool {
 /// with parent 1 (found by attack round 5).
 #[test]
 fn a_driver_killed_by_a_signal_takes_the_processes_its_tasks_started() {
-    let exe = std::env::current_exe().unwrap();
-    let mut driver = Command::new(&exe)
-        .args([
-            "faults::child_tasks_run_sleepers",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("PARJOB_BACKEND")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let driver = start_silent_child("faults::child_tasks_run_sleepers");
     let pid = driver.id();
     // Both workers and their sleepers started (they carry the driver's pid in their
     // environment): 2 workers and 2 sleepers at least.
@@ -1316,18 +1313,7 @@ fn a_driver_killed_by_a_signal_takes_the_processes_its_tasks_started() {
         assert!(Instant::now() < deadline, "the sleepers never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: killing the child test process this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(wait_within(&mut driver, CHILD_LIMIT).is_some());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = workers_of(pid);
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{left:?} outlived driver {pid}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill_and_see_nothing_outlive(driver, &[], "sleepers");
 }
 
 #[test]

@@ -868,6 +868,14 @@ fn run_results_keeps_going_past_a_failure_and_stores_the_values() {
     assert_eq!(err.task_index(), None, "{err}");
 }
 
+/// A closed cache file in `dir` that holds one result, `square(3)`.
+fn cache_holding_square_of_3(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("cache.sqlite");
+    let memory = Memory::open(&path).unwrap();
+    assert_eq!(memory.call(delayed(square, 3)).unwrap(), 9);
+    path
+}
+
 /// A hostile neighbour made `FILE-shm` before this user opened the cache, and this user cannot
 /// write it: SQLite then opens the file with a read-only WAL index and every write fails, so
 /// every run would compute everything and store nothing. `Memory::open` refuses the file
@@ -877,11 +885,7 @@ fn run_results_keeps_going_past_a_failure_and_stores_the_values() {
 fn an_unwritable_shm_file_is_refused() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cache.sqlite");
-    {
-        let memory = Memory::open(&path).unwrap();
-        assert_eq!(memory.call(delayed(square, 3)).unwrap(), 9);
-    }
+    let path = cache_holding_square_of_3(&dir);
     use std::os::unix::fs::PermissionsExt;
     let mode = |path: &Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -931,11 +935,7 @@ fn child_opening_beside_an_unwritable_shm() {
 fn opening_a_cache_does_not_wait_for_another_connections_write() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cache.sqlite");
-    {
-        let memory = Memory::open(&path).unwrap();
-        assert_eq!(memory.call(delayed(square, 3)).unwrap(), 9);
-    }
+    let path = cache_holding_square_of_3(&dir);
     // Another connection holds the write lock until it is dropped.
     let writer = rusqlite::Connection::open(&path).unwrap();
     writer.execute_batch("BEGIN IMMEDIATE").unwrap();
