@@ -231,8 +231,9 @@ impl FlakyExe {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\nn=$(cat '{counter}')\nif [ \"$n\" -gt 0 ]; then\n  echo $((n - 1)) > \
-                 '{counter}'\n  {fail}\nfi\nexec '{exe}' \"$@\"\n",
+                "#!/bin/sh\nexec 9>>'{counter}.lock'\nflock 9\nn=$(cat '{counter}')\nif [ \"$n\" -gt \
+                 0 ]; then\n  echo $((n - 1)) > '{counter}'\n  flock -u 9\n  exec 9>&-\n  {fail}\nfi\nflock -u \
+                 9\nexec 9>&-\nexec '{exe}' \"$@\"\n",
                 counter = counter.display(),
                 exe = exe.display()
             ),
@@ -254,8 +255,17 @@ impl FlakyExe {
         (self.script.clone(), Arc::new(self))
     }
 
-    /// The next `n` starts fail.
+    /// The next `n` starts fail. Under the script's lock: a start that read the old count
+    /// could otherwise write it back, less one, after this (CI saw `fail_next(0)` undone).
     fn fail_next(&self, n: u32) {
+        use std::os::fd::AsRawFd;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.counter.with_extension("lock"))
+            .unwrap();
+        // SAFETY: flock on a descriptor this function holds; it is released when `lock` closes.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
         std::fs::write(&self.counter, n.to_string()).unwrap();
     }
 }
