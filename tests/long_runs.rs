@@ -328,6 +328,43 @@ fn the_process_backend_kills_a_task_over_its_own_limit() {
     );
 }
 
+fn where_i_run(_: ()) -> (usize, u32) {
+    let info = parjob::worker_info();
+    (info.worker.unwrap_or(usize::MAX), info.pid)
+}
+
+#[test]
+fn a_timeout_names_the_worker_it_killed() {
+    let pool = processes(1).batch_size(BatchSize::Fixed(1));
+    let [(index, pid)] = pool.run([delayed(where_i_run, ())]).unwrap()[..] else {
+        panic!("one result expected");
+    };
+    let err = pool
+        .run([delayed(nap, 30_000).timeout(Duration::from_millis(200))])
+        .unwrap_err();
+    let Error::Timeout {
+        index: 0,
+        killed: true,
+        worker: Some(worker),
+        pid: Some(killed),
+        ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!((worker, killed), (index, pid), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("its worker {index}, pid {pid}, was killed")),
+        "{text}"
+    );
+    // It was killed: the next call runs on a new worker.
+    let [(_, next)] = pool.run([delayed(where_i_run, ())]).unwrap()[..] else {
+        panic!("one result expected");
+    };
+    assert_ne!(next, pid);
+}
+
 /// Collects the events of the runs of `parallel`.
 fn recorded(parallel: Parallel) -> (Parallel, Arc<Mutex<Vec<Event>>>) {
     let events = Arc::new(Mutex::new(Vec::new()));

@@ -559,9 +559,16 @@ mod suite {
                 Error::Timeout {
                     index: 2,
                     killed: true,
+                    worker: Some(_),
+                    pid: Some(_),
                     ..
                 }
             ),
+            || text.clone(),
+        )?;
+        // The rank's local worker it killed, by pid, as on the process backend.
+        check(
+            text.contains(", pid ") && text.contains("was killed"),
             || text.clone(),
         )?;
         let again = parallel

@@ -40,7 +40,10 @@ pub enum Error {
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
-    #[error("task {index} timed out after {after:?}{}", timeout_note(*.killed, *.returned_after))]
+    #[error(
+        "task {index} timed out after {after:?}{}",
+        timeout_note(*.killed, *.worker, *.pid, *.returned_after)
+    )]
     #[non_exhaustive]
     Timeout {
         /// Position of the task in the input.
@@ -49,6 +52,11 @@ pub enum Error {
         after: Duration,
         /// Whether the worker running it was killed (process backend) or left running (threads).
         killed: bool,
+        /// Index in its pool of the worker process that was killed, when known (process
+        /// backend; on MPI, the local worker of the rank that ran the task).
+        worker: Option<usize>,
+        /// Process id of that worker, when known.
+        pid: Option<u32>,
         /// How long the task ran, when the overrun was seen only as it returned (the sequential
         /// backend runs it on the calling thread, which waited for it; on threads its return
         /// may beat the timer); `None` when the run gave up on it at its limit.
@@ -423,6 +431,21 @@ impl Error {
             index,
             after,
             killed,
+            worker: None,
+            pid: None,
+            returned_after: None,
+        }
+    }
+
+    /// [`Error::Timeout`] of a task whose worker process, `worker` of its pool with process
+    /// id `pid`, was killed at its limit.
+    pub fn timeout_killing(index: usize, after: Duration, worker: usize, pid: u32) -> Error {
+        Error::Timeout {
+            index,
+            after,
+            killed: true,
+            worker: Some(worker),
+            pid: Some(pid),
             returned_after: None,
         }
     }
@@ -434,6 +457,8 @@ impl Error {
             index,
             after,
             killed: false,
+            worker: None,
+            pid: None,
             returned_after: Some(ran),
         }
     }
@@ -581,9 +606,17 @@ impl Error {
 
 /// What follows a timeout's limit in its message: whether its worker was killed, or how the
 /// task that could not be stopped ended.
-fn timeout_note(killed: bool, returned_after: Option<Duration>) -> String {
+fn timeout_note(
+    killed: bool,
+    worker: Option<usize>,
+    pid: Option<u32>,
+    returned_after: Option<Duration>,
+) -> String {
     match (killed, returned_after) {
-        (true, _) => " (its worker was killed)".to_string(),
+        (true, _) => match (worker, pid) {
+            (Some(worker), Some(pid)) => format!(" (its worker {worker}, pid {pid}, was killed)"),
+            _ => " (its worker was killed)".to_string(),
+        },
         (false, Some(ran)) => format!(
             " (seen when it returned, after {ran:.1?}: a task on a thread cannot be stopped, so \
              the run waited for it; the process backend enforces a hard limit)"

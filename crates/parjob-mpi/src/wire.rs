@@ -48,7 +48,7 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 4;
+pub(crate) const PROTOCOL: u32 = 5;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;
@@ -158,11 +158,28 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
             out.extend_from_slice(&code.to_le_bytes());
             put_bytes(out, text.as_bytes());
         }
-        Error::Timeout { after, killed, .. } => {
+        Error::Timeout {
+            after,
+            killed,
+            worker,
+            pid,
+            returned_after,
+            ..
+        } => {
             out.push(3);
             put_u64(out, index);
-            put_u64(out, u64::try_from(after.as_nanos()).unwrap_or(u64::MAX));
+            put_u64(out, nanos(*after));
             out.push(u8::from(*killed));
+            // `u32::MAX` / `u64::MAX`: not known.
+            put_u32(
+                out,
+                worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1)),
+            );
+            put_u32(out, pid.unwrap_or(u32::MAX));
+            put_u64(
+                out,
+                returned_after.map_or(u64::MAX, |d| nanos(d).min(u64::MAX - 1)),
+            );
         }
         Error::Cancelled { .. } => {
             out.push(4);
@@ -174,6 +191,11 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
             put_bytes(out, other.to_string().as_bytes());
         }
     }
+}
+
+/// A duration in nanoseconds, `u64::MAX` past 584 years.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Reads a failure `put_failure` wrote (after its entry byte), as the error it was on the
@@ -199,7 +221,18 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
         3 => {
             let after = Duration::from_nanos(r.u64()?);
             let killed = r.u8()? != 0;
-            Error::timeout(index, after, killed)
+            let worker = Some(r.u32()?).filter(|&w| w != u32::MAX);
+            let pid = Some(r.u32()?).filter(|&p| p != u32::MAX);
+            let returned_after = Some(r.u64()?).filter(|&n| n != u64::MAX);
+            match (worker, pid, returned_after) {
+                (Some(worker), Some(pid), None) if killed => {
+                    Error::timeout_killing(index, after, worker as usize, pid)
+                }
+                (_, _, Some(ran)) if !killed => {
+                    Error::timeout_on_return(index, after, Duration::from_nanos(ran))
+                }
+                _ => Error::timeout(index, after, killed),
+            }
         }
         4 => Error::cancelled(index),
         // Its words, as the rank wrote them (they name the task).
@@ -219,6 +252,9 @@ mod tests {
             Error::worker_crashed(4, 1, 77, WorkerExit::Signaled(6)),
             Error::worker_crashed(5, 0, 78, WorkerExit::Exited(3)),
             Error::timeout(6, Duration::from_millis(200), true),
+            Error::timeout_killing(6, Duration::from_millis(200), 1, 4242),
+            Error::timeout_on_return(6, Duration::from_millis(5), Duration::from_millis(9)),
+            Error::timeout(6, Duration::from_millis(200), false),
             Error::cancelled(7),
             Error::remote(8, "task 8: its local pool 1 is not on this rank"),
         ] {

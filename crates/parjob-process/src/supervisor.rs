@@ -877,7 +877,10 @@ impl Supervisor {
             decoded += 1;
         } else if let (Some(at), Some(limit)) = (overrun, job.control().timeout()) {
             let index = job.batch().first_index() + range.start + at;
-            let error = Error::timeout(index, limit, true);
+            let error = match &self.worker {
+                Some(worker) => Error::timeout_killing(index, limit, self.index, worker.pid),
+                None => Error::timeout(index, limit, true),
+            };
             self.report.gone(|| reason(&error));
             recovery.worker_died(range.start + at, error);
             self.discard_worker();
@@ -1423,11 +1426,12 @@ impl Supervisor {
         let mut worker = self.worker.take()?;
         worker.release_memory();
         worker.hang_up();
+        let pid = worker.pid;
         self.graveyard.push(worker);
         let at = (started.saturating_sub(1) as usize).min(len.saturating_sub(1));
         Some(FrameEnd::Died {
             at,
-            error: Error::timeout(first_index + at, limit, true),
+            error: Error::timeout_killing(first_index + at, limit, self.index, pid),
         })
     }
 
@@ -1609,7 +1613,7 @@ impl Supervisor {
         let at = (started.saturating_sub(1) as usize).min(len.saturating_sub(1));
         let index = first_index + at;
         let error = match timed_out {
-            Some(after) => Error::timeout(index, after, true),
+            Some(after) => Error::timeout_killing(index, after, self.index, pid),
             None => Error::worker_crashed(
                 index,
                 self.index,
