@@ -377,6 +377,32 @@ fn start_a_sleep_then_hang(pid_file: String) -> u32 {
     sleep.id()
 }
 
+/// The `PARJOB_PROCESS_*` variables this task sees, and those a program it starts sees.
+fn parjob_variables_seen(_: ()) -> (Vec<String>, Vec<String>) {
+    let own = std::env::vars()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("PARJOB_PROCESS_"))
+        .collect();
+    let output = Command::new("env").output().expect("env runs");
+    let child = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("PARJOB_PROCESS_"))
+        .map(str::to_owned)
+        .collect();
+    (own, child)
+}
+
+#[test]
+fn a_worker_keeps_its_driver_variables_from_its_tasks_and_their_programs() {
+    let seen = processes(2)
+        .run((0..2).map(|_| delayed(parjob_variables_seen, ())))
+        .unwrap();
+    for (own, child) in seen {
+        assert!(own.is_empty(), "a task sees {own:?}");
+        assert!(child.is_empty(), "a program a task started sees {child:?}");
+    }
+}
+
 #[test]
 fn a_process_a_task_started_is_killed_with_its_worker() {
     let pid_file = std::env::temp_dir().join(format!(

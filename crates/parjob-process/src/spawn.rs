@@ -47,6 +47,11 @@ pub fn enable_test_support() {
     crate::shared::install();
 }
 
+/// Whether `enable_test_support!` marked this executable as a test binary.
+pub(crate) fn test_support_enabled() -> bool {
+    TEST_SUPPORT.load(Ordering::Relaxed)
+}
+
 /// What a supervisor hears about its worker, from the threads watching it.
 pub(crate) enum Event {
     /// The worker's Hello arrived on its line (or something else did), in try `attempt` of
@@ -1026,10 +1031,9 @@ fn sweep_homes_of_dead_drivers(root: &Path, me: u32) {
 /// too (private, still under `$TMPDIR`). If the directory is not safe (another user made it
 /// first) or tempfile's default was already set, a line on stderr says so and each socket's
 /// directory is only closed by `make_private`.
-pub(crate) fn private_socket_root() {
+pub(crate) fn private_socket_root(home: Option<PathBuf>) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let home = std::env::var_os(ENV_HOME).map(PathBuf::from);
         if let Err(why) = point_tempfile_at_private_dir(home) {
             eprintln!(
                 "parjob: handshake sockets go to the usual temporary directory and are made \

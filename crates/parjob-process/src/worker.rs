@@ -1,6 +1,7 @@
 //! The worker side: what `init()` runs in a process the driver started.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use crate::link;
 use crate::mapping::Arena;
 use crate::shared::receive;
 use crate::wire::{
-    ARENA_KEEP_MAX, Board, ENV_DRIVER, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
+    ARENA_KEEP_MAX, Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
     EXIT_REFUSED_DRIVER, Forget, Hello, PROTOCOL, Shipment, WELCOMED, monotonic_nanos,
 };
 
@@ -124,7 +125,8 @@ pub fn init() {
         // The driver died before the signal was set: nobody is waiting for this worker.
         std::process::exit(0);
     }
-    let code = match take_line().and_then(handshake) {
+    let given = WorkerEnv::take();
+    let code = match take_line().and_then(|line| handshake(line, given)) {
         Err(stop) => {
             if let Some(message) = stop.message {
                 eprintln!("parjob worker (pid {}): {message}", std::process::id());
@@ -143,6 +145,53 @@ pub fn init() {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     std::process::exit(code);
+}
+
+/// What the driver passes a worker in its environment (besides its own pid, read by
+/// [`driver_pid`]).
+struct WorkerEnv {
+    index: Option<String>,
+    secret: Option<String>,
+    home: Option<PathBuf>,
+}
+
+impl WorkerEnv {
+    /// Reads the worker's variables, then removes all of them from its environment, so that
+    /// the processes its tasks start do not inherit them: with `PARJOB_PROCESS_DRIVER` a
+    /// program a task started could be taken for a worker (when the driver, PID 1 or a
+    /// subreaper, adopts it before its `init()`), and the handshake's secret, spent as it is,
+    /// has no business in other programs' environments.
+    fn take() -> WorkerEnv {
+        let given = WorkerEnv {
+            index: std::env::var(ENV_INDEX).ok(),
+            secret: std::env::var(ENV_SECRET).ok(),
+            home: std::env::var_os(ENV_HOME).map(PathBuf::from),
+        };
+        // A test binary's worker runs `init` in a test: the harness's main thread waits for it.
+        let alone = if crate::spawn::test_support_enabled() {
+            2
+        } else {
+            1
+        };
+        if threads() == Some(alone) {
+            for var in [ENV_DRIVER, ENV_INDEX, ENV_SECRET, ENV_HOME] {
+                // SAFETY: no other thread of this process can be reading the environment
+                // while it changes: `init` runs first thing in a freshly started worker's
+                // `main`, and the thread count just read says no thread was started before
+                // it (besides, in a test binary, the harness's main thread, which only waits
+                // for the worker's test to end). With more threads, the variables stay.
+                unsafe { std::env::remove_var(var) };
+            }
+        }
+        given
+    }
+}
+
+/// How many threads this process runs (`Threads:` in `/proc/self/status`).
+fn threads() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("Threads:"))?;
+    line["Threads:".len()..].trim().parse().ok()
 }
 
 /// Takes the line to the driver (`link`) from standard input, where the driver put it, and
@@ -213,20 +262,21 @@ struct Connected {
 
 /// Greets the driver on its line, takes the channels it connects with, authenticates its
 /// welcome, runs the initializer and says `READY`.
-fn handshake(line: OwnedFd) -> Result<Connected, Stop> {
-    let index: usize = std::env::var(ENV_INDEX)
-        .ok()
+fn handshake(line: OwnedFd, given: WorkerEnv) -> Result<Connected, Stop> {
+    let index: usize = given
+        .index
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Stop::failed(format!("{ENV_INDEX} is missing or not a number")))?;
-    let secret = std::env::var(ENV_SECRET)
-        .map_err(|_| Stop::failed(format!("{ENV_SECRET} is missing")))
+    let secret = given
+        .secret
+        .ok_or_else(|| Stop::failed(format!("{ENV_SECRET} is missing")))
         .and_then(|text| {
             HandshakeSecret::from_hex(&text).map_err(|e| Stop::failed(format!("{ENV_SECRET}: {e}")))
         })?;
     set_worker_identity(Some((Backend::Process, index)));
     tune_malloc();
     // The server the driver connects to: in this user's private directory, like the driver's.
-    crate::spawn::private_socket_root();
+    crate::spawn::private_socket_root(given.home);
     let (server, name) = IpcOneShotServer::<Shipment>::new()
         .map_err(|e| Stop::failed(format!("cannot open a server for the driver: {e}")))?;
     crate::spawn::make_private(std::path::Path::new(&name))
