@@ -1592,9 +1592,12 @@ fn child_worker_copy_without_init() {
 
 const ADOPTED_MARKER: &str = "PARJOB_TEST_ADOPTED_MARKER";
 
+/// Where `grandchild_adopted_by_the_driver` learns the driver's pid (the worker's parent).
+const DRIVER_PID: &str = "PARJOB_TEST_DRIVER_PID";
+
 /// Starts this test binary's `grandchild_adopted_by_the_driver` in the background, through
-/// `sh`, which exits half a second later (after the program's `init()`): the program is then
-/// adopted by the nearest subreaper.
+/// `sh`, which exits half a second later: the program is then adopted by the nearest
+/// subreaper.
 fn start_in_the_background(marker: String) -> bool {
     let exe = std::env::current_exe().unwrap();
     std::process::Command::new("sh")
@@ -1605,15 +1608,17 @@ fn start_in_the_background(marker: String) -> bool {
             exe.display()
         ))
         .env(ADOPTED_MARKER, marker)
+        .env(DRIVER_PID, std::os::unix::process::parent_id().to_string())
         .status()
         .is_ok_and(|s| s.success())
 }
 
-/// A program a task starts in the background inherits the worker's variables; it is no worker
-/// (its parent is not the driver when it calls `init()`), and it stays none when the driver
-/// adopts it later (a driver that is PID 1 in a container, or a subreaper): before, it was
-/// taken for a worker copy without `init()` when it reached the process backend, and made to
-/// exit (found by attack round 5). Run in a child process, which becomes a subreaper.
+/// A program a task starts in the background is no worker, even when the driver adopts it
+/// (a driver that is PID 1 in a container, or a subreaper) before its `init()`: the worker
+/// took its `PARJOB_PROCESS_*` variables out of the environment the program inherits. Before,
+/// the program found the driver's pid there, named by its parent, took itself for a worker
+/// and exited 75 (and, adopted after its `init()`, was made to exit where it reached the
+/// process backend: attack round 5). Run in a child process, which becomes a subreaper.
 #[test]
 fn a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it() {
     run_child_test("process::child_subreaper_driver", &[]);
@@ -1653,23 +1658,20 @@ fn child_subreaper_driver() {
     unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
 }
 
-/// Run in the background by a task of the test above: calls `init()` (not a worker: its
-/// parent is `sh`), waits until the driver adopted it, then uses the process backend.
+/// Run in the background by a task of the test above: waits until the driver adopted it,
+/// then calls `init()` and uses the process backend.
 #[test]
 #[ignore = "run by a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it"]
 fn grandchild_adopted_by_the_driver() {
-    parjob::init();
     let marker = std::env::var(ADOPTED_MARKER).unwrap();
-    let driver: i32 = std::env::var("PARJOB_PROCESS_DRIVER")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let driver: i32 = std::env::var(DRIVER_PID).unwrap().parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     // SAFETY: getppid has no preconditions.
     while unsafe { libc::getppid() } != driver {
         assert!(Instant::now() < deadline, "never adopted by the driver");
         std::thread::sleep(Duration::from_millis(10));
     }
+    parjob::init();
     let out = processes(1).run((0..4u64).map(|i| delayed(square, i)));
     let text = match out {
         Ok(values) => format!("adopted by its driver; ran {values:?}\n"),
