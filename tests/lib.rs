@@ -190,3 +190,19 @@ impl parjob::pool::Pool for CountingPool {
         "CountingBackend"
     }
 }
+
+/// Whether `error` is task `index`'s timeout at `limit` on the process backend: its worker
+/// killed, and named (index in its pool and pid).
+pub fn killed_at_its_limit(error: &parjob::Error, index: usize, limit: Duration) -> bool {
+    matches!(
+        error,
+        parjob::Error::Timeout {
+            index: i,
+            after,
+            killed: true,
+            worker: Some(_),
+            pid: Some(_),
+            ..
+        } if *i == index && *after == limit
+    )
+}

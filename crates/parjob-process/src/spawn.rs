@@ -23,8 +23,8 @@ use crate::mapping::Arena;
 use crate::shared::SentSegments;
 use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
 use crate::wire::{
-    Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_REFUSED_DRIVER,
-    Hello, PROTOCOL, Shipment, WELCOMED,
+    Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
+    EXIT_NOT_DRIVERS_CHILD, EXIT_REFUSED_DRIVER, Hello, PROTOCOL, Shipment, WELCOMED,
 };
 
 /// How long a started process may take to connect.
@@ -492,6 +492,13 @@ impl Starter<'_> {
                                     pid,
                                 });
                             Failed::Final(worker_error(ended_before_handshake(&status)))
+                        }
+                        WorkerExit::Exited(EXIT_NOT_DRIVERS_CHILD) => {
+                            Failed::Final(worker_error(format!(
+                                "ended before the handshake ({status}) because its parent is \
+                                 not this driver: a worker_exe wrapper must `exec` the program \
+                                 (`exec /path/to/prog \"$@\"`), not start it as a child"
+                            )))
                         }
                         WorkerExit::Exited(EXIT_HANDSHAKE_FAILED | EXIT_REFUSED_DRIVER) => {
                             Failed::Retry(worker_error(format!(

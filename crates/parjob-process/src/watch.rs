@@ -63,6 +63,11 @@ impl ChildWatch {
             }
         }
         let mut reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
+        // Processes its tasks started and left running (in the background, or a crashed
+        // task's children) go with it, however it ended (retired, crashed, killed): its group
+        // outlives it until it is reaped, so this is still the group it was spawned into.
+        // SAFETY: as in `kill`: the process is our child and not reaped yet.
+        unsafe { libc::kill(-(self.pid as libc::pid_t), libc::SIGKILL) };
         let mut status = 0;
         // SAFETY: reaping our own child, which has exited (or never existed: then -1).
         let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };

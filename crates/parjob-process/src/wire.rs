@@ -38,6 +38,9 @@ pub(crate) const ENV_SECRET: &str = "PARJOB_PROCESS_SECRET";
 /// A worker's exit status when its handshake failed after it entered `init()` (`EX_TEMPFAIL`):
 /// never 0, which, before the handshake, tells the driver the program never called `init()`.
 pub(crate) const EXIT_HANDSHAKE_FAILED: i32 = 75;
+/// A worker's exit status when its parent is not the driver that started it, which is alive
+/// (`EX_CONFIG`): a `worker_exe` wrapper started it as a child instead of `exec`ing it.
+pub(crate) const EXIT_NOT_DRIVERS_CHILD: i32 = 78;
 /// A worker's exit status when it refused a welcome that did not prove it comes from its own
 /// driver (`EX_NOPERM`); nothing the welcome asked was done.
 pub(crate) const EXIT_REFUSED_DRIVER: i32 = 77;

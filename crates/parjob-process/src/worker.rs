@@ -18,34 +18,98 @@ use crate::mapping::Arena;
 use crate::shared::receive;
 use crate::wire::{
     ARENA_KEEP_MAX, Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
-    EXIT_REFUSED_DRIVER, Forget, Hello, PROTOCOL, Shipment, WELCOMED, monotonic_nanos,
+    EXIT_NOT_DRIVERS_CHILD, EXIT_REFUSED_DRIVER, Forget, Hello, PROTOCOL, Shipment, WELCOMED,
+    monotonic_nanos,
 };
 
 static IN_WORKER: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process was started as a worker (it may not have reached the loop yet).
 pub(crate) fn started_as_worker() -> bool {
-    driver_pid().is_some()
+    !matches!(role(), Role::NotAWorker)
 }
 
-/// The driver's pid, if this process is a worker the driver started itself.
+/// What this process is to parjob's process backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A program of its own (a driver, or a program a task started).
+    NotAWorker,
+    /// A worker, child of the driver that started it.
+    Worker { driver: libc::pid_t },
+    /// A worker that is not its driver's child: the driver died before this process got
+    /// here (it was adopted), or a `worker_exe` wrapper started it as a child instead of
+    /// `exec`ing it. Its standard input is still the line its driver made.
+    Stray { driver: libc::pid_t },
+}
+
+/// Decided once, at the first call (in `init()`, first thing in `main`).
 ///
-/// A process a task starts inherits the variable, but its parent is the worker, not the
-/// driver: it is not a worker (a parjob program a task runs works normally). Decided once,
-/// at the first call (in `init()`, first thing in `main`): a process a task started in the
-/// background that later becomes a child of the driver (the driver is PID 1 in a container,
-/// or a subreaper) must not turn into a worker then.
-fn driver_pid() -> Option<libc::pid_t> {
-    static DRIVER: std::sync::OnceLock<Option<libc::pid_t>> = std::sync::OnceLock::new();
-    *DRIVER.get_or_init(|| {
-        let driver: libc::pid_t = std::env::var(ENV_DRIVER).ok()?.parse().ok()?;
+/// A worker names its driver in `PARJOB_PROCESS_DRIVER`, is that driver's child, and has the
+/// line the driver made (a socket pair, whose peer credentials are its maker's) as its
+/// standard input. A program a task starts has `/dev/null` there and, since the worker took
+/// the variables out of its environment, no driver named either: it is no worker, even if the
+/// driver adopts it later (the driver is PID 1 in a container, or a subreaper). A worker that
+/// lost its parent before this point is a stray: it must not run `main` as a program of its
+/// own (it would start a pool and run the job again, with parent 1).
+fn role() -> Role {
+    static ROLE: std::sync::OnceLock<Role> = std::sync::OnceLock::new();
+    *ROLE.get_or_init(|| {
+        let Some(driver) = std::env::var(ENV_DRIVER)
+            .ok()
+            .and_then(|v| v.parse::<libc::pid_t>().ok())
+        else {
+            return Role::NotAWorker;
+        };
         // SAFETY: getppid has no preconditions.
-        (driver == unsafe { libc::getppid() }).then_some(driver)
+        if driver == unsafe { libc::getppid() } {
+            Role::Worker { driver }
+        } else if line_made_by(driver) {
+            Role::Stray { driver }
+        } else {
+            Role::NotAWorker
+        }
     })
 }
 
-/// Whether this worker leads its own process group (see [`die_with_the_driver`]).
-static LEADS_ITS_GROUP: AtomicBool = AtomicBool::new(false);
+/// Whether standard input is a Unix socket that process `pid` made (`SO_PEERCRED`: for a
+/// socket pair, the process that called `socketpair`).
+fn line_made_by(pid: libc::pid_t) -> bool {
+    // SAFETY: a zeroed ucred is a valid out-parameter, and `len` holds its size.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt on descriptor 0 with a valid out-pointer and length; it fails
+    // harmlessly when descriptor 0 is not a socket.
+    let got = unsafe {
+        libc::getsockopt(
+            0,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    got == 0 && cred.pid == pid
+}
+
+/// Ends a stray worker (see [`Role::Stray`]) without running anything of the program: its
+/// driver is gone, or a `worker_exe` wrapper did not `exec` it, which the driver then hears
+/// of as a start that failed with `EXIT_NOT_DRIVERS_CHILD`.
+fn leave_as_a_stray(driver: libc::pid_t) -> ! {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let driver_alive = unsafe { libc::kill(driver, 0) } == 0;
+    if driver_alive {
+        eprintln!(
+            "parjob worker (pid {}): its parent (pid {}) is not the driver that started it \
+             (pid {driver}): a worker_exe wrapper must `exec` the program (`exec /path/to/prog \
+             \"$@\"`), not start it as a child. This copy exits now.",
+            std::process::id(),
+            std::os::unix::process::parent_id()
+        );
+        std::process::exit(EXIT_NOT_DRIVERS_CHILD);
+    }
+    // The driver died before this worker started: nobody waits for it.
+    std::process::exit(0);
+}
 
 /// Makes this worker die with its driver (more exactly, with the driver's thread that started
 /// it), and take the processes its tasks started with it: the driver's death sends it
@@ -55,35 +119,46 @@ static LEADS_ITS_GROUP: AtomicBool = AtomicBool::new(false);
 /// tasks' processes running with parent 1.
 ///
 /// Set here rather than between fork and exec, so that the driver can spawn with posix_spawn,
-/// whose cost does not grow with the driver's memory as fork's does. A task that blocks or
-/// takes over `SIGRTMAX` delays this worker's end until the task returns and the worker
-/// finds its line closed.
+/// whose cost does not grow with the driver's memory as fork's does. Set again after every
+/// frame ([`arm_death_signal`]): a task that blocks, ignores or takes over `SIGRTMAX`, or
+/// changes the death signal, delays this worker's end only until it returns.
 fn die_with_the_driver() {
-    extern "C" fn on_driver_death(_signal: libc::c_int) {
-        // SAFETY: kill and _exit are async-signal-safe; the group (0: this process's own) is
-        // killed only when this worker leads it, so never another program's group.
-        unsafe {
-            if LEADS_ITS_GROUP.load(Ordering::Relaxed) {
-                libc::kill(0, libc::SIGKILL);
-            }
-            libc::kill(libc::getpid(), libc::SIGKILL);
-            libc::_exit(1);
+    arm_death_signal();
+}
+
+/// Kills this worker's process group with SIGKILL, itself included, if it leads it; else
+/// only itself. Async-signal-safe. The group is looked at now, not at `init()`: a task may
+/// have moved the worker into another program's group (`setpgid`), which is then left alone.
+fn kill_my_group() -> ! {
+    // SAFETY: getpgrp, getpid, kill and _exit are async-signal-safe and have no
+    // preconditions; the group (0: this process's own) is killed only when this worker leads
+    // it, so never another program's group.
+    unsafe {
+        if libc::getpgrp() == libc::getpid() {
+            libc::kill(0, libc::SIGKILL);
         }
+        libc::kill(libc::getpid(), libc::SIGKILL);
+        libc::_exit(1);
     }
-    // SAFETY: getpgrp and getpid have no preconditions.
-    let leader = unsafe { libc::getpgrp() == libc::getpid() };
-    LEADS_ITS_GROUP.store(leader, Ordering::Relaxed);
+}
+
+/// Installs the death signal's handler, unblocks it and sets it as the death signal (see
+/// [`die_with_the_driver`]): three system calls, once per frame.
+fn arm_death_signal() {
+    extern "C" fn on_driver_death(_signal: libc::c_int) {
+        kill_my_group();
+    }
     let signal = libc::SIGRTMAX();
     // SAFETY: a zeroed sigaction is a valid value to fill in; the handler is an `extern "C"`
     // function of the right signature that calls only async-signal-safe functions, and
-    // sigaction/prctl are given a valid signal number.
+    // sigaction/pthread_sigmask are given a valid signal number.
     let installed = unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_driver_death as extern "C" fn(libc::c_int) as usize;
         libc::sigemptyset(&mut action.sa_mask);
         let installed = libc::sigaction(signal, &action, std::ptr::null_mut()) == 0;
         // The mask is inherited through exec: a driver's thread that blocked the signal would
-        // have it pending here for ever.
+        // have it pending here for ever (and a task may have blocked it since).
         let mut unblock: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut unblock);
         libc::sigaddset(&mut unblock, signal);
@@ -109,8 +184,10 @@ pub fn init() {
         // Called again from a task in a worker: the worker loop already runs.
         return;
     }
-    let Some(driver) = driver_pid() else {
-        return;
+    let driver = match role() {
+        Role::NotAWorker => return,
+        Role::Stray { driver } => leave_as_a_stray(driver),
+        Role::Worker { driver } => driver,
     };
     IN_WORKER.store(true, Ordering::Relaxed);
     // Lead a process group of its own, so that the driver, when it kills this worker, kills
@@ -133,9 +210,15 @@ pub fn init() {
             }
             stop.code
         }
-        Ok(connected) => match serve(connected) {
+        Ok(connected) => match serve(connected, driver) {
             Ok(()) => 0,
             Err(message) => {
+                // SAFETY: getppid has no preconditions.
+                if driver != unsafe { libc::getppid() } {
+                    // The driver is gone (its death signal may have been lost while a task
+                    // ignored it): nobody reads the message; take the tasks' processes along.
+                    kill_my_group();
+                }
                 eprintln!("parjob worker (pid {}): {message}", std::process::id());
                 70
             }
@@ -418,7 +501,7 @@ fn accept_or_hang_up(
 }
 
 /// The frame loop: runs frames until the driver says `SHUTDOWN` or goes away.
-fn serve(connected: Connected) -> Result<(), String> {
+fn serve(connected: Connected, driver: libc::pid_t) -> Result<(), String> {
     let Connected {
         tasks_rx,
         big_tasks_rx,
@@ -439,9 +522,12 @@ fn serve(connected: Connected) -> Result<(), String> {
     // async-signal-safe as a handler run in a forked child must be.
     unsafe { libc::pthread_atfork(None, None, Some(note_fork)) };
     loop {
-        // The driver gone (dropped without a shutdown, or dead) means: exit too.
+        // The driver hung up without a `SHUTDOWN`: it is dying (the kernel closes a dying
+        // process's descriptors before it sends its children their death signal, so this may
+        // come first). Exit as the death signal would, with the processes the tasks started:
+        // returning would leave them running with parent 1.
         let Ok(message) = tasks_rx.recv() else {
-            return Ok(());
+            kill_my_group();
         };
         match Kind::of(&message) {
             Ok(Kind::Run) => {}
@@ -481,6 +567,13 @@ fn serve(connected: Connected) -> Result<(), String> {
         leave_if_forked();
         if std::process::id() != me {
             leave();
+        }
+        // A task may have blocked, ignored or taken over the death signal, or changed it: set
+        // it again, and if the driver died meanwhile (its signal lost), end as it would have.
+        arm_death_signal();
+        // SAFETY: getppid has no preconditions.
+        if driver != unsafe { libc::getppid() } {
+            kill_my_group();
         }
         let overrun = clock.and_then(TaskClock::finished);
         let mut lent_out = None;
