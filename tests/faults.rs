@@ -1230,6 +1230,11 @@ fn a_driver_killed_at_random_points_leaves_no_worker_behind() {
 
 /// Starts this test binary's ignored test `name` in a child process, its output dropped.
 fn start_silent_child(name: &str) -> std::process::Child {
+    start_silent_child_with(name, &[])
+}
+
+/// [`start_silent_child`] with `envs` set.
+fn start_silent_child_with(name: &str, envs: &[(&str, &std::path::Path)]) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
             name,
@@ -1238,6 +1243,7 @@ fn start_silent_child(name: &str) -> std::process::Child {
             "--nocapture",
             "--test-threads=1",
         ])
+        .envs(envs.iter().copied())
         .env_remove("PARJOB_BACKEND")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -1451,21 +1457,10 @@ fn a_wrapper_that_does_not_exec_the_worker_is_named_as_the_cause() {
 #[test]
 fn a_worker_whose_driver_died_before_its_init_runs_nothing() {
     let (dir, script) = wrapper_script("sleep 1\nexec '{exe}' \"$@\" > \"$0.out\" 2>&1");
-    let driver = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "faults::child_starts_a_slow_worker",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("PARJOB_TEST_WRAPPER", &script)
-        .env_remove("PARJOB_BACKEND")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let driver = start_silent_child_with(
+        "faults::child_starts_a_slow_worker",
+        &[("PARJOB_TEST_WRAPPER", &script)],
+    );
     std::thread::sleep(Duration::from_millis(300));
     kill_and_see_nothing_outlive(driver, &[], "a worker whose wrapper was still sleeping");
     let out = dir.path().join("worker.sh.out");
@@ -1490,6 +1485,21 @@ fn child_starts_a_slow_worker() {
     let _ = processes(1).worker_exe(script).run([delayed(square, 3)]);
 }
 
+/// Starts the child driver `name` and waits until its worker and a sleeper one of its tasks
+/// started both run.
+fn start_with_a_sleeper(name: &str) -> std::process::Child {
+    let driver = start_silent_child(name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers_of(driver.id()).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: the sleeper never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    driver
+}
+
 /// A task may ignore the workers' death signal, and leave a program running when it returns;
 /// a driver killed while the worker is idle must still take both. Before, the signal stayed
 /// ignored for the rest of the worker's life, the worker woke on its line's hang-up, exited
@@ -1497,14 +1507,7 @@ fn child_starts_a_slow_worker() {
 /// hang-up can come before the signal even when it is not ignored).
 #[test]
 fn a_driver_killed_while_its_worker_idles_takes_what_a_task_left_running() {
-    let driver = start_silent_child("faults::child_leaves_a_sleeper_then_idles");
-    let pid = driver.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // The worker and the sleeper.
-    while workers_of(pid).len() < 2 {
-        assert!(Instant::now() < deadline, "the sleeper never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let driver = start_with_a_sleeper("faults::child_leaves_a_sleeper_then_idles");
     // The run has returned: the worker idles.
     std::thread::sleep(Duration::from_millis(300));
     kill_and_see_nothing_outlive(driver, &[], "an idle worker and its task's sleeper");
@@ -1526,14 +1529,7 @@ fn child_leaves_a_sleeper_then_idles() {
 /// the whole minute (attack round 6).
 #[test]
 fn a_task_that_ignored_the_death_signal_leaves_later_tasks_mortal() {
-    let driver = start_silent_child("faults::child_ignores_then_sleeps");
-    let pid = driver.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // The worker and the second task's sleeper.
-    while workers_of(pid).len() < 2 {
-        assert!(Instant::now() < deadline, "the second task never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let driver = start_with_a_sleeper("faults::child_ignores_then_sleeps");
     kill_and_see_nothing_outlive(
         driver,
         &[],
