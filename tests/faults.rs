@@ -1485,6 +1485,44 @@ fn child_starts_a_slow_worker() {
     let _ = processes(1).worker_exe(script).run([delayed(square, 3)]);
 }
 
+extern "C" fn note_usr1(_: libc::c_int) {}
+
+/// Installs a SIGUSR1 handler without `SA_RESTART` (as plain `sigaction` does, and C
+/// libraries do for their alarms) and returns this worker's pid and the id of the thread that
+/// runs its frames (in a test binary the harness's main thread would take a signal sent to
+/// the process).
+fn take_over_sigusr1(_: ()) -> (u32, i64) {
+    // SAFETY: a zeroed sigaction with an `extern "C"` handler that does nothing; flags 0 is
+    // what the test is about.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = note_usr1 as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        action.sa_flags = 0;
+        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+    }
+    // SAFETY: gettid has no preconditions.
+    (std::process::id(), unsafe {
+        libc::syscall(libc::SYS_gettid)
+    })
+}
+
+/// A signal that interrupts an idle worker's wait for its next frame (`EINTR`) is not its
+/// driver hanging up. Before, the worker took it for one, killed its group and itself, and
+/// was replaced (attack round 7).
+#[test]
+fn a_signal_to_an_idle_worker_is_not_a_hang_up() {
+    let pool = processes(1);
+    let (pid, thread) = pool.run([delayed(take_over_sigusr1, ())]).unwrap()[0];
+    // Idle now, waiting for the next frame.
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: signalling the frame thread of this test's own worker, which handles SIGUSR1.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid as i64, thread, libc::SIGUSR1 as i64) };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(alive(pid), "the worker died of a signal it handles");
+    assert_eq!(pool.run([delayed(my_pid, 0)]).unwrap(), [pid]);
+}
+
 /// Starts the child driver `name` and waits until its worker and a sleeper one of its tasks
 /// started both run.
 fn start_with_a_sleeper(name: &str) -> std::process::Child {

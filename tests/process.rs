@@ -1616,6 +1616,16 @@ fn start_in_the_background(marker: String) -> bool {
         ))
         .env(ADOPTED_MARKER, marker)
         .env(DRIVER_PID, std::os::unix::process::parent_id().to_string())
+        .envs(
+            // As a worker that ran threads before its `init()` leaves it (it cannot take its
+            // variables out then).
+            std::env::var_os("PARJOB_TEST_LEAK_DRIVER").map(|_| {
+                (
+                    "PARJOB_PROCESS_DRIVER",
+                    std::os::unix::process::parent_id().to_string(),
+                )
+            }),
+        )
         .status()
         .is_ok_and(|s| s.success())
 }
@@ -1629,6 +1639,19 @@ fn start_in_the_background(marker: String) -> bool {
 #[test]
 fn a_program_a_task_started_stays_no_worker_when_the_driver_adopts_it() {
     run_child_test("process::child_subreaper_driver", &[]);
+}
+
+/// The same with the driver's pid left in the program's environment: its standard input is
+/// not its driver's line, so it is no worker. Before, a worker that ran threads before its
+/// `init()` (a library's constructor, an async runtime) left the variable to the programs its
+/// tasks started, and one adopted by the driver took itself for a worker and exited 75
+/// (attack round 7).
+#[test]
+fn a_program_that_inherited_the_drivers_pid_is_no_worker_either() {
+    run_child_test(
+        "process::child_subreaper_driver",
+        &[("PARJOB_TEST_LEAK_DRIVER", "1")],
+    );
 }
 
 /// Run by the test above: the driver.

@@ -60,13 +60,17 @@ fn role() -> Role {
         else {
             return Role::NotAWorker;
         };
+        if !line_made_by(driver) {
+            // A program whose environment still names a driver (a worker that ran threads
+            // before its `init()` could not take its variables out) but whose standard input
+            // is not that driver's line: it is no worker, even once the driver adopts it.
+            return Role::NotAWorker;
+        }
         // SAFETY: getppid has no preconditions.
         if driver == unsafe { libc::getppid() } {
             Role::Worker { driver }
-        } else if line_made_by(driver) {
-            Role::Stray { driver }
         } else {
-            Role::NotAWorker
+            Role::Stray { driver }
         }
     })
 }
@@ -526,8 +530,13 @@ fn serve(connected: Connected, driver: libc::pid_t) -> Result<(), String> {
         // process's descriptors before it sends its children their death signal, so this may
         // come first). Exit as the death signal would, with the processes the tasks started:
         // returning would leave them running with parent 1.
-        let Ok(message) = tasks_rx.recv() else {
-            kill_my_group();
+        let message = match tasks_rx.recv() {
+            Ok(message) => message,
+            // (Read again by ipc-channel itself: see vendor/ipc-channel/PARJOB.md.)
+            Err(ipc_channel::IpcError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                continue;
+            }
+            Err(_) => kill_my_group(),
         };
         match Kind::of(&message) {
             Ok(Kind::Run) => {}

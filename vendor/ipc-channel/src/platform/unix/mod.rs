@@ -1317,7 +1317,18 @@ impl UnixCmsg {
             BlockingMode::Blocking => {},
         }
 
-        let result = recvmsg(fd, &mut self.msghdr, RECVMSG_FLAGS);
+        // parjob: a blocking read interrupted by a signal whose handler was installed without
+        // SA_RESTART (by a task, say) read nothing: read again, rather than hand the caller an
+        // EINTR it would take for a broken channel.
+        let result = loop {
+            let result = recvmsg(fd, &mut self.msghdr, RECVMSG_FLAGS);
+            let interrupted = result < 0
+                && matches!(blocking_mode, BlockingMode::Blocking)
+                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted;
+            if !interrupted {
+                break result;
+            }
+        };
 
         let result = match result.cmp(&0) {
             cmp::Ordering::Equal => Err(UnixError::ChannelClosed),
