@@ -48,9 +48,14 @@ pub fn run_child_test(name: &str, envs: &[(&str, &str)]) -> Output {
 /// [`Command::output`] with a bound: runs `command` with stdout and stderr captured, and kills
 /// it and panics if it has not ended, and closed its output, within `limit`.
 pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    output_within_from(command, Stdio::null(), limit)
+}
+
+/// [`output_within`], with `stdin` as the command's standard input.
+pub fn output_within_from(command: &mut Command, stdin: Stdio, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

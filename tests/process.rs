@@ -4,7 +4,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed, worker_info};
-use parjob_tests::{CHILD_LIMIT, killed_at_its_limit, output_within, run_child_test, wait_within};
+use parjob_tests::{
+    CHILD_LIMIT, killed_at_its_limit, output_within, output_within_from, run_child_test,
+    wait_within,
+};
 use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -1562,6 +1565,8 @@ fn two_slow_tasks_on_a_new_pool_run_on_two_workers() {
 fn a_worker_copy_without_init_says_so_and_stops_where_it_reaches_the_process_backend() {
     let exe = std::env::current_exe().unwrap();
     let mut command = Command::new(exe);
+    // What a driver gives the workers it starts, as their standard input: a socket it made.
+    let (line, _driver_end) = std::os::unix::net::UnixStream::pair().unwrap();
     command
         .args([
             "process::child_worker_copy_without_init",
@@ -1574,7 +1579,8 @@ fn a_worker_copy_without_init_says_so_and_stops_where_it_reaches_the_process_bac
         .env("PARJOB_PROCESS_DRIVER", std::process::id().to_string())
         .env_remove("PARJOB_BACKEND")
         .env_remove("PARJOB_N_JOBS");
-    let output = output_within(&mut command, CHILD_LIMIT);
+    let stdin = Stdio::from(std::os::fd::OwnedFd::from(line));
+    let output = output_within_from(&mut command, stdin, CHILD_LIMIT);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
