@@ -115,21 +115,6 @@ fn leave_as_a_stray(driver: libc::pid_t) -> ! {
     std::process::exit(0);
 }
 
-/// Makes this worker die with its driver (more exactly, with the driver's thread that started
-/// it), and take the processes its tasks started with it: the driver's death sends it
-/// `SIGRTMAX` (`PR_SET_PDEATHSIG`), whose handler kills this worker's process group with
-/// SIGKILL, itself included. A driver killed by a signal (Ctrl-C, SIGTERM) cannot kill the
-/// groups itself, and with a plain SIGKILL as the death signal, the worker died and left its
-/// tasks' processes running with parent 1.
-///
-/// Set here rather than between fork and exec, so that the driver can spawn with posix_spawn,
-/// whose cost does not grow with the driver's memory as fork's does. Set again after every
-/// frame ([`arm_death_signal`]): a task that blocks, ignores or takes over `SIGRTMAX`, or
-/// changes the death signal, delays this worker's end only until it returns.
-fn die_with_the_driver() {
-    arm_death_signal();
-}
-
 /// Kills this worker's process group with SIGKILL, itself included, if it leads it; else
 /// only itself. Async-signal-safe. The group is looked at now, not at `init()`: a task may
 /// have moved the worker into another program's group (`setpgid`), which is then left alone.
@@ -146,8 +131,18 @@ fn kill_my_group() -> ! {
     }
 }
 
-/// Installs the death signal's handler, unblocks it and sets it as the death signal (see
-/// [`die_with_the_driver`]): three system calls, once per frame.
+/// Makes this worker die with its driver (more exactly, with the driver's thread that started
+/// it), and take the processes its tasks started with it: the driver's death sends it
+/// `SIGRTMAX` (`PR_SET_PDEATHSIG`), whose handler kills this worker's process group with
+/// SIGKILL, itself included. A driver killed by a signal (Ctrl-C, SIGTERM) cannot kill the
+/// groups itself, and with a plain SIGKILL as the death signal, the worker died and left its
+/// tasks' processes running with parent 1.
+///
+/// Set here rather than between fork and exec, so that the driver can spawn with posix_spawn,
+/// whose cost does not grow with the driver's memory as fork's does: at `init()`, then again
+/// after every frame (three system calls), since a task that blocks, ignores or takes over
+/// `SIGRTMAX`, or changes the death signal, must delay this worker's end only until it
+/// returns.
 fn arm_death_signal() {
     extern "C" fn on_driver_death(_signal: libc::c_int) {
         kill_my_group();
@@ -200,7 +195,7 @@ pub fn init() {
     // just spawned (EPERM is for a session leader); were it to, only the worker is killed.
     // SAFETY: setpgid(0, 0) only changes this process's own group.
     unsafe { libc::setpgid(0, 0) };
-    die_with_the_driver();
+    arm_death_signal();
     // SAFETY: getppid has no preconditions.
     if driver != unsafe { libc::getppid() } {
         // The driver died before the signal was set: nobody is waiting for this worker.
@@ -235,7 +230,7 @@ pub fn init() {
 }
 
 /// What the driver passes a worker in its environment (besides its own pid, read by
-/// [`driver_pid`]).
+/// [`role`]).
 struct WorkerEnv {
     index: Option<String>,
     secret: Option<String>,
