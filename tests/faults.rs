@@ -1371,18 +1371,14 @@ fn pid_in(pid_file: &std::path::Path) -> u32 {
         .unwrap()
 }
 
-/// Within 5 s, `pid` is no more.
+/// Within 5 s, `pid` is no more (else it is killed, so that the test leaves nothing behind).
 fn gone_soon(pid: u32) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
-        if Instant::now() > deadline {
-            // SAFETY: ending the stray `sleep` this test's task started.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if await_death(pid, Duration::from_secs(5)) {
+        return true;
     }
-    true
+    // SAFETY: ending the stray `sleep` this test's task started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    false
 }
 
 /// What a task leaves running in its worker's process group ends with the worker, however

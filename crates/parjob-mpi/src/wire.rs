@@ -194,7 +194,7 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
 }
 
 /// A duration in nanoseconds, `u64::MAX` past 584 years.
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -525,13 +525,10 @@ fn serve(connected: Connected, driver: libc::pid_t) -> Result<(), String> {
         // process's descriptors before it sends its children their death signal, so this may
         // come first). Exit as the death signal would, with the processes the tasks started:
         // returning would leave them running with parent 1.
-        let message = match tasks_rx.recv() {
-            Ok(message) => message,
-            // (Read again by ipc-channel itself: see vendor/ipc-channel/PARJOB.md.)
-            Err(ipc_channel::IpcError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
-                continue;
-            }
-            Err(_) => kill_my_group(),
+        // (A read a signal interrupts is made again by the vendored ipc-channel itself: see
+        // vendor/ipc-channel/PARJOB.md.)
+        let Ok(message) = tasks_rx.recv() else {
+            kill_my_group();
         };
         match Kind::of(&message) {
             Ok(Kind::Run) => {}

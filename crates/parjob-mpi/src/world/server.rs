@@ -820,7 +820,7 @@ fn encode_done(
     wire::put_u32(&mut out, worker);
     // How long the frame was on this rank (queued behind others, then run): rank 0 takes it
     // out of the round trip, so that what it reports as IPC is the time on the wire.
-    wire::put_u64(&mut out, u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
+    wire::put_u64(&mut out, wire::nanos(held));
     // Consecutive records travel as one `[0][count u32][len u32][records]` entry, copied in
     // one piece; a panic record among them ends the entry and travels as a failure.
     let put_records = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
