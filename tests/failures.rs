@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, delayed};
-use parjob_tests::{EVERY_TARGET, IN_PROCESS, run_child_test};
+use parjob_tests::{EVERY_TARGET, IN_PROCESS, Target, run_child_test};
 
 fn panics_on_seven(i: u32) -> u32 {
     if i == 7 {
@@ -37,6 +37,66 @@ fn a_panic_becomes_task_panicked_with_index_and_message() {
                 .starts_with("task 7 panicked: seven is unlucky"),
             "{err}"
         );
+    }
+}
+
+/// Panics at 7 with where it runs, as `worker_info()` says: `"<worker index or -> <pid>"`.
+fn panics_on_seven_saying_where(i: u32) -> u32 {
+    if i == 7 {
+        let info = parjob::worker_info();
+        let worker = info.worker.map_or("-".to_string(), |w| w.to_string());
+        panic!("ran on {worker} {}", info.pid);
+    }
+    i
+}
+
+#[test]
+fn a_panic_names_the_worker_that_ran_it() {
+    for target in EVERY_TARGET {
+        let err = target
+            .parallel(2)
+            .run((0..100u32).map(|i| delayed(panics_on_seven_saying_where, i)))
+            .unwrap_err();
+        let Error::TaskPanicked {
+            message,
+            worker,
+            pid,
+            ..
+        } = &err
+        else {
+            panic!("{target}: expected TaskPanicked, got {err:?}");
+        };
+        let said = message
+            .strip_prefix("ran on ")
+            .and_then(|rest| rest.split(" (at ").next())
+            .unwrap_or_else(|| panic!("{target}: {message}"));
+        let (said_worker, said_pid) = said.split_once(' ').expect("worker and pid");
+        let said_pid: u32 = said_pid.parse().expect("a pid");
+        match target {
+            Target::Backend(Backend::Sequential) => {
+                assert_eq!((*worker, *pid), (None, None), "{err}");
+            }
+            Target::Backend(Backend::Process) => {
+                assert_eq!(worker.map(|w| w.to_string()).as_deref(), Some(said_worker));
+                assert_eq!(*pid, Some(said_pid), "{err}");
+                assert_ne!(said_pid, std::process::id(), "a worker process ran it");
+                assert!(
+                    err.to_string()
+                        .ends_with(&format!("(on worker {said_worker}, pid {said_pid})")),
+                    "{err}"
+                );
+            }
+            _ => {
+                // A thread of this process: its index names it, a pid would not.
+                assert_eq!(worker.map(|w| w.to_string()).as_deref(), Some(said_worker));
+                assert_eq!(*pid, None, "{err}");
+                assert!(
+                    err.to_string()
+                        .ends_with(&format!("(on worker {said_worker})")),
+                    "{err}"
+                );
+            }
+        }
     }
 }
 

@@ -9,13 +9,14 @@
 //!
 //! Frames are sequences of records `[tag: u8][len: u32 LE][len bytes]`; on the way out the tag
 //! says whether the arguments could be encoded, on the way back whether the call returned,
-//! panicked, or returned a value that could not be encoded.
+//! panicked, or returned a value that could not be encoded. A panic's record says where it
+//! happened: `[worker: u32 LE][pid: u32 LE][message]` (`u32::MAX` for not known).
 
 use std::any::{Any, type_name};
 use std::ops::Range;
 
 use crate::codec;
-use crate::worker::{catch_task, drop_quietly};
+use crate::worker::{catch_task, drop_quietly, panic_place};
 use crate::{Error, RunControl, Task};
 
 const TAG_OK: u8 = 0;
@@ -204,7 +205,8 @@ impl<T: Task> TypedBatch<T> {
         self.tasks = buffer;
         if let Err(message) = finished {
             let index = self.next_index();
-            self.push_outcome(Err(Error::TaskPanicked { index, message }));
+            let (worker, pid) = panic_place();
+            self.push_outcome(Err(Error::task_panicked_on(index, message, worker, pid)));
             control.task_failed();
         }
     }
@@ -285,7 +287,8 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
                 Ok(()) => break,
                 Err(message) => {
                     let index = self.next_index();
-                    self.push_outcome(Err(Error::TaskPanicked { index, message }));
+                    let (worker, pid) = panic_place();
+                    self.push_outcome(Err(Error::task_panicked_on(index, message, worker, pid)));
                     // `run` ends at this failure: the loop then stops at its cancel check.
                     control.task_failed();
                 }
@@ -347,10 +350,7 @@ impl<T: Task> ErasedBatch for TypedBatch<T> {
                         .err()
                         .unwrap_or_default(),
                 },
-                TAG_PANICKED => Error::TaskPanicked {
-                    index,
-                    message: String::from_utf8_lossy(payload).into_owned(),
-                },
+                TAG_PANICKED => panic_from_record(index, payload),
                 _ => codec_failure::<T>(index, payload),
             };
             self.push_outcome(Err(error));
@@ -464,7 +464,7 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
                 (Ok(Err(message)), _) => ("result\0", message),
                 (Err(panic), Step::Call) => {
                     buf.truncate(start);
-                    buf.extend_from_slice(panic.as_bytes());
+                    write_panic(buf, &panic);
                     return TAG_PANICKED;
                 }
                 (Err(panic), Step::Decode) => (
@@ -481,6 +481,34 @@ fn remote_entry<T: Task>(mut frame: &[u8], out: &mut Vec<u8>, on_start: &mut dyn
             buf.extend_from_slice(message.as_bytes());
             TAG_NOT_ENCODED
         });
+    }
+}
+
+/// Appends a panic record's payload: where the task ran ([`panic_place`]), then `message`.
+fn write_panic(buf: &mut Vec<u8>, message: &str) {
+    let (worker, pid) = panic_place();
+    let worker = worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1));
+    buf.extend_from_slice(&worker.to_le_bytes());
+    buf.extend_from_slice(&pid.unwrap_or(u32::MAX).to_le_bytes());
+    buf.extend_from_slice(message.as_bytes());
+}
+
+/// The [`Error::TaskPanicked`] of task `index` whose panic record (tag 1 of a frame of
+/// outcomes a [`RemoteEntry`] wrote) had `payload`: for a backend that reads records itself
+/// rather than through [`ErasedBatch::decode_outcomes`].
+pub fn panic_from_record(index: usize, payload: &[u8]) -> Error {
+    let known = |bytes: &[u8]| {
+        let value = u32::from_le_bytes(bytes.try_into().ok()?);
+        (value != u32::MAX).then_some(value)
+    };
+    match (payload.get(..4), payload.get(4..8), payload.get(8..)) {
+        (Some(worker), Some(pid), Some(message)) => Error::task_panicked_on(
+            index,
+            String::from_utf8_lossy(message),
+            known(worker).map(|w| w as usize),
+            known(pid),
+        ),
+        _ => Error::task_panicked(index, String::from_utf8_lossy(payload)),
     }
 }
 

@@ -16,13 +16,20 @@ use crate::Backend;
 #[non_exhaustive]
 pub enum Error {
     /// The task's function panicked; the worker that ran it is still usable.
-    #[error("task {index} panicked: {message}")]
+    #[error("task {index} panicked: {message}{}", ran_on_note(*.worker, *.pid))]
     #[non_exhaustive]
     TaskPanicked {
         /// Position of the task in the input.
         index: usize,
         /// The panic message and, when known, its location.
         message: String,
+        /// Index in its pool of the worker that ran the task (threading and process backends;
+        /// on MPI, the local worker of the rank named around this error), `None` on the
+        /// sequential backend.
+        worker: Option<usize>,
+        /// Process id of that worker, when it is a process of its own (process backend, and
+        /// MPI ranks' local workers); `None` for a thread of the calling process.
+        pid: Option<u32>,
     },
 
     /// The worker process running the task died (abort, signal, `exit`) before answering.
@@ -381,11 +388,24 @@ impl std::fmt::Debug for Error {
 /// be added without breaking code that matches on them, which also means only this crate can
 /// write them as struct expressions.
 impl Error {
-    /// [`Error::TaskPanicked`].
+    /// [`Error::TaskPanicked`], not saying where the task ran.
     pub fn task_panicked(index: usize, message: impl Into<String>) -> Error {
+        Error::task_panicked_on(index, message, None, None)
+    }
+
+    /// [`Error::TaskPanicked`] of a task that ran on `worker` of its pool, a process with id
+    /// `pid` when the worker is one.
+    pub fn task_panicked_on(
+        index: usize,
+        message: impl Into<String>,
+        worker: Option<usize>,
+        pid: Option<u32>,
+    ) -> Error {
         Error::TaskPanicked {
             index,
             message: message.into(),
+            worker,
+            pid,
         }
     }
 
@@ -606,6 +626,16 @@ impl Error {
 
 /// What follows a timeout's limit in its message: whether its worker was killed, or how the
 /// task that could not be stopped ended.
+/// Where a panicking task ran, for [`Error::TaskPanicked`]'s message.
+fn ran_on_note(worker: Option<usize>, pid: Option<u32>) -> String {
+    match (worker, pid) {
+        (Some(worker), Some(pid)) => format!(" (on worker {worker}, pid {pid})"),
+        (Some(worker), None) => format!(" (on worker {worker})"),
+        (None, Some(pid)) => format!(" (on pid {pid})"),
+        (None, None) => String::new(),
+    }
+}
+
 fn timeout_note(
     killed: bool,
     worker: Option<usize>,

@@ -53,7 +53,7 @@ mod worker;
 mod worker_state;
 
 pub use backend::Backend;
-pub use batch::{ErasedBatch, RemoteEntry};
+pub use batch::{ErasedBatch, RemoteEntry, panic_from_record};
 pub use batching::BatchSize;
 pub use dispatch::{RunIter, RunOptions, RunUnordered, run, run_results};
 pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};

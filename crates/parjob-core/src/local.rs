@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::batching::Sizer;
 use crate::task::{Delayed, TaskFn};
-use crate::worker::catch_task;
+use crate::worker::{catch_task, panic_place};
 use crate::{Error, RunOptions};
 
 /// A call that [`run_local`] (`Parallel::run_local`) can run: it may borrow the caller's data,
@@ -239,8 +239,10 @@ impl<T: LocalTask> LocalBatch<T> {
                         break;
                     }
                     let started = Instant::now();
-                    let outcome =
-                        catch_task(|| task.call()).map_err(|m| Error::task_panicked(index, m));
+                    let outcome = catch_task(|| task.call()).map_err(|m| {
+                        let (worker, pid) = panic_place();
+                        Error::task_panicked_on(index, m, worker, pid)
+                    });
                     let outcome = match (outcome, self.timeout) {
                         (Ok(_), Some(limit)) if started.elapsed() > limit => {
                             Err(Error::timeout_on_return(index, limit, started.elapsed()))

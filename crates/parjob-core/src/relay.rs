@@ -97,7 +97,8 @@ impl ErasedBatch for RelayedBatch {
             }
             Err(message) => {
                 let index = self.first_index + self.done;
-                self.push_failure(Error::task_panicked(index, message));
+                let (worker, pid) = crate::worker::panic_place();
+                self.push_failure(Error::task_panicked_on(index, message, worker, pid));
             }
         }
     }

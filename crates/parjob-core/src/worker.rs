@@ -79,6 +79,17 @@ pub(crate) fn current_worker() -> Option<usize> {
     IDENTITY.with(Cell::get).map(|(_, index)| index)
 }
 
+/// Where a task on this thread runs, as [`Error::TaskPanicked`](crate::Error::TaskPanicked)
+/// names it: the worker's index, and its process id when the worker is a process of its own.
+/// Nothing on the sequential backend (the calling thread) or outside any worker.
+pub(crate) fn panic_place() -> (Option<usize>, Option<u32>) {
+    match IDENTITY.with(Cell::get) {
+        Some((Backend::Process, index)) => (Some(index), Some(std::process::id())),
+        Some((Backend::Sequential, _)) | None => (None, None),
+        Some((_, index)) => (Some(index), None),
+    }
+}
+
 /// Installs, once per process, a panic hook that stays quiet for panics inside tasks: it
 /// records their message and location for the `TaskPanicked` error instead of printing them
 /// (and a backtrace, which costs about 70 ms with `RUST_BACKTRACE=1`). Panics elsewhere, and

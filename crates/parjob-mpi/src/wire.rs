@@ -48,7 +48,7 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 5;
+pub(crate) const PROTOCOL: u32 = 6;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;
@@ -133,10 +133,21 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
     out.push(1);
     let index = error.task_index().unwrap_or(0) as u64;
     match error {
-        Error::TaskPanicked { message, .. } => {
+        Error::TaskPanicked {
+            message,
+            worker,
+            pid,
+            ..
+        } => {
             out.push(1);
             put_u64(out, index);
             put_bytes(out, message.as_bytes());
+            // `u32::MAX`: not known.
+            put_u32(
+                out,
+                worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1)),
+            );
+            put_u32(out, pid.unwrap_or(u32::MAX));
         }
         Error::WorkerCrashed {
             worker,
@@ -204,7 +215,12 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
     let kind = r.u8()?;
     let index = usize::try_from(r.u64()?).ok()?;
     Some(match kind {
-        1 => Error::task_panicked(index, r.text()?),
+        1 => {
+            let message = r.text()?;
+            let worker = Some(r.u32()?).filter(|&w| w != u32::MAX);
+            let pid = Some(r.u32()?).filter(|&p| p != u32::MAX);
+            Error::task_panicked_on(index, message, worker.map(|w| w as usize), pid)
+        }
         2 => {
             let worker = r.u32()? as usize;
             let pid = r.u32()?;
@@ -249,6 +265,8 @@ mod tests {
     fn failures_round_trip() {
         for error in [
             Error::task_panicked(3, "boom"),
+            Error::task_panicked_on(3, "boom (at src/main.rs:4:5)", Some(1), Some(4242)),
+            Error::task_panicked_on(3, "boom", Some(0), None),
             Error::worker_crashed(4, 1, 77, WorkerExit::Signaled(6)),
             Error::worker_crashed(5, 0, 78, WorkerExit::Exited(3)),
             Error::timeout(6, Duration::from_millis(200), true),

@@ -10,7 +10,7 @@ use mpi::topology::SimpleCommunicator;
 use parjob_core::{
     Error, Initializer, InitializerEntry, InitializerWith, Job, MAX_PROCESSES, Pool,
     ProcessOptions, Relayed, RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count,
-    shared_memory_from,
+    panic_from_record, shared_memory_from,
 };
 use parjob_process::ProcessPool;
 use parjob_remote::{DoneHeader, FrameAt, FrameTag, Identity, RunHeader, Welcome};
@@ -848,8 +848,8 @@ fn encode_done(
                     let end = (at + 5 + len).min(run.len());
                     if tag == RECORD_PANICKED {
                         put_records(&mut out, &run[start..at], pending);
-                        let message = String::from_utf8_lossy(&run[(at + 5).min(end)..end]);
-                        let panicked = Error::task_panicked(first + position, message);
+                        let payload = &run[(at + 5).min(end)..end];
+                        let panicked = panic_from_record(first + position, payload);
                         wire::put_failure(&mut out, &panicked);
                         (start, pending) = (end, 0);
                     } else {
@@ -923,10 +923,14 @@ mod tests {
     #[test]
     fn done_groups_records_and_keeps_failures_in_order() {
         let (a, b) = (record(0, b"aa"), record(0, b"bbb"));
-        let panic = record(RECORD_PANICKED, b"boom");
+        // A panic record says which local worker (1, pid 777) ran the task, then its message.
+        let panic = record(
+            RECORD_PANICKED,
+            &[&1u32.to_le_bytes()[..], &777u32.to_le_bytes(), b"boom"].concat(),
+        );
         let d = record(0, b"d");
+        let run = a.len() + b.len() + panic.len();
         let records = [a.clone(), b.clone(), panic, d.clone()].concat();
-        let run = a.len() + b.len() + 9;
         let outcomes = vec![
             Relayed::Records {
                 bytes: 0..run,
@@ -961,7 +965,7 @@ mod tests {
         assert_eq!(r.u8(), Some(1));
         assert_eq!(
             wire::read_failure(&mut r),
-            Some(Error::task_panicked(12, "boom"))
+            Some(Error::task_panicked_on(12, "boom", Some(1), Some(777)))
         );
         assert_eq!(r.u8(), Some(1));
         assert_eq!(
