@@ -653,6 +653,45 @@ fn a_crashed_worker_is_replaced_and_the_event_names_its_pid() {
     );
 }
 
+/// Aborts its worker on `x == 3`.
+fn aborts_on_three(x: u64) -> u64 {
+    if x == 3 {
+        std::process::abort();
+    }
+    x
+}
+
+#[test]
+fn a_replacement_made_before_a_run_is_told_apart_in_its_insights() {
+    let parallel = processes(1).insights(true);
+    let err = parallel
+        .run((0..4u64).map(|i| delayed(aborts_on_three, i)))
+        .unwrap_err();
+    assert!(matches!(err, Error::WorkerCrashed { .. }), "{err}");
+    let crashed = parallel.last_insights().unwrap();
+    assert_eq!(crashed.worker_crashes, 1, "{crashed:?}");
+    // The crash ended the run at its last task, so the pool replaces the worker after the run
+    // (a start takes a few milliseconds; a second leaves room for a loaded machine), and
+    // the run after reports it, as made before that run began.
+    std::thread::sleep(Duration::from_secs(1));
+    parallel.run((0..5u64).map(|i| delayed(square, i))).unwrap();
+    let next = parallel.last_insights().unwrap();
+    assert_eq!(next.worker_crashes, 0, "{next:?}");
+    assert_eq!(
+        (
+            next.worker_replacements,
+            next.worker_replacements_before_run
+        ),
+        (1, 1),
+        "{next:?}"
+    );
+    assert!(
+        next.to_string()
+            .contains("1 replaced (1 before this run began, for workers lost earlier)"),
+        "{next}"
+    );
+}
+
 #[test]
 fn a_recycled_worker_is_reported_and_replaced() {
     let (parallel, events) = recorded(

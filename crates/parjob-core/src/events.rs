@@ -521,7 +521,7 @@ impl Observer {
     /// (before the run began counts as its start).
     pub(crate) fn worker_changed(&mut self, change: WorkerChange, when: Instant) {
         let at = when.saturating_duration_since(self.began);
-        self.insights.worker_changed(&change);
+        self.insights.worker_changed(&change, when < self.began);
         #[cfg(feature = "tracing")]
         if let Some(bridge) = &self.tracing {
             bridge.worker_changed(&change);

@@ -49,6 +49,11 @@ pub struct Insights {
     pub worker_starts: usize,
     /// Worker processes started in place of one that crashed, was killed or was recycled.
     pub worker_replacements: usize,
+    /// Of [`Insights::worker_replacements`], those started before this run began: a pool
+    /// replaces a lost worker at once, so one lost at the end of an earlier run (a crash or a
+    /// timeout that ended it) is counted here, in the first run after it, where its slot
+    /// next completes a batch.
+    pub worker_replacements_before_run: usize,
     /// Worker processes told to exit after their share of tasks (`max_tasks_per_worker`).
     pub worker_recycles: usize,
     /// What moving batches to other processes and back cost, every batch summed: bytes
@@ -132,9 +137,13 @@ impl std::fmt::Display for Insights {
             )?;
         }
         if self.worker_starts + self.worker_replacements + self.worker_recycles > 0 {
+            let before = match self.worker_replacements_before_run {
+                0 => String::new(),
+                n => format!(" ({n} before this run began, for workers lost earlier)"),
+            };
             write!(
                 f,
-                "\n  workers: {} started, {} replaced, {} recycled",
+                "\n  workers: {} started, {} replaced{before}, {} recycled",
                 self.worker_starts, self.worker_replacements, self.worker_recycles
             )?;
         }
@@ -236,10 +245,14 @@ impl InsightsBuilder {
         self.insights.transport.add(transport);
     }
 
-    pub(crate) fn worker_changed(&mut self, change: &WorkerChange) {
+    /// A change to a worker; `before_run`: it happened before the run began.
+    pub(crate) fn worker_changed(&mut self, change: &WorkerChange, before_run: bool) {
         match change {
             WorkerChange::Started { .. } => self.insights.worker_starts += 1,
-            WorkerChange::Replaced { .. } => self.insights.worker_replacements += 1,
+            WorkerChange::Replaced { .. } => {
+                self.insights.worker_replacements += 1;
+                self.insights.worker_replacements_before_run += usize::from(before_run);
+            }
             WorkerChange::Recycled { .. } => self.insights.worker_recycles += 1,
         }
     }
