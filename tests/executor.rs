@@ -149,6 +149,104 @@ fn result_timeout_gives_a_timeout_error_and_leaves_the_task_running() {
     assert_eq!(gate.finished(), 1);
 }
 
+/// Sleeps `ms` milliseconds and returns them.
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// A submitted task held past its time limit fails with `Timeout` at that limit, whether the
+/// limit is its own or the executor's `Parallel::timeout`, and the executor goes on: threads
+/// let the task run on (the gate ends it), the process backend kills its worker.
+#[test]
+fn a_submitted_task_past_its_time_limit_fails_with_timeout() {
+    let limit = Duration::from_millis(200);
+    for (name, executor) in [
+        ("own limit", Executor::new(2).backend(Backend::Threading)),
+        (
+            "the executor's limit",
+            Executor::from_parallel(
+                parjob::Parallel::new(2)
+                    .backend(Backend::Threading)
+                    .timeout(limit),
+            ),
+        ),
+    ] {
+        let (id, gate) = new_gate();
+        let task = delayed(gated, id);
+        let mut held = if name == "own limit" {
+            executor.submit(task.timeout(limit))
+        } else {
+            executor.submit(task)
+        };
+        let err = held.result_timeout(WAIT_LIMIT).unwrap_err();
+        assert_eq!(err, Error::timeout(0, limit, false), "{name}: {err}");
+        assert_eq!(
+            gate.finished(),
+            0,
+            "{name}: the task runs on, on its thread"
+        );
+        assert_eq!(
+            executor.submit(delayed(square, 3)).result(),
+            Ok(9),
+            "{name}"
+        );
+        gate.open();
+    }
+    let processes = Executor::new(2).backend(Backend::Process);
+    let mut held = processes.submit(delayed(sleep_ms, 60_000).timeout(limit));
+    match held.result_timeout(WAIT_LIMIT) {
+        Err(Error::Timeout {
+            index: 0,
+            after,
+            killed: true,
+            pid: Some(_),
+            ..
+        }) => assert_eq!(after, limit),
+        other => panic!("a process task past its limit gave {other:?}"),
+    }
+    let via_parallel = Executor::from_parallel(
+        parjob::Parallel::new(2)
+            .backend(Backend::Process)
+            .timeout(limit),
+    );
+    let mut held = via_parallel.submit(delayed(sleep_ms, 60_000));
+    assert!(
+        matches!(
+            held.result_timeout(WAIT_LIMIT),
+            Err(Error::Timeout { killed: true, .. })
+        ),
+        "the executor's limit holds on processes too"
+    );
+    assert_eq!(via_parallel.submit(delayed(square, 4)).result(), Ok(16));
+    // Within its limit, a task gives its value.
+    let quick = processes.submit(delayed(sleep_ms, 1).timeout(Duration::from_secs(60)));
+    assert_eq!(quick.result(), Ok(1));
+}
+
+/// On the sequential backend a submitted task runs inside `submit`: one past its limit is
+/// seen when it returns, as in `Parallel::run`.
+#[test]
+fn a_sequential_submitted_task_past_its_limit_is_seen_when_it_returns() {
+    let executor = Executor::new(1).backend(Backend::Sequential);
+    let err = executor
+        .submit(delayed(sleep_ms, 50).timeout(Duration::from_millis(5)))
+        .result()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                index: 0,
+                killed: false,
+                returned_after: Some(ran),
+                ..
+            } if ran >= Duration::from_millis(50)
+        ),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn error_gives_the_failure_and_leaves_the_value() {
     for backend in IN_PROCESS {

@@ -594,7 +594,17 @@ mod suite {
             .map((0..100u64).map(|i| delayed(square, i)))
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        check(mapped[10] == 100, || "map is wrong".into())
+        check(mapped[10] == 100, || "map is wrong".into())?;
+        // A submitted task's time limit holds: its rank kills the local worker running it.
+        let held = executor.submit(delayed(sleeps, 60_000).timeout(Duration::from_millis(300)));
+        match held.result() {
+            Err(e) if matches!(e.without_rank(), Error::Timeout { killed: true, .. }) => {}
+            other => return Err(format!("a submitted task past its limit gave {other:?}")),
+        }
+        let after = executor.submit(delayed(square, 5)).result();
+        check(after == Ok(25), || {
+            format!("the next submit gave {after:?}")
+        })
     }
 
     /// A daemon executor dropped with tasks still queued for its pool (one with an

@@ -226,7 +226,9 @@ fn take<R>(slot: &mut Slot<R>, index: usize) -> Result<R, Error> {
 }
 
 impl<R> Future<R> {
-    fn new(index: usize, outcome: Option<Result<R, Error>>) -> Self {
+    /// A future for task `index`, done with `outcome` already if given; its task runs under
+    /// `timeout`, if any.
+    fn new(index: usize, outcome: Option<Result<R, Error>>, timeout: Option<Duration>) -> Self {
         // A future born done is "past its start" for `cancel`, which then fails as on any
         // finished task.
         let (slot, stamp) = match outcome {
@@ -239,7 +241,7 @@ impl<R> Future<R> {
                 slot: Mutex::new(slot),
                 done: Condvar::new(),
                 started: Arc::new(AtomicU64::new(stamp)),
-                control: Arc::new(RunControl::new(None)),
+                control: Arc::new(RunControl::new(timeout)),
             }),
         }
     }
@@ -247,7 +249,7 @@ impl<R> Future<R> {
     /// A future that is already done with `error`: how a submit that could not happen (an
     /// executor shut down, an invalid `n_jobs`) reports it.
     pub fn failed(index: usize, error: Error) -> Self {
-        Future::new(index, Some(Err(error)))
+        Future::new(index, Some(Err(error)), None)
     }
 
     /// The task's number: the order in which its executor received it, counting from 0. Errors
@@ -472,9 +474,31 @@ impl std::fmt::Debug for FutureHandle {
 ///
 /// On the sequential pool the task runs before this returns.
 pub fn submit<T: Task>(pool: &dyn Pool, index: usize, task: T) -> Future<T::Output> {
-    let future = Future::new(index, None);
+    submit_timed(pool, index, task, None)
+}
+
+/// [`submit`] with a time limit for a task that has none of its own
+/// ([`delayed(..).timeout(d)`](crate::Delayed::timeout) wins over it): an executor's
+/// `Parallel::timeout`.
+///
+/// A pool that enforces timeouts ([`Pool::enforces_timeout`], the process backend) stops the
+/// task at its limit and the future fails with [`Error::Timeout`]. On any other pool (threads)
+/// the task cannot be stopped: the future fails with the same error at the limit while the
+/// task runs on to its end, as `Parallel::run` does there; a task that returns past its limit
+/// before that is seen fails the same way. On a pool that runs tasks on the calling thread
+/// (sequential) the task is timed when it returns.
+pub fn submit_timed<T: Task>(
+    pool: &dyn Pool,
+    index: usize,
+    task: T,
+    timeout: Option<Duration>,
+) -> Future<T::Output> {
+    let limit = task.own_timeout().or(timeout);
+    let future = Future::new(index, None, limit);
+    let watched = limit.filter(|_| !pool.enforces_timeout());
     let resolver = Resolver::<T> {
         shared: Some(Arc::clone(&future.shared)),
+        limit: watched,
     };
     let reply = Reply::Call(Box::new(move |completion| resolver.completed(completion)));
     let job = Job::new(
@@ -484,6 +508,13 @@ pub fn submit<T: Task>(pool: &dyn Pool, index: usize, task: T) -> Future<T::Outp
         Some(Arc::clone(&future.shared.started)),
         reply,
     );
+    if let Some(limit) = watched
+        && !pool.runs_on_calling_thread()
+    {
+        // Before the submit: a task that starts and overruns at once is still seen.
+        let shared: Arc<dyn Expiring> = future.shared.clone();
+        timeouts::watch(&shared, limit);
+    }
     pool.submit(job);
     future
 }
@@ -492,6 +523,9 @@ pub fn submit<T: Task>(pool: &dyn Pool, index: usize, task: T) -> Future<T::Outp
 /// it (it was shut down first), the future fails as cancelled instead of waiting forever.
 struct Resolver<T: Task> {
     shared: Option<Arc<Shared<T::Output>>>,
+    /// The task's time limit, when its pool does not enforce it: a value that came back
+    /// later than that is a timeout.
+    limit: Option<Duration>,
 }
 
 impl<T: Task> Resolver<T> {
@@ -520,7 +554,12 @@ impl<T: Task> Resolver<T> {
         };
         let outcome = match failures.pop() {
             Some((_, error)) => Err(error),
-            None => values.pop().ok_or(unrun),
+            None => match self.limit {
+                Some(limit) if completion.busy > limit => {
+                    Err(Error::timeout_on_return(index, limit, completion.busy))
+                }
+                _ => values.pop().ok_or(unrun),
+            },
         };
         shared.resolve(outcome);
     }
@@ -740,4 +779,148 @@ fn wait_until<R>(
     drop(notifier);
     let (done, not_done) = futures.into_iter().partition(Future::is_done);
     Waited { done, not_done }
+}
+
+/// A future whose task's time limit someone must watch ([`timeouts`]): its pool does not
+/// enforce it.
+trait Expiring: Send + Sync {
+    /// Where the future stands against its task's time limit `limit`.
+    fn expiry(&self, limit: Duration) -> Expiry;
+    /// Fails the future with a timeout at `limit` (nothing if it is done already).
+    fn expire(&self, limit: Duration);
+}
+
+/// Where a watched future stands ([`Expiring::expiry`]).
+enum Expiry {
+    /// Done: no longer watched.
+    Done,
+    /// Its task has run for its limit.
+    Due,
+    /// Its task may still run this long.
+    Left(Duration),
+    /// Its task has not started.
+    NotStarted,
+}
+
+impl<R: Send> Expiring for Shared<R> {
+    fn expiry(&self, limit: Duration) -> Expiry {
+        if self.is_done() {
+            return Expiry::Done;
+        }
+        let stamp = self.started.load(Ordering::Acquire);
+        if stamp == 0 || stamp == CANCELLED_BEFORE_START {
+            return Expiry::NotStarted;
+        }
+        let ran = Duration::from_nanos(self.control.nanos_since_start().saturating_sub(stamp - 1));
+        match limit.checked_sub(ran) {
+            Some(left) if !left.is_zero() => Expiry::Left(left),
+            _ => Expiry::Due,
+        }
+    }
+
+    fn expire(&self, limit: Duration) {
+        // The task runs on, on its thread, as it does under `Parallel::run` on threads.
+        self.resolve(Err(Error::timeout(self.index, limit, false)));
+    }
+}
+
+/// One thread, started with the first watched future, that fails each watched future at its
+/// task's time limit: a future's task has no run to watch its time, as `Parallel::run`'s
+/// dispatcher does.
+mod timeouts {
+    use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
+    use std::time::Duration;
+
+    use super::{Expiring, Expiry};
+
+    struct Watch {
+        futures: Mutex<Vec<(Weak<dyn Expiring>, Duration)>>,
+        changed: Condvar,
+    }
+
+    /// Watches `future` until it is done, failing it at `limit` after its task started.
+    pub(super) fn watch(future: &Arc<dyn Expiring>, limit: Duration) {
+        static WATCH: OnceLock<Option<Arc<Watch>>> = OnceLock::new();
+        let watch = WATCH.get_or_init(|| {
+            let watch = Arc::new(Watch {
+                futures: Mutex::new(Vec::new()),
+                changed: Condvar::new(),
+            });
+            let watching = Arc::clone(&watch);
+            // A process out of threads cannot watch: its futures then wait for their tasks,
+            // as they would on a pool without timeouts, and it is said once.
+            match std::thread::Builder::new()
+                .name("parjob-timeouts".into())
+                .spawn(move || watching.run())
+            {
+                Ok(_) => Some(watch),
+                Err(e) => {
+                    eprintln!(
+                        "parjob: cannot start the thread that times submitted tasks ({e}): \
+                         their timeouts are not enforced on threads"
+                    );
+                    None
+                }
+            }
+        });
+        if let Some(watch) = watch {
+            watch
+                .futures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((Arc::downgrade(future), limit));
+            watch.changed.notify_one();
+        }
+    }
+
+    impl Watch {
+        fn run(&self) {
+            let mut futures = self.futures.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                let mut soonest: Option<Duration> = None;
+                let mut due = Vec::new();
+                futures.retain(|(future, limit)| {
+                    let Some(future) = future.upgrade() else {
+                        return false;
+                    };
+                    let next = match future.expiry(*limit) {
+                        Expiry::Done => return false,
+                        Expiry::Due => {
+                            due.push((future, *limit));
+                            return false;
+                        }
+                        Expiry::Left(left) => left,
+                        // Not started: look again soon (as the dispatcher polls for starts).
+                        Expiry::NotStarted => {
+                            (*limit).clamp(Duration::from_millis(1), Duration::from_millis(50))
+                        }
+                    };
+                    soonest = Some(soonest.map_or(next, |s| s.min(next)));
+                    true
+                });
+                if !due.is_empty() {
+                    // Failing a future runs its callbacks, which may submit (and so watch)
+                    // more tasks: not under the lock.
+                    drop(futures);
+                    for (future, limit) in due {
+                        future.expire(limit);
+                    }
+                    futures = self.futures.lock().unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                futures = match soonest {
+                    None => self
+                        .changed
+                        .wait(futures)
+                        .unwrap_or_else(PoisonError::into_inner),
+                    Some(wait) => {
+                        self.changed
+                            .wait_timeout(futures, wait)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                };
+            }
+        }
+    }
 }

@@ -60,7 +60,8 @@ pub use env::{backend_from_env, n_jobs_from_env, resolve_workers};
 pub use error::{Error, IoCause, WorkerExit};
 pub use events::{Event, EventSink, Transport, WorkerChange};
 pub use future::{
-    AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, wait, wait_timeout,
+    AsCompleted, Future, FutureHandle, Until, Waited, as_completed, submit, submit_timed, wait,
+    wait_timeout,
 };
 pub use insights::Insights;
 pub use local::{LocalTask, LocalWork, run_local};

@@ -213,6 +213,13 @@ impl Executor {
     /// A submit that cannot happen returns a future that is already done with the error:
     /// [`Error::ExecutorShutdown`] after [`shutdown`](Executor::shutdown), or an invalid
     /// configuration (`n_jobs` of 0, an unknown `PARJOB_BACKEND`, a backend not built in).
+    ///
+    /// The task's time limit, its own ([`Delayed::timeout`](crate::Delayed::timeout)) or the
+    /// executor's ([`Parallel::timeout`], through [`from_parallel`](Executor::from_parallel)),
+    /// holds as in a run: the future fails with [`Error::Timeout`] at the limit. The process
+    /// and MPI backends kill the worker running it; on threads the task cannot be stopped and
+    /// runs on to its end (dropping the executor waits for it); on the sequential backend it
+    /// is timed when it returns.
     pub fn submit<T: Task>(&self, task: T) -> Future<T::Output> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         self.submit_numbered(index, task)
@@ -243,11 +250,13 @@ impl Executor {
         }
         // The sequential pool runs the task inside `submit`: keep the lock out of the task,
         // which may itself submit to this executor.
+        // The executor's `Parallel::timeout` limits a task without a limit of its own.
+        let timeout = self.parallel.options.timeout;
         if pool.runs_on_calling_thread() {
             drop(state);
-            return parjob_core::submit(&*pool, index, task);
+            return parjob_core::submit_timed(&*pool, index, task, timeout);
         }
-        let future = parjob_core::submit(&*pool, index, task);
+        let future = parjob_core::submit_timed(&*pool, index, task, timeout);
         state.submitted.push(future.handle());
         future
     }
