@@ -662,7 +662,7 @@ fn aborts_on_three(x: u64) -> u64 {
 }
 
 #[test]
-fn a_replacement_made_before_a_run_is_told_apart_in_its_insights() {
+fn a_replacement_for_a_worker_an_earlier_run_lost_is_told_apart_in_its_insights() {
     let parallel = processes(1).insights(true);
     let err = parallel
         .run((0..4u64).map(|i| delayed(aborts_on_three, i)))
@@ -670,25 +670,39 @@ fn a_replacement_made_before_a_run_is_told_apart_in_its_insights() {
     assert!(matches!(err, Error::WorkerCrashed { .. }), "{err}");
     let crashed = parallel.last_insights().unwrap();
     assert_eq!(crashed.worker_crashes, 1, "{crashed:?}");
-    // The crash ended the run at its last task, so the pool replaces the worker after the run
-    // (a start takes a few milliseconds; a second leaves room for a loaded machine), and
-    // the run after reports it, as made before that run began.
-    std::thread::sleep(Duration::from_secs(1));
+    // The crash was the run's last task: the replacement is reported with the slot's next
+    // batch, in the next run, which says whose loss it made up for.
     parallel.run((0..5u64).map(|i| delayed(square, i))).unwrap();
     let next = parallel.last_insights().unwrap();
     assert_eq!(next.worker_crashes, 0, "{next:?}");
     assert_eq!(
         (
             next.worker_replacements,
-            next.worker_replacements_before_run
+            next.worker_replacements_of_earlier_losses
         ),
         (1, 1),
         "{next:?}"
     );
     assert!(
         next.to_string()
-            .contains("1 replaced (1 before this run began, for workers lost earlier)"),
+            .contains("1 replaced (1 for workers lost outside this run's tasks)"),
         "{next}"
+    );
+    // A crash within a run, replaced in the same run, is not counted apart.
+    let within = processes(1).batch_size(BatchSize::Fixed(1)).insights(true);
+    let results = within
+        .run_results((0..6u64).map(|i| delayed(aborts_on_three, i)))
+        .unwrap();
+    assert!(results[3].is_err() && results[5].is_ok());
+    let insights = within.last_insights().unwrap();
+    assert_eq!(
+        (
+            insights.worker_crashes,
+            insights.worker_replacements,
+            insights.worker_replacements_of_earlier_losses
+        ),
+        (1, 1, 0),
+        "{insights}"
     );
 }
 
@@ -748,6 +762,38 @@ fn insights_count_tasks_failures_and_each_workers_share() {
     assert!(text.starts_with("Insights: 1000 tasks in "), "{text}");
     assert!(
         text.contains(&format!("{} failed", insights.failed)),
+        "{text}"
+    );
+    // Threads move nothing between processes: no encoding or IPC to blame.
+    assert!(text.contains("(the rest: dispatch, idle)"), "{text}");
+}
+
+#[test]
+fn the_mean_batch_size_counts_retried_batches_with_their_tasks() {
+    let parallel = processes(1)
+        .batch_size(BatchSize::Fixed(1))
+        .retries(2)
+        .insights(true);
+    let results = parallel
+        .run_results((0..6u64).map(|i| delayed(aborts_on_three, i)))
+        .unwrap();
+    assert!(results[3].is_err());
+    let insights = parallel.last_insights().unwrap();
+    // Task 3 ran three times: 8 batches of one task each.
+    assert_eq!(
+        (
+            insights.tasks,
+            insights.batches,
+            insights.tasks_in_batches,
+            insights.batch_sizes
+        ),
+        (6, 8, 8, (1, 1)),
+        "{insights:?}"
+    );
+    let text = insights.to_string();
+    assert!(text.contains("(sizes 1..1, mean 1.0)"), "{text}");
+    assert!(
+        text.contains("(the rest: dispatch, encode, IPC, decode, idle)"),
         "{text}"
     );
 }

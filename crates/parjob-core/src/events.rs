@@ -428,11 +428,15 @@ impl Observer {
             if let Error::Timeout {
                 after,
                 returned_after,
+                killed,
+                pid,
                 ..
             } = error
             {
-                self.insights
-                    .timed_out(returned_after.is_none().then_some(*after));
+                self.insights.timed_out(
+                    returned_after.is_none().then_some(*after),
+                    pid.filter(|_| *killed),
+                );
             }
             if let Some(noted) =
                 crash_key(error).and_then(|key| self.crashes_noted.iter().position(|&k| k == key))
@@ -474,7 +478,7 @@ impl Observer {
         else {
             return;
         };
-        self.insights.crashed();
+        self.insights.crashed(*pid);
         #[cfg(feature = "tracing")]
         if let Some(bridge) = &self.tracing {
             bridge.crashed(*worker, *pid, status, *index);
@@ -521,7 +525,7 @@ impl Observer {
     /// (before the run began counts as its start).
     pub(crate) fn worker_changed(&mut self, change: WorkerChange, when: Instant) {
         let at = when.saturating_duration_since(self.began);
-        self.insights.worker_changed(&change, when < self.began);
+        self.insights.worker_changed(&change);
         #[cfg(feature = "tracing")]
         if let Some(bridge) = &self.tracing {
             bridge.worker_changed(&change);

@@ -49,11 +49,11 @@ pub struct Insights {
     pub worker_starts: usize,
     /// Worker processes started in place of one that crashed, was killed or was recycled.
     pub worker_replacements: usize,
-    /// Of [`Insights::worker_replacements`], those started before this run began: a pool
-    /// replaces a lost worker at once, so one lost at the end of an earlier run (a crash or a
-    /// timeout that ended it) is counted here, in the first run after it, where its slot
-    /// next completes a batch.
-    pub worker_replacements_before_run: usize,
+    /// Of [`Insights::worker_replacements`], those in place of a worker that no task of
+    /// this run lost: one lost at the end of an earlier run (a crash or a timeout that ended
+    /// it: its replacement is reported with its slot's next batch, in a later run), or one
+    /// that died while idle.
+    pub worker_replacements_of_earlier_losses: usize,
     /// Worker processes told to exit after their share of tasks (`max_tasks_per_worker`).
     pub worker_recycles: usize,
     /// What moving batches to other processes and back cost, every batch summed: bytes
@@ -63,12 +63,15 @@ pub struct Insights {
     pub wall: Duration,
     /// The time workers spent running tasks, every batch summed.
     pub busy: Duration,
-    /// The same by worker index, for pools that say which worker ran a batch (in-process
-    /// pools); empty otherwise.
+    /// The same by worker index, for pools that say which worker ran each batch (the
+    /// threading, process and MPI backends); empty otherwise.
     pub busy_by_worker: Vec<Duration>,
     /// Batches that came back (retries included).
     pub batches: usize,
-    /// The smallest and largest batch dispatched (first attempts), in tasks.
+    /// Tasks in those batches (retries included): over [`Insights::batches`], the mean
+    /// batch size.
+    pub tasks_in_batches: usize,
+    /// The smallest and largest batch dispatched (retries included), in tasks.
     pub batch_sizes: (usize, usize),
     /// The slowest batches, slowest first: (first task index, tasks, busy time).
     pub slowest: Vec<(usize, usize, Duration)>,
@@ -88,7 +91,7 @@ impl Insights {
 
 impl std::fmt::Display for Insights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mean = self.tasks as f64 / self.batches.max(1) as f64;
+        let mean = self.tasks_in_batches as f64 / self.batches.max(1) as f64;
         writeln!(
             f,
             "Insights: {} tasks in {} batches (sizes {}..{}, mean {mean:.1}), {} failed, {} retries, {} worker crashes, {} timeouts, wall {:.3}s",
@@ -102,12 +105,19 @@ impl std::fmt::Display for Insights {
             self.timeouts,
             self.wall.as_secs_f64()
         )?;
+        // Only a pool that moves batches to other processes encodes, sends and decodes them.
+        let moved = self.transport.bytes_sent > 0 || self.transport.bytes_received > 0;
         write!(
             f,
-            "  in tasks {:.3}s = {:.0}% of {} workers x wall (the rest: dispatch, encode, IPC, decode, idle)",
+            "  in tasks {:.3}s = {:.0}% of {} workers x wall (the rest: {})",
             self.busy.as_secs_f64(),
             self.busy_percent(),
-            self.workers
+            self.workers,
+            if moved {
+                "dispatch, encode, IPC, decode, idle"
+            } else {
+                "dispatch, idle"
+            }
         )?;
         if self.timeouts > 0 && !self.in_timeouts.is_zero() {
             write!(
@@ -137,13 +147,13 @@ impl std::fmt::Display for Insights {
             )?;
         }
         if self.worker_starts + self.worker_replacements + self.worker_recycles > 0 {
-            let before = match self.worker_replacements_before_run {
+            let earlier = match self.worker_replacements_of_earlier_losses {
                 0 => String::new(),
-                n => format!(" ({n} before this run began, for workers lost earlier)"),
+                n => format!(" ({n} for workers lost outside this run's tasks)"),
             };
             write!(
                 f,
-                "\n  workers: {} started, {} replaced{before}, {} recycled",
+                "\n  workers: {} started, {} replaced{earlier}, {} recycled",
                 self.worker_starts, self.worker_replacements, self.worker_recycles
             )?;
         }
@@ -187,6 +197,8 @@ fn bytes(n: u64) -> String {
 #[derive(Default)]
 pub(crate) struct InsightsBuilder {
     insights: Insights,
+    /// The worker processes this run's tasks lost (crashed, killed at a timeout, recycled).
+    lost_pids: Vec<u32>,
 }
 
 impl InsightsBuilder {
@@ -195,10 +207,7 @@ impl InsightsBuilder {
         self.insights.workers = workers;
     }
 
-    pub(crate) fn dispatched(&mut self, tasks: usize, attempt: u32) {
-        if attempt > 1 {
-            return;
-        }
+    pub(crate) fn dispatched(&mut self, tasks: usize, _attempt: u32) {
         let (low, high) = &mut self.insights.batch_sizes;
         *low = if *low == 0 { tasks } else { (*low).min(tasks) };
         *high = (*high).max(tasks);
@@ -214,6 +223,7 @@ impl InsightsBuilder {
     ) {
         let insights = &mut self.insights;
         insights.batches += 1;
+        insights.tasks_in_batches += tasks;
         insights.busy += busy;
         if let Some(worker) = worker {
             if insights.busy_by_worker.len() <= worker {
@@ -245,25 +255,36 @@ impl InsightsBuilder {
         self.insights.transport.add(transport);
     }
 
-    /// A change to a worker; `before_run`: it happened before the run began.
-    pub(crate) fn worker_changed(&mut self, change: &WorkerChange, before_run: bool) {
+    /// A change to a worker. A replacement of a worker that none of this run's tasks lost
+    /// (a crash, a killing timeout, recycling, each reported before the replacement it leads
+    /// to) is counted apart.
+    pub(crate) fn worker_changed(&mut self, change: &WorkerChange) {
         match change {
             WorkerChange::Started { .. } => self.insights.worker_starts += 1,
-            WorkerChange::Replaced { .. } => {
+            WorkerChange::Replaced { old_pid, .. } => {
                 self.insights.worker_replacements += 1;
-                self.insights.worker_replacements_before_run += usize::from(before_run);
+                if !self.lost_pids.contains(old_pid) {
+                    self.insights.worker_replacements_of_earlier_losses += 1;
+                }
             }
-            WorkerChange::Recycled { .. } => self.insights.worker_recycles += 1,
+            WorkerChange::Recycled { pid, .. } => {
+                self.insights.worker_recycles += 1;
+                self.lost_pids.push(*pid);
+            }
         }
     }
 
-    pub(crate) fn crashed(&mut self) {
+    /// A worker process, `pid`, crashed in a task.
+    pub(crate) fn crashed(&mut self, pid: u32) {
         self.insights.worker_crashes += 1;
+        self.lost_pids.push(pid);
     }
 
     /// A timed-out attempt; `given_up_after`: its limit, when the run stopped waiting for it
-    /// there (its time is then in no batch's busy time).
-    pub(crate) fn timed_out(&mut self, given_up_after: Option<Duration>) {
+    /// there (its time is then in no batch's busy time); `killed`: the worker process the
+    /// pool killed for it, if it says.
+    pub(crate) fn timed_out(&mut self, given_up_after: Option<Duration>, killed: Option<u32>) {
+        self.lost_pids.extend(killed);
         self.insights.timeouts += 1;
         if let Some(limit) = given_up_after {
             self.insights.in_timeouts += limit;

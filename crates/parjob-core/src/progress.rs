@@ -60,9 +60,14 @@ impl Reporter {
             // Finished when the run was not stopped and every task of its input came back
             // (with a value or an error: a run that keeps going finishes with its failures).
             // A stopped run's skipped batches come back too, so the count alone cannot tell.
-            Event::RunFinished { stopped, .. } => {
+            Event::RunFinished {
+                stopped, insights, ..
+            } => {
                 let all_back = self.total.is_some_and(|total| self.completed >= total);
                 self.finished(!stopped && all_back);
+                if *stopped {
+                    self.stopped(insights.failed > 0);
+                }
             }
             _ => {}
         }
@@ -159,6 +164,23 @@ impl Reporter {
     }
 
     /// The run is over: `ok` tells whether it finished or stopped on an error.
+    /// A run that stopped before its end: says so, and why, instead of "finished".
+    fn stopped(&mut self, failed: bool) {
+        if self.verbose == 0 {
+            return;
+        }
+        let done = self.completed;
+        let elapsed = short_format_time(self.began.elapsed());
+        let why = if failed {
+            "a task failed, and the run returns its error"
+        } else {
+            "the run was dropped before its end"
+        };
+        self.line(format_args!(
+            "Stopped after {done:3} tasks | elapsed: {elapsed}: {why}"
+        ));
+    }
+
     pub(crate) fn finished(&mut self, ok: bool) {
         if let Some(bar) = self.bar.take() {
             bar.finish(ok);
@@ -410,22 +432,36 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_run_whose_batches_all_came_back_does_not_say_finished() {
-        let shared = Shared::default();
-        let mut reporter = Reporter::with_sink(2, 1, false, None, 4, Box::new(shared.clone()));
-        let mut events = events_of_a_run(3);
-        let last = events.len() - 1;
-        events[last] = Event::RunFinished {
-            ok: false,
-            stopped: true,
-            insights: Default::default(),
-        };
-        for event in &events {
-            reporter.on_event(event);
+    fn a_stopped_run_whose_batches_all_came_back_does_not_say_finished_but_why_it_stopped() {
+        for (failed, why) in [
+            (1, "a task failed, and the run returns its error"),
+            (0, "the run was dropped before its end"),
+        ] {
+            let shared = Shared::default();
+            let mut reporter = Reporter::with_sink(2, 1, false, None, 4, Box::new(shared.clone()));
+            let mut events = events_of_a_run(3);
+            let last = events.len() - 1;
+            events[last] = Event::RunFinished {
+                ok: false,
+                stopped: true,
+                insights: std::sync::Arc::new(crate::Insights {
+                    failed,
+                    ..Default::default()
+                }),
+            };
+            for event in &events {
+                reporter.on_event(event);
+            }
+            assert_eq!(reporter.completed, 3);
+            let lines = lines(&shared);
+            assert!(!lines.iter().any(|l| l.ends_with("finished")), "{lines:?}");
+            let last = lines.last().unwrap();
+            assert!(
+                last.starts_with("[Parallel(n_jobs=2)]: Stopped after   3 tasks | elapsed: ")
+                    && last.ends_with(why),
+                "{last}"
+            );
         }
-        assert_eq!(reporter.completed, 3);
-        let lines = lines(&shared);
-        assert!(!lines.iter().any(|l| l.ends_with("finished")), "{lines:?}");
     }
 
     #[test]
