@@ -18,8 +18,8 @@ struct Flags {
     /// Run every lesson on this backend only: sequential, threading (threads), process
     /// (processes, loky, multiprocessing). Without it: every lesson on threads, then the
     /// lessons whose point is processes (shared state, CPU-bound work, big arrays, a crash) on
-    /// processes.
-    #[arg(long)]
+    /// processes. `PARJOB_BACKEND` sets it too, as in every example.
+    #[arg(long, env = "PARJOB_BACKEND")]
     backend: Option<Backend>,
 }
 
