@@ -224,6 +224,35 @@ fn a_submitted_task_past_its_time_limit_fails_with_timeout() {
     assert_eq!(quick.result(), Ok(1));
 }
 
+/// A done-callback of a future that timed out on threads may wait for another future that
+/// times out: the callbacks run apart from the clock, so every other limit still fires at
+/// its time (found by attack: one waiting callback used to stop every thread timeout in the
+/// process).
+#[test]
+fn a_timed_out_futures_callback_that_waits_stalls_no_other_timeout() {
+    let executor = Executor::new(3).backend(Backend::Threading);
+    let gates: Vec<_> = (0..3).map(|_| new_gate()).collect();
+    let [a, b, c] = [100, 200, 300].map(Duration::from_millis);
+    let first = executor.submit(delayed(gated, gates[0].0).timeout(a));
+    let second = executor.submit(delayed(gated, gates[1].0).timeout(b));
+    let mut third = executor.submit(delayed(gated, gates[2].0).timeout(c));
+    let (sender, seen) = mpsc::channel();
+    first.add_done_callback(move |_| {
+        let _ = sender.send(second.result());
+    });
+    assert_eq!(
+        third.result_timeout(WAIT_LIMIT),
+        Err(Error::timeout(2, c, false))
+    );
+    assert_eq!(
+        seen.recv_timeout(WAIT_LIMIT).unwrap(),
+        Err(Error::timeout(1, b, false))
+    );
+    for (_, gate) in &gates {
+        gate.open();
+    }
+}
+
 /// On the sequential backend a submitted task runs inside `submit`: one past its limit is
 /// seen when it returns, as in `Parallel::run`.
 #[test]

@@ -227,6 +227,27 @@ fn a_timeout_too_long_to_count_in_nanoseconds_never_fires() {
     }
 }
 
+/// `Duration::MAX` is past what `Instant` can hold: as a limit it never comes, on every
+/// backend and through `Executor::submit` (it used to panic in the pools' clocks).
+#[test]
+fn a_timeout_of_duration_max_never_fires() {
+    fn nap(ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+    for target in EVERY_TARGET {
+        let out = target
+            .parallel(2)
+            .timeout(Duration::MAX)
+            .run([20, 20, 20].map(|ms| delayed(nap, ms)))
+            .unwrap();
+        assert_eq!(out, [20, 20, 20], "{target}");
+        let executor = parjob::Executor::from_parallel(target.parallel(2));
+        let own = executor.submit(delayed(nap, 5).timeout(Duration::MAX));
+        assert_eq!(own.result(), Ok(5), "{target}");
+    }
+}
+
 #[test]
 fn tasks_within_their_timeout_succeed() {
     for target in IN_PROCESS {

@@ -109,9 +109,17 @@ impl<R> Shared<R> {
     /// Sets the outcome unless one is set already (a cancelled future ignores its job's late
     /// completion). Wakes every waiter, then runs the done callbacks, outside the lock.
     fn resolve(&self, outcome: Result<R, Error>) {
+        for callback in self.settle(outcome) {
+            run_callback(callback);
+        }
+    }
+
+    /// Records `outcome` (nothing if the future is done already) and wakes its waiters;
+    /// returns its done-callbacks, for the caller to run.
+    fn settle(&self, outcome: Result<R, Error>) -> Vec<Box<dyn FnOnce() + Send>> {
         let mut slot = self.lock();
         let Slot::Pending(watchers) = &mut *slot else {
-            return;
+            return Vec::new();
         };
         let Watchers { waiters, callbacks } = std::mem::take(watchers);
         *slot = Slot::Done(outcome);
@@ -122,9 +130,7 @@ impl<R> Shared<R> {
                 notifier.ready(waiter.id);
             }
         }
-        for callback in callbacks {
-            run_callback(callback);
-        }
+        callbacks
     }
 
     fn is_done(&self) -> bool {
@@ -346,8 +352,9 @@ impl<R> Future<R> {
     /// cancelled): Python's `Future.add_done_callback`. Callbacks run in the order they were
     /// added, on the thread that completed the task (a pool's thread; the calling thread for
     /// a future that is already done, or for [`cancel`](Future::cancel); parjob's
-    /// `parjob-timeouts` thread for a task that timed out on threads, whose callbacks delay
-    /// the other such timeouts while they run), so they should be quick. A panic in a callback is caught and reported by the panic hook; it changes
+    /// `parjob-timeout-callbacks` thread for a task that timed out on threads, where a slow
+    /// callback delays only the callbacks of later such timeouts, never a timeout), so they
+    /// should be quick. A panic in a callback is caught and reported by the panic hook; it changes
     /// nothing else.
     ///
     /// The callback receives the future itself (one more handle on the same outcome, as in
@@ -509,13 +516,15 @@ pub fn submit_timed<T: Task>(
         Some(Arc::clone(&future.shared.started)),
         reply,
     );
-    if let Some(limit) = watched
-        && !pool.runs_on_calling_thread()
-    {
-        // Before the submit: a task that starts and overruns at once is still seen.
-        let shared: Arc<dyn Expiring> = future.shared.clone();
-        timeouts::watch(&shared, limit);
-    }
+    let job = match watched {
+        // Its limit counts from its start, which the pool marks on the job.
+        Some(limit) if !pool.runs_on_calling_thread() => {
+            let shared: Arc<dyn Expiring> = future.shared.clone();
+            let shared = Arc::downgrade(&shared);
+            job.on_start(Arc::new(move || timeouts::started(&shared, limit)))
+        }
+        _ => job,
+    };
     pool.submit(job);
     future
 }
@@ -787,20 +796,19 @@ fn wait_until<R>(
 trait Expiring: Send + Sync {
     /// Where the future stands against its task's time limit `limit`.
     fn expiry(&self, limit: Duration) -> Expiry;
-    /// Fails the future with a timeout at `limit` (nothing if it is done already).
-    fn expire(&self, limit: Duration);
+    /// Fails the future with a timeout at `limit` (nothing if it is done already) and wakes
+    /// its waiters; returns its done-callbacks, for the caller to run.
+    fn expire(&self, limit: Duration) -> Vec<Box<dyn FnOnce() + Send>>;
 }
 
 /// Where a watched future stands ([`Expiring::expiry`]).
 enum Expiry {
-    /// Done: no longer watched.
+    /// Done, or not started (a job sent again after its start marks it anew): not watched.
     Done,
     /// Its task has run for its limit.
     Due,
-    /// Its task may still run this long.
+    /// Its task may still run this long (it was started again since it was watched).
     Left(Duration),
-    /// Its task has not started.
-    NotStarted,
 }
 
 impl<R: Send> Expiring for Shared<R> {
@@ -810,7 +818,7 @@ impl<R: Send> Expiring for Shared<R> {
         }
         let stamp = self.started.load(Ordering::Acquire);
         if stamp == 0 || stamp == CANCELLED_BEFORE_START {
-            return Expiry::NotStarted;
+            return Expiry::Done;
         }
         let ran = Duration::from_nanos(self.control.nanos_since_start().saturating_sub(stamp - 1));
         match limit.checked_sub(ran) {
@@ -819,108 +827,198 @@ impl<R: Send> Expiring for Shared<R> {
         }
     }
 
-    fn expire(&self, limit: Duration) {
+    fn expire(&self, limit: Duration) -> Vec<Box<dyn FnOnce() + Send>> {
         // The task runs on, on its thread, as it does under `Parallel::run` on threads.
-        self.resolve(Err(Error::timeout(self.index, limit, false)));
+        self.settle(Err(Error::timeout(self.index, limit, false)))
     }
 }
 
-/// One thread, started with the first watched future, that fails each watched future at its
-/// task's time limit: a future's task has no run to watch its time, as `Parallel::run`'s
-/// dispatcher does.
+/// One thread that fails each watched future at its task's time limit (a future's task has
+/// no run whose dispatcher watches its time, as `Parallel::run`'s does), and one that runs
+/// those futures' done-callbacks. A future is watched from its task's start
+/// ([`Job::on_start`]), by deadline: no polling, however many wait.
 mod timeouts {
-    use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
-    use std::time::Duration;
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+    use std::sync::mpsc::{self, Sender};
+    use std::sync::{Condvar, Mutex, OnceLock, PoisonError, Weak};
+    use std::time::{Duration, Instant};
 
-    use super::{Expiring, Expiry};
+    use super::{Expiring, Expiry, run_callback};
 
-    struct Watch {
-        futures: Mutex<Vec<(Weak<dyn Expiring>, Duration)>>,
-        changed: Condvar,
+    /// Done-callbacks of futures that timed out.
+    type Callbacks = Vec<Box<dyn FnOnce() + Send>>;
+
+    struct Entry {
+        at: Instant,
+        /// Tells apart entries due at the same instant.
+        seq: u64,
+        future: Weak<dyn Expiring>,
+        limit: Duration,
     }
 
-    /// Watches `future` until it is done, failing it at `limit` after its task started.
-    pub(super) fn watch(future: &Arc<dyn Expiring>, limit: Duration) {
-        static WATCH: OnceLock<Option<Arc<Watch>>> = OnceLock::new();
-        let watch = WATCH.get_or_init(|| {
-            let watch = Arc::new(Watch {
-                futures: Mutex::new(Vec::new()),
-                changed: Condvar::new(),
-            });
-            let watching = Arc::clone(&watch);
-            // A process out of threads cannot watch: its futures then wait for their tasks,
-            // as they would on a pool without timeouts, and it is said once.
-            match std::thread::Builder::new()
-                .name("parjob-timeouts".into())
-                .spawn(move || watching.run())
-            {
-                Ok(_) => Some(watch),
-                Err(e) => {
-                    eprintln!(
-                        "parjob: cannot start the thread that times submitted tasks ({e}): \
-                         their timeouts are not enforced on threads"
-                    );
-                    None
+    impl PartialEq for Entry {
+        fn eq(&self, other: &Self) -> bool {
+            (self.at, self.seq) == (other.at, other.seq)
+        }
+    }
+    impl Eq for Entry {}
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Entry {
+        /// Reversed: the soonest deadline is the heap's top.
+        fn cmp(&self, other: &Self) -> Ordering {
+            (other.at, other.seq).cmp(&(self.at, self.seq))
+        }
+    }
+
+    #[derive(Default)]
+    struct Deadlines {
+        heap: BinaryHeap<Entry>,
+        seq: u64,
+    }
+
+    struct Watch {
+        deadlines: Mutex<Deadlines>,
+        changed: Condvar,
+        /// To the thread that runs timed-out futures' callbacks (`None`: it could not start,
+        /// and they run on the watching thread).
+        callbacks: Option<Sender<Callbacks>>,
+    }
+
+    fn watch() -> Option<&'static Watch> {
+        static WATCH: OnceLock<Option<Watch>> = OnceLock::new();
+        WATCH
+            .get_or_init(|| {
+                let (callbacks, to_run) = mpsc::channel::<Callbacks>();
+                // A callback that blocks (waiting on another future that times out, say)
+                // delays only the callbacks after it, never a timeout.
+                let callbacks = std::thread::Builder::new()
+                    .name("parjob-timeout-callbacks".into())
+                    .spawn(move || {
+                        for callbacks in to_run {
+                            callbacks.into_iter().for_each(run_callback);
+                        }
+                    })
+                    .ok()
+                    .map(|_| callbacks);
+                let spawned = std::thread::Builder::new()
+                    .name("parjob-timeouts".into())
+                    .spawn(|| {
+                        if let Some(watch) = watch() {
+                            watch.run();
+                        }
+                    });
+                match spawned {
+                    Ok(_) => Some(Watch {
+                        deadlines: Mutex::new(Deadlines::default()),
+                        changed: Condvar::new(),
+                        callbacks,
+                    }),
+                    // A process out of threads cannot watch: its futures then wait for their
+                    // tasks, as on a pool without timeouts, and it is said once.
+                    Err(e) => {
+                        eprintln!(
+                            "parjob: cannot start the thread that times submitted tasks ({e}): \
+                             their time limits are not enforced on threads"
+                        );
+                        None
+                    }
                 }
-            }
+            })
+            .as_ref()
+    }
+
+    /// `future`'s task started: it fails at `limit` from now unless done by then.
+    pub(super) fn started(future: &Weak<dyn Expiring>, limit: Duration) {
+        // A limit past what `Instant` can hold never comes.
+        let Some(at) = Instant::now().checked_add(limit) else {
+            return;
+        };
+        let Some(watch) = watch() else {
+            return;
+        };
+        let mut deadlines = watch
+            .deadlines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        deadlines.seq += 1;
+        let seq = deadlines.seq;
+        deadlines.heap.push(Entry {
+            at,
+            seq,
+            future: Weak::clone(future),
+            limit,
         });
-        if let Some(watch) = watch {
-            watch
-                .futures
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((Arc::downgrade(future), limit));
+        // Only a new soonest deadline needs the watching thread awake.
+        if deadlines.heap.peek().is_some_and(|top| top.seq == seq) {
             watch.changed.notify_one();
         }
     }
 
     impl Watch {
         fn run(&self) {
-            let mut futures = self.futures.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut deadlines = self
+                .deadlines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             loop {
-                let mut soonest: Option<Duration> = None;
+                let now = Instant::now();
                 let mut due = Vec::new();
-                futures.retain(|(future, limit)| {
-                    let Some(future) = future.upgrade() else {
-                        return false;
+                while deadlines.heap.peek().is_some_and(|top| top.at <= now) {
+                    let Some(entry) = deadlines.heap.pop() else {
+                        break;
                     };
-                    let next = match future.expiry(*limit) {
-                        Expiry::Done => return false,
-                        Expiry::Due => {
-                            due.push((future, *limit));
-                            return false;
-                        }
-                        Expiry::Left(left) => left,
-                        // Not started: look again soon (as the dispatcher polls for starts).
-                        Expiry::NotStarted => {
-                            (*limit).clamp(Duration::from_millis(1), Duration::from_millis(50))
-                        }
+                    let Some(future) = entry.future.upgrade() else {
+                        continue;
                     };
-                    soonest = Some(soonest.map_or(next, |s| s.min(next)));
-                    true
-                });
-                if !due.is_empty() {
-                    // Failing a future runs its callbacks, which may submit (and so watch)
-                    // more tasks: not under the lock.
-                    drop(futures);
-                    for (future, limit) in due {
-                        future.expire(limit);
+                    match future.expiry(entry.limit) {
+                        Expiry::Done => {}
+                        Expiry::Due => due.push((future, entry.limit)),
+                        Expiry::Left(left) => {
+                            deadlines.seq += 1;
+                            let seq = deadlines.seq;
+                            deadlines.heap.push(Entry {
+                                at: now + left,
+                                seq,
+                                ..entry
+                            });
+                        }
                     }
-                    futures = self.futures.lock().unwrap_or_else(PoisonError::into_inner);
+                }
+                if !due.is_empty() {
+                    drop(deadlines);
+                    for (future, limit) in due {
+                        let callbacks = future.expire(limit);
+                        if callbacks.is_empty() {
+                            continue;
+                        }
+                        match &self.callbacks {
+                            Some(to_run) => {
+                                if let Err(unsent) = to_run.send(callbacks) {
+                                    unsent.0.into_iter().for_each(run_callback);
+                                }
+                            }
+                            None => callbacks.into_iter().for_each(run_callback),
+                        }
+                    }
+                    deadlines = self
+                        .deadlines
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
                     continue;
                 }
-                // A look costs about a lock and an atomic load per future: with many waiting
-                // (10^5 queued behind busy workers) look less often, at most about 5% of a
-                // core, rather than spend one looking.
-                let floor = Duration::from_nanos(1_000 * futures.len() as u64);
-                futures = match soonest.map(|wait| wait.max(floor)) {
+                deadlines = match deadlines.heap.peek().map(|top| top.at) {
                     None => self
                         .changed
-                        .wait(futures)
+                        .wait(deadlines)
                         .unwrap_or_else(PoisonError::into_inner),
-                    Some(wait) => {
+                    Some(at) => {
                         self.changed
-                            .wait_timeout(futures, wait)
+                            .wait_timeout(deadlines, at.saturating_duration_since(now))
                             .unwrap_or_else(PoisonError::into_inner)
                             .0
                     }

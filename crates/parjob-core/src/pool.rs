@@ -98,6 +98,8 @@ pub struct Job {
     control: Arc<RunControl>,
     seq: u64,
     started: Option<Arc<AtomicU64>>,
+    /// Called each time the job is marked started: a future's time limit starts then.
+    on_start: Option<Arc<dyn Fn() + Send + Sync>>,
     reply: Option<Reply>,
     worker: Option<usize>,
     /// What a pool that runs batches elsewhere reported (boxed: in-process pools report
@@ -176,10 +178,17 @@ impl Job {
             control,
             seq,
             started,
+            on_start: None,
             reply: Some(reply.into()),
             worker: None,
             report: None,
         }
+    }
+
+    /// Calls `hook` whenever the job is marked started ([`Job::mark_started`]).
+    pub(crate) fn on_start(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.on_start = Some(hook);
+        self
     }
 
     /// The batch: its tasks, and the outcomes gathered so far.
@@ -237,7 +246,12 @@ impl Job {
             }
             match started.compare_exchange_weak(current, stamp, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return true,
+                Ok(_) => {
+                    if let Some(hook) = &self.on_start {
+                        hook();
+                    }
+                    return true;
+                }
                 Err(now) => current = now,
             }
         }

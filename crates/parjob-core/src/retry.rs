@@ -277,8 +277,12 @@ impl<T: Task> Retrier<T> {
             return false;
         };
         let waited = self.policy.delay_after(attempt - 1);
+        let now = Instant::now();
         self.waiting.push(Waiting {
-            at: Instant::now() + waited,
+            // A backoff past what `Instant` can hold waits 136 years instead.
+            at: now
+                .checked_add(waited)
+                .unwrap_or_else(|| now + Duration::from_secs(u64::from(u32::MAX))),
             waited,
             batch,
             position,

@@ -1040,7 +1040,9 @@ impl Supervisor {
         // frame is then lost, not any task's fault (see `FrameEnd::Lost`).
         let mut stuck: Option<(u32, Duration)> = None;
         // A timed frame's first look at the board: no task can be over before `limit`.
-        let mut look_at = timeout.map(|limit| sent_at + limit.saturating_sub(CLOCK_SPIN));
+        // A limit past what `Instant` can hold never comes: such a frame is not timed.
+        let mut look_at =
+            timeout.and_then(|limit| sent_at.checked_add(limit.saturating_sub(CLOCK_SPIN)));
         // When the board first said this frame's DONE was sent (see `REPLY_POLL`).
         let mut done_seen: Option<Instant> = None;
         let mut poll_at = sent_at + REPLY_POLL;
@@ -1127,7 +1129,7 @@ impl Supervisor {
                                 } else {
                                     Duration::ZERO
                                 };
-                                look_at = Some(Instant::now() + after - early);
+                                look_at = Instant::now().checked_add(after - early);
                             }
                             Clock::Cut => return self.spoiled(first_index, "status board"),
                         }

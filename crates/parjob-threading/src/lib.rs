@@ -464,12 +464,16 @@ fn work_loop(shared: &Arc<Shared>, index: usize) {
     loop {
         if let Some(work) = state.queue.pop_front() {
             spun = false;
-            if let Some(limit) = work.time_limit() {
+            // A limit past what `Instant` can hold never comes: such work is not timed.
+            if let Some(deadline) = work
+                .time_limit()
+                .and_then(|limit| Instant::now().checked_add(limit))
+            {
                 let serial = state.next_serial;
                 state.next_serial += 1;
                 state.timed.push(Timed {
                     serial,
-                    deadline: Instant::now() + limit,
+                    deadline,
                     index,
                     replaced: false,
                 });

@@ -218,8 +218,10 @@ impl Executor {
     /// executor's ([`Parallel::timeout`], through [`from_parallel`](Executor::from_parallel)),
     /// holds as in a run: the future fails with [`Error::Timeout`] at the limit. The process
     /// and MPI backends kill the worker running it; on threads the task cannot be stopped and
-    /// runs on to its end (dropping the executor waits for it); on the sequential backend it
-    /// is timed when it returns.
+    /// runs on to its end in the background (dropping the executor does not wait for it, its
+    /// future being done); on the sequential backend it is timed when it returns. A limit
+    /// past what [`Instant`](std::time::Instant) can hold, such as `Duration::MAX`, never
+    /// comes.
     pub fn submit<T: Task>(&self, task: T) -> Future<T::Output> {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         self.submit_numbered(index, task)
