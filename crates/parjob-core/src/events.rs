@@ -371,7 +371,7 @@ impl Observer {
         attempt: u32,
     ) {
         let at = self.now();
-        self.insights.dispatched(tasks, attempt);
+        self.insights.dispatched(tasks);
         #[cfg(feature = "tracing")]
         if let Some(bridge) = &mut self.tracing {
             bridge.dispatched(batch, first_index, tasks, attempt);

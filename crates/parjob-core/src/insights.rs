@@ -207,7 +207,7 @@ impl InsightsBuilder {
         self.insights.workers = workers;
     }
 
-    pub(crate) fn dispatched(&mut self, tasks: usize, _attempt: u32) {
+    pub(crate) fn dispatched(&mut self, tasks: usize) {
         let (low, high) = &mut self.insights.batch_sizes;
         *low = if *low == 0 { tasks } else { (*low).min(tasks) };
         *high = (*high).max(tasks);

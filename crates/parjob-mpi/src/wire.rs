@@ -142,12 +142,7 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
             out.push(1);
             put_u64(out, index);
             put_bytes(out, message.as_bytes());
-            // `u32::MAX`: not known.
-            put_u32(
-                out,
-                worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1)),
-            );
-            put_u32(out, pid.unwrap_or(u32::MAX));
+            put_place(out, *worker, *pid);
         }
         Error::WorkerCrashed {
             worker,
@@ -181,12 +176,8 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
             put_u64(out, index);
             put_u64(out, nanos(*after));
             out.push(u8::from(*killed));
-            // `u32::MAX` / `u64::MAX`: not known.
-            put_u32(
-                out,
-                worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1)),
-            );
-            put_u32(out, pid.unwrap_or(u32::MAX));
+            put_place(out, *worker, *pid);
+            // `u64::MAX`: not known.
             put_u64(
                 out,
                 returned_after.map_or(u64::MAX, |d| nanos(d).min(u64::MAX - 1)),
@@ -204,6 +195,20 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
     }
 }
 
+/// Appends where a task ran: its local worker's index and pid, `u32::MAX` for not known.
+fn put_place(out: &mut Vec<u8>, worker: Option<usize>, pid: Option<u32>) {
+    let worker = worker.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX - 1));
+    put_u32(out, worker);
+    put_u32(out, pid.unwrap_or(u32::MAX));
+}
+
+/// Reads what [`put_place`] wrote.
+fn read_place(r: &mut Reader<'_>) -> Option<(Option<usize>, Option<u32>)> {
+    let known = |v: u32| (v != u32::MAX).then_some(v);
+    let worker = known(r.u32()?).map(|w| w as usize);
+    Some((worker, known(r.u32()?)))
+}
+
 /// A duration in nanoseconds, `u64::MAX` past 584 years.
 pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -217,9 +222,8 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
     Some(match kind {
         1 => {
             let message = r.text()?;
-            let worker = Some(r.u32()?).filter(|&w| w != u32::MAX);
-            let pid = Some(r.u32()?).filter(|&p| p != u32::MAX);
-            Error::task_panicked_on(index, message, worker.map(|w| w as usize), pid)
+            let (worker, pid) = read_place(r)?;
+            Error::task_panicked_on(index, message, worker, pid)
         }
         2 => {
             let worker = r.u32()? as usize;
@@ -237,12 +241,11 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
         3 => {
             let after = Duration::from_nanos(r.u64()?);
             let killed = r.u8()? != 0;
-            let worker = Some(r.u32()?).filter(|&w| w != u32::MAX);
-            let pid = Some(r.u32()?).filter(|&p| p != u32::MAX);
+            let (worker, pid) = read_place(r)?;
             let returned_after = Some(r.u64()?).filter(|&n| n != u64::MAX);
             match (worker, pid, returned_after) {
                 (Some(worker), Some(pid), None) if killed => {
-                    Error::timeout_killing(index, after, worker as usize, pid)
+                    Error::timeout_killing(index, after, worker, pid)
                 }
                 (_, _, Some(ran)) if !killed => {
                     Error::timeout_on_return(index, after, Duration::from_nanos(ran))
