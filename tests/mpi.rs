@@ -782,6 +782,110 @@ mod suite {
         })
     }
 
+    /// How many times each `parjob-mpi` thread of process `pid` has been put on a CPU so far
+    /// (the third field of its schedstat), by thread id.
+    fn mpi_thread_wakeups(pid: u32) -> Result<Vec<(u32, u64)>, String> {
+        let tasks = format!("/proc/{pid}/task");
+        let dir = std::fs::read_dir(&tasks).map_err(|e| format!("cannot read {tasks}: {e}"))?;
+        let mut counts = Vec::new();
+        for entry in dir.flatten() {
+            let tid = entry.file_name().to_string_lossy().to_string();
+            let comm = std::fs::read_to_string(format!("{tasks}/{tid}/comm")).unwrap_or_default();
+            if comm.trim() != "parjob-mpi" {
+                continue;
+            }
+            let path = format!("{tasks}/{tid}/schedstat");
+            let stat = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {path} (needs CONFIG_SCHED_INFO): {e}"))?;
+            let runs = stat
+                .split_whitespace()
+                .nth(2)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("{path} says {stat:?}"))?;
+            counts.push((tid.parse().unwrap_or(0), runs));
+        }
+        Ok(counts)
+    }
+
+    /// Ranks on rank 0's host ring each other's doorbells instead of polling MPI: an idle
+    /// rank's MPI thread wakes a few hundred times a second at most (it polled every 500 us,
+    /// over 2000 times a second, before), and rank 0 removes the doorbells' directory once
+    /// every rank rang (its FIFOs live on, open), so a killed run leaves nothing behind.
+    fn idle_ranks_sleep_on_their_doorbells() -> Result<(), String> {
+        let pool = mpi(-1).batch_size(BatchSize::Fixed(1));
+        let out = pool
+            .run((0..64u64).map(|i| delayed(where_am_i, i)))
+            .map_err(|e| e.to_string())?;
+        let hosts = pool
+            .run((0..64u64).map(|i| delayed(host_of, i)))
+            .map_err(|e| e.to_string())?;
+        let here = host_of(0);
+        if hosts.iter().any(|h| *h != here) {
+            println!("  (ranks on other hosts: they poll MPI, and no doorbell is checked)");
+            return Ok(());
+        }
+        // The FIFOs rank 0 holds open, once their directory is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fifos: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .map(|target| target.display().to_string())
+                .filter(|target| target.contains("parjob-mpi-bells-"))
+                .collect();
+            check(!fifos.is_empty(), || {
+                "rank 0 holds no doorbell: the ranks poll MPI".into()
+            })?;
+            if fifos.iter().all(|f| f.ends_with("(deleted)")) {
+                break;
+            }
+            check(Instant::now() < deadline, || {
+                format!("the doorbells' directory is still there 10 s on: {fifos:?}")
+            })?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The rank servers (the local workers' parents), idle for a second.
+        let ranks: BTreeSet<u32> = out.iter().map(|(_, parent)| *parent).collect();
+        let before: Vec<Vec<(u32, u64)>> = ranks
+            .iter()
+            .map(|&pid| mpi_thread_wakeups(pid))
+            .collect::<Result<_, _>>()?;
+        let idle = Duration::from_secs(1);
+        std::thread::sleep(idle);
+        for (&pid, before) in ranks.iter().zip(&before) {
+            let after = mpi_thread_wakeups(pid)?;
+            check(!after.is_empty(), || {
+                format!("rank process {pid} has no parjob-mpi thread")
+            })?;
+            for (tid, runs) in after {
+                let earlier = before
+                    .iter()
+                    .find(|(t, _)| *t == tid)
+                    .map_or(0, |(_, r)| *r);
+                let woke = runs.saturating_sub(earlier);
+                println!("  rank process {pid}: its MPI thread woke {woke} times in {idle:?} idle");
+                check(woke < 600, || {
+                    format!(
+                        "rank process {pid}'s MPI thread woke {woke} times in {idle:?} of \
+                         idling: it polls instead of sleeping on its doorbell"
+                    )
+                })?;
+            }
+        }
+        // And the world still answers at once.
+        let out = pool
+            .run((0..8u64).map(|i| delayed(square, i)))
+            .map_err(|e| format!("after idling: {e}"))?;
+        check(out[7] == 49, || format!("{out:?}"))
+    }
+
+    fn host_of(_: u64) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// A done-callback that blocks holds up nothing else: not a run of the program (its
     /// results are decoded on other completer threads), and not another future of the same
     /// executor that the callback itself waits for (a deadlock when every job ended on one
@@ -1312,6 +1416,10 @@ mod suite {
             ("shared_slice_values", shared_slice_values),
             ("initializers", initializers),
             ("max_tasks_per_worker", max_tasks_per_worker),
+            (
+                "idle_ranks_sleep_on_their_doorbells",
+                idle_ranks_sleep_on_their_doorbells,
+            ),
             ("rank_killed", rank_killed),
         ];
         if std::env::var_os("PARJOB_MPI_EXIT_AFTER_LOSS").is_some() {

@@ -5,7 +5,7 @@
 //! | MPI tag | direction | layout |
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
-//! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host]`: 1 = same build, frames will follow |
+//! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host][bells len u32][bells]`: 1 = same build, frames will follow; `bells`: the directory of the doorbells' FIFOs for a rank on rank 0's host (see `world/bell.rs`), else empty |
 //! | `SEGMENT` | 0 to rank | `[segment id u64]`: a `SharedSlice`'s segment, sent before the first `RUN` that names it on this rank; its bytes follow at once as `SEGMENT_BYTES` (MPI keeps one sender's messages in order) |
 //! | `SEGMENT_BYTES` | 0 to rank | the bytes of the segment the `SEGMENT` before it named, sent from the segment's own memory (no copy on rank 0) |
 //! | `FORGET` | 0 to rank | `[segment id u64]...`: segments the driver dropped; the rank lets go of them (its local workers unmap them once no job holds them) |
@@ -48,7 +48,7 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// The protocol version a rank states in its `Identity`.
-pub(crate) const PROTOCOL: u32 = 6;
+pub(crate) const PROTOCOL: u32 = 7;
 
 /// parjob-core's outcome record tag for a task that panicked (see `parjob_remote::header`).
 pub(crate) const RECORD_PANICKED: u8 = 1;

@@ -1,7 +1,8 @@
 //! Rank 0's driver thread: the handshake, dispatching jobs to worker ranks, their `DONE`s,
 //! beats, lost ranks and the shutdown.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, PoisonError, Weak};
@@ -18,6 +19,7 @@ use crate::wire::{
     TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u32, put_u64,
 };
 
+use super::bell::RankZeroBells;
 use super::completer::{self, Completers};
 use super::server::RUN_TRAILER;
 use super::transport::{
@@ -88,10 +90,19 @@ pub(super) struct DriverState<'w> {
     last_check: Instant,
     last_beat: Instant,
     completers: Completers,
+    /// The doorbells of the ranks on this host (`None` where FIFOs could not be made).
+    bells: Option<RankZeroBells>,
+    /// The ranks that rang rank 0 at least once: they ring for every message they send.
+    ringing: HashSet<usize>,
 }
 
 impl<'w> DriverState<'w> {
-    pub(super) fn new(world: &'w SimpleCommunicator, size: usize, driver: Arc<Driver>) -> Self {
+    pub(super) fn new(
+        world: &'w SimpleCommunicator,
+        size: usize,
+        driver: Arc<Driver>,
+        bells: Option<RankZeroBells>,
+    ) -> Self {
         DriverState {
             world,
             size,
@@ -112,6 +123,8 @@ impl<'w> DriverState<'w> {
             last_check: Instant::now(),
             last_beat: Instant::now(),
             completers: Completers::default(),
+            bells,
+            ringing: HashSet::new(),
         }
     }
 
@@ -131,6 +144,9 @@ impl<'w> DriverState<'w> {
     /// "cancelled before it ran", which hid it), and keeps the buffers of sends MPI may still
     /// read for good.
     pub(super) fn abandon(mut self, why: &str) {
+        if let Some(bells) = &mut self.bells {
+            bells.remove_dir();
+        }
         std::mem::forget(std::mem::take(&mut self.sends));
         std::mem::forget(std::mem::take(&mut self.leaked));
         let held = self
@@ -210,11 +226,14 @@ impl<'w> DriverState<'w> {
                     }
                 }
                 backoff.busy();
-            } else if let Some(wait) = backoff.pause(if self.waiting_on_a_rank() {
-                Awaited::Answer
-            } else {
-                Awaited::Hidden
-            }) {
+            } else if let Some(wait) = backoff.pause(
+                if self.waiting_on_a_rank() {
+                    Awaited::Answer
+                } else {
+                    Awaited::Hidden
+                },
+                self.every_awaited_rank_rings(),
+            ) {
                 // Jobs are out: poll MPI again, and take a new job at once.
                 match inbox.recv_timeout(wait) {
                     Ok(Command::Shutdown(done)) => {
@@ -243,6 +262,33 @@ impl<'w> DriverState<'w> {
         self.slots
             .iter()
             .any(|s| s.alive && s.in_flight > 0 && s.in_flight < 2 * s.info.workers)
+    }
+
+    /// Whether every rank with jobs out rings rank 0's doorbell when it answers, and nothing
+    /// rank 0 sends is still going (MPI moves it on this thread's polls): then the driver
+    /// sleeps until a ring instead of polling MPI for the answers.
+    fn every_awaited_rank_rings(&self) -> bool {
+        self.sends.is_empty()
+            && self
+                .slots
+                .iter()
+                .filter(|s| s.alive && s.in_flight > 0)
+                .all(|s| self.ringing.contains(&s.info.rank))
+    }
+
+    /// Notes ranks that rang; once every rank on this host did, their FIFOs' directory goes
+    /// (the open FIFOs live on), so that a rank 0 killed later leaves nothing behind.
+    fn rang(&mut self, ranks: Vec<usize>) {
+        self.ringing.extend(ranks);
+        let every_one = self.handshaken()
+            && self
+                .slots
+                .iter()
+                .filter(|s| s.same_host)
+                .all(|s| self.ringing.contains(&s.info.rank));
+        if every_one && let Some(bells) = &mut self.bells {
+            bells.remove_dir();
+        }
     }
 
     /// A pool's command other than `Shutdown`.
@@ -287,6 +333,7 @@ impl<'w> DriverState<'w> {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
                 }
             }
+            Command::Rang(ranks) => self.rang(ranks),
             Command::Shutdown(_) => {}
         }
     }
@@ -368,6 +415,15 @@ impl<'w> DriverState<'w> {
         let mut welcome = vec![1];
         put_u32(&mut welcome, std::process::id());
         put_bytes(&mut welcome, self.host.as_bytes());
+        // A rank on this host gets the doorbells' directory (see `bell`), the others nothing.
+        let bells = match &mut self.bells {
+            Some(bells) if hello.host == self.host => {
+                bells.ring_on_sends_to(from);
+                bells.dir().as_os_str().as_bytes().to_vec()
+            }
+            _ => Vec::new(),
+        };
+        put_bytes(&mut welcome, &bells);
         if let Ok(send) = isend(self.world, from, TAG_WELCOME, welcome) {
             self.sends.push(send);
         }
@@ -838,6 +894,9 @@ impl<'w> DriverState<'w> {
 
     /// Tells every live rank to stop and waits (with a deadline) for their `BYE`s.
     fn shutdown(&mut self) {
+        if let Some(bells) = &mut self.bells {
+            bells.remove_dir();
+        }
         // Jobs never sent, or out on ranks: complete them (their tasks count as cancelled).
         for Queued { job, .. } in self.queue.drain(..) {
             self.completers.complete(job, Duration::ZERO);

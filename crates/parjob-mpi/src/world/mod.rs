@@ -8,10 +8,12 @@
 //! rank 0 leaves with `_exit` rather than wait in `MPI_Finalize`.
 
 //! The modules, one job each: `transport` (non-blocking sends and receives, idling, hosts and
-//! pids), `driver` (rank 0's driver thread), `pool` ([`MpiPool`], the handle `Parallel` uses)
-//! and `server` (a worker rank's server and its local pool). This file starts MPI and holds
+//! pids), `bell` (doorbells that wake the ranks on rank 0's host instead of polling), `driver`
+//! (rank 0's driver thread), `pool` ([`MpiPool`], the handle `Parallel` uses) and `server` (a
+//! worker rank's server and its local pool). This file starts MPI and holds
 //! what they share.
 
+mod bell;
 mod completer;
 mod driver;
 mod pool;
@@ -155,6 +157,9 @@ enum Command {
     ClosePool { pool: u64 },
     /// The program is exiting: stop the ranks.
     Shutdown(Sender<()>),
+    /// These ranks rang rank 0's doorbell (see [`bell`]): a message from them is here, or
+    /// (the first time) they ring from now on.
+    Rang(Vec<usize>),
 }
 
 /// A worker rank as rank 0 knows it after its `HELLO`.
@@ -269,7 +274,17 @@ fn mpi_thread(started: Sender<usize>) {
     let _ = DRIVER.set(Arc::clone(&driver));
     register_at_exit();
     let _ = started.send(0);
-    let mut state = DriverState::new(&world, size, Arc::clone(&driver));
+    let bells = {
+        let commands = driver
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        bell::RankZeroBells::make(size, move |ranks| {
+            commands.send(Command::Rang(ranks)).is_ok()
+        })
+    };
+    let mut state = DriverState::new(&world, size, Arc::clone(&driver), bells);
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inbox)));
     let exiting = match ran {
         Ok(exiting) => exiting,

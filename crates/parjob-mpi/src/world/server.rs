@@ -2,6 +2,9 @@
 //! `DONE`s.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use crate::wire::{
     TAG_SEGMENT_BYTES, TAG_STOP, TAG_UNREADABLE_RUN, TAG_WELCOME, put_bytes, put_u64,
 };
 
+use super::bell;
 use super::transport::{
     Awaited, Backoff, Inbox, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
 };
@@ -96,8 +100,9 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         Err(_) => return 1,
     }
     let mut welcomed = false;
-    // The `DONE`s of frames the local pool finished, each made on the thread that finished it.
-    let (done_tx, done_rx) = mpsc::channel::<Vec<u8>>();
+    // The `DONE`s of frames the local pool finished, each made on the thread that finished it,
+    // and the rings of rank 0's doorbell (see `bell`).
+    let (done_tx, done_rx) = mpsc::channel::<Local>();
     let mut last_beat = Instant::now();
     // Rank 0's pid and whether it shares this host, from its WELCOME; when it last spoke.
     let mut rank0: Option<(u32, bool)> = None;
@@ -138,6 +143,13 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     let mut r = Reader(bytes.get(1..).unwrap_or_default());
                     if let (Some(pid), Some(host)) = (r.u32(), r.text()) {
                         rank0 = Some((pid, host == my_host));
+                    }
+                    // Rank 0 shares this host: its doorbells' directory, if it could make one.
+                    let bells = r.bytes().unwrap_or_default();
+                    if welcomed && !bells.is_empty() {
+                        let rung = done_tx.clone();
+                        let dir = Path::new(OsStr::from_bytes(bells));
+                        bell::join(dir, rank, move |_| rung.send(Local::Rung).is_ok());
                     }
                 }
                 TAG_SEGMENT if welcomed => segments.announced(&bytes),
@@ -216,10 +228,12 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 Route::Held => {}
             }
         }
-        while let Ok(done) = done_rx.try_recv() {
+        while let Ok(local) = done_rx.try_recv() {
             busy = true;
-            local_jobs = local_jobs.saturating_sub(1);
-            send_done(done, world, &mut sends);
+            if let Local::Done(done) = local {
+                local_jobs = local_jobs.saturating_sub(1);
+                send_done(done, world, &mut sends);
+            }
         }
         inbox.progress();
         busy |= inbox.arriving();
@@ -268,19 +282,29 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         if busy {
             backoff.busy();
-        } else if let Some(wait) = backoff.pause(match local_jobs {
-            0 => Awaited::Start,
-            n if n <= workers => Awaited::Answer,
-            _ => Awaited::Hidden,
-        }) {
+        } else if let Some(wait) = backoff.pause(
+            match local_jobs {
+                0 => Awaited::Start,
+                n if n <= workers => Awaited::Answer,
+                _ => Awaited::Hidden,
+            },
+            // Rank 0 rings for every message it sends here; MPI moves this rank's own sends
+            // on its polls.
+            bell::rings(0) && sends.is_empty(),
+        ) {
             // A local outcome ends the wait at once: its DONE goes without a polling delay.
-            // A RUN is polled for often while the local pool is empty (the caller's next call
-            // waits on it), less and less often while its frames run with none behind them
-            // (rank 0 may send one more), rarely while one waits behind them.
-            if let Ok(done) = done_rx.recv_timeout(wait) {
-                local_jobs = local_jobs.saturating_sub(1);
-                send_done(done, world, &mut sends);
-                backoff.busy();
+            // So does a ring from rank 0. Without a doorbell, a RUN is polled for often while
+            // the local pool is empty (the caller's next call waits on it), less and less often
+            // while its frames run with none behind them (rank 0 may send one more), rarely
+            // while one waits behind them.
+            match done_rx.recv_timeout(wait) {
+                Ok(Local::Done(done)) => {
+                    local_jobs = local_jobs.saturating_sub(1);
+                    send_done(done, world, &mut sends);
+                    backoff.busy();
+                }
+                Ok(Local::Rung) => backoff.busy(),
+                Err(_) => {}
             }
         }
     }
@@ -710,8 +734,16 @@ fn pool_options(message: &[u8]) -> Result<ProcessOptions, String> {
     Ok(options)
 }
 
+/// What wakes a rank server besides MPI.
+enum Local {
+    /// The `DONE` of a frame the local pool finished, made on the thread that finished it.
+    Done(Vec<u8>),
+    /// Rank 0 rang this rank's doorbell: a message from it is here.
+    Rung,
+}
+
 /// Where a frame's outcomes go: `(frame id, first index, outcomes)`.
-type DoneSender = Sender<Vec<u8>>;
+type DoneSender = Sender<Local>;
 
 /// Hands one `RUN` (with the segments it may name, and where its outcomes go) to the local
 /// pool; a frame that cannot be run is answered at once. Returns whether the pool took it
@@ -778,7 +810,14 @@ fn run_frame(
             let len = outcomes.len;
             let held = received_at.elapsed();
             let message = encode_done(rank as u64, id, first, outcomes, held);
-            let _ = done.send(fit_done(message, MAX_MESSAGE, rank, id, first, len));
+            let _ = done.send(Local::Done(fit_done(
+                message,
+                MAX_MESSAGE,
+                rank,
+                id,
+                first,
+                len,
+            )));
         },
     );
     match job {

@@ -82,6 +82,7 @@ pub(super) fn isend(
     if code != 0 {
         return Err(format!("MPI_Isend to rank {rank} failed with code {code}"));
     }
+    super::bell::ring(rank);
     Ok(PendingSend {
         request,
         _buffer: buffer,
@@ -89,13 +90,18 @@ pub(super) fn isend(
     })
 }
 
-/// Drops the sends that completed; keeps the others.
+/// Drops the sends that completed; keeps the others. A receiver on a doorbell is rung again
+/// when its message is sent: one MPI held back at first is whole only now.
 pub(super) fn test_sends(sends: &mut Vec<PendingSend>) {
     sends.retain_mut(|send| {
         let mut flag = 0;
         // SAFETY: `request` came from MPI_Isend and was not completed yet.
         let code = unsafe { ffi::MPI_Test(&mut send.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
-        code == 0 && flag == 0
+        let pending = code == 0 && flag == 0;
+        if !pending {
+            super::bell::ring(send.rank);
+        }
+        pending
     });
 }
 
@@ -418,10 +424,13 @@ impl Backoff {
 
     /// Idles a little: yields right after work (the next message is most likely coming),
     /// otherwise returns how long the caller should wait, on a channel that wakes it earlier
-    /// for work of its own (its local pool's outcomes, its commands).
-    pub(super) fn pause(&mut self, awaited: Awaited) -> Option<Duration> {
+    /// for work of its own (its local pool's outcomes, its commands) and, when `rung` (every
+    /// rank it awaits a message from rings its doorbell, see [`super::bell`]), for a ring: then
+    /// it polls MPI only every [`BELL_POLL`](super::bell::BELL_POLL).
+    pub(super) fn pause(&mut self, awaited: Awaited, rung: bool) -> Option<Duration> {
         let idle = self.idle_since.get_or_insert_with(Instant::now).elapsed();
-        let wait = Self::interval(idle, awaited);
+        let wait = Self::interval(idle, awaited)
+            .map(|wait| if rung { super::bell::BELL_POLL } else { wait });
         if wait.is_none() {
             std::thread::yield_now();
         }
