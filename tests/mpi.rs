@@ -807,9 +807,9 @@ mod suite {
         Ok(counts)
     }
 
-    /// Ranks on rank 0's host ring each other's doorbells instead of polling MPI: an idle
-    /// rank's MPI thread wakes a few hundred times a second at most (it polled every 500 us,
-    /// over 2000 times a second, before), and rank 0 removes the doorbells' directory once
+    /// Ranks on rank 0's host ring each other's doorbells instead of polling MPI: a rank idle
+    /// for more than the 20 ms in which it polls for the next call wakes a few hundred times a
+    /// second at most (it polled every 500 us, over 2000 times a second, before), and rank 0 removes the doorbells' directory once
     /// every rank rang (its FIFOs live on, open), so a killed run leaves nothing behind.
     fn idle_ranks_sleep_on_their_doorbells() -> Result<(), String> {
         let pool = mpi(-1).batch_size(BatchSize::Fixed(1));
@@ -845,8 +845,10 @@ mod suite {
             })?;
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The rank servers (the local workers' parents), idle for a second.
+        // The rank servers (the local workers' parents), idle for a second, after the 20 ms
+        // in which they poll for the next call.
         let ranks: BTreeSet<u32> = out.iter().map(|(_, parent)| *parent).collect();
+        std::thread::sleep(Duration::from_millis(100));
         let before: Vec<Vec<(u32, u64)>> = ranks
             .iter()
             .map(|&pid| mpi_thread_wakeups(pid))

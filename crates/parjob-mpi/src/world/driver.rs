@@ -170,7 +170,7 @@ impl<'w> DriverState<'w> {
                 format!("the MPI world has only rank 0, so no rank runs tasks; {LAUNCH_HINT}"),
             )));
         }
-        let mut backoff = Backoff { idle_since: None };
+        let mut backoff = Backoff::new();
         loop {
             assert!(
                 !super::PANIC_DRIVER.swap(false, Ordering::Relaxed),
@@ -196,7 +196,8 @@ impl<'w> DriverState<'w> {
                 }
             }
             while let Some((from, tag, bytes)) = self.inbox.next(self.world) {
-                busy = true;
+                // A beat is no answer: the wait for the answers goes on as it was.
+                busy |= tag != TAG_BEAT;
                 self.receive(from, tag, bytes);
             }
             self.inbox.progress();

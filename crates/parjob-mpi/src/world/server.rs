@@ -109,7 +109,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let mut heard_from_0 = Instant::now();
     let mut last_check = Instant::now();
     let my_host = host_name();
-    let mut backoff = Backoff { idle_since: None };
+    let mut backoff = Backoff::new();
     let mut segments = Segments::default();
     let mut pools = LocalPools::new(pool, workers);
     // The id of the last RUN whose trailer this rank could read, for an UNREADABLE_RUN.
@@ -122,7 +122,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = inbox.next(world) {
-            busy = true;
+            // A beat is no work: it does not start the polling that awaits the next call.
+            busy |= tag != TAG_BEAT;
             if from != 0 {
                 continue;
             }
@@ -303,7 +304,9 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     send_done(done, world, &mut sends);
                     backoff.busy();
                 }
-                Ok(Local::Rung) => backoff.busy(),
+                // Rank 0 sent something: look for it at once and for a little while (MPI may
+                // not have it here yet).
+                Ok(Local::Rung) => backoff.woke(),
                 Err(_) => {}
             }
         }

@@ -22,6 +22,10 @@ pub(super) struct PendingSend {
     pub(super) request: ffi::MPI_Request,
     pub(super) _buffer: SendBuffer,
     pub(super) rank: usize,
+    /// Whether the receiver is rung for this message (not for a beat).
+    rings: bool,
+    /// Whether the receiver is rung again when the send is done (see [`test_sends`]).
+    ring_when_sent: bool,
 }
 
 /// The bytes of a send: a message of its own, or a `SharedSlice`'s segment sent from its
@@ -82,23 +86,32 @@ pub(super) fn isend(
     if code != 0 {
         return Err(format!("MPI_Isend to rank {rank} failed with code {code}"));
     }
-    super::bell::ring(rank);
+    // A beat wakes nobody: it is noted on the receiver's next turn (within 5 ms).
+    let ring = tag != crate::wire::TAG_BEAT;
+    if ring {
+        super::bell::ring(rank);
+    }
     Ok(PendingSend {
         request,
         _buffer: buffer,
         rank,
+        rings: ring,
+        ring_when_sent: false,
     })
 }
 
-/// Drops the sends that completed; keeps the others. A receiver on a doorbell is rung again
-/// when its message is sent: one MPI held back at first is whole only now.
+/// Drops the sends that completed; keeps the others. A receiver on a doorbell was rung when
+/// its message went out; a message still going at its first test (a big one, which moves as
+/// the receiver takes it) rings it again once it is sent.
 pub(super) fn test_sends(sends: &mut Vec<PendingSend>) {
     sends.retain_mut(|send| {
         let mut flag = 0;
         // SAFETY: `request` came from MPI_Isend and was not completed yet.
         let code = unsafe { ffi::MPI_Test(&mut send.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
         let pending = code == 0 && flag == 0;
-        if !pending {
+        if pending {
+            send.ring_when_sent = send.rings;
+        } else if send.ring_when_sent {
             super::bell::ring(send.rank);
         }
         pending
@@ -414,11 +427,30 @@ pub(super) enum Awaited {
 /// comes soon after the last one is seen at once (it yields for 300 us), a later one as
 /// [`Awaited`] says, and a rank idle for 20 ms polls about 2000 times a second.
 pub(super) struct Backoff {
-    pub(super) idle_since: Option<Instant>,
+    /// Since when nothing happened (`None`: something just did).
+    idle_since: Option<Instant>,
+    /// When the thread last had work (a message other than a beat, a local outcome, a job).
+    worked_at: Instant,
 }
 
 impl Backoff {
+    pub(super) fn new() -> Backoff {
+        Backoff {
+            idle_since: None,
+            worked_at: Instant::now(),
+        }
+    }
+
+    /// The thread just had work.
     pub(super) fn busy(&mut self) {
+        self.idle_since = None;
+        self.worked_at = Instant::now();
+    }
+
+    /// The thread was rung: what rang is most likely here, or about to be, so it looks at
+    /// once and yields for a while as after work; but a ring is no work, so the polling for
+    /// the next call after work does not start again.
+    pub(super) fn woke(&mut self) {
         self.idle_since = None;
     }
 
@@ -429,33 +461,57 @@ impl Backoff {
     /// it polls MPI only every [`BELL_POLL`](super::bell::BELL_POLL).
     pub(super) fn pause(&mut self, awaited: Awaited, rung: bool) -> Option<Duration> {
         let idle = self.idle_since.get_or_insert_with(Instant::now).elapsed();
-        let wait = Self::interval(idle, awaited)
-            .map(|wait| if rung { super::bell::BELL_POLL } else { wait });
+        let wait = Self::wait(idle, self.worked_at.elapsed(), awaited, rung);
         if wait.is_none() {
             std::thread::yield_now();
         }
         wait
     }
 
-    /// How long to wait after `idle` without news; `None`: yield once and look again.
-    fn interval(idle: Duration, awaited: Awaited) -> Option<Duration> {
+    /// How long to wait after `idle` without news and `since_work` without work, `rung` or
+    /// not; `None`: yield once and look again.
+    fn wait(
+        idle: Duration,
+        since_work: Duration,
+        awaited: Awaited,
+        rung: bool,
+    ) -> Option<Duration> {
+        Self::interval(idle, since_work, awaited).map(|wait| {
+            // A rank that will be rung sleeps, except while it waits for work in the 20 ms
+            // after its last (the caller's next call is most likely coming): on a VM, a vCPU
+            // that sleeps for milliseconds is halted, and a RUN that had to wake it started its
+            // task 1-5 ms late (the seeds' halves over 2 ranks: 12.3 ms a run instead of 10.0).
+            let next_call_soon =
+                awaited == Awaited::Start && since_work < Duration::from_millis(20);
+            if rung && !next_call_soon {
+                super::bell::BELL_POLL
+            } else {
+                wait
+            }
+        })
+    }
+
+    /// How long to wait after `idle` without news and `since_work` without work, polling;
+    /// `None`: yield once and look again.
+    fn interval(idle: Duration, since_work: Duration, awaited: Awaited) -> Option<Duration> {
         const POLL_FAST: Duration = Duration::from_micros(20);
         const POLL_SLOW: Duration = Duration::from_micros(500);
+        const SOON: Duration = Duration::from_millis(20);
         if idle < Duration::from_micros(300) {
-            None
-        } else if idle >= Duration::from_millis(20) {
-            Some(POLL_SLOW)
-        } else {
-            match awaited {
-                Awaited::Start => Some(POLL_FAST),
-                Awaited::Answer if idle < Duration::from_millis(1) => Some(POLL_FAST),
-                // Polling every 20 us all through a CPU-bound task took a share of a core
-                // from the workers: the seeds' CPU-bound halves over 2 ranks fell from
-                // 1.5-1.8x to 0.8-1.4x the 1-rank time.
-                Awaited::Answer => Some((idle / 16).clamp(POLL_FAST, POLL_SLOW)),
-                Awaited::Hidden => Some(Duration::from_micros(300)),
-            }
+            return None;
         }
+        Some(match awaited {
+            // The next call most likely comes soon after the last work (not after a beat).
+            Awaited::Start if since_work < SOON => POLL_FAST,
+            Awaited::Start => POLL_SLOW,
+            _ if idle >= SOON => POLL_SLOW,
+            Awaited::Answer if idle < Duration::from_millis(1) => POLL_FAST,
+            // Polling every 20 us all through a CPU-bound task took a share of a core
+            // from the workers: the seeds' CPU-bound halves over 2 ranks fell from
+            // 1.5-1.8x to 0.8-1.4x the 1-rank time.
+            Awaited::Answer => (idle / 16).clamp(POLL_FAST, POLL_SLOW),
+            Awaited::Hidden => Duration::from_micros(300),
+        })
     }
 }
 
@@ -539,18 +595,63 @@ mod tests {
     #[test]
     fn an_answer_is_polled_for_fast_for_a_millisecond_then_more_slowly_as_the_wait_grows() {
         use Awaited::*;
-        assert_eq!(Backoff::interval(us(100), Answer), None);
-        assert_eq!(Backoff::interval(us(400), Answer), Some(us(20)));
-        assert_eq!(Backoff::interval(us(999), Answer), Some(us(20)));
-        assert_eq!(Backoff::interval(us(1_600), Answer), Some(us(100)));
-        assert_eq!(Backoff::interval(us(8_000), Answer), Some(us(500)));
-        assert_eq!(Backoff::interval(us(15_000), Answer), Some(us(500)));
+        assert_eq!(Backoff::interval(us(100), us(100), Answer), None);
+        assert_eq!(Backoff::interval(us(400), us(400), Answer), Some(us(20)));
+        assert_eq!(Backoff::interval(us(999), us(999), Answer), Some(us(20)));
+        assert_eq!(
+            Backoff::interval(us(1_600), us(1_600), Answer),
+            Some(us(100))
+        );
+        assert_eq!(
+            Backoff::interval(us(8_000), us(8_000), Answer),
+            Some(us(500))
+        );
+        assert_eq!(
+            Backoff::interval(us(15_000), us(15_000), Answer),
+            Some(us(500))
+        );
         // An idle rank stays quick to start the next call, queued work hides the rest.
-        assert_eq!(Backoff::interval(us(15_000), Start), Some(us(20)));
-        assert_eq!(Backoff::interval(us(400), Hidden), Some(us(300)));
+        assert_eq!(
+            Backoff::interval(us(15_000), us(15_000), Start),
+            Some(us(20))
+        );
+        assert_eq!(Backoff::interval(us(400), us(400), Hidden), Some(us(300)));
+    }
+
+    #[test]
+    fn a_rank_that_will_be_rung_sleeps_unless_it_just_worked_and_awaits_the_next_call() {
+        use Awaited::*;
+        let bell = super::super::bell::BELL_POLL;
+        // Right after work it yields, rung or not.
+        assert_eq!(Backoff::wait(us(100), us(100), Answer, true), None);
+        assert_eq!(Backoff::wait(us(100), us(100), Start, true), None);
+        // Awaiting an answer, or work hidden behind a queue: it sleeps until a ring.
+        assert_eq!(Backoff::wait(us(400), us(400), Answer, true), Some(bell));
+        assert_eq!(
+            Backoff::wait(us(15_000), us(15_000), Hidden, true),
+            Some(bell)
+        );
+        // Awaiting the next call: polled for as before for 20 ms, then a ring wakes it.
+        assert_eq!(Backoff::wait(us(400), us(400), Start, true), Some(us(20)));
+        assert_eq!(
+            Backoff::wait(us(25_000), us(25_000), Start, true),
+            Some(bell)
+        );
+        // Woken (a ring, a beat) long after its last work: no polling for the next call.
+        assert_eq!(Backoff::wait(us(400), us(25_000), Start, true), Some(bell));
+        assert_eq!(Backoff::interval(us(400), us(25_000), Start), Some(us(500)));
+        // Not rung: the polling intervals.
+        assert_eq!(Backoff::wait(us(400), us(400), Answer, false), Some(us(20)));
+        assert_eq!(
+            Backoff::wait(us(25_000), us(25_000), Start, false),
+            Some(us(500))
+        );
         for awaited in [Start, Answer, Hidden] {
-            assert_eq!(Backoff::interval(us(100), awaited), None);
-            assert_eq!(Backoff::interval(us(30_000), awaited), Some(us(500)));
+            assert_eq!(Backoff::interval(us(100), us(100), awaited), None);
+            assert_eq!(
+                Backoff::interval(us(30_000), us(30_000), awaited),
+                Some(us(500))
+            );
         }
     }
 
@@ -559,7 +660,7 @@ mod tests {
         let mut idle = us(300);
         let mut polls = 0;
         while idle < Duration::from_millis(15) {
-            idle += Backoff::interval(idle, Awaited::Answer).unwrap_or(us(1));
+            idle += Backoff::interval(idle, idle, Awaited::Answer).unwrap_or(us(1));
             polls += 1;
         }
         assert!(polls < 100, "{polls} polls");
