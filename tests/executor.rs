@@ -28,6 +28,8 @@ struct GateState {
     open: bool,
     started: usize,
     finished: usize,
+    /// The worker (of a pool in this process) that ran the task last.
+    ran_on: Option<usize>,
 }
 
 static GATES: LazyLock<Mutex<HashMap<u64, Arc<Gate>>>> = LazyLock::new(Default::default);
@@ -72,12 +74,20 @@ impl Gate {
     fn finished(&self) -> usize {
         self.state.lock().unwrap().finished
     }
+
+    fn ran_on(&self) -> Option<usize> {
+        self.state.lock().unwrap().ran_on
+    }
 }
 
 /// Starts, waits for gate `id` to open, finishes, and returns `id`.
 fn gated(id: u64) -> u64 {
     let gate = Arc::clone(&GATES.lock().unwrap()[&id]);
-    gate.update(|s| s.started += 1);
+    let worker = parjob::worker_info().worker;
+    gate.update(|s| {
+        s.started += 1;
+        s.ran_on = worker;
+    });
     gate.wait_until(|s| s.open);
     gate.update(|s| s.finished += 1);
     id
@@ -180,7 +190,16 @@ fn a_submitted_task_past_its_time_limit_fails_with_timeout() {
             executor.submit(task)
         };
         let err = held.result_timeout(WAIT_LIMIT).unwrap_err();
-        assert_eq!(err, Error::timeout(0, limit, false), "{name}: {err}");
+        // It names the thread left running it.
+        let worker = gate.ran_on();
+        assert!(worker.is_some(), "{name}: a pool's thread ran it");
+        assert_eq!(
+            err,
+            Error::timeout_left_running(0, limit, worker),
+            "{name}: {err}"
+        );
+        let on = format!("on worker {}, not stopped", worker.unwrap_or_default());
+        assert!(err.to_string().contains(&on), "{name}: {err}");
         assert_eq!(
             gate.finished(),
             0,
@@ -242,11 +261,11 @@ fn a_timed_out_futures_callback_that_waits_stalls_no_other_timeout() {
     });
     assert_eq!(
         third.result_timeout(WAIT_LIMIT),
-        Err(Error::timeout(2, c, false))
+        Err(Error::timeout_left_running(2, c, gates[2].1.ran_on()))
     );
     assert_eq!(
         seen.recv_timeout(WAIT_LIMIT).unwrap(),
-        Err(Error::timeout(1, b, false))
+        Err(Error::timeout_left_running(1, b, gates[1].1.ran_on()))
     );
     for (_, gate) in &gates {
         gate.open();

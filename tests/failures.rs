@@ -149,11 +149,17 @@ fn run_unordered_yields_the_failure_with_its_index() {
 
 #[test]
 fn a_task_over_its_timeout_fails_fast_with_timeout() {
+    /// The worker that ran the 3 s nap (the one left running at the limit).
+    static HUNG_ON: std::sync::Mutex<Option<Option<usize>>> = std::sync::Mutex::new(None);
     for target in IN_PROCESS {
         fn nap(ms: u64) -> u64 {
+            if ms == 3_000 {
+                *HUNG_ON.lock().unwrap() = Some(parjob::worker_info().worker);
+            }
             std::thread::sleep(Duration::from_millis(ms));
             ms
         }
+        *HUNG_ON.lock().unwrap() = None;
         let began = Instant::now();
         let err = target
             .parallel(2)
@@ -165,12 +171,20 @@ fn a_task_over_its_timeout_fails_fast_with_timeout() {
                 index,
                 after,
                 killed,
+                worker,
                 ..
             } => {
                 assert_eq!(
                     (*index, *after, *killed),
                     (2, Duration::from_millis(100), false)
                 );
+                // It names the worker left running it (a pool's thread).
+                let hung_on = HUNG_ON.lock().unwrap().expect("the nap started");
+                assert_eq!(*worker, hung_on, "{target}: {err}");
+                if let Some(w) = hung_on {
+                    let on = format!("on worker {w}, not stopped");
+                    assert!(err.to_string().contains(&on), "{target}: {err}");
+                }
             }
             other => panic!("expected Timeout, got {other:?}"),
         }

@@ -8,14 +8,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::batch::{Destination, ErasedBatch, TypedBatch};
 use crate::batching::{BatchSize, Sizer};
 use crate::events::{EventSink, Observer};
-use crate::pool::{Completion, Job, JobReport, Message, Pool, RunControl};
+use crate::pool::{Completion, Job, JobReport, Message, Pool, RunControl, StartStamp};
 use crate::progress::Reporter;
 use crate::retry::{Retrier, Retry};
 use crate::{Error, Task};
@@ -148,7 +148,7 @@ fn nanos(duration: Duration) -> u64 {
 struct Watched {
     seq: u64,
     first_index: usize,
-    started: Arc<AtomicU64>,
+    started: Arc<StartStamp>,
     /// The task's limit: its own, or the run's.
     timeout: Duration,
 }
@@ -431,9 +431,9 @@ where
         seq: u64,
         first_index: usize,
         timeout: Option<Duration>,
-    ) -> Option<Arc<AtomicU64>> {
+    ) -> Option<Arc<StartStamp>> {
         let timeout = timeout.filter(|_| self.watches_timeouts())?;
-        let started = Arc::new(AtomicU64::new(0));
+        let started = Arc::new(StartStamp::new(0));
         self.watched.push(Watched {
             seq,
             first_index,
@@ -699,7 +699,10 @@ where
             values: Vec::new(),
             in_place: false,
             written: 0,
-            failures: vec![(0, Error::timeout(watched.first_index, timeout, false))],
+            failures: vec![(
+                0,
+                Error::timeout_left_running(watched.first_index, timeout, watched.started.worker()),
+            )],
         })
     }
 

@@ -59,8 +59,9 @@ pub enum Error {
         after: Duration,
         /// Whether the worker running it was killed (process backend) or left running (threads).
         killed: bool,
-        /// Index in its pool of the worker process that was killed, when known (process
-        /// backend; on MPI, the local worker of the rank that ran the task).
+        /// Index in its pool of the worker that ran the task, when known: the worker process
+        /// that was killed (process backend; on MPI, the local worker of the rank that ran
+        /// the task), or the thread left running it (threading backend).
         worker: Option<usize>,
         /// Process id of that worker, when known.
         pid: Option<u32>,
@@ -457,6 +458,19 @@ impl Error {
         }
     }
 
+    /// [`Error::Timeout`] of a task left running at its limit on a thread: `worker` of its
+    /// pool, when it ran on a pool's thread (not on the calling thread).
+    pub fn timeout_left_running(index: usize, after: Duration, worker: Option<usize>) -> Error {
+        Error::Timeout {
+            index,
+            after,
+            killed: false,
+            worker,
+            pid: None,
+            returned_after: None,
+        }
+    }
+
     /// [`Error::Timeout`] of a task whose worker process, `worker` of its pool with process
     /// id `pid`, was killed at its limit.
     pub fn timeout_killing(index: usize, after: Duration, worker: usize, pid: u32) -> Error {
@@ -624,8 +638,6 @@ impl Error {
     }
 }
 
-/// What follows a timeout's limit in its message: whether its worker was killed, or how the
-/// task that could not be stopped ended.
 /// Where a panicking task ran, for [`Error::TaskPanicked`]'s message.
 fn ran_on_note(worker: Option<usize>, pid: Option<u32>) -> String {
     match (worker, pid) {
@@ -636,6 +648,8 @@ fn ran_on_note(worker: Option<usize>, pid: Option<u32>) -> String {
     }
 }
 
+/// What follows a timeout's limit in its message: whether its worker was killed, or how the
+/// task that could not be stopped ended (and on which thread worker it runs on).
 fn timeout_note(
     killed: bool,
     worker: Option<usize>,
@@ -651,8 +665,10 @@ fn timeout_note(
             " (seen when it returned, after {ran:.1?}: a task on a thread cannot be stopped, so \
              the run waited for it; the process backend enforces a hard limit)"
         ),
-        (false, None) => " (not stopped: a task on a thread runs to its end, whether or not the \
-                           run waits for it; the process backend enforces a hard limit)"
-            .to_string(),
+        (false, None) => format!(
+            " ({}not stopped: a task on a thread runs to its end, whether or not the run waits \
+             for it; the process backend enforces a hard limit)",
+            worker.map_or(String::new(), |w| format!("on worker {w}, "))
+        ),
     }
 }

@@ -15,12 +15,12 @@
 //! wins. A cancelled future is done at once; its job is later completed unrun by the pool.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use crate::batch::TypedBatch;
-use crate::pool::{CANCELLED_BEFORE_START, Completion, Job, Pool, Reply, RunControl};
+use crate::pool::{CANCELLED_BEFORE_START, Completion, Job, Pool, Reply, RunControl, StartStamp};
 use crate::{Error, Task};
 
 /// The outcome of one task submitted on its own, available once the task is done:
@@ -72,7 +72,7 @@ struct Shared<R> {
     slot: Mutex<Slot<R>>,
     done: Condvar,
     /// The job's start stamp: 0 before it starts, [`CANCELLED_BEFORE_START`] once cancelled.
-    started: Arc<AtomicU64>,
+    started: Arc<StartStamp>,
     control: Arc<RunControl>,
 }
 
@@ -246,7 +246,7 @@ impl<R> Future<R> {
                 index,
                 slot: Mutex::new(slot),
                 done: Condvar::new(),
-                started: Arc::new(AtomicU64::new(stamp)),
+                started: Arc::new(StartStamp::new(stamp)),
                 control: Arc::new(RunControl::new(timeout)),
             }),
         }
@@ -829,7 +829,8 @@ impl<R: Send> Expiring for Shared<R> {
 
     fn expire(&self, limit: Duration) -> Vec<Box<dyn FnOnce() + Send>> {
         // The task runs on, on its thread, as it does under `Parallel::run` on threads.
-        self.settle(Err(Error::timeout(self.index, limit, false)))
+        let worker = self.started.worker();
+        self.settle(Err(Error::timeout_left_running(self.index, limit, worker)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! with exactly one completion. The sequential pool lives here too.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ pub struct Job {
     batch: Option<Box<dyn ErasedBatch>>,
     control: Arc<RunControl>,
     seq: u64,
-    started: Option<Arc<AtomicU64>>,
+    started: Option<Arc<StartStamp>>,
     /// Called each time the job is marked started: a future's time limit starts then.
     on_start: Option<Arc<dyn Fn() + Send + Sync>>,
     reply: Option<Reply>,
@@ -143,6 +143,39 @@ pub(crate) enum Message {
 /// The start stamp of a job cancelled before it started: such a job must not run.
 pub(crate) const CANCELLED_BEFORE_START: u64 = u64::MAX;
 
+/// When a watched job started, and where: the stamp (nanos since its run began, plus one; 0
+/// before it starts, [`CANCELLED_BEFORE_START`] once cancelled) that [`Job::mark_started`] and
+/// [`Future::cancel`](crate::Future::cancel) race on, and the in-process worker that marked
+/// it, which a timeout seen by the watcher names. Derefs to the stamp.
+#[derive(Debug)]
+pub(crate) struct StartStamp {
+    at: AtomicU64,
+    /// The worker's index, or `usize::MAX` for none (the calling thread, another process).
+    worker: AtomicUsize,
+}
+
+impl StartStamp {
+    pub(crate) fn new(at: u64) -> StartStamp {
+        StartStamp {
+            at: AtomicU64::new(at),
+            worker: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The in-process worker (a thread of a pool) that started the job, if one did.
+    pub(crate) fn worker(&self) -> Option<usize> {
+        Some(self.worker.load(Ordering::Acquire)).filter(|&w| w != usize::MAX)
+    }
+}
+
+impl std::ops::Deref for StartStamp {
+    type Target = AtomicU64;
+
+    fn deref(&self) -> &AtomicU64 {
+        &self.at
+    }
+}
+
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
@@ -170,7 +203,7 @@ impl Job {
         seq: u64,
         batch: Box<dyn ErasedBatch>,
         control: Arc<RunControl>,
-        started: Option<Arc<AtomicU64>>,
+        started: Option<Arc<StartStamp>>,
         reply: impl Into<Reply>,
     ) -> Self {
         Job {
@@ -235,6 +268,11 @@ impl Job {
             .nanos_since_start()
             .saturating_add(1)
             .min(CANCELLED_BEFORE_START - 1);
+        // Which thread worker starts it (before the stamp, which publishes it): a timeout the
+        // watcher sees names it. Nothing for a pool that starts jobs off its workers.
+        if let (Some(worker), None) = crate::worker::panic_place() {
+            started.worker.store(worker, Ordering::Release);
+        }
         let mut current = started.load(Ordering::Acquire);
         loop {
             if current == CANCELLED_BEFORE_START {
