@@ -263,6 +263,18 @@ mod suite {
         x
     }
 
+    /// Overflows the local worker's stack at 4 (4 KiB frames, far deeper than any stack).
+    fn overflows_at_4(x: u64) -> u64 {
+        fn recurse(depth: u64) -> u64 {
+            let frame = std::hint::black_box([depth as u8; 4096]);
+            if depth == 0 {
+                return u64::from(frame[0]);
+            }
+            recurse(depth - 1) + u64::from(std::hint::black_box(frame)[100])
+        }
+        if x == 4 { recurse(10_000_000) } else { x }
+    }
+
     /// A result whose `Deserialize` panics on 13: it runs on one of rank 0's decoder threads.
     #[derive(Debug, serde::Serialize)]
     struct Touchy(u64);
@@ -508,6 +520,21 @@ mod suite {
                     status: WorkerExit::Signaled(11),
                     ..
                 }
+            )
+        })
+    }
+
+    /// A stack overflow in a rank's local worker crosses to rank 0 with the worker's last
+    /// words, which name it.
+    fn stack_overflow() -> Result<(), String> {
+        failure_then_recovery(overflows_at_4, 4, |e| {
+            matches!(
+                e,
+                Error::WorkerCrashed {
+                    status: WorkerExit::Signaled(6),
+                    last_words: Some(said),
+                    ..
+                } if said.contains("has overflowed its stack")
             )
         })
     }
@@ -1399,6 +1426,7 @@ mod suite {
             ("result_decode_panic", result_decode_panic),
             ("abort", abort),
             ("segfault", segfault),
+            ("stack_overflow", stack_overflow),
             ("timeout", timeout),
             ("unreadable_run", unreadable_run),
             ("executor", executor),

@@ -508,6 +508,64 @@ impl<'de> Deserialize<'de> for Crash {
     }
 }
 
+/// Recurses `depth` times with a 4 KiB frame each: deep enough, it overflows the worker's
+/// stack (the Rust runtime then says so on stderr and aborts).
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth as u8; 4096]);
+    if depth == 0 {
+        return u64::from(frame[0]);
+    }
+    recurse(depth - 1) + u64::from(std::hint::black_box(frame)[100])
+}
+
+/// A stack overflow in a task is a crash like an abort, and the error says it was a stack
+/// overflow: what the worker's stderr said as it died (the Rust runtime's words), not only
+/// "SIGABRT". A crash that says nothing of the kind has no last words.
+#[test]
+fn a_stack_overflow_in_a_task_is_named_in_the_crash_error() {
+    let parallel = processes(1);
+    let err = parallel
+        .run([1u64, 10_000_000].map(|depth| delayed(recurse, depth)))
+        .unwrap_err();
+    let Error::WorkerCrashed {
+        index,
+        status,
+        last_words,
+        ..
+    } = &err
+    else {
+        panic!("expected WorkerCrashed, got {err:?}");
+    };
+    assert_eq!(
+        (*index, status.to_string()),
+        (1, "killed by signal 6 (SIGABRT)".into())
+    );
+    let said = last_words.as_deref().unwrap_or_default();
+    assert!(said.contains("has overflowed its stack"), "{err}");
+    // (In this test binary a worker runs its tasks on the harness's thread, not `main`.)
+    let text = err.to_string();
+    assert!(
+        text.contains("(its last words on stderr: thread '")
+            && text.contains("has overflowed its stack"),
+        "{err}"
+    );
+    // The pool goes on, and a plain abort has no last words.
+    assert_eq!(parallel.run([delayed(recurse, 3)]).unwrap(), [3 + 2 + 1]);
+    let err = parallel
+        .run((0..8u32).map(|i| delayed(crash_on_five, (i, Crash::Abort))))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::WorkerCrashed {
+                last_words: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn a_crashing_worker_is_reported_replaced_and_the_pool_goes_on() {
     for (how, status) in [

@@ -33,7 +33,7 @@ pub enum Error {
     },
 
     /// The worker process running the task died (abort, signal, `exit`) before answering.
-    #[error("task {index}: worker {worker} (pid {pid}) crashed: {status}")]
+    #[error("task {index}: worker {worker} (pid {pid}) crashed: {status}{}", last_words_note(.last_words))]
     #[non_exhaustive]
     WorkerCrashed {
         /// Position of the task in the input.
@@ -44,6 +44,11 @@ pub enum Error {
         pid: u32,
         /// How it ended; displayed as e.g. `killed by signal 6 (SIGABRT)` or `exit status 3`.
         status: WorkerExit,
+        /// What the worker said on stderr as it died, when that names the cause: the Rust
+        /// runtime's `thread 'main' has overflowed its stack`, its `fatal runtime error: ...`,
+        /// or the C library's `free(): double free detected in tcache 2` and the like (at most
+        /// the last two such lines). `None` when it said none of those.
+        last_words: Option<String>,
     },
 
     /// The task ran longer than the `timeout` set on the `Parallel`.
@@ -443,7 +448,18 @@ impl Error {
             worker,
             pid,
             status,
+            last_words: None,
         }
+    }
+
+    /// This error with the dead worker's `last_words` (see [`Error::WorkerCrashed`]), if it
+    /// is a [`Error::WorkerCrashed`]; any other error as it is.
+    #[must_use]
+    pub fn with_last_words(mut self, said: Option<String>) -> Error {
+        if let Error::WorkerCrashed { last_words, .. } = &mut self {
+            *last_words = said;
+        }
+        self
     }
 
     /// [`Error::Timeout`], seen at its limit (the worker killed, or the task left running).
@@ -635,6 +651,14 @@ impl Error {
             _ => {}
         }
         self
+    }
+}
+
+/// What a crashed worker said as it died, for [`Error::WorkerCrashed`]'s message.
+fn last_words_note(last_words: &Option<String>) -> String {
+    match last_words {
+        Some(said) => format!(" (its last words on stderr: {said})"),
+        None => String::new(),
     }
 }
 

@@ -148,15 +148,18 @@ pub(crate) fn put_failure(out: &mut Vec<u8>, error: &Error) {
             worker,
             pid,
             status,
+            last_words,
             ..
         } => {
             out.push(2);
             put_u64(out, index);
             put_u32(out, u32::try_from(*worker).unwrap_or(u32::MAX));
             put_u32(out, *pid);
+            // The text: the status's for `Lost`, else the worker's last words (empty: none).
+            let said = last_words.as_deref().unwrap_or_default();
             let (kind, code, text) = match status {
-                WorkerExit::Exited(code) => (0u8, *code, ""),
-                WorkerExit::Signaled(signal) => (1, *signal, ""),
+                WorkerExit::Exited(code) => (0u8, *code, said),
+                WorkerExit::Signaled(signal) => (1, *signal, said),
                 WorkerExit::Lost(text) => (2, 0, text.as_str()),
                 _ => (2, 0, "ended in a way this version cannot say"),
             };
@@ -231,12 +234,13 @@ pub(crate) fn read_failure(r: &mut Reader<'_>) -> Option<Error> {
             let status_kind = r.u8()?;
             let code = i32::from_le_bytes(r.take(4)?.try_into().ok()?);
             let text = r.text()?;
-            let status = match status_kind {
-                0 => WorkerExit::Exited(code),
-                1 => WorkerExit::Signaled(code),
-                _ => WorkerExit::Lost(text),
+            let (status, said) = match status_kind {
+                0 => (WorkerExit::Exited(code), Some(text)),
+                1 => (WorkerExit::Signaled(code), Some(text)),
+                _ => (WorkerExit::Lost(text), None),
             };
-            Error::worker_crashed(index, worker, pid, status)
+            let said = said.filter(|said| !said.is_empty());
+            Error::worker_crashed(index, worker, pid, status).with_last_words(said)
         }
         3 => {
             let after = Duration::from_nanos(r.u64()?);
@@ -272,6 +276,8 @@ mod tests {
             Error::task_panicked_on(3, "boom", Some(0), None),
             Error::worker_crashed(4, 1, 77, WorkerExit::Signaled(6)),
             Error::worker_crashed(5, 0, 78, WorkerExit::Exited(3)),
+            Error::worker_crashed(5, 0, 78, WorkerExit::Signaled(6))
+                .with_last_words(Some("thread 'main' has overflowed its stack".into())),
             Error::timeout(6, Duration::from_millis(200), true),
             Error::timeout_killing(6, Duration::from_millis(200), 1, 4242),
             Error::timeout_on_return(6, Duration::from_millis(5), Duration::from_millis(9)),

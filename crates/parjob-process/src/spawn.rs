@@ -21,7 +21,7 @@ use parjob_remote::{
 use crate::link;
 use crate::mapping::Arena;
 use crate::shared::SentSegments;
-use crate::watch::{ChildWatch, Sink, forward_lines, spawn_thread, wait_for_output};
+use crate::watch::{ChildWatch, LastWords, Sink, forward_lines, spawn_thread, wait_for_output};
 use crate::wire::{
     Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
     EXIT_NOT_DRIVERS_CHILD, EXIT_REFUSED_DRIVER, Hello, PROTOCOL, Shipment, WELCOMED,
@@ -144,6 +144,8 @@ pub(crate) struct Worker {
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
     output_done: Receiver<()>,
+    /// What its stderr said that names a death (see [`LastWords`]).
+    last_words: LastWords,
 }
 
 impl Worker {
@@ -168,6 +170,11 @@ impl Worker {
     /// Waits (briefly) until the dead worker's last output has been forwarded.
     pub(crate) fn wait_for_output(&self) {
         wait_for_output(&self.output_done);
+    }
+
+    /// What the worker's stderr said that names why it died (after [`wait_for_output`]).
+    pub(crate) fn last_words(&self) -> Option<String> {
+        self.last_words.said()
     }
 }
 
@@ -374,17 +381,20 @@ impl Starter<'_> {
             .prefix_output
             .then(|| format!("[worker {}] ", self.index));
         let test_support = TEST_SUPPORT.load(Ordering::Relaxed);
+        let last_words = LastWords::default();
         if let Some(out) = child.stdout.take() {
             forward_lines(
                 out,
                 Sink::Stdout,
                 prefix.clone(),
                 test_support,
+                None,
                 output_tx.clone(),
             );
         }
         if let Some(err) = child.stderr.take() {
-            forward_lines(err, Sink::Stderr, prefix, test_support, output_tx);
+            let heard = Some(last_words.clone());
+            forward_lines(err, Sink::Stderr, prefix, test_support, heard, output_tx);
         }
         let child = Arc::new(ChildWatch::new(child.id()));
         let pid = child.pid;
@@ -718,6 +728,7 @@ impl Starter<'_> {
             home: pending.home.take(),
             tasks_run: 0,
             output_done,
+            last_words,
             task_arena: None,
             result_arena: None,
             segments: SentSegments::default(),

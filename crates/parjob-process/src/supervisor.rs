@@ -1621,7 +1621,8 @@ impl Supervisor {
                 self.index,
                 pid,
                 status.unwrap_or_else(|| WorkerExit::Lost("lost".into())),
-            ),
+            )
+            .with_last_words(worker.last_words()),
         };
         FrameEnd::Died { at, error }
     }

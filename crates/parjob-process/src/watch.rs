@@ -124,6 +124,7 @@ pub(crate) fn forward_lines(
     sink: Sink,
     prefix: Option<String>,
     drop_banner: bool,
+    last_words: Option<LastWords>,
     done: Sender<()>,
 ) {
     use std::io::Write;
@@ -132,6 +133,9 @@ pub(crate) fn forward_lines(
         let banner = drop_banner && matches!(sink, Sink::Stdout);
         let prefix = prefix.unwrap_or_default();
         copy_lines(pipe, prefix.as_bytes(), banner, |text| {
+            if let Some(last_words) = &last_words {
+                last_words.hear(&text[prefix.len().min(text.len())..]);
+            }
             let _ = match sink {
                 Sink::Stdout => {
                     let mut out = std::io::stdout().lock();
@@ -217,6 +221,59 @@ fn read_piece(reader: &mut impl std::io::BufRead, piece: &mut Vec<u8>) -> std::i
     Ok(())
 }
 
+/// The lines of a worker's stderr that name why it died, kept as they are forwarded: the Rust
+/// runtime's stack overflow and fatal errors, and the C library's heap and stack checks (which
+/// abort). A task's own output that happens to say the same is taken for them.
+#[derive(Clone, Default)]
+pub(crate) struct LastWords(std::sync::Arc<Mutex<Vec<String>>>);
+
+/// Lines that contain one of these name a worker's death.
+const FATAL_MARKS: [&str; 10] = [
+    "has overflowed its stack",
+    "fatal runtime error:",
+    "free(): ",
+    "malloc(): ",
+    "realloc(): ",
+    "munmap_chunk(): ",
+    "double free or corruption",
+    "corrupted size vs. prev_size",
+    "*** stack smashing detected ***",
+    "*** buffer overflow detected ***",
+];
+
+/// How many such lines are kept (the last ones), and how much of each.
+const LAST_WORDS_LINES: usize = 2;
+const LAST_WORDS_CHARS: usize = 200;
+
+impl LastWords {
+    /// Notes `line` (or a piece of a long one) if it names a death.
+    fn hear(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let Some(at) = FATAL_MARKS.iter().filter_map(|mark| text.find(mark)).min() else {
+            return;
+        };
+        // From the start of the runtime's sentence (`thread 'main' has overflowed ...`), or
+        // from the mark itself.
+        let start = text[..at].rfind("thread '").unwrap_or(at);
+        let said: String = text[start..]
+            .trim_end()
+            .chars()
+            .take(LAST_WORDS_CHARS)
+            .collect();
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.push(said);
+        if kept.len() > LAST_WORDS_LINES {
+            kept.remove(0);
+        }
+    }
+
+    /// What was heard, the lines joined with `; `; `None` if nothing.
+    pub(crate) fn said(&self) -> Option<String> {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        (!kept.is_empty()).then(|| kept.join("; "))
+    }
+}
+
 /// Waits (briefly) until the forwarders whose `done` senders `output_done` belongs to have
 /// finished: a dead worker's last output is forwarded before its death is reported.
 pub(crate) fn wait_for_output(output_done: &Receiver<()>) {
@@ -240,6 +297,37 @@ mod tests {
             writes.push(text.to_vec())
         });
         writes
+    }
+
+    #[test]
+    fn a_dying_workers_stack_overflow_and_heap_checks_are_heard_and_nothing_else() {
+        let heard = LastWords::default();
+        heard.hear(b"computing 3 of 10\n");
+        assert_eq!(heard.said(), None);
+        heard.hear(b"\n");
+        heard.hear(b"thread 'main' has overflowed its stack\n");
+        heard.hear(b"fatal runtime error: stack overflow, aborting\n");
+        assert_eq!(
+            heard.said().as_deref(),
+            Some(
+                "thread 'main' has overflowed its stack; fatal runtime error: stack overflow, aborting"
+            )
+        );
+        let heard = LastWords::default();
+        heard.hear(b"free(): double free detected in tcache 2\n");
+        heard.hear(b"an unrelated line\n");
+        assert_eq!(
+            heard.said().as_deref(),
+            Some("free(): double free detected in tcache 2")
+        );
+        // Only the last two, each cut short.
+        let heard = LastWords::default();
+        for i in 0..5 {
+            heard.hear(format!("malloc(): corrupted top size {i}{}\n", "x".repeat(500)).as_bytes());
+        }
+        let said = heard.said().unwrap();
+        assert!(said.starts_with("malloc(): corrupted top size 3"), "{said}");
+        assert_eq!(said.len(), 2 * LAST_WORDS_CHARS + 2, "{said}");
     }
 
     #[test]
