@@ -272,6 +272,25 @@ fn a_timed_out_futures_callback_that_waits_stalls_no_other_timeout() {
     }
 }
 
+/// A future queued right behind one whose task hangs past its time limit, on a pool of one
+/// thread, runs on a replacement thread once that limit passes: it does not wait for the hung
+/// task to end (it waited, when it was queued before the hung task's thread had started).
+#[test]
+fn a_future_queued_behind_a_hung_timed_one_runs_on_a_replacement_thread() {
+    let executor = Executor::new(1).backend(Backend::Threading);
+    let (id, gate) = new_gate();
+    let hung = executor.submit(delayed(gated, id).timeout(Duration::from_millis(100)));
+    let mut behind = executor.submit(delayed(square, 3));
+    assert_eq!(behind.result_timeout(WAIT_LIMIT), Ok(9));
+    assert_eq!(gate.finished(), 0, "the hung task is still running");
+    assert!(
+        matches!(hung.result(), Err(Error::Timeout { index: 0, .. })),
+        "the hung task timed out"
+    );
+    gate.open();
+    gate.wait_until(|s| s.finished == 1);
+}
+
 /// On the sequential backend a submitted task runs inside `submit`: one past its limit is
 /// seen when it returns, as in `Parallel::run`.
 #[test]

@@ -244,18 +244,33 @@ impl ThreadPool {
             if let Err(error) = start_thread(&self.shared, index) {
                 thread_not_started(&self.shared, index, &error);
             }
-        } else if !state.watching && next_deadline(&state).is_some() {
-            state.watching = true;
+        } else if claim_watch(&mut state) {
             drop(state);
-            let for_watch = Arc::clone(&self.shared);
-            let started = std::thread::Builder::new()
-                .name("parjob-watch".into())
-                .spawn(move || watch(&for_watch));
-            if started.is_err() {
-                // The work still runs when a busy thread frees up; only sooner is lost.
-                self.shared.lock().watching = false;
-            }
+            start_watch(&self.shared);
         }
+    }
+}
+
+/// Whether a `parjob-watch` thread is needed now (work waits with no thread coming for it
+/// while a busy thread runs timed work) and none runs: then it counts as running, and the
+/// caller starts it ([`start_watch`]) once it let go of the lock.
+fn claim_watch(state: &mut State) -> bool {
+    if state.watching || next_deadline(state).is_none() {
+        return false;
+    }
+    state.watching = true;
+    true
+}
+
+/// Starts the `parjob-watch` thread that [`claim_watch`] claimed.
+fn start_watch(shared: &Arc<Shared>) {
+    let for_watch = Arc::clone(shared);
+    let started = std::thread::Builder::new()
+        .name("parjob-watch".into())
+        .spawn(move || watch(&for_watch));
+    if started.is_err() {
+        // The work still runs when a busy thread frees up; only sooner is lost.
+        shared.lock().watching = false;
     }
 }
 
@@ -479,7 +494,13 @@ fn work_loop(shared: &Arc<Shared>, index: usize) {
                 });
                 leaving.timed = Some(serial);
             }
+            // Work queued while this thread was starting or busy found no timed work to wait
+            // out then (a future submitted right behind a hung one): it may now.
+            let watch = claim_watch(&mut state);
             drop(state);
+            if watch {
+                start_watch(shared);
+            }
             work.run(broken.as_ref());
             state = shared.lock();
             if let Some(serial) = leaving.timed.take()
