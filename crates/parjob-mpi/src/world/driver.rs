@@ -1,8 +1,7 @@
 //! Rank 0's driver thread: the handshake, dispatching jobs to worker ranks, their `DONE`s,
 //! beats, lost ranks and the shutdown.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::unix::ffi::OsStrExt;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, PoisonError, Weak};
@@ -93,7 +92,9 @@ pub(super) struct DriverState<'w> {
     /// The doorbells of the ranks on this host (`None` where FIFOs could not be made).
     bells: Option<RankZeroBells>,
     /// The ranks that rang rank 0 at least once: they ring for every message they send.
-    ringing: HashSet<usize>,
+    ringing: BTreeSet<usize>,
+    /// When every rank had answered the handshake.
+    handshake_ended: Option<Instant>,
 }
 
 impl<'w> DriverState<'w> {
@@ -124,7 +125,8 @@ impl<'w> DriverState<'w> {
             last_beat: Instant::now(),
             completers: Completers::default(),
             bells,
-            ringing: HashSet::new(),
+            ringing: BTreeSet::new(),
+            handshake_ended: None,
         }
     }
 
@@ -133,6 +135,7 @@ impl<'w> DriverState<'w> {
     }
 
     fn finish_handshake(&mut self, result: Result<Vec<RankInfo>, Error>) {
+        self.handshake_ended.get_or_insert_with(Instant::now);
         let _ = self.driver.ranks.set(result);
         let (lock, ready) = &self.driver.ready;
         *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
@@ -265,11 +268,13 @@ impl<'w> DriverState<'w> {
             .any(|s| s.alive && s.in_flight > 0 && s.in_flight < 2 * s.info.workers)
     }
 
-    /// Whether every rank with jobs out rings rank 0's doorbell when it answers, and nothing
-    /// rank 0 sends is still going (MPI moves it on this thread's polls): then the driver
-    /// sleeps until a ring instead of polling MPI for the answers.
+    /// Whether every rank with jobs out rings rank 0's doorbell when it answers, a ring
+    /// still wakes the driver, and nothing rank 0 sends is still going (MPI moves it on this
+    /// thread's polls): then the driver sleeps until a ring instead of polling MPI for the
+    /// answers.
     fn every_awaited_rank_rings(&self) -> bool {
         self.sends.is_empty()
+            && self.bells.as_ref().is_some_and(RankZeroBells::listening)
             && self
                 .slots
                 .iter()
@@ -277,18 +282,12 @@ impl<'w> DriverState<'w> {
                 .all(|s| self.ringing.contains(&s.info.rank))
     }
 
-    /// Notes ranks that rang; once every rank on this host did, their FIFOs' directory goes
-    /// (the open FIFOs live on), so that a rank 0 killed later leaves nothing behind.
-    fn rang(&mut self, ranks: Vec<usize>) {
-        self.ringing.extend(ranks);
-        let every_one = self.handshaken()
-            && self
-                .slots
-                .iter()
-                .filter(|s| s.same_host)
-                .all(|s| self.ringing.contains(&s.info.rank));
-        if every_one && let Some(bells) = &mut self.bells {
-            bells.remove_dir();
+    /// A ring on rank 0's doorbell: notes the ranks that rang (those named the directory) and
+    /// removes the directory once it is of no more use.
+    fn rang(&mut self) {
+        if let Some(bells) = &mut self.bells {
+            self.ringing.extend(bells.take_rings());
+            bells.tidy(&self.ringing, self.handshake_ended);
         }
     }
 
@@ -334,7 +333,7 @@ impl<'w> DriverState<'w> {
                     self.send_to_ranks(ranks, TAG_POOL_END, &pool.to_le_bytes());
                 }
             }
-            Command::Rang(ranks) => self.rang(ranks),
+            Command::Rang => self.rang(),
             Command::Shutdown(_) => {}
         }
     }
@@ -418,10 +417,7 @@ impl<'w> DriverState<'w> {
         put_bytes(&mut welcome, self.host.as_bytes());
         // A rank on this host gets the doorbells' directory (see `bell`), the others nothing.
         let bells = match &mut self.bells {
-            Some(bells) if hello.host == self.host => {
-                bells.ring_on_sends_to(from);
-                bells.dir().as_os_str().as_bytes().to_vec()
-            }
+            Some(bells) if hello.host == self.host => bells.add(from).unwrap_or_default(),
             _ => Vec::new(),
         };
         put_bytes(&mut welcome, &bells);
@@ -782,6 +778,9 @@ impl<'w> DriverState<'w> {
             return;
         }
         self.last_check = Instant::now();
+        if let Some(bells) = &mut self.bells {
+            bells.tidy(&self.ringing, self.handshake_ended);
+        }
         if !self.handshaken() {
             if self.started.elapsed() > HELLO_DEADLINE {
                 let missing: Vec<usize> = (1..self.size)

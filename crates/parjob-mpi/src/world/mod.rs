@@ -157,9 +157,9 @@ enum Command {
     ClosePool { pool: u64 },
     /// The program is exiting: stop the ranks.
     Shutdown(Sender<()>),
-    /// These ranks rang rank 0's doorbell (see [`bell`]): a message from them is here, or
-    /// (the first time) they ring from now on.
-    Rang(Vec<usize>),
+    /// Rank 0's doorbell rang (see [`bell`]): a message is here, or (the first time a rank
+    /// rings) that rank rings from now on.
+    Rang,
 }
 
 /// A worker rank as rank 0 knows it after its `HELLO`.
@@ -280,9 +280,7 @@ fn mpi_thread(started: Sender<usize>) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        bell::RankZeroBells::make(size, move |ranks| {
-            commands.send(Command::Rang(ranks)).is_ok()
-        })
+        bell::RankZeroBells::make(size, move || commands.send(Command::Rang).is_ok())
     };
     let mut state = DriverState::new(&world, size, Arc::clone(&driver), bells);
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inbox)));

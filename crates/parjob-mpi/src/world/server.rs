@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Communicator, SimpleCommunicator};
 use parjob_core::{
     Error, Initializer, InitializerEntry, InitializerWith, Job, MAX_PROCESSES, Pool,
     ProcessOptions, Relayed, RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count,
@@ -119,6 +119,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     // When each of those frames arrived, by id.
     let mut received: HashMap<u64, Instant> = HashMap::new();
     let mut inbox = Inbox::default();
+    // What rank 0's rings on this rank's doorbell said, once this rank listens (see `bell`).
+    let mut rings: Option<Arc<bell::Rings>> = None;
     loop {
         let mut busy = false;
         while let Some((from, tag, bytes)) = inbox.next(world) {
@@ -147,10 +149,12 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     }
                     // Rank 0 shares this host: its doorbells' directory, if it could make one.
                     let bells = r.bytes().unwrap_or_default();
-                    if welcomed && !bells.is_empty() {
+                    if welcomed && !bells.is_empty() && rings.is_none() {
                         let rung = done_tx.clone();
                         let dir = Path::new(OsStr::from_bytes(bells));
-                        bell::join(dir, rank, move |_| rung.send(Local::Rung).is_ok());
+                        let wake = move || rung.send(Local::Rung).is_ok();
+                        let size = usize::try_from(world.size()).unwrap_or(usize::MAX);
+                        rings = bell::join(dir, rank, size, wake);
                     }
                 }
                 TAG_SEGMENT if welcomed => segments.announced(&bytes),
@@ -229,11 +233,21 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 Route::Held => {}
             }
         }
+        // A ring is no work: it only says to look at MPI again (next turn) and a while after.
+        let mut rung = false;
         while let Ok(local) = done_rx.try_recv() {
-            busy = true;
-            if let Local::Done(done) = local {
-                local_jobs = local_jobs.saturating_sub(1);
-                send_done(done, world, &mut sends);
+            match local {
+                Local::Done(done) => {
+                    busy = true;
+                    local_jobs = local_jobs.saturating_sub(1);
+                    send_done(done, world, &mut sends);
+                }
+                Local::Rung => {
+                    if let Some(rings) = &rings {
+                        rings.take();
+                    }
+                    rung = true;
+                }
             }
         }
         inbox.progress();
@@ -283,15 +297,17 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         if busy {
             backoff.busy();
+        } else if rung {
+            backoff.woke();
         } else if let Some(wait) = backoff.pause(
             match local_jobs {
                 0 => Awaited::Start,
                 n if n <= workers => Awaited::Answer,
                 _ => Awaited::Hidden,
             },
-            // Rank 0 rings for every message it sends here; MPI moves this rank's own sends
-            // on its polls.
-            bell::rings(0) && sends.is_empty(),
+            // Rank 0 rings for every message it sends here (while this rank listens); MPI
+            // moves this rank's own sends on its polls.
+            rings.as_ref().is_some_and(|rings| rings.listening()) && sends.is_empty(),
         ) {
             // A local outcome ends the wait at once: its DONE goes without a polling delay.
             // So does a ring from rank 0. Without a doorbell, a RUN is polled for often while
@@ -306,7 +322,13 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 }
                 // Rank 0 sent something: look for it at once and for a little while (MPI may
                 // not have it here yet).
-                Ok(Local::Rung) => backoff.woke(),
+                Ok(Local::Rung) => {
+                    // Who rang does not matter here (only rank 0 sends to this rank).
+                    if let Some(rings) = &rings {
+                        rings.take();
+                    }
+                    backoff.woke();
+                }
                 Err(_) => {}
             }
         }
