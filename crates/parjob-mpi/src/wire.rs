@@ -5,7 +5,7 @@
 //! | MPI tag | direction | layout |
 //! | --- | --- | --- |
 //! | `HELLO` | rank to 0 | `[identity len u32][Identity][host len u32][host][local workers u32][error len u32][error]` |
-//! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host][bells len u32][bells]`: 1 = same build, frames will follow; `bells`: the directory of the doorbells' FIFOs for a rank on rank 0's host (see `world/bell.rs`), else empty |
+//! | `WELCOME` | 0 to rank | `[accepted u8][rank 0 pid u32][host len u32][host][bells len u32][bells]`: 1 = same build, frames will follow; `bells`: for a rank on rank 0's host, `[dir len u32][dir][dev u64][ino u64][dev u64][ino u64]` (the doorbells' directory, and the identities of the rank's FIFO and of rank 0's; see `world/bell.rs`), else empty |
 //! | `SEGMENT` | 0 to rank | `[segment id u64]`: a `SharedSlice`'s segment, sent before the first `RUN` that names it on this rank; its bytes follow at once as `SEGMENT_BYTES` (MPI keeps one sender's messages in order) |
 //! | `SEGMENT_BYTES` | 0 to rank | the bytes of the segment the `SEGMENT` before it named, sent from the segment's own memory (no copy on rank 0) |
 //! | `FORGET` | 0 to rank | `[segment id u64]...`: segments the driver dropped; the rank lets go of them (its local workers unmap them once no job holds them) |
@@ -16,7 +16,7 @@
 //! | `DONE` | rank to 0 | `[DoneHeader][local worker u32][held nanos u64]` then entries: `[0][count u32][len u32][outcome records]` or `[1][failure]`; the local worker is `u32::MAX` when the local pool did not say; held: how long the frame was on the rank, from its `RUN` to this `DONE` |
 //! | `STOP` | 0 to rank | `[finalize u8]`: stop the local pool, answer `BYE`, then `MPI_Finalize` (1) or `_exit` (0, after a loss) |
 //! | `BYE` | rank to 0 | empty |
-//! | `BEAT` | either way | empty, every `BEAT_EVERY`: the sender is alive (rank 0 beats once the handshake is over) |
+//! | `BEAT` | either way | every `BEAT_EVERY`: the sender is alive (rank 0 beats once the handshake is over); rank 0's are empty, a rank's are `[rings u8]`: 1 while it rings rank 0's doorbell for every message (one is sent at once when it starts to) |
 //!
 //! A failure is `[kind u8][task index u64]` then: 1 panicked `[len u32][message]`; 2 local
 //! worker crashed `[worker u32][pid u32][status u8][code i32][len u32][text]` (status 0 exited

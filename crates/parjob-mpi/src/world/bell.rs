@@ -7,21 +7,24 @@
 //! CPU-bound halves over 2 ranks, rank 0 and the two rank servers used about 3 ms of CPU per
 //! 12 ms run between them, and an idle rank polled over 2,000 times a second.
 //!
-//! Ranks that share rank 0's host ring instead. Rank 0 makes a directory of its own (mode
-//! 0700: no other user can ring or listen) with its own FIFO, `0`, and a FIFO for each rank
-//! whose `HELLO` names its host; it names the directory in that rank's `WELCOME`. The rank
+//! Ranks that share rank 0's host ring instead. At the first `HELLO` that names its host, rank
+//! 0 makes a directory of its own (mode 0700: no other user can ring or listen) with its own
+//! FIFO, `0`, and then a FIFO for each rank on its host; it names the directory in that rank's
+//! `WELCOME`, with the device and inode numbers of the two FIFOs the rank is to open. The rank
 //! listens on its own FIFO and rings rank 0's. A message goes as before (MPI still carries
 //! every byte); after sending it the sender writes its rank number to the receiver's FIFO,
-//! which wakes a thread that wakes the receiver's MPI thread. A rank's first ring says it
-//! rings: rank 0 removes the directory once every rank it named it to rang, or 10 s after the
-//! handshake (the open FIFOs live on), so a run killed later leaves nothing behind.
+//! which wakes a thread that wakes the receiver's MPI thread. Whether a rank rings, rank 0
+//! learns from the rank's beats (an MPI message, one sent at once when it joins), never from a
+//! FIFO; it removes the directory once every rank it named it to says it rings, or 10 s after
+//! the handshake (the open FIFOs live on), so a run killed later leaves nothing behind.
 //!
-//! What a FIFO says is not trusted: a listener keeps only rank numbers of the world, at most
-//! one wake is on its way to the MPI thread however many rings come, and rank 0 counts as
-//! ringing only the ranks it named the directory to. Every FIFO is opened without following a
-//! symlink and used only if it is one. A ring that goes missing costs a wait of
-//! [`BELL_POLL`], never an answer; a listener that stops (its FIFO gone bad) turns its MPI
-//! thread back to polling; ranks on other hosts poll as before.
+//! What a FIFO says is not trusted: a ring only wakes a thread to look at MPI, at most one wake
+//! is on its way to the MPI thread however many rings come, and whether a rank rings comes
+//! from MPI. Every FIFO is opened without following a symlink and used only if it is a FIFO
+//! and the very one rank 0 made (its device and inode numbers). A ring that goes missing
+//! costs a wait of [`BELL_POLL`], never an answer; a listener that stops (its FIFO gone bad)
+//! turns its MPI thread back to polling, and a rank says so in its next beat; ranks on other
+//! hosts poll as before.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -32,8 +35,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How often an MPI thread whose every awaited peer rings polls MPI all the same: a missed ring
@@ -74,19 +77,17 @@ fn make_fifo(path: &Path) -> bool {
     unsafe { libc::mkfifo(path.as_ptr(), 0o600) == 0 }
 }
 
-/// What a listener heard: the ranks that rang since its MPI thread last looked, whether that
-/// thread has been told (one wake on its way at most), and whether it still listens.
+/// A listener's state: whether its MPI thread has been told of a ring (one wake on its way at
+/// most), and whether it still listens.
 pub(super) struct Rings {
-    heard: Mutex<BTreeSet<usize>>,
     told: AtomicBool,
     listening: AtomicBool,
 }
 
 impl Rings {
-    /// The ranks heard since the last call; the next ring wakes the MPI thread again.
-    pub(super) fn take(&self) -> BTreeSet<usize> {
+    /// The MPI thread looked: the next ring wakes it again.
+    pub(super) fn take(&self) {
         self.told.store(false, Ordering::SeqCst);
-        std::mem::take(&mut *self.heard.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Whether its listener still runs: while it does, a ring wakes the MPI thread.
@@ -95,14 +96,9 @@ impl Rings {
     }
 }
 
-/// Starts the thread that reads `fifo` (of rank `me` in a world of `size`) and notes the ranks
-/// that rang, calling `wake` when the MPI thread was not told yet (until `wake` returns false).
-fn listen(
-    fifo: File,
-    me: usize,
-    size: usize,
-    wake: impl Fn() -> bool + Send + 'static,
-) -> Option<Arc<Rings>> {
+/// Starts the thread that reads `fifo` and calls `wake` for what it reads when the MPI thread
+/// was not told yet (until `wake` returns false). What the bytes say does not matter.
+fn listen(fifo: File, wake: impl Fn() -> bool + Send + 'static) -> Option<Arc<Rings>> {
     // Blocking reads: a read waits for a ring. (Opened without blocking, so that opening
     // something that is not a FIFO could not hang; checked to be one since.)
     // SAFETY: F_GETFL/F_SETFL on a descriptor `fifo` owns.
@@ -114,7 +110,6 @@ fn listen(
         }
     }
     let rings = Arc::new(Rings {
-        heard: Mutex::new(BTreeSet::new()),
         told: AtomicBool::new(false),
         listening: AtomicBool::new(true),
     });
@@ -124,24 +119,13 @@ fn listen(
         .name("parjob-mpi-bell".into())
         .stack_size(64 << 10)
         .spawn(move || {
-            // A multiple of 4: rings are written whole, so reads end between them.
             let mut buffer = [0u8; 256];
             loop {
-                let n = match fifo.read(&mut buffer) {
+                match fifo.read(&mut buffer) {
                     Ok(0) => break,
-                    Ok(n) => n,
+                    Ok(_) => {}
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(_) => break,
-                };
-                {
-                    let mut ranks = heard.heard.lock().unwrap_or_else(PoisonError::into_inner);
-                    // Only ranks of this world: what else comes is no ring.
-                    ranks.extend(
-                        buffer[..n]
-                            .chunks_exact(4)
-                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                            .filter(|&rank| rank < size && rank != me),
-                    );
                 }
                 if !heard.told.swap(true, Ordering::SeqCst) && !wake() {
                     break;
@@ -154,82 +138,124 @@ fn listen(
     started.ok().map(|_| rings)
 }
 
-/// Rank 0's bells: its own FIFO, which it listens on, and those of the ranks on its host.
+/// A FIFO's identity: its device and inode numbers.
+type FifoId = (u64, u64);
+
+/// A FIFO's identity ([`FifoId`]).
+fn identity(file: &File) -> Option<FifoId> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|meta| (meta.dev(), meta.ino()))
+}
+
+/// Rank 0's bells: the directory (made at the first rank on its host), its own FIFO, which it
+/// listens on, and those of the ranks on its host.
 pub(super) struct RankZeroBells {
-    /// Removed once every rank it was named to rang (or after [`DIRECTORY_GRACE`]).
+    wake: Option<Box<dyn Fn() -> bool + Send + 'static>>,
+    /// Removed once every rank it was named to rings (or after [`DIRECTORY_GRACE`]).
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
-    rings: Arc<Rings>,
-    /// The ranks the directory was named to: only they can count as ringing.
+    /// Rank 0's own FIFO's identity and listener, once the directory is made.
+    own: Option<(FifoId, Arc<Rings>)>,
+    /// The ranks the directory was named to: only they can ring.
     named_to: BTreeSet<usize>,
+    /// The directory could not be made (or was removed): no more ranks are named it.
+    closed: bool,
 }
 
 impl RankZeroBells {
-    /// Makes the directory and rank 0's own FIFO for a world of `size`, and starts a thread
-    /// that notes rings on it, calling `wake` when the driver was not told yet. `None` when
-    /// this host cannot (no writable temporary directory, no FIFOs): every rank then polls.
-    pub(super) fn make(
-        size: usize,
-        wake: impl Fn() -> bool + Send + 'static,
-    ) -> Option<RankZeroBells> {
+    /// Bells for rank 0, calling `wake` when a ring comes and the driver was not told yet. No
+    /// file is made before a rank on this host says hello ([`RankZeroBells::add`]).
+    pub(super) fn new(wake: impl Fn() -> bool + Send + 'static) -> RankZeroBells {
+        RankZeroBells {
+            wake: Some(Box::new(wake)),
+            dir: None,
+            path: PathBuf::new(),
+            own: None,
+            named_to: BTreeSet::new(),
+            closed: false,
+        }
+    }
+
+    /// Makes the directory and rank 0's own FIFO, and starts listening on it.
+    fn open(&mut self) -> Option<()> {
+        let wake = self.wake.take()?;
         // tempfile makes the directory with mode 0700.
         let dir = tempfile::Builder::new()
             .prefix("parjob-mpi-bells-")
             .tempdir()
             .ok()?;
-        let own = fifo(dir.path(), 0);
-        if !make_fifo(&own) {
+        let path = fifo(dir.path(), 0);
+        if !make_fifo(&path) {
             return None;
         }
-        let rings = listen(open_fifo(&own)?, 0, size, wake)?;
-        Some(RankZeroBells {
-            path: dir.path().to_path_buf(),
-            dir: Some(dir),
-            rings,
-            named_to: BTreeSet::new(),
-        })
+        let file = open_fifo(&path)?;
+        let id = identity(&file)?;
+        let rings = listen(file, wake)?;
+        self.path = dir.path().to_path_buf();
+        self.dir = Some(dir);
+        self.own = Some((id, rings));
+        Some(())
     }
 
-    /// For rank `rank` on this host: makes its FIFO and rings it on every send to it from this
-    /// thread from now on. Returns the directory to name in its `WELCOME`, or `None` (it then
-    /// polls).
+    /// For rank `rank` on this host: makes its FIFO (and the directory, the first time) and
+    /// rings it on every send to it from this thread from now on. Returns what its `WELCOME`
+    /// names (see [`welcome_bells`]), or `None`: it then polls.
     pub(super) fn add(&mut self, rank: usize) -> Option<Vec<u8>> {
-        self.dir.as_ref()?;
+        if self.closed {
+            return None;
+        }
+        if self.own.is_none() && self.open().is_none() {
+            self.closed = true;
+            return None;
+        }
+        let (own_id, _) = self.own.as_ref()?;
+        let own_id = *own_id;
         let path = fifo(&self.path, rank);
         if !make_fifo(&path) {
             return None;
         }
         let file = open_fifo(&path)?;
+        let id = identity(&file)?;
         RINGERS.with(|ringers| ringers.borrow_mut().insert(rank, file));
         self.named_to.insert(rank);
-        Some(self.path.as_os_str().as_bytes().to_vec())
+        Some(welcome_bells(&self.path, id, own_id))
     }
 
-    /// The ranks that rang since the last call, of those it was named to.
-    pub(super) fn take_rings(&self) -> BTreeSet<usize> {
-        let mut rang = self.rings.take();
-        rang.retain(|rank| self.named_to.contains(rank));
-        rang
+    /// Whether `rank` was named the directory: only such a rank can say it rings.
+    pub(super) fn named(&self, rank: usize) -> bool {
+        self.named_to.contains(&rank)
+    }
+
+    /// The driver looked: the next ring wakes it again.
+    pub(super) fn take_rings(&self) {
+        if let Some((_, rings)) = &self.own {
+            rings.take();
+        }
     }
 
     /// Whether a ring still wakes the driver (its listener runs).
     pub(super) fn listening(&self) -> bool {
-        self.rings.listening()
+        self.own
+            .as_ref()
+            .is_some_and(|(_, rings)| rings.listening())
     }
 
-    /// Removes the directory when every rank it was named to is in `ringing`, or when the
-    /// handshake ended `DIRECTORY_GRACE` ago or more (`None`: not yet).
+    /// Removes the directory when every rank it was named to is in `ringing` (said so in its
+    /// beats), or when the handshake ended [`DIRECTORY_GRACE`] ago or more (`None`: not yet).
     pub(super) fn tidy(&mut self, ringing: &BTreeSet<usize>, handshake_ended: Option<Instant>) {
         let Some(ended) = handshake_ended else {
             return;
         };
-        if self.named_to.is_subset(ringing) || ended.elapsed() >= DIRECTORY_GRACE {
+        if self.dir.is_some()
+            && (self.named_to.is_subset(ringing) || ended.elapsed() >= DIRECTORY_GRACE)
+        {
             self.remove_dir();
         }
     }
 
-    /// Removes the directory and its FIFOs (the open ones live on).
+    /// Removes the directory and its FIFOs (the open ones live on); no rank is named it after.
     pub(super) fn remove_dir(&mut self) {
+        self.closed = true;
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
         }
@@ -242,21 +268,54 @@ impl Drop for RankZeroBells {
     }
 }
 
-/// A rank on rank 0's host: starts listening on its FIFO in `dir` (calling `wake` when its
-/// MPI thread was not told yet), rings rank 0 on every send to it from this thread from now
-/// on, and tells rank 0 so with a first ring. `None` if it cannot: it then polls.
+/// What a `WELCOME` names for a rank on rank 0's host: the directory, then the device and inode
+/// numbers of the rank's FIFO and of rank 0's.
+fn welcome_bells(dir: &Path, rank: FifoId, zero: FifoId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let dir = dir.as_os_str().as_bytes();
+    out.extend_from_slice(&u32::try_from(dir.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(dir);
+    for n in [rank.0, rank.1, zero.0, zero.1] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out
+}
+
+/// Reads what [`welcome_bells`] wrote: the directory and the two FIFOs' identities.
+fn read_welcome_bells(bytes: &[u8]) -> Option<(PathBuf, FifoId, FifoId)> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    let dir = rest.get(..len)?;
+    let mut numbers = rest.get(len..)?.chunks_exact(8).map(|chunk| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        u64::from_le_bytes(word)
+    });
+    let ids = [
+        numbers.next()?,
+        numbers.next()?,
+        numbers.next()?,
+        numbers.next()?,
+    ];
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
+    Some((dir, (ids[0], ids[1]), (ids[2], ids[3])))
+}
+
+/// A rank on rank 0's host, given what its `WELCOME` named (see [`welcome_bells`]): opens its
+/// FIFO and rank 0's, both the very ones rank 0 made, starts listening on its own (calling
+/// `wake` when its MPI thread was not told yet) and rings rank 0 on every send to it from this
+/// thread from now on. `None` if it cannot: it then polls.
 pub(super) fn join(
-    dir: &Path,
+    named: &[u8],
     rank: usize,
-    size: usize,
     wake: impl Fn() -> bool + Send + 'static,
 ) -> Option<Arc<Rings>> {
-    let own = open_fifo(&fifo(dir, rank))?;
-    let rank0 = open_fifo(&fifo(dir, 0))?;
-    let rings = listen(own, rank, size, wake)?;
+    let (dir, own_id, zero_id) = read_welcome_bells(named)?;
+    let own = open_fifo(&fifo(&dir, rank)).filter(|f| identity(f) == Some(own_id))?;
+    let rank0 = open_fifo(&fifo(&dir, 0)).filter(|f| identity(f) == Some(zero_id))?;
+    let rings = listen(own, wake)?;
     RINGERS.with(|ringers| ringers.borrow_mut().insert(0, rank0));
     RANK.with(|r| r.set(rank));
-    ring(0);
     Some(rings)
 }
 
@@ -285,111 +344,118 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    /// Waits for a wake on `woken`, then takes what `rings` heard.
-    fn next(woken: &mpsc::Receiver<()>, rings: &Rings) -> BTreeSet<usize> {
+    /// Waits for a wake on `woken`; the next ring wakes again.
+    fn woke(woken: &mpsc::Receiver<()>, rings: &Rings) {
         woken
             .recv_timeout(Duration::from_secs(10))
             .expect("a wake within 10 s");
-        // The listener may still be adding what came in the same read.
-        std::thread::sleep(Duration::from_millis(20));
-        rings.take()
+        rings.take();
     }
 
     #[test]
-    fn a_rank_that_joins_rings_rank_zero_with_its_number_and_is_rung_in_turn() {
+    fn a_rank_named_the_directory_joins_and_each_side_rings_the_other() {
         let (to_zero, woken_zero) = mpsc::channel();
-        let mut bells = RankZeroBells::make(4, move || to_zero.send(()).is_ok())
-            .expect("FIFOs in a temporary directory");
+        let mut bells = RankZeroBells::new(move || to_zero.send(()).is_ok());
+        assert!(
+            bells.dir.is_none(),
+            "nothing made before a rank on this host says hello"
+        );
         let named = bells.add(2).expect("rank 2's FIFO");
-        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&named));
-        assert!(dir.is_dir() && fifo(&dir, 2).exists() && !fifo(&dir, 1).exists());
-        // A rank's thread (here, another thread of this test) joins: its first ring says so.
+        let dir = bells.path.clone();
+        assert!(fifo(&dir, 0).exists() && fifo(&dir, 2).exists() && !fifo(&dir, 1).exists());
+        assert!(bells.named(2) && !bells.named(1));
+        // A rank's thread (here, another thread of this test) joins and rings rank 0.
         let (to_rank, woken_rank) = mpsc::channel();
         let joiner = std::thread::spawn(move || {
-            let rings = join(&dir, 2, 4, move || to_rank.send(()).is_ok()).expect("joined");
+            let rings = join(&named, 2, move || to_rank.send(()).is_ok()).expect("joined");
             ring(0);
-            (rings, woken_rank)
+            rings
         });
-        let (rank_rings, woken_rank) = joiner.join().unwrap();
-        let rang = next(&woken_zero, &bells.rings);
-        assert_eq!(bells.named_to.intersection(&rang).count(), 1, "{rang:?}");
+        let rank_rings = joiner.join().unwrap();
+        let (_, zero_rings) = bells.own.as_ref().unwrap();
+        woke(&woken_zero, zero_rings);
         // Rank 0 rings rank 2.
         ring(2);
-        assert_eq!(next(&woken_rank, &rank_rings), BTreeSet::from([0]));
-        // Every rank named rang: the directory goes; the FIFOs live on.
-        let path = bells.path.clone();
+        woke(&woken_rank, &rank_rings);
+        // Rank 2 said it rings (in a beat): the directory goes; the FIFOs live on.
         bells.tidy(&BTreeSet::from([2]), Some(Instant::now()));
-        assert!(!path.exists());
+        assert!(!dir.exists());
+        assert!(
+            bells.add(1).is_none(),
+            "no rank is named a directory that is gone"
+        );
         ring(2);
-        assert_eq!(next(&woken_rank, &rank_rings), BTreeSet::from([0]));
+        woke(&woken_rank, &rank_rings);
     }
 
     #[test]
-    fn what_a_fifo_says_beyond_ranks_of_the_world_is_dropped_and_one_wake_stands_for_many() {
+    fn many_rings_make_one_wake_until_the_thread_looks() {
         let (to_zero, woken) = mpsc::channel();
-        let mut bells = RankZeroBells::make(3, move || to_zero.send(()).is_ok()).expect("FIFOs");
+        let mut bells = RankZeroBells::new(move || to_zero.send(()).is_ok());
         bells.add(1).expect("rank 1's FIFO");
         let mut writer = open_fifo(&fifo(&bells.path, 0)).expect("rank 0's FIFO");
-        // Random words, huge numbers, rank 0 itself, a rank not named, partial words: none of
-        // them counts; rank 1 does.
-        let mut noise = Vec::new();
-        for word in [u32::MAX, 7, 3, 0, 2, 0xDEAD_BEEF] {
-            noise.extend_from_slice(&word.to_le_bytes());
-        }
-        noise.extend_from_slice(&1u32.to_le_bytes());
-        writer.write_all(&noise).unwrap();
-        assert_eq!(next(&woken, &bells.rings), BTreeSet::from([2, 1]));
-        // 2 is of the world but was not named the directory: rank 0 does not count it.
-        writer.write_all(&2u32.to_le_bytes()).unwrap();
-        woken.recv_timeout(Duration::from_secs(10)).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(bells.take_rings().is_empty());
-        // A flood: one wake until the driver looks.
         for _ in 0..10_000 {
-            let _ = writer.write(&1u32.to_le_bytes());
+            let _ = writer.write(&[0xFF; 7]);
         }
         std::thread::sleep(Duration::from_millis(200));
-        let wakes = woken.try_iter().count();
-        assert!(wakes <= 1, "{wakes} wakes for one look");
-        assert_eq!(bells.take_rings(), BTreeSet::from([1]));
+        assert_eq!(woken.try_iter().count(), 1, "one wake for one look");
+        bells.take_rings();
+        writer.write_all(b"x").unwrap();
+        woken
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a wake after the look");
         assert!(bells.listening());
     }
 
     #[test]
-    fn a_link_or_a_file_in_place_of_a_fifo_is_refused() {
+    fn a_link_a_file_or_another_fifo_in_place_of_the_one_rank_0_made_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("victim");
         std::fs::write(&target, b"keep me").unwrap();
-        let link = dir.path().join("0");
+        let link = dir.path().join("1");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(open_fifo(&link).is_none(), "a symlink is not followed");
         assert!(open_fifo(&target).is_none(), "a regular file is no FIFO");
         assert!(open_fifo(Path::new("/dev/zero")).is_none(), "nor a device");
-        assert!(join(dir.path(), 1, 3, || true).is_none());
+        assert!(make_fifo(&dir.path().join("0")));
+        let zero = identity(&open_fifo(&dir.path().join("0")).unwrap()).unwrap();
+        let named = welcome_bells(dir.path(), zero, zero);
+        assert!(join(&named, 1, || true).is_none());
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
-        // A FIFO in its place is taken.
-        assert!(make_fifo(&dir.path().join("5")));
-        assert!(open_fifo(&dir.path().join("5")).is_some());
+        // A FIFO swapped in for the one rank 0 made (and named by its numbers) is refused too.
+        std::fs::remove_file(&link).unwrap();
+        assert!(make_fifo(&link));
+        // (Held open, as rank 0 holds it: its inode is not reused.)
+        let held = open_fifo(&link).unwrap();
+        let made = identity(&held).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        assert!(make_fifo(&link));
+        let named = welcome_bells(dir.path(), made, zero);
+        assert!(
+            join(&named, 1, || true).is_none(),
+            "not the FIFO rank 0 made"
+        );
+        // The very FIFOs: taken.
+        let swapped = identity(&open_fifo(&link).unwrap()).unwrap();
+        let named = welcome_bells(dir.path(), swapped, zero);
+        assert!(join(&named, 1, || true).is_some());
+        // What a WELCOME names, cut short, is no directory.
+        assert!(read_welcome_bells(&named[..named.len() - 1]).is_none());
+        assert!(read_welcome_bells(&[]).is_none());
     }
 
     #[test]
-    fn with_no_rank_to_ring_the_directory_goes_at_the_handshake_and_otherwise_after_a_grace() {
-        let mut alone = RankZeroBells::make(3, || true).expect("FIFOs");
-        let path = alone.path.clone();
-        alone.tidy(&BTreeSet::new(), None);
+    fn the_directory_goes_once_every_rank_named_it_rings_or_after_a_grace() {
+        let mut bells = RankZeroBells::new(|| true);
+        bells.add(1).unwrap();
+        bells.add(2).unwrap();
+        let path = bells.path.clone();
+        bells.tidy(&BTreeSet::from([1, 2]), None);
         assert!(path.exists(), "kept until the handshake ends");
-        alone.tidy(&BTreeSet::new(), Some(Instant::now()));
-        assert!(
-            !path.exists(),
-            "no rank was named it: gone at the handshake"
-        );
-        let mut waiting = RankZeroBells::make(3, || true).expect("FIFOs");
-        waiting.add(1).unwrap();
-        let path = waiting.path.clone();
-        waiting.tidy(&BTreeSet::new(), Some(Instant::now()));
-        assert!(path.exists(), "rank 1 may still ring");
+        bells.tidy(&BTreeSet::from([1]), Some(Instant::now()));
+        assert!(path.exists(), "rank 2 may still join");
         let long_ago = Instant::now().checked_sub(DIRECTORY_GRACE).unwrap();
-        waiting.tidy(&BTreeSet::new(), Some(long_ago));
+        bells.tidy(&BTreeSet::from([1]), Some(long_ago));
         assert!(!path.exists(), "not after the grace");
     }
 }

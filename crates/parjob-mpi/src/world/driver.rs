@@ -282,13 +282,27 @@ impl<'w> DriverState<'w> {
                 .all(|s| self.ringing.contains(&s.info.rank))
     }
 
-    /// A ring on rank 0's doorbell: notes the ranks that rang (those named the directory) and
-    /// removes the directory once it is of no more use.
+    /// A ring on rank 0's doorbell: the driver looks at MPI (the loop turns again), and the
+    /// next ring wakes it again.
     fn rang(&mut self) {
-        if let Some(bells) = &mut self.bells {
-            self.ringing.extend(bells.take_rings());
-            bells.tidy(&self.ringing, self.handshake_ended);
+        if let Some(bells) = &self.bells {
+            bells.take_rings();
         }
+    }
+
+    /// A rank's beat: `[1]` when it rings rank 0's doorbell for every message (see `bell`),
+    /// `[0]` or nothing when it does not (or no longer does). Only a rank rank 0 named the
+    /// doorbells' directory to counts.
+    fn beat_from(&mut self, rank: usize, bytes: &[u8]) {
+        let Some(bells) = &mut self.bells else {
+            return;
+        };
+        if bytes.first() == Some(&1) && bells.named(rank) {
+            self.ringing.insert(rank);
+        } else {
+            self.ringing.remove(&rank);
+        }
+        bells.tidy(&self.ringing, self.handshake_ended);
     }
 
     /// A pool's command other than `Shutdown`.
@@ -375,7 +389,8 @@ impl<'w> DriverState<'w> {
             TAG_DONE => self.done(from, bytes),
             TAG_UNREADABLE_RUN => self.unreadable_run(from, &bytes),
             TAG_BROKEN => self.lose(from, "a message from it stopped halfway"),
-            _ => {} // BEAT (already noted), BYE outside shutdown
+            TAG_BEAT => self.beat_from(from, &bytes),
+            _ => {} // BYE outside shutdown
         }
     }
 

@@ -280,7 +280,9 @@ fn mpi_thread(started: Sender<usize>) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        bell::RankZeroBells::make(size, move || commands.send(Command::Rang).is_ok())
+        Some(bell::RankZeroBells::new(move || {
+            commands.send(Command::Rang).is_ok()
+        }))
     };
     let mut state = DriverState::new(&world, size, Arc::clone(&driver), bells);
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inbox)));

@@ -2,14 +2,11 @@
 //! `DONE`s.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
-use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::topology::SimpleCommunicator;
 use parjob_core::{
     Error, Initializer, InitializerEntry, InitializerWith, Job, MAX_PROCESSES, Pool,
     ProcessOptions, Relayed, RelayedOutcomes, RemoteEntry, SharedSegment, cpu_count,
@@ -151,10 +148,12 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     let bells = r.bytes().unwrap_or_default();
                     if welcomed && !bells.is_empty() && rings.is_none() {
                         let rung = done_tx.clone();
-                        let dir = Path::new(OsStr::from_bytes(bells));
                         let wake = move || rung.send(Local::Rung).is_ok();
-                        let size = usize::try_from(world.size()).unwrap_or(usize::MAX);
-                        rings = bell::join(dir, rank, size, wake);
+                        rings = bell::join(bells, rank, wake);
+                        if rings.is_some() {
+                            // Rank 0 learns that this rank rings from a beat, now.
+                            last_beat = Instant::now().checked_sub(BEAT_EVERY).unwrap_or(last_beat);
+                        }
                     }
                 }
                 TAG_SEGMENT if welcomed => segments.announced(&bytes),
@@ -291,7 +290,9 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
         }
         if last_beat.elapsed() >= BEAT_EVERY {
             last_beat = Instant::now();
-            if let Ok(send) = isend(world, 0, TAG_BEAT, Vec::new()) {
+            // Whether this rank rings rank 0's doorbell (its listener runs): see `bell`.
+            let rings_rank_0 = rings.as_ref().is_some_and(|rings| rings.listening());
+            if let Ok(send) = isend(world, 0, TAG_BEAT, vec![u8::from(rings_rank_0)]) {
                 sends.push(send);
             }
         }
