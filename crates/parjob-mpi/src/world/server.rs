@@ -116,7 +116,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     // When each of those frames arrived, by id.
     let mut received: HashMap<u64, Instant> = HashMap::new();
     let mut inbox = Inbox::default();
-    // What rank 0's rings on this rank's doorbell said, once this rank listens (see `bell`).
+    // This rank's doorbell, once it listens (see `bell`): whether it does, and its wakes.
     let mut rings: Option<Arc<bell::Rings>> = None;
     loop {
         let mut busy = false;
