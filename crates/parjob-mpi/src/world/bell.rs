@@ -39,6 +39,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::wire::{Reader, put_bytes, put_u64};
+
 /// How often an MPI thread whose every awaited peer rings polls MPI all the same: a missed ring
 /// (a message MPI had not delivered yet when it rang) costs at most this, and a rank's beats and
 /// liveness are still looked at.
@@ -93,6 +95,13 @@ impl Rings {
     /// Whether its listener still runs: while it does, a ring wakes the MPI thread.
     pub(super) fn listening(&self) -> bool {
         self.listening.load(Ordering::SeqCst)
+    }
+}
+
+/// The MPI thread woken by `rings` (if it listens) looked: the next ring wakes it again.
+pub(super) fn looked(rings: Option<&Rings>) {
+    if let Some(rings) = rings {
+        rings.take();
     }
 }
 
@@ -272,33 +281,20 @@ impl Drop for RankZeroBells {
 /// numbers of the rank's FIFO and of rank 0's.
 fn welcome_bells(dir: &Path, rank: FifoId, zero: FifoId) -> Vec<u8> {
     let mut out = Vec::new();
-    let dir = dir.as_os_str().as_bytes();
-    out.extend_from_slice(&u32::try_from(dir.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(dir);
+    put_bytes(&mut out, dir.as_os_str().as_bytes());
     for n in [rank.0, rank.1, zero.0, zero.1] {
-        out.extend_from_slice(&n.to_le_bytes());
+        put_u64(&mut out, n);
     }
     out
 }
 
 /// Reads what [`welcome_bells`] wrote: the directory and the two FIFOs' identities.
 fn read_welcome_bells(bytes: &[u8]) -> Option<(PathBuf, FifoId, FifoId)> {
-    let (len, rest) = bytes.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
-    let dir = rest.get(..len)?;
-    let mut numbers = rest.get(len..)?.chunks_exact(8).map(|chunk| {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        u64::from_le_bytes(word)
-    });
-    let ids = [
-        numbers.next()?,
-        numbers.next()?,
-        numbers.next()?,
-        numbers.next()?,
-    ];
-    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
-    Some((dir, (ids[0], ids[1]), (ids[2], ids[3])))
+    let mut r = Reader(bytes);
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(r.bytes()?));
+    let rank = (r.u64()?, r.u64()?);
+    let zero = (r.u64()?, r.u64()?);
+    Some((dir, rank, zero))
 }
 
 /// A rank on rank 0's host, given what its `WELCOME` named (see [`welcome_bells`]): opens its

@@ -242,9 +242,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                     send_done(done, world, &mut sends);
                 }
                 Local::Rung => {
-                    if let Some(rings) = &rings {
-                        rings.take();
-                    }
+                    bell::looked(rings.as_deref());
                     rung = true;
                 }
             }
@@ -324,10 +322,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 // Rank 0 sent something: look for it at once and for a little while (MPI may
                 // not have it here yet).
                 Ok(Local::Rung) => {
-                    // Who rang does not matter here (only rank 0 sends to this rank).
-                    if let Some(rings) = &rings {
-                        rings.take();
-                    }
+                    bell::looked(rings.as_deref());
                     backoff.woke();
                 }
                 Err(_) => {}
