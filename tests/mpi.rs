@@ -9,6 +9,9 @@
 //!   every case passed: `cargo test -p parjob-tests --features mpi --test mpi` then runs the
 //!   whole suite.
 //!
+//! After the cases, worlds of their own: each wrong setting, worker output prefixed with its
+//! rank (the launcher's output is read), and rank 0's exit status after a lost rank.
+//!
 //! The last case SIGKILLs a worker rank: Open MPI needs `--enable-recovery` for rank 0 to
 //! outlive it (without it, mpirun ends the whole job about 1 s after a rank dies).
 
@@ -124,6 +127,13 @@ mod suite {
                 return ExitCode::FAILURE;
             }
         }
+        match prefixed_worker_output(launch, &exe, &report) {
+            Ok(()) => println!("MPI suite: worker output prefixed with its rank: ok"),
+            Err(why) => {
+                println!("MPI suite: worker output prefixed with its rank: FAILED: {why}");
+                return ExitCode::FAILURE;
+            }
+        }
         match exit_status_after_a_loss(launch, &exe, &report) {
             Ok(()) => {
                 println!("MPI suite: rank 0's exit status survives a lost rank: ok");
@@ -134,6 +144,72 @@ mod suite {
                 ExitCode::FAILURE
             }
         }
+    }
+
+    /// How many tasks print in the [`prefixed_worker_output`] world.
+    const CHATTY_TASKS: u32 = 8;
+
+    /// A world whose rank 0 runs [`CHATTY_TASKS`] tasks that print, with
+    /// `prefix_worker_output(true)` (`PARJOB_MPI_PRINT`): every line reaches the launcher's
+    /// output once, whole, tagged with the worker rank and local worker that printed it.
+    fn prefixed_worker_output(
+        launch: &str,
+        exe: &std::path::Path,
+        report: &std::path::Path,
+    ) -> Result<(), String> {
+        let _ = std::fs::remove_file(report);
+        let mut words = launch.split_whitespace();
+        let output = Command::new(words.next().unwrap_or_default())
+            .args(words)
+            .arg(exe)
+            .env("PARJOB_MPI_REPORT", report)
+            .env("PARJOB_MPI_PRINT", "1")
+            .output()
+            .map_err(|e| format!("cannot run `{launch}`: {e}"))?;
+        let verdict = std::fs::read_to_string(report).unwrap_or_default();
+        let _ = std::fs::remove_file(report);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        check(verdict.trim() == "ok", || {
+            format!(
+                "the launcher ended with {}; rank 0 said {verdict:?}",
+                output.status
+            )
+        })?;
+        for i in 0..CHATTY_TASKS {
+            for (text, stream) in [(&stdout, "stdout"), (&stderr, "stderr")] {
+                let line = format!("task {i} says hello on {stream}\n");
+                let tagged = text
+                    .lines()
+                    .filter(|l| format!("{l}\n").ends_with(&line))
+                    .collect::<Vec<_>>();
+                // Exactly one line, tagged `[rank R worker W] ` with R a worker rank (never
+                // rank 0, which runs no task) and W a local worker's index.
+                let well_tagged = |l: &&str| {
+                    l.strip_prefix("[rank ")
+                        .and_then(|rest| rest.split_once(" worker "))
+                        .and_then(|(r, rest)| Some((r, rest.split_once("] ")?)))
+                        .is_some_and(|(r, (w, said))| {
+                            r.parse::<usize>().is_ok_and(|r| r > 0)
+                                && w.parse::<usize>().is_ok()
+                                && format!("{said}\n") == line
+                        })
+                };
+                check(tagged.len() == 1 && tagged.iter().all(well_tagged), || {
+                    format!(
+                        "expected one line `[rank R worker W] {}` on {stream}, found {tagged:?}",
+                        line.trim_end()
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The task of the [`prefixed_worker_output`] world: one line on each stream.
+    fn chatty(i: u32) {
+        println!("task {i} says hello on stdout");
+        eprintln!("task {i} says hello on stderr");
     }
 
     /// What rank 0 exits with after a run that lost a rank (`PARJOB_MPI_EXIT_AFTER_LOSS`).
@@ -1462,6 +1538,19 @@ mod suite {
                 let _ = std::fs::write(report, &verdict);
             }
             return ExitCode::from(STATUS_AFTER_LOSS);
+        }
+        if std::env::var_os("PARJOB_MPI_PRINT").is_some() {
+            let verdict = match mpi(-1)
+                .prefix_worker_output(true)
+                .run((0..CHATTY_TASKS).map(|i| delayed(chatty, i)))
+            {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("the run failed: {e}"),
+            };
+            if let Ok(report) = std::env::var("PARJOB_MPI_REPORT") {
+                let _ = std::fs::write(report, &verdict);
+            }
+            return ExitCode::SUCCESS;
         }
         if let Ok(expected) = std::env::var("PARJOB_MPI_EXPECT") {
             if std::env::var_os("PARJOB_MPI_PANIC_DRIVER").is_some() {

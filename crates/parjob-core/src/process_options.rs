@@ -22,8 +22,12 @@ pub struct ProcessOptions {
     pub max_tasks_per_worker: Option<usize>,
     /// Frames of more encoded bytes than this travel through shared memory.
     pub max_nbytes: usize,
-    /// Prefix each line a worker prints with `[worker i] `.
+    /// Prefix each line a worker prints with `[worker i] ` (or `[{label} worker i] `, with
+    /// `output_label`).
     pub prefix_output: bool,
+    /// Where the pool runs, for those prefixes: the MPI backend sets `rank R` on each rank's
+    /// local pool, so that a line reads `[rank R worker i] `. `None` in a pool of this process.
+    pub output_label: Option<String>,
 }
 
 impl Default for ProcessOptions {
@@ -35,6 +39,7 @@ impl Default for ProcessOptions {
             max_tasks_per_worker: None,
             max_nbytes: DEFAULT_MAX_NBYTES,
             prefix_output: false,
+            output_label: None,
         }
     }
 }

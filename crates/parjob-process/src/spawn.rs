@@ -377,9 +377,10 @@ impl Starter<'_> {
         link::close_write(line.as_fd());
         let line = Arc::new(line);
         let (output_tx, output_done) = std::sync::mpsc::channel();
-        let prefix = options
-            .prefix_output
-            .then(|| format!("[worker {}] ", self.index));
+        let prefix = options.prefix_output.then(|| match &options.output_label {
+            Some(label) => format!("[{label} worker {}] ", self.index),
+            None => format!("[worker {}] ", self.index),
+        });
         let test_support = TEST_SUPPORT.load(Ordering::Relaxed);
         let last_words = LastWords::default();
         if let Some(out) = child.stdout.take() {

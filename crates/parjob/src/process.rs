@@ -111,8 +111,9 @@ impl Parallel {
         self
     }
 
-    /// Prefixes every line a worker prints (stdout and stderr) with `[worker i] `. Worker
-    /// output is forwarded a whole line at a time either way.
+    /// Prefixes every line a worker prints (stdout and stderr) with `[worker i] ` (on MPI,
+    /// `[rank R worker i] `, `i` the worker's index on rank `R`). Worker output is forwarded a
+    /// whole line at a time either way.
     pub fn prefix_worker_output(mut self, enabled: bool) -> Parallel {
         self.process.prefix_output = enabled;
         self

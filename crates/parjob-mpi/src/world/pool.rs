@@ -92,8 +92,8 @@ impl MpiPool {
     /// the ranks' first pool does not do), and stops it when this pool is dropped. As on the
     /// process backend, every worker process runs the initializer (`initializer` or
     /// `initializer_with`) once before its first task, is replaced after
-    /// `max_tasks_per_worker` tasks, prefixes its output with `[worker i] ` when
-    /// `prefix_output` is set (`i` its index on its rank), and frames above `max_nbytes` go
+    /// `max_tasks_per_worker` tasks, prefixes its output with `[rank R worker i] ` when
+    /// `prefix_output` is set (`i` its index on rank `R`), and frames above `max_nbytes` go
     /// to it through shared memory. `worker_exe` does not apply: a rank's local workers run the
     /// rank's own executable, which proved at start-up to be rank 0's build.
     ///

@@ -108,7 +108,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let my_host = host_name();
     let mut backoff = Backoff::new();
     let mut segments = Segments::default();
-    let mut pools = LocalPools::new(pool, workers);
+    let mut pools = LocalPools::new(pool, workers, rank);
     // The id of the last RUN whose trailer this rank could read, for an UNREADABLE_RUN.
     let mut last_run = 0u64;
     // Frames handed to the local pools and not answered yet.
@@ -578,6 +578,8 @@ enum LocalPool {
 struct LocalPools {
     pools: HashMap<u64, LocalPool>,
     workers: usize,
+    /// This rank, which the pools' `[rank R worker i] ` output prefixes name.
+    rank: usize,
     started_tx: Sender<(u64, Result<ProcessPool, Error>)>,
     started_rx: mpsc::Receiver<(u64, Result<ProcessPool, Error>)>,
 }
@@ -591,7 +593,7 @@ enum Route<'a> {
 }
 
 impl LocalPools {
-    fn new(first: Option<ProcessPool>, workers: usize) -> LocalPools {
+    fn new(first: Option<ProcessPool>, workers: usize, rank: usize) -> LocalPools {
         let (started_tx, started_rx) = mpsc::channel();
         let mut pools = HashMap::new();
         if let Some(pool) = first {
@@ -600,6 +602,7 @@ impl LocalPools {
         LocalPools {
             pools,
             workers,
+            rank,
             started_tx,
             started_rx,
         }
@@ -618,7 +621,7 @@ impl LocalPools {
         else {
             return;
         };
-        let options = match pool_options(r.0) {
+        let options = match pool_options(r.0, self.rank) {
             Ok(options) => options,
             Err(why) => {
                 self.pools.insert(id, LocalPool::Failed(why));
@@ -708,8 +711,8 @@ fn stop_aside(pool: ProcessPool) {
 /// The options of a local pool from a `POOL` message's options,
 /// `[max_tasks_per_worker u64, 0 for none][prefix_output u8][welcome]`, `welcome` a
 /// parjob-remote `Welcome` from rank 0 whose initializer is found in this process by its
-/// offsets.
-fn pool_options(message: &[u8]) -> Result<ProcessOptions, String> {
+/// offsets. Output prefixes, when asked for, name `rank`: `[rank R worker i] `.
+fn pool_options(message: &[u8], rank: usize) -> Result<ProcessOptions, String> {
     let mut r = Reader(message);
     let (Some(max_tasks), Some(prefix)) = (r.u64(), r.u8()) else {
         return Err("a malformed POOL message".into());
@@ -719,6 +722,7 @@ fn pool_options(message: &[u8]) -> Result<ProcessOptions, String> {
     options.max_tasks_per_worker =
         (max_tasks > 0).then(|| usize::try_from(max_tasks).unwrap_or(usize::MAX));
     options.prefix_output = prefix == 1;
+    options.output_label = Some(format!("rank {rank}"));
     options.max_nbytes = usize::try_from(welcome.max_nbytes).unwrap_or(usize::MAX);
     let Some(offset) = welcome.initializer else {
         return Ok(options);
