@@ -127,6 +127,13 @@ mod suite {
                 return ExitCode::FAILURE;
             }
         }
+        match bound_rank_is_told(launch, &exe, &report) {
+            Ok(said) => println!("MPI suite: a rank bound to fewer CPUs than its workers: {said}"),
+            Err(why) => {
+                println!("MPI suite: a rank bound to fewer CPUs than its workers: FAILED: {why}");
+                return ExitCode::FAILURE;
+            }
+        }
         match prefixed_worker_output(launch, &exe, &report) {
             Ok(()) => println!("MPI suite: worker output prefixed with its rank: ok"),
             Err(why) => {
@@ -144,6 +151,64 @@ mod suite {
                 ExitCode::FAILURE
             }
         }
+    }
+
+    /// A world of 2 ranks that Open MPI binds to a core each (`--bind-to core`), with 2 local
+    /// workers per rank: rank 1 says on stderr that its 2 workers share the 1 CPU it was bound
+    /// to, and the run works. Only with Open MPI's `mpirun` (or `mpiexec`) on 2 CPUs or more;
+    /// otherwise it says why it did not run.
+    fn bound_rank_is_told(
+        launch: &str,
+        exe: &std::path::Path,
+        report: &std::path::Path,
+    ) -> Result<String, String> {
+        let launcher = launch.split_whitespace().next().unwrap_or_default();
+        let name = std::path::Path::new(launcher)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !matches!(name.as_str(), "mpirun" | "mpiexec") {
+            return Ok(format!("not run: `{launcher}` is not Open MPI's mpirun"));
+        }
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+            return Ok("not run: binding 2 ranks to a core each needs 2 CPUs".into());
+        }
+        let _ = std::fs::remove_file(report);
+        let output = Command::new(launcher)
+            .args(["-n", "2", "--bind-to", "core"])
+            .arg(exe)
+            .env("PARJOB_MPI_REPORT", report)
+            .env("PARJOB_MPI_WORKERS_PER_RANK", "2")
+            .env("PARJOB_MPI_BOUND", "1")
+            .output()
+            .map_err(|e| format!("cannot run `{launcher}`: {e}"))?;
+        let verdict = std::fs::read_to_string(report).unwrap_or_default();
+        let _ = std::fs::remove_file(report);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        check(verdict.trim() == "ok", || {
+            format!(
+                "the launcher ended with {}; rank 0 said {verdict:?}; stderr: {stderr}",
+                output.status
+            )
+        })?;
+        let note = stderr
+            .lines()
+            .find(|l| l.starts_with("parjob: MPI rank 1 on "))
+            .ok_or_else(|| format!("rank 1 said nothing of its binding; stderr: {stderr}"))?;
+        check(
+            note.contains(
+                "PARJOB_MPI_WORKERS_PER_RANK=2 worker processes share the 1 CPU(s) the \
+                 launcher bound this rank to",
+            ) && note.contains("--bind-to none"),
+            || format!("rank 1 said: {note}"),
+        )?;
+        Ok("told, and the run worked".into())
+    }
+
+    /// Where a task ran: its rank and local worker.
+    fn rank_and_worker(_: u64) -> (Option<usize>, Option<usize>) {
+        let info = parjob::worker_info();
+        (info.rank, info.worker)
     }
 
     /// How many tasks print in the [`prefixed_worker_output`] world.
@@ -1538,6 +1603,24 @@ mod suite {
                 let _ = std::fs::write(report, &verdict);
             }
             return ExitCode::from(STATUS_AFTER_LOSS);
+        }
+        if std::env::var_os("PARJOB_MPI_BOUND").is_some() {
+            // Rank 1 runs 2 local workers (PARJOB_MPI_WORKERS_PER_RANK=2) on its 1 CPU.
+            let verdict = match mpi(-1).run((0..8u64).map(|i| delayed(rank_and_worker, i))) {
+                Ok(seen)
+                    if seen.iter().all(|&(rank, worker)| {
+                        rank == Some(1) && worker.is_some_and(|w| w < 2)
+                    }) =>
+                {
+                    "ok".to_string()
+                }
+                Ok(seen) => format!("tasks ran elsewhere than rank 1's 2 workers: {seen:?}"),
+                Err(e) => format!("the run failed: {e}"),
+            };
+            if let Ok(report) = std::env::var("PARJOB_MPI_REPORT") {
+                let _ = std::fs::write(report, &verdict);
+            }
+            return ExitCode::SUCCESS;
         }
         if std::env::var_os("PARJOB_MPI_PRINT").is_some() {
             let verdict = match mpi(-1)

@@ -27,15 +27,26 @@ use super::transport::{
 };
 use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, HELLO_DEADLINE, silence_limit};
 
-/// How many local worker processes this rank runs: `PARJOB_MPI_WORKERS_PER_RANK`, else the
-/// CPUs divided among the ranks on this node. An unusable `PARJOB_MPI_WORKERS_PER_RANK` is an
-/// error naming it (rank 0 reports it), not a guess: 0 or `abc` would otherwise pass
-/// unnoticed, and 5000 would start 5000 processes on the node.
-fn local_workers() -> Result<usize, String> {
+/// How many local worker processes this rank runs, and what to tell the user about them:
+/// `PARJOB_MPI_WORKERS_PER_RANK`, else this rank's share of the node's CPUs (see
+/// [`default_workers`]). An unusable `PARJOB_MPI_WORKERS_PER_RANK` is an error naming it (rank
+/// 0 reports it), not a guess: 0 or `abc` would otherwise pass unnoticed, and 5000 would start
+/// 5000 processes on the node.
+fn local_workers() -> Result<(usize, Option<String>), String> {
+    let bound = affinity_cpus().unwrap_or_else(cpu_count);
     if let Some(value) = std::env::var_os("PARJOB_MPI_WORKERS_PER_RANK") {
         let text = value.to_string_lossy();
         return match text.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_PROCESSES).contains(&n) => Ok(n),
+            Ok(n) if (1..=MAX_PROCESSES).contains(&n) => Ok((
+                n,
+                (n > bound).then(|| {
+                    format!(
+                        "PARJOB_MPI_WORKERS_PER_RANK={n} worker processes share the {bound} \
+                         CPU(s) the launcher bound this rank to (they inherit its binding); \
+                         {UNBIND}"
+                    )
+                }),
+            )),
             Ok(n) if n > MAX_PROCESSES => Err(format!(
                 "PARJOB_MPI_WORKERS_PER_RANK={n} is more local worker processes than a rank \
                  starts (at most {MAX_PROCESSES}, as on the process backend): each is a copy \
@@ -68,21 +79,80 @@ fn local_workers() -> Result<usize, String> {
     })
     .filter(|&n| n > 0)
     .unwrap_or(1);
-    Ok((cpu_count() / on_node).max(1))
+    let node = node_cpus().unwrap_or(bound).max(bound);
+    Ok(default_workers(cpu_count(), bound, node, on_node))
+}
+
+/// How to give each rank its CPUs, for the notes of [`local_workers`].
+const UNBIND: &str = "launch with `mpirun --bind-to none` (Open MPI binds each rank to a core \
+    or a socket unless oversubscribed) or give each task its CPUs with `srun --cpus-per-task=N` \
+    (see docs/CLUSTER.md, \"Sizing\")";
+
+/// A rank's default local workers: its share of the node, the node's `node` CPUs divided among
+/// the `on_node` ranks on it, but no more than the `usable` CPUs it may use (its affinity and
+/// any cgroup quota). The launcher may have bound each rank to its own CPUs already (`srun
+/// --cpus-per-task`, `mpirun --bind-to socket` with a rank per socket): then its `bound` CPUs
+/// are its share, not a node to divide again. A rank bound to fewer CPUs than its share also
+/// gets a note for the user: part of the node stays idle (Open MPI binds one rank per node to
+/// a single socket by default).
+fn default_workers(
+    usable: usize,
+    bound: usize,
+    node: usize,
+    on_node: usize,
+) -> (usize, Option<String>) {
+    let share = (node / on_node.max(1)).max(1);
+    let workers = usable.min(share).max(1);
+    let note = (bound < share).then(|| {
+        format!(
+            "the launcher bound this rank to {bound} of the node's {node} CPUs, fewer than its \
+             share ({share}: {node} CPUs for {on_node} rank(s) on the node), so its local pool \
+             runs {workers} worker process(es) and the rest of its share stays idle; {UNBIND}"
+        )
+    });
+    (workers, note)
+}
+
+/// The CPUs this process may run on (its affinity, as the launcher bound it); `None` if it
+/// cannot be read.
+fn affinity_cpus() -> Option<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most its
+    // size into it, and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        usize::try_from(libc::CPU_COUNT(&set))
+            .ok()
+            .filter(|&n| n > 0)
+    }
+}
+
+/// The node's online CPUs; `None` if they cannot be read.
+fn node_cpus() -> Option<usize> {
+    // SAFETY: sysconf only reads the name.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0)
 }
 
 /// The rank server's loop. Returns the exit status: 0 after rank 0's `STOP`.
 pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let host = host_name();
     let (workers, pool, error) = match local_workers() {
-        Ok(workers) => match ProcessPool::new(workers, ProcessOptions::default()) {
-            Ok(pool) => (workers, Some(pool), String::new()),
-            Err(e) => (
-                workers,
-                None,
-                format!("its local process pool did not start: {e}"),
-            ),
-        },
+        Ok((workers, note)) => {
+            if let Some(note) = note {
+                eprintln!("parjob: MPI rank {rank} on {host}: {note}");
+            }
+            match ProcessPool::new(workers, ProcessOptions::default()) {
+                Ok(pool) => (workers, Some(pool), String::new()),
+                Err(e) => (
+                    workers,
+                    None,
+                    format!("its local process pool did not start: {e}"),
+                ),
+            }
+        }
         Err(e) => (0, None, e),
     };
     let hello = Hello {
@@ -937,6 +1007,47 @@ fn encode_done(
 mod tests {
     use super::*;
     use crate::wire::put_bytes;
+
+    #[test]
+    fn a_rank_runs_its_share_of_the_node_and_is_told_when_bound_to_less() {
+        // (usable, bound, node CPUs, ranks on the node) -> (workers, a note?)
+        let cases = [
+            // Not bound: the node divided among its ranks (this machine under mpirun -n 3).
+            ((16, 16, 16, 1), (16, false)),
+            ((16, 16, 16, 2), (8, false)),
+            ((2, 2, 2, 3), (1, false)),
+            // A cgroup quota of 4 CPUs, no binding: 4 workers, nothing to say.
+            ((4, 16, 16, 1), (4, false)),
+            // srun --cpus-per-task=8, 2 tasks per node: each task's 8 CPUs are its share
+            // (dividing them by 2 again left half the node idle).
+            ((8, 8, 16, 2), (8, false)),
+            // One rank per core, bound to it (mpirun -n 2 here binds each rank to a core).
+            ((1, 1, 16, 16), (1, false)),
+            ((1, 1, 2, 2), (1, false)),
+            // One rank per node that Open MPI bound to one socket of two: told.
+            ((8, 8, 16, 1), (8, true)),
+            // srun without --cpus-per-task: one CPU per task.
+            ((1, 1, 16, 2), (1, true)),
+            // Two ranks bound to the same socket of two: their share, not the socket each.
+            ((8, 8, 16, 4), (4, false)),
+        ];
+        for ((usable, bound, node, on_node), (workers, told)) in cases {
+            let (got, note) = default_workers(usable, bound, node, on_node);
+            assert_eq!(
+                (got, note.is_some()),
+                (workers, told),
+                "{usable} usable, {bound} bound, {node} on the node, {on_node} ranks: {note:?}"
+            );
+            if let Some(note) = note {
+                assert!(
+                    note.contains(&format!("bound this rank to {bound} of the node's {node}"))
+                        && note.contains("--bind-to none")
+                        && note.contains("--cpus-per-task"),
+                    "{note}"
+                );
+            }
+        }
+    }
 
     fn record(tag: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
