@@ -1615,46 +1615,65 @@ fn two_slow_tasks_on_a_new_pool_run_on_two_workers() {
 }
 
 /// A copy of the program that its driver started as a worker, but that never called
-/// `parjob::init()` (so it ran `main` from the top), stops where it reaches the process
-/// backend: one line on stderr naming it and its driver, and status 1, instead of an error
-/// handed to the program, which would print it as its own (`Error: the process backend is not
-/// available ...`, once per worker) and go on repeating its side effects.
+/// `parjob::init()` (so it ran `main` from the top), stops at its first parallel run, on the
+/// process backend and on the backend a driver gives its workers (`PARJOB_BACKEND=sequential`,
+/// which a program taking its backend from the environment runs on): one line on stderr naming
+/// it and its driver, and status 1, instead of an error handed to the program (which would
+/// print it as its own, once per worker) or every task of `main` run again in each worker copy.
 #[test]
-fn a_worker_copy_without_init_says_so_and_stops_where_it_reaches_the_process_backend() {
-    let exe = std::env::current_exe().unwrap();
-    let mut command = Command::new(exe);
-    // What a driver gives the workers it starts, as their standard input: a socket it made.
-    let (line, _driver_end) = std::os::unix::net::UnixStream::pair().unwrap();
-    command
-        .args([
-            "process::child_worker_copy_without_init",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        // What a driver sets for the workers it starts; this test's process is the parent.
-        .env("PARJOB_PROCESS_DRIVER", std::process::id().to_string())
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS");
-    let stdin = Stdio::from(std::os::fd::OwnedFd::from(line));
-    let output = output_within_from(&mut command, stdin, CHILD_LIMIT);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert!(stdout.contains("before the run"), "{stdout}");
-    assert!(!stdout.contains("after the run"), "{stdout}");
-    let expected = format!("started by pid {} to run tasks", std::process::id());
-    assert!(stderr.contains(&expected), "{stderr}");
-    assert!(stderr.contains("call parjob::init() first"), "{stderr}");
+fn a_worker_copy_without_init_says_so_and_stops_at_its_first_run() {
+    for child in [
+        "process::child_worker_copy_without_init",
+        "process::child_worker_copy_without_init_on_its_given_backend",
+    ] {
+        let exe = std::env::current_exe().unwrap();
+        let mut command = Command::new(exe);
+        // What a driver gives the workers it starts, as their standard input: a socket it made.
+        let (line, _driver_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        command
+            .args([
+                child,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            // What a driver sets for the workers it starts; this test's process is the parent.
+            .env("PARJOB_PROCESS_DRIVER", std::process::id().to_string())
+            .env("PARJOB_BACKEND", "sequential")
+            .env_remove("PARJOB_N_JOBS");
+        let stdin = Stdio::from(std::os::fd::OwnedFd::from(line));
+        let output = output_within_from(&mut command, stdin, CHILD_LIMIT);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{child}: {stdout}\n{stderr}");
+        assert!(stdout.contains("before the run"), "{child}: {stdout}");
+        assert!(!stdout.contains("after the run"), "{child}: {stdout}");
+        let expected = format!("started by pid {} to run tasks", std::process::id());
+        assert!(stderr.contains(&expected), "{child}: {stderr}");
+        assert!(
+            stderr.contains("call parjob::init() first"),
+            "{child}: {stderr}"
+        );
+    }
 }
 
 /// Run by the test above, as a worker copy of the program.
 #[test]
-#[ignore = "run by a_worker_copy_without_init_says_so_and_stops_where_it_reaches_the_process_backend"]
+#[ignore = "run by a_worker_copy_without_init_says_so_and_stops_at_its_first_run"]
 fn child_worker_copy_without_init() {
     println!("before the run");
     let out = processes(1).run((0..4u64).map(|i| delayed(square, i)));
+    println!("after the run: {out:?}");
+}
+
+/// Run by the test above, as a worker copy of a program that takes its backend from
+/// `PARJOB_BACKEND` (`sequential` in a worker).
+#[test]
+#[ignore = "run by a_worker_copy_without_init_says_so_and_stops_at_its_first_run"]
+fn child_worker_copy_without_init_on_its_given_backend() {
+    println!("before the run");
+    let out = Parallel::new(2).run((0..4u64).map(|i| delayed(square, i)));
     println!("after the run: {out:?}");
 }
 

@@ -54,9 +54,7 @@ impl ProcessPool {
     /// an error that it would print as its own and then go on repeating its side effects in
     /// every worker copy. The driver reports the missing `init()` too.
     pub fn new(workers: usize, options: ProcessOptions) -> Result<ProcessPool, Error> {
-        if started_as_worker() && !in_worker_loop() {
-            leave_as_a_worker_without_init();
-        }
+        leave_if_a_worker_without_init();
         let settings = Arc::new(Settings::new(options)?);
         // A task can cut short the shared memory this process maps (the status boards, the
         // arenas, `SharedSlice` segments): survive it rather than die of SIGBUS.
@@ -170,14 +168,22 @@ impl Pool for ProcessPool {
     }
 }
 
-/// Ends a worker copy of the program that reached the process backend without calling
-/// `parjob::init()` (see [`ProcessPool::new`]).
-fn leave_as_a_worker_without_init() -> ! {
+/// In a process its driver started as a worker that did not enter the worker loop
+/// (`parjob::init()` missing, so it ran `main` from the top), ends it: says so on stderr, naming
+/// it and its driver, and exits with status 1. `Parallel` calls this before every run's pool,
+/// whatever the backend: a worker is started with `PARJOB_BACKEND=sequential` and without the
+/// program's arguments, so a program that takes its backend from either would otherwise run
+/// every task of `main` in each worker copy, to the end. Returns at once anywhere else (in a
+/// worker's tasks too: they run inside the loop).
+pub fn leave_if_a_worker_without_init() {
+    if !started_as_worker() || in_worker_loop() {
+        return;
+    }
     eprintln!(
         "parjob worker (pid {}, started by pid {} to run tasks): this copy of the program \
-         reached the process backend without calling parjob::init(), so it ran main from the \
-         top instead of waiting for tasks; call parjob::init() first thing in main. This \
-         copy exits now (status 1).",
+         reached a parallel run without calling parjob::init(), so it ran main from the top \
+         instead of waiting for tasks; call parjob::init() first thing in main. This copy \
+         exits now (status 1).",
         std::process::id(),
         std::os::unix::process::parent_id()
     );

@@ -282,6 +282,9 @@ impl Parallel {
 
     /// The pool, and how `run_local` reaches its workers when they are in this process.
     fn pools(&self) -> Result<Pools, Error> {
+        // A worker copy of the program that skipped `init()` stops here, on any backend.
+        #[cfg(all(feature = "process", target_os = "linux"))]
+        parjob_process::leave_if_a_worker_without_init();
         if let Some(CustomPool(pool)) = &self.custom_pool {
             self.check_timeout()?;
             return Ok((Arc::clone(pool), None));
