@@ -471,7 +471,15 @@ mod suite {
     }
 
     /// `worker_info()` in a task names a worker rank and its host.
+    /// (And `mpi_worker_ranks()` on rank 0 counts every rank but 0.)
     fn worker_info_names_the_rank() -> Result<(), String> {
+        let size = parjob_mpi_world_size();
+        check(parjob::mpi_worker_ranks() == Some(size - 1), || {
+            format!(
+                "mpi_worker_ranks() said {:?} in a world of {size}",
+                parjob::mpi_worker_ranks()
+            )
+        })?;
         let out = mpi(-1)
             .run((0..50u64).map(|i| delayed(rank_of_worker, i)))
             .map_err(|e| e.to_string())?;

@@ -38,7 +38,8 @@ pub fn effective_n_jobs(n_jobs: i32) -> Result<usize, Error> {
 }
 
 /// `n_jobs` as `Parallel::new` and `Executor::new` take it, from the integer a program holds:
-/// an `i32` or `i64` by joblib's rules (`n > 0` workers, `-1` all CPUs, `-k` all but `k - 1`),
+/// an `i32`, `i64` or `isize` by joblib's rules (`n > 0` workers, `-1` all CPUs, `-k` all but
+/// `k - 1`),
 /// or a count as a `usize`, `u64` or `u32` (from `cpu_count()`, a `len()`, a clap argument).
 ///
 /// A count above `i32::MAX` counts as `i32::MAX`: more workers than any backend starts, so the
@@ -83,6 +84,13 @@ impl From<u32> for NJobs {
 impl From<i64> for NJobs {
     /// By joblib's rules, as an `i32`; beyond its range, the nearest `i32` (refused alike).
     fn from(n_jobs: i64) -> NJobs {
+        NJobs(i32::try_from(n_jobs).unwrap_or(if n_jobs > 0 { i32::MAX } else { i32::MIN }))
+    }
+}
+
+impl From<isize> for NJobs {
+    /// By joblib's rules, as an `i32`; beyond its range, the nearest `i32` (refused alike).
+    fn from(n_jobs: isize) -> NJobs {
         NJobs(i32::try_from(n_jobs).unwrap_or(if n_jobs > 0 { i32::MAX } else { i32::MIN }))
     }
 }
@@ -245,6 +253,10 @@ mod tests {
         assert_eq!(NJobs::from(i64::MIN).get(), i32::MIN);
         assert_eq!(NJobs::from(u64::MAX).get(), i32::MAX);
         assert_eq!(NJobs::from(0i64).get(), 0);
+        assert_eq!(NJobs::from(-1isize), NJobs::from(-1i32));
+        assert_eq!(NJobs::from(-3isize), NJobs::from(-3i64));
+        assert_eq!(NJobs::from(isize::MAX).get(), i32::MAX);
+        assert_eq!(NJobs::from(isize::MIN).get(), i32::MIN);
     }
 
     #[test]

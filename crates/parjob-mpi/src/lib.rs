@@ -9,7 +9,7 @@
 //! - [`init`]: under a launcher, turns ranks 1.. into rank servers; elsewhere a no-op.
 //! - [`MpiPool`]: the [`Pool`](parjob_core::Pool) `Parallel` uses for
 //!   [`Backend::Mpi`](parjob_core::Backend::Mpi).
-//! - [`launched_by_mpi`], [`LAUNCH_HINT`]: whether this process was started by a launcher,
+//! - [`launched_by_mpi`], [`launch_hint`]: whether this process was started by a launcher,
 //!   and how to start it so.
 //!
 //! The backend itself is behind this crate's `mpi` feature (which `parjob`'s `mpi` feature
@@ -17,11 +17,30 @@
 //! reports the backend unavailable. How it works and what it survives: `docs/CLUSTER.md`.
 #![deny(missing_docs)]
 
-/// How to start a program so that the MPI backend can run, for error messages.
-pub const LAUNCH_HINT: &str = "start the program under an MPI launcher, e.g. `mpirun -n 3 \
-    ./myprog --backend mpi` (rank 0 drives, ranks 1.. run tasks; Open MPI as root also needs \
-    --allow-run-as-root, more ranks than cores --oversubscribe) or `srun -n 3 --mpi=pmix \
-    ./myprog` under Slurm";
+/// How to start this program so that the MPI backend can run, for error messages: the
+/// commands name the program as it was started (its `argv[0]`), with its arguments after it.
+///
+/// ```
+/// assert!(parjob_mpi::launch_hint().starts_with("start the program under an MPI launcher, e.g. `mpirun -n 3 "));
+/// ```
+pub fn launch_hint() -> String {
+    let program = std::env::args_os()
+        .next()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .filter(|arg| !arg.is_empty())
+        .unwrap_or_else(|| "./myprog".into());
+    // A bare name would be looked up on PATH by the launcher: name it in this folder.
+    let program = if program.contains('/') {
+        program
+    } else {
+        format!("./{program}")
+    };
+    format!(
+        "start the program under an MPI launcher, e.g. `mpirun -n 3 {program} ...` (rank 0 \
+         drives, ranks 1.. run tasks; Open MPI as root also needs --allow-run-as-root, more \
+         ranks than cores --oversubscribe) or `srun -n 3 --mpi=pmix {program} ...` under Slurm"
+    )
+}
 
 /// Whether this process was started by an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra,
 /// or Slurm's `srun` with PMI/PMIx), judged by the environment variables they set. Only then

@@ -87,6 +87,26 @@ pub mod pool {
     #[cfg(feature = "threading")]
     pub use parjob_threading::ThreadPool;
 }
+/// The number of MPI worker ranks (every rank but 0) once [`init()`] started MPI under a
+/// launcher (`mpirun`, `srun`): what `Parallel::new(-1)` runs on with the MPI backend. `None`
+/// without a launcher, or in a build without the `mpi` feature.
+///
+/// ```
+/// // Not started by mpirun here: no MPI world.
+/// parjob::init();
+/// assert_eq!(parjob::mpi_worker_ranks(), None);
+/// ```
+pub fn mpi_worker_ranks() -> Option<usize> {
+    #[cfg(all(feature = "mpi", target_os = "linux"))]
+    {
+        parjob_mpi::world_size().map(|size| size.saturating_sub(1))
+    }
+    #[cfg(not(all(feature = "mpi", target_os = "linux")))]
+    {
+        None
+    }
+}
+
 #[cfg(all(feature = "mpi", target_os = "linux"))]
 #[doc(hidden)]
 pub use parjob_mpi::break_next_run_for_tests as __mpi_break_next_run;

@@ -11,7 +11,6 @@ use mpi::topology::SimpleCommunicator;
 use parjob_core::{Backend, Error, Job, SharedSegment, Transport, catch_task};
 use parjob_remote::{DoneHeader, FrameAt, FrameTag, RunHeader};
 
-use crate::LAUNCH_HINT;
 use crate::wire::{
     self, BEAT_EVERY, Hello, NO_WORKER, PROTOCOL, Reader, TAG_BEAT, TAG_BYE, TAG_DONE, TAG_FORGET,
     TAG_HELLO, TAG_POOL, TAG_POOL_END, TAG_RUN, TAG_SEGMENT, TAG_SEGMENT_BYTES, TAG_STOP,
@@ -170,7 +169,9 @@ impl<'w> DriverState<'w> {
         if self.size < 2 {
             self.finish_handshake(Err(Error::backend_unavailable(
                 Backend::Mpi,
-                format!("the MPI world has only rank 0, so no rank runs tasks; {LAUNCH_HINT}"),
+                "the MPI world has only rank 0, so no rank runs tasks: start 2 ranks or more \
+                 (`mpirun -n 3 ...`, `srun -n 3 ...`)"
+                    .to_string(),
             )));
         }
         let mut backoff = Backoff::new();

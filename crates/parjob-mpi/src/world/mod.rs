@@ -75,8 +75,10 @@ fn parse_silence_limit(text: &str) -> Result<Duration, String> {
     if seconds < MIN_SILENCE_LIMIT.as_secs_f64() {
         return Err(format!(
             "PARJOB_MPI_RANK_TIMEOUT={text:?} is too short: ranks beat every {:?}, and a limit \
-             under {MIN_SILENCE_LIMIT:?} would count a rank that is only late as lost",
-            crate::wire::BEAT_EVERY
+             under {MIN_SILENCE_LIMIT:?} would count a rank that is only late as lost; give \
+             {} or more (seconds)",
+            crate::wire::BEAT_EVERY,
+            MIN_SILENCE_LIMIT.as_secs()
         ));
     }
     // A huge value means "never": held to a year, which any clock can add without overflow.
@@ -409,6 +411,25 @@ mod tests {
                 error.starts_with(&format!("PARJOB_MPI_RANK_TIMEOUT={bad:?} {says}")),
                 "{error}"
             );
+            if says == "is too short" {
+                assert!(error.ends_with("give 1 or more (seconds)"), "{error}");
+            }
         }
+    }
+
+    #[test]
+    fn a_pool_outside_a_launcher_says_how_to_start_this_very_program() {
+        if crate::launched_by_mpi() {
+            return; // (under mpirun, this binary's pool would start)
+        }
+        let error = MpiPool::new(2).err().expect("no MPI world here");
+        let program = std::env::args().next().unwrap();
+        let text = error.to_string();
+        assert!(
+            text.contains("this program was not started by an MPI launcher")
+                && text.contains(&format!("`mpirun -n 3 {program} ...`"))
+                && !text.contains("myprog"),
+            "{text}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use parjob_core::{Backend, Error, Job, Pool, ProcessOptions};
 use parjob_remote::{CodeOffset, InitArgs, Nonce, Welcome};
 
-use crate::LAUNCH_HINT;
+use crate::launch_hint;
 use crate::wire::put_u64;
 
 use super::server::RUN_TRAILER;
@@ -42,7 +42,10 @@ impl MpiPool {
         }
         let Some(driver) = DRIVER.get() else {
             let reason = if !crate::launched_by_mpi() {
-                format!("this program was not started by an MPI launcher; {LAUNCH_HINT}")
+                format!(
+                    "this program was not started by an MPI launcher; {}",
+                    launch_hint()
+                )
             } else if !super::INIT_CALLED.load(Ordering::SeqCst) {
                 "parjob::init() was not called first thing in main: under an MPI launcher it \
                  starts MPI and turns every rank but 0 into a worker, and without it every \

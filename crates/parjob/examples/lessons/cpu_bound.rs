@@ -89,9 +89,13 @@ pub fn run(backend: Backend) -> Result<f64, parjob::Error> {
     } else {
         String::new()
     };
-    println!(
-        "speedup: {speedup:.2}x on {} CPUs{note}",
-        parjob::cpu_count()
-    );
+    // On MPI the workers are ranks, each with the CPUs of its node; rank 0's own may be one
+    // core (`mpirun -n 2` binds each rank to one).
+    let on = if backend == Backend::Mpi {
+        "2 worker ranks".to_string()
+    } else {
+        format!("{} CPUs", parjob::cpu_count())
+    };
+    println!("speedup: {speedup:.2}x on {on}{note}");
     Ok(speedup)
 }
