@@ -422,7 +422,9 @@ mod tests {
         if crate::launched_by_mpi() {
             return; // (under mpirun, this binary's pool would start)
         }
-        let error = MpiPool::new(2).err().expect("no MPI world here");
+        let Err(error) = MpiPool::new(2) else {
+            panic!("a pool started without an MPI world");
+        };
         let program = std::env::args().next().unwrap();
         let text = error.to_string();
         assert!(
