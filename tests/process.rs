@@ -952,6 +952,42 @@ fn a_worker_exe_that_never_connects_is_an_error_not_a_hang() {
     assert!(text.contains("no new worker was started"), "{text}");
 }
 
+/// A worker copy that reached a run without `init()` exits with status 79 (see
+/// `a_worker_copy_without_init_says_so_and_stops_at_its_first_run`): the driver says what that
+/// means, and later pools of the program say so without starting another copy. (A script
+/// stands in for the copy: this test binary's copies always enter the worker loop.)
+#[test]
+fn a_worker_copy_that_reached_a_run_without_init_is_named_so_and_never_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("copy-without-init");
+    std::fs::write(&script, "#!/bin/sh\nexit 79\n").unwrap();
+    let mut perms = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&script, perms).unwrap();
+    let err = processes(1)
+        .worker_exe(&script)
+        .run([delayed(square, 3)])
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(
+            "ended before the handshake (exit status 79): it reached a parallel run without \
+             calling parjob::init()"
+        ),
+        "{text}"
+    );
+    let again = processes(2)
+        .worker_exe(&script)
+        .run([delayed(square, 3)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        again.contains("no new worker was started: an earlier worker process")
+            && again.contains("(exit status 79): it reached a parallel run without"),
+        "{again}"
+    );
+}
+
 // ---------------------------------------------------------------- no orphans, output
 
 /// Pids of this process's children, and whether each is a zombie.
@@ -1646,7 +1682,12 @@ fn a_worker_copy_without_init_says_so_and_stops_at_its_first_run() {
         let output = output_within_from(&mut command, stdin, CHILD_LIMIT);
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{child}: {stdout}\n{stderr}");
+        // 79: the status that tells a driver this copy reached a run without `init()`.
+        assert_eq!(
+            output.status.code(),
+            Some(79),
+            "{child}: {stdout}\n{stderr}"
+        );
         assert!(stdout.contains("before the run"), "{child}: {stdout}");
         assert!(!stdout.contains("after the run"), "{child}: {stdout}");
         let expected = format!("started by pid {} to run tasks", std::process::id());

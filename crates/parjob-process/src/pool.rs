@@ -12,6 +12,7 @@ use crate::queue::Queue;
 use crate::registry::{self, SegmentListener};
 use crate::spawn::{Event, Settings};
 use crate::supervisor::Supervisor;
+use crate::wire::EXIT_NO_INIT;
 use crate::worker::{in_worker_loop, started_as_worker};
 
 /// A pool of worker processes running parjob jobs.
@@ -170,7 +171,7 @@ impl Pool for ProcessPool {
 
 /// In a process its driver started as a worker that did not enter the worker loop
 /// (`parjob::init()` missing, so it ran `main` from the top), ends it: says so on stderr, naming
-/// it and its driver, and exits with status 1. `Parallel` calls this before every run's pool,
+/// it and its driver, and exits with status 79 (which tells the driver). `Parallel` calls this before every run's pool,
 /// whatever the backend: a worker is started with `PARJOB_BACKEND=sequential` and without the
 /// program's arguments, so a program that takes its backend from either would otherwise run
 /// every task of `main` in each worker copy, to the end. Returns at once anywhere else (in a
@@ -183,9 +184,9 @@ pub fn leave_if_a_worker_without_init() {
         "parjob worker (pid {}, started by pid {} to run tasks): this copy of the program \
          reached a parallel run without calling parjob::init(), so it ran main from the top \
          instead of waiting for tasks; call parjob::init() first thing in main. This copy \
-         exits now (status 1).",
+         exits now (status {EXIT_NO_INIT}).",
         std::process::id(),
         std::os::unix::process::parent_id()
     );
-    std::process::exit(1)
+    std::process::exit(EXIT_NO_INIT)
 }

@@ -23,7 +23,7 @@ use crate::mapping::Arena;
 use crate::shared::SentSegments;
 use crate::watch::{ChildWatch, LastWords, Sink, forward_lines, spawn_thread, wait_for_output};
 use crate::wire::{
-    Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED,
+    Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_NO_INIT,
     EXIT_NOT_DRIVERS_CHILD, EXIT_REFUSED_DRIVER, Hello, PROTOCOL, Shipment, WELCOMED,
 };
 
@@ -238,14 +238,22 @@ fn worker_exe(options: &ProcessOptions) -> Result<PathBuf, String> {
 /// pools report the same error without starting one.
 static NOT_WORKERS: Mutex<Vec<NotAWorker>> = Mutex::new(Vec::new());
 
-/// The first process of an executable that [`NOT_WORKERS`] records.
+/// The first process of an executable that [`NOT_WORKERS`] records, and how it ended.
 struct NotAWorker {
     exe: PathBuf,
     pid: u32,
+    status: WorkerExit,
 }
 
 /// Why a process that ended with `status` before its handshake is not a worker.
 fn ended_before_handshake(status: &WorkerExit) -> String {
+    if *status == WorkerExit::Exited(EXIT_NO_INIT) {
+        return format!(
+            "ended before the handshake ({status}): it reached a parallel run without calling \
+             parjob::init(), so it ran main from the top; a worker program must call \
+             parjob::init() first thing in main"
+        );
+    }
     format!(
         "ended before the handshake ({status}); a worker program must call parjob::init() \
          first thing in main, and a test binary needs parjob::enable_test_support!()"
@@ -274,11 +282,11 @@ impl Starter<'_> {
             .find(|known| known.exe == exe)
         {
             return Err(self.error(format!(
-                "worker process {} ({}): {} (seen earlier in this run; no new worker was \
-                 started)",
+                "no new worker was started: an earlier worker process of this program's \
+                 executable, pid {} ({}), {}",
                 known.pid,
                 known.exe.display(),
-                ended_before_handshake(&WorkerExit::Exited(0))
+                ended_before_handshake(&known.status)
             )));
         }
         let mut attempt = 1;
@@ -491,9 +499,10 @@ impl Starter<'_> {
                         ))));
                     }
                     return Err(match status {
-                        WorkerExit::Exited(0) => {
-                            // A clean exit before the handshake: the program never became a
-                            // worker and never will (a worker that entered `init()` exits with
+                        WorkerExit::Exited(0 | EXIT_NO_INIT) => {
+                            // A clean exit before the handshake, or a copy that reached a run
+                            // without `init()`: the program never became a worker and never
+                            // will (a worker that entered `init()` exits with
                             // EXIT_HANDSHAKE_FAILED when its handshake fails).
                             NOT_WORKERS
                                 .lock()
@@ -501,6 +510,7 @@ impl Starter<'_> {
                                 .push(NotAWorker {
                                     exe: exe.to_path_buf(),
                                     pid,
+                                    status: status.clone(),
                                 });
                             Failed::Final(worker_error(ended_before_handshake(&status)))
                         }

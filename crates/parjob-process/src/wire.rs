@@ -41,6 +41,10 @@ pub(crate) const EXIT_HANDSHAKE_FAILED: i32 = 75;
 /// A worker's exit status when its parent is not the driver that started it, which is alive
 /// (`EX_CONFIG`): a `worker_exe` wrapper started it as a child instead of `exec`ing it.
 pub(crate) const EXIT_NOT_DRIVERS_CHILD: i32 = 78;
+/// A worker copy's exit status when it reached a parallel run without having called
+/// `parjob::init()` (it ran `main` from the top): the program never becomes a worker, and the
+/// driver starts no more copies of it.
+pub(crate) const EXIT_NO_INIT: i32 = 79;
 /// A worker's exit status when it refused a welcome that did not prove it comes from its own
 /// driver (`EX_NOPERM`); nothing the welcome asked was done.
 pub(crate) const EXIT_REFUSED_DRIVER: i32 = 77;
