@@ -1415,28 +1415,12 @@ fn what_tasks_leave_running_ends_with_their_worker() {
     );
 }
 
-/// A `worker_exe` shell script in a new temporary directory: `body`, with `{exe}` replaced by
-/// this test binary's path.
-fn wrapper_script(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("worker.sh");
-    let exe = std::env::current_exe().unwrap();
-    let text = format!(
-        "#!/bin/sh\n{}\n",
-        body.replace("{exe}", &exe.to_string_lossy())
-    );
-    std::fs::write(&script, text).unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (dir, script)
-}
-
 /// A wrapper that starts the program as its child, without `exec`, gets an error that says
 /// so. Before, the worker, not its driver's child, ran as a program of its own and the error
 /// blamed a missing `init()`.
 #[test]
 fn a_wrapper_that_does_not_exec_the_worker_is_named_as_the_cause() {
-    let (_dir, script) = wrapper_script("'{exe}' \"$@\"");
+    let (_dir, script) = parjob_tests::wrapper_script("'{exe}' \"$@\"");
     let err = processes(1)
         .worker_exe(&script)
         .run([delayed(square, 3)])
@@ -1456,7 +1440,8 @@ fn a_wrapper_that_does_not_exec_the_worker_is_named_as_the_cause() {
 /// test returned from `init()`.
 #[test]
 fn a_worker_whose_driver_died_before_its_init_runs_nothing() {
-    let (dir, script) = wrapper_script("sleep 1\nexec '{exe}' \"$@\" > \"$0.out\" 2>&1");
+    let (dir, script) =
+        parjob_tests::wrapper_script("sleep 1\nexec '{exe}' \"$@\" > \"$0.out\" 2>&1");
     let driver = start_silent_child_with(
         "faults::child_starts_a_slow_worker",
         &[("PARJOB_TEST_WRAPPER", &script)],

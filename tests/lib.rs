@@ -211,3 +211,20 @@ pub fn killed_at_its_limit(error: &parjob::Error, index: usize, limit: Duration)
         } if *i == index && *after == limit
     )
 }
+
+/// A `worker_exe` shell script in a new temporary directory: `body`, with `{exe}` replaced by
+/// this test binary's path.
+pub fn wrapper_script(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let script = dir.path().join("worker.sh");
+    let exe = std::env::current_exe().expect("the test binary knows its own path");
+    let text = format!(
+        "#!/bin/sh\n{}\n",
+        body.replace("{exe}", &exe.to_string_lossy())
+    );
+    std::fs::write(&script, text).expect("the script is written");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .expect("the script is made executable");
+    (dir, script)
+}

@@ -958,12 +958,7 @@ fn a_worker_exe_that_never_connects_is_an_error_not_a_hang() {
 /// stands in for the copy: this test binary's copies always enter the worker loop.)
 #[test]
 fn a_worker_copy_that_reached_a_run_without_init_is_named_so_and_never_started_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("copy-without-init");
-    std::fs::write(&script, "#!/bin/sh\nexit 79\n").unwrap();
-    let mut perms = std::fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&script, perms).unwrap();
+    let (_dir, script) = parjob_tests::wrapper_script("exit 79");
     let err = processes(1)
         .worker_exe(&script)
         .run([delayed(square, 3)])
