@@ -983,6 +983,36 @@ fn a_worker_copy_that_reached_a_run_without_init_is_named_so_and_never_started_a
     );
 }
 
+/// A `worker_exe` wrapper may run a parjob program of its own (on threads, without
+/// `init()`) before it `exec`s the worker: that program, which has the worker's line and
+/// variables but is not the driver's child, runs as it likes. (For a while it was taken for a
+/// worker copy without `init()` and ended with status 79, which failed the start and, through
+/// `set -e`, every later pool of the program.)
+#[test]
+fn a_program_a_wrapper_runs_before_exec_may_use_parjob_threads() {
+    let (_dir, script) = parjob_tests::wrapper_script(
+        "set -e\n'{exe}' process::child_threads_run_in_a_wrapper --exact --ignored \
+         --test-threads=1 >&2\nexec '{exe}' \"$@\"",
+    );
+    for _ in 0..2 {
+        let out = processes(1)
+            .worker_exe(&script)
+            .run((0..4u64).map(|i| delayed(square, i)));
+        assert_eq!(out.unwrap(), vec![0, 1, 4, 9]);
+    }
+}
+
+/// Run by the wrapper of the test above, before it `exec`s the worker.
+#[test]
+#[ignore = "run by a_program_a_wrapper_runs_before_exec_may_use_parjob_threads"]
+fn child_threads_run_in_a_wrapper() {
+    let out = Parallel::new(2)
+        .backend(Backend::Threading)
+        .run((0..4u64).map(|i| delayed(square, i)))
+        .unwrap();
+    assert_eq!(out, vec![0, 1, 4, 9]);
+}
+
 // ---------------------------------------------------------------- no orphans, output
 
 /// Pids of this process's children, and whether each is a zombie.

@@ -13,7 +13,7 @@ use crate::registry::{self, SegmentListener};
 use crate::spawn::{Event, Settings};
 use crate::supervisor::Supervisor;
 use crate::wire::EXIT_NO_INIT;
-use crate::worker::{in_worker_loop, started_as_worker};
+use crate::worker::{in_worker_loop, is_drivers_worker, started_as_worker};
 
 /// A pool of worker processes running parjob jobs.
 ///
@@ -51,11 +51,25 @@ impl ProcessPool {
     /// # Exits
     /// In a process its driver started as a worker that did not enter the worker loop
     /// (`parjob::init()` missing, so it ran `main` from the top): it says so on stderr, naming
-    /// itself and its driver, and exits with status 1 at once, rather than hand the program
-    /// an error that it would print as its own and then go on repeating its side effects in
-    /// every worker copy. The driver reports the missing `init()` too.
+    /// itself and its driver, and exits with status 79 at once (see
+    /// [`leave_if_a_worker_without_init`]), rather than hand the program an error that it would
+    /// print as its own and then go on repeating its side effects in every worker copy. The
+    /// driver reports the missing `init()` too. A process started with a worker's line and
+    /// variables but not by its driver (a program a `worker_exe` wrapper runs before `exec`ing
+    /// the worker) exits with status 1 here instead: it must not start workers of its own with
+    /// the driver's line as its input.
     pub fn new(workers: usize, options: ProcessOptions) -> Result<ProcessPool, Error> {
         leave_if_a_worker_without_init();
+        if started_as_worker() && !in_worker_loop() {
+            say_whole_line(&format!(
+                "parjob (pid {}): this program was started with a parjob worker's line and \
+                 variables but not by the driver they name (a program a worker_exe wrapper runs \
+                 before it `exec`s the worker?), and it reached the process backend: it exits \
+                 now (status 1) rather than start workers of its own",
+                std::process::id()
+            ));
+            std::process::exit(1);
+        }
         let settings = Arc::new(Settings::new(options)?);
         // A task can cut short the shared memory this process maps (the status boards, the
         // arenas, `SharedSlice` segments): survive it rather than die of SIGBUS.
@@ -171,22 +185,33 @@ impl Pool for ProcessPool {
 
 /// In a process its driver started as a worker that did not enter the worker loop
 /// (`parjob::init()` missing, so it ran `main` from the top), ends it: says so on stderr, naming
-/// it and its driver, and exits with status 79 (which tells the driver). `Parallel` calls this before every run's pool,
-/// whatever the backend: a worker is started with `PARJOB_BACKEND=sequential` and without the
-/// program's arguments, so a program that takes its backend from either would otherwise run
-/// every task of `main` in each worker copy, to the end. Returns at once anywhere else (in a
-/// worker's tasks too: they run inside the loop).
+/// it and its driver, and exits with status 79 (which tells the driver). `Parallel` calls this
+/// before every run's pool, whatever the backend: a worker is started with
+/// `PARJOB_BACKEND=sequential` and without the program's arguments, so a program that takes
+/// its backend from either would otherwise run every task of `main` in each worker copy, to the
+/// end. Returns at once anywhere else: in a worker's tasks (they run inside the loop), and in a
+/// process that has a worker's line and variables but is not its driver's child (a program a
+/// `worker_exe` wrapper runs before `exec`ing the worker, which may use threads as it likes).
 pub fn leave_if_a_worker_without_init() {
-    if !started_as_worker() || in_worker_loop() {
+    if !is_drivers_worker() || in_worker_loop() {
         return;
     }
-    eprintln!(
+    // One write, whole: the other copies may be saying the same at the same moment.
+    say_whole_line(&format!(
         "parjob worker (pid {}, started by pid {} to run tasks): this copy of the program \
          reached a parallel run without calling parjob::init(), so it ran main from the top \
          instead of waiting for tasks; call parjob::init() first thing in main. This copy \
          exits now (status {EXIT_NO_INIT}).",
         std::process::id(),
         std::os::unix::process::parent_id()
-    );
+    ));
     std::process::exit(EXIT_NO_INIT)
+}
+
+/// Writes `line` and a newline to stderr in one `write`: `eprintln!` writes each piece of its
+/// format apart, so lines that several processes print at once come out torn.
+pub(crate) fn say_whole_line(line: &str) {
+    use std::io::Write;
+    let whole = format!("{line}\n");
+    let _ = std::io::stderr().write_all(whole.as_bytes());
 }

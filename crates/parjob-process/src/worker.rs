@@ -29,6 +29,12 @@ pub(crate) fn started_as_worker() -> bool {
     !matches!(role(), Role::NotAWorker)
 }
 
+/// Whether this process is a worker its driver started itself (the driver is its parent),
+/// whether or not it reached the loop: not a stray (see [`Role::Stray`]).
+pub(crate) fn is_drivers_worker() -> bool {
+    matches!(role(), Role::Worker { .. })
+}
+
 /// What this process is to parjob's process backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
