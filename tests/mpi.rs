@@ -173,35 +173,48 @@ mod suite {
         if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
             return Ok("not run: binding 2 ranks to a core each needs 2 CPUs".into());
         }
-        let _ = std::fs::remove_file(report);
-        let output = Command::new(launcher)
-            .args(["-n", "2", "--bind-to", "core"])
-            .arg(exe)
-            .env("PARJOB_MPI_REPORT", report)
-            .env("PARJOB_MPI_WORKERS_PER_RANK", "2")
-            .env("PARJOB_MPI_BOUND", "1")
-            .output()
-            .map_err(|e| format!("cannot run `{launcher}`: {e}"))?;
-        let verdict = std::fs::read_to_string(report).unwrap_or_default();
-        let _ = std::fs::remove_file(report);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        check(verdict.trim() == "ok", || {
-            format!(
-                "the launcher ended with {}; rank 0 said {verdict:?}; stderr: {stderr}",
-                output.status
-            )
-        })?;
-        let note = stderr
-            .lines()
-            .find(|l| l.starts_with("parjob: MPI rank 1 on "))
-            .ok_or_else(|| format!("rank 1 said nothing of its binding; stderr: {stderr}"))?;
+        // Bound to a core each, then not bound: only the first says its workers share a CPU.
+        let mut notes = Vec::new();
+        for binding in ["core", "none"] {
+            let _ = std::fs::remove_file(report);
+            let output = Command::new(launcher)
+                .args(["-n", "2", "--bind-to", binding])
+                .arg(exe)
+                .env("PARJOB_MPI_REPORT", report)
+                .env("PARJOB_MPI_WORKERS_PER_RANK", "2")
+                .env("PARJOB_MPI_BOUND", "1")
+                .output()
+                .map_err(|e| format!("cannot run `{launcher}`: {e}"))?;
+            let verdict = std::fs::read_to_string(report).unwrap_or_default();
+            let _ = std::fs::remove_file(report);
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            check(verdict.trim() == "ok", || {
+                format!(
+                    "--bind-to {binding}: the launcher ended with {}; rank 0 said {verdict:?}; \
+                     stderr: {stderr}",
+                    output.status
+                )
+            })?;
+            notes.push(
+                stderr
+                    .lines()
+                    .find(|l| l.starts_with("parjob: MPI rank 1 on "))
+                    .map(str::to_string),
+            );
+        }
+        let Some(note) = &notes[0] else {
+            return Err("bound to a core, rank 1 said nothing of its binding".into());
+        };
         check(
             note.contains(
-                "PARJOB_MPI_WORKERS_PER_RANK=2 worker processes share the 1 CPU(s) the \
-                 launcher bound this rank to",
+                "PARJOB_MPI_WORKERS_PER_RANK=2 worker processes share the 1 CPU(s) this rank is \
+                 bound to",
             ) && note.contains("--bind-to none"),
             || format!("rank 1 said: {note}"),
         )?;
+        check(notes[1].is_none(), || {
+            format!("not bound, rank 1 still said: {:?}", notes[1])
+        })?;
         Ok("told, and the run worked".into())
     }
 

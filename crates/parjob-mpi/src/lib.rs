@@ -18,28 +18,45 @@
 #![deny(missing_docs)]
 
 /// How to start this program so that the MPI backend can run, for error messages: the
-/// commands name the program as it was started (its `argv[0]`), with its arguments after it.
+/// commands name the program as it was started (its `argv[0]`, quoted for a shell where it
+/// needs it), with its arguments after it. An `argv[0]` that no shell line could hold (control
+/// characters, backticks, over 200 bytes) is not repeated: the commands say `./myprog`.
 ///
 /// ```
 /// assert!(parjob_mpi::launch_hint().starts_with("start the program under an MPI launcher, e.g. `mpirun -n 3 "));
 /// ```
 pub fn launch_hint() -> String {
-    let program = std::env::args_os()
+    let started_as = std::env::args_os()
         .next()
         .map(|arg| arg.to_string_lossy().into_owned())
-        .filter(|arg| !arg.is_empty())
-        .unwrap_or_else(|| "./myprog".into());
-    // A bare name would be looked up on PATH by the launcher: name it in this folder.
-    let program = if program.contains('/') {
-        program
-    } else {
-        format!("./{program}")
-    };
+        .unwrap_or_default();
+    let program = shell_word(&started_as).unwrap_or_else(|| "./myprog".into());
     format!(
         "start the program under an MPI launcher, e.g. `mpirun -n 3 {program} ...` (rank 0 \
          drives, ranks 1.. run tasks; Open MPI as root also needs --allow-run-as-root, more \
          ranks than cores --oversubscribe) or `srun -n 3 --mpi=pmix {program} ...` under Slurm"
     )
+}
+
+/// `program` as a word of a shell command line: as it is when it holds only characters no
+/// shell treats specially, else in single quotes; `None` when it is empty, longer than 200
+/// bytes, or holds a control character or a backtick (it would not read as one command). A
+/// bare name (no `/`) stays bare: the shell found it on `PATH`, and so do the launchers.
+fn shell_word(program: &str) -> Option<String> {
+    if program.is_empty()
+        || program.len() > 200
+        || program.chars().any(|c| c.is_control() || c == '`')
+    {
+        return None;
+    }
+    let plain = program
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_./-+=:,@%".contains(c));
+    Some(if plain {
+        program.to_string()
+    } else {
+        format!("'{}'", program.replace('\'', "'\\''"))
+    })
 }
 
 /// Whether this process was started by an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra,
@@ -163,7 +180,29 @@ pub use unavailable::{MpiPool, init, world_size};
 
 #[cfg(test)]
 mod tests {
-    use super::ranks_for;
+    use super::{ranks_for, shell_word};
+
+    #[test]
+    fn the_launch_hint_names_the_program_as_one_shell_word_or_not_at_all() {
+        for (program, word) in [
+            (
+                "target/release/examples/cluster",
+                "target/release/examples/cluster",
+            ),
+            ("cluster", "cluster"),
+            (
+                "/tmp/dir with space/my prog",
+                "'/tmp/dir with space/my prog'",
+            ),
+            ("it's", "'it'\\''s'"),
+        ] {
+            assert_eq!(shell_word(program).as_deref(), Some(word), "{program:?}");
+        }
+        for unusable in ["", "x`rm -rf ~`", "x\nparjob: all good", "a\u{1b}[2J"] {
+            assert_eq!(shell_word(unusable), None, "{unusable:?}");
+        }
+        assert_eq!(shell_word(&"a".repeat(201)), None);
+    }
 
     #[test]
     fn n_jobs_counts_worker_ranks_like_cpus() {

@@ -37,7 +37,10 @@ fn where_it_ran(_: u32) -> (Option<usize>, String, u32) {
 
 fn main() -> std::process::ExitCode {
     parjob::init(); // ranks 1.. serve here and never return
-    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--help" || a == "-h")
+    {
         println!(
             "cluster: the seeds' CPU-bound halves and a crash lesson on an MPI world.\n\
              Takes no flags; start it under a launcher, e.g.\n  \

@@ -248,7 +248,9 @@ fn mpi_thread(started: Sender<usize>) {
         // reports as a lost rank.
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&world, rank)));
         let status = served.unwrap_or_else(|_| {
-            eprintln!("parjob: MPI rank {rank}'s server panicked (a bug); the rank ends");
+            transport::say(&format!(
+                "parjob: MPI rank {rank}'s server panicked (a bug); the rank ends"
+            ));
             3
         });
         drop(world);

@@ -23,7 +23,8 @@ use crate::wire::{
 
 use super::bell;
 use super::transport::{
-    Awaited, Backoff, Inbox, PendingSend, TAG_BROKEN, host_name, isend, process_gone, test_sends,
+    Awaited, Backoff, Inbox, PendingSend, TAG_BROKEN, host_name, isend, process_gone, say,
+    test_sends,
 };
 use super::{BYE_DEADLINE, EXIT_WITHOUT_FINALIZE, HELLO_DEADLINE, silence_limit};
 
@@ -39,11 +40,10 @@ fn local_workers() -> Result<(usize, Option<String>), String> {
         return match text.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_PROCESSES).contains(&n) => Ok((
                 n,
-                (n > bound).then(|| {
+                (n > bound && bound < job_cpus_on_node().unwrap_or(bound)).then(|| {
                     format!(
                         "PARJOB_MPI_WORKERS_PER_RANK={n} worker processes share the {bound} \
-                         CPU(s) the launcher bound this rank to (they inherit its binding); \
-                         {UNBIND}"
+                         CPU(s) this rank is bound to (they inherit its binding); {UNBIND}"
                     )
                 }),
             )),
@@ -79,16 +79,17 @@ fn local_workers() -> Result<(usize, Option<String>), String> {
     })
     .filter(|&n| n > 0)
     .unwrap_or(1);
-    let node = node_cpus().unwrap_or(bound).max(bound);
+    let node = job_cpus_on_node().unwrap_or(bound).max(bound);
     Ok(default_workers(cpu_count(), bound, node, on_node))
 }
 
 /// How to give each rank its CPUs, for the notes of [`local_workers`].
-const UNBIND: &str = "launch with `mpirun --bind-to none` (Open MPI binds each rank to a core \
-    or a socket unless oversubscribed) or give each task its CPUs with `srun --cpus-per-task=N` \
-    (see docs/CLUSTER.md, \"Sizing\")";
+const UNBIND: &str = "if the launcher bound it, launch with `mpirun --bind-to none` (Open MPI \
+    binds each rank to a core or a socket unless oversubscribed) or give each task its CPUs \
+    with `srun --cpus-per-task=N` (see docs/CLUSTER.md, \"Binding\")";
 
-/// A rank's default local workers: its share of the node, the node's `node` CPUs divided among
+/// A rank's default local workers: its share of the node, the `node` CPUs the job has there
+/// (all the node's, unless a cgroup confines the job to fewer) divided among
 /// the `on_node` ranks on it, but no more than the `usable` CPUs it may use (its affinity and
 /// any cgroup quota). The launcher may have bound each rank to its own CPUs already (`srun
 /// --cpus-per-task`, `mpirun --bind-to socket` with a rank per socket): then its `bound` CPUs
@@ -105,9 +106,10 @@ fn default_workers(
     let workers = usable.min(share).max(1);
     let note = (bound < share).then(|| {
         format!(
-            "the launcher bound this rank to {bound} of the node's {node} CPUs, fewer than its \
-             share ({share}: {node} CPUs for {on_node} rank(s) on the node), so its local pool \
-             runs {workers} worker process(es) and the rest of its share stays idle; {UNBIND}"
+            "this rank is bound to {bound} of the {node} CPUs the job has on this node, fewer \
+             than its share ({share}: {node} CPUs for {on_node} rank(s) on the node), so its \
+             local pool runs {workers} worker process(es) and the rest of its share stays idle; \
+             {UNBIND}"
         )
     });
     (workers, note)
@@ -129,11 +131,72 @@ fn affinity_cpus() -> Option<usize> {
     }
 }
 
-/// The node's online CPUs; `None` if they cannot be read.
-fn node_cpus() -> Option<usize> {
-    // SAFETY: sysconf only reads the name.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    usize::try_from(n).ok().filter(|&n| n > 0)
+/// The CPUs the job may use on this node: its cgroup's cpuset (Slurm's cgroups, a container's
+/// `--cpuset-cpus`), else the node's online CPUs; `None` if neither can be read.
+fn job_cpus_on_node() -> Option<usize> {
+    cgroup_cpuset_cpus().or_else(|| {
+        // SAFETY: sysconf only reads the name.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    })
+}
+
+/// The CPUs of this process's cgroup cpuset (v1 or v2), if it has one that can be read.
+fn cgroup_cpuset_cpus() -> Option<usize> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    for line in own.lines() {
+        // v2: "0::/path"; v1: "3:cpuset:/path".
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = path.trim_start_matches('/');
+        let (dirs, files): (Vec<_>, &[&str]) = if controllers.is_empty() {
+            // The nearest group with the cpuset controller (the root has it).
+            let mut dirs = Vec::new();
+            for mount in [root.to_path_buf(), root.join("unified")] {
+                let mut dir = Some(mount.join(path));
+                while let Some(d) = dir.filter(|d| d.starts_with(&mount)) {
+                    dir = d.parent().map(std::path::Path::to_path_buf);
+                    dirs.push(d);
+                }
+            }
+            (dirs, &["cpuset.cpus.effective"])
+        } else if controllers.split(',').any(|c| c == "cpuset") {
+            (
+                vec![root.join("cpuset").join(path)],
+                &["cpuset.effective_cpus", "cpuset.cpus"],
+            )
+        } else {
+            continue;
+        };
+        for dir in dirs {
+            for file in files {
+                if let Some(n) = std::fs::read_to_string(dir.join(file))
+                    .ok()
+                    .and_then(|text| count_cpu_list(&text))
+                {
+                    return Some(n);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The CPUs a kernel CPU list names (`0-3,8-11`, `5`); `None` for an empty or malformed one.
+fn count_cpu_list(text: &str) -> Option<usize> {
+    let mut count = 0usize;
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?),
+            None => {
+                let n = part.parse::<usize>().ok()?;
+                (n, n)
+            }
+        };
+        count = count.checked_add(last.checked_sub(first)?.checked_add(1)?)?;
+    }
+    (count > 0).then_some(count)
 }
 
 /// The rank server's loop. Returns the exit status: 0 after rank 0's `STOP`.
@@ -142,7 +205,7 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let (workers, pool, error) = match local_workers() {
         Ok((workers, note)) => {
             if let Some(note) = note {
-                eprintln!("parjob: MPI rank {rank} on {host}: {note}");
+                say(&format!("parjob: MPI rank {rank} on {host}: {note}"));
             }
             match ProcessPool::new(workers, ProcessOptions::default()) {
                 Ok(pool) => (workers, Some(pool), String::new()),
@@ -200,10 +263,10 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
             match tag {
                 TAG_BROKEN => {
                     // Rank 0 died while sending: nobody will say STOP.
-                    eprintln!(
+                    say(&format!(
                         "parjob: MPI rank {rank} on {my_host}: a message from rank 0 stopped \
                          halfway (rank 0 died?); the rank stops its local workers and leaves"
-                    );
+                    ));
                     drop(pools);
                     return 3;
                 }
@@ -348,10 +411,10 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                         heard_from_0.elapsed()
                     )
                 };
-                eprintln!(
+                say(&format!(
                     "parjob: MPI rank {rank} on {my_host}: {why}; the rank stops its local \
                      workers and leaves"
-                );
+                ));
                 drop(pools);
                 return 3;
             }
@@ -1040,13 +1103,34 @@ mod tests {
             );
             if let Some(note) = note {
                 assert!(
-                    note.contains(&format!("bound this rank to {bound} of the node's {node}"))
+                    note.contains(&format!("bound to {bound} of the {node} CPUs the job has"))
                         && note.contains("--bind-to none")
                         && note.contains("--cpus-per-task"),
                     "{note}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn cpu_lists_are_counted_as_the_kernel_writes_them() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8-11"), Some(8));
+        assert_eq!(count_cpu_list("5"), Some(1));
+        assert_eq!(count_cpu_list("0,2,4-5"), Some(4));
+        for bad in [
+            "",
+            "\n",
+            "3-1",
+            "a-b",
+            "1-",
+            "-",
+            "0-99999999999999999999999",
+        ] {
+            assert_eq!(count_cpu_list(bad), None, "{bad:?}");
+        }
+        // This machine's, whatever it is: at least one CPU if readable.
+        assert!(cgroup_cpuset_cpus().is_none_or(|n| n >= 1));
     }
 
     fn record(tag: u8, payload: &[u8]) -> Vec<u8> {
