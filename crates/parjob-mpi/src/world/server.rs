@@ -75,9 +75,9 @@ fn local_workers() -> Result<(usize, Option<String>), String> {
             .chars()
             .take_while(char::is_ascii_digit)
             .collect();
-        digits.parse::<usize>().ok()
+        // (An unusable value, 0 included, gives way to the next variable.)
+        digits.parse::<usize>().ok().filter(|&n| n > 0)
     })
-    .filter(|&n| n > 0)
     .unwrap_or(1);
     let node = job_cpus_on_node().unwrap_or(bound).max(bound);
     Ok(default_workers(cpu_count(), bound, node, on_node))
