@@ -1420,12 +1420,7 @@ fn what_tasks_leave_running_ends_with_their_worker() {
 /// blamed a missing `init()`.
 #[test]
 fn a_wrapper_that_does_not_exec_the_worker_is_named_as_the_cause() {
-    let (_dir, script) = parjob_tests::wrapper_script("'{exe}' \"$@\"");
-    let err = processes(1)
-        .worker_exe(&script)
-        .run([delayed(square, 3)])
-        .unwrap_err();
-    let text = err.to_string();
+    let text = parjob_tests::error_through_wrapper("'{exe}' \"$@\"");
     assert!(
         text.contains("its parent is not this driver") && text.contains("must `exec`"),
         "{text}"

@@ -228,3 +228,20 @@ pub fn wrapper_script(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         .expect("the script is made executable");
     (dir, script)
 }
+
+/// The error of a one-task run on a process pool whose `worker_exe` is a
+/// [`wrapper_script`] of `body`, as text; panics if the run worked.
+pub fn error_through_wrapper(body: &str) -> String {
+    fn square(x: u64) -> u64 {
+        x * x
+    }
+    let (_dir, script) = wrapper_script(body);
+    match parjob::Parallel::new(1)
+        .backend(parjob::Backend::Process)
+        .worker_exe(&script)
+        .run([parjob::delayed(square, 3)])
+    {
+        Ok(out) => panic!("the run through `{body}` worked: {out:?}"),
+        Err(error) => error.to_string(),
+    }
+}
