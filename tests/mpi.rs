@@ -176,17 +176,15 @@ mod suite {
         // Bound to a core each, then not bound: only the first says its workers share a CPU.
         let mut notes = Vec::new();
         for binding in ["core", "none"] {
-            let _ = std::fs::remove_file(report);
-            let output = Command::new(launcher)
-                .args(["-n", "2", "--bind-to", binding])
-                .arg(exe)
-                .env("PARJOB_MPI_REPORT", report)
-                .env("PARJOB_MPI_WORKERS_PER_RANK", "2")
-                .env("PARJOB_MPI_BOUND", "1")
-                .output()
-                .map_err(|e| format!("cannot run `{launcher}`: {e}"))?;
-            let verdict = std::fs::read_to_string(report).unwrap_or_default();
-            let _ = std::fs::remove_file(report);
+            let (verdict, output) = world_output(
+                &[launcher, "-n", "2", "--bind-to", binding],
+                exe,
+                report,
+                &[
+                    ("PARJOB_MPI_WORKERS_PER_RANK", "2"),
+                    ("PARJOB_MPI_BOUND", "1"),
+                ],
+            )?;
             let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
             check(verdict.trim() == "ok", || {
                 format!(
@@ -224,6 +222,28 @@ mod suite {
         (info.rank, info.worker)
     }
 
+    /// Runs `launcher` (the launcher program and its flags, without the executable) on `exe`
+    /// with `envs`, capturing its output, and returns what rank 0 wrote to `report` and the
+    /// output; an error only if the launcher cannot be run.
+    fn world_output(
+        launcher: &[&str],
+        exe: &std::path::Path,
+        report: &std::path::Path,
+        envs: &[(&str, &str)],
+    ) -> Result<(String, std::process::Output), String> {
+        let _ = std::fs::remove_file(report);
+        let output = Command::new(launcher.first().copied().unwrap_or_default())
+            .args(launcher.get(1..).unwrap_or_default())
+            .arg(exe)
+            .env("PARJOB_MPI_REPORT", report)
+            .envs(envs.iter().copied())
+            .output()
+            .map_err(|e| format!("cannot run `{}`: {e}", launcher.join(" ")))?;
+        let verdict = std::fs::read_to_string(report).unwrap_or_default();
+        let _ = std::fs::remove_file(report);
+        Ok((verdict, output))
+    }
+
     /// How many tasks print in the [`prefixed_worker_output`] world.
     const CHATTY_TASKS: u32 = 8;
 
@@ -235,17 +255,8 @@ mod suite {
         exe: &std::path::Path,
         report: &std::path::Path,
     ) -> Result<(), String> {
-        let _ = std::fs::remove_file(report);
-        let mut words = launch.split_whitespace();
-        let output = Command::new(words.next().unwrap_or_default())
-            .args(words)
-            .arg(exe)
-            .env("PARJOB_MPI_REPORT", report)
-            .env("PARJOB_MPI_PRINT", "1")
-            .output()
-            .map_err(|e| format!("cannot run `{launch}`: {e}"))?;
-        let verdict = std::fs::read_to_string(report).unwrap_or_default();
-        let _ = std::fs::remove_file(report);
+        let launcher: Vec<&str> = launch.split_whitespace().collect();
+        let (verdict, output) = world_output(&launcher, exe, report, &[("PARJOB_MPI_PRINT", "1")])?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         check(verdict.trim() == "ok", || {

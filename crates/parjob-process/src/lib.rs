@@ -46,7 +46,7 @@ mod watch;
 mod wire;
 mod worker;
 
-pub use pool::{ProcessPool, leave_if_a_worker_without_init};
+pub use pool::{ProcessPool, leave_if_a_worker_without_init, say_whole_line};
 #[doc(hidden)]
 pub use spawn::fail_next_line_reads_for_tests;
 pub use spawn::{TEST_WORKER_NAME, enable_test_support};

@@ -209,8 +209,9 @@ pub fn leave_if_a_worker_without_init() {
 }
 
 /// Writes `line` and a newline to stderr in one `write`: `eprintln!` writes each piece of its
-/// format apart, so lines that several processes print at once come out torn.
-pub(crate) fn say_whole_line(line: &str) {
+/// format apart, so lines that several processes print at once (worker copies, MPI ranks)
+/// come out torn into each other.
+pub fn say_whole_line(line: &str) {
     use std::io::Write;
     let whole = format!("{line}\n");
     let _ = std::io::stderr().write_all(whole.as_bytes());

@@ -570,14 +570,9 @@ pub(super) fn process_gone(pid: u32) -> bool {
     }
 }
 
-/// Writes `line` and a newline to stderr in one `write`: `eprintln!` writes each piece of its
-/// format apart, and every rank of a world may print at the same moment (at start-up, when
-/// rank 0 is lost), so its lines came out torn into each other's.
-pub(super) fn say(line: &str) {
-    use std::io::Write;
-    let whole = format!("{line}\n");
-    let _ = std::io::stderr().write_all(whole.as_bytes());
-}
+/// One line on stderr, written whole: every rank of a world may print at the same moment (at
+/// start-up, when rank 0 is lost).
+pub(super) use parjob_process::say_whole_line as say;
 
 #[cfg(test)]
 mod tests {
