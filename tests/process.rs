@@ -1411,6 +1411,54 @@ fn child_prints_with_prefix() {
 }
 
 #[test]
+fn what_a_task_prints_comes_out_before_run_returns() {
+    let output = run_child_test("process::child_prints_then_says_its_run_returned", &[]);
+    for (stream, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        let text = String::from_utf8_lossy(text);
+        let lines: Vec<&str> = text.lines().collect();
+        for round in 0..PRINT_ROUNDS {
+            let returned = format!("round {round}: run returned");
+            let at = |line: &str| lines.iter().position(|l| l.ends_with(line));
+            let Some(returned_at) = at(&returned) else {
+                panic!("no `{returned}` on {stream}:\n{text}");
+            };
+            for task in 0..4 {
+                let last = format!("round {round} task {task} line {}", PRINT_LINES - 1);
+                let Some(last_at) = at(&last) else {
+                    panic!("no `{last}` on {stream}:\n{text}");
+                };
+                assert!(
+                    last_at < returned_at,
+                    "`{last}` came after `{returned}` on {stream}:\n{text}"
+                );
+            }
+        }
+    }
+}
+
+const PRINT_ROUNDS: u32 = 10;
+const PRINT_LINES: u32 = 40;
+
+#[test]
+#[ignore = "run by what_a_task_prints_comes_out_before_run_returns in a child process"]
+fn child_prints_then_says_its_run_returned() {
+    fn chatty((round, task): (u32, u32)) {
+        for line in 0..PRINT_LINES {
+            println!("round {round} task {task} line {line}");
+            eprintln!("round {round} task {task} line {line}");
+        }
+    }
+    let parallel = processes(2).batch_size(BatchSize::Fixed(1));
+    for round in 0..PRINT_ROUNDS {
+        parallel
+            .run((0..4u32).map(|task| delayed(chatty, (round, task))))
+            .unwrap();
+        println!("round {round}: run returned");
+        eprintln!("round {round}: run returned");
+    }
+}
+
+#[test]
 fn run_unordered_yields_a_crash_with_its_index_and_every_other_result() {
     let mut seen: Vec<(usize, Result<u32, Error>)> = processes(2)
         .batch_size(BatchSize::Fixed(4))

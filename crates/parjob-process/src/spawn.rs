@@ -21,7 +21,9 @@ use parjob_remote::{
 use crate::link;
 use crate::mapping::Arena;
 use crate::shared::SentSegments;
-use crate::watch::{ChildWatch, LastWords, Sink, forward_lines, spawn_thread, wait_for_output};
+use crate::watch::{
+    ChildWatch, LastWords, Printed, Sink, forward_lines, spawn_thread, wait_for_output,
+};
 use crate::wire::{
     Board, ENV_DRIVER, ENV_HOME, ENV_INDEX, ENV_SECRET, EXIT_HANDSHAKE_FAILED, EXIT_NO_INIT,
     EXIT_NOT_DRIVERS_CHILD, EXIT_REFUSED_DRIVER, Hello, PROTOCOL, Shipment, WELCOMED,
@@ -144,6 +146,8 @@ pub(crate) struct Worker {
     pub(crate) tasks_run: usize,
     /// Disconnected once the worker's stdout and stderr are forwarded to their end.
     output_done: Receiver<()>,
+    /// How far its stdout and stderr are forwarded.
+    printed: Vec<Arc<Printed>>,
     /// What its stderr said that names a death (see [`LastWords`]).
     last_words: LastWords,
 }
@@ -165,6 +169,12 @@ impl Worker {
     pub(crate) fn release_memory(&mut self) {
         self.task_arena = None;
         self.result_arena = None;
+    }
+
+    /// Waits (briefly) until what the worker printed so far has been forwarded: called when
+    /// its `DONE` comes, so that a task's output is out before its result is.
+    pub(crate) fn wait_until_printed(&self) {
+        Printed::wait_until_all_out(&self.printed);
     }
 
     /// Waits (briefly) until the dead worker's last output has been forwarded.
@@ -391,19 +401,27 @@ impl Starter<'_> {
         });
         let test_support = TEST_SUPPORT.load(Ordering::Relaxed);
         let last_words = LastWords::default();
+        let mut printed = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
-            forward_lines(
+            printed.push(forward_lines(
                 out,
                 Sink::Stdout,
                 prefix.clone(),
                 test_support,
                 None,
                 output_tx.clone(),
-            );
+            ));
         }
         if let Some(err) = child.stderr.take() {
             let heard = Some(last_words.clone());
-            forward_lines(err, Sink::Stderr, prefix, test_support, heard, output_tx);
+            printed.push(forward_lines(
+                err,
+                Sink::Stderr,
+                prefix,
+                test_support,
+                heard,
+                output_tx,
+            ));
         }
         let child = Arc::new(ChildWatch::new(child.id()));
         let pid = child.pid;
@@ -739,6 +757,7 @@ impl Starter<'_> {
             home: pending.home.take(),
             tasks_run: 0,
             output_done,
+            printed,
             last_words,
             task_arena: None,
             result_arena: None,

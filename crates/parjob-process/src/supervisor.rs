@@ -709,6 +709,11 @@ impl Supervisor {
         let (start, end) = (range.start, range.end);
         match ended {
             FrameEnd::Done(done) => {
+                // What its tasks printed is out before their results are (a program that
+                // prints after `run` returns would otherwise print first now and then).
+                if let Some(worker) = &self.worker {
+                    worker.wait_until_printed();
+                }
                 recovery.frame_done();
                 let busy = self.take_outcomes(job, done, range, recovery);
                 self.quick_function =

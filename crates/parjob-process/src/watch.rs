@@ -1,8 +1,10 @@
 //! Watching a worker process from the driver: its end (without ever signalling a recycled pid)
 //! and its output, forwarded a whole line at a time.
 
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use parjob_core::WorkerExit;
@@ -114,25 +116,145 @@ pub(crate) enum Sink {
 /// without a newline (200 MB of it, say) cannot make the driver buffer it whole.
 const LINE_PIECE_MAX: usize = 64 << 10;
 
+/// One of a worker's output pipes as its forwarder goes through it: how many bytes it has taken
+/// from the pipe and how many of those it has written out, so that the driver can wait, when a
+/// `DONE` comes, until what the worker printed before sending it is out (see
+/// [`Printed::wait_until_out`]).
+pub(crate) struct Printed {
+    /// The driver's end of the pipe (non-blocking: it is only read once `poll` says so).
+    pipe: std::fs::File,
+    counts: Mutex<PrintedCounts>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PrintedCounts {
+    /// Bytes read from the pipe: only read with the lock held, so that this plus what the pipe
+    /// still holds is everything the worker has written to it.
+    taken: u64,
+    /// Bytes of those written out (or held as the start of a line not yet ended).
+    out: u64,
+    /// The pipe has ended, or its forwarder could not be started.
+    ended: bool,
+    /// A wait gave up on this forwarder (our own stdout does not take its lines): later
+    /// waits do not wait for it until it writes again.
+    stalled: bool,
+}
+
+/// How long a `DONE` waits at most for the output printed before it.
+const PRINTED_WAIT_MAX: Duration = Duration::from_millis(250);
+
+impl Printed {
+    /// Waits until what was written to the pipe so far is out (or the pipe ended), for no
+    /// longer than `deadline`. Costs a lock and an `ioctl` when there is nothing to wait for.
+    pub(crate) fn wait_until_out(&self, deadline: Instant) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.ended || counts.stalled {
+            return;
+        }
+        let mut waiting: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe this struct owns, with a valid pointer to an int.
+        if unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &mut waiting) } < 0 {
+            return;
+        }
+        let target = counts.taken + u64::try_from(waiting).unwrap_or(0);
+        while counts.out < target && !counts.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                counts.stalled = true;
+                return;
+            }
+            counts = self
+                .changed
+                .wait_timeout(counts, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits until what every pipe of `printed` holds so far is out, for no longer than
+    /// [`PRINTED_WAIT_MAX`] in all.
+    pub(crate) fn wait_until_all_out(printed: &[std::sync::Arc<Printed>]) {
+        let deadline = Instant::now() + PRINTED_WAIT_MAX;
+        for pipe in printed {
+            pipe.wait_until_out(deadline);
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PrintedCounts)) {
+        change(&mut self.counts.lock().unwrap_or_else(PoisonError::into_inner));
+        self.changed.notify_all();
+    }
+
+    /// Reads what the pipe holds into `buf` once `poll` says it holds something, counting it
+    /// as taken. `None` at the pipe's end (or an error that ends it).
+    fn read(&self, buf: &mut [u8]) -> Option<usize> {
+        use std::io::Read;
+        loop {
+            let mut ready = libc::pollfd {
+                fd: self.pipe.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one valid pollfd, with no timeout.
+            let polled = unsafe { libc::poll(&mut ready, 1, -1) };
+            if polled < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+                return None;
+            }
+            let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+            match (&self.pipe).read(buf) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    counts.taken += n as u64;
+                    return Some(n);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 /// Copies a worker's output to ours a whole line at a time, so that lines of different
 /// workers never interleave mid-line (stderr is unbuffered: one `eprintln!` may be several
 /// writes). A line longer than [`LINE_PIECE_MAX`] goes in pieces of that size (another worker's
 /// line may then fall between two pieces). With `drop_banner`, the test harness's own `running
-/// 1 test` banner is dropped. `done` is dropped when the pipe ends.
+/// 1 test` banner is dropped. `done` is dropped when the pipe ends. Returns how far it got, for
+/// [`Printed::wait_until_out`].
 pub(crate) fn forward_lines(
-    pipe: impl std::io::Read + Send + 'static,
+    pipe: impl Into<OwnedFd>,
     sink: Sink,
     prefix: Option<String>,
     drop_banner: bool,
     last_words: Option<LastWords>,
     done: Sender<()>,
-) {
+) -> std::sync::Arc<Printed> {
     use std::io::Write;
+    let pipe: OwnedFd = pipe.into();
+    // Non-blocking, so that a read made under the lock never waits (`poll` said it may read,
+    // but nothing else is relied on).
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(pipe.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+    let printed = std::sync::Arc::new(Printed {
+        pipe: std::fs::File::from(pipe),
+        counts: Mutex::default(),
+        changed: Condvar::new(),
+    });
+    let forwarder = std::sync::Arc::clone(&printed);
     let body = move || {
+        // Dropped in reverse: this thread's hold on the pipe goes before `done` says it ended,
+        // so that a pool that waited for `done` has no pipe of its dead workers open.
         let _done = done;
+        let forwarder = forwarder;
         let banner = drop_banner && matches!(sink, Sink::Stdout);
         let prefix = prefix.unwrap_or_default();
-        copy_lines(pipe, prefix.as_bytes(), banner, |text| {
+        let mut lines = Lines::new(prefix.as_bytes(), banner);
+        let mut write = |text: &[u8]| {
             if let Some(last_words) = &last_words {
                 last_words.hear(&text[prefix.len().min(text.len())..]);
             }
@@ -143,82 +265,107 @@ pub(crate) fn forward_lines(
                 }
                 Sink::Stderr => std::io::stderr().lock().write_all(text),
             };
-        });
+        };
+        let mut buf = vec![0; LINE_PIECE_MAX];
+        while let Some(n) = forwarder.read(&mut buf) {
+            lines.feed(&buf[..n], &mut write);
+            forwarder.update(|counts| {
+                counts.out += n as u64;
+                counts.stalled = false;
+            });
+        }
+        lines.end(&mut write);
+        forwarder.update(|counts| counts.ended = true);
     };
     // Without the thread the output is lost, not the worker: nothing to report.
-    let _ = spawn_thread("parjob-output".into(), body);
+    if spawn_thread("parjob-output".into(), body).is_err() {
+        printed.update(|counts| counts.ended = true);
+    }
+    printed
 }
 
-/// What [`forward_lines`] does, writing through `write`: each line (or piece of a long one)
-/// once, `prefix` before each line, and a newline after a last line that lacks one.
-fn copy_lines(
-    pipe: impl std::io::Read,
-    prefix: &[u8],
-    mut banner: bool,
-    mut write: impl FnMut(&[u8]),
-) {
-    let mut reader = std::io::BufReader::with_capacity(LINE_PIECE_MAX, pipe);
-    let mut piece = Vec::new();
-    let mut text = Vec::new();
-    let mut at_line_start = true;
-    loop {
-        piece.clear();
-        if read_piece(&mut reader, &mut piece).is_err() || piece.is_empty() {
-            if !at_line_start {
-                write(b"\n");
-            }
-            return;
-        }
-        let ends_line = piece.ends_with(b"\n");
-        if banner && at_line_start && ends_line {
-            if piece == b"\n" {
-                continue;
-            }
-            banner = false;
-            if piece.starts_with(b"running 1 test") {
-                continue;
-            }
-        }
-        text.clear();
-        if at_line_start {
-            text.extend_from_slice(prefix);
-        }
-        text.extend_from_slice(&piece);
-        write(&text);
-        at_line_start = ends_line;
-        if text.capacity() > 2 * LINE_PIECE_MAX {
-            text = Vec::new();
+/// What [`forward_lines`] does with the bytes it reads, writing through `write`: each line (or
+/// piece of a long one) once, its prefix before it, and a newline after a last line that
+/// lacks one.
+struct Lines<'a> {
+    prefix: &'a [u8],
+    /// Still to drop the test harness's banner (and the empty lines before it).
+    banner: bool,
+    /// The line being read, not yet ended (shorter than [`LINE_PIECE_MAX`]).
+    piece: Vec<u8>,
+    /// Whether the next byte written starts a line.
+    at_line_start: bool,
+    text: Vec<u8>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(prefix: &'a [u8], banner: bool) -> Lines<'a> {
+        Lines {
+            prefix,
+            banner,
+            piece: Vec::new(),
+            at_line_start: true,
+            text: Vec::new(),
         }
     }
-}
 
-/// Appends to `piece` the rest of the current line, up to and with its newline, or
-/// [`LINE_PIECE_MAX`] bytes of it, or what is left before the end of the pipe (nothing at the
-/// end).
-fn read_piece(reader: &mut impl std::io::BufRead, piece: &mut Vec<u8>) -> std::io::Result<()> {
-    while piece.len() < LINE_PIECE_MAX {
-        let available = match reader.fill_buf() {
-            Ok(available) => available,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if available.is_empty() {
-            break;
-        }
-        let room = available.len().min(LINE_PIECE_MAX - piece.len());
-        match available[..room].iter().position(|&b| b == b'\n') {
-            Some(newline) => {
-                piece.extend_from_slice(&available[..=newline]);
-                reader.consume(newline + 1);
-                break;
-            }
-            None => {
-                piece.extend_from_slice(&available[..room]);
-                reader.consume(room);
+    /// Takes the next bytes read, writing the lines (and pieces) they complete.
+    fn feed(&mut self, mut bytes: &[u8], write: &mut impl FnMut(&[u8])) {
+        while !bytes.is_empty() {
+            let room = LINE_PIECE_MAX - self.piece.len();
+            let available = &bytes[..bytes.len().min(room)];
+            match available.iter().position(|&b| b == b'\n') {
+                Some(newline) => {
+                    self.piece.extend_from_slice(&available[..=newline]);
+                    bytes = &bytes[newline + 1..];
+                    self.write_piece(write);
+                }
+                None => {
+                    self.piece.extend_from_slice(available);
+                    bytes = &bytes[available.len()..];
+                    if self.piece.len() == LINE_PIECE_MAX {
+                        self.write_piece(write);
+                    }
+                }
             }
         }
     }
-    Ok(())
+
+    /// The pipe ended: writes what is held, and ends its line.
+    fn end(&mut self, write: &mut impl FnMut(&[u8])) {
+        if !self.piece.is_empty() {
+            self.write_piece(write);
+        }
+        if !self.at_line_start {
+            write(b"\n");
+        }
+    }
+
+    fn write_piece(&mut self, write: &mut impl FnMut(&[u8])) {
+        let ends_line = self.piece.ends_with(b"\n");
+        if self.banner && self.at_line_start && ends_line {
+            if self.piece == b"\n" {
+                self.piece.clear();
+                return;
+            }
+            self.banner = false;
+            if self.piece.starts_with(b"running 1 test") {
+                self.piece.clear();
+                return;
+            }
+        }
+        self.text.clear();
+        if self.at_line_start {
+            self.text.extend_from_slice(self.prefix);
+        }
+        self.text.extend_from_slice(&self.piece);
+        write(&self.text);
+        self.at_line_start = ends_line;
+        self.piece.clear();
+        if self.text.capacity() > 2 * LINE_PIECE_MAX {
+            self.text = Vec::new();
+        }
+    }
 }
 
 /// The lines of a worker's stderr that name why it died, kept as they are forwarded: the Rust
@@ -291,11 +438,24 @@ pub(crate) fn wait_for_output(output_done: &Receiver<()>) {
 mod tests {
     use super::*;
 
+    /// What the forwarder writes for `input`, read in chunks of every size from 1 byte up.
     fn forwarded(input: &[u8], prefix: &str, banner: bool) -> Vec<Vec<u8>> {
+        let whole = forwarded_in_chunks(input, prefix, banner, input.len().max(1));
+        for chunk in [1, 2, 3, 7, LINE_PIECE_MAX - 1, LINE_PIECE_MAX + 1] {
+            let chunked = forwarded_in_chunks(input, prefix, banner, chunk);
+            assert_eq!(chunked.concat(), whole.concat(), "chunks of {chunk}");
+        }
+        whole
+    }
+
+    fn forwarded_in_chunks(input: &[u8], prefix: &str, banner: bool, chunk: usize) -> Vec<Vec<u8>> {
         let mut writes = Vec::new();
-        copy_lines(input, prefix.as_bytes(), banner, |text| {
-            writes.push(text.to_vec())
-        });
+        let mut write = |text: &[u8]| writes.push(text.to_vec());
+        let mut lines = Lines::new(prefix.as_bytes(), banner);
+        for bytes in input.chunks(chunk) {
+            lines.feed(bytes, &mut write);
+        }
+        lines.end(&mut write);
         writes
     }
 
