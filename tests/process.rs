@@ -1436,6 +1436,88 @@ fn what_a_task_prints_comes_out_before_run_returns() {
     }
 }
 
+#[test]
+fn a_task_printing_into_a_pipe_whose_reader_left_fails_as_on_threads() {
+    // `prog | head -1`: the reader takes a line and goes. A task's next `println!` then
+    // panics, as it does on threads, rather than the run going on with its output dropped.
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "process::child_prints_into_a_pipe_whose_reader_leaves",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .env_remove("PARJOB_N_JOBS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("task 0 line 0") {
+        line.clear();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no task line");
+    }
+    drop(stdout);
+    let stderr = child.stderr.take().unwrap();
+    let status = wait_within(&mut child, CHILD_LIMIT);
+    let stderr = std::io::read_to_string(stderr).unwrap();
+    assert!(status.is_some(), "the child did not end:\n{stderr}");
+    let outcome = stderr
+        .lines()
+        .find(|l| l.starts_with("outcome: "))
+        .unwrap_or_else(|| panic!("no outcome:\n{stderr}"));
+    assert!(
+        outcome.contains("failed printing to stdout") && outcome.contains("Broken pipe"),
+        "{outcome}"
+    );
+}
+
+#[test]
+#[ignore = "run by a_task_printing_into_a_pipe_whose_reader_left_fails_as_on_threads"]
+fn child_prints_into_a_pipe_whose_reader_leaves() {
+    fn chatty(task: u32) -> u32 {
+        for line in 0..2000 {
+            println!("task {task} line {line}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        task
+    }
+    let outcome = processes(1)
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..4u32).map(|task| delayed(chatty, task)));
+    eprintln!("outcome: {outcome:?}");
+}
+
+#[test]
+fn a_missing_tmpdir_falls_back_to_tmp_with_a_note() {
+    let output = run_child_test(
+        "process::child_runs_with_a_missing_tmpdir",
+        &[("TMPDIR", "/nonexistent/parjob-test-tmpdir")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr
+            .matches("TMPDIR=/nonexistent/parjob-test-tmpdir is not a directory")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "run by a_missing_tmpdir_falls_back_to_tmp_with_a_note in a child process"]
+fn child_runs_with_a_missing_tmpdir() {
+    let out = processes(2)
+        .run((0..8u64).map(|i| delayed(square, i)))
+        .unwrap();
+    assert_eq!(out, (0..8u64).map(|i| i * i).collect::<Vec<_>>());
+}
+
 const PRINT_ROUNDS: u32 = 10;
 const PRINT_LINES: u32 = 40;
 

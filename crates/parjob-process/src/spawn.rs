@@ -1095,7 +1095,25 @@ pub(crate) fn private_socket_root(home: Option<PathBuf>) {
 fn private_root() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    std::env::temp_dir().join(format!("parjob-{me}"))
+    temp_base().join(format!("parjob-{me}"))
+}
+
+/// `$TMPDIR` (std's `temp_dir`), or `/tmp` if that is not a directory, as Python's `tempfile`
+/// falls back (a line on stderr says so, once): a `TMPDIR` left pointing at a removed scratch
+/// folder would otherwise fail every worker start.
+fn temp_base() -> PathBuf {
+    let dir = std::env::temp_dir();
+    if dir.is_dir() {
+        return dir;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        crate::say_whole_line(&format!(
+            "parjob: TMPDIR={} is not a directory: the workers' temporary files go to /tmp",
+            dir.display()
+        ));
+    });
+    PathBuf::from("/tmp")
 }
 
 /// The private root, made if missing, and checked to be a directory only this user may enter.

@@ -121,14 +121,17 @@ const LINE_PIECE_MAX: usize = 64 << 10;
 /// `DONE` comes, until what the worker printed before sending it is out (see
 /// [`Printed::wait_until_out`]).
 pub(crate) struct Printed {
-    /// The driver's end of the pipe (non-blocking: it is only read once `poll` says so).
-    pipe: std::fs::File,
+    /// The pipe's descriptor, for `poll`: only the forwarder polls it, and only the forwarder
+    /// closes it (in [`PrintedCounts::pipe`]).
+    fd: std::os::fd::RawFd,
     counts: Mutex<PrintedCounts>,
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct PrintedCounts {
+    /// The driver's end of the pipe (non-blocking: it is only read once `poll` says so), closed
+    /// when our own output is a pipe whose reader has gone.
+    pipe: Option<std::fs::File>,
     /// Bytes read from the pipe: only read with the lock held, so that this plus what the pipe
     /// still holds is everything the worker has written to it.
     taken: u64,
@@ -149,12 +152,13 @@ impl Printed {
     /// longer than `deadline`. Costs a lock and an `ioctl` when there is nothing to wait for.
     pub(crate) fn wait_until_out(&self, deadline: Instant) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if counts.ended || counts.stalled {
+        let Some(pipe) = counts.pipe.as_ref().filter(|_| !counts.ended && !counts.stalled) else {
             return;
-        }
+        };
         let mut waiting: libc::c_int = 0;
-        // SAFETY: FIONREAD on a pipe this struct owns, with a valid pointer to an int.
-        if unsafe { libc::ioctl(self.pipe.as_raw_fd(), libc::FIONREAD, &mut waiting) } < 0 {
+        // SAFETY: FIONREAD on a pipe this struct owns (open: the lock is held), with a valid
+        // pointer to an int.
+        if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut waiting) } < 0 {
             return;
         }
         let target = counts.taken + u64::try_from(waiting).unwrap_or(0);
@@ -192,7 +196,7 @@ impl Printed {
         use std::io::Read;
         loop {
             let mut ready = libc::pollfd {
-                fd: self.pipe.as_raw_fd(),
+                fd: self.fd,
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -202,7 +206,10 @@ impl Printed {
                 return None;
             }
             let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-            match (&self.pipe).read(buf) {
+            let Some(mut pipe) = counts.pipe.as_ref() else {
+                return None;
+            };
+            match pipe.read(buf) {
                 Ok(0) => return None,
                 Ok(n) => {
                     counts.taken += n as u64;
@@ -241,41 +248,61 @@ pub(crate) fn forward_lines(
         }
     }
     let printed = std::sync::Arc::new(Printed {
-        pipe: std::fs::File::from(pipe),
-        counts: Mutex::default(),
+        fd: pipe.as_raw_fd(),
+        counts: Mutex::new(PrintedCounts {
+            pipe: Some(std::fs::File::from(pipe)),
+            taken: 0,
+            out: 0,
+            ended: false,
+            stalled: false,
+        }),
         changed: Condvar::new(),
     });
     let forwarder = std::sync::Arc::clone(&printed);
     let body = move || {
-        // Dropped in reverse: this thread's hold on the pipe goes before `done` says it ended,
-        // so that a pool that waited for `done` has no pipe of its dead workers open.
         let _done = done;
-        let forwarder = forwarder;
         let banner = drop_banner && matches!(sink, Sink::Stdout);
         let prefix = prefix.unwrap_or_default();
         let mut lines = Lines::new(prefix.as_bytes(), banner);
+        let reader_gone = std::cell::Cell::new(false);
         let mut write = |text: &[u8]| {
             if let Some(last_words) = &last_words {
                 last_words.hear(&text[prefix.len().min(text.len())..]);
             }
-            let _ = match sink {
+            let written = match sink {
                 Sink::Stdout => {
                     let mut out = std::io::stdout().lock();
                     out.write_all(text).and_then(|()| out.flush())
                 }
                 Sink::Stderr => std::io::stderr().lock().write_all(text),
             };
+            if written.is_err_and(|e| e.kind() == ErrorKind::BrokenPipe) {
+                reader_gone.set(true);
+            }
         };
         let mut buf = vec![0; LINE_PIECE_MAX];
         while let Some(n) = forwarder.read(&mut buf) {
             lines.feed(&buf[..n], &mut write);
+            if reader_gone.get() {
+                break;
+            }
             forwarder.update(|counts| {
                 counts.out += n as u64;
                 counts.stalled = false;
             });
         }
-        lines.end(&mut write);
-        forwarder.update(|counts| counts.ended = true);
+        if !reader_gone.get() {
+            lines.end(&mut write);
+        }
+        // Our output is a pipe whose reader has gone (`prog | head`): closing the worker's
+        // pipe gives the task its own broken pipe at its next line (a `println!` panics, as
+        // it would on threads) rather than run on with its output dropped. At the pipe's end,
+        // closing it now (not when the worker is dropped) lets a pool that waited for `done`
+        // have no pipe of a dead worker open.
+        forwarder.update(|counts| {
+            counts.pipe = None;
+            counts.ended = true;
+        });
     };
     // Without the thread the output is lost, not the worker: nothing to report.
     if spawn_thread("parjob-output".into(), body).is_err() {
