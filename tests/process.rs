@@ -1494,6 +1494,78 @@ fn child_prints_into_a_pipe_whose_reader_leaves() {
 }
 
 #[test]
+fn worker_output_reaches_a_non_blocking_stdout_whole() {
+    // A driver whose stdout is a non-blocking pipe (some supervisors and Python's asyncio make
+    // one) that is read late: the forwarders wait while it is full rather than drop lines.
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 with a valid array of two descriptors.
+    let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0);
+    // SAFETY: the two descriptors pipe2 just made, each owned once.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1]))
+    };
+    // SAFETY: fcntl on the write end this test owns.
+    unsafe {
+        let flags = libc::fcntl(ends[1], libc::F_GETFL);
+        assert_eq!(
+            libc::fcntl(ends[1], libc::F_SETFL, flags | libc::O_NONBLOCK),
+            0
+        );
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "process::child_prints_much_into_a_non_blocking_stdout",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .env_remove("PARJOB_N_JOBS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the pipe fill before anything reads it.
+    std::thread::sleep(Duration::from_millis(500));
+    let stdout =
+        std::thread::spawn(move || std::io::read_to_string(std::fs::File::from(read_end)).unwrap());
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert!(wait_within(&mut child, CHILD_LIMIT).is_some());
+    let stdout = stdout.join().unwrap();
+    assert!(stderr.contains("outcome: Ok"), "{stderr}");
+    for task in 0..4 {
+        // The harness may have printed `test <name> ... ` before the first line.
+        let start = format!("task {task} line ");
+        let lines = stdout
+            .lines()
+            .filter(|l| l.find(&start).is_some_and(|at| l.len() - at == 90))
+            .count();
+        assert_eq!(lines, 2000, "task {task}'s lines, whole");
+    }
+}
+
+#[test]
+#[ignore = "run by worker_output_reaches_a_non_blocking_stdout_whole"]
+fn child_prints_much_into_a_non_blocking_stdout() {
+    fn chatty(task: u32) -> u32 {
+        for line in 0..2000 {
+            // 90 characters a line.
+            println!("task {task} line {line:04} {}", "x".repeat(73));
+        }
+        task
+    }
+    let outcome = processes(2)
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..4u32).map(|task| delayed(chatty, task)));
+    eprintln!("outcome: {outcome:?}");
+}
+
+#[test]
 fn a_missing_tmpdir_falls_back_to_tmp_with_a_note() {
     let output = run_child_test(
         "process::child_runs_with_a_missing_tmpdir",

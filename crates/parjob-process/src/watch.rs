@@ -139,8 +139,9 @@ struct PrintedCounts {
     out: u64,
     /// The pipe has ended, or its forwarder could not be started.
     ended: bool,
-    /// A wait gave up on this forwarder (our own stdout does not take its lines): later
-    /// waits do not wait for it until it writes again.
+    /// A wait gave up on this forwarder (our own stdout does not take its lines, or a process
+    /// a task left running keeps its pipe full): later waits do not wait for it until it has
+    /// caught up (found its pipe empty).
     stalled: bool,
 }
 
@@ -152,7 +153,11 @@ impl Printed {
     /// longer than `deadline`. Costs a lock and an `ioctl` when there is nothing to wait for.
     pub(crate) fn wait_until_out(&self, deadline: Instant) {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(pipe) = counts.pipe.as_ref().filter(|_| !counts.ended && !counts.stalled) else {
+        let Some(pipe) = counts
+            .pipe
+            .as_ref()
+            .filter(|_| !counts.ended && !counts.stalled)
+        else {
             return;
         };
         let mut waiting: libc::c_int = 0;
@@ -190,11 +195,29 @@ impl Printed {
         self.changed.notify_all();
     }
 
-    /// Reads what the pipe holds into `buf` once `poll` says it holds something, counting it
-    /// as taken. `None` at the pipe's end (or an error that ends it).
+    /// Reads what the pipe holds into `buf`, waiting in `poll` while it is empty, and counts
+    /// it as taken. Finding the pipe empty means the forwarder has caught up: a wait that gave
+    /// up on it is made again from then on. `None` at the pipe's end (or an error that ends it).
     fn read(&self, buf: &mut [u8]) -> Option<usize> {
         use std::io::Read;
         loop {
+            {
+                let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+                let read = match counts.pipe.as_ref() {
+                    Some(mut pipe) => pipe.read(buf),
+                    None => return None,
+                };
+                match read {
+                    Ok(0) => return None,
+                    Ok(n) => {
+                        counts.taken += n as u64;
+                        return Some(n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => counts.stalled = false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => return None,
+                }
+            }
             let mut ready = libc::pollfd {
                 fd: self.fd,
                 events: libc::POLLIN,
@@ -204,19 +227,6 @@ impl Printed {
             let polled = unsafe { libc::poll(&mut ready, 1, -1) };
             if polled < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
                 return None;
-            }
-            let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(mut pipe) = counts.pipe.as_ref() else {
-                return None;
-            };
-            match pipe.read(buf) {
-                Ok(0) => return None,
-                Ok(n) => {
-                    counts.taken += n as u64;
-                    return Some(n);
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
-                Err(_) => return None,
             }
         }
     }
@@ -236,7 +246,6 @@ pub(crate) fn forward_lines(
     last_words: Option<LastWords>,
     done: Sender<()>,
 ) -> std::sync::Arc<Printed> {
-    use std::io::Write;
     let pipe: OwnedFd = pipe.into();
     // Non-blocking, so that a read made under the lock never waits (`poll` said it may read,
     // but nothing else is relied on).
@@ -264,35 +273,37 @@ pub(crate) fn forward_lines(
         let banner = drop_banner && matches!(sink, Sink::Stdout);
         let prefix = prefix.unwrap_or_default();
         let mut lines = Lines::new(prefix.as_bytes(), banner);
-        let reader_gone = std::cell::Cell::new(false);
-        let mut write = |text: &[u8]| {
+        // What one read gives is written in one go (a `yes` left running by a task once took
+        // a write per 4-byte line): whole lines, and no other thread of ours writes between.
+        let mut text = Vec::new();
+        let hear = |piece: &[u8]| {
             if let Some(last_words) = &last_words {
-                last_words.hear(&text[prefix.len().min(text.len())..]);
-            }
-            let written = match sink {
-                Sink::Stdout => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(text).and_then(|()| out.flush())
-                }
-                Sink::Stderr => std::io::stderr().lock().write_all(text),
-            };
-            if written.is_err_and(|e| e.kind() == ErrorKind::BrokenPipe) {
-                reader_gone.set(true);
+                last_words.hear(&piece[prefix.len().min(piece.len())..]);
             }
         };
         let mut buf = vec![0; LINE_PIECE_MAX];
+        let mut reader_gone = false;
         while let Some(n) = forwarder.read(&mut buf) {
-            lines.feed(&buf[..n], &mut write);
-            if reader_gone.get() {
+            lines.feed(&buf[..n], &mut |piece: &[u8]| {
+                hear(piece);
+                text.extend_from_slice(piece);
+            });
+            reader_gone = !write_whole(sink, &text);
+            text.clear();
+            if reader_gone {
                 break;
             }
-            forwarder.update(|counts| {
-                counts.out += n as u64;
-                counts.stalled = false;
-            });
+            forwarder.update(|counts| counts.out += n as u64);
+            if text.capacity() > 4 * LINE_PIECE_MAX {
+                text = Vec::new();
+            }
         }
-        if !reader_gone.get() {
-            lines.end(&mut write);
+        if !reader_gone {
+            lines.end(&mut |piece: &[u8]| {
+                hear(piece);
+                text.extend_from_slice(piece);
+            });
+            write_whole(sink, &text);
         }
         // Our output is a pipe whose reader has gone (`prog | head`): closing the worker's
         // pipe gives the task its own broken pipe at its next line (a `println!` panics, as
@@ -309,6 +320,76 @@ pub(crate) fn forward_lines(
         printed.update(|counts| counts.ended = true);
     }
     printed
+}
+
+/// Writes `text` whole to our stdout or stderr, under std's lock (so that no other thread of
+/// this process writes between) and straight to the descriptor, waiting while a non-blocking
+/// one is full. `false` if its reader has gone (a broken pipe). A closed descriptor drops the
+/// text, as std's own `println!` does; any other error (a full disk) is said once on stderr
+/// and the text dropped.
+fn write_whole(sink: Sink, text: &[u8]) -> bool {
+    use std::io::Write;
+    let written = match sink {
+        Sink::Stdout => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.flush();
+            write_to(libc::STDOUT_FILENO, text)
+        }
+        Sink::Stderr => {
+            let _err = std::io::stderr().lock();
+            write_to(libc::STDERR_FILENO, text)
+        }
+    };
+    match written {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => false,
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => true,
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let which = match sink {
+                    Sink::Stdout => "stdout",
+                    Sink::Stderr => "stderr",
+                };
+                crate::say_whole_line(&format!(
+                    "parjob: cannot write a worker's output to {which}: {e}; what cannot be \
+                     written is dropped"
+                ));
+            });
+            true
+        }
+    }
+}
+
+/// `write` until all of `text` is written, waiting in `poll` while `fd` is full.
+fn write_to(fd: std::os::fd::RawFd, mut text: &[u8]) -> std::io::Result<()> {
+    while !text.is_empty() {
+        // SAFETY: writing from a valid buffer of `text.len()` bytes; a descriptor that is not
+        // open gives EBADF.
+        let n = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+        if n > 0 {
+            text = &text[n.unsigned_abs().min(text.len())..];
+            continue;
+        }
+        if n == 0 {
+            return Err(ErrorKind::WriteZero.into());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::Interrupted => {}
+            ErrorKind::WouldBlock => {
+                let mut ready = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: polling one valid pollfd, with no timeout.
+                unsafe { libc::poll(&mut ready, 1, -1) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What [`forward_lines`] does with the bytes it reads, writing through `write`: each line (or
