@@ -141,6 +141,15 @@ mod suite {
                 return ExitCode::FAILURE;
             }
         }
+        match mpi_init_that_never_finishes_ends_the_launch(launch, &exe) {
+            Ok(said) => {
+                println!("MPI suite: a process of the launch that never starts MPI: {said}")
+            }
+            Err(why) => {
+                println!("MPI suite: a process of the launch that never starts MPI: FAILED: {why}");
+                return ExitCode::FAILURE;
+            }
+        }
         match exit_status_after_a_loss(launch, &exe, &report) {
             Ok(()) => {
                 println!("MPI suite: rank 0's exit status survives a lost rank: ok");
@@ -303,6 +312,69 @@ mod suite {
 
     /// What rank 0 exits with after a run that lost a rank (`PARJOB_MPI_EXIT_AFTER_LOSS`).
     const STATUS_AFTER_LOSS: u8 = 17;
+
+    /// `mpirun --enable-recovery -n 2 <this binary> : -n 1 false`: the third process ends
+    /// before it starts MPI, so `MPI_Init` never finishes in the other two. With
+    /// `PARJOB_MPI_INIT_TIMEOUT=3` each says so within 3 s and ends, and the launch ends; it
+    /// used to wait for ever. Only with Open MPI's `mpirun` (or `mpiexec`).
+    fn mpi_init_that_never_finishes_ends_the_launch(
+        launch: &str,
+        exe: &std::path::Path,
+    ) -> Result<String, String> {
+        let launcher = launch.split_whitespace().next().unwrap_or_default();
+        let name = std::path::Path::new(launcher)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !matches!(name.as_str(), "mpirun" | "mpiexec") {
+            return Ok(format!("not run: `{launcher}` is not Open MPI's mpirun"));
+        }
+        let stderr_file = std::env::temp_dir().join(format!(
+            "parjob-mpi-suite-init-{}.stderr",
+            std::process::id()
+        ));
+        let stderr = std::fs::File::create(&stderr_file).map_err(|e| e.to_string())?;
+        let mut child = Command::new(launcher)
+            .args(["--oversubscribe", "--enable-recovery", "-n", "2"])
+            .arg(exe)
+            .args([":", "-n", "1", "false"])
+            .env("PARJOB_MPI_INIT_TIMEOUT", "3")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot run `{launcher}`: {e}"))?;
+        // A bound against a hang, not a timing check: the processes give up after 3 s.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let said = std::fs::read_to_string(&stderr_file).unwrap_or_default();
+        let _ = std::fs::remove_file(&stderr_file);
+        check(status.is_some(), || {
+            format!("the launch was still waiting after 90 s; stderr: {said}")
+        })?;
+        let gave_up = said
+            .lines()
+            .filter(|l| l.starts_with("parjob: MPI_Init did not finish within 3s"))
+            .count();
+        check(
+            gave_up >= 1 && said.contains("PARJOB_MPI_INIT_TIMEOUT"),
+            || format!("no process said it gave up on MPI_Init; stderr: {said}"),
+        )?;
+        Ok(format!(
+            "{gave_up} process(es) said so and the launch ended"
+        ))
+    }
 
     /// A world whose rank 0 loses a rank and then exits with [`STATUS_AFTER_LOSS`]: rank 0
     /// leaves with `_exit` after a loss (no `MPI_Finalize`), and must leave with that status,
@@ -568,6 +640,40 @@ mod suite {
 
     fn check(condition: bool, what: impl FnOnce() -> String) -> Result<(), String> {
         if condition { Ok(()) } else { Err(what()) }
+    }
+
+    /// The sockets (`socket:[inode]`) that process `pid` holds.
+    fn sockets_of(pid: &str) -> BTreeSet<String> {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .filter(|target| target.starts_with("socket:"))
+            .collect()
+    }
+
+    /// The sockets a local worker shares with its rank (its parent): the rank's MPI
+    /// connections, if the worker inherited them.
+    fn sockets_shared_with_my_rank(_: u64) -> Vec<String> {
+        // SAFETY: getppid has no preconditions.
+        let rank = unsafe { libc::getppid() }.to_string();
+        let mine = sockets_of("self");
+        sockets_of(&rank).intersection(&mine).cloned().collect()
+    }
+
+    /// A rank's local workers do not inherit its MPI connections (Open MPI opens them without
+    /// close-on-exec): a task that closed or wrote into them ended the rank.
+    fn workers_hold_no_socket_of_their_rank() -> Result<(), String> {
+        let parallel = mpi(-1).batch_size(BatchSize::Fixed(1));
+        let shared = parallel
+            .run((0..8u64).map(|i| delayed(sockets_shared_with_my_rank, i)))
+            .map_err(|e| e.to_string())?;
+        check(shared.iter().all(Vec::is_empty), || {
+            format!("workers share these sockets with their rank: {shared:?}")
+        })
     }
 
     fn ordering() -> Result<(), String> {
@@ -1595,6 +1701,10 @@ mod suite {
             ("n_jobs_picks_ranks", n_jobs_picks_ranks),
             ("n_jobs_minus_k", n_jobs_minus_k),
             ("worker_info_names_the_rank", worker_info_names_the_rank),
+            (
+                "workers_hold_no_socket_of_their_rank",
+                workers_hold_no_socket_of_their_rank,
+            ),
             ("panic", panic),
             ("result_decode_panic", result_decode_panic),
             ("abort", abort),

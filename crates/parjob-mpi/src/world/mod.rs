@@ -219,16 +219,66 @@ pub fn init() {
         eprintln!("parjob: cannot start the MPI thread: {e}; the MPI backend is unavailable");
         return;
     }
-    match rx.recv() {
+    let deadline = init_deadline();
+    match rx.recv_timeout(deadline) {
         // Rank 0: the driver thread runs on; main goes on.
         Ok(0) => {}
         // A worker rank: the MPI thread serves and ends the process.
         Ok(_) => loop {
             std::thread::park();
         },
-        Err(_) => eprintln!("parjob: MPI did not start; the MPI backend is unavailable"),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            // MPI_Init waits for every process of the launch, and under `--enable-recovery`
+            // one that ended before it started MPI leaves the others waiting for ever.
+            let rank = [
+                "OMPI_COMM_WORLD_RANK",
+                "PMIX_RANK",
+                "PMI_RANK",
+                "SLURM_PROCID",
+            ]
+            .iter()
+            .find_map(|var| std::env::var(var).ok())
+            .map_or(String::new(), |rank| format!(" (rank {rank})"));
+            transport::say(&format!(
+                "parjob: MPI_Init did not finish within {deadline:?} in this process{rank}, pid \
+                 {}: a process of the launch may have ended before it started MPI (see the \
+                 launcher's output), or the launcher cannot reach a node; this process ends \
+                 (PARJOB_MPI_INIT_TIMEOUT sets the wait, in seconds)",
+                std::process::id()
+            ));
+            // SAFETY: `_exit` ends the process at once: MPI is half started on another
+            // thread, and nothing of this process's may run after it (no atexit, no unwind).
+            unsafe { libc::_exit(1) };
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            eprintln!("parjob: MPI did not start; the MPI backend is unavailable")
+        }
     }
 }
+
+/// How long [`init`] waits for `MPI_Init`: `PARJOB_MPI_INIT_TIMEOUT` seconds (at least 1),
+/// [`INIT_DEADLINE`] when unset; a value that is not such a number is said on stderr and the
+/// default used (`init` has no caller to return an error to).
+fn init_deadline() -> Duration {
+    let Ok(text) = std::env::var("PARJOB_MPI_INIT_TIMEOUT") else {
+        return INIT_DEADLINE;
+    };
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if seconds >= 1.0 => Duration::try_from_secs_f64(seconds)
+            .map_or(MAX_SILENCE_LIMIT, |limit| limit.min(MAX_SILENCE_LIMIT)),
+        _ => {
+            transport::say(&format!(
+                "parjob: PARJOB_MPI_INIT_TIMEOUT={text:?} is not a number of seconds of 1 or \
+                 more; MPI_Init is waited for {INIT_DEADLINE:?}"
+            ));
+            INIT_DEADLINE
+        }
+    }
+}
+
+/// How long [`init`] waits for `MPI_Init` by default: it waits for every process of the
+/// launch to start, which on a big job under a busy launcher takes seconds, not minutes.
+const INIT_DEADLINE: Duration = Duration::from_secs(120);
 
 fn mpi_thread(started: Sender<usize>) {
     let Some((universe, _threading)) = mpi::initialize_with_threading(mpi::Threading::Multiple)

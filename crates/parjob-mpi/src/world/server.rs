@@ -199,9 +199,37 @@ fn count_cpu_list(text: &str) -> Option<usize> {
     (count > 0).then_some(count)
 }
 
+/// Marks every descriptor of this rank above 2 close-on-exec, so that its local workers, and
+/// what their tasks start, do not inherit the rank's MPI connections: Open MPI opens its
+/// sockets without the flag, and a task that closed or wrote into them ended the rank (or kept
+/// its connections open after it died). Called before each local pool starts and once rank
+/// 0's `WELCOME` came (connections are made as they are first used); the flag changes nothing
+/// for the rank itself, which never `exec`s.
+fn keep_descriptors_from_workers() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<libc::c_int> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD and F_SETFD on a descriptor number: one closed since the listing
+        // gives EBADF, and one opened again under that number only gains close-on-exec.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// The rank server's loop. Returns the exit status: 0 after rank 0's `STOP`.
 pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
     let host = host_name();
+    keep_descriptors_from_workers();
     let (workers, pool, error) = match local_workers() {
         Ok((workers, note)) => {
             if let Some(note) = note {
@@ -273,6 +301,8 @@ pub(super) fn serve(world: &SimpleCommunicator, rank: usize) -> i32 {
                 // A refused rank (another build, no local pool) gets no RUN: it waits for STOP.
                 TAG_WELCOME => {
                     welcomed = bytes.first() == Some(&1);
+                    // The connection to rank 0 is made by now: keep it from later workers.
+                    keep_descriptors_from_workers();
                     let mut r = Reader(bytes.get(1..).unwrap_or_default());
                     if let (Some(pid), Some(host)) = (r.u32(), r.text()) {
                         rank0 = Some((pid, host == my_host));
@@ -762,6 +792,7 @@ impl LocalPools {
             }
         };
         let (workers, started) = (self.workers, self.started_tx.clone());
+        keep_descriptors_from_workers();
         let spawned = std::thread::Builder::new()
             .name(format!("parjob-mpi-pool-{id}"))
             .spawn(move || {
