@@ -10,7 +10,7 @@ fn main() {
             "cargo::error=parjob needs its patched ipc-channel, but this build uses another \
              (upstream's, from crates.io): add `[patch.crates-io] ipc-channel = {{ path = \
              \"PATH/TO/parjob/vendor/ipc-channel\" }}` to your workspace's Cargo.toml (see \
-             parjob's README, \"Set up\", and vendor/ipc-channel/PARJOB.md for why)"
+             parjob's README, \"Quick start\", and vendor/ipc-channel/PARJOB.md for why)"
         );
     }
 }

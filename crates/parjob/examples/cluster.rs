@@ -121,8 +121,8 @@ fn run() -> Result<(), Error> {
         println!("CPU-bound halves: 2 worker ranks were {speedup:.2}x as fast as 1");
         if speedup < 1.5 {
             println!(
-                "  (below 1.5x: fewer free cores than worker ranks, or a busy machine; each \
-                 half takes only tens of ms here, so rerun on a quiet one)"
+                "  (below 1.5x: fewer free cores than worker ranks, or a busy machine: the \
+                 two halves need a core each to themselves, so rerun on a quiet one)"
             );
         }
     }
