@@ -1566,6 +1566,74 @@ fn child_prints_much_into_a_non_blocking_stdout() {
 }
 
 #[test]
+fn stdout_and_stderr_into_one_pipe_keep_their_lines_whole() {
+    // `prog 2>&1 | less`: the two forwarders write into one pipe, and a write of more than
+    // 4096 bytes may be cut by the other's.
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 with a valid array of two descriptors.
+    let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0);
+    // SAFETY: the two descriptors pipe2 just made, each owned once.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1]))
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "process::child_floods_stdout_and_stderr",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .env_remove("PARJOB_N_JOBS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end.try_clone().unwrap()))
+        .stderr(Stdio::from(write_end))
+        .spawn()
+        .unwrap();
+    let output = std::io::read_to_string(std::fs::File::from(read_end)).unwrap();
+    assert!(wait_within(&mut child, CHILD_LIMIT).is_some());
+    assert!(output.contains("outcome: Ok"), "{output}");
+    let mut whole = 0;
+    for line in output.lines() {
+        let Some(at) = line.find("OUT T").or_else(|| line.find("ERR T")) else {
+            continue;
+        };
+        let text = &line[at..];
+        assert!(
+            text.len() == 116
+                && text.ends_with(" END")
+                && !text[5..].contains("OUT T")
+                && !text[5..].contains("ERR T"),
+            "a torn line: {line:?}"
+        );
+        whole += 1;
+    }
+    assert_eq!(whole, 2 * 8 * 400);
+}
+
+#[test]
+#[ignore = "run by stdout_and_stderr_into_one_pipe_keep_their_lines_whole"]
+fn child_floods_stdout_and_stderr() {
+    fn flood(task: u32) -> u32 {
+        for line in 0..400 {
+            // 116 characters a line.
+            let x = "x".repeat(100);
+            println!("OUT T{task} L{line:03} {x} END");
+            eprintln!("ERR T{task} L{line:03} {x} END");
+        }
+        task
+    }
+    let outcome = processes(2)
+        .batch_size(BatchSize::Fixed(1))
+        .run((0..8u32).map(|task| delayed(flood, task)));
+    eprintln!("outcome: {outcome:?}");
+}
+
+#[test]
 fn a_missing_tmpdir_falls_back_to_tmp_with_a_note() {
     let output = run_child_test(
         "process::child_runs_with_a_missing_tmpdir",
@@ -1575,6 +1643,27 @@ fn a_missing_tmpdir_falls_back_to_tmp_with_a_note() {
     assert_eq!(
         stderr
             .matches("TMPDIR=/nonexistent/parjob-test-tmpdir is not a directory")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_tmpdir_too_long_for_a_socket_falls_back_to_tmp_with_a_note() {
+    // ipc-channel used to cut a socket path longer than 107 bytes short: workers' sockets
+    // collided ("Address already in use") and every run failed.
+    let base = tempfile::tempdir().unwrap();
+    let long = base.path().join("d".repeat(100));
+    std::fs::create_dir(&long).unwrap();
+    let output = run_child_test(
+        "process::child_runs_with_a_missing_tmpdir",
+        &[("TMPDIR", long.to_str().unwrap())],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr
+            .matches("is too long for the workers' sockets")
             .count(),
         1,
         "{stderr}"

@@ -1103,17 +1103,43 @@ fn private_root() -> PathBuf {
 /// folder would otherwise fail every worker start.
 fn temp_base() -> PathBuf {
     let dir = std::env::temp_dir();
-    if dir.is_dir() {
+    let room = temp_base_room();
+    let why = if !dir.is_dir() {
+        "is not a directory".to_string()
+    } else if dir.as_os_str().len() > room {
+        format!(
+            "is too long for the workers' sockets, which go under it (a socket's path holds \
+             107 bytes: TMPDIR may take {room} here)"
+        )
+    } else {
         return dir;
-    }
+    };
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {
         crate::say_whole_line(&format!(
-            "parjob: TMPDIR={} is not a directory: the workers' temporary files go to /tmp",
+            "parjob: TMPDIR={} {why}: the workers' temporary files go to /tmp",
             dir.display()
         ));
     });
     PathBuf::from("/tmp")
+}
+
+/// How long `$TMPDIR` may be for a worker's handshake socket,
+/// `$TMPDIR/parjob-<uid>/w-<pid>-<n>/.tmpXXXXXX/socket`, to fit the 107 bytes of a Unix
+/// socket's path (`n` counts to 10 digits).
+fn temp_base_room() -> usize {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() }.to_string();
+    let pid = std::process::id().to_string();
+    let under = "/parjob-".len()
+        + uid.len()
+        + "/w-".len()
+        + pid.len()
+        + "-".len()
+        + 10
+        + "/.tmpXXXXXX".len()
+        + "/socket".len();
+    107usize.saturating_sub(under)
 }
 
 /// The private root, made if missing, and checked to be a directory only this user may enter.

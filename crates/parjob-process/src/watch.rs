@@ -276,18 +276,16 @@ pub(crate) fn forward_lines(
         // What one read gives is written in one go (a `yes` left running by a task once took
         // a write per 4-byte line): whole lines, and no other thread of ours writes between.
         let mut text = Vec::new();
-        let hear = |piece: &[u8]| {
+        let hear = |text: &[u8]| {
             if let Some(last_words) = &last_words {
-                last_words.hear(&piece[prefix.len().min(piece.len())..]);
+                last_words.hear(text);
             }
         };
         let mut buf = vec![0; LINE_PIECE_MAX];
         let mut reader_gone = false;
         while let Some(n) = forwarder.read(&mut buf) {
-            lines.feed(&buf[..n], &mut |piece: &[u8]| {
-                hear(piece);
-                text.extend_from_slice(piece);
-            });
+            lines.feed(&buf[..n], &mut |piece: &[u8]| text.extend_from_slice(piece));
+            hear(&text);
             reader_gone = !write_whole(sink, &text);
             text.clear();
             if reader_gone {
@@ -299,10 +297,8 @@ pub(crate) fn forward_lines(
             }
         }
         if !reader_gone {
-            lines.end(&mut |piece: &[u8]| {
-                hear(piece);
-                text.extend_from_slice(piece);
-            });
+            lines.end(&mut |piece: &[u8]| text.extend_from_slice(piece));
+            hear(&text);
             write_whole(sink, &text);
         }
         // Our output is a pipe whose reader has gone (`prog | head`): closing the worker's
@@ -333,11 +329,11 @@ fn write_whole(sink: Sink, text: &[u8]) -> bool {
         Sink::Stdout => {
             let mut out = std::io::stdout().lock();
             let _ = out.flush();
-            write_to(libc::STDOUT_FILENO, text)
+            write_lines_to(libc::STDOUT_FILENO, text)
         }
         Sink::Stderr => {
             let _err = std::io::stderr().lock();
-            write_to(libc::STDERR_FILENO, text)
+            write_lines_to(libc::STDERR_FILENO, text)
         }
     };
     match written {
@@ -359,6 +355,41 @@ fn write_whole(sink: Sink, text: &[u8]) -> bool {
             true
         }
     }
+}
+
+/// The most bytes one `write` to a pipe puts in it whole, never mixed with another's
+/// (POSIX's `PIPE_BUF`, 4096 on Linux).
+const ATOMIC_WRITE_MAX: usize = 4096;
+
+/// `write_to` in writes of whole lines of at most [`ATOMIC_WRITE_MAX`] bytes together (a
+/// longer line alone), so that when our stdout and stderr are one pipe (`2>&1 | less`), the
+/// other forwarder's writes fall between lines, never inside one.
+fn write_lines_to(fd: std::os::fd::RawFd, text: &[u8]) -> std::io::Result<()> {
+    line_groups(text).try_for_each(|group| write_to(fd, group))
+}
+
+/// `text` cut into groups of whole lines of at most [`ATOMIC_WRITE_MAX`] bytes, a longer line
+/// (or an unended last one) alone.
+fn line_groups(mut text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if text.is_empty() {
+            return None;
+        }
+        let cut = if text.len() <= ATOMIC_WRITE_MAX {
+            text.len()
+        } else {
+            match text[..ATOMIC_WRITE_MAX].iter().rposition(|&b| b == b'\n') {
+                Some(newline) => newline + 1,
+                None => text
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(text.len(), |newline| newline + 1),
+            }
+        };
+        let (group, rest) = text.split_at(cut);
+        text = rest;
+        Some(group)
+    })
 }
 
 /// `write` until all of `text` is written, waiting in `poll` while `fd` is full.
@@ -420,6 +451,17 @@ impl<'a> Lines<'a> {
     /// Takes the next bytes read, writing the lines (and pieces) they complete.
     fn feed(&mut self, mut bytes: &[u8], write: &mut impl FnMut(&[u8])) {
         while !bytes.is_empty() {
+            if self.prefix.is_empty() && !self.banner && self.piece.is_empty() {
+                // Nothing to add to a line and none held: the whole lines at hand go on as
+                // they are, many at once (a `yes` prints 2-byte lines).
+                let window = &bytes[..bytes.len().min(LINE_PIECE_MAX)];
+                if let Some(newline) = window.iter().rposition(|&b| b == b'\n') {
+                    write(&bytes[..=newline]);
+                    self.at_line_start = true;
+                    bytes = &bytes[newline + 1..];
+                    continue;
+                }
+            }
             let room = LINE_PIECE_MAX - self.piece.len();
             let available = &bytes[..bytes.len().min(room)];
             match available.iter().position(|&b| b == b'\n') {
@@ -501,9 +543,20 @@ const LAST_WORDS_LINES: usize = 2;
 const LAST_WORDS_CHARS: usize = 200;
 
 impl LastWords {
-    /// Notes `line` (or a piece of a long one) if it names a death.
-    fn hear(&self, line: &[u8]) {
-        let text = String::from_utf8_lossy(line);
+    /// Notes the lines of `text` (whole lines, or a piece of a long one) that name a death.
+    fn hear(&self, text: &[u8]) {
+        let text = String::from_utf8_lossy(text);
+        // Most output names none: one search per mark over all of it, not per line.
+        if !FATAL_MARKS.iter().any(|mark| text.contains(mark)) {
+            return;
+        }
+        for line in text.split('\n') {
+            self.hear_line(line);
+        }
+    }
+
+    /// Notes `text`, one line, if it names a death.
+    fn hear_line(&self, text: &str) {
         let Some(at) = FATAL_MARKS.iter().filter_map(|mark| text.find(mark)).min() else {
             return;
         };
@@ -607,6 +660,42 @@ mod tests {
         );
         let writes = forwarded(b"\nrunning 1 test\nhello\n", "", true);
         assert_eq!(writes, [b"hello\n"], "the harness's banner is dropped");
+    }
+
+    #[test]
+    fn whole_lines_without_a_prefix_go_on_many_at_once() {
+        let input: Vec<u8> = b"y\n".repeat(3 * LINE_PIECE_MAX / 4);
+        let writes = forwarded_in_chunks(&input, "", false, input.len());
+        assert_eq!(writes.len(), 2, "a piece's worth of lines at a time");
+        assert!(
+            writes
+                .iter()
+                .all(|w| w.len() <= LINE_PIECE_MAX && w.ends_with(b"\n"))
+        );
+        assert_eq!(writes.concat(), input);
+    }
+
+    #[test]
+    fn writes_are_whole_lines_of_at_most_a_pipes_atomic_size() {
+        let mut text = Vec::new();
+        for i in 0..2000 {
+            text.extend_from_slice(format!("line {i} {}\n", "x".repeat(i % 90)).as_bytes());
+        }
+        text.extend_from_slice(&[b'z'; 5000]);
+        text.extend_from_slice(b"\nlast, unended");
+        let groups: Vec<&[u8]> = line_groups(&text).collect();
+        assert_eq!(groups.concat(), text);
+        let (last, whole) = groups.split_last().unwrap();
+        assert_eq!(*last, b"last, unended");
+        for group in whole {
+            assert!(group.ends_with(b"\n"));
+            let one_long_line = group.iter().filter(|&&b| b == b'\n').count() == 1;
+            assert!(group.len() <= ATOMIC_WRITE_MAX || one_long_line);
+        }
+        assert!(
+            groups.iter().any(|g| g.len() == 5001),
+            "the long line alone"
+        );
     }
 
     #[test]

@@ -264,12 +264,15 @@ fn init_deadline() -> Duration {
         return INIT_DEADLINE;
     };
     match text.trim().parse::<f64>() {
-        Ok(seconds) if seconds >= 1.0 => Duration::try_from_secs_f64(seconds)
-            .map_or(MAX_SILENCE_LIMIT, |limit| limit.min(MAX_SILENCE_LIMIT)),
+        // Not "for ever" (`inf`): that is the hang this wait exists to end.
+        Ok(seconds) if seconds >= 1.0 && seconds.is_finite() => {
+            Duration::try_from_secs_f64(seconds)
+                .map_or(MAX_SILENCE_LIMIT, |limit| limit.min(MAX_SILENCE_LIMIT))
+        }
         _ => {
             transport::say(&format!(
-                "parjob: PARJOB_MPI_INIT_TIMEOUT={text:?} is not a number of seconds of 1 or \
-                 more; MPI_Init is waited for {INIT_DEADLINE:?}"
+                "parjob: PARJOB_MPI_INIT_TIMEOUT={text:?} is not a finite number of seconds of \
+                 1 or more; MPI_Init is waited for {INIT_DEADLINE:?}"
             ));
             INIT_DEADLINE
         }

@@ -81,15 +81,21 @@ pub enum OsTrySelectError {
     Empty,
 }
 
-unsafe fn new_sockaddr_un(path: *const c_char) -> (sockaddr_un, usize) {
+// parjob: a path longer than `sun_path` holds is refused with ENAMETOOLONG. Upstream 0.23.1
+// cuts it short, so that long paths of two servers named one socket ("Address already in
+// use"), and the socket was made outside the directory meant to hold it.
+unsafe fn new_sockaddr_un(path: *const c_char) -> Result<(sockaddr_un, usize), UnixError> {
     let mut sockaddr: sockaddr_un = mem::zeroed();
+    if libc::strlen(path) >= sockaddr.sun_path.len() {
+        return Err(UnixError::Errno(libc::ENAMETOOLONG));
+    }
     libc::strncpy(
         sockaddr.sun_path.as_mut_ptr(),
         path,
         sockaddr.sun_path.len() - 1,
     );
     sockaddr.sun_family = libc::AF_UNIX as sa_family_t;
-    (sockaddr, mem::size_of::<sockaddr_un>())
+    Ok((sockaddr, mem::size_of::<sockaddr_un>()))
 }
 
 static SYSTEM_SENDBUF_SIZE: LazyLock<usize> = LazyLock::new(|| {
@@ -471,7 +477,13 @@ impl OsIpcSender {
             if fd < 0 {
                 return Err(UnixError::last());
             }
-            let (sockaddr, len) = new_sockaddr_un(name.as_ptr());
+            let (sockaddr, len) = match new_sockaddr_un(name.as_ptr()) {
+                Ok(address) => address,
+                Err(error) => {
+                    libc::close(fd);
+                    return Err(error);
+                },
+            };
             if libc::connect(
                 fd,
                 &sockaddr as *const _ as *const sockaddr,
@@ -711,23 +723,38 @@ impl OsIpcOneShotServer {
     pub fn new() -> Result<(OsIpcOneShotServer, String), UnixError> {
         unsafe {
             let fd = libc::socket(libc::AF_UNIX, SOCK_SEQPACKET | SOCK_FLAGS, 0);
-            let temp_dir = Builder::new().tempdir()?;
+            // parjob: as in `connect`, a socket that could not be made is that error, and the
+            // socket is closed when a later step fails (upstream 0.23.1 leaks it).
+            if fd < 0 {
+                return Err(UnixError::last());
+            }
+            let fail = |error: UnixError| {
+                libc::close(fd);
+                Err(error)
+            };
+            let temp_dir = match Builder::new().tempdir() {
+                Ok(temp_dir) => temp_dir,
+                Err(error) => return fail(error.into()),
+            };
             let socket_path = temp_dir.path().join("socket");
             let path_string = socket_path.to_str().unwrap();
 
             let path_c_string = CString::new(path_string).unwrap();
-            let (sockaddr, len) = new_sockaddr_un(path_c_string.as_ptr());
+            let (sockaddr, len) = match new_sockaddr_un(path_c_string.as_ptr()) {
+                Ok(address) => address,
+                Err(error) => return fail(error),
+            };
             if libc::bind(
                 fd,
                 &sockaddr as *const _ as *const sockaddr,
                 len as socklen_t,
             ) != 0
             {
-                return Err(UnixError::last());
+                return fail(UnixError::last());
             }
 
             if libc::listen(fd, 10) != 0 {
-                return Err(UnixError::last());
+                return fail(UnixError::last());
             }
 
             Ok((
