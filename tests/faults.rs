@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed};
-use parjob_tests::{CHILD_LIMIT, killed_at_its_limit, run_child_test, wait_within};
+use parjob_tests::{
+    CHILD_LIMIT, child_test_command, killed_at_its_limit, run_child_test, wait_within,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 // `enable_test_support!` is in `process.rs`: one per test binary.
@@ -1239,16 +1241,8 @@ fn start_silent_child(name: &str) -> std::process::Child {
 
 /// [`start_silent_child`] with `envs` set.
 fn start_silent_child_with(name: &str, envs: &[(&str, &std::path::Path)]) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            name,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    child_test_command(name)
         .envs(envs.iter().copied())
-        .env_remove("PARJOB_BACKEND")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -15,18 +15,7 @@ pub const CHILD_LIMIT: Duration = Duration::from_secs(120);
 /// The child starts without `PARJOB_BACKEND` and `PARJOB_N_JOBS`, and is killed (and the test
 /// fails) if it runs longer than [`CHILD_LIMIT`].
 pub fn run_child_test(name: &str, envs: &[(&str, &str)]) -> Output {
-    let exe = std::env::current_exe().expect("the test binary knows its own path");
-    let mut command = Command::new(exe);
-    command.args([
-        name,
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    command
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS");
+    let mut command = child_test_command(name);
     for (key, value) in envs {
         command.env(key, value);
     }
@@ -43,6 +32,35 @@ pub fn run_child_test(name: &str, envs: &[(&str, &str)]) -> Output {
         "child test {name} did not run:\n{stdout}"
     );
     output
+}
+
+/// The command that runs the ignored test `name` of the current test binary alone, its output
+/// not captured by the harness, without `PARJOB_BACKEND` and `PARJOB_N_JOBS`.
+pub fn child_test_command(name: &str) -> Command {
+    let exe = std::env::current_exe().expect("the test binary knows its own path");
+    let mut command = Command::new(exe);
+    command
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove("PARJOB_BACKEND")
+        .env_remove("PARJOB_N_JOBS");
+    command
+}
+
+/// A new pipe: its read end and its write end, both closed on exec.
+pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 with a valid array of two descriptors.
+    let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: the two descriptors pipe2 just made, each owned once.
+    unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) }
 }
 
 /// [`Command::output`] with a bound: runs `command` with stdout and stderr captured, and kills

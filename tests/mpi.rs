@@ -171,14 +171,10 @@ mod suite {
         exe: &std::path::Path,
         report: &std::path::Path,
     ) -> Result<String, String> {
-        let launcher = launch.split_whitespace().next().unwrap_or_default();
-        let name = std::path::Path::new(launcher)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !matches!(name.as_str(), "mpirun" | "mpiexec") {
-            return Ok(format!("not run: `{launcher}` is not Open MPI's mpirun"));
-        }
+        let launcher = match open_mpi_launcher(launch) {
+            Ok(launcher) => launcher,
+            Err(not_run) => return Ok(not_run),
+        };
         if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
             return Ok("not run: binding 2 ranks to a core each needs 2 CPUs".into());
         }
@@ -223,6 +219,21 @@ mod suite {
             format!("not bound, rank 1 still said: {:?}", notes[1])
         })?;
         Ok("told, and the run worked".into())
+    }
+
+    /// The launcher program of `launch` if it is Open MPI's `mpirun` (or `mpiexec`), which
+    /// the worlds that need its flags use; otherwise why such a world was not run.
+    fn open_mpi_launcher(launch: &str) -> Result<&str, String> {
+        let launcher = launch.split_whitespace().next().unwrap_or_default();
+        let name = std::path::Path::new(launcher)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if matches!(name.as_str(), "mpirun" | "mpiexec") {
+            Ok(launcher)
+        } else {
+            Err(format!("not run: `{launcher}` is not Open MPI's mpirun"))
+        }
     }
 
     /// Where a task ran: its rank and local worker.
@@ -321,14 +332,10 @@ mod suite {
         launch: &str,
         exe: &std::path::Path,
     ) -> Result<String, String> {
-        let launcher = launch.split_whitespace().next().unwrap_or_default();
-        let name = std::path::Path::new(launcher)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !matches!(name.as_str(), "mpirun" | "mpiexec") {
-            return Ok(format!("not run: `{launcher}` is not Open MPI's mpirun"));
-        }
+        let launcher = match open_mpi_launcher(launch) {
+            Ok(launcher) => launcher,
+            Err(not_run) => return Ok(not_run),
+        };
         let stderr_file = std::env::temp_dir().join(format!(
             "parjob-mpi-suite-init-{}.stderr",
             std::process::id()

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed, worker_info};
 use parjob_tests::{
-    CHILD_LIMIT, killed_at_its_limit, output_within, output_within_from, run_child_test,
-    wait_within,
+    CHILD_LIMIT, child_test_command, killed_at_its_limit, output_within, output_within_from, pipe,
+    run_child_test, wait_within,
 };
 use serde::de::Error as _;
 use serde::ser::Error as _;
@@ -1440,17 +1440,7 @@ fn what_a_task_prints_comes_out_before_run_returns() {
 fn a_task_printing_into_a_pipe_whose_reader_left_fails_as_on_threads() {
     // `prog | head -1`: the reader takes a line and goes. A task's next `println!` then
     // panics, as it does on threads, rather than the run going on with its output dropped.
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "process::child_prints_into_a_pipe_whose_reader_leaves",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS")
+    let mut child = child_test_command("process::child_prints_into_a_pipe_whose_reader_leaves")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1497,34 +1487,14 @@ fn child_prints_into_a_pipe_whose_reader_leaves() {
 fn worker_output_reaches_a_non_blocking_stdout_whole() {
     // A driver whose stdout is a non-blocking pipe (some supervisors and Python's asyncio make
     // one) that is read late: the forwarders wait while it is full rather than drop lines.
-    let mut ends = [0; 2];
-    // SAFETY: pipe2 with a valid array of two descriptors.
-    let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(made, 0);
-    // SAFETY: the two descriptors pipe2 just made, each owned once.
-    let (read_end, write_end) = unsafe {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1]))
-    };
+    let (read_end, write_end) = pipe();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&write_end);
     // SAFETY: fcntl on the write end this test owns.
     unsafe {
-        let flags = libc::fcntl(ends[1], libc::F_GETFL);
-        assert_eq!(
-            libc::fcntl(ends[1], libc::F_SETFL, flags | libc::O_NONBLOCK),
-            0
-        );
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK), 0);
     }
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "process::child_prints_much_into_a_non_blocking_stdout",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS")
+    let mut child = child_test_command("process::child_prints_much_into_a_non_blocking_stdout")
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::piped())
@@ -1569,26 +1539,8 @@ fn child_prints_much_into_a_non_blocking_stdout() {
 fn stdout_and_stderr_into_one_pipe_keep_their_lines_whole() {
     // `prog 2>&1 | less`: the two forwarders write into one pipe, and a write of more than
     // 4096 bytes may be cut by the other's.
-    let mut ends = [0; 2];
-    // SAFETY: pipe2 with a valid array of two descriptors.
-    let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(made, 0);
-    // SAFETY: the two descriptors pipe2 just made, each owned once.
-    let (read_end, write_end) = unsafe {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1]))
-    };
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "process::child_floods_stdout_and_stderr",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS")
+    let (read_end, write_end) = pipe();
+    let mut child = child_test_command("process::child_floods_stdout_and_stderr")
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end.try_clone().unwrap()))
         .stderr(Stdio::from(write_end))
