@@ -38,6 +38,11 @@ pub fn run_child_test(name: &str, envs: &[(&str, &str)]) -> Output {
 /// not captured by the harness, without `PARJOB_BACKEND` and `PARJOB_N_JOBS`.
 pub fn child_test_command(name: &str) -> Command {
     let exe = std::env::current_exe().expect("the test binary knows its own path");
+    child_test_command_of(&exe, name)
+}
+
+/// [`child_test_command`] run from `exe`, a copy of the current test binary.
+pub fn child_test_command_of(exe: &std::path::Path, name: &str) -> Command {
     let mut command = Command::new(exe);
     command
         .args([

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use parjob::{Backend, BatchSize, Error, Parallel, SharedSlice, delayed, worker_info};
 use parjob_tests::{
-    CHILD_LIMIT, child_test_command, killed_at_its_limit, output_within, output_within_from, pipe,
-    run_child_test, wait_within,
+    CHILD_LIMIT, child_test_command, child_test_command_of, killed_at_its_limit, output_within,
+    output_within_from, pipe, run_child_test, wait_within,
 };
 use serde::de::Error as _;
 use serde::ser::Error as _;
@@ -1691,17 +1691,7 @@ fn workers_start_even_after_the_executable_is_deleted() {
     let exe = std::env::current_exe().unwrap();
     let copy = std::env::temp_dir().join(format!("parjob-deleted-{}", std::process::id()));
     std::fs::copy(&exe, &copy).unwrap();
-    let mut command = Command::new(&copy);
-    command
-        .args([
-            "process::child_deletes_its_executable",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_remove("PARJOB_BACKEND")
-        .env_remove("PARJOB_N_JOBS");
+    let mut command = child_test_command_of(&copy, "process::child_deletes_its_executable");
     let output = output_within(&mut command, CHILD_LIMIT);
     let _ = std::fs::remove_file(&copy);
     let stdout = String::from_utf8_lossy(&output.stdout);
